@@ -1,0 +1,1 @@
+//! sigil: inspect and fetch SPIFFE identities

@@ -1,0 +1,1 @@
+//! sigil-csi: the CSI node plugin that mounts identities into pods

@@ -1,0 +1,1 @@
+//! End-to-end harness: a real kube-apiserver and etcd on loopback

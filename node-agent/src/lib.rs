@@ -1,0 +1,1 @@
+//! sigil-agent: node attestation, workload attestation and the SPIFFE Workload API

@@ -1,0 +1,1 @@
+//! sigil-operator: the CA, the identity index and the Node API
