@@ -1,1 +1,24 @@
-//! Sigil identity core.
+//! Sigil's identity core: everything about SPIFFE identities that does not need
+//! Kubernetes.
+//!
+//! - [`id`]: SPIFFE IDs and trust domains, validated strictly (SPIFFE-ID.md).
+//! - [`keys`]: private keys, redacted in `Debug`, wiped when serialised copies drop.
+//! - [`ca`]: the X.509 signing authority (self-signed root, or under an upstream CA).
+//! - [`x509`]: X509-SVID and CSR parsing and validation (X509-SVID.md).
+//! - [`jwt`]: JWT-SVID minting and validation (JWT-SVID.md).
+//! - [`bundle`]: SPIFFE bundles in JWK Set form (SPIFFE_Trust_Domain_and_Bundle.md).
+//! - [`clock`]: injectable time.
+//!
+//! This crate must not depend on Kubernetes crates: the operator, agent and CSI driver
+//! build on it, and so can anything else that speaks SPIFFE.
+
+pub mod bundle;
+pub mod ca;
+pub mod clock;
+pub mod id;
+pub mod jwt;
+pub mod keys;
+pub mod x509;
+
+pub use bundle::{BundleSet, TrustBundle};
+pub use id::{SpiffeId, TrustDomain};

@@ -1,0 +1,408 @@
+//! X509-SVID parsing and validation per X509-SVID.md, CSR parsing, and PEM/DER helpers.
+//!
+//! Validation here is what a relying party does: the leaf must be a proper SVID (exactly
+//! one SPIFFE ID URI SAN, not a CA, digitalSignature, no keyCertSign/cRLSign), and the
+//! chain must lead, by signatures, through CA certificates to an X.509 authority in the
+//! bundle of the leaf's trust domain, every certificate valid at `now`.
+//! Issuance lives in [`crate::ca`].
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use x509_parser::certificate::X509Certificate;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::FromDer;
+
+use crate::bundle::TrustBundle;
+use crate::id::{IdError, SpiffeId};
+
+/// Longest chain (leaf included) we will walk; real SVID chains are 1-4 long.
+pub const MAX_CHAIN_LEN: usize = 10;
+
+/// Why an X509-SVID (or its chain) was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SvidError {
+    /// The chain is empty.
+    #[error("X509-SVID chain is empty")]
+    EmptyChain,
+    /// More certificates than [`MAX_CHAIN_LEN`].
+    #[error("X509-SVID chain has {0} certificates; at most {MAX_CHAIN_LEN} are accepted")]
+    ChainTooLong(usize),
+    /// A certificate is not parseable DER.
+    #[error("certificate {index} in the chain is not valid DER X.509: {reason}")]
+    Malformed {
+        /// Position in the chain (0 = leaf).
+        index: usize,
+        /// Parser message.
+        reason: String,
+    },
+    /// The leaf has no URI SAN.
+    #[error("X509-SVID has no URI SAN; an SVID carries its SPIFFE ID as exactly one URI SAN")]
+    NoUriSan,
+    /// The leaf has several URI SANs.
+    #[error("X509-SVID has {0} URI SANs; exactly one is allowed")]
+    MultipleUriSans(usize),
+    /// The URI SAN is not a valid SPIFFE ID.
+    #[error("X509-SVID URI SAN is not a valid SPIFFE ID: {0}")]
+    InvalidSpiffeId(#[from] IdError),
+    /// The leaf is a CA certificate.
+    #[error("X509-SVID leaf has basicConstraints cA=true; a leaf SVID must not be a CA")]
+    LeafIsCa,
+    /// The leaf may sign certificates or CRLs.
+    #[error("X509-SVID leaf has keyCertSign or cRLSign key usage, which leaf SVIDs must not have")]
+    LeafCanSign,
+    /// The leaf lacks digitalSignature.
+    #[error("X509-SVID leaf lacks the digitalSignature key usage")]
+    MissingDigitalSignature,
+    /// Outside its validity period.
+    #[error("certificate {index} in the chain expired at {not_after}")]
+    Expired {
+        /// Position in the chain.
+        index: usize,
+        /// RFC 3339 expiry.
+        not_after: String,
+    },
+    /// Before its validity period.
+    #[error("certificate {index} in the chain is not valid before {not_before}")]
+    NotYetValid {
+        /// Position in the chain.
+        index: usize,
+        /// RFC 3339 start.
+        not_before: String,
+    },
+    /// The bundle is for another trust domain.
+    #[error("X509-SVID is for trust domain {found:?} but the bundle is for {expected:?}")]
+    WrongTrustDomain {
+        /// The bundle's trust domain.
+        expected: String,
+        /// The SVID's trust domain.
+        found: String,
+    },
+    /// An intermediate used to build the path is not a signing certificate.
+    #[error("certificate {index} in the chain is used as an issuer but is not a CA with keyCertSign")]
+    IssuerNotCa {
+        /// Position in the chain.
+        index: usize,
+    },
+    /// No path from the leaf to an authority in the bundle.
+    #[error("X509-SVID chain does not lead to any X.509 authority in the bundle for {trust_domain:?}")]
+    Untrusted {
+        /// The trust domain whose bundle was used.
+        trust_domain: String,
+    },
+}
+
+/// Why a certificate signing request was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CsrError {
+    /// Not a DER PKCS#10 request.
+    #[error("CSR is not a valid DER PKCS#10 request: {0}")]
+    Malformed(String),
+    /// Signature does not verify with the enclosed key.
+    #[error("CSR signature does not verify with its own public key (proof of possession failed)")]
+    BadSignature,
+    /// No URI SAN in the request.
+    #[error("CSR has no URI SAN; put the requested SPIFFE ID in a URI SAN")]
+    NoUriSan,
+    /// Several URI SANs.
+    #[error("CSR has {0} URI SANs; request exactly one SPIFFE ID")]
+    MultipleUriSans(usize),
+    /// URI SAN is not a SPIFFE ID.
+    #[error("CSR URI SAN is not a valid SPIFFE ID: {0}")]
+    InvalidSpiffeId(#[from] IdError),
+    /// Request is bigger than allowed.
+    #[error("CSR is {0} bytes; at most {1} are accepted")]
+    TooLarge(usize, usize),
+}
+
+/// The parts of a CSR a signer may use: the requested ID (to authorise) and the public key
+/// (to certify). Everything else in a CSR is ignored by design.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedCsr {
+    /// The SPIFFE ID requested in the URI SAN.
+    pub spiffe_id: SpiffeId,
+    /// SubjectPublicKeyInfo DER of the key to certify.
+    pub public_key_der: Vec<u8>,
+}
+
+/// Largest CSR accepted (an RSA-4096 CSR with a long ID is under 2 KiB).
+pub const MAX_CSR_LEN: usize = 8 * 1024;
+
+/// Parses a DER CSR, verifies its self-signature, and extracts the one requested SPIFFE ID.
+pub fn parse_csr(der: &[u8]) -> Result<ParsedCsr, CsrError> {
+    if der.len() > MAX_CSR_LEN {
+        return Err(CsrError::TooLarge(der.len(), MAX_CSR_LEN));
+    }
+    let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CsrError::Malformed(format!("{} trailing bytes", rest.len())));
+    }
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+    let mut uris = Vec::new();
+    if let Some(exts) = csr.requested_extensions() {
+        for ext in exts {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext {
+                uris.extend(san.general_names.iter().filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                }));
+            }
+        }
+    }
+    let uri = match uris.as_slice() {
+        [] => return Err(CsrError::NoUriSan),
+        [one] => *one,
+        many => return Err(CsrError::MultipleUriSans(many.len())),
+    };
+    Ok(ParsedCsr {
+        spiffe_id: SpiffeId::parse(uri)?,
+        public_key_der: csr.certification_request_info.subject_pki.raw.to_vec(),
+    })
+}
+
+/// What validation proved about an SVID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedSvid {
+    /// The SVID's SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// The leaf's expiry.
+    pub not_after: SystemTime,
+}
+
+/// Facts about a leaf certificate, without checking it chains anywhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeafInfo {
+    /// The SPIFFE ID.
+    pub spiffe_id: SpiffeId,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// Serial number, hex.
+    pub serial: String,
+}
+
+/// Reads the SPIFFE ID and lifetime of a leaf SVID, checking the leaf rules of the spec
+/// (one URI SAN, not a CA, digitalSignature, no keyCertSign/cRLSign) but not its chain.
+pub fn inspect_leaf(der: &[u8]) -> Result<LeafInfo, SvidError> {
+    let cert = parse(der, 0)?;
+    check_leaf(&cert)
+}
+
+fn check_leaf(cert: &X509Certificate<'_>) -> Result<LeafInfo, SvidError> {
+    let mut uris = Vec::new();
+    let mut dns_names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::URI(u) => uris.push(*u),
+                GeneralName::DNSName(d) => dns_names.push((*d).to_owned()),
+                _ => {}
+            }
+        }
+    }
+    let uri = match uris.as_slice() {
+        [] => return Err(SvidError::NoUriSan),
+        [one] => *one,
+        many => return Err(SvidError::MultipleUriSans(many.len())),
+    };
+    let spiffe_id = SpiffeId::parse(uri)?;
+    if matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
+        return Err(SvidError::LeafIsCa);
+    }
+    match cert.key_usage() {
+        Ok(Some(ku)) => {
+            if ku.value.key_cert_sign() || ku.value.crl_sign() {
+                return Err(SvidError::LeafCanSign);
+            }
+            if !ku.value.digital_signature() {
+                return Err(SvidError::MissingDigitalSignature);
+            }
+        }
+        _ => return Err(SvidError::MissingDigitalSignature),
+    }
+    Ok(LeafInfo {
+        spiffe_id,
+        dns_names,
+        not_before: asn1_to_system(cert.validity().not_before.timestamp()),
+        not_after: asn1_to_system(cert.validity().not_after.timestamp()),
+        serial: cert.raw_serial_as_string().replace(':', ""),
+    })
+}
+
+/// Validates an X509-SVID chain (leaf first, then any intermediates) against the X.509
+/// authorities of `bundle` at time `now`.
+pub fn validate_x509_svid<C: AsRef<[u8]>>(
+    chain: &[C],
+    bundle: &TrustBundle,
+    now: SystemTime,
+) -> Result<VerifiedSvid, SvidError> {
+    if chain.is_empty() {
+        return Err(SvidError::EmptyChain);
+    }
+    if chain.len() > MAX_CHAIN_LEN {
+        return Err(SvidError::ChainTooLong(chain.len()));
+    }
+    let certs = chain.iter().enumerate().map(|(i, c)| parse(c.as_ref(), i)).collect::<Result<Vec<_>, _>>()?;
+    let leaf = check_leaf(&certs[0])?;
+    if leaf.spiffe_id.trust_domain() != &bundle.trust_domain {
+        return Err(SvidError::WrongTrustDomain {
+            expected: bundle.trust_domain.name().to_owned(),
+            found: leaf.spiffe_id.trust_domain().name().to_owned(),
+        });
+    }
+    let untrusted = || SvidError::Untrusted { trust_domain: bundle.trust_domain.name().to_owned() };
+    let authorities = bundle
+        .x509_authorities
+        .iter()
+        .filter_map(|a| X509Certificate::from_der(a).ok().map(|(_, c)| c))
+        .collect::<Vec<_>>();
+
+    check_time(&certs[0], 0, now)?;
+    let mut current = 0usize;
+    let mut used = vec![false; certs.len()];
+    used[0] = true;
+    for _ in 0..MAX_CHAIN_LEN {
+        let cert = &certs[current];
+        // Reached an authority of the bundle?
+        if authorities.iter().any(|a| {
+            a.subject().as_raw() == cert.issuer().as_raw()
+                && is_signing_cert(a)
+                && a.validity().is_valid_at(to_asn1(now))
+                && cert.verify_signature(Some(a.public_key())).is_ok()
+        }) {
+            return Ok(VerifiedSvid { spiffe_id: leaf.spiffe_id, not_after: leaf.not_after });
+        }
+        // Otherwise climb to an intermediate given in the chain.
+        let next = (1..certs.len()).find(|&j| {
+            !used[j]
+                && certs[j].subject().as_raw() == cert.issuer().as_raw()
+                && cert.verify_signature(Some(certs[j].public_key())).is_ok()
+        });
+        let Some(j) = next else { return Err(untrusted()) };
+        if !is_signing_cert(&certs[j]) {
+            return Err(SvidError::IssuerNotCa { index: j });
+        }
+        check_time(&certs[j], j, now)?;
+        used[j] = true;
+        current = j;
+    }
+    Err(untrusted())
+}
+
+/// Whether a certificate may sign others: cA=true and keyCertSign.
+pub(crate) fn is_signing_cert(cert: &X509Certificate<'_>) -> bool {
+    let ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+    let sign = match cert.key_usage() {
+        Ok(Some(ku)) => ku.value.key_cert_sign(),
+        Ok(None) => true, // keyUsage absent: unrestricted (RFC 5280 4.2.1.3)
+        Err(_) => false,
+    };
+    ca && sign
+}
+
+fn check_time(cert: &X509Certificate<'_>, index: usize, now: SystemTime) -> Result<(), SvidError> {
+    let v = cert.validity();
+    let t = to_asn1(now);
+    if t < v.not_before {
+        return Err(SvidError::NotYetValid { index, not_before: rfc3339(v.not_before.timestamp()) });
+    }
+    if t > v.not_after {
+        return Err(SvidError::Expired { index, not_after: rfc3339(v.not_after.timestamp()) });
+    }
+    Ok(())
+}
+
+fn parse(der: &[u8], index: usize) -> Result<X509Certificate<'_>, SvidError> {
+    match X509Certificate::from_der(der) {
+        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok((rest, _)) => Err(SvidError::Malformed { index, reason: format!("{} trailing bytes", rest.len()) }),
+        Err(e) => Err(SvidError::Malformed { index, reason: e.to_string() }),
+    }
+}
+
+pub(crate) fn to_asn1(t: SystemTime) -> x509_parser::time::ASN1Time {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    x509_parser::time::ASN1Time::from_timestamp(secs).unwrap_or_else(|_| x509_parser::time::ASN1Time::now())
+}
+
+pub(crate) fn asn1_to_system(secs: i64) -> SystemTime {
+    if secs >= 0 { UNIX_EPOCH + Duration::from_secs(secs as u64) } else { UNIX_EPOCH }
+}
+
+/// RFC 3339 rendering of a Unix timestamp, for messages.
+pub fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
+}
+
+/// Errors reading PEM or concatenated DER.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PemError {
+    /// Not PEM.
+    #[error("not valid PEM: {0}")]
+    Pem(String),
+    /// PEM with no CERTIFICATE blocks.
+    #[error("no CERTIFICATE block found in PEM")]
+    NoCertificates,
+    /// A block or DER element is not an X.509 certificate.
+    #[error("certificate {0} is not valid X.509 DER")]
+    NotACertificate(usize),
+}
+
+/// Reads every `CERTIFICATE` block of a PEM document, in order, checking each parses.
+pub fn certs_from_pem(pem_text: &str) -> Result<Vec<Vec<u8>>, PemError> {
+    let blocks = pem::parse_many(pem_text).map_err(|e| PemError::Pem(e.to_string()))?;
+    let certs: Vec<Vec<u8>> =
+        blocks.into_iter().filter(|b| b.tag() == "CERTIFICATE").map(|b| b.into_contents()).collect();
+    if certs.is_empty() {
+        return Err(PemError::NoCertificates);
+    }
+    for (i, c) in certs.iter().enumerate() {
+        if !matches!(X509Certificate::from_der(c), Ok((rest, _)) if rest.is_empty()) {
+            return Err(PemError::NotACertificate(i));
+        }
+    }
+    Ok(certs)
+}
+
+/// PEM-encodes DER certificates.
+pub fn certs_to_pem<C: AsRef<[u8]>>(certs: &[C]) -> String {
+    certs.iter().map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref().to_vec()))).collect()
+}
+
+/// Splits concatenated DER certificates (the Workload API's bundle and chain encoding).
+pub fn split_der_certs(bytes: &[u8]) -> Result<Vec<Vec<u8>>, PemError> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        match X509Certificate::from_der(rest) {
+            Ok((r, _)) => {
+                out.push(rest[..rest.len() - r.len()].to_vec());
+                rest = r;
+            }
+            Err(_) => return Err(PemError::NotACertificate(out.len())),
+        }
+        if out.len() > 1024 {
+            return Err(PemError::NotACertificate(out.len()));
+        }
+    }
+    Ok(out)
+}
+
+/// The hex serial number and validity of any certificate (for status and logs).
+pub fn cert_summary(der: &[u8]) -> Option<(String, SystemTime, SystemTime)> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some((
+        cert.raw_serial_as_string().replace(':', ""),
+        asn1_to_system(cert.validity().not_before.timestamp()),
+        asn1_to_system(cert.validity().not_after.timestamp()),
+    ))
+}
