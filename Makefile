@@ -1,0 +1,47 @@
+# Sigil: the entry points the README names. `make help` lists them.
+SHELL := /usr/bin/env bash
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+export GOTOOLCHAIN := local
+
+.PHONY: help
+help: ## List targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+.PHONY: demo
+demo: ## Bring up a local control plane, run Sigil on loopback, and show a workload getting its SVID
+	@bash hack/demo.sh
+
+.PHONY: test
+test: test-tools ## Install what the tests need (cached) and run every test
+	$(CARGO) test --workspace --locked
+	@bash hack/check-generated.sh
+
+.PHONY: test-tools
+test-tools: ## Build the pinned kube-apiserver, etcd and other real test peers into the cache
+	@bash hack/test-tools.sh
+
+.PHONY: build
+build: ## Build the three binaries and the CLI (release)
+	$(CARGO) build --release --locked --bins
+
+.PHONY: lint
+lint: ## clippy with warnings as errors, and rustfmt check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) fmt --all --check
+
+.PHONY: codegen
+codegen: ## Regenerate the protobuf code in identity/src/proto/gen
+	SIGIL_REGENERATE=1 $(CARGO) test -p sigil-identity --test codegen
+
+.PHONY: crds
+crds: ## Regenerate crds/ from the operator's CRD types
+	$(CARGO) run -q -p sigil-operator --bin sigil-crdgen -- crds
+
+.PHONY: fuzz-smoke
+fuzz-smoke: ## Run every fuzz target for a short bounded time (needs the nightly toolchain)
+	@bash hack/fuzz-smoke.sh
+
+.PHONY: bench
+bench: test-tools ## Benchmarks (not part of make test): prints a table, writes bench/out/*.json
+	@bash hack/bench.sh
