@@ -7,6 +7,7 @@
 //! - [`x509`]: X509-SVID and CSR parsing and validation (X509-SVID.md).
 //! - [`jwt`]: JWT-SVID minting and validation (JWT-SVID.md).
 //! - [`bundle`]: SPIFFE bundles in JWK Set form (SPIFFE_Trust_Domain_and_Bundle.md).
+//! - [`entry`]: registration entries and selector matching.
 //! - [`clock`]: injectable time.
 //!
 //! This crate must not depend on Kubernetes crates: the operator, agent and CSI driver
@@ -15,6 +16,7 @@
 pub mod bundle;
 pub mod ca;
 pub mod clock;
+pub mod entry;
 pub mod id;
 pub mod jwt;
 pub mod keys;

@@ -1,0 +1,3 @@
+fn main() {
+    eprintln!("sigil-operator: not wired yet");
+}
