@@ -30,13 +30,6 @@ is_cached() { # name version binary...
   for b in "$@"; do [ -x "$SIGIL_BIN/$b" ] || return 1; done
 }
 mark() { echo "$2" >"$(stamp "$1")"; }
-timed() { # label cmd...
-  local label=$1 start; shift
-  start=$(date +%s)
-  log "$label: building (first build is slow; Go caches in $SIGIL_CACHE/go are reused)"
-  "$@"
-  log "$label: done in $(( $(date +%s) - start ))s"
-}
 
 # A throwaway module: upstream kubernetes go.mod points every staging module at ./staging,
 # so require k8s.io/kubernetes and replace each staging module with its published tag.
@@ -92,8 +85,10 @@ build_spire() {
   local dir=$SIGIL_CACHE/src/spire-$SPIRE_VERSION
   mkdir -p "$dir"; cd "$dir"
   [ -f go.mod ] || go mod init sigil.dev/tools/spire >/dev/null 2>&1
-  go get "github.com/spiffe/spire@$SPIRE_VERSION" >/dev/null
-  go get github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent >/dev/null
+  # The proxy refuses ejbca-go-client-sdk v1.1.0's zip (used only by SPIRE's EJBCA
+  # upstream-authority plugin); v1.0.2 is served and builds.
+  go mod edit -replace github.com/Keyfactor/ejbca-go-client-sdk=github.com/Keyfactor/ejbca-go-client-sdk@v1.0.2
+  go get "github.com/spiffe/spire@$SPIRE_VERSION"
   CGO_ENABLED=1 go build -o "$SIGIL_BIN/spire-server" -ldflags "-s -w" github.com/spiffe/spire/cmd/spire-server
   go build -o "$SIGIL_BIN/spire-agent" -ldflags "-s -w" github.com/spiffe/spire/cmd/spire-agent
 }
@@ -134,27 +129,44 @@ install_debian_tpm() {
   ln -sfn "$(command -v swtpm)" "$SIGIL_BIN/swtpm"
 }
 
+# Each tool builds in its own bash process so `set -e` applies to every step of the
+# build (it is ignored inside functions called from `&&`/`if` contexts).
+if [ "${1:-}" = "--one" ]; then
+  "build_$2"
+  exit 0
+fi
+
+build() { # tool version-key binaries...
+  local t=$1 key=$2; shift 2
+  if is_cached "$t" "$key" "$@"; then log "$t $key: cached"; return 0; fi
+  local start; start=$(date +%s)
+  log "$t $key: building (first build is slow; Go caches in $SIGIL_CACHE/go are reused)"
+  local out; out=$(mktemp)
+  if bash "$0" --one "${t//-/_}" >"$out" 2>&1; then
+    mark "$t" "$key"
+    log "$t $key: done in $(( $(date +%s) - start ))s"
+    rm -f "$out"
+  else
+    grep -v '^go: \(downloading\|added\|upgraded\|finding\)' "$out" | tail -30 >&2
+    rm -f "$out"
+    log "$t $key: FAILED (output above)"
+    return 1
+  fi
+}
+
 want=("$@")
 [ ${#want[@]} -gt 0 ] || want=($ALL_TOOLS)
 
 for t in "${want[@]}"; do
   case $t in
-    kube-apiserver) is_cached "$t" "$KUBE_VERSION" kube-apiserver && { log "$t $KUBE_VERSION: cached"; continue; }
-      (timed "kube-apiserver $KUBE_VERSION" build_kube_apiserver) && mark "$t" "$KUBE_VERSION" ;;
-    etcd) is_cached "$t" "$ETCD_VERSION" etcd && { log "$t $ETCD_VERSION: cached"; continue; }
-      (timed "etcd $ETCD_VERSION" build_etcd) && mark "$t" "$ETCD_VERSION" ;;
-    csi-sanity) is_cached "$t" "$CSI_SANITY_VERSION" csi-sanity && { log "$t $CSI_SANITY_VERSION: cached"; continue; }
-      (timed "csi-sanity $CSI_SANITY_VERSION" build_csi_sanity) && mark "$t" "$CSI_SANITY_VERSION" ;;
-    helm) is_cached "$t" "$HELM_VERSION" helm && { log "$t $HELM_VERSION: cached"; continue; }
-      (timed "helm $HELM_VERSION" build_helm) && mark "$t" "$HELM_VERSION" ;;
-    spire) is_cached "$t" "$SPIRE_VERSION" spire-server spire-agent && { log "$t $SPIRE_VERSION: cached"; continue; }
-      (timed "spire $SPIRE_VERSION" build_spire) && mark "$t" "$SPIRE_VERSION" ;;
+    kube-apiserver) build "$t" "$KUBE_VERSION" kube-apiserver ;;
+    etcd) build "$t" "$ETCD_VERSION" etcd ;;
+    csi-sanity) build "$t" "$CSI_SANITY_VERSION" csi-sanity ;;
+    helm) build "$t" "$HELM_VERSION" helm ;;
+    spire) build "$t" "$SPIRE_VERSION" spire-server spire-agent ;;
     go-spiffe-client)
-      key="$GO_SPIFFE_VERSION-$(cat "$here"/e2e/clients/go-spiffe/*.go "$here"/e2e/clients/go-spiffe/go.mod | sha256sum | cut -c1-12)"
-      is_cached "$t" "$key" go-spiffe-client && { log "$t $key: cached"; continue; }
-      (timed "go-spiffe client $GO_SPIFFE_VERSION" build_go_spiffe_client) && mark "$t" "$key" ;;
-    py-spiffe) is_cached "$t" "$PY_SPIFFE_VERSION" py-spiffe-client && { log "$t $PY_SPIFFE_VERSION: cached"; continue; }
-      (timed "py-spiffe $PY_SPIFFE_VERSION" build_py_spiffe) && mark "$t" "$PY_SPIFFE_VERSION" ;;
+      build "$t" "$GO_SPIFFE_VERSION-$(cat "$here"/e2e/clients/go-spiffe/*.go "$here"/e2e/clients/go-spiffe/go.mod | sha256sum | cut -c1-12)" go-spiffe-client ;;
+    py-spiffe) build "$t" "$PY_SPIFFE_VERSION" py-spiffe-client ;;
     swtpm) install_debian_tpm; log "swtpm/tss2: present" ;;
     *) log "unknown tool $t (known: $ALL_TOOLS)"; exit 2 ;;
   esac
