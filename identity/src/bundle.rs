@@ -230,7 +230,7 @@ impl TrustBundle {
                 }
                 let der = STANDARD.decode(&x5c[0]).map_err(|e| bad(format!("x5c is not base64: {e}")))?;
                 match X509Certificate::from_der(&der) {
-                    Ok((rest, c)) if rest.is_empty() => {
+                    Ok(([], c)) => {
                         if !crate::x509::is_signing_cert(&c) {
                             return Err(bad("x5c certificate is not a CA (cA=true, keyCertSign)".into()));
                         }

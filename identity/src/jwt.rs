@@ -170,6 +170,9 @@ impl JwtKey {
     }
 }
 
+/// A decoded JSON object (JOSE header or claims).
+pub type JsonObject = Map<String, Value>;
+
 /// What validation proved about a JWT-SVID.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidatedJwt {
@@ -185,7 +188,7 @@ pub struct ValidatedJwt {
 
 /// The header and claims of a token, decoded without verification (for display and for
 /// choosing the bundle); never trust these before [`validate_jwt_svid`] succeeds.
-pub fn peek(token: &str) -> Result<(Map<String, Value>, Map<String, Value>), JwtError> {
+pub fn peek(token: &str) -> Result<(JsonObject, JsonObject), JwtError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(JwtError::TooLong(token.len()));
     }

@@ -8,6 +8,7 @@
 //! - [`jwt`]: JWT-SVID minting and validation (JWT-SVID.md).
 //! - [`bundle`]: SPIFFE bundles in JWK Set form (SPIFFE_Trust_Domain_and_Bundle.md).
 //! - [`entry`]: registration entries and selector matching.
+//! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID.
 //! - [`clock`]: injectable time.
 //!
 //! This crate must not depend on Kubernetes crates: the operator, agent and CSI driver
@@ -20,6 +21,7 @@ pub mod entry;
 pub mod id;
 pub mod jwt;
 pub mod keys;
+pub mod tls;
 pub mod x509;
 
 pub use bundle::{BundleSet, TrustBundle};

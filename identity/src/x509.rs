@@ -319,7 +319,7 @@ fn check_time(cert: &X509Certificate<'_>, index: usize, now: SystemTime) -> Resu
 
 fn parse(der: &[u8], index: usize) -> Result<X509Certificate<'_>, SvidError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok((rest, _)) => Err(SvidError::Malformed { index, reason: format!("{} trailing bytes", rest.len()) }),
         Err(e) => Err(SvidError::Malformed { index, reason: e.to_string() }),
     }

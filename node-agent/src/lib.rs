@@ -1,1 +1,7 @@
-//! sigil-agent: node attestation, workload attestation and the SPIFFE Workload API
+//! sigil-agent: attests its node to the operator, keeps the entries and SVIDs for its
+//! node, attests local workloads, and serves the SPIFFE Workload API.
+//!
+//! Module map:
+//! - [`attest`]: workload attestation (peer credentials, cgroups, pods, unix facts).
+
+pub mod attest;

@@ -1,0 +1,3 @@
+fn main() {
+    eprintln!("sigil-agent: not wired yet");
+}
