@@ -3,5 +3,7 @@
 //!
 //! Module map:
 //! - [`attest`]: workload attestation (peer credentials, cgroups, pods, unix facts).
+//! - [`cache`]: entries, SVIDs, JWT-SVIDs and bundles held by the agent.
 
 pub mod attest;
+pub mod cache;

@@ -1,0 +1,336 @@
+//! What the agent knows: the entries authorised for its node, an X509-SVID (with its
+//! node-local key) for each, cached JWT-SVIDs, and the bundles of every trust domain.
+//!
+//! It keeps serving from here while the operator is unreachable. Every change bumps a
+//! version on a `watch` channel so open Workload API streams push new state at once.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use sigil_identity::entry::{RegistrationEntry, Selector};
+use sigil_identity::keys::PrivateKey;
+use sigil_identity::{BundleSet, TrustBundle, TrustDomain};
+use tokio::sync::watch;
+
+/// An X509-SVID held for one entry, with the key generated on this node.
+#[derive(Debug)]
+pub struct HeldSvid {
+    /// The entry it was issued for (its revision tells whether it is stale).
+    pub entry: Arc<RegistrationEntry>,
+    /// Leaf first, then intermediates (DER).
+    pub chain: Vec<Vec<u8>>,
+    /// The workload's private key.
+    pub key: PrivateKey,
+    /// Validity.
+    pub not_before: SystemTime,
+    /// Expiry.
+    pub not_after: SystemTime,
+    /// When the agent will replace it (half-life with jitter).
+    pub rotate_at: SystemTime,
+}
+
+/// A cached JWT-SVID.
+#[derive(Debug, Clone)]
+pub struct HeldJwt {
+    /// The token.
+    pub token: String,
+    /// Expiry.
+    pub expires_at: SystemTime,
+    /// Issue time.
+    pub issued_at: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    entries: BTreeMap<String, Arc<RegistrationEntry>>,
+    svids: HashMap<String, Arc<HeldSvid>>,
+    jwts: HashMap<(String, Vec<String>), HeldJwt>,
+    bundles: BundleSet,
+    revision: u64,
+}
+
+/// The agent's cache, shared by every task.
+#[derive(Debug)]
+pub struct Cache {
+    state: RwLock<State>,
+    version: watch::Sender<u64>,
+}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Self { state: RwLock::default(), version: watch::channel(0).0 }
+    }
+}
+
+/// The identities a workload with some selectors gets, ready to serve.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadView {
+    /// Matching entries that have an SVID, in a stable order.
+    pub svids: Vec<Arc<HeldSvid>>,
+    /// Matching entries without an SVID yet (being signed).
+    pub pending: Vec<Arc<RegistrationEntry>>,
+    /// Bundles of the SVIDs' trust domains.
+    pub own_bundles: Vec<TrustBundle>,
+    /// Bundles of the trust domains the entries federate with.
+    pub federated: Vec<TrustBundle>,
+}
+
+impl Cache {
+    /// An empty cache.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Fires on every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// The last entry revision applied from the operator (for resuming the stream).
+    pub fn revision(&self) -> u64 {
+        self.read().revision
+    }
+
+    /// Replaces all entries (a full snapshot). SVIDs of entries that disappeared are dropped.
+    pub fn replace_entries(&self, entries: Vec<RegistrationEntry>, revision: u64) {
+        let mut s = self.write();
+        s.entries = entries.into_iter().map(|e| (e.id.clone(), Arc::new(e))).collect();
+        let keep: BTreeSet<String> = s.entries.keys().cloned().collect();
+        s.svids.retain(|id, _| keep.contains(id));
+        s.jwts.retain(|(id, _), _| keep.contains(id));
+        s.revision = revision;
+        drop(s);
+        self.bump();
+    }
+
+    /// Applies a change set.
+    pub fn apply_changes(&self, upserts: Vec<RegistrationEntry>, removed: &[String], revision: u64) {
+        let mut s = self.write();
+        for e in upserts {
+            // An entry whose SPIFFE ID, DNS names or TTL changed needs a new SVID.
+            if let Some(old) = s.entries.get(&e.id)
+                && (old.spiffe_id != e.spiffe_id || old.dns_names != e.dns_names || old.x509_ttl != e.x509_ttl)
+            {
+                s.svids.remove(&e.id);
+                s.jwts.retain(|(id, _), _| id != &e.id);
+            }
+            s.entries.insert(e.id.clone(), Arc::new(e));
+        }
+        for id in removed {
+            s.entries.remove(id);
+            s.svids.remove(id);
+            s.jwts.retain(|(eid, _), _| eid != id);
+        }
+        s.revision = revision;
+        drop(s);
+        self.bump();
+    }
+
+    /// Replaces or adds bundles.
+    pub fn set_bundles(&self, bundles: Vec<TrustBundle>) {
+        if bundles.is_empty() {
+            return;
+        }
+        let mut s = self.write();
+        let mut changed = false;
+        for b in bundles {
+            if s.bundles.get(&b.trust_domain) != Some(&b) {
+                s.bundles.upsert(b);
+                changed = true;
+            }
+        }
+        drop(s);
+        if changed {
+            self.bump();
+        }
+    }
+
+    /// Every bundle.
+    pub fn bundles(&self) -> BundleSet {
+        self.read().bundles.clone()
+    }
+
+    /// The bundle of `td`.
+    pub fn bundle(&self, td: &TrustDomain) -> Option<TrustBundle> {
+        self.read().bundles.get(td).cloned()
+    }
+
+    /// Every entry.
+    pub fn entries(&self) -> Vec<Arc<RegistrationEntry>> {
+        self.read().entries.values().cloned().collect()
+    }
+
+    /// One entry.
+    pub fn entry(&self, id: &str) -> Option<Arc<RegistrationEntry>> {
+        self.read().entries.get(id).cloned()
+    }
+
+    /// Stores a freshly signed SVID, unless its entry changed or vanished meanwhile.
+    pub fn put_svid(&self, svid: HeldSvid) -> bool {
+        let mut s = self.write();
+        let current = s.entries.get(&svid.entry.id);
+        let still_valid = current.is_some_and(|e| e.spiffe_id == svid.entry.spiffe_id && e.dns_names == svid.entry.dns_names);
+        if !still_valid {
+            return false;
+        }
+        s.svids.insert(svid.entry.id.clone(), Arc::new(svid));
+        drop(s);
+        self.bump();
+        true
+    }
+
+    /// Entries that need an SVID now: none yet, or due for rotation at `now`.
+    pub fn needing_svids(&self, now: SystemTime) -> Vec<Arc<RegistrationEntry>> {
+        let s = self.read();
+        s.entries
+            .values()
+            .filter(|e| s.svids.get(&e.id).is_none_or(|h| h.rotate_at <= now || h.not_after <= now))
+            .cloned()
+            .collect()
+    }
+
+    /// The earliest time any held SVID must be rotated.
+    pub fn next_rotation(&self) -> Option<SystemTime> {
+        self.read().svids.values().map(|h| h.rotate_at).min()
+    }
+
+    /// The SVID of one entry.
+    pub fn svid(&self, entry_id: &str) -> Option<Arc<HeldSvid>> {
+        self.read().svids.get(entry_id).cloned()
+    }
+
+    /// What a workload with `selectors` gets.
+    pub fn view_for(&self, selectors: &BTreeSet<Selector>) -> WorkloadView {
+        let s = self.read();
+        let mut v = WorkloadView::default();
+        let mut own = BTreeSet::new();
+        let mut fed = BTreeSet::new();
+        for e in s.entries.values().filter(|e| e.matches(selectors)) {
+            match s.svids.get(&e.id) {
+                Some(h) => v.svids.push(h.clone()),
+                None => v.pending.push(e.clone()),
+            }
+            own.insert(e.spiffe_id.trust_domain().clone());
+            fed.extend(e.federates_with.iter().cloned());
+        }
+        // Stable order: by SPIFFE ID then entry ID, so the "default" SVID (the first) does
+        // not jump around between updates.
+        v.svids.sort_by(|a, b| (&a.entry.spiffe_id, &a.entry.id).cmp(&(&b.entry.spiffe_id, &b.entry.id)));
+        v.own_bundles = own.iter().filter_map(|td| s.bundles.get(td).cloned()).collect();
+        v.federated = fed.iter().filter(|td| !own.contains(*td)).filter_map(|td| s.bundles.get(td).cloned()).collect();
+        v
+    }
+
+    /// A cached JWT-SVID for (entry, audience) still good at `now` (not past half-life).
+    pub fn jwt(&self, entry_id: &str, audience: &[String], now: SystemTime) -> Option<HeldJwt> {
+        let s = self.read();
+        let j = s.jwts.get(&(entry_id.to_owned(), audience.to_vec()))?;
+        let half = j.issued_at + j.expires_at.duration_since(j.issued_at).unwrap_or_default() / 2;
+        (now < half).then(|| j.clone())
+    }
+
+    /// Caches a JWT-SVID.
+    pub fn put_jwt(&self, entry_id: &str, audience: &[String], jwt: HeldJwt) {
+        let mut s = self.write();
+        if s.jwts.len() > 10_000 {
+            let now = SystemTime::now();
+            s.jwts.retain(|_, j| j.expires_at > now);
+        }
+        s.jwts.insert((entry_id.to_owned(), audience.to_vec()), jwt);
+    }
+}
+
+/// Half-life with ±10% jitter, as SPIRE: when to replace an SVID valid from `not_before` to
+/// `not_after`.
+pub fn rotation_time(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    let half = life / 2;
+    let jitter_range = life.as_secs_f64() * 0.1;
+    let jitter = (rand::random::<f64>() * 2.0 - 1.0) * jitter_range;
+    let offset = (half.as_secs_f64() + jitter).max(0.0);
+    not_before + Duration::from_secs_f64(offset)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use sigil_identity::SpiffeId;
+
+    fn entry(id: &str, spiffe: &str, sels: &[&str]) -> RegistrationEntry {
+        RegistrationEntry {
+            id: id.into(),
+            spiffe_id: SpiffeId::parse(spiffe).unwrap(),
+            selectors: sels.iter().map(|s| Selector::parse(s).unwrap()).collect(),
+            dns_names: vec![],
+            x509_ttl: Duration::from_secs(3600),
+            jwt_ttl: Duration::from_secs(300),
+            federates_with: vec![TrustDomain::new("other.org").unwrap()],
+            hint: String::new(),
+            admin: false,
+            downstream: false,
+            revision: 1,
+        }
+    }
+
+    #[test]
+    fn rotation_is_around_half_life() {
+        let nb = SystemTime::UNIX_EPOCH;
+        let na = nb + Duration::from_secs(3600);
+        for _ in 0..100 {
+            let t = rotation_time(nb, na).duration_since(nb).unwrap().as_secs();
+            assert!((1440..=2160).contains(&t), "{t}");
+        }
+    }
+
+    #[test]
+    fn entries_svids_and_views() {
+        let c = Cache::new();
+        let mut rx = c.subscribe();
+        c.replace_entries(vec![entry("a", "spiffe://td/a", &["k8s:pod-uid:1"]), entry("b", "spiffe://td/b", &["k8s:pod-uid:2"])], 5);
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        assert_eq!(c.revision(), 5);
+        let sel: BTreeSet<Selector> = [Selector::parse("k8s:pod-uid:1").unwrap()].into();
+        let v = c.view_for(&sel);
+        assert_eq!(v.pending.len(), 1);
+        assert!(v.svids.is_empty());
+        assert_eq!(c.needing_svids(SystemTime::now()).len(), 2);
+        c.apply_changes(vec![], &["b".to_string()], 6);
+        assert_eq!(c.entries().len(), 1);
+        assert_eq!(c.revision(), 6);
+    }
+
+    #[test]
+    fn changed_spiffe_id_drops_the_svid() {
+        let c = Cache::new();
+        c.replace_entries(vec![entry("a", "spiffe://td/a", &["k8s:pod-uid:1"])], 1);
+        let e = c.entry("a").unwrap();
+        let now = SystemTime::now();
+        assert!(c.put_svid(HeldSvid {
+            entry: e,
+            chain: vec![],
+            key: PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap(),
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+            rotate_at: now + Duration::from_secs(1800),
+        }));
+        assert!(c.svid("a").is_some());
+        assert!(c.needing_svids(now).is_empty());
+        c.apply_changes(vec![entry("a", "spiffe://td/renamed", &["k8s:pod-uid:1"])], &[], 2);
+        assert!(c.svid("a").is_none());
+    }
+}
