@@ -1,0 +1,3 @@
+fn main() {
+    eprintln!("sigil-csi: not wired yet");
+}
