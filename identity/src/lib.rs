@@ -21,6 +21,7 @@ pub mod entry;
 pub mod id;
 pub mod jwt;
 pub mod keys;
+pub mod proto;
 pub mod tls;
 pub mod x509;
 
