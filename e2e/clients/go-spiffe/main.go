@@ -1,0 +1,143 @@
+// go-spiffe-client is an independent Workload API client for Sigil's tests: it calls
+// the agent through go-spiffe's workloadapi package and prints what it got as one JSON
+// object, so a test can compare it with what the agent should have served.
+//
+//	go-spiffe-client -addr unix:///run/sigil/agent/api.sock x509
+//	go-spiffe-client -addr ... jwt -audience A [-spiffe-id ID]
+//	go-spiffe-client -addr ... validate -audience A -token T
+//	go-spiffe-client -addr ... bundles
+//
+// Exit status 0 with JSON on stdout, or 1 with the client library's error on stderr.
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"sort"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+)
+
+func main() {
+	addr := flag.String("addr", os.Getenv("SPIFFE_ENDPOINT_SOCKET"), "Workload API address")
+	timeout := flag.Duration("timeout", 10*time.Second, "deadline for the call")
+	flag.Parse()
+	if flag.NArg() < 1 {
+		fail(fmt.Errorf("usage: go-spiffe-client -addr ADDR x509|jwt|validate|bundles [flags]"))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	opt := workloadapi.WithAddr(*addr)
+	sub := flag.NewFlagSet(flag.Arg(0), flag.ExitOnError)
+	audience := sub.String("audience", "", "JWT audience")
+	id := sub.String("spiffe-id", "", "JWT subject to ask for")
+	token := sub.String("token", "", "JWT-SVID to validate")
+	_ = sub.Parse(flag.Args()[1:])
+
+	var out any
+	var err error
+	switch flag.Arg(0) {
+	case "x509":
+		out, err = x509(ctx, opt)
+	case "jwt":
+		out, err = jwt(ctx, opt, *audience, *id)
+	case "validate":
+		out, err = validate(ctx, opt, *audience, *token)
+	case "bundles":
+		out, err = bundles(ctx, opt)
+	default:
+		err = fmt.Errorf("unknown command %q", flag.Arg(0))
+	}
+	if err != nil {
+		fail(err)
+	}
+	_ = json.NewEncoder(os.Stdout).Encode(out)
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, err)
+	os.Exit(1)
+}
+
+func x509(ctx context.Context, opt workloadapi.ClientOption) (any, error) {
+	c, err := workloadapi.FetchX509Context(ctx, opt)
+	if err != nil {
+		return nil, err
+	}
+	type svid struct {
+		SpiffeID   string `json:"spiffe_id"`
+		Hint       string `json:"hint"`
+		ChainLen   int    `json:"chain_len"`
+		LeafSHA256 string `json:"leaf_sha256"`
+		NotAfter   string `json:"not_after"`
+	}
+	res := struct {
+		Svids   []svid         `json:"svids"`
+		Bundles map[string]int `json:"bundles"`
+	}{Bundles: map[string]int{}}
+	for _, s := range c.SVIDs {
+		sum := sha256.Sum256(s.Certificates[0].Raw)
+		res.Svids = append(res.Svids, svid{s.ID.String(), s.Hint, len(s.Certificates), hex.EncodeToString(sum[:]), s.Certificates[0].NotAfter.UTC().Format(time.RFC3339)})
+	}
+	for _, b := range c.Bundles.Bundles() {
+		res.Bundles[b.TrustDomain().String()] = len(b.X509Authorities())
+	}
+	return res, nil
+}
+
+func jwt(ctx context.Context, opt workloadapi.ClientOption, audience, id string) (any, error) {
+	params := jwtsvid.Params{Audience: audience}
+	if id != "" {
+		sid, err := spiffeid.FromString(id)
+		if err != nil {
+			return nil, err
+		}
+		params.Subject = sid
+	}
+	s, err := workloadapi.FetchJWTSVID(ctx, params, opt)
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"spiffe_id": s.ID.String(), "audience": s.Audience, "token": s.Marshal(), "expiry": s.Expiry.UTC().Format(time.RFC3339)}, nil
+}
+
+func validate(ctx context.Context, opt workloadapi.ClientOption, audience, token string) (any, error) {
+	s, err := workloadapi.ValidateJWTSVID(ctx, token, audience, opt)
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"spiffe_id": s.ID.String(), "audience": s.Audience}, nil
+}
+
+func bundles(ctx context.Context, opt workloadapi.ClientOption) (any, error) {
+	x, err := workloadapi.FetchX509Bundles(ctx, opt)
+	if err != nil {
+		return nil, err
+	}
+	j, err := workloadapi.FetchJWTBundles(ctx, opt)
+	if err != nil {
+		return nil, err
+	}
+	res := map[string]map[string]int{"x509": {}, "jwt": {}}
+	for _, b := range x.Bundles() {
+		res["x509"][b.TrustDomain().String()] = len(b.X509Authorities())
+	}
+	for _, b := range j.Bundles() {
+		keys := b.JWTAuthorities()
+		ids := make([]string, 0, len(keys))
+		for k := range keys {
+			ids = append(ids, k)
+		}
+		sort.Strings(ids)
+		res["jwt"][b.TrustDomain().String()] = len(ids)
+	}
+	return res, nil
+}

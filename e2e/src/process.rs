@@ -1,0 +1,130 @@
+//! Child processes that cannot outlive the test process.
+//!
+//! Each child is started under `setpriv --pdeathsig KILL`, so the kernel kills it when
+//! its parent goes away, even when a test binary exits without running destructors (a
+//! shared control plane lives in a `static`) or is killed. The parent the kernel watches
+//! is the *thread* that forked, so every child is forked by one thread that lives as
+//! long as the process. A [`Supervised`] child is also killed when dropped, which covers
+//! a test that panics while owning its own control plane.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock, mpsc};
+
+use crate::Error;
+
+type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+fn forker() -> &'static Mutex<mpsc::Sender<Request>> {
+    static FORKER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+    FORKER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("sigil-e2e-forker".into())
+            .spawn(move || {
+                // The sender sits in a static, so this loop ends only with the process.
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawn the e2e forker thread");
+        Mutex::new(tx)
+    })
+}
+
+/// A child process with its output in a log file, killed on drop.
+#[derive(Debug)]
+pub struct Supervised {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Supervised {
+    /// Starts `program args...`, output appended to `log`.
+    pub fn start(name: &str, program: &Path, args: &[String], log: &Path) -> Result<Self, Error> {
+        let out =
+            File::create(log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        let err = out.try_clone().map_err(|e| Error::io("dup log file", e))?;
+        let mut cmd = Command::new("setpriv");
+        cmd.arg("--pdeathsig")
+            .arg("KILL")
+            .arg("--")
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let (tx, rx) = mpsc::channel();
+        forker()
+            .lock()
+            .map_err(|_| Error::Start {
+                what: name.to_owned(),
+                reason: "forker lock poisoned".into(),
+            })?
+            .send((cmd, tx))
+            .map_err(|_| Error::Start {
+                what: name.to_owned(),
+                reason: "forker thread gone".into(),
+            })?;
+        let child = rx
+            .recv()
+            .map_err(|_| Error::Start {
+                what: name.to_owned(),
+                reason: "forker thread gone".into(),
+            })?
+            .map_err(|e| Error::io(format!("start {} ({})", name, program.display()), e))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+        })
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The last `lines` lines of its log, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        let from = all.len().saturating_sub(lines);
+        format!(
+            "--- last lines of {} ({}) ---\n{}",
+            self.name,
+            self.log.display(),
+            all[from..].join("\n")
+        )
+    }
+
+    /// Kills the process and reaps it.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether a process with this PID is alive (not a zombie).
+pub fn is_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // Field 3, after the parenthesised command name, is the state; Z is a zombie.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
