@@ -4,6 +4,16 @@
 //! Module map (one concept per module):
 //! - [`crd`]: the CRD types, the single source of `crds/*.yaml`.
 //! - [`authority`]: the signing state shared by every task of a replica.
+//! - [`trust_domain`]: the CA of each TrustDomain, its rotation and bundle publication.
+//! - [`leader`]: leader election on a Lease; gates every write.
+//! - [`telemetry`]: JSON logs, Prometheus metrics, `/live` `/ready` `/metrics`.
+//! - [`template`]: the typed `{{ field }}` template language of ClusterSPIFFEIDs.
+//! - [`index`]: the identity index: pods × ClusterSPIFFEIDs → entries per node.
 
 pub mod authority;
 pub mod crd;
+pub mod index;
+pub mod leader;
+pub mod telemetry;
+pub mod template;
+pub mod trust_domain;

@@ -1,0 +1,494 @@
+//! The `TrustDomain` custom resource: one SPIFFE trust domain this cluster issues
+//! identities in, its signing CA (self-signed or under an upstream CA), its JWT signing
+//! keys, and where its trust bundle is published.
+//!
+//! Whatever the apiserver can check is checked at admission (CEL rules with messages that
+//! name the field and the fix); the reconciler in [`crate::trust_domain`] checks the rest
+//! and reports it in `status.conditions`.
+
+// `KubeSchema` copies each struct, `pub` included, into a function body to build its
+// schema; those copies trip `unreachable_pub`.
+#![allow(unreachable_pub)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Label put on every object Sigil writes for a TrustDomain (CA Secret, bundle
+/// ConfigMaps); its value is the TrustDomain's `metadata.name`.
+pub const OWNER_LABEL: &str = "sigil.dev/trust-domain";
+/// Label telling what a Sigil-written object is for (`ca` or `bundle`).
+pub const COMPONENT_LABEL: &str = "sigil.dev/component";
+
+/// A SPIFFE trust domain that this cluster issues identities in.
+///
+/// Sigil keeps a signing CA for it (rotated without outage), JWT signing keys, and
+/// publishes its trust bundle into the namespaces picked by `spec.bundle.namespaceSelector`.
+// Several printer columns share a `type_`, which clippy mistakes for a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sigil.dev",
+    version = "v1alpha1",
+    kind = "TrustDomain",
+    plural = "trustdomains",
+    shortname = "td",
+    category = "sigil",
+    status = "TrustDomainStatus",
+    derive = "PartialEq",
+    doc = "A SPIFFE trust domain this cluster issues identities in: its signing CA (self-signed or under an upstream CA), its JWT signing keys and the publication of its trust bundle.",
+    printcolumn(
+        name = "Trust Domain",
+        type_ = "string",
+        json_path = ".spec.trustDomain"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "CA Expires",
+        type_ = "date",
+        json_path = ".status.activeCA.notAfter"
+    ),
+    printcolumn(
+        name = "Sequence",
+        type_ = "integer",
+        json_path = ".status.bundleSequence"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TrustDomainSpec {
+    /// The SPIFFE trust domain name, e.g. `prod.example.org`: every SPIFFE ID issued here is
+    /// `spiffe://<trustDomain>/...`. Lowercase letters, digits, '.', '-' and '_' only: no
+    /// scheme, uppercase, port or path. Immutable, because every issued SVID names it.
+    #[x_kube(
+        validation = Rule::new("self.matches('^[a-z0-9._-]+$')").message(Message::Expression(r#""spec.trustDomain '" + self + "' is not a trust domain name: use only lowercase letters, digits, '.', '-' and '_', with no scheme, port or path (for example prod.example.org)""#.into())),
+        validation = Rule::new("self == oldSelf").message("spec.trustDomain is immutable because issued SVIDs name it; create a new TrustDomain to use another name")
+    )]
+    #[schemars(length(min = 1, max = 255))]
+    pub trust_domain: String,
+
+    /// Default lifetime of X509-SVIDs, as a Go duration ("1h", "90m"). Agents renew them at
+    /// half-life. An SVID never outlives the CA that signs it. Default "1h".
+    #[serde(rename = "x509SVIDTTL", default = "default_x509_svid_ttl")]
+    pub x509_svid_ttl: GoDuration,
+
+    /// Default lifetime of JWT-SVIDs, as a Go duration. Default "5m".
+    #[serde(rename = "jwtSVIDTTL", default = "default_jwt_svid_ttl")]
+    pub jwt_svid_ttl: GoDuration,
+
+    /// The X.509 signing CA: lifetime, key type, subject and rotation timing.
+    #[serde(default)]
+    pub ca: CaSpec,
+
+    /// The JWT-SVID signing keys. They rotate on the same schedule as the CA.
+    #[serde(default)]
+    pub jwt: JwtSpec,
+
+    /// Sign under an existing PKI instead of a self-signed root: Sigil's CA becomes an
+    /// intermediate under the CA in the referenced Secret, and the trust bundle publishes
+    /// that PKI's root. Without it Sigil's CA is a self-signed root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_authority: Option<UpstreamAuthoritySpec>,
+
+    /// Where the trust bundle is published.
+    #[serde(default)]
+    pub bundle: BundleSpec,
+}
+
+/// A duration written the Go way ("1h", "90m", "1h30m", "300ms"). Kept as the user wrote
+/// it; [`GoDuration::to_std`] parses it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct GoDuration(pub String);
+
+/// Go duration syntax, as a CEL/RE2 regular expression (positive durations only).
+pub const GO_DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+
+impl GoDuration {
+    /// A duration from its Go spelling.
+    pub fn new(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+
+    /// Parses the Go duration; the error says what is wrong with it.
+    pub fn to_std(&self) -> Result<std::time::Duration, String> {
+        let s = self.0.trim();
+        if s.is_empty() {
+            return Err("empty duration; write it the Go way, e.g. \"1h\" or \"90m\"".into());
+        }
+        let parsed: kube::core::Duration = s.parse().map_err(|e| {
+            format!("{s:?} is not a Go duration ({e}); write it like \"1h\", \"90m\" or \"24h\"")
+        })?;
+        if parsed.is_negative() {
+            return Err(format!("{s:?} is negative; durations must be positive"));
+        }
+        let d: std::time::Duration = parsed.into();
+        if d.is_zero() {
+            return Err(format!("{s:?} is zero; durations must be positive"));
+        }
+        Ok(d)
+    }
+}
+
+impl std::fmt::Display for GoDuration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl JsonSchema for GoDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "GoDuration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let rule = format!(
+            "self.matches('{}') && duration(self) > duration('0s')",
+            GO_DURATION_PATTERN.replace('\\', "\\\\")
+        );
+        schemars::json_schema!({
+            "type": "string",
+            "maxLength": 64,
+            "x-kubernetes-validations": [{
+                "rule": rule,
+                "message": "must be a positive Go duration such as \"1h\", \"90m\" or \"1h30m\" (units: ns, us, ms, s, m, h)",
+            }],
+        })
+    }
+}
+
+fn default_x509_svid_ttl() -> GoDuration {
+    GoDuration::new("1h")
+}
+fn default_jwt_svid_ttl() -> GoDuration {
+    GoDuration::new("5m")
+}
+fn default_ca_ttl() -> GoDuration {
+    GoDuration::new("24h")
+}
+fn default_refresh_hint() -> GoDuration {
+    GoDuration::new("5m")
+}
+fn default_config_map_name() -> String {
+    "sigil-trust-bundle".into()
+}
+fn default_certificate_key() -> String {
+    "tls.crt".into()
+}
+fn default_private_key_key() -> String {
+    "tls.key".into()
+}
+fn default_chain_key() -> String {
+    "ca.crt".into()
+}
+
+/// The signing CA of the trust domain and its rotation.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.activationDelay) || duration(self.activationDelay) + duration(self.activationDelay) < duration(self.ttl)").message("spec.ca.activationDelay must be shorter than half of spec.ca.ttl: the next CA is prepared at half-life and must start signing before the current one expires; lower activationDelay or raise ttl")
+)]
+pub struct CaSpec {
+    /// Lifetime of each CA certificate, as a Go duration. The next CA is prepared (and
+    /// published in the trust bundle) when half of it has passed. Minimum "1m", default "24h".
+    #[serde(default = "default_ca_ttl")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1m')").message("spec.ca.ttl must be at least 1m"))]
+    pub ttl: GoDuration,
+
+    /// Key algorithm of the CA key: ECDSA-P256 (default), ECDSA-P384 or Ed25519. A change
+    /// takes effect with the next CA.
+    #[serde(default)]
+    pub key_type: CaKeyType,
+
+    /// Subject of the CA certificates.
+    #[serde(default)]
+    pub subject: CaSubjectSpec,
+
+    /// How long a prepared CA is published in trust bundles before it starts signing (the
+    /// time bundles have to reach every relying party), as a Go duration. Must be shorter
+    /// than ttl/2. Default: ttl/3, so the new CA takes over when ttl/6 of the old CA's life
+    /// remains, as SPIRE does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_delay: Option<GoDuration>,
+}
+
+impl Default for CaSpec {
+    fn default() -> Self {
+        Self {
+            ttl: default_ca_ttl(),
+            key_type: CaKeyType::default(),
+            subject: CaSubjectSpec::default(),
+            activation_delay: None,
+        }
+    }
+}
+
+/// Key algorithm of a CA: ECDSA-P256, ECDSA-P384 or Ed25519.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CaKeyType {
+    #[default]
+    #[serde(rename = "ECDSA-P256")]
+    #[allow(missing_docs)]
+    EcdsaP256,
+    #[serde(rename = "ECDSA-P384")]
+    #[allow(missing_docs)]
+    EcdsaP384,
+    #[serde(rename = "Ed25519")]
+    #[allow(missing_docs)]
+    Ed25519,
+}
+
+/// Key algorithm of JWT-SVID signing keys: ECDSA-P256 (ES256) or ECDSA-P384 (ES384). The
+/// JWT-SVID specification allows no EdDSA.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum JwtKeyType {
+    #[default]
+    #[serde(rename = "ECDSA-P256")]
+    #[allow(missing_docs)]
+    EcdsaP256,
+    #[serde(rename = "ECDSA-P384")]
+    #[allow(missing_docs)]
+    EcdsaP384,
+}
+
+/// Subject distinguished name of the CA certificates. Sigil also adds a serialNumber
+/// attribute so successive CAs never share a subject.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CaSubjectSpec {
+    /// Organization (O) values. Default ["Sigil"].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 64)))]
+    pub organization: Vec<String>,
+
+    /// Country (C): a two-letter ISO 3166 code such as "DE".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Z]{2}$')").message("spec.ca.subject.country must be a two-letter uppercase ISO 3166 code such as \"DE\""))]
+    #[schemars(length(max = 2))]
+    pub country: Option<String>,
+
+    /// Common name (CN). Default: "Sigil CA " followed by the trust domain name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub common_name: Option<String>,
+}
+
+/// JWT-SVID signing keys.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtSpec {
+    /// Key algorithm: ECDSA-P256 (ES256, default) or ECDSA-P384 (ES384). A change takes
+    /// effect with the next key.
+    #[serde(default)]
+    pub key_type: JwtKeyType,
+
+    /// Value of the `iss` claim of JWT-SVIDs, an https URL (the OIDC issuer that serves
+    /// this trust domain's discovery document). Without it JWT-SVIDs carry no `iss`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isURL(self) && url(self).getScheme() == 'https'").message("spec.jwt.issuer must be an https:// URL, for example https://oidc.example.org"))]
+    #[schemars(length(max = 2048))]
+    pub issuer: Option<String>,
+}
+
+/// An upstream CA that Sigil's CA is issued under.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamAuthoritySpec {
+    /// The Secret holding the upstream CA certificate, its private key and its chain up to
+    /// and including the root, e.g. a cert-manager Certificate's Secret with `isCA: true`.
+    pub secret_ref: UpstreamSecretRef,
+}
+
+/// Reference to the Secret of an upstream CA and the keys of its entries.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamSecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+
+    /// Namespace of the Secret. Default: the namespace sigil-operator runs in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
+
+    /// Key of the PEM CA certificate (optionally followed by its chain). Default "tls.crt".
+    #[serde(default = "default_certificate_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub certificate_key: String,
+
+    /// Key of the PEM private key of that certificate. Default "tls.key".
+    #[serde(default = "default_private_key_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub private_key_key: String,
+
+    /// Key of the PEM chain above the certificate, up to and including the root. Optional
+    /// in the Secret when the certificate is itself the root. Default "ca.crt".
+    #[serde(default = "default_chain_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub chain_key: String,
+}
+
+/// Publication of the trust bundle into namespaces.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleSpec {
+    /// Name of the ConfigMap written into each selected namespace, with `bundle.pem` (the
+    /// X.509 authorities) and `bundle.spiffe` (the SPIFFE bundle, a JWK Set). Default
+    /// "sigil-trust-bundle".
+    #[serde(default = "default_config_map_name")]
+    #[x_kube(validation = Rule::new(r"self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("spec.bundle.configMapName must be a DNS-1123 subdomain: lowercase letters, digits, '-' and '.'"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub config_map_name: String,
+
+    /// The namespaces that receive the ConfigMap. Absent: every namespace; `{}` also selects
+    /// every namespace. A namespace that stops matching loses the ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+
+    /// `spiffe_refresh_hint` of the published bundle: how often relying parties should
+    /// re-read it, as a Go duration. Default "5m".
+    #[serde(default = "default_refresh_hint")]
+    pub refresh_hint: GoDuration,
+}
+
+impl Default for BundleSpec {
+    fn default() -> Self {
+        Self {
+            config_map_name: default_config_map_name(),
+            namespace_selector: None,
+            refresh_hint: default_refresh_hint(),
+        }
+    }
+}
+
+/// What Sigil observed and did for a TrustDomain.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TrustDomainStatus {
+    /// `Ready`: the CA, keys and bundle match the spec and nothing needs attention.
+    /// `Issuing`: a valid CA is signing (it stays True while a broken upstream keeps a new CA
+    /// from being prepared, so nothing already issued stops working).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// The `metadata.generation` the status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// The CA that signs X509-SVIDs now.
+    #[serde(rename = "activeCA", default, skip_serializing_if = "Option::is_none")]
+    pub active_ca: Option<CaStatus>,
+
+    /// The next CA: already in the trust bundle, not signing yet.
+    #[serde(
+        rename = "preparedCA",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub prepared_ca: Option<CaStatus>,
+
+    /// Key ID (`kid`) of the key that signs JWT-SVIDs now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_jwt_key_id: Option<String>,
+
+    /// Key ID of the next JWT key: already in the trust bundle, not signing yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared_jwt_key_id: Option<String>,
+
+    /// `spiffe_sequence` of the published bundle; it increases on every change of the
+    /// bundle's authorities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_sequence: Option<i64>,
+
+    /// Number of namespaces holding the bundle ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_namespaces: Option<i32>,
+
+    /// The Secret (namespace/name) that holds this trust domain's CA and JWT keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret: Option<String>,
+}
+
+/// One CA certificate.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CaStatus {
+    /// Serial number, hex.
+    pub serial: String,
+    /// Start of validity.
+    pub not_before: Time,
+    /// End of validity.
+    pub not_after: Time,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use kube::CustomResourceExt;
+
+    use super::*;
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
+        let spec: TrustDomainSpec =
+            serde_json::from_value(serde_json::json!({"trustDomain": "example.org"})).unwrap();
+        assert_eq!(spec.x509_svid_ttl.to_std().unwrap().as_secs(), 3600);
+        assert_eq!(spec.jwt_svid_ttl.to_std().unwrap().as_secs(), 300);
+        assert_eq!(spec.ca.ttl.to_std().unwrap().as_secs(), 86400);
+        assert_eq!(spec.ca.key_type, CaKeyType::EcdsaP256);
+        assert_eq!(spec.bundle.config_map_name, "sigil-trust-bundle");
+        assert!(spec.upstream_authority.is_none());
+    }
+
+    #[test]
+    fn go_durations_parse_and_reject_with_a_reason() {
+        assert_eq!(GoDuration::new("1h30m").to_std().unwrap().as_secs(), 5400);
+        assert_eq!(GoDuration::new("90m").to_std().unwrap().as_secs(), 5400);
+        assert!(
+            GoDuration::new("1d")
+                .to_std()
+                .unwrap_err()
+                .contains("Go duration")
+        );
+        assert!(
+            GoDuration::new("-1h")
+                .to_std()
+                .unwrap_err()
+                .contains("negative")
+        );
+        assert!(GoDuration::new("0s").to_std().unwrap_err().contains("zero"));
+        assert!(GoDuration::new("").to_std().is_err());
+    }
+
+    #[test]
+    fn crd_carries_cel_rules_defaults_and_columns() {
+        let crd = serde_json::to_string(&TrustDomain::crd()).unwrap();
+        for needle in [
+            "self == oldSelf",
+            "spec.trustDomain is immutable",
+            "x-kubernetes-list-map-keys",
+            "\"default\":\"1h\"",
+            "\"default\":\"sigil-trust-bundle\"",
+            "CA Expires",
+            "\"shortNames\":[\"td\"]",
+            "\"scope\":\"Cluster\"",
+        ] {
+            assert!(crd.contains(needle), "CRD lacks {needle}");
+        }
+    }
+}

@@ -1,0 +1,523 @@
+//! The few facts the index keeps from each Kubernetes object, and a ClusterSPIFFEID
+//! compiled into parsed templates and selectors.
+//!
+//! The index never stores whole objects: a pod costs its names, UID, labels and
+//! annotations, not its spec and status. A malformed object becomes an error string
+//! here, which the caller logs and skips.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::jiff::Timestamp;
+use kube::core::DynamicObject;
+use sigil_identity::TrustDomain as TrustDomainName;
+
+use crate::crd::cluster_spiffe_id::{ClusterSPIFFEID, ClusterSpiffeIdSpec, ClusterSpiffeIdStatus};
+use crate::crd::trust_domain::GoDuration;
+use crate::template::{KeyValues, Source, Template};
+
+/// Labels or annotations, stored compactly (sorted by key, binary-searched): a pod's
+/// handful of labels in one allocation instead of a B-tree node with room for eleven.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Labels(Box<[(Box<str>, Box<str>)]>);
+
+impl Labels {
+    pub(crate) fn new(map: Option<&BTreeMap<String, String>>) -> Self {
+        // A BTreeMap iterates in key order, so the slice is sorted.
+        Self(
+            map.into_iter()
+                .flatten()
+                .map(|(k, v)| (k.as_str().into(), v.as_str().into()))
+                .collect(),
+        )
+    }
+}
+
+impl KeyValues for Labels {
+    fn value(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_ref().cmp(key))
+            .ok()
+            .map(|i| self.0[i].1.as_ref())
+    }
+}
+
+/// A compiled Kubernetes label selector (`matchLabels` and `matchExpressions`, ANDed).
+/// The empty selector matches everything.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LabelMatcher(Vec<Requirement>);
+
+#[derive(Debug, Clone)]
+enum Requirement {
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl LabelMatcher {
+    /// Compiles a selector; the error names the requirement that is wrong (`field` is the
+    /// spec field, for the message).
+    pub(crate) fn compile(field: &str, selector: &LabelSelector) -> Result<Self, String> {
+        let mut reqs: Vec<Requirement> = selector
+            .match_labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| Requirement::In(k.clone(), vec![v.clone()]))
+            .collect();
+        for (i, e) in selector.match_expressions.iter().flatten().enumerate() {
+            let at = format!("{field}.matchExpressions[{i}] (key {:?})", e.key);
+            let values = e.values.clone().unwrap_or_default();
+            reqs.push(match e.operator.as_str() {
+                "In" | "NotIn" if values.is_empty() => {
+                    return Err(format!("{at}: operator {} needs values", e.operator));
+                }
+                "In" => Requirement::In(e.key.clone(), values),
+                "NotIn" => Requirement::NotIn(e.key.clone(), values),
+                "Exists" | "DoesNotExist" if !values.is_empty() => {
+                    return Err(format!("{at}: operator {} takes no values", e.operator));
+                }
+                "Exists" => Requirement::Exists(e.key.clone()),
+                "DoesNotExist" => Requirement::DoesNotExist(e.key.clone()),
+                other => {
+                    return Err(format!(
+                        "{at}: unknown operator {other:?}; use In, NotIn, Exists or DoesNotExist"
+                    ));
+                }
+            });
+        }
+        Ok(Self(reqs))
+    }
+
+    pub(crate) fn matches(&self, labels: &dyn KeyValues) -> bool {
+        self.0.iter().all(|r| match r {
+            Requirement::In(k, vs) => labels.value(k).is_some_and(|v| vs.iter().any(|x| x == v)),
+            Requirement::NotIn(k, vs) => labels.value(k).is_none_or(|v| vs.iter().all(|x| x != v)),
+            Requirement::Exists(k) => labels.value(k).is_some(),
+            Requirement::DoesNotExist(k) => labels.value(k).is_none(),
+        })
+    }
+}
+
+/// Label EndpointSlices carry with the name of their Service.
+pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What templates and selectors may read of a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PodFacts {
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) uid: String,
+    pub(crate) service_account: String,
+    pub(crate) node: Option<String>,
+    pub(crate) hostname: Option<String>,
+    pub(crate) labels: Labels,
+    pub(crate) annotations: Labels,
+    /// Succeeded or Failed: it runs nothing any more and gets no entries.
+    pub(crate) terminal: bool,
+}
+
+impl PodFacts {
+    pub(crate) fn from_pod(pod: &Pod) -> Result<Self, String> {
+        let meta = &pod.metadata;
+        let name = meta.name.clone().ok_or("pod without metadata.name")?;
+        let namespace = meta
+            .namespace
+            .clone()
+            .ok_or_else(|| format!("pod {name} without metadata.namespace"))?;
+        let uid = meta
+            .uid
+            .clone()
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| format!("pod {namespace}/{name} without metadata.uid"))?;
+        let spec = pod.spec.as_ref();
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        Ok(Self {
+            namespace,
+            name,
+            uid,
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".to_owned()),
+            node: spec
+                .and_then(|s| s.node_name.clone())
+                .filter(|n| !n.is_empty()),
+            hostname: spec
+                .and_then(|s| s.hostname.clone())
+                .filter(|h| !h.is_empty()),
+            labels: Labels::new(meta.labels.as_ref()),
+            annotations: Labels::new(meta.annotations.as_ref()),
+            terminal: matches!(phase, Some("Succeeded" | "Failed")),
+        })
+    }
+}
+
+/// A namespace's name and labels.
+pub(crate) fn namespace_facts(
+    ns: &Namespace,
+) -> Result<(String, BTreeMap<String, String>), String> {
+    let name = ns
+        .metadata
+        .name
+        .clone()
+        .ok_or("namespace without metadata.name")?;
+    Ok((name, ns.metadata.labels.clone().unwrap_or_default()))
+}
+
+/// What templates may read of a Node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NodeFacts {
+    pub(crate) uid: String,
+    pub(crate) labels: Labels,
+}
+
+pub(crate) fn node_facts(node: &Node) -> Result<(String, NodeFacts), String> {
+    let name = node
+        .metadata
+        .name
+        .clone()
+        .ok_or("node without metadata.name")?;
+    let uid = node.metadata.uid.clone().unwrap_or_default();
+    Ok((
+        name,
+        NodeFacts {
+            uid,
+            labels: Labels::new(node.metadata.labels.as_ref()),
+        },
+    ))
+}
+
+/// An EndpointSlice reduced to its Service and the pods it lists (ready or not: a pod
+/// may need its DNS names before it can become ready).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SliceFacts {
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) service: Option<String>,
+    pub(crate) pods: Vec<String>,
+}
+
+pub(crate) fn slice_facts(slice: &EndpointSlice) -> Result<SliceFacts, String> {
+    let name = slice
+        .metadata
+        .name
+        .clone()
+        .ok_or("EndpointSlice without metadata.name")?;
+    let namespace = slice
+        .metadata
+        .namespace
+        .clone()
+        .ok_or_else(|| format!("EndpointSlice {name} without namespace"))?;
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .cloned();
+    let mut pods: Vec<String> = slice
+        .endpoints
+        .iter()
+        .flatten()
+        .filter_map(|e| e.target_ref.as_ref())
+        .filter(|r| r.kind.as_deref() == Some("Pod"))
+        .filter(|r| r.namespace.as_deref().is_none_or(|ns| ns == namespace))
+        .filter_map(|r| r.name.clone())
+        .collect();
+    pods.sort();
+    pods.dedup();
+    Ok(SliceFacts {
+        namespace,
+        name,
+        service,
+        pods,
+    })
+}
+
+/// What the index needs of a TrustDomain object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustDomainInfo {
+    /// `metadata.name` of the TrustDomain object.
+    pub object_name: String,
+    /// `spec.trustDomain`.
+    pub trust_domain: TrustDomainName,
+    /// `spec.x509SVIDTTL`.
+    pub x509_ttl: Duration,
+    /// `spec.jwtSVIDTTL`.
+    pub jwt_ttl: Duration,
+}
+
+impl TrustDomainInfo {
+    /// Reads a TrustDomain object of any shape; the error says which field is wrong.
+    pub fn from_dynamic(obj: &DynamicObject) -> Result<Self, String> {
+        let name = obj
+            .metadata
+            .name
+            .clone()
+            .ok_or("TrustDomain without metadata.name")?;
+        let spec = obj
+            .data
+            .get("spec")
+            .ok_or_else(|| format!("TrustDomain {name} has no spec"))?;
+        let td = spec
+            .get("trustDomain")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| format!("TrustDomain {name}: spec.trustDomain is missing"))?;
+        let trust_domain = TrustDomainName::new(td)
+            .map_err(|e| format!("TrustDomain {name}: spec.trustDomain: {e}"))?;
+        let ttl = |field: &str, default: &str| -> Result<Duration, String> {
+            let s = spec.get(field).and_then(|v| v.as_str()).unwrap_or(default);
+            GoDuration::new(s)
+                .to_std()
+                .map_err(|e| format!("TrustDomain {name}: spec.{field}: {e}"))
+        };
+        Ok(Self {
+            x509_ttl: ttl("x509SVIDTTL", "1h")?,
+            jwt_ttl: ttl("jwtSVIDTTL", "5m")?,
+            trust_domain,
+            object_name: name,
+        })
+    }
+}
+
+/// A ClusterSPIFFEID's identity and order: the oldest object wins a conflict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CsidMeta {
+    pub(crate) name: String,
+    pub(crate) uid: Option<String>,
+    pub(crate) generation: Option<i64>,
+    pub(crate) created: Option<Timestamp>,
+}
+
+impl CsidMeta {
+    pub(crate) fn of(obj: &ClusterSPIFFEID) -> Result<Self, String> {
+        Self::from_meta(&obj.metadata)
+    }
+
+    pub(crate) fn from_meta(meta: &kube::core::ObjectMeta) -> Result<Self, String> {
+        Ok(Self {
+            name: meta
+                .name
+                .clone()
+                .ok_or("ClusterSPIFFEID without metadata.name")?,
+            uid: meta.uid.clone(),
+            generation: meta.generation,
+            created: meta.creation_timestamp.as_ref().map(|t| t.0),
+        })
+    }
+}
+
+/// A ClusterSPIFFEID as read from a dynamic object: its meta, its status as last written,
+/// and its spec or why the spec cannot be read.
+pub(crate) type DynamicCsid = (
+    CsidMeta,
+    Option<ClusterSpiffeIdStatus>,
+    Result<ClusterSpiffeIdSpec, String>,
+);
+
+/// Reads a ClusterSPIFFEID of any shape; only a missing name is an error.
+pub(crate) fn csid_from_dynamic(obj: &DynamicObject) -> Result<DynamicCsid, String> {
+    let meta = CsidMeta::from_meta(&obj.metadata)?;
+    let status = obj
+        .data
+        .get("status")
+        .and_then(|s| serde_json::from_value(s.clone()).ok());
+    let spec = match obj.data.get("spec") {
+        Some(s) => serde_json::from_value::<ClusterSpiffeIdSpec>(s.clone())
+            .map_err(|e| format!("spec does not parse: {e}")),
+        None => Err("the object has no spec".to_owned()),
+    };
+    Ok((meta, status, spec))
+}
+
+/// A ClusterSPIFFEID with its templates parsed and its selectors compiled.
+#[derive(Debug)]
+pub(crate) struct CompiledCsid {
+    pub(crate) spec: ClusterSpiffeIdSpec,
+    pub(crate) namespace_selector: LabelMatcher,
+    pub(crate) pod_selector: LabelMatcher,
+    pub(crate) spiffe_id: Template,
+    pub(crate) dns_names: Vec<Template>,
+    pub(crate) workload_selectors: Vec<Template>,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) jwt_ttl: Option<Duration>,
+    pub(crate) federates_with: Vec<TrustDomainName>,
+    /// Renders read the Node object (uid or labels).
+    pub(crate) uses_node: bool,
+    /// Renders read namespace labels.
+    pub(crate) uses_namespace_labels: bool,
+}
+
+fn selector(field: &str, s: &Option<LabelSelector>) -> Result<LabelMatcher, String> {
+    match s {
+        None => Ok(LabelMatcher::default()),
+        Some(s) => LabelMatcher::compile(&format!("spec.{field}"), s),
+    }
+}
+
+fn template(field: &str, s: &str) -> Result<Template, String> {
+    Template::parse(s).map_err(|e| format!("{field} {s:?}: {e}"))
+}
+
+impl CompiledCsid {
+    /// Compiles a spec; the error names the field and what is wrong with it.
+    pub(crate) fn compile(spec: &ClusterSpiffeIdSpec) -> Result<Self, String> {
+        let spiffe_id = template("spec.spiffeIDTemplate", &spec.spiffe_id_template.0)?;
+        let dns_names = spec
+            .dns_name_templates
+            .iter()
+            .enumerate()
+            .map(|(i, t)| template(&format!("spec.dnsNameTemplates[{i}]"), &t.0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let workload_selectors = spec
+            .workload_selector_templates
+            .iter()
+            .enumerate()
+            .map(|(i, t)| template(&format!("spec.workloadSelectorTemplates[{i}]"), &t.0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let duration = |field: &str, d: &Option<GoDuration>| -> Result<Option<Duration>, String> {
+            d.as_ref()
+                .map(|d| d.to_std().map_err(|e| format!("spec.{field}: {e}")))
+                .transpose()
+        };
+        let federates_with = spec
+            .federates_with
+            .iter()
+            .map(|t| TrustDomainName::new(t).map_err(|e| format!("spec.federatesWith {t:?}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let all: Vec<&Template> = std::iter::once(&spiffe_id)
+            .chain(&dns_names)
+            .chain(&workload_selectors)
+            .collect();
+        Ok(Self {
+            namespace_selector: selector("namespaceSelector", &spec.namespace_selector)?,
+            pod_selector: selector("podSelector", &spec.pod_selector)?,
+            ttl: duration("ttl", &spec.ttl)?,
+            jwt_ttl: duration("jwtTtl", &spec.jwt_ttl)?,
+            uses_node: all
+                .iter()
+                .any(|t| t.uses_any(&[Source::NodeUid, Source::NodeLabel])),
+            uses_namespace_labels: all.iter().any(|t| t.uses_any(&[Source::NamespaceLabel])),
+            spiffe_id,
+            dns_names,
+            workload_selectors,
+            federates_with,
+            spec: spec.clone(),
+        })
+    }
+}
+
+/// Whether `name` is a DNS name an X509-SVID may carry: dot-separated labels of letters,
+/// digits and '-', none empty or longer than 63 or starting or ending with '-', at most 253
+/// bytes in all; a leading `*.` wildcard is allowed.
+pub(crate) fn is_dns_name(name: &str) -> bool {
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    !host.is_empty()
+        && name.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_names() {
+        for ok in ["web", "web.prod.svc.cluster.local", "*.web.prod", "a-b.c9"] {
+            assert!(is_dns_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "a..b", "a_b", "*.", "a.*.b"] {
+            assert!(!is_dns_name(bad), "{bad}");
+        }
+        assert!(!is_dns_name(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn label_selectors() {
+        let labels = Labels::new(Some(&BTreeMap::from([
+            ("app".to_owned(), "web".to_owned()),
+            ("tier".to_owned(), "gold".to_owned()),
+        ])));
+        assert_eq!(labels.value("app"), Some("web"));
+        assert_eq!(labels.value("zzz"), None);
+        let m =
+            |v: serde_json::Value| LabelMatcher::compile("s", &serde_json::from_value(v).unwrap());
+        let yes = |v: serde_json::Value| m(v).unwrap().matches(&labels);
+        assert!(yes(serde_json::json!({})));
+        assert!(yes(serde_json::json!({"matchLabels": {"app": "web"}})));
+        assert!(!yes(
+            serde_json::json!({"matchLabels": {"app": "web", "tier": "bronze"}})
+        ));
+        assert!(yes(
+            serde_json::json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["gold", "silver"]}]})
+        ));
+        assert!(!yes(
+            serde_json::json!({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["gold"]}]})
+        ));
+        assert!(yes(
+            serde_json::json!({"matchExpressions": [{"key": "x", "operator": "NotIn", "values": ["gold"]}]})
+        ));
+        assert!(yes(
+            serde_json::json!({"matchExpressions": [{"key": "app", "operator": "Exists"}, {"key": "x", "operator": "DoesNotExist"}]})
+        ));
+        assert!(!yes(
+            serde_json::json!({"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]})
+        ));
+        let e = m(serde_json::json!({"matchExpressions": [{"key": "a", "operator": "In"}]}))
+            .unwrap_err();
+        assert!(
+            e.contains("s.matchExpressions[0]") && e.contains("needs values"),
+            "{e}"
+        );
+        assert!(m(serde_json::json!({"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]})).is_err());
+        assert!(
+            m(serde_json::json!({"matchExpressions": [{"key": "a", "operator": "Near"}]}))
+                .unwrap_err()
+                .contains("unknown operator")
+        );
+    }
+
+    #[test]
+    fn compile_names_the_bad_field() {
+        let spec: ClusterSpiffeIdSpec =
+            serde_json::from_value(serde_json::json!({"dnsNameTemplates": ["ok", "{{pod.nam}}"]}))
+                .unwrap();
+        let e = CompiledCsid::compile(&spec).unwrap_err();
+        assert!(
+            e.starts_with("spec.dnsNameTemplates[1]") && e.contains("pod.nam"),
+            "{e}"
+        );
+        let spec: ClusterSpiffeIdSpec =
+            serde_json::from_value(serde_json::json!({"ttl": "1d"})).unwrap();
+        assert!(
+            CompiledCsid::compile(&spec)
+                .unwrap_err()
+                .starts_with("spec.ttl")
+        );
+        let spec: ClusterSpiffeIdSpec = serde_json::from_value(serde_json::json!({
+            "podSelector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}
+        }))
+        .unwrap();
+        assert!(
+            CompiledCsid::compile(&spec)
+                .unwrap_err()
+                .starts_with("spec.podSelector")
+        );
+        let spec: ClusterSpiffeIdSpec = serde_json::from_value(serde_json::json!({
+            "spiffeIDTemplate": "spiffe://{{trustDomain}}/n/{{node.labels['zone']}}"
+        }))
+        .unwrap();
+        let c = CompiledCsid::compile(&spec).unwrap();
+        assert!(c.uses_node && !c.uses_namespace_labels);
+    }
+}

@@ -1,0 +1,1048 @@
+//! The index's world: the facts of every pod, namespace, node, EndpointSlice, TrustDomain
+//! and ClusterSPIFFEID, the entries each pod currently has, and per-ClusterSPIFFEID
+//! statistics, all updated incrementally.
+//!
+//! Every change computes the set of pods it can affect and re-renders only those:
+//! - a pod event: that pod;
+//! - a ClusterSPIFFEID or TrustDomain change: the pods the ClusterSPIFFEID selected before
+//!   plus those it selects now (found through the namespace → pods index);
+//! - a namespace label change: its pods, when a selection or a template depends on it;
+//! - a Node change: its pods, when a template reads node facts;
+//! - an EndpointSlice change: the pods whose set of Services changed.
+//!
+//! Re-rendering a pod evaluates every ClusterSPIFFEID against it (there are few), so
+//! fallback and masking are always decided with the whole picture of that pod. The
+//! result is a [`Batch`] of per-node upserts and removals, which the caller publishes.
+//!
+//! Nothing is rendered before [`State::mark_synced`]: until every informer has listed, a
+//! partial world would publish removals that are not real.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use sigil_identity::SpiffeId;
+use sigil_identity::entry::{RegistrationEntry, Selector};
+
+use super::IndexConfig;
+use super::objects::{
+    CompiledCsid, CsidMeta, NodeFacts, PodFacts, SliceFacts, TrustDomainInfo, is_dns_name,
+};
+use crate::crd::cluster_spiffe_id::{
+    ClusterSpiffeIdSpec, ClusterSpiffeIdStats, ClusterSpiffeIdStatus,
+};
+use crate::template::{KeyValues, RenderInput};
+
+pub(crate) type PodId = u32;
+type CsidId = u32;
+type PodKey = (String, String);
+type Labels = BTreeMap<String, String>;
+
+/// Per-node changes produced by one event.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub(crate) nodes: HashMap<String, NodeChanges>,
+}
+
+/// Upserts and removals for one node.
+#[derive(Debug, Default)]
+pub(crate) struct NodeChanges {
+    pub(crate) upserts: Vec<Arc<RegistrationEntry>>,
+    pub(crate) removed: Vec<String>,
+}
+
+impl Batch {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    fn upsert(&mut self, node: &str, e: Arc<RegistrationEntry>) {
+        self.nodes
+            .entry(node.to_owned())
+            .or_default()
+            .upserts
+            .push(e);
+    }
+
+    fn remove(&mut self, node: &str, id: String) {
+        self.nodes
+            .entry(node.to_owned())
+            .or_default()
+            .removed
+            .push(id);
+    }
+}
+
+/// What a ClusterSPIFFEID did for one pod it selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// A fallback ClusterSPIFFEID, set aside for a non-fallback one.
+    Standby,
+    /// The pod has no node yet; its entry renders when it is scheduled.
+    Unscheduled,
+    /// Its entry is issued.
+    Applied,
+    /// An older ClusterSPIFFEID gives the pod the same SPIFFE ID.
+    Masked,
+    /// The entry did not render.
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct PodRecord {
+    facts: PodFacts,
+    outcomes: Vec<(CsidId, Outcome)>,
+    /// IDs and content hashes of the entries published for this pod, on `published_on`.
+    published: Vec<(String, u64)>,
+    published_on: Option<String>,
+}
+
+/// How a ClusterSPIFFEID's trust domain resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TdResolution {
+    Found(TrustDomainInfo),
+    NotFound(String),
+    NoneExist,
+    Ambiguous(usize),
+}
+
+#[derive(Debug)]
+struct CsidRecord {
+    meta: CsidMeta,
+    spec: Result<ClusterSpiffeIdSpec, String>,
+    compiled: Result<CompiledCsid, String>,
+    resolved: TdResolution,
+    observed_status: Option<ClusterSpiffeIdStatus>,
+    selected: HashSet<PodId>,
+    failures: BTreeMap<PodKey, String>,
+    masked: u64,
+    namespaces_selected: u64,
+    namespaces_ignored: u64,
+}
+
+impl CsidRecord {
+    /// Compiled and with a trust domain: it renders entries.
+    fn active(&self) -> Option<(&CompiledCsid, &TrustDomainInfo)> {
+        match (&self.compiled, &self.resolved) {
+            (Ok(c), TdResolution::Found(td)) => Some((c, td)),
+            _ => None,
+        }
+    }
+}
+
+/// Which kind of object a key belongs to (for relists).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Kind {
+    Pod,
+    Namespace,
+    Node,
+    EndpointSlice,
+    ClusterSpiffeId,
+    TrustDomain,
+}
+
+/// The readiness condition of a ClusterSPIFFEID, without its transition time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Readiness {
+    pub(crate) ready: bool,
+    pub(crate) reason: &'static str,
+    pub(crate) message: String,
+}
+
+/// A ClusterSPIFFEID's status as the index sees it, and as it was last observed.
+#[derive(Debug, Clone)]
+pub(crate) struct StatusView {
+    pub(crate) generation: Option<i64>,
+    pub(crate) stats: ClusterSpiffeIdStats,
+    pub(crate) ready: Readiness,
+    pub(crate) observed: Option<ClusterSpiffeIdStatus>,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    config: Arc<IndexConfig>,
+    synced: bool,
+    pods: Vec<Option<PodRecord>>,
+    free_pods: Vec<PodId>,
+    pod_by_key: HashMap<PodKey, PodId>,
+    namespace_pods: HashMap<String, HashSet<PodId>>,
+    node_pods: HashMap<String, HashSet<PodId>>,
+    namespaces: HashMap<String, Labels>,
+    nodes: HashMap<String, NodeFacts>,
+    slices: HashMap<PodKey, SliceFacts>,
+    /// Services whose EndpointSlices list a pod (name, number of slices listing it).
+    pod_services: HashMap<PodKey, Vec<(Box<str>, u32)>>,
+    trust_domains: BTreeMap<String, TrustDomainInfo>,
+    csids: Vec<Option<CsidRecord>>,
+    free_csids: Vec<CsidId>,
+    csid_by_name: HashMap<String, CsidId>,
+    /// Live ClusterSPIFFEIDs, oldest first (the masking order).
+    order: Vec<CsidId>,
+    /// ClusterSPIFFEIDs whose status may have changed since the status writer last looked.
+    pub(crate) dirty: BTreeSet<String>,
+}
+
+impl State {
+    pub(crate) fn new(config: Arc<IndexConfig>) -> Self {
+        Self {
+            config,
+            synced: false,
+            pods: Vec::new(),
+            free_pods: Vec::new(),
+            pod_by_key: HashMap::new(),
+            namespace_pods: HashMap::new(),
+            node_pods: HashMap::new(),
+            namespaces: HashMap::new(),
+            nodes: HashMap::new(),
+            slices: HashMap::new(),
+            pod_services: HashMap::new(),
+            trust_domains: BTreeMap::new(),
+            csids: Vec::new(),
+            free_csids: Vec::new(),
+            csid_by_name: HashMap::new(),
+            order: Vec::new(),
+            dirty: BTreeSet::new(),
+        }
+    }
+
+    pub(crate) fn pod_count(&self) -> usize {
+        self.pod_by_key.len()
+    }
+
+    fn csid(&self, c: CsidId) -> Option<&CsidRecord> {
+        self.csids.get(c as usize).and_then(Option::as_ref)
+    }
+
+    fn pod(&self, p: PodId) -> Option<&PodRecord> {
+        self.pods.get(p as usize).and_then(Option::as_ref)
+    }
+
+    fn live_csids(&self) -> impl Iterator<Item = (CsidId, &CsidRecord)> {
+        self.order
+            .iter()
+            .filter_map(|&c| self.csid(c).map(|r| (c, r)))
+    }
+
+    /// Renders everything once every informer has listed; from now on changes publish.
+    pub(crate) fn mark_synced(&mut self, batch: &mut Batch) {
+        if self.synced {
+            return;
+        }
+        self.synced = true;
+        let all: Vec<PodId> = self.pod_by_key.values().copied().collect();
+        self.rerender(all, batch);
+        self.dirty.extend(self.csid_by_name.keys().cloned());
+    }
+
+    /// Keys (`namespace/name` or `name`) of every object of `kind` the index holds.
+    pub(crate) fn keys(&self, kind: Kind) -> Vec<String> {
+        match kind {
+            Kind::Pod => self
+                .pod_by_key
+                .keys()
+                .map(|(ns, n)| format!("{ns}/{n}"))
+                .collect(),
+            Kind::Namespace => self.namespaces.keys().cloned().collect(),
+            Kind::Node => self.nodes.keys().cloned().collect(),
+            Kind::EndpointSlice => self
+                .slices
+                .keys()
+                .map(|(ns, n)| format!("{ns}/{n}"))
+                .collect(),
+            Kind::ClusterSpiffeId => self.csid_by_name.keys().cloned().collect(),
+            Kind::TrustDomain => self.trust_domains.keys().cloned().collect(),
+        }
+    }
+
+    // ---- pods ----
+
+    pub(crate) fn apply_pod(&mut self, facts: PodFacts, batch: &mut Batch) {
+        let key = (facts.namespace.clone(), facts.name.clone());
+        let id = match self.pod_by_key.get(&key) {
+            Some(&id) => {
+                let Some(rec) = self.pods[id as usize].as_mut() else {
+                    return;
+                };
+                if rec.facts == facts {
+                    return;
+                }
+                if rec.facts.node != facts.node {
+                    if let Some(old) = &rec.facts.node
+                        && let Some(set) = self.node_pods.get_mut(old)
+                    {
+                        set.remove(&id);
+                    }
+                    if let Some(new) = &facts.node {
+                        self.node_pods.entry(new.clone()).or_default().insert(id);
+                    }
+                }
+                rec.facts = facts;
+                id
+            }
+            None => {
+                let rec = PodRecord {
+                    facts,
+                    outcomes: Vec::new(),
+                    published: Vec::new(),
+                    published_on: None,
+                };
+                let id = match self.free_pods.pop() {
+                    Some(id) => {
+                        self.pods[id as usize] = Some(rec);
+                        id
+                    }
+                    None => {
+                        self.pods.push(Some(rec));
+                        (self.pods.len() - 1) as PodId
+                    }
+                };
+                self.pod_by_key.insert(key.clone(), id);
+                self.namespace_pods.entry(key.0).or_default().insert(id);
+                if let Some(node) = self.pods[id as usize]
+                    .as_ref()
+                    .and_then(|r| r.facts.node.clone())
+                {
+                    self.node_pods.entry(node).or_default().insert(id);
+                }
+                id
+            }
+        };
+        self.rerender([id], batch);
+    }
+
+    pub(crate) fn delete_pod(&mut self, namespace: &str, name: &str, batch: &mut Batch) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let Some(id) = self.pod_by_key.remove(&key) else {
+            return;
+        };
+        let Some(mut rec) = self.pods[id as usize].take() else {
+            return;
+        };
+        self.settle(id, &mut rec, Vec::new(), Vec::new(), batch);
+        if let Some(set) = self.namespace_pods.get_mut(namespace) {
+            set.remove(&id);
+            if set.is_empty() {
+                self.namespace_pods.remove(namespace);
+            }
+        }
+        if let Some(node) = &rec.facts.node
+            && let Some(set) = self.node_pods.get_mut(node)
+        {
+            set.remove(&id);
+            if set.is_empty() {
+                self.node_pods.remove(node);
+            }
+        }
+        self.free_pods.push(id);
+    }
+
+    // ---- namespaces, nodes, slices ----
+
+    pub(crate) fn set_namespace(&mut self, name: &str, labels: Option<Labels>, batch: &mut Batch) {
+        let old = match labels.clone() {
+            Some(l) => self.namespaces.insert(name.to_owned(), l),
+            None => self.namespaces.remove(name),
+        };
+        if old == labels {
+            return;
+        }
+        let ignored = self.config.ignores(name);
+        let mut affected = old.is_none() || labels.is_none();
+        let mut dirty = Vec::new();
+        for &c in &self.order {
+            let Some(rec) = self.csids[c as usize].as_mut() else {
+                continue;
+            };
+            let Ok(compiled) = &rec.compiled else {
+                continue;
+            };
+            let was = old
+                .as_ref()
+                .is_some_and(|l| compiled.namespace_selector.matches(l));
+            let now = labels
+                .as_ref()
+                .is_some_and(|l| compiled.namespace_selector.matches(l));
+            if was != now {
+                let counter = if ignored {
+                    &mut rec.namespaces_ignored
+                } else {
+                    &mut rec.namespaces_selected
+                };
+                if now {
+                    *counter += 1;
+                } else {
+                    *counter = counter.saturating_sub(1);
+                }
+                dirty.push(rec.meta.name.clone());
+                affected |= !ignored;
+            }
+            affected |= compiled.uses_namespace_labels;
+        }
+        self.dirty.extend(dirty);
+        if affected {
+            let pods: Vec<PodId> = self
+                .namespace_pods
+                .get(name)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            self.rerender(pods, batch);
+        }
+    }
+
+    pub(crate) fn set_node(&mut self, name: &str, facts: Option<NodeFacts>, batch: &mut Batch) {
+        let old = match facts.clone() {
+            Some(f) => self.nodes.insert(name.to_owned(), f),
+            None => self.nodes.remove(name),
+        };
+        if old == facts {
+            return;
+        }
+        if self
+            .live_csids()
+            .any(|(_, r)| r.active().is_some_and(|(c, _)| c.uses_node))
+        {
+            let pods: Vec<PodId> = self
+                .node_pods
+                .get(name)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            self.rerender(pods, batch);
+        }
+    }
+
+    pub(crate) fn set_slice(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        facts: Option<SliceFacts>,
+        batch: &mut Batch,
+    ) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let old = match facts.clone() {
+            Some(f) => self.slices.insert(key, f),
+            None => self.slices.remove(&key),
+        };
+        if old == facts {
+            return;
+        }
+        let mut changed_pods: Vec<String> = Vec::new();
+        if let Some(SliceFacts {
+            service: Some(svc),
+            pods,
+            ..
+        }) = &old
+        {
+            for pod in pods {
+                let k = (namespace.to_owned(), pod.clone());
+                let Some(services) = self.pod_services.get_mut(&k) else {
+                    continue;
+                };
+                if let Some(i) = services
+                    .iter()
+                    .position(|(s, _)| s.as_ref() == svc.as_str())
+                {
+                    services[i].1 -= 1;
+                    if services[i].1 == 0 {
+                        services.remove(i);
+                        changed_pods.push(pod.clone());
+                    }
+                }
+                if services.is_empty() {
+                    self.pod_services.remove(&k);
+                }
+            }
+        }
+        if let Some(SliceFacts {
+            service: Some(svc),
+            pods,
+            ..
+        }) = &facts
+        {
+            for pod in pods {
+                let services = self
+                    .pod_services
+                    .entry((namespace.to_owned(), pod.clone()))
+                    .or_default();
+                match services.binary_search_by(|(s, _)| s.as_ref().cmp(svc.as_str())) {
+                    Ok(i) => services[i].1 += 1,
+                    Err(i) => {
+                        services.insert(i, (svc.as_str().into(), 1));
+                        changed_pods.push(pod.clone());
+                    }
+                }
+            }
+        }
+        if changed_pods.is_empty()
+            || !self.live_csids().any(|(_, r)| {
+                r.active()
+                    .is_some_and(|(c, _)| c.spec.auto_populate_dns_names)
+            })
+        {
+            return;
+        }
+        let pods: Vec<PodId> = changed_pods
+            .into_iter()
+            .filter_map(|p| self.pod_by_key.get(&(namespace.to_owned(), p)).copied())
+            .collect();
+        self.rerender(pods, batch);
+    }
+
+    // ---- trust domains ----
+
+    pub(crate) fn set_trust_domain(
+        &mut self,
+        name: &str,
+        info: Option<TrustDomainInfo>,
+        batch: &mut Batch,
+    ) {
+        let old = match info.clone() {
+            Some(i) => self.trust_domains.insert(name.to_owned(), i),
+            None => self.trust_domains.remove(name),
+        };
+        if old == info {
+            return;
+        }
+        let ids: Vec<CsidId> = self.order.clone();
+        let mut affected: HashSet<PodId> = HashSet::new();
+        for c in ids {
+            let Some(rec) = self.csids[c as usize].as_mut() else {
+                continue;
+            };
+            let reference = rec.spec.as_ref().ok().and_then(|s| s.trust_domain.clone());
+            let resolved = resolve(&self.trust_domains, reference.as_deref());
+            if rec.resolved == resolved {
+                continue;
+            }
+            rec.resolved = resolved;
+            self.dirty.insert(rec.meta.name.clone());
+            affected.extend(rec.selected.iter().copied());
+            affected.extend(self.candidates(c));
+        }
+        self.rerender(affected, batch);
+    }
+
+    // ---- ClusterSPIFFEIDs ----
+
+    /// Installs or updates a ClusterSPIFFEID (`spec` is `Err` when it could not be read).
+    pub(crate) fn apply_csid(
+        &mut self,
+        meta: CsidMeta,
+        spec: Result<ClusterSpiffeIdSpec, String>,
+        observed: Option<ClusterSpiffeIdStatus>,
+        batch: &mut Batch,
+    ) {
+        let existing = self.csid_by_name.get(&meta.name).copied();
+        if let Some(c) = existing {
+            let rec = self.csids[c as usize]
+                .as_mut()
+                .unwrap_or_else(|| unreachable!());
+            rec.observed_status = observed.clone();
+            let same_object = rec.meta.uid == meta.uid && rec.meta.created == meta.created;
+            if rec.spec == spec && same_object {
+                if rec.meta.generation != meta.generation {
+                    rec.meta.generation = meta.generation;
+                    self.dirty.insert(meta.name);
+                }
+                return;
+            }
+            // A spec that stopped parsing (e.g. written by a newer version) does not take
+            // identities away: the last good one stays in force.
+            if spec.is_err() && rec.spec.is_ok() && same_object {
+                return;
+            }
+        }
+        let compiled = spec.clone().and_then(|s| CompiledCsid::compile(&s));
+        let resolved = resolve(
+            &self.trust_domains,
+            spec.as_ref().ok().and_then(|s| s.trust_domain.as_deref()),
+        );
+        let name = meta.name.clone();
+        let (c, previously) = match existing {
+            Some(c) => {
+                let rec = self.csids[c as usize]
+                    .as_mut()
+                    .unwrap_or_else(|| unreachable!());
+                rec.meta = meta;
+                rec.spec = spec;
+                rec.compiled = compiled;
+                rec.resolved = resolved;
+                (c, rec.selected.iter().copied().collect::<Vec<_>>())
+            }
+            None => {
+                let rec = CsidRecord {
+                    meta,
+                    spec,
+                    compiled,
+                    resolved,
+                    observed_status: observed,
+                    selected: HashSet::new(),
+                    failures: BTreeMap::new(),
+                    masked: 0,
+                    namespaces_selected: 0,
+                    namespaces_ignored: 0,
+                };
+                let c = match self.free_csids.pop() {
+                    Some(c) => {
+                        self.csids[c as usize] = Some(rec);
+                        c
+                    }
+                    None => {
+                        self.csids.push(Some(rec));
+                        (self.csids.len() - 1) as CsidId
+                    }
+                };
+                self.csid_by_name.insert(name.clone(), c);
+                (c, Vec::new())
+            }
+        };
+        if let Some(CsidRecord {
+            compiled: Err(e), ..
+        }) = self.csid(c)
+        {
+            tracing::warn!(cluster_spiffe_id = %name, error = %e, "ClusterSPIFFEID is invalid; it gives no identities until fixed");
+        }
+        self.reorder();
+        self.recount_namespaces(c);
+        self.dirty.insert(name);
+        let mut affected: HashSet<PodId> = previously.into_iter().collect();
+        affected.extend(self.candidates(c));
+        self.rerender(affected, batch);
+    }
+
+    pub(crate) fn delete_csid(&mut self, name: &str, batch: &mut Batch) {
+        let Some(c) = self.csid_by_name.remove(name) else {
+            return;
+        };
+        self.order.retain(|&x| x != c);
+        // Re-render while the record still exists, so its outcomes are taken back, then
+        // free its slot.
+        let selected: Vec<PodId> = self
+            .csid(c)
+            .map(|r| r.selected.iter().copied().collect())
+            .unwrap_or_default();
+        self.rerender(selected, batch);
+        self.csids[c as usize] = None;
+        self.free_csids.push(c);
+        self.dirty.remove(name);
+    }
+
+    fn reorder(&mut self) {
+        let mut order: Vec<CsidId> = self.csid_by_name.values().copied().collect();
+        order.sort_by(|&a, &b| {
+            let (a, b) = (self.csid(a), self.csid(b));
+            let key = |r: Option<&CsidRecord>| r.map(|r| (r.meta.created, r.meta.name.clone()));
+            key(a).cmp(&key(b))
+        });
+        self.order = order;
+    }
+
+    fn recount_namespaces(&mut self, c: CsidId) {
+        let Some(rec) = self.csid(c) else { return };
+        let (mut selected, mut ignored) = (0, 0);
+        if let Ok(compiled) = &rec.compiled {
+            for (ns, labels) in &self.namespaces {
+                if compiled.namespace_selector.matches(labels) {
+                    if self.config.ignores(ns) {
+                        ignored += 1;
+                    } else {
+                        selected += 1;
+                    }
+                }
+            }
+        }
+        if let Some(rec) = self.csids[c as usize].as_mut() {
+            rec.namespaces_selected = selected;
+            rec.namespaces_ignored = ignored;
+        }
+    }
+
+    /// The pods an active ClusterSPIFFEID's selectors match now, via the namespace index.
+    fn candidates(&self, c: CsidId) -> Vec<PodId> {
+        let Some((compiled, _)) = self.csid(c).and_then(CsidRecord::active) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (ns, labels) in &self.namespaces {
+            if self.config.ignores(ns) || !compiled.namespace_selector.matches(labels) {
+                continue;
+            }
+            let Some(pods) = self.namespace_pods.get(ns) else {
+                continue;
+            };
+            for &p in pods {
+                if self
+                    .pod(p)
+                    .is_some_and(|r| compiled.pod_selector.matches(&r.facts.labels))
+                {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    // ---- rendering ----
+
+    fn rerender(&mut self, pods: impl IntoIterator<Item = PodId>, batch: &mut Batch) {
+        if !self.synced {
+            return;
+        }
+        for id in pods {
+            let Some(mut rec) = self.pods.get_mut(id as usize).and_then(Option::take) else {
+                continue;
+            };
+            let (outcomes, entries) = self.evaluate(&rec.facts);
+            self.settle(id, &mut rec, outcomes, entries, batch);
+            self.pods[id as usize] = Some(rec);
+        }
+    }
+
+    /// Records a pod's new outcomes in the statistics and its new entries in `batch`.
+    fn settle(
+        &mut self,
+        id: PodId,
+        rec: &mut PodRecord,
+        outcomes: Vec<(CsidId, Outcome)>,
+        entries: Vec<RegistrationEntry>,
+        batch: &mut Batch,
+    ) {
+        // Statistics: take back what changed, then add the new.
+        if rec.outcomes != outcomes {
+            let key = || (rec.facts.namespace.clone(), rec.facts.name.clone());
+            for (c, o) in &rec.outcomes {
+                if outcomes.iter().any(|(c2, o2)| c2 == c && o2 == o) {
+                    continue;
+                }
+                if let Some(r) = self.csids.get_mut(*c as usize).and_then(Option::as_mut) {
+                    r.selected.remove(&id);
+                    match o {
+                        Outcome::Failed(_) => {
+                            r.failures.remove(&key());
+                        }
+                        Outcome::Masked => r.masked = r.masked.saturating_sub(1),
+                        _ => {}
+                    }
+                    self.dirty.insert(r.meta.name.clone());
+                }
+            }
+            for (c, o) in &outcomes {
+                if rec.outcomes.iter().any(|(c2, o2)| c2 == c && o2 == o) {
+                    continue;
+                }
+                if let Some(r) = self.csids.get_mut(*c as usize).and_then(Option::as_mut) {
+                    r.selected.insert(id);
+                    match o {
+                        Outcome::Failed(reason) => {
+                            r.failures.insert(key(), reason.clone());
+                        }
+                        Outcome::Masked => r.masked += 1,
+                        _ => {}
+                    }
+                    self.dirty.insert(r.meta.name.clone());
+                }
+            }
+            rec.outcomes = outcomes;
+        }
+
+        // Entries: diff by ID and content against what is published.
+        let node = if entries.is_empty() {
+            None
+        } else {
+            rec.facts.node.clone()
+        };
+        let new: Vec<(String, u64, RegistrationEntry)> = entries
+            .into_iter()
+            .map(|e| (e.id.clone(), content_hash(&e), e))
+            .collect();
+        if rec.published_on != node {
+            if let Some(old) = &rec.published_on {
+                for (id, _) in rec.published.drain(..) {
+                    batch.remove(old, id);
+                }
+            }
+        } else if let Some(n) = &node {
+            for (id, _) in &rec.published {
+                if !new.iter().any(|(i, _, _)| i == id) {
+                    batch.remove(n, id.clone());
+                }
+            }
+        }
+        if let Some(n) = &node {
+            for (id, hash, e) in &new {
+                if !rec.published.iter().any(|(i, h)| i == id && h == hash) {
+                    batch.upsert(n, Arc::new(e.clone()));
+                }
+            }
+        }
+        rec.published = new.into_iter().map(|(i, h, _)| (i, h)).collect();
+        rec.published_on = node;
+    }
+
+    /// Which ClusterSPIFFEIDs select the pod, what each produced, and the entries.
+    fn evaluate(&self, pod: &PodFacts) -> (Vec<(CsidId, Outcome)>, Vec<RegistrationEntry>) {
+        let none = (Vec::new(), Vec::new());
+        if pod.terminal || self.config.ignores(&pod.namespace) {
+            return none;
+        }
+        let Some(ns_labels) = self.namespaces.get(&pod.namespace) else {
+            return none;
+        };
+        let matching: Vec<(CsidId, &CsidRecord, &CompiledCsid, &TrustDomainInfo)> = self
+            .live_csids()
+            .filter_map(|(c, r)| r.active().map(|(compiled, td)| (c, r, compiled, td)))
+            .filter(|(_, _, compiled, _)| {
+                compiled.namespace_selector.matches(ns_labels)
+                    && compiled.pod_selector.matches(&pod.labels)
+            })
+            .collect();
+        if matching.is_empty() {
+            return none;
+        }
+        let any_primary = matching.iter().any(|(_, _, c, _)| !c.spec.fallback);
+        let mut outcomes = Vec::with_capacity(matching.len());
+        let mut entries: Vec<RegistrationEntry> = Vec::with_capacity(1);
+        for (c, rec, compiled, td) in matching {
+            let outcome = if compiled.spec.fallback && any_primary {
+                Outcome::Standby
+            } else if pod.node.is_none() {
+                Outcome::Unscheduled
+            } else {
+                match self.render(&rec.meta.name, compiled, td, pod, ns_labels) {
+                    Ok(e) if entries.iter().any(|x| x.spiffe_id == e.spiffe_id) => Outcome::Masked,
+                    Ok(e) => {
+                        entries.push(e);
+                        Outcome::Applied
+                    }
+                    Err(reason) => Outcome::Failed(reason),
+                }
+            };
+            outcomes.push((c, outcome));
+        }
+        (outcomes, entries)
+    }
+
+    fn render(
+        &self,
+        csid_name: &str,
+        c: &CompiledCsid,
+        td: &TrustDomainInfo,
+        pod: &PodFacts,
+        ns_labels: &Labels,
+    ) -> Result<RegistrationEntry, String> {
+        let node = pod.node.as_deref().and_then(|n| self.nodes.get(n));
+        let input = RenderInput {
+            trust_domain: td.trust_domain.name(),
+            cluster_name: &self.config.cluster_name,
+            cluster_domain: &self.config.cluster_domain,
+            pod_name: &pod.name,
+            pod_namespace: &pod.namespace,
+            pod_uid: &pod.uid,
+            pod_service_account: &pod.service_account,
+            pod_hostname: pod.hostname.as_deref(),
+            pod_labels: &pod.labels,
+            pod_annotations: &pod.annotations,
+            namespace_labels: Some(ns_labels),
+            node_name: pod.node.as_deref(),
+            node_uid: node.map(|n| n.uid.as_str()),
+            node_labels: node.map(|n| &n.labels as &dyn KeyValues),
+        };
+        let id = c
+            .spiffe_id
+            .render(&input)
+            .map_err(|e| format!("spiffeIDTemplate: {e}"))?;
+        let spiffe_id =
+            SpiffeId::parse(&id).map_err(|e| format!("spiffeIDTemplate renders {id:?}: {e}"))?;
+        if !spiffe_id.is_member_of(&td.trust_domain) {
+            return Err(format!(
+                "spiffeIDTemplate renders {id}, which is outside trust domain {}",
+                td.trust_domain
+            ));
+        }
+        let mut selectors = vec![Selector::new("k8s", format!("pod-uid:{}", pod.uid))];
+        for (i, t) in c.workload_selectors.iter().enumerate() {
+            let s = t
+                .render(&input)
+                .map_err(|e| format!("workloadSelectorTemplates[{i}]: {e}"))?;
+            let sel = Selector::parse(&s).ok_or_else(|| {
+                format!("workloadSelectorTemplates[{i}] renders {s:?}, not type:value")
+            })?;
+            if !selectors.contains(&sel) {
+                selectors.push(sel);
+            }
+        }
+        let mut dns_names: Vec<String> = Vec::new();
+        for (i, t) in c.dns_names.iter().enumerate() {
+            let name = t
+                .render(&input)
+                .map_err(|e| format!("dnsNameTemplates[{i}]: {e}"))?;
+            if !is_dns_name(&name) {
+                return Err(format!(
+                    "dnsNameTemplates[{i}] renders {name:?}, which is not a DNS name"
+                ));
+            }
+            if !dns_names.contains(&name) {
+                dns_names.push(name);
+            }
+        }
+        if c.spec.auto_populate_dns_names
+            && let Some(services) = self
+                .pod_services
+                .get(&(pod.namespace.clone(), pod.name.clone()))
+        {
+            let ns = &pod.namespace;
+            let domain = &self.config.cluster_domain;
+            for (svc, _) in services {
+                for name in [
+                    svc.to_string(),
+                    format!("{svc}.{ns}"),
+                    format!("{svc}.{ns}.svc"),
+                    format!("{svc}.{ns}.svc.{domain}"),
+                ] {
+                    if !dns_names.contains(&name) {
+                        dns_names.push(name);
+                    }
+                }
+            }
+        }
+        Ok(RegistrationEntry {
+            id: entry_id(csid_name, &pod.uid),
+            spiffe_id,
+            selectors,
+            dns_names,
+            x509_ttl: c.ttl.unwrap_or(td.x509_ttl),
+            jwt_ttl: c.jwt_ttl.unwrap_or(td.jwt_ttl),
+            federates_with: c.federates_with.clone(),
+            hint: c.spec.hint.clone(),
+            admin: c.spec.admin,
+            downstream: c.spec.downstream,
+            revision: 0,
+        })
+    }
+
+    // ---- status ----
+
+    pub(crate) fn status_view(&self, name: &str) -> Option<StatusView> {
+        let rec = self.csid(*self.csid_by_name.get(name)?)?;
+        let stats = ClusterSpiffeIdStats {
+            namespaces_selected: rec.namespaces_selected as i64,
+            namespaces_ignored: rec.namespaces_ignored as i64,
+            pods_selected: rec.selected.len() as i64,
+            pod_entry_render_failures: rec.failures.len() as i64,
+            first_render_failure: rec
+                .failures
+                .iter()
+                .next()
+                .map(|((ns, n), why)| format!("{ns}/{n}: {why}")),
+            entries_masked: rec.masked as i64,
+        };
+        let ready = match (&rec.compiled, &rec.resolved) {
+            _ if !self.synced => Readiness {
+                ready: false,
+                reason: "Syncing",
+                message: "the operator is still listing objects".into(),
+            },
+            (Err(e), _) => Readiness {
+                ready: false,
+                reason: "InvalidSpec",
+                message: e.clone(),
+            },
+            (_, TdResolution::NotFound(td)) => Readiness {
+                ready: false,
+                reason: "TrustDomainNotFound",
+                message: format!(
+                    "TrustDomain {td:?} (spec.trustDomain) does not exist; create it or name an existing one"
+                ),
+            },
+            (_, TdResolution::NoneExist) => Readiness {
+                ready: false,
+                reason: "TrustDomainNotFound",
+                message:
+                    "no TrustDomain exists; create one (spec.trustDomain may then be left out)"
+                        .into(),
+            },
+            (_, TdResolution::Ambiguous(n)) => Readiness {
+                ready: false,
+                reason: "TrustDomainAmbiguous",
+                message: format!(
+                    "spec.trustDomain is not set and {n} TrustDomains exist; set it to the name of one"
+                ),
+            },
+            _ if !rec.failures.is_empty() => Readiness {
+                ready: false,
+                reason: "RenderFailures",
+                message: format!(
+                    "{} of {} selected pods have no entry; first: {}",
+                    rec.failures.len(),
+                    rec.selected.len(),
+                    stats.first_render_failure.clone().unwrap_or_default()
+                ),
+            },
+            _ => Readiness {
+                ready: true,
+                reason: "EntriesRendered",
+                message: format!(
+                    "{} pods selected, {} entries masked",
+                    rec.selected.len(),
+                    rec.masked
+                ),
+            },
+        };
+        Some(StatusView {
+            generation: rec.meta.generation,
+            stats,
+            ready,
+            observed: rec.observed_status.clone(),
+        })
+    }
+
+    pub(crate) fn csid_names(&self) -> Vec<String> {
+        self.csid_by_name.keys().cloned().collect()
+    }
+}
+
+/// Finds the TrustDomain a ClusterSPIFFEID names, or the only one when it names none.
+fn resolve(
+    trust_domains: &BTreeMap<String, TrustDomainInfo>,
+    reference: Option<&str>,
+) -> TdResolution {
+    match reference {
+        Some(name) => match trust_domains.get(name) {
+            Some(td) => TdResolution::Found(td.clone()),
+            None => TdResolution::NotFound(name.to_owned()),
+        },
+        None => {
+            let mut all = trust_domains.values();
+            match (all.next(), all.next()) {
+                (None, _) => TdResolution::NoneExist,
+                (Some(td), None) => TdResolution::Found(td.clone()),
+                _ => TdResolution::Ambiguous(trust_domains.len()),
+            }
+        }
+    }
+}
+
+/// The stable ID of the entry a ClusterSPIFFEID gives a pod.
+pub fn entry_id(csid: &str, pod_uid: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"sigil-entry/v1\0");
+    h.update(csid.as_bytes());
+    h.update(b"\0");
+    h.update(pod_uid.as_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+fn content_hash(e: &RegistrationEntry) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    e.id.hash(&mut h);
+    e.spiffe_id.as_str().hash(&mut h);
+    e.selectors.hash(&mut h);
+    e.dns_names.hash(&mut h);
+    e.x509_ttl.hash(&mut h);
+    e.jwt_ttl.hash(&mut h);
+    e.federates_with.hash(&mut h);
+    e.hint.hash(&mut h);
+    e.admin.hash(&mut h);
+    e.downstream.hash(&mut h);
+    h.finish()
+}

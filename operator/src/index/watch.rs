@@ -1,0 +1,237 @@
+//! The informers that feed the index: one kube-runtime watcher per kind (Pods,
+//! Namespaces, Nodes, EndpointSlices, ClusterSPIFFEIDs, TrustDomains), no polling.
+//!
+//! Each watcher applies its events as they arrive. After a relist (the watch was lost and
+//! listed again) objects the index holds that the new list lacks are deleted. When every
+//! kind has listed once the index is marked synced (and the readiness component, if any,
+//! turns ready). The custom resources are read as dynamic objects, so one malformed
+//! object is skipped with a warning instead of failing the whole list.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::EntryIndex;
+use super::metrics::{EventLabels, KindLabels};
+use super::state::Kind;
+use super::status::{StatusOptions, write_statuses};
+use crate::crd::cluster_spiffe_id::ClusterSPIFFEID;
+use crate::crd::trust_domain::TrustDomain;
+use crate::telemetry::ReadyHandle;
+
+/// How [`run`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// How ClusterSPIFFEID status is written.
+    pub status: StatusOptions,
+    /// Turned ready once every informer has listed (for `/ready`).
+    pub ready: Option<ReadyHandle>,
+}
+
+/// Watches the six kinds, feeds `index`, and writes ClusterSPIFFEID status while
+/// `leader` is true, until `cancel`. Watch errors are logged, counted and retried with
+/// backoff; this only returns on cancellation.
+pub async fn run(
+    client: Client,
+    index: EntryIndex,
+    leader: watch::Receiver<bool>,
+    options: RunOptions,
+    cancel: CancellationToken,
+) {
+    let RunOptions { status, ready } = options;
+    info!("starting the identity index informers");
+    let gate = Arc::new(SyncGate {
+        remaining: AtomicUsize::new(6),
+        index: index.clone(),
+        ready,
+    });
+    let csid = ApiResource::erase::<ClusterSPIFFEID>(&());
+    let td = ApiResource::erase::<TrustDomain>(&());
+    let config = watcher::Config::default;
+    let informers = async {
+        tokio::join!(
+            feed(
+                watcher::watcher(Api::<Pod>::all(client.clone()), config()),
+                Kind::Pod,
+                "Pod",
+                &index,
+                &gate,
+                |ix, p: &Pod| ix.apply_pod(p),
+                |ix, key| with_namespace(key, |ns, n| ix.delete_pod(ns, n)),
+            ),
+            feed(
+                watcher::watcher(Api::<Namespace>::all(client.clone()), config()),
+                Kind::Namespace,
+                "Namespace",
+                &index,
+                &gate,
+                |ix, ns: &Namespace| ix.apply_namespace(ns),
+                |ix, key| ix.delete_namespace(key),
+            ),
+            feed(
+                watcher::watcher(Api::<Node>::all(client.clone()), config()),
+                Kind::Node,
+                "Node",
+                &index,
+                &gate,
+                |ix, n: &Node| ix.apply_node(n),
+                |ix, key| ix.delete_node(key),
+            ),
+            feed(
+                watcher::watcher(Api::<EndpointSlice>::all(client.clone()), config()),
+                Kind::EndpointSlice,
+                "EndpointSlice",
+                &index,
+                &gate,
+                |ix, s: &EndpointSlice| ix.apply_endpoint_slice(s),
+                |ix, key| with_namespace(key, |ns, n| ix.delete_endpoint_slice(ns, n)),
+            ),
+            feed(
+                watcher::watcher(
+                    Api::<DynamicObject>::all_with(client.clone(), &csid),
+                    config()
+                ),
+                Kind::ClusterSpiffeId,
+                "ClusterSPIFFEID",
+                &index,
+                &gate,
+                |ix, o: &DynamicObject| ix.apply_cluster_spiffe_id_dynamic(o),
+                |ix, key| ix.delete_cluster_spiffe_id(key),
+            ),
+            feed(
+                watcher::watcher(
+                    Api::<DynamicObject>::all_with(client.clone(), &td),
+                    config()
+                ),
+                Kind::TrustDomain,
+                "TrustDomain",
+                &index,
+                &gate,
+                |ix, o: &DynamicObject| ix.apply_trust_domain_dynamic(o),
+                |ix, key| ix.delete_trust_domain(key),
+            ),
+        )
+    };
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = informers => {}
+        _ = write_statuses(client.clone(), index.clone(), leader, status, cancel.clone()) => {}
+    }
+    info!("identity index informers stopped");
+}
+
+/// Counts the kinds that have listed once; marks the index synced after the last.
+#[derive(Debug)]
+struct SyncGate {
+    remaining: AtomicUsize,
+    index: EntryIndex,
+    ready: Option<ReadyHandle>,
+}
+
+impl SyncGate {
+    fn listed(&self, kind: &str) {
+        info!(kind, "initial list done");
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.index.mark_synced();
+            if let Some(r) = &self.ready {
+                r.set_ready();
+            }
+            info!("identity index synced; entries published");
+        }
+    }
+}
+
+fn with_namespace(key: &str, f: impl FnOnce(&str, &str)) {
+    if let Some((ns, name)) = key.split_once('/') {
+        f(ns, name);
+    }
+}
+
+fn key_of<K: Resource>(obj: &K) -> String {
+    match obj.namespace() {
+        Some(ns) => format!("{ns}/{}", obj.name_any()),
+        None => obj.name_any(),
+    }
+}
+
+/// Applies one watcher's events to the index until the stream ends.
+async fn feed<K, S>(
+    stream: S,
+    kind: Kind,
+    label: &'static str,
+    index: &EntryIndex,
+    gate: &SyncGate,
+    apply: impl Fn(&EntryIndex, &K),
+    delete: impl Fn(&EntryIndex, &str),
+) where
+    K: Resource + Clone + Send + 'static,
+    S: Stream<Item = Result<Event<K>, watcher::Error>> + Send,
+{
+    let stream = stream.default_backoff();
+    futures::pin_mut!(stream);
+    let mut relist: Option<HashSet<String>> = None;
+    let mut listed_once = false;
+    let counter = |action: &str| {
+        index
+            .metrics()
+            .events
+            .get_or_create(&EventLabels {
+                kind: label.to_owned(),
+                action: action.to_owned(),
+            })
+            .inc();
+    };
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Init) => relist = Some(HashSet::new()),
+            Ok(Event::InitApply(obj)) => {
+                apply(index, &obj);
+                if let Some(seen) = relist.as_mut() {
+                    seen.insert(key_of(&obj));
+                }
+                counter("apply");
+            }
+            Ok(Event::InitDone) => {
+                let seen = relist.take().unwrap_or_default();
+                for gone in index.keys(kind).into_iter().filter(|k| !seen.contains(k)) {
+                    delete(index, &gone);
+                    counter("delete");
+                }
+                counter("relist");
+                if !listed_once {
+                    listed_once = true;
+                    gate.listed(label);
+                }
+            }
+            Ok(Event::Apply(obj)) => {
+                apply(index, &obj);
+                counter("apply");
+            }
+            Ok(Event::Delete(obj)) => {
+                delete(index, &key_of(&obj));
+                counter("delete");
+            }
+            Err(e) => {
+                warn!(kind = label, error = %e, "watch failed; retrying with backoff");
+                index
+                    .metrics()
+                    .watch_errors
+                    .get_or_create(&KindLabels {
+                        kind: label.to_owned(),
+                    })
+                    .inc();
+            }
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! The CA Secret: where a trust domain's keys live, so a restart or a new leader never
+//! mints a new root.
+//!
+//! One Secret per TrustDomain, in the operator's namespace, named
+//! [`ca_secret_name`], labelled [`OWNER_LABEL`]`=<TrustDomain name>` and
+//! [`COMPONENT_LABEL`]`=ca` (every replica watches that label), owned by the TrustDomain.
+//! Its single entry [`STATE_KEY`] is a JSON document: the bundle sequence, the active and
+//! prepared CAs and JWT keys with their private keys, and the retired ones with only their
+//! public parts (a retired key never signs again, so its private key is not kept).
+//!
+//! Nothing here logs, and nothing derives `Debug` over key material.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+use serde::{Deserialize, Serialize};
+use sigil_identity::TrustDomain;
+use sigil_identity::bundle::{Jwk, JwtAuthority};
+use sigil_identity::ca::CertificateAuthority;
+use sigil_identity::jwt::JwtKey;
+use sigil_identity::keys::PrivateKey;
+use sigil_identity::x509::{certs_from_pem, certs_to_pem};
+use zeroize::Zeroizing;
+
+use super::rotation::{AuthorityState, JwtGeneration, Retired, Ring, Slot, X509Public};
+use crate::crd::trust_domain::{COMPONENT_LABEL, OWNER_LABEL, TrustDomain as TrustDomainObject};
+
+/// The Secret entry holding the state document.
+pub const STATE_KEY: &str = "authorities.json";
+/// Version of the state document.
+const FORMAT: u32 = 1;
+
+/// Name of the CA Secret of TrustDomain `object`.
+pub fn ca_secret_name(object: &str) -> String {
+    const PREFIX: &str = "sigil-ca-";
+    if PREFIX.len() + object.len() <= 253 {
+        format!("{PREFIX}{object}")
+    } else {
+        use sha2::Digest;
+        let hash = hex::encode(&sha2::Sha256::digest(object.as_bytes())[..6]);
+        let keep = 253 - PREFIX.len() - hash.len() - 1;
+        format!(
+            "{PREFIX}{}-{hash}",
+            object[..keep].trim_end_matches(['-', '.'])
+        )
+    }
+}
+
+/// Why a CA Secret could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct LoadError(pub String);
+
+fn err(what: impl Into<String>) -> LoadError {
+    LoadError(what.into())
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Stored {
+    format: u32,
+    trust_domain: String,
+    sequence: u64,
+    x509: StoredRing<StoredCa, StoredRetiredCa>,
+    jwt: StoredRing<StoredJwt, StoredRetiredJwt>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredRing<S, R> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    active: Option<S>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prepared: Option<S>,
+    #[serde(default = "Vec::new")]
+    retired: Vec<R>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredCa {
+    /// PEM.
+    certificate: String,
+    /// PEM of the certificates above it (upstream intermediates); empty for a root.
+    #[serde(default)]
+    chain: String,
+    /// PEM of the bundle anchors.
+    trust_anchors: String,
+    /// PKCS#8 PEM.
+    #[serde(with = "zeroizing")]
+    private_key: Zeroizing<String>,
+    /// Unix seconds.
+    published_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredRetiredCa {
+    certificate: String,
+    trust_anchors: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredJwt {
+    kid: String,
+    #[serde(with = "zeroizing")]
+    private_key: Zeroizing<String>,
+    not_before: u64,
+    not_after: u64,
+    published_at: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredRetiredJwt {
+    kid: String,
+    jwk: Jwk,
+    not_before: u64,
+    not_after: u64,
+}
+
+/// Private keys stay in wiped-on-drop buffers through (de)serialisation.
+mod zeroizing {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use zeroize::Zeroizing;
+
+    pub(super) fn serialize<S: Serializer>(v: &Zeroizing<String>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Zeroizing<String>, D::Error> {
+        String::deserialize(d).map(Zeroizing::new)
+    }
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn time(s: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(s)
+}
+
+/// Serialises the state into the Secret's data (key material included: this is the one
+/// place it may go).
+pub fn to_secret_data(
+    state: &AuthorityState,
+) -> Result<BTreeMap<String, ByteString>, serde_json::Error> {
+    let ca = |s: &Slot<CertificateAuthority>| StoredCa {
+        certificate: certs_to_pem(&[s.key.certificate()]),
+        chain: certs_to_pem(
+            &s.key
+                .leaf_intermediates()
+                .iter()
+                .skip(1)
+                .collect::<Vec<_>>(),
+        ),
+        trust_anchors: certs_to_pem(s.key.trust_anchors()),
+        private_key: s.key.key_pkcs8_pem(),
+        published_at: secs(s.published_at),
+    };
+    let jwt = |s: &Slot<JwtGeneration>| StoredJwt {
+        kid: s.key.key.kid().to_owned(),
+        private_key: s.key.key.private_key().to_pkcs8_pem(),
+        not_before: secs(s.key.not_before),
+        not_after: secs(s.key.key.not_after()),
+        published_at: secs(s.published_at),
+    };
+    let stored = Stored {
+        format: FORMAT,
+        trust_domain: state.trust_domain.name().to_owned(),
+        sequence: state.sequence,
+        x509: StoredRing {
+            active: state.x509.active.as_ref().map(ca),
+            prepared: state.x509.prepared.as_ref().map(ca),
+            retired: state
+                .x509
+                .retired
+                .iter()
+                .map(|r| StoredRetiredCa {
+                    certificate: certs_to_pem(&[&r.public.certificate]),
+                    trust_anchors: certs_to_pem(&r.public.trust_anchors),
+                })
+                .collect(),
+        },
+        jwt: StoredRing {
+            active: state.jwt.active.as_ref().map(jwt),
+            prepared: state.jwt.prepared.as_ref().map(jwt),
+            retired: state
+                .jwt
+                .retired
+                .iter()
+                .map(|r| StoredRetiredJwt {
+                    kid: r.id.clone(),
+                    jwk: r.public.jwk.clone(),
+                    not_before: secs(r.not_before),
+                    not_after: secs(r.not_after),
+                })
+                .collect(),
+        },
+    };
+    let json = Zeroizing::new(serde_json::to_vec(&stored)?);
+    Ok(BTreeMap::from([(
+        STATE_KEY.to_owned(),
+        ByteString(json.to_vec()),
+    )]))
+}
+
+/// Loads the state from a CA Secret's data, checking it belongs to `trust_domain` and that
+/// every key matches its certificate.
+pub fn from_secret(
+    secret: &Secret,
+    trust_domain: &TrustDomain,
+) -> Result<AuthorityState, LoadError> {
+    let raw = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(STATE_KEY))
+        .ok_or_else(|| err(format!("entry {STATE_KEY:?} is missing")))?;
+    let stored: Stored = serde_json::from_slice(&raw.0).map_err(|e| {
+        err(format!(
+            "entry {STATE_KEY:?} is not a Sigil state document: {e}"
+        ))
+    })?;
+    if stored.format != FORMAT {
+        return Err(err(format!(
+            "state format {} is not supported by this version (expected {FORMAT})",
+            stored.format
+        )));
+    }
+    if stored.trust_domain != trust_domain.name() {
+        return Err(err(format!(
+            "it holds keys of trust domain {:?}, not {:?}",
+            stored.trust_domain,
+            trust_domain.name()
+        )));
+    }
+    let ca = |s: &StoredCa, role: &str| -> Result<Slot<CertificateAuthority>, LoadError> {
+        let bad = |what: String| err(format!("{role} CA: {what}"));
+        let cert = certs_from_pem(&s.certificate)
+            .map_err(|e| bad(e.to_string()))?
+            .remove(0);
+        let chain = if s.chain.trim().is_empty() {
+            vec![]
+        } else {
+            certs_from_pem(&s.chain).map_err(|e| bad(e.to_string()))?
+        };
+        let anchors = certs_from_pem(&s.trust_anchors).map_err(|e| bad(e.to_string()))?;
+        let key = PrivateKey::from_pem(&s.private_key).map_err(|e| bad(e.to_string()))?;
+        let ca = CertificateAuthority::load(trust_domain.clone(), cert, chain, anchors, key)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Slot {
+            key: Arc::new(ca),
+            published_at: time(s.published_at),
+        })
+    };
+    let jwt = |s: &StoredJwt, role: &str| -> Result<Slot<JwtGeneration>, LoadError> {
+        let bad = |what: String| err(format!("{role} JWT key {}: {what}", s.kid));
+        let key = PrivateKey::from_pem(&s.private_key).map_err(|e| bad(e.to_string()))?;
+        let key = JwtKey::from_key(s.kid.clone(), key, time(s.not_after))
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Slot {
+            key: Arc::new(JwtGeneration {
+                key: Arc::new(key),
+                not_before: time(s.not_before),
+            }),
+            published_at: time(s.published_at),
+        })
+    };
+    let mut x509 = Ring {
+        active: stored
+            .x509
+            .active
+            .as_ref()
+            .map(|s| ca(s, "active"))
+            .transpose()?,
+        prepared: stored
+            .x509
+            .prepared
+            .as_ref()
+            .map(|s| ca(s, "prepared"))
+            .transpose()?,
+        retired: Vec::new(),
+    };
+    for r in &stored.x509.retired {
+        let cert = certs_from_pem(&r.certificate)
+            .map_err(|e| err(format!("retired CA: {e}")))?
+            .remove(0);
+        let (serial, not_before, not_after) = sigil_identity::x509::cert_summary(&cert)
+            .ok_or_else(|| err("retired CA certificate cannot be parsed"))?;
+        let trust_anchors = certs_from_pem(&r.trust_anchors)
+            .map_err(|e| err(format!("retired CA {serial}: {e}")))?;
+        x509.retired.push(Retired {
+            id: serial,
+            public: X509Public {
+                certificate: cert,
+                trust_anchors,
+            },
+            not_before,
+            not_after,
+        });
+    }
+    let mut jwt_ring = Ring {
+        active: stored
+            .jwt
+            .active
+            .as_ref()
+            .map(|s| jwt(s, "active"))
+            .transpose()?,
+        prepared: stored
+            .jwt
+            .prepared
+            .as_ref()
+            .map(|s| jwt(s, "prepared"))
+            .transpose()?,
+        retired: Vec::new(),
+    };
+    for r in &stored.jwt.retired {
+        jwt_ring.retired.push(Retired {
+            id: r.kid.clone(),
+            public: JwtAuthority {
+                kid: r.kid.clone(),
+                jwk: r.jwk.clone(),
+            },
+            not_before: time(r.not_before),
+            not_after: time(r.not_after),
+        });
+    }
+    Ok(AuthorityState {
+        trust_domain: trust_domain.clone(),
+        sequence: stored.sequence,
+        x509,
+        jwt: jwt_ring,
+    })
+}
+
+/// A new CA Secret for `owner` holding `state`.
+pub fn new_secret(
+    owner: &TrustDomainObject,
+    namespace: &str,
+    state: &AuthorityState,
+) -> Result<Secret, serde_json::Error> {
+    let name = owner.metadata.name.clone().unwrap_or_default();
+    Ok(Secret {
+        metadata: ObjectMeta {
+            name: Some(ca_secret_name(&name)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(BTreeMap::from([
+                (OWNER_LABEL.to_owned(), label_value(&name)),
+                (COMPONENT_LABEL.to_owned(), "ca".to_owned()),
+                (
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "sigil-operator".to_owned(),
+                ),
+            ])),
+            owner_references: owner_reference(owner).map(|o| vec![o]),
+            ..Default::default()
+        },
+        type_: Some("sigil.dev/ca".to_owned()),
+        data: Some(to_secret_data(state)?),
+        ..Default::default()
+    })
+}
+
+/// The ownerReference that makes the TrustDomain own (and garbage-collect) an object.
+pub fn owner_reference(owner: &TrustDomainObject) -> Option<OwnerReference> {
+    let mut r = owner.controller_owner_ref(&())?;
+    r.block_owner_deletion = Some(false);
+    Some(r)
+}
+
+/// A label value for an object name (names can be longer than label values may be).
+pub fn label_value(name: &str) -> String {
+    if name.len() <= 63 {
+        name.to_owned()
+    } else {
+        use sha2::Digest;
+        let hash = hex::encode(&sha2::Sha256::digest(name.as_bytes())[..6]);
+        format!("{}-{hash}", name[..50].trim_end_matches(['-', '.', '_']))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::crd::trust_domain::TrustDomainSpec;
+    use crate::trust_domain::policy::Policy;
+
+    #[test]
+    fn round_trip_keeps_every_generation_and_the_sequence() {
+        let spec: TrustDomainSpec =
+            serde_json::from_value(serde_json::json!({"trustDomain": "example.org"})).unwrap();
+        let policy = Policy::from_spec("td", &spec).unwrap();
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut state = AuthorityState::new(policy.trust_domain.clone());
+        state.advance(t0, &policy, None);
+        let prepare = state.x509.prepare_at().unwrap();
+        state.advance(prepare, &policy, None);
+        let activate = state.x509.activate_at(Default::default()).unwrap();
+        state.advance(activate, &policy, None);
+        assert_eq!(state.x509.retired.len(), 1);
+        assert_eq!(state.jwt.retired.len(), 1);
+
+        let secret = Secret {
+            data: Some(to_secret_data(&state).unwrap()),
+            ..Default::default()
+        };
+        let back = from_secret(&secret, &policy.trust_domain).unwrap();
+        assert_eq!(back.sequence, state.sequence);
+        assert_eq!(back.bundle(None), state.bundle(None));
+        assert_eq!(
+            back.x509.active.unwrap().key.serial(),
+            state.x509.active.unwrap().key.serial()
+        );
+        assert_eq!(
+            back.jwt.active.unwrap().key.key.kid(),
+            state.jwt.active.unwrap().key.key.kid()
+        );
+        assert_eq!(
+            back.x509.retired[0].not_after,
+            state.x509.retired[0].not_after
+        );
+    }
+
+    #[test]
+    fn foreign_or_corrupt_state_is_refused_with_a_reason() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let other = TrustDomain::new("other.org").unwrap();
+        let state = AuthorityState::new(other);
+        let secret = Secret {
+            data: Some(to_secret_data(&state).unwrap()),
+            ..Default::default()
+        };
+        assert!(
+            from_secret(&secret, &td)
+                .unwrap_err()
+                .0
+                .contains("other.org")
+        );
+        let corrupt = Secret {
+            data: Some(BTreeMap::from([(
+                STATE_KEY.to_owned(),
+                ByteString(b"{".to_vec()),
+            )])),
+            ..Default::default()
+        };
+        assert!(
+            from_secret(&corrupt, &td)
+                .unwrap_err()
+                .0
+                .contains("not a Sigil state document")
+        );
+        assert!(
+            from_secret(&Secret::default(), &td)
+                .unwrap_err()
+                .0
+                .contains("missing")
+        );
+    }
+
+    #[test]
+    fn long_names_are_shortened_stably() {
+        let long = "a".repeat(300);
+        assert!(ca_secret_name(&long).len() <= 253);
+        assert_eq!(ca_secret_name(&long), ca_secret_name(&long));
+        assert!(label_value(&long).len() <= 63);
+        assert_eq!(ca_secret_name("prod"), "sigil-ca-prod");
+    }
+}

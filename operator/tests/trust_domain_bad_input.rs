@@ -1,0 +1,496 @@
+//! Bad input never damages anything and is never silent: each case is refused at
+//! admission with a message naming the field and the fix, or reported as a condition with
+//! its own reason plus a Warning Event, while whatever already issues keeps issuing.
+#![allow(clippy::unwrap_used)]
+
+mod trust_domain_common;
+
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use sigil_identity::TrustDomain as TdName;
+use sigil_operator::crd::trust_domain::TrustDomain;
+use trust_domain_common::*;
+
+/// Creating this TrustDomain must fail at admission with a message containing `needle`.
+async fn refused(client: &Client, spec: serde_json::Value, needle: &str) {
+    use kube::core::{ApiResource, DynamicObject};
+    let name = unique("refused");
+    let ar = ApiResource::erase::<TrustDomain>(&());
+    let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "sigil.dev/v1alpha1",
+        "kind": "TrustDomain",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap();
+    let err = Api::<DynamicObject>::all_with(client.clone(), &ar)
+        .create(&PostParams::default(), &obj)
+        .await
+        .expect_err(&format!("apiserver accepted {spec}"));
+    let kube::Error::Api(status) = &err else {
+        panic!("unexpected error {err}")
+    };
+    assert_eq!(status.code, 422, "{status:?}");
+    assert!(
+        status.message.contains(needle),
+        "message {:?} lacks {needle:?}",
+        status.message
+    );
+}
+
+#[tokio::test]
+async fn malformed_trust_domains_and_fields_are_refused_at_admission() {
+    let client = client().await;
+    for bad in [
+        "Example.org",
+        "example.org:8443",
+        "example.org/path",
+        "spiffe://example.org",
+        "exa mple.org",
+    ] {
+        refused(
+            &client,
+            serde_json::json!({"trustDomain": bad}),
+            "is not a trust domain name",
+        )
+        .await;
+    }
+    refused(
+        &client,
+        serde_json::json!({"trustDomain": ""}),
+        "spec.trustDomain",
+    )
+    .await;
+    refused(
+        &client,
+        serde_json::json!({"trustDomain": "example.org", "x509SVIDTTL": "1d"}),
+        "Go duration",
+    )
+    .await;
+    refused(
+        &client,
+        serde_json::json!({"trustDomain": "example.org", "ca": {"ttl": "30s"}}),
+        "spec.ca.ttl must be at least 1m",
+    )
+    .await;
+    refused(&client, serde_json::json!({"trustDomain": "example.org", "ca": {"ttl": "24h", "activationDelay": "12h"}}), "spec.ca.activationDelay must be shorter than half").await;
+    refused(
+        &client,
+        serde_json::json!({"trustDomain": "example.org", "ca": {"keyType": "RSA"}}),
+        "keyType",
+    )
+    .await;
+    refused(
+        &client,
+        serde_json::json!({"trustDomain": "example.org", "jwt": {"keyType": "Ed25519"}}),
+        "keyType",
+    )
+    .await;
+    refused(&client, serde_json::json!({"trustDomain": "example.org", "jwt": {"issuer": "http://oidc.example.org"}}), "spec.jwt.issuer must be an https:// URL").await;
+    refused(
+        &client,
+        serde_json::json!({"trustDomain": "example.org", "bundle": {"configMapName": "Bad_Name"}}),
+        "DNS-1123",
+    )
+    .await;
+
+    // The trust domain is immutable.
+    let name = unique("immutable");
+    let api = Api::<TrustDomain>::all(client.clone());
+    api.create(
+        &PostParams::default(),
+        &trust_domain(
+            &name,
+            "none",
+            serde_json::json!({"trustDomain": "example.org"}),
+        ),
+    )
+    .await
+    .unwrap();
+    let err = api
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"trustDomain": "other.org"}})),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("spec.trustDomain is immutable"),
+        "{err}"
+    );
+    // Defaults are filled in by the apiserver.
+    let td = api.get(&name).await.unwrap();
+    assert_eq!(td.spec.x509_svid_ttl.0, "1h");
+    assert_eq!(td.spec.ca.ttl.0, "24h");
+    assert_eq!(td.spec.bundle.config_map_name, "sigil-trust-bundle");
+}
+
+/// Starts a replica and creates a TrustDomain with an upstream Secret reference; returns
+/// (namespace, TrustDomain name, replica).
+async fn with_upstream(
+    client: &Client,
+    test: &str,
+    secret: Option<Secret>,
+) -> (String, String, Replica) {
+    let ns = namespace(test).await;
+    let instance = unique(test);
+    if let Some(s) = secret {
+        Api::<Secret>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &s)
+            .await
+            .unwrap();
+    }
+    let replica = Replica::start(client.clone(), ReplicaConfig::new(&ns, &instance));
+    let name = unique("td");
+    create_trust_domain(
+        client,
+        &trust_domain(
+            &name,
+            &instance,
+            serde_json::json!({
+                "trustDomain": format!("{test}.example.org"),
+                "upstreamAuthority": {"secretRef": {"name": "upstream"}},
+                "bundle": {"namespaceSelector": {"matchLabels": {"none": "none"}}},
+            }),
+        ),
+    )
+    .await;
+    (ns, name, replica)
+}
+
+fn upstream_secret(entries: &[(&str, &str)]) -> Secret {
+    Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("upstream".into()),
+            ..Default::default()
+        },
+        data: Some(
+            entries
+                .iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+struct Pki {
+    root: String,
+    cert: String,
+    key: String,
+}
+
+/// Root → issuing certificate; `is_ca` and `valid_for` shape the issuing certificate.
+fn pki(valid_for: time::Duration, is_ca: bool) -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let root_key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name
+        .push(DnType::CommonName, "Bad Input Root");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = now - time::Duration::days(2);
+    p.not_after = now + time::Duration::days(3650);
+    let root = p.self_signed(&root_key).unwrap();
+    let issuer = Issuer::new(p, root_key);
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name
+        .push(DnType::CommonName, "Bad Input Issuing");
+    if is_ca {
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    } else {
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    }
+    p.not_before = now - time::Duration::days(2);
+    p.not_after = now + valid_for;
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    Pki {
+        root: root.pem(),
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
+}
+
+/// Asserts the reported problem: Ready=False with `reason` (and Issuing=False, since no CA
+/// exists yet), a Warning Event with the same reason, and no CA minted.
+async fn assert_reported(client: &Client, ns: &str, name: &str, reason: &str, needle: &str) {
+    let td = wait_condition(client, name, "Ready", "False", reason).await;
+    let (_, issuing_reason, _) = condition(&td, "Issuing").unwrap();
+    assert_eq!(issuing_reason, reason);
+    let (_, _, message) = condition(&td, "Ready").unwrap();
+    assert!(
+        message.contains(name) && message.contains(needle),
+        "message {message:?} lacks the object or {needle:?}"
+    );
+    let note = wait_warning_event(client, name, reason).await;
+    assert!(note.contains(needle), "{note}");
+    assert!(
+        ca_secret(client, ns, name).await.is_none(),
+        "a CA was minted despite the bad upstream"
+    );
+}
+
+#[tokio::test]
+async fn upstream_secret_not_found() {
+    let client = client().await;
+    let (ns, name, replica) = with_upstream(&client, "up-missing", None).await;
+    assert_reported(
+        &client,
+        &ns,
+        &name,
+        "UpstreamSecretNotFound",
+        "does not exist",
+    )
+    .await;
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_secret_missing_a_key() {
+    let client = client().await;
+    let p = pki(time::Duration::days(30), true);
+    let (ns, name, replica) = with_upstream(
+        &client,
+        "up-nokey",
+        Some(upstream_secret(&[
+            ("tls.crt", &p.cert),
+            ("ca.crt", &p.root),
+        ])),
+    )
+    .await;
+    assert_reported(
+        &client,
+        &ns,
+        &name,
+        "UpstreamSecretMissingKey",
+        "privateKeyKey",
+    )
+    .await;
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_certificate_is_not_a_ca() {
+    let client = client().await;
+    let p = pki(time::Duration::days(30), false);
+    let (ns, name, replica) = with_upstream(
+        &client,
+        "up-notca",
+        Some(upstream_secret(&[
+            ("tls.crt", &p.cert),
+            ("tls.key", &p.key),
+            ("ca.crt", &p.root),
+        ])),
+    )
+    .await;
+    assert_reported(&client, &ns, &name, "UpstreamNotCA", "is not a CA").await;
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_key_does_not_match() {
+    let client = client().await;
+    let p = pki(time::Duration::days(30), true);
+    let other = pki(time::Duration::days(30), true);
+    let (ns, name, replica) = with_upstream(
+        &client,
+        "up-mismatch",
+        Some(upstream_secret(&[
+            ("tls.crt", &p.cert),
+            ("tls.key", &other.key),
+            ("ca.crt", &p.root),
+        ])),
+    )
+    .await;
+    assert_reported(&client, &ns, &name, "UpstreamKeyMismatch", "does not match").await;
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_certificate_expired() {
+    let client = client().await;
+    let p = pki(time::Duration::hours(-1), true);
+    let (ns, name, replica) = with_upstream(
+        &client,
+        "up-expired",
+        Some(upstream_secret(&[
+            ("tls.crt", &p.cert),
+            ("tls.key", &p.key),
+            ("ca.crt", &p.root),
+        ])),
+    )
+    .await;
+    assert_reported(&client, &ns, &name, "UpstreamExpired", "expired").await;
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn upstream_certificate_expires_before_the_ca_ttl() {
+    let client = client().await;
+    let p = pki(time::Duration::hours(6), true);
+    let (ns, name, replica) = with_upstream(
+        &client,
+        "up-short",
+        Some(upstream_secret(&[
+            ("tls.crt", &p.cert),
+            ("tls.key", &p.key),
+            ("ca.crt", &p.root),
+        ])),
+    )
+    .await;
+    assert_reported(
+        &client,
+        &ns,
+        &name,
+        "UpstreamExpiresTooSoon",
+        "renew the upstream certificate",
+    )
+    .await;
+    replica.stop().await;
+}
+
+/// A working upstream that breaks later: reported, but the CA already issued keeps
+/// signing, and nothing is revoked.
+#[tokio::test]
+async fn broken_upstream_keeps_the_existing_ca_signing() {
+    let client = client().await;
+    let good = pki(time::Duration::days(30), true);
+    let (ns, name, replica) = with_upstream(
+        &client,
+        "up-breaks",
+        Some(upstream_secret(&[
+            ("tls.crt", &good.cert),
+            ("tls.key", &good.key),
+            ("ca.crt", &good.root),
+        ])),
+    )
+    .await;
+    let td = wait_condition(&client, &name, "Ready", "True", "BundlePublished").await;
+    let serial = td.status.unwrap().active_ca.unwrap().serial;
+    let secret_before = ca_secret(&client, &ns, &name).await.unwrap();
+
+    let bad = pki(time::Duration::days(30), false);
+    let broken = upstream_secret(&[
+        ("tls.crt", &bad.cert),
+        ("tls.key", &bad.key),
+        ("ca.crt", &bad.root),
+    ]);
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .patch(
+            "upstream",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"data": broken.data})),
+        )
+        .await
+        .unwrap();
+    replica.resync.trigger();
+    let td = wait_condition(&client, &name, "Ready", "False", "UpstreamNotCA").await;
+    assert_eq!(
+        condition(&td, "Issuing").unwrap().0,
+        "True",
+        "the existing CA must keep issuing"
+    );
+    assert_eq!(td.status.unwrap().active_ca.unwrap().serial, serial);
+    wait_warning_event(&client, &name, "UpstreamNotCA").await;
+    let authority = replica
+        .authorities
+        .get(&TdName::new("up-breaks.example.org").unwrap())
+        .unwrap();
+    assert_eq!(authority.x509_ca.serial(), serial);
+    assert!(authority.x509_ca.not_after() > SystemTime::now());
+    let secret_after = ca_secret(&client, &ns, &name).await.unwrap();
+    assert_eq!(
+        secret_before.data, secret_after.data,
+        "the CA Secret must not change"
+    );
+    replica.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_trust_domain_newer_object_gets_the_error() {
+    let client = client().await;
+    let ns = namespace("td-dup").await;
+    let instance = unique("dup");
+    let replica = Replica::start(client.clone(), ReplicaConfig::new(&ns, &instance));
+    let spec = serde_json::json!({"trustDomain": "dup.example.org", "bundle": {"namespaceSelector": {"matchLabels": {"none": "none"}}}});
+    let older = unique("td-old");
+    create_trust_domain(&client, &trust_domain(&older, &instance, spec.clone())).await;
+    let td = wait_condition(&client, &older, "Ready", "True", "BundlePublished").await;
+    let serial = td.status.unwrap().active_ca.unwrap().serial;
+    // Creation timestamps have one-second resolution: make sure the newer one is newer.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let newer = unique("td-new");
+    create_trust_domain(&client, &trust_domain(&newer, &instance, spec)).await;
+
+    let td = wait_condition(&client, &newer, "Ready", "False", "DuplicateTrustDomain").await;
+    let (_, _, message) = condition(&td, "Ready").unwrap();
+    assert!(
+        message.contains(&older) && message.contains("dup.example.org"),
+        "{message}"
+    );
+    assert_eq!(condition(&td, "Issuing").unwrap().1, "DuplicateTrustDomain");
+    wait_warning_event(&client, &newer, "DuplicateTrustDomain").await;
+    assert!(ca_secret(&client, &ns, &newer).await.is_none());
+    // The older one keeps working with its CA.
+    replica.resync.trigger();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let td = wait_condition(&client, &older, "Ready", "True", "BundlePublished").await;
+    assert_eq!(td.status.unwrap().active_ca.unwrap().serial, serial);
+    let authority = replica
+        .authorities
+        .get(&TdName::new("dup.example.org").unwrap())
+        .unwrap();
+    assert_eq!(authority.object_name, older);
+    assert_eq!(authority.x509_ca.serial(), serial);
+    replica.stop().await;
+}
+
+/// A CA Secret that cannot be read is reported and left exactly as it is: no new root.
+#[tokio::test]
+async fn unreadable_ca_secret_is_left_untouched() {
+    let client = client().await;
+    let ns = namespace("td-corrupt").await;
+    let instance = unique("corrupt");
+    let replica = Replica::start(client.clone(), ReplicaConfig::new(&ns, &instance));
+    let name = unique("td");
+    create_trust_domain(
+        &client,
+        &trust_domain(&name, &instance, serde_json::json!({"trustDomain": "corrupt.example.org", "bundle": {"namespaceSelector": {"matchLabels": {"none": "none"}}}})),
+    )
+    .await;
+    wait_condition(&client, &name, "Ready", "True", "BundlePublished").await;
+    let secret = ca_secret(&client, &ns, &name).await.unwrap();
+    let corrupt =
+        serde_json::json!({"data": {"authorities.json": ByteString(b"{\"format\": 1".to_vec())}});
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .patch(
+            &secret.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(corrupt),
+        )
+        .await
+        .unwrap();
+    let td = wait_condition(&client, &name, "Ready", "False", "CASecretInvalid").await;
+    let (_, _, message) = condition(&td, "Ready").unwrap();
+    assert!(message.contains("leaves it untouched"), "{message}");
+    wait_warning_event(&client, &name, "CASecretInvalid").await;
+    replica.resync.trigger();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = ca_secret(&client, &ns, &name).await.unwrap();
+    assert_eq!(
+        after.data.unwrap()["authorities.json"].0,
+        b"{\"format\": 1".to_vec()
+    );
+    replica.stop().await;
+}
