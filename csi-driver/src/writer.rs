@@ -50,7 +50,10 @@ pub fn write_generation(dir: &Path, files: &[FileSpec], gid: Option<u32>) -> std
             fs::create_dir_all(parent)?;
             set_mode_and_group(parent, 0o755, gid)?;
         }
-        let mut file = fs::OpenOptions::new().write(true).create_new(true).open(&target)?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&target)?;
         file.write_all(&f.content)?;
         file.sync_all()?;
         set_mode_and_group(&target, f.mode, gid)?;
@@ -101,7 +104,10 @@ pub fn current_generation(dir: &Path) -> Option<PathBuf> {
 }
 
 fn top_level_names(files: &[FileSpec]) -> Vec<String> {
-    let mut v: Vec<String> = files.iter().filter_map(|f| f.path.split('/').next().map(str::to_owned)).collect();
+    let mut v: Vec<String> = files
+        .iter()
+        .filter_map(|f| f.path.split('/').next().map(str::to_owned))
+        .collect();
     v.sort();
     v.dedup();
     v
@@ -113,7 +119,14 @@ fn validate_rel_path(p: &str) -> std::io::Result<()> {
         && !p.starts_with("..")
         && p.split('/').all(|s| !s.is_empty() && s != "." && s != "..")
         && p.split('/').count() <= 2;
-    if ok { Ok(()) } else { Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad file path {p:?}"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("bad file path {p:?}"),
+        ))
+    }
 }
 
 fn set_mode_and_group(p: &Path, mode: u32, gid: Option<u32>) -> std::io::Result<()> {
@@ -147,29 +160,63 @@ mod tests {
     use super::*;
 
     fn spec(path: &str, content: &str) -> FileSpec {
-        FileSpec { path: path.into(), content: content.as_bytes().to_vec(), mode: 0o640 }
+        FileSpec {
+            path: path.into(),
+            content: content.as_bytes().to_vec(),
+            mode: 0o640,
+        }
     }
 
     #[test]
     fn swaps_generations_atomically_and_cleans_up() {
         let d = tempfile::tempdir().unwrap();
-        write_generation(d.path(), &[spec("svid.pem", "cert1"), spec("svid_key.pem", "key1"), spec("federated/a.pem", "fa")], None).unwrap();
-        assert_eq!(fs::read_to_string(d.path().join("svid.pem")).unwrap(), "cert1");
-        assert_eq!(fs::read_to_string(d.path().join("federated/a.pem")).unwrap(), "fa");
+        write_generation(
+            d.path(),
+            &[
+                spec("svid.pem", "cert1"),
+                spec("svid_key.pem", "key1"),
+                spec("federated/a.pem", "fa"),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(d.path().join("svid.pem")).unwrap(),
+            "cert1"
+        );
+        assert_eq!(
+            fs::read_to_string(d.path().join("federated/a.pem")).unwrap(),
+            "fa"
+        );
         let g1 = current_generation(d.path()).unwrap();
 
         // A reader holding the old key file keeps reading the old content after the swap.
         let mut held = fs::File::open(d.path().join("svid_key.pem")).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(2));
-        write_generation(d.path(), &[spec("svid.pem", "cert2"), spec("svid_key.pem", "key2")], None).unwrap();
+        write_generation(
+            d.path(),
+            &[spec("svid.pem", "cert2"), spec("svid_key.pem", "key2")],
+            None,
+        )
+        .unwrap();
         let mut s = String::new();
         std::io::Read::read_to_string(&mut held, &mut s).unwrap();
         assert_eq!(s, "key1");
-        assert_eq!(fs::read_to_string(d.path().join("svid_key.pem")).unwrap(), "key2");
+        assert_eq!(
+            fs::read_to_string(d.path().join("svid_key.pem")).unwrap(),
+            "key2"
+        );
         assert_ne!(current_generation(d.path()).unwrap(), g1);
         assert!(!d.path().join(&g1).exists(), "old generation removed");
-        assert!(!d.path().join("federated").exists(), "names that disappeared are removed");
-        let mode = fs::metadata(d.path().join("svid_key.pem")).unwrap().permissions().mode() & 0o777;
+        assert!(
+            !d.path().join("federated").exists(),
+            "names that disappeared are removed"
+        );
+        let mode = fs::metadata(d.path().join("svid_key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o640);
     }
 
@@ -177,7 +224,10 @@ mod tests {
     fn refuses_escaping_paths() {
         let d = tempfile::tempdir().unwrap();
         for bad in ["../x", "/etc/passwd", "a/../b", "..data", "a/b/c", ""] {
-            assert!(write_generation(d.path(), &[spec(bad, "x")], None).is_err(), "{bad}");
+            assert!(
+                write_generation(d.path(), &[spec(bad, "x")], None).is_err(),
+                "{bad}"
+            );
         }
     }
 }

@@ -177,7 +177,13 @@ struct JwkSet {
 impl TrustBundle {
     /// An empty bundle.
     pub fn new(trust_domain: TrustDomain) -> Self {
-        Self { trust_domain, x509_authorities: vec![], jwt_authorities: vec![], sequence: None, refresh_hint: None }
+        Self {
+            trust_domain,
+            x509_authorities: vec![],
+            jwt_authorities: vec![],
+            sequence: None,
+            refresh_hint: None,
+        }
     }
 
     /// Encodes the SPIFFE bundle (JWK Set) document.
@@ -211,35 +217,61 @@ impl TrustBundle {
         if doc.len() > MAX_BUNDLE_BYTES {
             return Err(BundleError::TooLarge(doc.len()));
         }
-        let set: JwkSet = serde_json::from_slice(doc).map_err(|e| BundleError::Json(e.to_string()))?;
+        let set: JwkSet =
+            serde_json::from_slice(doc).map_err(|e| BundleError::Json(e.to_string()))?;
         let mut bundle = TrustBundle::new(trust_domain);
         bundle.sequence = set.spiffe_sequence;
         bundle.refresh_hint = set.spiffe_refresh_hint.map(Duration::from_secs);
         for (index, raw) in set.keys.into_iter().enumerate() {
-            let use_ = raw.get("use").and_then(|u| u.as_str()).unwrap_or_default().to_owned();
-            let kty = raw.get("kty").and_then(|u| u.as_str()).unwrap_or_default().to_owned();
-            if !matches!(use_.as_str(), USE_X509 | USE_JWT) || !matches!(kty.as_str(), "EC" | "RSA" | "OKP") {
+            let use_ = raw
+                .get("use")
+                .and_then(|u| u.as_str())
+                .unwrap_or_default()
+                .to_owned();
+            let kty = raw
+                .get("kty")
+                .and_then(|u| u.as_str())
+                .unwrap_or_default()
+                .to_owned();
+            if !matches!(use_.as_str(), USE_X509 | USE_JWT)
+                || !matches!(kty.as_str(), "EC" | "RSA" | "OKP")
+            {
                 continue; // unknown use or key type: ignored, as the spec requires
             }
-            let bad = |reason: String| BundleError::BadKey { index, use_: use_.clone(), reason };
+            let bad = |reason: String| BundleError::BadKey {
+                index,
+                use_: use_.clone(),
+                reason,
+            };
             let jwk: Jwk = serde_json::from_value(raw).map_err(|e| bad(e.to_string()))?;
             if use_ == USE_X509 {
                 let x5c = jwk.x5c.as_deref().unwrap_or_default();
                 if x5c.len() != 1 {
-                    return Err(bad(format!("x5c must hold exactly one certificate, found {}", x5c.len())));
+                    return Err(bad(format!(
+                        "x5c must hold exactly one certificate, found {}",
+                        x5c.len()
+                    )));
                 }
-                let der = STANDARD.decode(&x5c[0]).map_err(|e| bad(format!("x5c is not base64: {e}")))?;
+                let der = STANDARD
+                    .decode(&x5c[0])
+                    .map_err(|e| bad(format!("x5c is not base64: {e}")))?;
                 match X509Certificate::from_der(&der) {
                     Ok(([], c)) => {
                         if !crate::x509::is_signing_cert(&c) {
-                            return Err(bad("x5c certificate is not a CA (cA=true, keyCertSign)".into()));
+                            return Err(bad(
+                                "x5c certificate is not a CA (cA=true, keyCertSign)".into()
+                            ));
                         }
                     }
                     _ => return Err(bad("x5c is not a DER X.509 certificate".into())),
                 }
                 bundle.x509_authorities.push(der);
             } else {
-                let kid = jwk.kid.clone().filter(|k| !k.is_empty()).ok_or_else(|| bad("kid is required".into()))?;
+                let kid = jwk
+                    .kid
+                    .clone()
+                    .filter(|k| !k.is_empty())
+                    .ok_or_else(|| bad("kid is required".into()))?;
                 if bundle.jwt_authorities.iter().any(|a| a.kid == kid) {
                     return Err(BundleError::DuplicateKeyId(kid));
                 }
@@ -252,7 +284,8 @@ impl TrustBundle {
 
     /// A bundle with only X.509 authorities, from PEM.
     pub fn from_x509_pem(trust_domain: TrustDomain, pem_text: &str) -> Result<Self, BundleError> {
-        let certs = crate::x509::certs_from_pem(pem_text).map_err(|e| BundleError::Pem(e.to_string()))?;
+        let certs =
+            crate::x509::certs_from_pem(pem_text).map_err(|e| BundleError::Pem(e.to_string()))?;
         let mut b = TrustBundle::new(trust_domain);
         b.x509_authorities = certs;
         Ok(b)
@@ -305,7 +338,9 @@ impl BundleSet {
     /// never merged across or within trust domains by accident).
     pub fn insert(&mut self, bundle: TrustBundle) -> Result<(), BundleError> {
         if self.0.contains_key(&bundle.trust_domain) {
-            return Err(BundleError::DuplicateTrustDomain(bundle.trust_domain.name().to_owned()));
+            return Err(BundleError::DuplicateTrustDomain(
+                bundle.trust_domain.name().to_owned(),
+            ));
         }
         self.0.insert(bundle.trust_domain.clone(), bundle);
         Ok(())
@@ -343,10 +378,14 @@ impl BundleSet {
         if doc.len() > MAX_BUNDLE_BYTES {
             return Err(BundleError::TooLarge(doc.len()));
         }
-        let pairs: DuplicateAwareMap = serde_json::from_slice(doc).map_err(|e| BundleError::Json(e.to_string()))?;
+        let pairs: DuplicateAwareMap =
+            serde_json::from_slice(doc).map_err(|e| BundleError::Json(e.to_string()))?;
         let mut set = BundleSet::new();
         for (key, value) in pairs.0 {
-            let td = TrustDomain::parse(&key).map_err(|source| BundleError::BadTrustDomain { key: key.clone(), source })?;
+            let td = TrustDomain::parse(&key).map_err(|source| BundleError::BadTrustDomain {
+                key: key.clone(),
+                source,
+            })?;
             let raw = serde_json::to_vec(&value).map_err(|e| BundleError::Json(e.to_string()))?;
             set.insert(TrustBundle::from_jwks_json(td, &raw)?)?;
         }
@@ -355,12 +394,18 @@ impl BundleSet {
 
     /// Builds a set from (trust domain ID, concatenated DER) pairs as the Workload API
     /// carries them, rejecting duplicates.
-    pub fn from_der_map<'a>(entries: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Result<Self, BundleError> {
+    pub fn from_der_map<'a>(
+        entries: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> Result<Self, BundleError> {
         let mut set = BundleSet::new();
         for (key, der) in entries {
-            let td = TrustDomain::parse(key).map_err(|source| BundleError::BadTrustDomain { key: key.to_owned(), source })?;
+            let td = TrustDomain::parse(key).map_err(|source| BundleError::BadTrustDomain {
+                key: key.to_owned(),
+                source,
+            })?;
             let mut b = TrustBundle::new(td);
-            b.x509_authorities = crate::x509::split_der_certs(der).map_err(|e| BundleError::Pem(e.to_string()))?;
+            b.x509_authorities =
+                crate::x509::split_der_certs(der).map_err(|e| BundleError::Pem(e.to_string()))?;
             set.insert(b)?;
         }
         Ok(set)
@@ -379,7 +424,10 @@ impl<'de> Deserialize<'de> for DuplicateAwareMap {
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("a JSON object of trust domain to bundle")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
                 while let Some((k, v)) = m.next_entry::<String, serde_json::Value>()? {
                     out.push((k, v));

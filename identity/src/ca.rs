@@ -12,15 +12,15 @@ use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
 };
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
 use crate::id::{SpiffeId, TrustDomain};
 use crate::keys::{KeyError, KeyType, PrivateKey};
-use crate::x509::{asn1_to_system, is_signing_cert, rfc3339, CsrError, ParsedCsr};
+use crate::x509::{CsrError, ParsedCsr, asn1_to_system, is_signing_cert, rfc3339};
 
 /// Certificates are back-dated by this much to tolerate clock skew between nodes.
 pub const BACKDATE: Duration = Duration::from_secs(10);
@@ -72,7 +72,9 @@ pub enum UpstreamError {
     #[error("upstream private key cannot be read: {0}")]
     BadKey(String),
     /// Not a CA certificate.
-    #[error("upstream certificate (serial {serial}) is not a CA: it needs basicConstraints cA=true and keyCertSign")]
+    #[error(
+        "upstream certificate (serial {serial}) is not a CA: it needs basicConstraints cA=true and keyCertSign"
+    )]
     NotACa {
         /// Serial of the offending certificate.
         serial: String,
@@ -87,7 +89,9 @@ pub enum UpstreamError {
         not_after: String,
     },
     /// Certificate expires before a CA signed now would.
-    #[error("upstream certificate expires at {not_after}, before a CA with TTL {ca_ttl_secs}s issued now would ({needed_until}); renew the upstream certificate or lower spec.caTTL")]
+    #[error(
+        "upstream certificate expires at {not_after}, before a CA with TTL {ca_ttl_secs}s issued now would ({needed_until}); renew the upstream certificate or lower spec.caTTL"
+    )]
     ExpiresTooSoon {
         /// RFC 3339 expiry of the upstream cert.
         not_after: String,
@@ -97,7 +101,9 @@ pub enum UpstreamError {
         ca_ttl_secs: u64,
     },
     /// No self-signed root in the given chain.
-    #[error("no root certificate (self-signed) found in the upstream chain; include the root in ca.crt")]
+    #[error(
+        "no root certificate (self-signed) found in the upstream chain; include the root in ca.crt"
+    )]
     NoRoot,
     /// Chain does not connect.
     #[error("upstream chain is broken: {0}")]
@@ -154,7 +160,9 @@ pub struct IssuedSvid {
 impl IssuedSvid {
     /// Leaf followed by intermediates.
     pub fn chain(&self) -> Vec<Vec<u8>> {
-        std::iter::once(self.leaf.clone()).chain(self.intermediates.iter().cloned()).collect()
+        std::iter::once(self.leaf.clone())
+            .chain(self.intermediates.iter().cloned())
+            .collect()
     }
 }
 
@@ -183,22 +191,37 @@ impl UpstreamAuthority {
     /// Loads an upstream CA: `cert_pem` is its certificate (optionally followed by its
     /// chain), `key_pem` its key, `chain_pem` further chain certificates up to and including
     /// the root (for example a cert-manager Secret's `tls.crt`, `tls.key` and `ca.crt`).
-    pub fn from_pem(cert_pem: &str, key_pem: &str, chain_pem: Option<&str>) -> Result<Self, UpstreamError> {
-        let mut certs = crate::x509::certs_from_pem(cert_pem)
-            .map_err(|e| UpstreamError::BadPem { field: "certificate", reason: e.to_string() })?;
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        chain_pem: Option<&str>,
+    ) -> Result<Self, UpstreamError> {
+        let mut certs =
+            crate::x509::certs_from_pem(cert_pem).map_err(|e| UpstreamError::BadPem {
+                field: "certificate",
+                reason: e.to_string(),
+            })?;
         if let Some(chain) = chain_pem.filter(|c| !c.trim().is_empty()) {
-            certs.extend(
-                crate::x509::certs_from_pem(chain)
-                    .map_err(|e| UpstreamError::BadPem { field: "chain", reason: e.to_string() })?,
-            );
+            certs.extend(crate::x509::certs_from_pem(chain).map_err(|e| {
+                UpstreamError::BadPem {
+                    field: "chain",
+                    reason: e.to_string(),
+                }
+            })?);
         }
-        let key = PrivateKey::from_pem(key_pem).map_err(|e| UpstreamError::BadKey(e.to_string()))?;
+        let key =
+            PrivateKey::from_pem(key_pem).map_err(|e| UpstreamError::BadKey(e.to_string()))?;
         let cert_der = certs.remove(0);
         let parsed = X509Certificate::from_der(&cert_der)
-            .map_err(|e| UpstreamError::BadPem { field: "certificate", reason: e.to_string() })?
+            .map_err(|e| UpstreamError::BadPem {
+                field: "certificate",
+                reason: e.to_string(),
+            })?
             .1;
         if !is_signing_cert(&parsed) {
-            return Err(UpstreamError::NotACa { serial: parsed.raw_serial_as_string().replace(':', "") });
+            return Err(UpstreamError::NotACa {
+                serial: parsed.raw_serial_as_string().replace(':', ""),
+            });
         }
         if parsed.public_key().raw != key.public_key_der().as_slice() {
             return Err(UpstreamError::KeyMismatch);
@@ -208,9 +231,16 @@ impl UpstreamAuthority {
         let mut intermediates = Vec::new();
         for c in certs {
             let p = X509Certificate::from_der(&c)
-                .map_err(|e| UpstreamError::BadPem { field: "chain", reason: e.to_string() })?
+                .map_err(|e| UpstreamError::BadPem {
+                    field: "chain",
+                    reason: e.to_string(),
+                })?
                 .1;
-            if is_self_signed(&p) { roots.push(c) } else { intermediates.push(c) }
+            if is_self_signed(&p) {
+                roots.push(c)
+            } else {
+                intermediates.push(c)
+            }
         }
         if cert_is_root {
             roots.insert(0, cert_der.clone());
@@ -221,8 +251,18 @@ impl UpstreamAuthority {
         check_chain_connects(&cert_der, &intermediates, &roots)?;
         let not_after = asn1_to_system(parsed.validity().not_after.timestamp());
         let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key.into_key_pair())
-            .map_err(|e| UpstreamError::BadPem { field: "certificate", reason: e.to_string() })?;
-        Ok(Self { issuer, cert: cert_der, intermediates, roots, not_after, cert_is_root })
+            .map_err(|e| UpstreamError::BadPem {
+                field: "certificate",
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            issuer,
+            cert: cert_der,
+            intermediates,
+            roots,
+            not_after,
+            cert_is_root,
+        })
     }
 
     /// Checks the upstream certificate is still good for a CA of `ca_ttl` issued at `now`.
@@ -266,18 +306,36 @@ fn is_self_signed(cert: &X509Certificate<'_>) -> bool {
     cert.subject().as_raw() == cert.issuer().as_raw() && cert.verify_signature(None).is_ok()
 }
 
-fn check_chain_connects(cert: &[u8], intermediates: &[Vec<u8>], roots: &[Vec<u8>]) -> Result<(), UpstreamError> {
+fn check_chain_connects(
+    cert: &[u8],
+    intermediates: &[Vec<u8>],
+    roots: &[Vec<u8>],
+) -> Result<(), UpstreamError> {
     fn parse(d: &[u8]) -> Result<X509Certificate<'_>, UpstreamError> {
-        X509Certificate::from_der(d).map(|(_, c)| c).map_err(|e| UpstreamError::ChainBroken(e.to_string()))
+        X509Certificate::from_der(d)
+            .map(|(_, c)| c)
+            .map_err(|e| UpstreamError::ChainBroken(e.to_string()))
     }
     let mut current = parse(cert)?;
-    let inters = intermediates.iter().map(|d| parse(d)).collect::<Result<Vec<_>, _>>()?;
-    let roots = roots.iter().map(|d| parse(d)).collect::<Result<Vec<_>, _>>()?;
+    let inters = intermediates
+        .iter()
+        .map(|d| parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let roots = roots
+        .iter()
+        .map(|d| parse(d))
+        .collect::<Result<Vec<_>, _>>()?;
     for _ in 0..=inters.len() {
-        if roots.iter().any(|r| r.subject().as_raw() == current.issuer().as_raw() && current.verify_signature(Some(r.public_key())).is_ok()) {
+        if roots.iter().any(|r| {
+            r.subject().as_raw() == current.issuer().as_raw()
+                && current.verify_signature(Some(r.public_key())).is_ok()
+        }) {
             return Ok(());
         }
-        match inters.iter().find(|i| i.subject().as_raw() == current.issuer().as_raw() && current.verify_signature(Some(i.public_key())).is_ok()) {
+        match inters.iter().find(|i| {
+            i.subject().as_raw() == current.issuer().as_raw()
+                && current.verify_signature(Some(i.public_key())).is_ok()
+        }) {
             Some(next) => current = next.clone(),
             None => break,
         }
@@ -319,20 +377,40 @@ impl CertificateAuthority {
     pub fn new_self_signed(params: &CaParams, now: SystemTime) -> Result<Self, CaError> {
         let key = PrivateKey::generate(params.key_type)?;
         let cert_params = ca_cert_params(params, now, now + params.ttl)?;
-        let cert = cert_params.self_signed(key.key_pair()).map_err(|e| CaError::Build(e.to_string()))?;
+        let cert = cert_params
+            .self_signed(key.key_pair())
+            .map_err(|e| CaError::Build(e.to_string()))?;
         let der = cert.der().to_vec();
-        Self::assemble(params.trust_domain.clone(), key, der.clone(), vec![], vec![der])
+        Self::assemble(
+            params.trust_domain.clone(),
+            key,
+            der.clone(),
+            vec![],
+            vec![der],
+        )
     }
 
     /// Creates a new CA signed by `upstream`. Its lifetime is `params.ttl`; the upstream
     /// certificate must outlive it.
-    pub fn new_under_upstream(params: &CaParams, upstream: &UpstreamAuthority, now: SystemTime) -> Result<Self, CaError> {
+    pub fn new_under_upstream(
+        params: &CaParams,
+        upstream: &UpstreamAuthority,
+        now: SystemTime,
+    ) -> Result<Self, CaError> {
         upstream.check_lifetime(now, params.ttl)?;
         let key = PrivateKey::generate(params.key_type)?;
         let cert_params = ca_cert_params(params, now, now + params.ttl)?;
-        let cert = cert_params.signed_by(key.key_pair(), &upstream.issuer).map_err(|e| CaError::Build(e.to_string()))?;
+        let cert = cert_params
+            .signed_by(key.key_pair(), &upstream.issuer)
+            .map_err(|e| CaError::Build(e.to_string()))?;
         let der = cert.der().to_vec();
-        Self::assemble(params.trust_domain.clone(), key, der, upstream.chain_above(), upstream.roots.clone())
+        Self::assemble(
+            params.trust_domain.clone(),
+            key,
+            der,
+            upstream.chain_above(),
+            upstream.roots.clone(),
+        )
     }
 
     /// Re-loads a persisted CA: its certificate, the chain above it (empty for a root),
@@ -354,9 +432,13 @@ impl CertificateAuthority {
         chain_above: Vec<Vec<u8>>,
         trust_anchors: Vec<Vec<u8>>,
     ) -> Result<Self, CaError> {
-        let parsed = X509Certificate::from_der(&cert).map_err(|e| CaError::InvalidCertificate(e.to_string()))?.1;
+        let parsed = X509Certificate::from_der(&cert)
+            .map_err(|e| CaError::InvalidCertificate(e.to_string()))?
+            .1;
         if !is_signing_cert(&parsed) {
-            return Err(CaError::InvalidCertificate("not a CA certificate with keyCertSign".into()));
+            return Err(CaError::InvalidCertificate(
+                "not a CA certificate with keyCertSign".into(),
+            ));
         }
         if parsed.public_key().raw != key.public_key_der().as_slice() {
             return Err(CaError::KeyMismatch);
@@ -373,25 +455,50 @@ impl CertificateAuthority {
             leaf_intermediates.push(cert.clone());
             leaf_intermediates.extend(chain_above);
         }
-        Ok(Self { trust_domain, issuer, key_type, cert, leaf_intermediates, trust_anchors, serial, not_before, not_after })
+        Ok(Self {
+            trust_domain,
+            issuer,
+            key_type,
+            cert,
+            leaf_intermediates,
+            trust_anchors,
+            serial,
+            not_before,
+            not_after,
+        })
     }
 
     /// Signs an X509-SVID for the public key in `csr_der`. Only the key is taken from the
     /// CSR; the caller must already have authorised `template.spiffe_id`.
-    pub fn sign_csr(&self, csr: &ParsedCsr, template: &SvidTemplate<'_>, now: SystemTime) -> Result<IssuedSvid, CaError> {
+    pub fn sign_csr(
+        &self,
+        csr: &ParsedCsr,
+        template: &SvidTemplate<'_>,
+        now: SystemTime,
+    ) -> Result<IssuedSvid, CaError> {
         self.sign_public_key(&csr.public_key_der, template, now)
     }
 
     /// Signs an X509-SVID for a SubjectPublicKeyInfo.
-    pub fn sign_public_key(&self, spki_der: &[u8], template: &SvidTemplate<'_>, now: SystemTime) -> Result<IssuedSvid, CaError> {
+    pub fn sign_public_key(
+        &self,
+        spki_der: &[u8],
+        template: &SvidTemplate<'_>,
+        now: SystemTime,
+    ) -> Result<IssuedSvid, CaError> {
         if now >= self.not_after {
             return Err(CaError::Expired(rfc3339(secs(self.not_after))));
         }
-        let public_key = SubjectPublicKeyInfo::from_der(spki_der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+        let public_key = SubjectPublicKeyInfo::from_der(spki_der)
+            .map_err(|e| CsrError::Malformed(e.to_string()))?;
         let not_after = (now + template.ttl).min(self.not_after);
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new(); // empty subject => SAN is critical
-        p.not_before = to_offset(now.checked_sub(BACKDATE).unwrap_or(now).max(self.not_before));
+        p.not_before = to_offset(
+            now.checked_sub(BACKDATE)
+                .unwrap_or(now)
+                .max(self.not_before),
+        );
         p.not_after = to_offset(not_after);
         p.serial_number = Some(random_serial());
         p.is_ca = IsCa::ExplicitNoCa;
@@ -399,19 +506,35 @@ impl CertificateAuthority {
         if is_rsa_spki(spki_der) {
             p.key_usages.push(KeyUsagePurpose::KeyEncipherment);
         }
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         p.use_authority_key_identifier_extension = true;
-        let uri = template.spiffe_id.as_str().try_into().map_err(|e: rcgen::Error| CaError::Build(e.to_string()))?;
+        let uri = template
+            .spiffe_id
+            .as_str()
+            .try_into()
+            .map_err(|e: rcgen::Error| CaError::Build(e.to_string()))?;
         p.subject_alt_names.push(SanType::URI(uri));
         for dns in template.dns_names {
-            let name = dns.as_str().try_into().map_err(|_| CaError::BadDnsName(dns.clone()))?;
+            let name = dns
+                .as_str()
+                .try_into()
+                .map_err(|_| CaError::BadDnsName(dns.clone()))?;
             if !is_dns_name(dns) {
                 return Err(CaError::BadDnsName(dns.clone()));
             }
             p.subject_alt_names.push(SanType::DnsName(name));
         }
-        let cert = p.signed_by(&public_key, &self.issuer).map_err(|e| CaError::Build(e.to_string()))?;
-        Ok(IssuedSvid { leaf: cert.der().to_vec(), intermediates: self.leaf_intermediates.clone(), not_after })
+        let cert = p
+            .signed_by(&public_key, &self.issuer)
+            .map_err(|e| CaError::Build(e.to_string()))?;
+        Ok(IssuedSvid {
+            leaf: cert.der().to_vec(),
+            intermediates: self.leaf_intermediates.clone(),
+            not_after,
+        })
     }
 
     /// The trust domain this CA issues for.
@@ -462,30 +585,53 @@ impl CertificateAuthority {
     }
 }
 
-fn ca_cert_params(params: &CaParams, now: SystemTime, not_after: SystemTime) -> Result<CertificateParams, CaError> {
+fn ca_cert_params(
+    params: &CaParams,
+    now: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams, CaError> {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     if let Some(c) = &params.subject.country {
         dn.push(DnType::CountryName, c.as_str());
     }
-    let orgs = if params.subject.organization.is_empty() { vec!["Sigil".to_owned()] } else { params.subject.organization.clone() };
+    let orgs = if params.subject.organization.is_empty() {
+        vec!["Sigil".to_owned()]
+    } else {
+        params.subject.organization.clone()
+    };
     for o in orgs {
         dn.push(DnType::OrganizationName, o);
     }
-    let cn = params.subject.common_name.clone().unwrap_or_else(|| format!("Sigil CA {}", params.trust_domain));
+    let cn = params
+        .subject
+        .common_name
+        .clone()
+        .unwrap_or_else(|| format!("Sigil CA {}", params.trust_domain));
     dn.push(DnType::CommonName, cn);
     // A serial in the subject keeps successive CAs' subjects distinct, so path building
     // never confuses the prepared CA with the active one.
     let serial = random_serial();
-    dn.push(DnType::CustomDnType(vec![2, 5, 4, 5]), hex::encode(serial.to_bytes()));
+    dn.push(
+        DnType::CustomDnType(vec![2, 5, 4, 5]),
+        hex::encode(serial.to_bytes()),
+    );
     p.distinguished_name = dn;
     p.serial_number = Some(serial);
     p.not_before = to_offset(now.checked_sub(BACKDATE).unwrap_or(now));
     p.not_after = to_offset(not_after);
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     p.use_authority_key_identifier_extension = true;
-    let td_uri = params.trust_domain.id_string().try_into().map_err(|e: rcgen::Error| CaError::Build(e.to_string()))?;
+    let td_uri = params
+        .trust_domain
+        .id_string()
+        .try_into()
+        .map_err(|e: rcgen::Error| CaError::Build(e.to_string()))?;
     p.subject_alt_names = vec![SanType::URI(td_uri)];
     Ok(p)
 }
@@ -517,7 +663,9 @@ fn is_dns_name(s: &str) -> bool {
 }
 
 pub(crate) fn secs(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 fn to_offset(t: SystemTime) -> time::OffsetDateTime {

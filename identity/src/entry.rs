@@ -24,7 +24,10 @@ pub struct Selector {
 impl Selector {
     /// A selector of `kind` with `value`.
     pub fn new(kind: impl Into<String>, value: impl Into<String>) -> Self {
-        Self { kind: kind.into(), value: value.into() }
+        Self {
+            kind: kind.into(),
+            value: value.into(),
+        }
     }
 
     /// Parses `type:value` (the value may itself contain `:`).
@@ -70,7 +73,11 @@ pub struct RegistrationEntry {
 impl RegistrationEntry {
     /// Whether a workload with `workload_selectors` gets this entry.
     pub fn matches(&self, workload_selectors: &BTreeSet<Selector>) -> bool {
-        !self.selectors.is_empty() && self.selectors.iter().all(|s| workload_selectors.contains(s))
+        !self.selectors.is_empty()
+            && self
+                .selectors
+                .iter()
+                .all(|s| workload_selectors.contains(s))
     }
 }
 
@@ -97,11 +104,17 @@ mod tests {
 
     #[test]
     fn all_selectors_must_be_present() {
-        let have: BTreeSet<_> = ["k8s:ns:a", "k8s:sa:b", "k8s:pod-uid:1"].iter().map(|s| Selector::parse(s).unwrap()).collect();
+        let have: BTreeSet<_> = ["k8s:ns:a", "k8s:sa:b", "k8s:pod-uid:1"]
+            .iter()
+            .map(|s| Selector::parse(s).unwrap())
+            .collect();
         assert!(entry(&["k8s:pod-uid:1"]).matches(&have));
         assert!(entry(&["k8s:pod-uid:1", "k8s:ns:a"]).matches(&have));
         assert!(!entry(&["k8s:pod-uid:1", "k8s:ns:z"]).matches(&have));
-        assert!(!entry(&[]).matches(&have), "an entry without selectors matches nobody");
+        assert!(
+            !entry(&[]).matches(&have),
+            "an entry without selectors matches nobody"
+        );
     }
 
     #[test]

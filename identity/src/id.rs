@@ -46,7 +46,9 @@ pub enum IdError {
     #[error("trust domain is missing; expected spiffe://<trust-domain>/<path>")]
     MissingTrustDomain,
     /// Uppercase letter in the trust domain.
-    #[error("trust domain {td:?} contains uppercase letters; trust domain names are lowercase (use {lower:?})")]
+    #[error(
+        "trust domain {td:?} contains uppercase letters; trust domain names are lowercase (use {lower:?})"
+    )]
     UppercaseTrustDomain {
         /// The trust domain as given.
         td: String,
@@ -54,7 +56,9 @@ pub enum IdError {
         lower: String,
     },
     /// A character outside `[a-z0-9._-]` in the trust domain.
-    #[error("trust domain contains {ch:?}; only lowercase letters, digits, '.', '-' and '_' are allowed")]
+    #[error(
+        "trust domain contains {ch:?}; only lowercase letters, digits, '.', '-' and '_' are allowed"
+    )]
     BadTrustDomainChar {
         /// The offending character.
         ch: char,
@@ -75,7 +79,9 @@ pub enum IdError {
     #[error("SPIFFE ID must not contain a fragment (\"#...\")")]
     Fragment,
     /// A `%` anywhere.
-    #[error("SPIFFE ID must not contain percent-encoding (\"%\"); use only letters, digits, '.', '-', '_'")]
+    #[error(
+        "SPIFFE ID must not contain percent-encoding (\"%\"); use only letters, digits, '.', '-', '_'"
+    )]
     PercentEncoded,
     /// `//` inside the path.
     #[error("path contains an empty segment (\"//\")")]
@@ -200,14 +206,21 @@ impl SpiffeId {
             return Err(IdError::Empty);
         }
         if s.len() > MAX_SPIFFE_ID_LEN {
-            return Err(IdError::TooLong { len: s.len(), max: MAX_SPIFFE_ID_LEN });
+            return Err(IdError::TooLong {
+                len: s.len(),
+                max: MAX_SPIFFE_ID_LEN,
+            });
         }
         let rest = match s.strip_prefix(SCHEME_PREFIX) {
             Some(rest) => rest,
             None => {
                 return Err(match s.find("://") {
-                    Some(i) => IdError::WrongScheme { found: s[..i].to_owned() },
-                    None => IdError::MissingScheme { input: s.chars().take(64).collect() },
+                    Some(i) => IdError::WrongScheme {
+                        found: s[..i].to_owned(),
+                    },
+                    None => IdError::MissingScheme {
+                        input: s.chars().take(64).collect(),
+                    },
                 });
             }
         };
@@ -228,13 +241,18 @@ impl SpiffeId {
         };
         check_trust_domain(authority)?;
         check_path(path)?;
-        Ok(Self { uri: s.to_owned(), td: TrustDomain(authority.to_owned()) })
+        Ok(Self {
+            uri: s.to_owned(),
+            td: TrustDomain(authority.to_owned()),
+        })
     }
 
     /// Builds `spiffe://<td><path>`; `path` is `""` or starts with `/`.
     pub fn from_parts(td: &TrustDomain, path: &str) -> Result<Self, IdError> {
         if !path.is_empty() && !path.starts_with('/') {
-            return Err(IdError::RelativePath { path: path.to_owned() });
+            return Err(IdError::RelativePath {
+                path: path.to_owned(),
+            });
         }
         Self::parse(&format!("{SCHEME_PREFIX}{}{path}", td.name()))
     }
@@ -318,15 +336,26 @@ fn check_trust_domain(td: &str) -> Result<(), IdError> {
         return Err(IdError::Userinfo);
     }
     if let Some(i) = td.find(':') {
-        return Err(IdError::Port { port: td[i + 1..].to_owned() });
+        return Err(IdError::Port {
+            port: td[i + 1..].to_owned(),
+        });
     }
     if td.len() > MAX_TRUST_DOMAIN_LEN {
-        return Err(IdError::TrustDomainTooLong { len: td.len(), max: MAX_TRUST_DOMAIN_LEN });
+        return Err(IdError::TrustDomainTooLong {
+            len: td.len(),
+            max: MAX_TRUST_DOMAIN_LEN,
+        });
     }
     if td.bytes().any(|b| b.is_ascii_uppercase()) {
-        return Err(IdError::UppercaseTrustDomain { td: td.to_owned(), lower: td.to_ascii_lowercase() });
+        return Err(IdError::UppercaseTrustDomain {
+            td: td.to_owned(),
+            lower: td.to_ascii_lowercase(),
+        });
     }
-    match td.chars().find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'))) {
+    match td
+        .chars()
+        .find(|&c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')))
+    {
         Some(ch) => Err(IdError::BadTrustDomainChar { ch }),
         None => Ok(()),
     }
@@ -340,12 +369,21 @@ fn check_path(path: &str) -> Result<(), IdError> {
     let mut segments = path.split('/').skip(1).peekable();
     while let Some(seg) = segments.next() {
         if seg.is_empty() {
-            return Err(if segments.peek().is_none() { IdError::TrailingSlash } else { IdError::EmptySegment });
+            return Err(if segments.peek().is_none() {
+                IdError::TrailingSlash
+            } else {
+                IdError::EmptySegment
+            });
         }
         if seg == "." || seg == ".." {
-            return Err(IdError::DotSegment { segment: seg.to_owned() });
+            return Err(IdError::DotSegment {
+                segment: seg.to_owned(),
+            });
         }
-        if let Some(ch) = seg.chars().find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))) {
+        if let Some(ch) = seg
+            .chars()
+            .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+        {
             return Err(IdError::BadPathChar { ch });
         }
     }
@@ -387,14 +425,27 @@ mod tests {
 
     #[test]
     fn rejects_missing_scheme() {
-        assert!(matches!(err("example.org/path"), IdError::MissingScheme { .. }));
+        assert!(matches!(
+            err("example.org/path"),
+            IdError::MissingScheme { .. }
+        ));
         assert!(err("example.org/path").to_string().contains("spiffe://"));
     }
 
     #[test]
     fn rejects_wrong_scheme() {
-        assert_eq!(err("https://example.org/x"), IdError::WrongScheme { found: "https".into() });
-        assert_eq!(err("SPIFFE://example.org/x"), IdError::WrongScheme { found: "SPIFFE".into() });
+        assert_eq!(
+            err("https://example.org/x"),
+            IdError::WrongScheme {
+                found: "https".into()
+            }
+        );
+        assert_eq!(
+            err("SPIFFE://example.org/x"),
+            IdError::WrongScheme {
+                found: "SPIFFE".into()
+            }
+        );
         assert!(err("https://example.org").to_string().contains("\"https\""));
     }
 
@@ -407,14 +458,29 @@ mod tests {
     #[test]
     fn rejects_uppercase_trust_domain() {
         let e = err("spiffe://Example.org/x");
-        assert_eq!(e, IdError::UppercaseTrustDomain { td: "Example.org".into(), lower: "example.org".into() });
+        assert_eq!(
+            e,
+            IdError::UppercaseTrustDomain {
+                td: "Example.org".into(),
+                lower: "example.org".into()
+            }
+        );
         assert!(e.to_string().contains("use \"example.org\""));
     }
 
     #[test]
     fn rejects_port() {
-        assert_eq!(err("spiffe://example.org:8443/x"), IdError::Port { port: "8443".into() });
-        assert!(err("spiffe://example.org:8443").to_string().contains("port"));
+        assert_eq!(
+            err("spiffe://example.org:8443/x"),
+            IdError::Port {
+                port: "8443".into()
+            }
+        );
+        assert!(
+            err("spiffe://example.org:8443")
+                .to_string()
+                .contains("port")
+        );
     }
 
     #[test]
@@ -448,8 +514,18 @@ mod tests {
 
     #[test]
     fn rejects_dot_segments() {
-        assert_eq!(err("spiffe://example.org/./x"), IdError::DotSegment { segment: ".".into() });
-        assert_eq!(err("spiffe://example.org/a/.."), IdError::DotSegment { segment: "..".into() });
+        assert_eq!(
+            err("spiffe://example.org/./x"),
+            IdError::DotSegment {
+                segment: ".".into()
+            }
+        );
+        assert_eq!(
+            err("spiffe://example.org/a/.."),
+            IdError::DotSegment {
+                segment: "..".into()
+            }
+        );
     }
 
     #[test]
@@ -460,10 +536,22 @@ mod tests {
 
     #[test]
     fn rejects_bad_characters() {
-        assert_eq!(err("spiffe://exa$mple.org/x"), IdError::BadTrustDomainChar { ch: '$' });
-        assert_eq!(err("spiffe://example.org/a b"), IdError::BadPathChar { ch: ' ' });
-        assert_eq!(err("spiffe://example.org/a*b"), IdError::BadPathChar { ch: '*' });
-        assert_eq!(err("spiffe://example.org/é"), IdError::BadPathChar { ch: 'é' });
+        assert_eq!(
+            err("spiffe://exa$mple.org/x"),
+            IdError::BadTrustDomainChar { ch: '$' }
+        );
+        assert_eq!(
+            err("spiffe://example.org/a b"),
+            IdError::BadPathChar { ch: ' ' }
+        );
+        assert_eq!(
+            err("spiffe://example.org/a*b"),
+            IdError::BadPathChar { ch: '*' }
+        );
+        assert_eq!(
+            err("spiffe://example.org/é"),
+            IdError::BadPathChar { ch: 'é' }
+        );
     }
 
     #[test]
@@ -474,21 +562,39 @@ mod tests {
         assert_eq!(ok.len(), 2048);
         SpiffeId::parse(&ok).unwrap();
         let long = format!("{ok}a");
-        assert_eq!(err(&long), IdError::TooLong { len: 2049, max: 2048 });
+        assert_eq!(
+            err(&long),
+            IdError::TooLong {
+                len: 2049,
+                max: 2048
+            }
+        );
 
         let td255 = "a".repeat(255);
         SpiffeId::parse(&format!("spiffe://{td255}/x")).unwrap();
         TrustDomain::new(&td255).unwrap();
         let td256 = "a".repeat(256);
-        assert_eq!(err(&format!("spiffe://{td256}/x")), IdError::TrustDomainTooLong { len: 256, max: 255 });
+        assert_eq!(
+            err(&format!("spiffe://{td256}/x")),
+            IdError::TrustDomainTooLong { len: 256, max: 255 }
+        );
     }
 
     #[test]
     fn trust_domain_forms() {
-        assert_eq!(TrustDomain::parse("spiffe://example.org").unwrap().name(), "example.org");
-        assert_eq!(TrustDomain::parse("example.org").unwrap().id_string(), "spiffe://example.org");
+        assert_eq!(
+            TrustDomain::parse("spiffe://example.org").unwrap().name(),
+            "example.org"
+        );
+        assert_eq!(
+            TrustDomain::parse("example.org").unwrap().id_string(),
+            "spiffe://example.org"
+        );
         assert!(TrustDomain::parse("spiffe://example.org/x").is_err());
-        assert!(matches!(TrustDomain::new("Example.org"), Err(IdError::UppercaseTrustDomain { .. })));
+        assert!(matches!(
+            TrustDomain::new("Example.org"),
+            Err(IdError::UppercaseTrustDomain { .. })
+        ));
         assert_eq!(TrustDomain::new(""), Err(IdError::MissingTrustDomain));
     }
 
@@ -503,7 +609,10 @@ mod tests {
     #[test]
     fn serde_round_trip() {
         let id: SpiffeId = serde_json::from_str("\"spiffe://example.org/x\"").unwrap();
-        assert_eq!(serde_json::to_string(&id).unwrap(), "\"spiffe://example.org/x\"");
+        assert_eq!(
+            serde_json::to_string(&id).unwrap(),
+            "\"spiffe://example.org/x\""
+        );
         assert!(serde_json::from_str::<SpiffeId>("\"spiffe://Example.org/x\"").is_err());
     }
 }

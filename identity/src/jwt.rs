@@ -14,13 +14,15 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
 
-use crate::bundle::{BundleSet, JwtAuthority, Jwk};
+use crate::bundle::{BundleSet, Jwk, JwtAuthority};
 use crate::id::{IdError, SpiffeId};
 use crate::keys::{KeyError, KeyType, PrivateKey};
 
 /// Algorithms JWT-SVID.md allows (ES512 is allowed by the spec but not offered by our JWT
 /// library, so tokens using it are refused with [`JwtError::DisallowedAlg`]).
-pub const ALLOWED_ALGS: &[&str] = &["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "PS384", "PS512"];
+pub const ALLOWED_ALGS: &[&str] = &[
+    "RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "PS384", "PS512",
+];
 /// Largest token accepted.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
@@ -35,7 +37,9 @@ pub enum JwtError {
     #[error("token is {0} bytes; at most {MAX_TOKEN_LEN} are accepted")]
     TooLong(usize),
     /// `alg` not in [`ALLOWED_ALGS`].
-    #[error("alg {0:?} is not allowed for JWT-SVIDs (allowed: RS256/384/512, ES256/384, PS256/384/512)")]
+    #[error(
+        "alg {0:?} is not allowed for JWT-SVIDs (allowed: RS256/384/512, ES256/384, PS256/384/512)"
+    )]
     DisallowedAlg(String),
     /// `typ` present but not JWT/JOSE.
     #[error("typ {0:?} is not allowed; it must be absent, \"JWT\" or \"JOSE\"")]
@@ -93,14 +97,18 @@ pub struct JwtKey {
 
 impl fmt::Debug for JwtKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JwtKey").field("kid", &self.kid).field("alg", &self.alg).finish_non_exhaustive()
+        f.debug_struct("JwtKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
     }
 }
 
 impl JwtKey {
     /// Generates a key with a random key ID. ECDSA P-256 (ES256) or P-384 (ES384).
     pub fn generate(key_type: KeyType, not_after: SystemTime) -> Result<Self, JwtError> {
-        let key = PrivateKey::generate(key_type).map_err(|e: KeyError| JwtError::Key(e.to_string()))?;
+        let key =
+            PrivateKey::generate(key_type).map_err(|e: KeyError| JwtError::Key(e.to_string()))?;
         let kid = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 24]>());
         Self::from_key(kid, key, not_after)
     }
@@ -110,10 +118,20 @@ impl JwtKey {
         let alg = match key.key_type() {
             KeyType::EcP256 => Algorithm::ES256,
             KeyType::EcP384 => Algorithm::ES384,
-            other => return Err(JwtError::Key(format!("{other} keys cannot sign JWT-SVIDs; use ECDSA-P256 or ECDSA-P384"))),
+            other => {
+                return Err(JwtError::Key(format!(
+                    "{other} keys cannot sign JWT-SVIDs; use ECDSA-P256 or ECDSA-P384"
+                )));
+            }
         };
         let encoding = EncodingKey::from_ec_der(&key.to_pkcs8_der());
-        Ok(Self { kid, key, alg, encoding, not_after })
+        Ok(Self {
+            kid,
+            key,
+            alg,
+            encoding,
+            not_after,
+        })
     }
 
     /// Key ID.
@@ -136,7 +154,10 @@ impl JwtKey {
         let mut jwk = Jwk::from_spki(&self.key.public_key_der()).unwrap_or_default();
         jwk.kid = Some(self.kid.clone());
         jwk.use_ = Some(crate::bundle::USE_JWT.into());
-        JwtAuthority { kid: self.kid.clone(), jwk }
+        JwtAuthority {
+            kid: self.kid.clone(),
+            jwk,
+        }
     }
 
     /// Mints a JWT-SVID for `id` valid for `ttl` from `now`.
@@ -159,14 +180,19 @@ impl JwtKey {
         claims.insert("sub".into(), Value::String(id.to_string()));
         claims.insert(
             "aud".into(),
-            if audience.len() == 1 { Value::String(audience[0].clone()) } else { audience.iter().cloned().map(Value::String).collect() },
+            if audience.len() == 1 {
+                Value::String(audience[0].clone())
+            } else {
+                audience.iter().cloned().map(Value::String).collect()
+            },
         );
         claims.insert("exp".into(), Value::from(iat + ttl.as_secs() as i64));
         claims.insert("iat".into(), Value::from(iat));
         if let Some(iss) = issuer {
             claims.insert("iss".into(), Value::String(iss.into()));
         }
-        jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(|e| JwtError::Key(e.to_string()))
+        jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .map_err(|e| JwtError::Key(e.to_string()))
     }
 }
 
@@ -193,11 +219,17 @@ pub fn peek(token: &str) -> Result<(JsonObject, JsonObject), JwtError> {
         return Err(JwtError::TooLong(token.len()));
     }
     let mut parts = token.split('.');
-    let (Some(h), Some(c), Some(_sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
-        return Err(JwtError::Malformed("expected three dot-separated parts".into()));
+    let (Some(h), Some(c), Some(_sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(JwtError::Malformed(
+            "expected three dot-separated parts".into(),
+        ));
     };
     let decode = |s: &str, what: &str| -> Result<Map<String, Value>, JwtError> {
-        let raw = URL_SAFE_NO_PAD.decode(s).map_err(|e| JwtError::Malformed(format!("{what} is not base64url: {e}")))?;
+        let raw = URL_SAFE_NO_PAD
+            .decode(s)
+            .map_err(|e| JwtError::Malformed(format!("{what} is not base64url: {e}")))?;
         match serde_json::from_slice(&raw) {
             Ok(Value::Object(m)) => Ok(m),
             _ => Err(JwtError::Malformed(format!("{what} is not a JSON object"))),
@@ -207,29 +239,50 @@ pub fn peek(token: &str) -> Result<(JsonObject, JsonObject), JwtError> {
 }
 
 /// Validates a JWT-SVID against `bundles`, for `audience`, at `now`.
-pub fn validate_jwt_svid(token: &str, bundles: &BundleSet, audience: &str, now: SystemTime) -> Result<ValidatedJwt, JwtError> {
+pub fn validate_jwt_svid(
+    token: &str,
+    bundles: &BundleSet,
+    audience: &str,
+    now: SystemTime,
+) -> Result<ValidatedJwt, JwtError> {
     let (header, claims) = peek(token)?;
     // 1. alg allow-list first.
-    let alg_name = header.get("alg").and_then(Value::as_str).unwrap_or_default();
+    let alg_name = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     if !ALLOWED_ALGS.contains(&alg_name) {
         return Err(JwtError::DisallowedAlg(alg_name.to_owned()));
     }
-    let alg: Algorithm = alg_name.parse().map_err(|_| JwtError::DisallowedAlg(alg_name.to_owned()))?;
+    let alg: Algorithm = alg_name
+        .parse()
+        .map_err(|_| JwtError::DisallowedAlg(alg_name.to_owned()))?;
     if let Some(typ) = header.get("typ") {
         let t = typ.as_str().unwrap_or_default();
         if t != "JWT" && t != "JOSE" {
             return Err(JwtError::BadTyp(t.to_owned()));
         }
     }
-    let kid = header.get("kid").and_then(Value::as_str).filter(|k| !k.is_empty()).ok_or(JwtError::MissingKid)?;
+    let kid = header
+        .get("kid")
+        .and_then(Value::as_str)
+        .filter(|k| !k.is_empty())
+        .ok_or(JwtError::MissingKid)?;
     // 2. The subject picks the bundle; it is re-read from verified claims below.
-    let sub = claims.get("sub").and_then(Value::as_str).ok_or(JwtError::MissingClaim("sub"))?;
+    let sub = claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .ok_or(JwtError::MissingClaim("sub"))?;
     let id = SpiffeId::parse(sub).map_err(JwtError::InvalidSubject)?;
-    let bundle = bundles.get(id.trust_domain()).ok_or_else(|| JwtError::NoBundle(id.trust_domain().name().to_owned()))?;
-    let authority = bundle.jwt_authority(kid).ok_or_else(|| JwtError::UnknownKid {
-        kid: kid.to_owned(),
-        trust_domain: id.trust_domain().name().to_owned(),
-    })?;
+    let bundle = bundles
+        .get(id.trust_domain())
+        .ok_or_else(|| JwtError::NoBundle(id.trust_domain().name().to_owned()))?;
+    let authority = bundle
+        .jwt_authority(kid)
+        .ok_or_else(|| JwtError::UnknownKid {
+            kid: kid.to_owned(),
+            trust_domain: id.trust_domain().name().to_owned(),
+        })?;
     // 3. Signature.
     let key = decoding_key(&authority.jwk)?;
     let mut v = Validation::new(alg);
@@ -237,16 +290,27 @@ pub fn validate_jwt_svid(token: &str, bundles: &BundleSet, audience: &str, now: 
     v.validate_nbf = false;
     v.validate_aud = false;
     v.required_spec_claims = HashSet::new();
-    let verified = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &v).map_err(|e| match e.kind() {
-        jsonwebtoken::errors::ErrorKind::InvalidSignature => JwtError::BadSignature(kid.to_owned()),
-        _ => JwtError::Malformed(e.to_string()),
-    })?;
+    let verified =
+        jsonwebtoken::decode::<Map<String, Value>>(token, &key, &v).map_err(|e| {
+            match e.kind() {
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    JwtError::BadSignature(kid.to_owned())
+                }
+                _ => JwtError::Malformed(e.to_string()),
+            }
+        })?;
     let claims = verified.claims;
     // 4. Claims.
-    let exp = claims.get("exp").and_then(Value::as_i64).ok_or(JwtError::MissingClaim("exp"))?;
+    let exp = claims
+        .get("exp")
+        .and_then(Value::as_i64)
+        .ok_or(JwtError::MissingClaim("exp"))?;
     let aud: Vec<String> = match claims.get("aud") {
         Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
         _ => return Err(JwtError::MissingClaim("aud")),
     };
     if aud.is_empty() {
@@ -256,7 +320,10 @@ pub fn validate_jwt_svid(token: &str, bundles: &BundleSet, audience: &str, now: 
         return Err(JwtError::Expired(crate::x509::rfc3339(exp)));
     }
     if !aud.iter().any(|a| a == audience) {
-        return Err(JwtError::AudienceMismatch { expected: audience.to_owned(), got: aud });
+        return Err(JwtError::AudienceMismatch {
+            expected: audience.to_owned(),
+            got: aud,
+        });
     }
     Ok(ValidatedJwt {
         spiffe_id: id,
@@ -273,7 +340,11 @@ pub fn decoding_key(jwk: &Jwk) -> Result<DecodingKey, JwtError> {
         "EC" => {
             match jwk.crv.as_deref() {
                 Some("P-256") | Some("P-384") => {}
-                other => return Err(JwtError::Key(format!("EC curve {other:?} is not supported (P-256, P-384)"))),
+                other => {
+                    return Err(JwtError::Key(format!(
+                        "EC curve {other:?} is not supported (P-256, P-384)"
+                    )));
+                }
             }
             let x = jwk.x.as_deref().ok_or_else(|| missing("x"))?;
             let y = jwk.y.as_deref().ok_or_else(|| missing("y"))?;
@@ -284,10 +355,14 @@ pub fn decoding_key(jwk: &Jwk) -> Result<DecodingKey, JwtError> {
             let e = jwk.e.as_deref().ok_or_else(|| missing("e"))?;
             DecodingKey::from_rsa_components(n, e).map_err(|e| JwtError::Key(e.to_string()))
         }
-        other => Err(JwtError::Key(format!("key type {other:?} cannot verify JWT-SVIDs"))),
+        other => Err(JwtError::Key(format!(
+            "key type {other:?} cannot verify JWT-SVIDs"
+        ))),
     }
 }
 
 fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }

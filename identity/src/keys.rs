@@ -41,12 +41,19 @@ impl KeyType {
     }
 
     fn from_algorithm(alg: &SignatureAlgorithm) -> Option<Self> {
-        [KeyType::EcP256, KeyType::EcP384, KeyType::Ed25519, KeyType::Rsa]
-            .into_iter()
-            .find(|t| t.signature_algorithm() == alg)
-            .or_else(|| {
-                [&rcgen::PKCS_RSA_SHA384, &rcgen::PKCS_RSA_SHA512].contains(&alg).then_some(KeyType::Rsa)
-            })
+        [
+            KeyType::EcP256,
+            KeyType::EcP384,
+            KeyType::Ed25519,
+            KeyType::Rsa,
+        ]
+        .into_iter()
+        .find(|t| t.signature_algorithm() == alg)
+        .or_else(|| {
+            [&rcgen::PKCS_RSA_SHA384, &rcgen::PKCS_RSA_SHA512]
+                .contains(&alg)
+                .then_some(KeyType::Rsa)
+        })
     }
 }
 
@@ -69,7 +76,9 @@ pub enum KeyError {
     #[error("cannot generate a {0} key: {1}")]
     Generate(KeyType, String),
     /// The PEM/DER was not a private key we understand.
-    #[error("private key is not a PKCS#8, SEC1 or PKCS#1 key of a supported type (ECDSA P-256/P-384, Ed25519, RSA): {0}")]
+    #[error(
+        "private key is not a PKCS#8, SEC1 or PKCS#1 key of a supported type (ECDSA P-256/P-384, Ed25519, RSA): {0}"
+    )]
     Parse(String),
 }
 
@@ -106,8 +115,9 @@ impl PrivateKey {
     }
 
     fn from_pair(pair: KeyPair) -> Result<Self, KeyError> {
-        let key_type = KeyType::from_algorithm(pair.algorithm())
-            .ok_or_else(|| KeyError::Parse(format!("unsupported algorithm {:?}", pair.algorithm())))?;
+        let key_type = KeyType::from_algorithm(pair.algorithm()).ok_or_else(|| {
+            KeyError::Parse(format!("unsupported algorithm {:?}", pair.algorithm()))
+        })?;
         Ok(Self { pair, key_type })
     }
 
@@ -155,7 +165,12 @@ impl PrivateKey {
 
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PrivateKey({}, spki-sha256:{}, <redacted>)", self.key_type, self.fingerprint())
+        write!(
+            f,
+            "PrivateKey({}, spki-sha256:{}, <redacted>)",
+            self.key_type,
+            self.fingerprint()
+        )
     }
 }
 

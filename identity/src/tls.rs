@@ -56,7 +56,11 @@ impl SharedBundles {
 
 impl BundleSource for SharedBundles {
     fn bundle_for(&self, td: &TrustDomain) -> Option<TrustBundle> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).get(td).cloned()
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(td)
+            .cloned()
     }
 }
 
@@ -103,19 +107,33 @@ fn verify_svid(
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
 ) -> Result<SpiffeId, Error> {
-    let leaf = crate::x509::inspect_leaf(end_entity).map_err(|e| Error::InvalidCertificate(other(e.to_string())))?;
+    let leaf = crate::x509::inspect_leaf(end_entity)
+        .map_err(|e| Error::InvalidCertificate(other(e.to_string())))?;
     let td = leaf.spiffe_id.trust_domain().clone();
-    let bundle = bundles.bundle_for(&td).ok_or(Error::InvalidCertificate(CertificateError::UnknownIssuer))?;
-    let chain: Vec<&[u8]> = std::iter::once(end_entity.as_ref()).chain(intermediates.iter().map(|c| c.as_ref())).collect();
+    let bundle = bundles
+        .bundle_for(&td)
+        .ok_or(Error::InvalidCertificate(CertificateError::UnknownIssuer))?;
+    let chain: Vec<&[u8]> = std::iter::once(end_entity.as_ref())
+        .chain(intermediates.iter().map(|c| c.as_ref()))
+        .collect();
     let when = UNIX_EPOCH + Duration::from_secs(now.as_secs());
     let verified = crate::x509::validate_x509_svid(&chain, &bundle, when).map_err(|e| match e {
-        crate::x509::SvidError::Expired { .. } => Error::InvalidCertificate(CertificateError::Expired),
-        crate::x509::SvidError::NotYetValid { .. } => Error::InvalidCertificate(CertificateError::NotValidYet),
-        crate::x509::SvidError::Untrusted { .. } => Error::InvalidCertificate(CertificateError::UnknownIssuer),
+        crate::x509::SvidError::Expired { .. } => {
+            Error::InvalidCertificate(CertificateError::Expired)
+        }
+        crate::x509::SvidError::NotYetValid { .. } => {
+            Error::InvalidCertificate(CertificateError::NotValidYet)
+        }
+        crate::x509::SvidError::Untrusted { .. } => {
+            Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        }
         other_err => Error::InvalidCertificate(other(other_err.to_string())),
     })?;
     if !authorizer.allows(&verified.spiffe_id) {
-        return Err(Error::InvalidCertificate(other(format!("SPIFFE ID {} is not authorised here", verified.spiffe_id))));
+        return Err(Error::InvalidCertificate(other(format!(
+            "SPIFFE ID {} is not authorised here",
+            verified.spiffe_id
+        ))));
     }
     Ok(verified.spiffe_id)
 }
@@ -136,7 +154,11 @@ pub struct SpiffeServerVerifier {
 impl SpiffeServerVerifier {
     /// A verifier using `bundles`, accepting peers allowed by `authorizer`.
     pub fn new(bundles: Arc<dyn BundleSource>, authorizer: Authorizer) -> Arc<Self> {
-        Arc::new(Self { bundles, authorizer, provider: provider() })
+        Arc::new(Self {
+            bundles,
+            authorizer,
+            provider: provider(),
+        })
     }
 }
 
@@ -149,20 +171,48 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        verify_svid(self.bundles.as_ref(), &self.authorizer, end_entity, intermediates, now)?;
+        verify_svid(
+            self.bundles.as_ref(),
+            &self.authorizer,
+            end_entity,
+            intermediates,
+            now,
+        )?;
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -178,8 +228,17 @@ pub struct SpiffeClientVerifier {
 
 impl SpiffeClientVerifier {
     /// A verifier using `bundles`, accepting peers allowed by `authorizer`.
-    pub fn new(bundles: Arc<dyn BundleSource>, authorizer: Authorizer, optional: bool) -> Arc<Self> {
-        Arc::new(Self { bundles, authorizer, optional, provider: provider() })
+    pub fn new(
+        bundles: Arc<dyn BundleSource>,
+        authorizer: Authorizer,
+        optional: bool,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            bundles,
+            authorizer,
+            optional,
+            provider: provider(),
+        })
     }
 }
 
@@ -196,21 +255,54 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         &[]
     }
 
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, Error> {
-        verify_svid(self.bundles.as_ref(), &self.authorizer, end_entity, intermediates, now)?;
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        verify_svid(
+            self.bundles.as_ref(),
+            &self.authorizer,
+            end_entity,
+            intermediates,
+            now,
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -233,8 +325,12 @@ impl SwappableCert {
     pub fn set(&self, chain: &[Vec<u8>], key: &PrivateKey) -> Result<(), Error> {
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_pkcs8_der().to_vec()));
         let signing = provider().key_provider.load_private_key(der)?;
-        let certs = chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(CertifiedKey::new(certs, signing)));
+        let certs = chain
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect();
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new(CertifiedKey::new(certs, signing)));
         Ok(())
     }
 
@@ -262,7 +358,10 @@ impl rustls::client::ResolvesClientCert for SwappableCert {
 
 /// A server config presenting `cert` and verifying clients with `client_verifier`
 /// (ALPN h2 for gRPC).
-pub fn server_config(cert: Arc<SwappableCert>, client_verifier: Arc<dyn ClientCertVerifier>) -> Result<rustls::ServerConfig, Error> {
+pub fn server_config(
+    cert: Arc<SwappableCert>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<rustls::ServerConfig, Error> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(client_verifier)
@@ -273,7 +372,10 @@ pub fn server_config(cert: Arc<SwappableCert>, client_verifier: Arc<dyn ClientCe
 
 /// A client config presenting `cert` (may be empty) and verifying the server by SPIFFE ID
 /// (ALPN h2 for gRPC).
-pub fn client_config(cert: Arc<SwappableCert>, server_verifier: Arc<SpiffeServerVerifier>) -> Result<rustls::ClientConfig, Error> {
+pub fn client_config(
+    cert: Arc<SwappableCert>,
+    server_verifier: Arc<SpiffeServerVerifier>,
+) -> Result<rustls::ClientConfig, Error> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -285,5 +387,7 @@ pub fn client_config(cert: Arc<SwappableCert>, server_verifier: Arc<SpiffeServer
 
 /// The SPIFFE ID of a verified peer certificate chain (after the handshake).
 pub fn peer_id(certs: &[CertificateDer<'_>]) -> Option<SpiffeId> {
-    crate::x509::inspect_leaf(certs.first()?.as_ref()).ok().map(|l| l.spiffe_id)
+    crate::x509::inspect_leaf(certs.first()?.as_ref())
+        .ok()
+        .map(|l| l.spiffe_id)
 }

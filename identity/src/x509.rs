@@ -80,13 +80,17 @@ pub enum SvidError {
         found: String,
     },
     /// An intermediate used to build the path is not a signing certificate.
-    #[error("certificate {index} in the chain is used as an issuer but is not a CA with keyCertSign")]
+    #[error(
+        "certificate {index} in the chain is used as an issuer but is not a CA with keyCertSign"
+    )]
     IssuerNotCa {
         /// Position in the chain.
         index: usize,
     },
     /// No path from the leaf to an authority in the bundle.
-    #[error("X509-SVID chain does not lead to any X.509 authority in the bundle for {trust_domain:?}")]
+    #[error(
+        "X509-SVID chain does not lead to any X.509 authority in the bundle for {trust_domain:?}"
+    )]
     Untrusted {
         /// The trust domain whose bundle was used.
         trust_domain: String,
@@ -135,9 +139,13 @@ pub fn parse_csr(der: &[u8]) -> Result<ParsedCsr, CsrError> {
     if der.len() > MAX_CSR_LEN {
         return Err(CsrError::TooLarge(der.len(), MAX_CSR_LEN));
     }
-    let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(CsrError::Malformed(format!("{} trailing bytes", rest.len())));
+        return Err(CsrError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
     }
     csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
     let mut uris = Vec::new();
@@ -247,7 +255,11 @@ pub fn validate_x509_svid<C: AsRef<[u8]>>(
     if chain.len() > MAX_CHAIN_LEN {
         return Err(SvidError::ChainTooLong(chain.len()));
     }
-    let certs = chain.iter().enumerate().map(|(i, c)| parse(c.as_ref(), i)).collect::<Result<Vec<_>, _>>()?;
+    let certs = chain
+        .iter()
+        .enumerate()
+        .map(|(i, c)| parse(c.as_ref(), i))
+        .collect::<Result<Vec<_>, _>>()?;
     let leaf = check_leaf(&certs[0])?;
     if leaf.spiffe_id.trust_domain() != &bundle.trust_domain {
         return Err(SvidError::WrongTrustDomain {
@@ -255,7 +267,9 @@ pub fn validate_x509_svid<C: AsRef<[u8]>>(
             found: leaf.spiffe_id.trust_domain().name().to_owned(),
         });
     }
-    let untrusted = || SvidError::Untrusted { trust_domain: bundle.trust_domain.name().to_owned() };
+    let untrusted = || SvidError::Untrusted {
+        trust_domain: bundle.trust_domain.name().to_owned(),
+    };
     let authorities = bundle
         .x509_authorities
         .iter()
@@ -275,7 +289,10 @@ pub fn validate_x509_svid<C: AsRef<[u8]>>(
                 && a.validity().is_valid_at(to_asn1(now))
                 && cert.verify_signature(Some(a.public_key())).is_ok()
         }) {
-            return Ok(VerifiedSvid { spiffe_id: leaf.spiffe_id, not_after: leaf.not_after });
+            return Ok(VerifiedSvid {
+                spiffe_id: leaf.spiffe_id,
+                not_after: leaf.not_after,
+            });
         }
         // Otherwise climb to an intermediate given in the chain.
         let next = (1..certs.len()).find(|&j| {
@@ -283,7 +300,9 @@ pub fn validate_x509_svid<C: AsRef<[u8]>>(
                 && certs[j].subject().as_raw() == cert.issuer().as_raw()
                 && cert.verify_signature(Some(certs[j].public_key())).is_ok()
         });
-        let Some(j) = next else { return Err(untrusted()) };
+        let Some(j) = next else {
+            return Err(untrusted());
+        };
         if !is_signing_cert(&certs[j]) {
             return Err(SvidError::IssuerNotCa { index: j });
         }
@@ -309,10 +328,16 @@ fn check_time(cert: &X509Certificate<'_>, index: usize, now: SystemTime) -> Resu
     let v = cert.validity();
     let t = to_asn1(now);
     if t < v.not_before {
-        return Err(SvidError::NotYetValid { index, not_before: rfc3339(v.not_before.timestamp()) });
+        return Err(SvidError::NotYetValid {
+            index,
+            not_before: rfc3339(v.not_before.timestamp()),
+        });
     }
     if t > v.not_after {
-        return Err(SvidError::Expired { index, not_after: rfc3339(v.not_after.timestamp()) });
+        return Err(SvidError::Expired {
+            index,
+            not_after: rfc3339(v.not_after.timestamp()),
+        });
     }
     Ok(())
 }
@@ -320,25 +345,42 @@ fn check_time(cert: &X509Certificate<'_>, index: usize, now: SystemTime) -> Resu
 fn parse(der: &[u8], index: usize) -> Result<X509Certificate<'_>, SvidError> {
     match X509Certificate::from_der(der) {
         Ok(([], cert)) => Ok(cert),
-        Ok((rest, _)) => Err(SvidError::Malformed { index, reason: format!("{} trailing bytes", rest.len()) }),
-        Err(e) => Err(SvidError::Malformed { index, reason: e.to_string() }),
+        Ok((rest, _)) => Err(SvidError::Malformed {
+            index,
+            reason: format!("{} trailing bytes", rest.len()),
+        }),
+        Err(e) => Err(SvidError::Malformed {
+            index,
+            reason: e.to_string(),
+        }),
     }
 }
 
 pub(crate) fn to_asn1(t: SystemTime) -> x509_parser::time::ASN1Time {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    x509_parser::time::ASN1Time::from_timestamp(secs).unwrap_or_else(|_| x509_parser::time::ASN1Time::now())
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    x509_parser::time::ASN1Time::from_timestamp(secs)
+        .unwrap_or_else(|_| x509_parser::time::ASN1Time::now())
 }
 
 pub(crate) fn asn1_to_system(secs: i64) -> SystemTime {
-    if secs >= 0 { UNIX_EPOCH + Duration::from_secs(secs as u64) } else { UNIX_EPOCH }
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        UNIX_EPOCH
+    }
 }
 
 /// RFC 3339 rendering of a Unix timestamp, for messages.
 pub fn rfc3339(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| secs.to_string())
 }
 
@@ -360,8 +402,11 @@ pub enum PemError {
 /// Reads every `CERTIFICATE` block of a PEM document, in order, checking each parses.
 pub fn certs_from_pem(pem_text: &str) -> Result<Vec<Vec<u8>>, PemError> {
     let blocks = pem::parse_many(pem_text).map_err(|e| PemError::Pem(e.to_string()))?;
-    let certs: Vec<Vec<u8>> =
-        blocks.into_iter().filter(|b| b.tag() == "CERTIFICATE").map(|b| b.into_contents()).collect();
+    let certs: Vec<Vec<u8>> = blocks
+        .into_iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(|b| b.into_contents())
+        .collect();
     if certs.is_empty() {
         return Err(PemError::NoCertificates);
     }
@@ -375,7 +420,10 @@ pub fn certs_from_pem(pem_text: &str) -> Result<Vec<Vec<u8>>, PemError> {
 
 /// PEM-encodes DER certificates.
 pub fn certs_to_pem<C: AsRef<[u8]>>(certs: &[C]) -> String {
-    certs.iter().map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref().to_vec()))).collect()
+    certs
+        .iter()
+        .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.as_ref().to_vec())))
+        .collect()
 }
 
 /// Splits concatenated DER certificates (the Workload API's bundle and chain encoding).

@@ -18,12 +18,20 @@ fn td(n: &str) -> TrustDomain {
 }
 
 fn setup() -> (JwtKey, BundleSet, SpiffeId) {
-    let key = JwtKey::generate(KeyType::EcP256, SystemTime::now() + Duration::from_secs(86400)).unwrap();
+    let key = JwtKey::generate(
+        KeyType::EcP256,
+        SystemTime::now() + Duration::from_secs(86400),
+    )
+    .unwrap();
     let mut b = TrustBundle::new(td("example.org"));
     b.jwt_authorities.push(key.authority());
     let mut set = BundleSet::new();
     set.insert(b).unwrap();
-    (key, set, SpiffeId::parse("spiffe://example.org/ns/a/sa/b").unwrap())
+    (
+        key,
+        set,
+        SpiffeId::parse("spiffe://example.org/ns/a/sa/b").unwrap(),
+    )
 }
 
 /// Re-signs nothing: builds a token with a forged header and the original signature.
@@ -51,7 +59,9 @@ fn minted_token_validates_and_carries_claims() {
 fn audience_may_be_a_string_or_an_array() {
     let (key, set, id) = setup();
     let now = SystemTime::now();
-    let tok = key.mint(&id, &["a".into(), "b".into()], MIN5, now, None).unwrap();
+    let tok = key
+        .mint(&id, &["a".into(), "b".into()], MIN5, now, None)
+        .unwrap();
     let (_, claims) = jwt::peek(&tok).unwrap();
     assert!(claims["aud"].is_array());
     assert!(jwt::validate_jwt_svid(&tok, &set, "b", now).is_ok());
@@ -75,7 +85,8 @@ fn expired_token_is_rejected() {
     let (key, set, id) = setup();
     let now = SystemTime::now();
     let tok = key.mint(&id, &["a".into()], MIN5, now, None).unwrap();
-    let e = jwt::validate_jwt_svid(&tok, &set, "a", now + MIN5 + Duration::from_secs(1)).unwrap_err();
+    let e =
+        jwt::validate_jwt_svid(&tok, &set, "a", now + MIN5 + Duration::from_secs(1)).unwrap_err();
     assert!(matches!(e, JwtError::Expired(_)), "{e}");
 }
 
@@ -85,8 +96,14 @@ fn alg_allow_list_is_checked_first() {
     let now = SystemTime::now();
     let tok = key.mint(&id, &["a".into()], MIN5, now, None).unwrap();
     for alg in ["none", "HS256", "EdDSA", ""] {
-        let forged = with_header(&tok, serde_json::json!({"alg": alg, "kid": key.kid(), "typ": "JWT"}));
-        assert_eq!(jwt::validate_jwt_svid(&forged, &set, "a", now).unwrap_err(), JwtError::DisallowedAlg(alg.into()));
+        let forged = with_header(
+            &tok,
+            serde_json::json!({"alg": alg, "kid": key.kid(), "typ": "JWT"}),
+        );
+        assert_eq!(
+            jwt::validate_jwt_svid(&forged, &set, "a", now).unwrap_err(),
+            JwtError::DisallowedAlg(alg.into())
+        );
     }
     // Algorithm confusion: claim RS256 with an EC key: the signature cannot verify.
     let forged = with_header(&tok, serde_json::json!({"alg": "ES384", "kid": key.kid()}));
@@ -99,14 +116,32 @@ fn kid_and_typ_rules() {
     let now = SystemTime::now();
     let tok = key.mint(&id, &["a".into()], MIN5, now, None).unwrap();
     let no_kid = with_header(&tok, serde_json::json!({"alg": "ES256", "typ": "JWT"}));
-    assert_eq!(jwt::validate_jwt_svid(&no_kid, &set, "a", now).unwrap_err(), JwtError::MissingKid);
-    let bad_typ = with_header(&tok, serde_json::json!({"alg": "ES256", "kid": key.kid(), "typ": "at+jwt"}));
-    assert_eq!(jwt::validate_jwt_svid(&bad_typ, &set, "a", now).unwrap_err(), JwtError::BadTyp("at+jwt".into()));
+    assert_eq!(
+        jwt::validate_jwt_svid(&no_kid, &set, "a", now).unwrap_err(),
+        JwtError::MissingKid
+    );
+    let bad_typ = with_header(
+        &tok,
+        serde_json::json!({"alg": "ES256", "kid": key.kid(), "typ": "at+jwt"}),
+    );
+    assert_eq!(
+        jwt::validate_jwt_svid(&bad_typ, &set, "a", now).unwrap_err(),
+        JwtError::BadTyp("at+jwt".into())
+    );
     // typ JOSE and absent are both fine (header changed, so the signature now fails instead).
-    let jose = with_header(&tok, serde_json::json!({"alg": "ES256", "kid": key.kid(), "typ": "JOSE"}));
-    assert!(matches!(jwt::validate_jwt_svid(&jose, &set, "a", now).unwrap_err(), JwtError::BadSignature(_)));
+    let jose = with_header(
+        &tok,
+        serde_json::json!({"alg": "ES256", "kid": key.kid(), "typ": "JOSE"}),
+    );
+    assert!(matches!(
+        jwt::validate_jwt_svid(&jose, &set, "a", now).unwrap_err(),
+        JwtError::BadSignature(_)
+    ));
     let unknown = with_header(&tok, serde_json::json!({"alg": "ES256", "kid": "nope"}));
-    assert!(matches!(jwt::validate_jwt_svid(&unknown, &set, "a", now).unwrap_err(), JwtError::UnknownKid { .. }));
+    assert!(matches!(
+        jwt::validate_jwt_svid(&unknown, &set, "a", now).unwrap_err(),
+        JwtError::UnknownKid { .. }
+    ));
 }
 
 #[test]
@@ -115,7 +150,10 @@ fn token_of_another_trust_domain_needs_that_bundle() {
     let now = SystemTime::now();
     let other = SpiffeId::parse("spiffe://other.org/x").unwrap();
     let tok = key.mint(&other, &["a".into()], MIN5, now, None).unwrap();
-    assert_eq!(jwt::validate_jwt_svid(&tok, &set, "a", now).unwrap_err(), JwtError::NoBundle("other.org".into()));
+    assert_eq!(
+        jwt::validate_jwt_svid(&tok, &set, "a", now).unwrap_err(),
+        JwtError::NoBundle("other.org".into())
+    );
 }
 
 #[test]
@@ -124,10 +162,14 @@ fn tampered_claims_fail_the_signature() {
     let now = SystemTime::now();
     let tok = key.mint(&id, &["a".into()], MIN5, now, None).unwrap();
     let mut parts: Vec<String> = tok.split('.').map(str::to_owned).collect();
-    let claims = serde_json::json!({"sub": "spiffe://example.org/admin", "aud": "a", "exp": 9999999999i64});
+    let claims =
+        serde_json::json!({"sub": "spiffe://example.org/admin", "aud": "a", "exp": 9999999999i64});
     parts[1] = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
     let forged = parts.join(".");
-    assert!(matches!(jwt::validate_jwt_svid(&forged, &set, "a", now).unwrap_err(), JwtError::BadSignature(_)));
+    assert!(matches!(
+        jwt::validate_jwt_svid(&forged, &set, "a", now).unwrap_err(),
+        JwtError::BadSignature(_)
+    ));
 }
 
 #[test]
@@ -135,29 +177,55 @@ fn malformed_tokens_are_rejected() {
     let (_, set, _) = setup();
     let now = SystemTime::now();
     for t in ["", "a.b", "a.b.c.d", "!!!.###.$$$"] {
-        assert!(matches!(jwt::validate_jwt_svid(t, &set, "a", now).unwrap_err(), JwtError::Malformed(_)), "{t}");
+        assert!(
+            matches!(
+                jwt::validate_jwt_svid(t, &set, "a", now).unwrap_err(),
+                JwtError::Malformed(_)
+            ),
+            "{t}"
+        );
     }
-    assert!(matches!(jwt::validate_jwt_svid(&"a".repeat(20000), &set, "a", now).unwrap_err(), JwtError::TooLong(_)));
+    assert!(matches!(
+        jwt::validate_jwt_svid(&"a".repeat(20000), &set, "a", now).unwrap_err(),
+        JwtError::TooLong(_)
+    ));
 }
 
 #[test]
 fn minting_requires_an_audience_and_an_ec_key() {
     let (key, _, id) = setup();
-    assert_eq!(key.mint(&id, &[], MIN5, SystemTime::now(), None).unwrap_err(), JwtError::NoAudience);
+    assert_eq!(
+        key.mint(&id, &[], MIN5, SystemTime::now(), None)
+            .unwrap_err(),
+        JwtError::NoAudience
+    );
     assert!(JwtKey::generate(KeyType::Ed25519, SystemTime::now()).is_err());
     let k384 = JwtKey::generate(KeyType::EcP384, SystemTime::now()).unwrap();
     let mut b = TrustBundle::new(td("example.org"));
     b.jwt_authorities.push(k384.authority());
     let mut set = BundleSet::new();
     set.insert(b).unwrap();
-    let tok = k384.mint(&id, &["a".into()], MIN5, SystemTime::now(), Some("https://oidc.example.org")).unwrap();
+    let tok = k384
+        .mint(
+            &id,
+            &["a".into()],
+            MIN5,
+            SystemTime::now(),
+            Some("https://oidc.example.org"),
+        )
+        .unwrap();
     let v = jwt::validate_jwt_svid(&tok, &set, "a", SystemTime::now()).unwrap();
     assert_eq!(v.claims["iss"], "https://oidc.example.org");
 }
 
 fn sample_bundle() -> TrustBundle {
     let ca = CertificateAuthority::new_self_signed(
-        &CaParams { trust_domain: td("example.org"), key_type: KeyType::EcP256, ttl: MIN5, subject: CaSubject::default() },
+        &CaParams {
+            trust_domain: td("example.org"),
+            key_type: KeyType::EcP256,
+            ttl: MIN5,
+            subject: CaSubject::default(),
+        },
         SystemTime::now(),
     )
     .unwrap();
@@ -199,20 +267,42 @@ fn unknown_uses_and_key_types_are_skipped() {
 #[test]
 fn malformed_keys_reject_the_bundle() {
     let cases = [
-        (serde_json::json!({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": []}]}), "exactly one"),
-        (serde_json::json!({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": ["!!"]}]}), "base64"),
-        (serde_json::json!({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": ["AAAA"]}]}), "DER"),
-        (serde_json::json!({"keys": [{"use": "jwt-svid", "kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}]}), "kid"),
-        (serde_json::json!({"keys": [{"use": "jwt-svid", "kty": "EC", "kid": "k", "crv": "P-256"}]}), "lacks x"),
+        (
+            serde_json::json!({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": []}]}),
+            "exactly one",
+        ),
+        (
+            serde_json::json!({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": ["!!"]}]}),
+            "base64",
+        ),
+        (
+            serde_json::json!({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": ["AAAA"]}]}),
+            "DER",
+        ),
+        (
+            serde_json::json!({"keys": [{"use": "jwt-svid", "kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"}]}),
+            "kid",
+        ),
+        (
+            serde_json::json!({"keys": [{"use": "jwt-svid", "kty": "EC", "kid": "k", "crv": "P-256"}]}),
+            "lacks x",
+        ),
         (serde_json::json!({"nokeys": []}), "keys"),
     ];
     for (doc, needle) in cases {
-        let e = TrustBundle::from_jwks_json(td("example.org"), doc.to_string().as_bytes()).unwrap_err();
+        let e =
+            TrustBundle::from_jwks_json(td("example.org"), doc.to_string().as_bytes()).unwrap_err();
         assert!(e.to_string().contains(needle), "{doc}: {e}");
     }
-    assert!(matches!(TrustBundle::from_jwks_json(td("x.org"), b"garbage").unwrap_err(), BundleError::Json(_)));
+    assert!(matches!(
+        TrustBundle::from_jwks_json(td("x.org"), b"garbage").unwrap_err(),
+        BundleError::Json(_)
+    ));
     let huge = vec![b' '; 2 * 1024 * 1024];
-    assert!(matches!(TrustBundle::from_jwks_json(td("x.org"), &huge).unwrap_err(), BundleError::TooLarge(_)));
+    assert!(matches!(
+        TrustBundle::from_jwks_json(td("x.org"), &huge).unwrap_err(),
+        BundleError::TooLarge(_)
+    ));
 }
 
 #[test]
@@ -232,11 +322,20 @@ fn bundle_sets_reject_duplicate_trust_domains() {
     let set = BundleSet::from_json_map(map.as_bytes()).unwrap();
     assert_eq!(set.len(), 2);
     let dup = format!("{{\"example.org\": {doc}, \"spiffe://example.org\": {doc}}}");
-    assert_eq!(BundleSet::from_json_map(dup.as_bytes()).unwrap_err(), BundleError::DuplicateTrustDomain("example.org".into()));
+    assert_eq!(
+        BundleSet::from_json_map(dup.as_bytes()).unwrap_err(),
+        BundleError::DuplicateTrustDomain("example.org".into())
+    );
     let dup = format!("{{\"example.org\": {doc}, \"example.org\": {doc}}}");
-    assert_eq!(BundleSet::from_json_map(dup.as_bytes()).unwrap_err(), BundleError::DuplicateTrustDomain("example.org".into()));
+    assert_eq!(
+        BundleSet::from_json_map(dup.as_bytes()).unwrap_err(),
+        BundleError::DuplicateTrustDomain("example.org".into())
+    );
     let bad = format!("{{\"Example.org\": {doc}}}");
-    assert!(matches!(BundleSet::from_json_map(bad.as_bytes()).unwrap_err(), BundleError::BadTrustDomain { .. }));
+    assert!(matches!(
+        BundleSet::from_json_map(bad.as_bytes()).unwrap_err(),
+        BundleError::BadTrustDomain { .. }
+    ));
     let mut set = BundleSet::new();
     set.insert(TrustBundle::new(td("a.org"))).unwrap();
     assert!(set.insert(TrustBundle::new(td("a.org"))).is_err());
@@ -248,6 +347,7 @@ fn pem_bootstrap_bundles_are_accepted() {
     let pem = b.x509_pem();
     let back = TrustBundle::from_jwks_or_pem(td("example.org"), pem.as_bytes()).unwrap();
     assert_eq!(back.x509_authorities, b.x509_authorities);
-    let back = TrustBundle::from_jwks_or_pem(td("example.org"), b.to_jwks_json().as_bytes()).unwrap();
+    let back =
+        TrustBundle::from_jwks_or_pem(td("example.org"), b.to_jwks_json().as_bytes()).unwrap();
     assert!(back.same_keys(&b));
 }

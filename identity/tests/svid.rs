@@ -4,10 +4,13 @@
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use sigil_identity::ca::{CaError, CaParams, CaSubject, CertificateAuthority, SvidTemplate, UpstreamAuthority, UpstreamError};
+use sigil_identity::ca::{
+    CaError, CaParams, CaSubject, CertificateAuthority, SvidTemplate, UpstreamAuthority,
+    UpstreamError,
+};
 use sigil_identity::keys::{KeyType, PrivateKey};
 use sigil_identity::x509::{self, CsrError, SvidError};
 use sigil_identity::{SpiffeId, TrustBundle, TrustDomain};
@@ -20,7 +23,12 @@ fn td(name: &str) -> TrustDomain {
 }
 
 fn params(name: &str, key_type: KeyType, ttl: Duration) -> CaParams {
-    CaParams { trust_domain: td(name), key_type, ttl, subject: CaSubject::default() }
+    CaParams {
+        trust_domain: td(name),
+        key_type,
+        ttl,
+        subject: CaSubject::default(),
+    }
 }
 
 fn now() -> SystemTime {
@@ -43,35 +51,80 @@ fn bundle_of(ca: &CertificateAuthority) -> TrustBundle {
     b
 }
 
-fn issue(ca: &CertificateAuthority, id: &str, ttl: Duration, dns: &[String], at: SystemTime) -> Vec<Vec<u8>> {
+fn issue(
+    ca: &CertificateAuthority,
+    id: &str,
+    ttl: Duration,
+    dns: &[String],
+    at: SystemTime,
+) -> Vec<Vec<u8>> {
     let (_, csr) = csr_for(id);
     let parsed = x509::parse_csr(&csr).unwrap();
     let sid = SpiffeId::parse(id).unwrap();
-    ca.sign_csr(&parsed, &SvidTemplate { spiffe_id: &sid, ttl, dns_names: dns }, at).unwrap().chain()
+    ca.sign_csr(
+        &parsed,
+        &SvidTemplate {
+            spiffe_id: &sid,
+            ttl,
+            dns_names: dns,
+        },
+        at,
+    )
+    .unwrap()
+    .chain()
 }
 
 #[test]
 fn issued_svid_has_the_spec_shape_and_validates() {
     let t = now();
-    let ca = CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, 24 * HOUR), t).unwrap();
-    let chain = issue(&ca, "spiffe://example.org/ns/default/sa/web", HOUR, &["web.default.svc".into()], t);
+    let ca = CertificateAuthority::new_self_signed(
+        &params("example.org", KeyType::EcP256, 24 * HOUR),
+        t,
+    )
+    .unwrap();
+    let chain = issue(
+        &ca,
+        "spiffe://example.org/ns/default/sa/web",
+        HOUR,
+        &["web.default.svc".into()],
+        t,
+    );
     assert_eq!(chain.len(), 1, "a self-signed CA sends only the leaf");
 
     let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
     let san = leaf.subject_alternative_name().unwrap().unwrap();
-    let uris: Vec<_> = san.value.general_names.iter().filter(|n| matches!(n, GeneralName::URI(_))).collect();
+    let uris: Vec<_> = san
+        .value
+        .general_names
+        .iter()
+        .filter(|n| matches!(n, GeneralName::URI(_)))
+        .collect();
     assert_eq!(uris.len(), 1);
-    assert!(san.critical, "SAN must be critical when the subject is empty");
-    assert!(leaf.subject().iter().next().is_none(), "leaf subject is empty");
+    assert!(
+        san.critical,
+        "SAN must be critical when the subject is empty"
+    );
+    assert!(
+        leaf.subject().iter().next().is_none(),
+        "leaf subject is empty"
+    );
     let bc = leaf.basic_constraints().unwrap().unwrap();
     assert!(!bc.value.ca);
     let ku = leaf.key_usage().unwrap().unwrap();
-    assert!(ku.critical && ku.value.digital_signature() && !ku.value.key_cert_sign() && !ku.value.crl_sign());
+    assert!(
+        ku.critical
+            && ku.value.digital_signature()
+            && !ku.value.key_cert_sign()
+            && !ku.value.crl_sign()
+    );
     let eku = leaf.extended_key_usage().unwrap().unwrap();
     assert!(eku.value.server_auth && eku.value.client_auth);
 
     let v = x509::validate_x509_svid(&chain, &bundle_of(&ca), t).unwrap();
-    assert_eq!(v.spiffe_id.as_str(), "spiffe://example.org/ns/default/sa/web");
+    assert_eq!(
+        v.spiffe_id.as_str(),
+        "spiffe://example.org/ns/default/sa/web"
+    );
     let info = x509::inspect_leaf(&chain[0]).unwrap();
     assert_eq!(info.dns_names, vec!["web.default.svc".to_string()]);
 
@@ -85,16 +138,20 @@ fn issued_svid_has_the_spec_shape_and_validates() {
 fn every_key_type_signs_and_validates() {
     let t = now();
     for kt in [KeyType::EcP256, KeyType::EcP384, KeyType::Ed25519] {
-        let ca = CertificateAuthority::new_self_signed(&params("example.org", kt, HOUR), t).unwrap();
+        let ca =
+            CertificateAuthority::new_self_signed(&params("example.org", kt, HOUR), t).unwrap();
         let chain = issue(&ca, "spiffe://example.org/w", HOUR, &[], t);
-        x509::validate_x509_svid(&chain, &bundle_of(&ca), t).unwrap_or_else(|e| panic!("{kt}: {e}"));
+        x509::validate_x509_svid(&chain, &bundle_of(&ca), t)
+            .unwrap_or_else(|e| panic!("{kt}: {e}"));
     }
 }
 
 #[test]
 fn leaf_ttl_is_clipped_to_the_ca_lifetime() {
     let t = now();
-    let ca = CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t).unwrap();
+    let ca =
+        CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t)
+            .unwrap();
     let chain = issue(&ca, "spiffe://example.org/w", 10 * HOUR, &[], t);
     let info = x509::inspect_leaf(&chain[0]).unwrap();
     assert!(info.not_after <= ca.not_after());
@@ -104,7 +161,11 @@ fn leaf_ttl_is_clipped_to_the_ca_lifetime() {
 #[test]
 fn expired_svid_is_rejected() {
     let t = now();
-    let ca = CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, 24 * HOUR), t).unwrap();
+    let ca = CertificateAuthority::new_self_signed(
+        &params("example.org", KeyType::EcP256, 24 * HOUR),
+        t,
+    )
+    .unwrap();
     let chain = issue(&ca, "spiffe://example.org/w", HOUR, &[], t);
     let e = x509::validate_x509_svid(&chain, &bundle_of(&ca), t + 2 * HOUR).unwrap_err();
     assert!(matches!(e, SvidError::Expired { index: 0, .. }), "{e}");
@@ -114,18 +175,32 @@ fn expired_svid_is_rejected() {
 #[test]
 fn wrong_trust_domain_is_rejected() {
     let t = now();
-    let ca = CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t).unwrap();
-    let other = CertificateAuthority::new_self_signed(&params("other.org", KeyType::EcP256, HOUR), t).unwrap();
+    let ca =
+        CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t)
+            .unwrap();
+    let other =
+        CertificateAuthority::new_self_signed(&params("other.org", KeyType::EcP256, HOUR), t)
+            .unwrap();
     let chain = issue(&ca, "spiffe://example.org/w", HOUR, &[], t);
     let e = x509::validate_x509_svid(&chain, &bundle_of(&other), t).unwrap_err();
-    assert_eq!(e, SvidError::WrongTrustDomain { expected: "other.org".into(), found: "example.org".into() });
+    assert_eq!(
+        e,
+        SvidError::WrongTrustDomain {
+            expected: "other.org".into(),
+            found: "example.org".into()
+        }
+    );
 }
 
 #[test]
 fn svid_from_another_ca_of_the_same_trust_domain_is_untrusted() {
     let t = now();
-    let ca = CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t).unwrap();
-    let rogue = CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t).unwrap();
+    let ca =
+        CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t)
+            .unwrap();
+    let rogue =
+        CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t)
+            .unwrap();
     let chain = issue(&rogue, "spiffe://example.org/w", HOUR, &[], t);
     let e = x509::validate_x509_svid(&chain, &bundle_of(&ca), t).unwrap_err();
     assert!(matches!(e, SvidError::Untrusted { .. }), "{e}");
@@ -148,7 +223,11 @@ fn raw_ca(name: &str) -> RawCa {
     p.not_before = ::time::OffsetDateTime::now_utc() - ::time::Duration::hours(1);
     p.not_after = ::time::OffsetDateTime::now_utc() + ::time::Duration::days(30);
     let cert = p.self_signed(&key).unwrap().der().to_vec();
-    RawCa { cert, key, params: p }
+    RawCa {
+        cert,
+        key,
+        params: p,
+    }
 }
 
 fn raw_leaf(ca: &RawCa, mutate: impl FnOnce(&mut CertificateParams)) -> Vec<u8> {
@@ -157,7 +236,10 @@ fn raw_leaf(ca: &RawCa, mutate: impl FnOnce(&mut CertificateParams)) -> Vec<u8> 
     p.distinguished_name = DistinguishedName::new();
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     p.subject_alt_names = vec![SanType::URI("spiffe://example.org/w".try_into().unwrap())];
     p.not_before = ::time::OffsetDateTime::now_utc() - ::time::Duration::minutes(1);
     p.not_after = ::time::OffsetDateTime::now_utc() + ::time::Duration::hours(1);
@@ -184,22 +266,38 @@ fn ca_certificate_as_leaf_is_rejected() {
     let ca = raw_ca("raw");
     let leaf = raw_leaf(&ca, |p| {
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign];
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ];
     });
-    assert_eq!(x509::validate_x509_svid(&[leaf], &raw_bundle(&ca), now()).unwrap_err(), SvidError::LeafIsCa);
+    assert_eq!(
+        x509::validate_x509_svid(&[leaf], &raw_bundle(&ca), now()).unwrap_err(),
+        SvidError::LeafIsCa
+    );
 }
 
 #[test]
 fn leaf_with_key_cert_sign_is_rejected() {
     let ca = raw_ca("raw");
-    let leaf = raw_leaf(&ca, |p| p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyCertSign]);
-    assert_eq!(x509::validate_x509_svid(&[leaf], &raw_bundle(&ca), now()).unwrap_err(), SvidError::LeafCanSign);
+    let leaf = raw_leaf(&ca, |p| {
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyCertSign,
+        ]
+    });
+    assert_eq!(
+        x509::validate_x509_svid(&[leaf], &raw_bundle(&ca), now()).unwrap_err(),
+        SvidError::LeafCanSign
+    );
 }
 
 #[test]
 fn leaf_without_digital_signature_is_rejected() {
     let ca = raw_ca("raw");
-    let leaf = raw_leaf(&ca, |p| p.key_usages = vec![KeyUsagePurpose::KeyEncipherment]);
+    let leaf = raw_leaf(&ca, |p| {
+        p.key_usages = vec![KeyUsagePurpose::KeyEncipherment]
+    });
     assert_eq!(
         x509::validate_x509_svid(&[leaf], &raw_bundle(&ca), now()).unwrap_err(),
         SvidError::MissingDigitalSignature
@@ -210,22 +308,34 @@ fn leaf_without_digital_signature_is_rejected() {
 fn two_uri_sans_are_rejected() {
     let ca = raw_ca("raw");
     let leaf = raw_leaf(&ca, |p| {
-        p.subject_alt_names.push(SanType::URI("spiffe://example.org/other".try_into().unwrap()));
+        p.subject_alt_names.push(SanType::URI(
+            "spiffe://example.org/other".try_into().unwrap(),
+        ));
     });
-    assert_eq!(x509::validate_x509_svid(&[leaf], &raw_bundle(&ca), now()).unwrap_err(), SvidError::MultipleUriSans(2));
+    assert_eq!(
+        x509::validate_x509_svid(&[leaf], &raw_bundle(&ca), now()).unwrap_err(),
+        SvidError::MultipleUriSans(2)
+    );
 }
 
 #[test]
 fn no_uri_san_is_rejected() {
     let ca = raw_ca("raw");
-    let leaf = raw_leaf(&ca, |p| p.subject_alt_names = vec![SanType::DnsName("x.example".try_into().unwrap())]);
-    assert_eq!(x509::validate_x509_svid(&[leaf], &raw_bundle(&ca), now()).unwrap_err(), SvidError::NoUriSan);
+    let leaf = raw_leaf(&ca, |p| {
+        p.subject_alt_names = vec![SanType::DnsName("x.example".try_into().unwrap())]
+    });
+    assert_eq!(
+        x509::validate_x509_svid(&[leaf], &raw_bundle(&ca), now()).unwrap_err(),
+        SvidError::NoUriSan
+    );
 }
 
 #[test]
 fn non_spiffe_uri_san_is_rejected() {
     let ca = raw_ca("raw");
-    let leaf = raw_leaf(&ca, |p| p.subject_alt_names = vec![SanType::URI("https://example.org/w".try_into().unwrap())]);
+    let leaf = raw_leaf(&ca, |p| {
+        p.subject_alt_names = vec![SanType::URI("https://example.org/w".try_into().unwrap())]
+    });
     assert!(matches!(
         x509::validate_x509_svid(&[leaf], &raw_bundle(&ca), now()).unwrap_err(),
         SvidError::InvalidSpiffeId(_)
@@ -240,7 +350,10 @@ fn garbage_chain_is_rejected() {
         SvidError::Malformed { index: 0, .. }
     ));
     let empty: [Vec<u8>; 0] = [];
-    assert_eq!(x509::validate_x509_svid(&empty, &raw_bundle(&ca), now()).unwrap_err(), SvidError::EmptyChain);
+    assert_eq!(
+        x509::validate_x509_svid(&empty, &raw_bundle(&ca), now()).unwrap_err(),
+        SvidError::EmptyChain
+    );
 }
 
 /// An enterprise root and an intermediate under it, as PEM (what an upstream Secret holds).
@@ -249,8 +362,13 @@ fn enterprise_pki(intermediate_days: i64, intermediate_is_ca: bool) -> (String, 
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut p = CertificateParams::default();
     p.distinguished_name = DistinguishedName::new();
-    p.distinguished_name.push(DnType::CommonName, "Enterprise Issuing CA");
-    p.is_ca = if intermediate_is_ca { IsCa::Ca(BasicConstraints::Unconstrained) } else { IsCa::ExplicitNoCa };
+    p.distinguished_name
+        .push(DnType::CommonName, "Enterprise Issuing CA");
+    p.is_ca = if intermediate_is_ca {
+        IsCa::Ca(BasicConstraints::Unconstrained)
+    } else {
+        IsCa::ExplicitNoCa
+    };
     p.key_usages = if intermediate_is_ca {
         vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign]
     } else {
@@ -260,7 +378,11 @@ fn enterprise_pki(intermediate_days: i64, intermediate_is_ca: bool) -> (String, 
     p.not_after = ::time::OffsetDateTime::now_utc() + ::time::Duration::days(intermediate_days);
     let issuer = Issuer::from_params(&root.params, &root.key);
     let cert = p.signed_by(&key, &issuer).unwrap();
-    (cert.pem(), key.serialize_pem(), x509::certs_to_pem(&[root.cert]))
+    (
+        cert.pem(),
+        key.serialize_pem(),
+        x509::certs_to_pem(&[root.cert]),
+    )
 }
 
 #[test]
@@ -268,8 +390,17 @@ fn intermediate_under_upstream_chains_to_the_enterprise_root() {
     let t = now();
     let (cert, key, root) = enterprise_pki(30, true);
     let upstream = UpstreamAuthority::from_pem(&cert, &key, Some(&root)).unwrap();
-    let ca = CertificateAuthority::new_under_upstream(&params("example.org", KeyType::EcP256, 24 * HOUR), &upstream, t).unwrap();
-    assert_eq!(ca.trust_anchors(), upstream.roots(), "the bundle publishes the enterprise root");
+    let ca = CertificateAuthority::new_under_upstream(
+        &params("example.org", KeyType::EcP256, 24 * HOUR),
+        &upstream,
+        t,
+    )
+    .unwrap();
+    assert_eq!(
+        ca.trust_anchors(),
+        upstream.roots(),
+        "the bundle publishes the enterprise root"
+    );
     let chain = issue(&ca, "spiffe://example.org/w", HOUR, &[], t);
     assert_eq!(chain.len(), 3, "leaf, Sigil CA, enterprise intermediate");
     x509::validate_x509_svid(&chain, &bundle_of(&ca), t).unwrap();
@@ -283,48 +414,83 @@ fn intermediate_under_upstream_chains_to_the_enterprise_root() {
 #[test]
 fn upstream_that_is_not_a_ca_is_refused() {
     let (cert, key, root) = enterprise_pki(30, false);
-    assert!(matches!(UpstreamAuthority::from_pem(&cert, &key, Some(&root)).unwrap_err(), UpstreamError::NotACa { .. }));
+    assert!(matches!(
+        UpstreamAuthority::from_pem(&cert, &key, Some(&root)).unwrap_err(),
+        UpstreamError::NotACa { .. }
+    ));
 }
 
 #[test]
 fn upstream_key_mismatch_is_refused() {
     let (cert, _, root) = enterprise_pki(30, true);
-    let other = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap().serialize_pem();
-    assert_eq!(UpstreamAuthority::from_pem(&cert, &other, Some(&root)).unwrap_err(), UpstreamError::KeyMismatch);
+    let other = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .unwrap()
+        .serialize_pem();
+    assert_eq!(
+        UpstreamAuthority::from_pem(&cert, &other, Some(&root)).unwrap_err(),
+        UpstreamError::KeyMismatch
+    );
 }
 
 #[test]
 fn upstream_expiring_before_the_ca_ttl_is_refused() {
     let (cert, key, root) = enterprise_pki(1, true);
     let upstream = UpstreamAuthority::from_pem(&cert, &key, Some(&root)).unwrap();
-    let e = CertificateAuthority::new_under_upstream(&params("example.org", KeyType::EcP256, 48 * HOUR), &upstream, now())
-        .unwrap_err();
-    assert!(matches!(e, CaError::Upstream(UpstreamError::ExpiresTooSoon { .. })), "{e}");
+    let e = CertificateAuthority::new_under_upstream(
+        &params("example.org", KeyType::EcP256, 48 * HOUR),
+        &upstream,
+        now(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, CaError::Upstream(UpstreamError::ExpiresTooSoon { .. })),
+        "{e}"
+    );
     assert!(e.to_string().contains("caTTL"), "{e}");
-    let e = upstream.check_lifetime(now() + 72 * HOUR, HOUR).unwrap_err();
+    let e = upstream
+        .check_lifetime(now() + 72 * HOUR, HOUR)
+        .unwrap_err();
     assert!(matches!(e, UpstreamError::Expired { .. }), "{e}");
 }
 
 #[test]
 fn upstream_without_root_is_refused() {
     let (cert, key, _) = enterprise_pki(30, true);
-    assert_eq!(UpstreamAuthority::from_pem(&cert, &key, None).unwrap_err(), UpstreamError::NoRoot);
+    assert_eq!(
+        UpstreamAuthority::from_pem(&cert, &key, None).unwrap_err(),
+        UpstreamError::NoRoot
+    );
 }
 
 #[test]
 fn persisted_ca_reloads_and_checks_its_key() {
     let t = now();
-    let ca = CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t).unwrap();
+    let ca =
+        CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t)
+            .unwrap();
     let key = PrivateKey::from_pem(&ca.key_pkcs8_pem()).unwrap();
-    let again = CertificateAuthority::load(td("example.org"), ca.certificate().to_vec(), vec![], ca.trust_anchors().to_vec(), key)
-        .unwrap();
+    let again = CertificateAuthority::load(
+        td("example.org"),
+        ca.certificate().to_vec(),
+        vec![],
+        ca.trust_anchors().to_vec(),
+        key,
+    )
+    .unwrap();
     assert_eq!(again.serial(), ca.serial());
     let chain = issue(&again, "spiffe://example.org/w", HOUR, &[], t);
     x509::validate_x509_svid(&chain, &bundle_of(&ca), t).unwrap();
 
     let wrong = PrivateKey::generate(KeyType::EcP256).unwrap();
     assert!(matches!(
-        CertificateAuthority::load(td("example.org"), ca.certificate().to_vec(), vec![], vec![], wrong).unwrap_err(),
+        CertificateAuthority::load(
+            td("example.org"),
+            ca.certificate().to_vec(),
+            vec![],
+            vec![],
+            wrong
+        )
+        .unwrap_err(),
         CaError::KeyMismatch
     ));
 }
@@ -332,33 +498,66 @@ fn persisted_ca_reloads_and_checks_its_key() {
 #[test]
 fn ca_refuses_to_sign_after_expiry() {
     let t = now();
-    let ca = CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t).unwrap();
+    let ca =
+        CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t)
+            .unwrap();
     let (_, csr) = csr_for("spiffe://example.org/w");
     let parsed = x509::parse_csr(&csr).unwrap();
     let id = SpiffeId::parse("spiffe://example.org/w").unwrap();
-    let e = ca.sign_csr(&parsed, &SvidTemplate { spiffe_id: &id, ttl: HOUR, dns_names: &[] }, t + 2 * HOUR).unwrap_err();
+    let e = ca
+        .sign_csr(
+            &parsed,
+            &SvidTemplate {
+                spiffe_id: &id,
+                ttl: HOUR,
+                dns_names: &[],
+            },
+            t + 2 * HOUR,
+        )
+        .unwrap_err();
     assert!(matches!(e, CaError::Expired(_)));
 }
 
 #[test]
 fn bad_dns_names_are_refused() {
     let t = now();
-    let ca = CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t).unwrap();
+    let ca =
+        CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t)
+            .unwrap();
     let (_, csr) = csr_for("spiffe://example.org/w");
     let parsed = x509::parse_csr(&csr).unwrap();
     let id = SpiffeId::parse("spiffe://example.org/w").unwrap();
     let dns = vec!["bad name!".to_string()];
-    let e = ca.sign_csr(&parsed, &SvidTemplate { spiffe_id: &id, ttl: HOUR, dns_names: &dns }, t).unwrap_err();
+    let e = ca
+        .sign_csr(
+            &parsed,
+            &SvidTemplate {
+                spiffe_id: &id,
+                ttl: HOUR,
+                dns_names: &dns,
+            },
+            t,
+        )
+        .unwrap_err();
     assert!(matches!(e, CaError::BadDnsName(_)), "{e}");
 }
 
 #[test]
 fn csr_parsing_rules() {
     let (_, good) = csr_for("spiffe://example.org/w");
-    assert_eq!(x509::parse_csr(&good).unwrap().spiffe_id.as_str(), "spiffe://example.org/w");
+    assert_eq!(
+        x509::parse_csr(&good).unwrap().spiffe_id.as_str(),
+        "spiffe://example.org/w"
+    );
 
-    assert!(matches!(x509::parse_csr(b"garbage").unwrap_err(), CsrError::Malformed(_)));
-    assert!(matches!(x509::parse_csr(&vec![0u8; 9000]).unwrap_err(), CsrError::TooLarge(9000, _)));
+    assert!(matches!(
+        x509::parse_csr(b"garbage").unwrap_err(),
+        CsrError::Malformed(_)
+    ));
+    assert!(matches!(
+        x509::parse_csr(&vec![0u8; 9000]).unwrap_err(),
+        CsrError::TooLarge(9000, _)
+    ));
 
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut p = CertificateParams::default();
@@ -367,7 +566,10 @@ fn csr_parsing_rules() {
         SanType::URI("spiffe://example.org/b".try_into().unwrap()),
     ];
     let two = p.serialize_request(&key).unwrap().der().to_vec();
-    assert_eq!(x509::parse_csr(&two).unwrap_err(), CsrError::MultipleUriSans(2));
+    assert_eq!(
+        x509::parse_csr(&two).unwrap_err(),
+        CsrError::MultipleUriSans(2)
+    );
 
     p.subject_alt_names = vec![];
     let none = p.serialize_request(&key).unwrap().der().to_vec();
@@ -375,19 +577,27 @@ fn csr_parsing_rules() {
 
     p.subject_alt_names = vec![SanType::URI("spiffe://Example.org/a".try_into().unwrap())];
     let bad_id = p.serialize_request(&key).unwrap().der().to_vec();
-    assert!(matches!(x509::parse_csr(&bad_id).unwrap_err(), CsrError::InvalidSpiffeId(_)));
+    assert!(matches!(
+        x509::parse_csr(&bad_id).unwrap_err(),
+        CsrError::InvalidSpiffeId(_)
+    ));
 
     // Flip a byte inside the signature: proof of possession fails.
     let mut tampered = good.clone();
     let n = tampered.len();
     tampered[n - 5] ^= 0x55;
-    assert!(matches!(x509::parse_csr(&tampered).unwrap_err(), CsrError::BadSignature | CsrError::Malformed(_)));
+    assert!(matches!(
+        x509::parse_csr(&tampered).unwrap_err(),
+        CsrError::BadSignature | CsrError::Malformed(_)
+    ));
 }
 
 #[test]
 fn pem_and_der_helpers_round_trip() {
     let t = now();
-    let ca = CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t).unwrap();
+    let ca =
+        CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t)
+            .unwrap();
     let chain = issue(&ca, "spiffe://example.org/w", HOUR, &[], t);
     let all = [chain[0].clone(), ca.certificate().to_vec()];
     let pem = x509::certs_to_pem(&all);

@@ -7,14 +7,21 @@ use std::time::{Duration, SystemTime};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use sigil_identity::ca::{CaParams, CaSubject, CertificateAuthority, SvidTemplate};
 use sigil_identity::keys::{KeyType, PrivateKey};
-use sigil_identity::tls::{self, Authorizer, SharedBundles, SpiffeClientVerifier, SpiffeServerVerifier, SwappableCert};
+use sigil_identity::tls::{
+    self, Authorizer, SharedBundles, SpiffeClientVerifier, SpiffeServerVerifier, SwappableCert,
+};
 use sigil_identity::{BundleSet, SpiffeId, TrustBundle, TrustDomain};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 fn ca(td: &str) -> CertificateAuthority {
     CertificateAuthority::new_self_signed(
-        &CaParams { trust_domain: TrustDomain::new(td).unwrap(), key_type: KeyType::EcP256, ttl: Duration::from_secs(3600), subject: CaSubject::default() },
+        &CaParams {
+            trust_domain: TrustDomain::new(td).unwrap(),
+            key_type: KeyType::EcP256,
+            ttl: Duration::from_secs(3600),
+            subject: CaSubject::default(),
+        },
         SystemTime::now(),
     )
     .unwrap()
@@ -27,9 +34,23 @@ fn svid(ca: &CertificateAuthority, id: &str) -> Arc<SwappableCert> {
     p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
     let csr = sigil_identity::x509::parse_csr(p.serialize_request(&key).unwrap().der()).unwrap();
     let sid = SpiffeId::parse(id).unwrap();
-    let issued = ca.sign_csr(&csr, &SvidTemplate { spiffe_id: &sid, ttl: Duration::from_secs(600), dns_names: &[] }, SystemTime::now()).unwrap();
+    let issued = ca
+        .sign_csr(
+            &csr,
+            &SvidTemplate {
+                spiffe_id: &sid,
+                ttl: Duration::from_secs(600),
+                dns_names: &[],
+            },
+            SystemTime::now(),
+        )
+        .unwrap();
     let cert = SwappableCert::new();
-    cert.set(&issued.chain(), &PrivateKey::from_pem(&key.serialize_pem()).unwrap()).unwrap();
+    cert.set(
+        &issued.chain(),
+        &PrivateKey::from_pem(&key.serialize_pem()).unwrap(),
+    )
+    .unwrap();
     cert
 }
 
@@ -54,8 +75,16 @@ async fn handshake(
     client_bundles: Arc<SharedBundles>,
     server_authz: Authorizer,
 ) -> (Result<(), String>, Option<SpiffeId>) {
-    let scfg = tls::server_config(server_cert, SpiffeClientVerifier::new(server_bundles, client_authz, optional)).unwrap();
-    let ccfg = tls::client_config(client_cert, SpiffeServerVerifier::new(client_bundles, server_authz)).unwrap();
+    let scfg = tls::server_config(
+        server_cert,
+        SpiffeClientVerifier::new(server_bundles, client_authz, optional),
+    )
+    .unwrap();
+    let ccfg = tls::client_config(
+        client_cert,
+        SpiffeServerVerifier::new(client_bundles, server_authz),
+    )
+    .unwrap();
     let (a, b) = tokio::io::duplex(64 * 1024);
     let server = tokio::spawn(async move {
         let mut s = TlsAcceptor::from(Arc::new(scfg)).accept(a).await.ok()?;
@@ -68,7 +97,10 @@ async fn handshake(
     });
     let client = async move {
         let name = rustls::pki_types::ServerName::try_from("operator.sigil").unwrap();
-        let mut c = TlsConnector::from(Arc::new(ccfg)).connect(name, b).await.map_err(|e| e.to_string())?;
+        let mut c = TlsConnector::from(Arc::new(ccfg))
+            .connect(name, b)
+            .await
+            .map_err(|e| e.to_string())?;
         c.write_all(b"ping").await.map_err(|e| e.to_string())?;
         let mut buf = [0u8; 4];
         c.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
@@ -97,7 +129,10 @@ async fn mutual_tls_authenticates_both_sides_by_spiffe_id() {
     )
     .await;
     res.unwrap();
-    assert_eq!(peer.unwrap().as_str(), "spiffe://example.org/sigil/agent/k8s_psat/c/n1");
+    assert_eq!(
+        peer.unwrap().as_str(),
+        "spiffe://example.org/sigil/agent/k8s_psat/c/n1"
+    );
 }
 
 #[tokio::test]
@@ -127,9 +162,20 @@ async fn server_refuses_a_client_from_an_untrusted_ca() {
     let server = svid(&ca, "spiffe://example.org/sigil/operator");
     let client = svid(&rogue, "spiffe://example.org/agent");
     let b = bundles(&[&ca]);
-    let (res, peer) =
-        handshake(server, b.clone(), Authorizer::Any, false, client, b, Authorizer::Any).await;
-    assert!(res.is_err() || peer.is_none(), "untrusted client must not be accepted");
+    let (res, peer) = handshake(
+        server,
+        b.clone(),
+        Authorizer::Any,
+        false,
+        client,
+        b,
+        Authorizer::Any,
+    )
+    .await;
+    assert!(
+        res.is_err() || peer.is_none(),
+        "untrusted client must not be accepted"
+    );
 }
 
 fn ca_rogue() -> CertificateAuthority {
@@ -141,7 +187,16 @@ async fn optional_client_auth_lets_anonymous_clients_in() {
     let ca = ca("example.org");
     let server = svid(&ca, "spiffe://example.org/sigil/operator");
     let b = bundles(&[&ca]);
-    let (res, peer) = handshake(server, b.clone(), Authorizer::Any, true, SwappableCert::new(), b, Authorizer::Any).await;
+    let (res, peer) = handshake(
+        server,
+        b.clone(),
+        Authorizer::Any,
+        true,
+        SwappableCert::new(),
+        b,
+        Authorizer::Any,
+    )
+    .await;
     res.unwrap();
     assert!(peer.is_none());
 }
@@ -153,11 +208,32 @@ async fn bundle_updates_apply_to_new_handshakes() {
     let server = svid(&new, "spiffe://example.org/sigil/operator");
     let client_bundles = bundles(&[&old]);
     let b = bundles(&[&new]);
-    let (res, _) = handshake(server.clone(), b.clone(), Authorizer::Any, true, SwappableCert::new(), client_bundles.clone(), Authorizer::Any).await;
-    assert!(res.is_err(), "server signed by a CA the client does not know yet");
+    let (res, _) = handshake(
+        server.clone(),
+        b.clone(),
+        Authorizer::Any,
+        true,
+        SwappableCert::new(),
+        client_bundles.clone(),
+        Authorizer::Any,
+    )
+    .await;
+    assert!(
+        res.is_err(),
+        "server signed by a CA the client does not know yet"
+    );
     let mut nb = TrustBundle::new(TrustDomain::new("example.org").unwrap());
     nb.x509_authorities = [old.trust_anchors(), new.trust_anchors()].concat();
     client_bundles.upsert(nb);
-    let (res, _) = handshake(server, b, Authorizer::Any, true, SwappableCert::new(), client_bundles, Authorizer::Any).await;
+    let (res, _) = handshake(
+        server,
+        b,
+        Authorizer::Any,
+        true,
+        SwappableCert::new(),
+        client_bundles,
+        Authorizer::Any,
+    )
+    .await;
     res.unwrap();
 }

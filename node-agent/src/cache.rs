@@ -59,7 +59,10 @@ pub struct Cache {
 
 impl Default for Cache {
     fn default() -> Self {
-        Self { state: RwLock::default(), version: watch::channel(0).0 }
+        Self {
+            state: RwLock::default(),
+            version: watch::channel(0).0,
+        }
     }
 }
 
@@ -107,7 +110,10 @@ impl Cache {
     /// Replaces all entries (a full snapshot). SVIDs of entries that disappeared are dropped.
     pub fn replace_entries(&self, entries: Vec<RegistrationEntry>, revision: u64) {
         let mut s = self.write();
-        s.entries = entries.into_iter().map(|e| (e.id.clone(), Arc::new(e))).collect();
+        s.entries = entries
+            .into_iter()
+            .map(|e| (e.id.clone(), Arc::new(e)))
+            .collect();
         let keep: BTreeSet<String> = s.entries.keys().cloned().collect();
         s.svids.retain(|id, _| keep.contains(id));
         s.jwts.retain(|(id, _), _| keep.contains(id));
@@ -117,12 +123,19 @@ impl Cache {
     }
 
     /// Applies a change set.
-    pub fn apply_changes(&self, upserts: Vec<RegistrationEntry>, removed: &[String], revision: u64) {
+    pub fn apply_changes(
+        &self,
+        upserts: Vec<RegistrationEntry>,
+        removed: &[String],
+        revision: u64,
+    ) {
         let mut s = self.write();
         for e in upserts {
             // An entry whose SPIFFE ID, DNS names or TTL changed needs a new SVID.
             if let Some(old) = s.entries.get(&e.id)
-                && (old.spiffe_id != e.spiffe_id || old.dns_names != e.dns_names || old.x509_ttl != e.x509_ttl)
+                && (old.spiffe_id != e.spiffe_id
+                    || old.dns_names != e.dns_names
+                    || old.x509_ttl != e.x509_ttl)
             {
                 s.svids.remove(&e.id);
                 s.jwts.retain(|(id, _), _| id != &e.id);
@@ -182,7 +195,9 @@ impl Cache {
     pub fn put_svid(&self, svid: HeldSvid) -> bool {
         let mut s = self.write();
         let current = s.entries.get(&svid.entry.id);
-        let still_valid = current.is_some_and(|e| e.spiffe_id == svid.entry.spiffe_id && e.dns_names == svid.entry.dns_names);
+        let still_valid = current.is_some_and(|e| {
+            e.spiffe_id == svid.entry.spiffe_id && e.dns_names == svid.entry.dns_names
+        });
         if !still_valid {
             return false;
         }
@@ -197,7 +212,11 @@ impl Cache {
         let s = self.read();
         s.entries
             .values()
-            .filter(|e| s.svids.get(&e.id).is_none_or(|h| h.rotate_at <= now || h.not_after <= now))
+            .filter(|e| {
+                s.svids
+                    .get(&e.id)
+                    .is_none_or(|h| h.rotate_at <= now || h.not_after <= now)
+            })
             .cloned()
             .collect()
     }
@@ -228,9 +247,18 @@ impl Cache {
         }
         // Stable order: by SPIFFE ID then entry ID, so the "default" SVID (the first) does
         // not jump around between updates.
-        v.svids.sort_by(|a, b| (&a.entry.spiffe_id, &a.entry.id).cmp(&(&b.entry.spiffe_id, &b.entry.id)));
-        v.own_bundles = own.iter().filter_map(|td| s.bundles.get(td).cloned()).collect();
-        v.federated = fed.iter().filter(|td| !own.contains(*td)).filter_map(|td| s.bundles.get(td).cloned()).collect();
+        v.svids.sort_by(|a, b| {
+            (&a.entry.spiffe_id, &a.entry.id).cmp(&(&b.entry.spiffe_id, &b.entry.id))
+        });
+        v.own_bundles = own
+            .iter()
+            .filter_map(|td| s.bundles.get(td).cloned())
+            .collect();
+        v.federated = fed
+            .iter()
+            .filter(|td| !own.contains(*td))
+            .filter_map(|td| s.bundles.get(td).cloned())
+            .collect();
         v
     }
 
@@ -300,7 +328,13 @@ mod tests {
     fn entries_svids_and_views() {
         let c = Cache::new();
         let mut rx = c.subscribe();
-        c.replace_entries(vec![entry("a", "spiffe://td/a", &["k8s:pod-uid:1"]), entry("b", "spiffe://td/b", &["k8s:pod-uid:2"])], 5);
+        c.replace_entries(
+            vec![
+                entry("a", "spiffe://td/a", &["k8s:pod-uid:1"]),
+                entry("b", "spiffe://td/b", &["k8s:pod-uid:2"]),
+            ],
+            5,
+        );
         assert!(rx.has_changed().unwrap());
         rx.borrow_and_update();
         assert_eq!(c.revision(), 5);
@@ -330,7 +364,11 @@ mod tests {
         }));
         assert!(c.svid("a").is_some());
         assert!(c.needing_svids(now).is_empty());
-        c.apply_changes(vec![entry("a", "spiffe://td/renamed", &["k8s:pod-uid:1"])], &[], 2);
+        c.apply_changes(
+            vec![entry("a", "spiffe://td/renamed", &["k8s:pod-uid:1"])],
+            &[],
+            2,
+        );
         assert!(c.svid("a").is_none());
     }
 }

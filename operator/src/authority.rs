@@ -13,9 +13,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sigil_identity::TrustBundle;
+use sigil_identity::TrustDomain;
 use sigil_identity::ca::CertificateAuthority;
 use sigil_identity::jwt::JwtKey;
-use sigil_identity::TrustDomain;
 use tokio::sync::watch;
 
 /// What one replica needs to issue for one trust domain.
@@ -49,7 +49,10 @@ pub struct Authorities {
 
 impl Default for Authorities {
     fn default() -> Self {
-        Self { domains: RwLock::default(), version: watch::channel(0).0 }
+        Self {
+            domains: RwLock::default(),
+            version: watch::channel(0).0,
+        }
     }
 }
 
@@ -61,12 +64,21 @@ impl Authorities {
 
     /// The authority for `td`, if loaded.
     pub fn get(&self, td: &TrustDomain) -> Option<Arc<DomainAuthority>> {
-        self.domains.read().unwrap_or_else(|p| p.into_inner()).get(td).cloned()
+        self.domains
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(td)
+            .cloned()
     }
 
     /// Every loaded authority.
     pub fn all(&self) -> Vec<Arc<DomainAuthority>> {
-        self.domains.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.domains
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Installs (or replaces) the authority of its trust domain and announces the change.
@@ -91,7 +103,12 @@ impl Authorities {
 
     /// Forgets a trust domain (its TrustDomain object was deleted).
     pub fn remove(&self, td: &TrustDomain) {
-        let removed = self.domains.write().unwrap_or_else(|p| p.into_inner()).remove(td).is_some();
+        let removed = self
+            .domains
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(td)
+            .is_some();
         if removed {
             self.version.send_modify(|v| *v += 1);
         }

@@ -50,7 +50,11 @@ pub enum CgroupError {
 pub fn pod_container_of(proc_root: &Path, pid: i32) -> Result<Option<PodContainer>, CgroupError> {
     let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
         .map_err(|source| CgroupError::Read { pid, source })?;
-    parse_cgroup_file(&text).map_err(|(first, second)| CgroupError::Inconsistent { pid, first, second })
+    parse_cgroup_file(&text).map_err(|(first, second)| CgroupError::Inconsistent {
+        pid,
+        first,
+        second,
+    })
 }
 
 /// Parses the content of a `/proc/<pid>/cgroup` file. `Ok(None)` means the process is not
@@ -60,7 +64,9 @@ pub fn parse_cgroup_file(text: &str) -> Result<Option<PodContainer>, (PodContain
     for line in text.lines() {
         // hierarchy-ID:controller-list:path; the path may itself contain ':'.
         let mut parts = line.splitn(3, ':');
-        let (Some(_), Some(_), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let (Some(_), Some(_), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
         if let Some(pc) = parse_cgroup_path(path) {
             match &found {
                 None => found = Some(pc),
@@ -78,9 +84,16 @@ pub fn parse_cgroup_path(path: &str) -> Option<PodContainer> {
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     // Find the pod segment, then the container segment right after it.
     for (i, seg) in segments.iter().enumerate() {
-        let Some(uid) = pod_uid_from_segment(seg) else { continue };
-        let container = segments.get(i + 1).and_then(|s| container_id_from_segment(s))?;
-        return Some(PodContainer { pod_uid: uid, container_id: container });
+        let Some(uid) = pod_uid_from_segment(seg) else {
+            continue;
+        };
+        let container = segments
+            .get(i + 1)
+            .and_then(|s| container_id_from_segment(s))?;
+        return Some(PodContainer {
+            pod_uid: uid,
+            container_id: container,
+        });
     }
     None
 }
@@ -104,22 +117,36 @@ fn is_uid(s: &str) -> bool {
     // RFC 4122 textual form: 8-4-4-4-12 hex.
     let parts: Vec<&str> = s.split('-').collect();
     parts.len() == 5
-        && [8, 4, 4, 4, 12].iter().zip(&parts).all(|(n, p)| p.len() == *n && p.chars().all(|c| c.is_ascii_hexdigit()))
+        && [8, 4, 4, 4, 12]
+            .iter()
+            .zip(&parts)
+            .all(|(n, p)| p.len() == *n && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 fn container_id_from_segment(seg: &str) -> Option<String> {
     let core = seg.strip_suffix(".scope").unwrap_or(seg);
-    let id = ["cri-containerd-", "crio-conmon-", "crio-", "cri-o-", "docker-", "containerd-"]
-        .iter()
-        .find_map(|p| core.strip_prefix(p))
-        .unwrap_or(core);
-    (id.len() >= 12 && id.len() <= 128 && id.chars().all(|c| c.is_ascii_hexdigit())).then(|| id.to_ascii_lowercase())
+    let id = [
+        "cri-containerd-",
+        "crio-conmon-",
+        "crio-",
+        "cri-o-",
+        "docker-",
+        "containerd-",
+    ]
+    .iter()
+    .find_map(|p| core.strip_prefix(p))
+    .unwrap_or(core);
+    (id.len() >= 12 && id.len() <= 128 && id.chars().all(|c| c.is_ascii_hexdigit()))
+        .then(|| id.to_ascii_lowercase())
 }
 
 /// Strips the runtime scheme from a `status.containerStatuses[].containerID`
 /// (`containerd://<id>`, `cri-o://<id>`, `docker://<id>`).
 pub fn strip_runtime_prefix(container_id: &str) -> &str {
-    container_id.split_once("://").map(|(_, id)| id).unwrap_or(container_id)
+    container_id
+        .split_once("://")
+        .map(|(_, id)| id)
+        .unwrap_or(container_id)
 }
 
 #[cfg(test)]
@@ -141,7 +168,9 @@ mod tests {
         expect(&format!("/kubepods/besteffort/pod{UID}/{CID}"));
         expect(&format!("/kubepods/burstable/pod{UID}/{CID}"));
         expect(&format!("/kubepods/pod{UID}/{CID}"));
-        expect(&format!("/docker/abcdef/kubepods/besteffort/pod{UID}/{CID}"));
+        expect(&format!(
+            "/docker/abcdef/kubepods/besteffort/pod{UID}/{CID}"
+        ));
     }
 
     #[test]
@@ -152,7 +181,9 @@ mod tests {
                 "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/{runtime}-{CID}.scope"
             ));
         }
-        expect(&format!("/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{CID}.scope"));
+        expect(&format!(
+            "/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{CID}.scope"
+        ));
     }
 
     #[test]
@@ -161,20 +192,35 @@ mod tests {
             "12:pids:/kubepods/besteffort/pod{UID}/{CID}\n11:memory:/kubepods/besteffort/pod{UID}/{CID}\n1:name=systemd:/\n"
         );
         assert_eq!(parse_cgroup_file(&v1).unwrap().unwrap().pod_uid, UID);
-        let v2 = format!("0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{CID}.scope\n", UID.replace('-', "_"));
+        let v2 = format!(
+            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{CID}.scope\n",
+            UID.replace('-', "_")
+        );
         assert_eq!(parse_cgroup_file(&v2).unwrap().unwrap().container_id, CID);
     }
 
     #[test]
     fn host_processes_are_not_pods() {
         assert_eq!(parse_cgroup_file("0::/\n").unwrap(), None);
-        assert_eq!(parse_cgroup_file("0::/system.slice/sshd.service\n4:memory:/user.slice\n").unwrap(), None);
+        assert_eq!(
+            parse_cgroup_file("0::/system.slice/sshd.service\n4:memory:/user.slice\n").unwrap(),
+            None
+        );
         // A pod cgroup itself (the pause level) with no container below it.
-        assert_eq!(parse_cgroup_path(&format!("/kubepods/besteffort/pod{UID}")), None);
+        assert_eq!(
+            parse_cgroup_path(&format!("/kubepods/besteffort/pod{UID}")),
+            None
+        );
         // Not a UID.
-        assert_eq!(parse_cgroup_path(&format!("/kubepods/besteffort/podnot-a-uid/{CID}")), None);
+        assert_eq!(
+            parse_cgroup_path(&format!("/kubepods/besteffort/podnot-a-uid/{CID}")),
+            None
+        );
         // Not hex.
-        assert_eq!(parse_cgroup_path(&format!("/kubepods/besteffort/pod{UID}/zzzz-not-hex")), None);
+        assert_eq!(
+            parse_cgroup_path(&format!("/kubepods/besteffort/pod{UID}/zzzz-not-hex")),
+            None
+        );
     }
 
     #[test]

@@ -65,7 +65,11 @@ impl ApiPodSource {
                 }
             }
         });
-        Self { store, version, synced }
+        Self {
+            store,
+            version,
+            synced,
+        }
     }
 }
 
@@ -88,7 +92,9 @@ impl PodSource for ApiPodSource {
 #[non_exhaustive]
 pub enum K8sAttestError {
     /// The deadline passed before the pod (or its container status) was seen.
-    #[error("pod {pod_uid} / container {container_id} not found on this node within {waited:?} ({what})")]
+    #[error(
+        "pod {pod_uid} / container {container_id} not found on this node within {waited:?} ({what})"
+    )]
     NotFound {
         /// Pod UID from the cgroup.
         pod_uid: String,
@@ -126,7 +132,10 @@ pub async fn find_container(
         if let Some(pod) = &pod
             && let Some(c) = container_status(pod, container_id)
         {
-            return Ok(PodMatch { pod: pod.clone(), container: c });
+            return Ok(PodMatch {
+                pod: pod.clone(),
+                container: c,
+            });
         }
         tokio::select! {
             r = changes.changed() => if r.is_err() { break },
@@ -140,7 +149,12 @@ pub async fn find_container(
             }
         }
     }
-    Err(K8sAttestError::NotFound { pod_uid: pod_uid.into(), container_id: container_id.into(), waited: timeout, what: "pod source stopped" })
+    Err(K8sAttestError::NotFound {
+        pod_uid: pod_uid.into(),
+        container_id: container_id.into(),
+        waited: timeout,
+        what: "pod source stopped",
+    })
 }
 
 fn container_status(pod: &Pod, container_id: &str) -> Option<ContainerStatus> {
@@ -162,7 +176,11 @@ pub fn selectors(m: &PodMatch) -> Vec<Selector> {
     let mut v = Vec::new();
     let mut push = |s: String| v.push(Selector::new("k8s", s));
     push(format!("ns:{}", pod.namespace().unwrap_or_default()));
-    if let Some(sa) = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()) {
+    if let Some(sa) = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+    {
         push(format!("sa:{sa}"));
     }
     push(format!("pod-uid:{}", pod.uid().unwrap_or_default()));
@@ -183,12 +201,21 @@ pub fn selectors(m: &PodMatch) -> Vec<Selector> {
         push(format!("container-image:{}", m.container.image_id));
     }
     if let Some(spec) = pod.spec.as_ref() {
-        let images: Vec<&str> = spec.containers.iter().filter_map(|c| c.image.as_deref()).collect();
+        let images: Vec<&str> = spec
+            .containers
+            .iter()
+            .filter_map(|c| c.image.as_deref())
+            .collect();
         for i in &images {
             push(format!("pod-image:{i}"));
         }
         push(format!("pod-image-count:{}", images.len()));
-        let init: Vec<&str> = spec.init_containers.iter().flatten().filter_map(|c| c.image.as_deref()).collect();
+        let init: Vec<&str> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .filter_map(|c| c.image.as_deref())
+            .collect();
         for i in &init {
             push(format!("pod-init-image:{i}"));
         }

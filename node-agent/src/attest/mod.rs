@@ -68,8 +68,18 @@ pub struct WorkloadAttestor {
 
 impl WorkloadAttestor {
     /// `pods` is None when the agent runs without Kubernetes (unix selectors only).
-    pub fn new(proc_root: PathBuf, etc: PathBuf, pods: Option<Arc<dyn PodSource>>, pod_timeout: Duration) -> Self {
-        Self { unix: unix::UnixAttestor::new(etc), pods, proc_root, pod_timeout }
+    pub fn new(
+        proc_root: PathBuf,
+        etc: PathBuf,
+        pods: Option<Arc<dyn PodSource>>,
+        pod_timeout: Duration,
+    ) -> Self {
+        Self {
+            unix: unix::UnixAttestor::new(etc),
+            pods,
+            proc_root,
+            pod_timeout,
+        }
     }
 
     /// The proc root used for peers.
@@ -86,7 +96,13 @@ impl WorkloadAttestor {
         if let Some(pc) = cgroup::pod_container_of(&self.proc_root, peer.pid)?
             && let Some(source) = &self.pods
         {
-            let m = k8s::find_container(source.as_ref(), &pc.pod_uid, &pc.container_id, self.pod_timeout).await?;
+            let m = k8s::find_container(
+                source.as_ref(),
+                &pc.pod_uid,
+                &pc.container_id,
+                self.pod_timeout,
+            )
+            .await?;
             out.selectors.extend(k8s::selectors(&m));
             out.pod = Some(m);
         }

@@ -54,7 +54,13 @@ impl PeerProcess {
     /// Pins a known PID (for tests and for the Broker API's PID references).
     pub fn pin(pid: i32, uid: u32, gid: u32, proc_root: &Path) -> Result<Self, PeerError> {
         let start_time = start_time(proc_root, pid).ok_or(PeerError::Exited(pid))?;
-        Ok(Self { pid, uid, gid, start_time, proc_root: proc_root.to_path_buf() })
+        Ok(Self {
+            pid,
+            uid,
+            gid,
+            start_time,
+            proc_root: proc_root.to_path_buf(),
+        })
     }
 
     /// Fails when the PID no longer belongs to the process that connected.
@@ -117,7 +123,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("42")).unwrap();
         let fields: Vec<String> = (3..=30).map(|i| i.to_string()).collect();
-        std::fs::write(dir.path().join("42/stat"), format!("42 (we ird) (x) {}", fields.join(" "))).unwrap();
+        std::fs::write(
+            dir.path().join("42/stat"),
+            format!("42 (we ird) (x) {}", fields.join(" ")),
+        )
+        .unwrap();
         assert_eq!(start_time(dir.path(), 42), Some(22));
     }
 }

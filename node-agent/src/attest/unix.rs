@@ -30,12 +30,18 @@ pub struct UnixAttestor {
 impl UnixAttestor {
     /// An attestor reading user and group names under `etc` (normally `/etc`).
     pub fn new(etc: impl Into<PathBuf>) -> Self {
-        Self { etc: etc.into(), hashes: Mutex::default() }
+        Self {
+            etc: etc.into(),
+            hashes: Mutex::default(),
+        }
     }
 
     /// Selectors for `peer`. Only facts that could be read are returned.
     pub fn attest(&self, peer: &PeerProcess) -> Vec<Selector> {
-        let mut out = vec![Selector::new("unix", format!("uid:{}", peer.uid)), Selector::new("unix", format!("gid:{}", peer.gid))];
+        let mut out = vec![
+            Selector::new("unix", format!("uid:{}", peer.uid)),
+            Selector::new("unix", format!("gid:{}", peer.gid)),
+        ];
         if let Some(name) = lookup_name(&self.etc.join("passwd"), peer.uid) {
             out.push(Selector::new("unix", format!("user:{name}")));
         }
@@ -63,7 +69,12 @@ impl UnixAttestor {
             return None;
         }
         let key = (meta.dev(), meta.ino(), meta.len(), meta.mtime());
-        if let Some(h) = self.hashes.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        if let Some(h) = self
+            .hashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
             return Some(h.clone());
         }
         let mut file = std::fs::File::open(exe).ok()?;
@@ -93,11 +104,17 @@ fn lookup_name(file: &std::path::Path, id: u32) -> Option<String> {
 
 /// The `Groups:` line of /proc/<pid>/status.
 fn supplementary_gids(peer: &PeerProcess) -> Vec<u32> {
-    let Ok(status) = std::fs::read_to_string(peer.proc_dir().join("status")) else { return vec![] };
+    let Ok(status) = std::fs::read_to_string(peer.proc_dir().join("status")) else {
+        return vec![];
+    };
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -112,12 +129,27 @@ mod tests {
         let me = std::process::id() as i32;
         // SAFETY-free way to get our ids: read them from /proc.
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let uid: u32 = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+        let uid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
         let peer = PeerProcess::pin(me, uid, 0, Path::new("/proc")).unwrap();
-        let sels: Vec<String> = UnixAttestor::new("/etc").attest(&peer).iter().map(|s| s.to_string()).collect();
+        let sels: Vec<String> = UnixAttestor::new("/etc")
+            .attest(&peer)
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert!(sels.contains(&format!("unix:uid:{uid}")));
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
-        assert!(sels.contains(&format!("unix:path:{}", exe.display())), "{sels:?}");
+        assert!(
+            sels.contains(&format!("unix:path:{}", exe.display())),
+            "{sels:?}"
+        );
         let expected = hex::encode(Sha256::digest(std::fs::read(&exe).unwrap()));
         assert!(sels.contains(&format!("unix:sha256:{expected}")));
         if uid == 0 {
@@ -128,8 +160,15 @@ mod tests {
     #[test]
     fn name_lookup() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("passwd"), "# c\nroot:x:0:0::/root:/bin/sh\nweb:x:1001:1001::/:/bin/false\n").unwrap();
-        assert_eq!(lookup_name(&dir.path().join("passwd"), 1001).as_deref(), Some("web"));
+        std::fs::write(
+            dir.path().join("passwd"),
+            "# c\nroot:x:0:0::/root:/bin/sh\nweb:x:1001:1001::/:/bin/false\n",
+        )
+        .unwrap();
+        assert_eq!(
+            lookup_name(&dir.path().join("passwd"), 1001).as_deref(),
+            Some("web")
+        );
         assert_eq!(lookup_name(&dir.path().join("passwd"), 5), None);
     }
 }

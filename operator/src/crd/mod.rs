@@ -10,7 +10,13 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
     use kube::CustomResourceExt;
     vec![
-        ("trustdomains.sigil.dev.yaml", trust_domain::TrustDomain::crd()),
-        ("clusterspiffeids.sigil.dev.yaml", cluster_spiffe_id::ClusterSPIFFEID::crd()),
+        (
+            "trustdomains.sigil.dev.yaml",
+            trust_domain::TrustDomain::crd(),
+        ),
+        (
+            "clusterspiffeids.sigil.dev.yaml",
+            cluster_spiffe_id::ClusterSPIFFEID::crd(),
+        ),
     ]
 }
