@@ -85,16 +85,15 @@ impl Authorities {
     /// A replacement with the same CA serial, JWT key and bundle sequence is a no-op.
     pub fn set(&self, authority: DomainAuthority) {
         let mut map = self.domains.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = map.get(&authority.trust_domain) {
-            if old.x509_ca.serial() == authority.x509_ca.serial()
-                && old.jwt_key.kid() == authority.jwt_key.kid()
-                && old.bundle == authority.bundle
-                && old.x509_svid_ttl == authority.x509_svid_ttl
-                && old.jwt_svid_ttl == authority.jwt_svid_ttl
-                && old.jwt_issuer == authority.jwt_issuer
-            {
-                return;
-            }
+        if let Some(old) = map.get(&authority.trust_domain)
+            && old.x509_ca.serial() == authority.x509_ca.serial()
+            && old.jwt_key.kid() == authority.jwt_key.kid()
+            && old.bundle == authority.bundle
+            && old.x509_svid_ttl == authority.x509_svid_ttl
+            && old.jwt_svid_ttl == authority.jwt_svid_ttl
+            && old.jwt_issuer == authority.jwt_issuer
+        {
+            return;
         }
         map.insert(authority.trust_domain.clone(), Arc::new(authority));
         drop(map);

@@ -2,6 +2,7 @@
 //! pods × ClusterSPIFFEIDs, and serves the Node API to agents.
 //!
 //! Module map (one concept per module):
+//! - [`app`]: the process: flags and the subsystems it runs as one set.
 //! - [`crd`]: the CRD types, the single source of `crds/*.yaml`.
 //! - [`authority`]: the signing state shared by every task of a replica.
 //! - [`trust_domain`]: the CA of each TrustDomain, its rotation and bundle publication.
@@ -10,6 +11,7 @@
 //! - [`template`]: the typed `{{ field }}` template language of ClusterSPIFFEIDs.
 //! - [`index`]: the identity index: pods × ClusterSPIFFEIDs → entries per node.
 
+pub mod app;
 pub mod authority;
 pub mod crd;
 pub mod index;

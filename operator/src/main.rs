@@ -1,3 +1,3 @@
-fn main() {
-    eprintln!("sigil-operator: not wired yet");
+fn main() -> anyhow::Result<()> {
+    sigil_operator::app::main()
 }

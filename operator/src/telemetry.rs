@@ -363,8 +363,8 @@ fn respond(
     }
 }
 
-/// Waits for SIGTERM or SIGINT, then marks the replica draining and cancels `cancel`; a
-/// second signal exits the process at once (status 130).
+/// Waits for SIGTERM or SIGINT, then marks the replica draining, cancels `cancel` and
+/// returns; from then on a second signal exits the process at once (status 130).
 pub async fn shutdown_on_signals(
     cancel: CancellationToken,
     readiness: Readiness,
@@ -380,12 +380,16 @@ pub async fn shutdown_on_signals(
     info!("shutdown signal received; draining (send it again to exit at once)");
     readiness.drain();
     cancel.cancel();
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
-    warn!("second shutdown signal; exiting without draining");
-    std::process::exit(130);
+    // Detached, so the caller's join can finish once the drain is done.
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        warn!("second shutdown signal; exiting without draining");
+        std::process::exit(130);
+    });
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,184 @@
+//! The sigil-operator process: flags, and the subsystems it runs as one set.
+//!
+//! Every replica runs the CA loader (so it can sign), the identity index informers and the
+//! health server; the replica holding the Lease also writes (CA Secrets, bundle
+//! ConfigMaps, TrustDomain and ClusterSPIFFEID status). The first SIGTERM drains: `/ready`
+//! turns 503, streams end, the Lease is released, and the process exits 0. A second signal
+//! exits at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use prometheus_client::registry::Registry;
+use sigil_identity::clock::SystemClock;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::authority::Authorities;
+use crate::crd::trust_domain::GoDuration;
+use crate::index::{self, EntryIndex, IndexConfig, IndexMetrics, RunOptions, StatusOptions};
+use crate::leader::{LeaderConfig, LeaderElection};
+use crate::telemetry::{self, LogFormat, Metrics, Readiness};
+use crate::trust_domain;
+
+/// sigil-operator: the signing CA of each TrustDomain, the identity index of
+/// ClusterSPIFFEIDs, and the Node API agents talk to.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sigil-operator", version)]
+pub struct Args {
+    /// Namespace the operator runs in: CA Secrets and the Lease live here.
+    #[arg(long, env = "SIGIL_NAMESPACE")]
+    pub namespace: String,
+
+    /// This replica's name (the pod name): the Lease holder identity and the Event source.
+    #[arg(long, env = "POD_NAME", default_value_t = default_identity())]
+    pub pod_name: String,
+
+    /// Name of the Lease used for leader election.
+    #[arg(long, env = "SIGIL_LEASE_NAME", default_value = "sigil-operator")]
+    pub lease_name: String,
+
+    /// How long a leader's Lease lasts without renewal (Go duration).
+    #[arg(long, env = "SIGIL_LEASE_DURATION", default_value = "15s", value_parser = go_duration)]
+    pub lease_duration: Duration,
+
+    /// Address of the health server (`/live`, `/ready`, `/metrics`).
+    #[arg(long, env = "SIGIL_HEALTH_ADDR", default_value = "0.0.0.0:9090")]
+    pub health_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "SIGIL_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Json)]
+    pub log_format: LogFormatArg,
+
+    /// Only manage TrustDomains matching this label selector (lets several installations
+    /// share an API server).
+    #[arg(long, env = "SIGIL_TRUST_DOMAIN_SELECTOR")]
+    pub trust_domain_selector: Option<String>,
+
+    /// The cluster's name: the `clusterName` template field.
+    #[arg(long, env = "SIGIL_CLUSTER_NAME", default_value = "cluster")]
+    pub cluster_name: String,
+
+    /// The cluster's DNS domain: the `clusterDomain` template field.
+    #[arg(long, env = "SIGIL_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// How soon a TrustDomain with a problem is looked at again (Go duration).
+    #[arg(long, env = "SIGIL_RETRY_INTERVAL", default_value = "30s", value_parser = go_duration)]
+    pub retry_interval: Duration,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormatArg {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+fn default_identity() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| format!("sigil-operator-{}", std::process::id()))
+}
+
+fn go_duration(s: &str) -> Result<Duration, String> {
+    GoDuration::new(s).to_std()
+}
+
+/// Parses the flags, sets up logging and runs the operator until a signal.
+pub fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    telemetry::init_logging(match args.log_format {
+        LogFormatArg::Json => LogFormat::Json,
+        LogFormatArg::Text => LogFormat::Text,
+    })
+    .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?
+        .block_on(run(args))
+}
+
+/// Runs every subsystem until the first SIGTERM/SIGINT has drained them.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let Args {
+        namespace,
+        pod_name,
+        lease_name,
+        lease_duration,
+        health_addr,
+        log_format: _,
+        trust_domain_selector,
+        cluster_name,
+        cluster_domain,
+        retry_interval,
+    } = args;
+    info!(%namespace, identity = %pod_name, version = env!("CARGO_PKG_VERSION"), "sigil-operator starting");
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes client configuration: run in a pod, or set KUBECONFIG")?;
+
+    let cancel = CancellationToken::new();
+    let readiness = Readiness::new();
+    let metrics = Metrics::default();
+    let index_metrics = IndexMetrics::default();
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    index_metrics.register(&mut registry);
+
+    let (election, leader) = LeaderElection::new(
+        client.clone(),
+        LeaderConfig::with_duration(&namespace, &lease_name, &pod_name, lease_duration),
+    );
+    let election = election.with_metrics(metrics.leader.clone());
+
+    let authorities = Authorities::new();
+    let mut td_options = trust_domain::Options::new(&namespace);
+    td_options.instance = Some(pod_name.clone());
+    td_options.selector = trust_domain_selector;
+    td_options.retry_interval = retry_interval;
+    let td_shared = trust_domain::Shared {
+        authorities: authorities.clone(),
+        clock: Arc::new(SystemClock),
+        leader: leader.clone(),
+        metrics: metrics.trust_domain.clone(),
+        ready: Some(readiness.component("trust-domains")),
+        resync: trust_domain::Resync::default(),
+    };
+
+    let mut index_config = IndexConfig::new(&cluster_name);
+    index_config.cluster_domain = cluster_domain;
+    let entry_index = EntryIndex::with_metrics(index_config, index_metrics);
+    let index_options = RunOptions {
+        status: StatusOptions::default(),
+        ready: Some(readiness.component("identity-index")),
+    };
+
+    let listener = tokio::net::TcpListener::bind(health_addr)
+        .await
+        .with_context(|| format!("bind the health server to {health_addr} (--health-addr)"))?;
+
+    let health = telemetry::serve(
+        listener,
+        Arc::new(registry),
+        readiness.clone(),
+        cancel.clone(),
+    );
+    let signals = telemetry::shutdown_on_signals(cancel.clone(), readiness.clone());
+    let (health, signals, (), td, ()) = tokio::join!(
+        health,
+        signals,
+        election.run(cancel.clone()),
+        trust_domain::run(client.clone(), td_options, td_shared, cancel.clone()),
+        index::run(client, entry_index, leader, index_options, cancel.clone()),
+    );
+    health.context("health server")?;
+    signals.context("signal handler")?;
+    td.context("TrustDomain controller")?;
+    info!("sigil-operator stopped");
+    Ok(())
+}
