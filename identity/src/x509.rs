@@ -136,18 +136,7 @@ pub const MAX_CSR_LEN: usize = 8 * 1024;
 
 /// Parses a DER CSR, verifies its self-signature, and extracts the one requested SPIFFE ID.
 pub fn parse_csr(der: &[u8]) -> Result<ParsedCsr, CsrError> {
-    if der.len() > MAX_CSR_LEN {
-        return Err(CsrError::TooLarge(der.len(), MAX_CSR_LEN));
-    }
-    let (rest, csr) =
-        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(CsrError::Malformed(format!(
-            "{} trailing bytes",
-            rest.len()
-        )));
-    }
-    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+    let csr = verified_csr(der)?;
     let mut uris = Vec::new();
     if let Some(exts) = csr.requested_extensions() {
         for ext in exts {
@@ -168,6 +157,50 @@ pub fn parse_csr(der: &[u8]) -> Result<ParsedCsr, CsrError> {
         spiffe_id: SpiffeId::parse(uri)?,
         public_key_der: csr.certification_request_info.subject_pki.raw.to_vec(),
     })
+}
+
+/// Parses a DER CSR and verifies its self-signature (proof of possession), returning the
+/// SubjectPublicKeyInfo DER and ignoring whatever ID it requests. For requests whose
+/// identity comes from elsewhere, such as an agent's CSR whose ID follows from node
+/// attestation.
+pub fn parse_csr_public_key(der: &[u8]) -> Result<Vec<u8>, CsrError> {
+    Ok(verified_csr(der)?
+        .certification_request_info
+        .subject_pki
+        .raw
+        .to_vec())
+}
+
+fn verified_csr(der: &[u8]) -> Result<X509CertificationRequest<'_>, CsrError> {
+    if der.len() > MAX_CSR_LEN {
+        return Err(CsrError::TooLarge(der.len(), MAX_CSR_LEN));
+    }
+    let (rest, csr) =
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CsrError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
+    }
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+    Ok(csr)
+}
+
+/// Builds a DER PKCS#10 CSR for `key` requesting `id`: one URI SAN, empty subject. What
+/// an agent sends for every workload key it makes.
+pub fn build_csr(key: &crate::keys::PrivateKey, id: &SpiffeId) -> Result<Vec<u8>, CsrError> {
+    let uri = id
+        .as_str()
+        .try_into()
+        .map_err(|e: rcgen::Error| CsrError::Malformed(format!("{id} cannot be a URI SAN: {e}")))?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+    let csr = params
+        .serialize_request(key.key_pair())
+        .map_err(|e| CsrError::Malformed(format!("building a CSR: {e}")))?;
+    Ok(csr.der().to_vec())
 }
 
 /// What validation proved about an SVID.

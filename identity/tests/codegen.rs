@@ -36,6 +36,11 @@ const SCHEMAS: &[Schema] = &[
         prost_output: "csi.v1.rs",
         committed_as: "csi.rs",
     },
+    Schema {
+        proto: "node.proto",
+        prost_output: "sigil.node.v1.rs",
+        committed_as: "node.rs",
+    },
 ];
 
 /// The encoded `FileDescriptorSet` (our schemas plus the well-known types they import),
@@ -52,6 +57,8 @@ const REDACTED_DEBUG: &[&str] = &[
     ".WITSVID",
     ".spiffe.broker.X509SVID",
     ".spiffe.broker.JWTSVID",
+    ".sigil.node.v1.PsatAttestation",
+    ".sigil.node.v1.MintJwtSvidResponse",
 ];
 
 const DRIFT_MESSAGE: &str = "generated protobuf code drifted: run `make codegen`";

@@ -12,8 +12,8 @@ use sigil_identity::ca::{
     UpstreamError,
 };
 use sigil_identity::keys::{KeyType, PrivateKey};
-use sigil_identity::x509::{self, CsrError, SvidError};
 use sigil_identity::{SpiffeId, TrustBundle, TrustDomain};
+use sigil_identity::x509::{self, CsrError, SvidError};
 use x509_parser::prelude::*;
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -605,4 +605,27 @@ fn pem_and_der_helpers_round_trip() {
     assert_eq!(x509::split_der_certs(&all.concat()).unwrap(), all.to_vec());
     assert!(x509::split_der_certs(b"\x30\x03abc").is_err());
     assert!(x509::certs_from_pem("nothing here").is_err());
+}
+
+#[test]
+fn built_csrs_parse_back_and_agent_csrs_need_no_id() {
+    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+    let id = SpiffeId::parse("spiffe://example.org/ns/a/sa/b").unwrap();
+    let der = x509::build_csr(&key, &id).unwrap();
+    let parsed = x509::parse_csr(&der).unwrap();
+    assert_eq!(parsed.spiffe_id, id);
+    assert_eq!(parsed.public_key_der, key.public_key_der());
+    assert_eq!(
+        x509::parse_csr_public_key(&der).unwrap(),
+        key.public_key_der()
+    );
+    // A CSR without any URI SAN still proves possession of its key.
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    let no_id = p.serialize_request(key.key_pair()).unwrap().der().to_vec();
+    assert_eq!(
+        x509::parse_csr_public_key(&no_id).unwrap(),
+        key.public_key_der()
+    );
+    assert!(x509::parse_csr_public_key(b"garbage").is_err());
 }
