@@ -15,7 +15,6 @@ demo: ## Bring up a local control plane, run Sigil on loopback, and show a workl
 .PHONY: test
 test: test-tools ## Install what the tests need (cached) and run every test
 	$(CARGO) test --workspace --locked
-	@bash hack/check-generated.sh
 
 .PHONY: test-tools
 test-tools: ## Build the pinned kube-apiserver, etcd and other real test peers into the cache
