@@ -284,6 +284,22 @@ impl ControlPlane {
         [self.etcd.pid(), self.apiserver.pid()]
     }
 
+    /// Signs `claims` as a service-account token with the apiserver's own signing key:
+    /// how a test makes tokens the TokenRequest API refuses to mint (already expired, odd
+    /// claims) yet the apiserver's authenticator checks for real.
+    pub fn sign_service_account_token(&self, claims: &serde_json::Value) -> Result<String, Error> {
+        let pem = std::fs::read(self.dir.path().join("sa.key"))
+            .map_err(|e| Error::io("read sa.key", e))?;
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(&pem)
+            .map_err(|e| Error::Pki(format!("service-account key: {e}")))?;
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+            claims,
+            &key,
+        )
+        .map_err(|e| Error::Pki(format!("signing a service-account token: {e}")))
+    }
+
     /// A client for the cluster admin (group `system:masters`, so RBAC allows everything).
     ///
     /// A `kube::Client` belongs to the tokio runtime it was made in; make one per test.

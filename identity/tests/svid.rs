@@ -12,8 +12,8 @@ use sigil_identity::ca::{
     UpstreamError,
 };
 use sigil_identity::keys::{KeyType, PrivateKey};
-use sigil_identity::{SpiffeId, TrustBundle, TrustDomain};
 use sigil_identity::x509::{self, CsrError, SvidError};
+use sigil_identity::{SpiffeId, TrustBundle, TrustDomain};
 use x509_parser::prelude::*;
 
 const HOUR: Duration = Duration::from_secs(3600);

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::WatchStreamExt as _;
 use prometheus_client::registry::Registry;
 use sigil_identity::clock::SystemClock;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +23,9 @@ use crate::authority::Authorities;
 use crate::crd::trust_domain::GoDuration;
 use crate::index::{self, EntryIndex, IndexConfig, IndexMetrics, RunOptions, StatusOptions};
 use crate::leader::{LeaderConfig, LeaderElection};
+use crate::node_api::metrics::NodeApiMetrics;
+use crate::node_api::psat::PsatConfig;
+use crate::node_api::{self, NodeApi, NodeApiConfig};
 use crate::telemetry::{self, LogFormat, Metrics, Readiness};
 use crate::trust_domain;
 
@@ -69,6 +74,52 @@ pub struct Args {
     /// How soon a TrustDomain with a problem is looked at again (Go duration).
     #[arg(long, env = "SIGIL_RETRY_INTERVAL", default_value = "30s", value_parser = go_duration)]
     pub retry_interval: Duration,
+
+    /// Node API flags.
+    #[command(flatten)]
+    pub node_api: NodeApiArgs,
+}
+
+/// Flags of the Node API (agents' attestation, entry streams and signing).
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeApiArgs {
+    /// Trust domain (`spec.trustDomain` of a TrustDomain) agents get their SVIDs in. The
+    /// Node API is served only when this is set.
+    #[arg(long, env = "SIGIL_AGENT_TRUST_DOMAIN")]
+    pub agent_trust_domain: Option<String>,
+
+    /// Address of the Node API (gRPC over TLS).
+    #[arg(long, env = "SIGIL_NODE_API_ADDR", default_value = "0.0.0.0:8443")]
+    pub node_api_addr: SocketAddr,
+
+    /// Audience agents' projected service-account tokens must carry.
+    #[arg(long, env = "SIGIL_PSAT_AUDIENCE", default_value = "sigil-agent")]
+    pub psat_audience: String,
+
+    /// Service accounts (`namespace:name`, comma-separated) agents may run as. Default:
+    /// `<namespace>:sigil-agent`.
+    #[arg(long, env = "SIGIL_AGENT_SERVICE_ACCOUNTS", value_delimiter = ',')]
+    pub agent_service_accounts: Vec<String>,
+
+    /// Node label keys copied into agent selectors (comma-separated).
+    #[arg(long, env = "SIGIL_AGENT_NODE_LABEL_KEYS", value_delimiter = ',')]
+    pub agent_node_label_keys: Vec<String>,
+
+    /// Pod label keys of the agent pod copied into agent selectors (comma-separated).
+    #[arg(long, env = "SIGIL_AGENT_POD_LABEL_KEYS", value_delimiter = ',')]
+    pub agent_pod_label_keys: Vec<String>,
+
+    /// Lifetime of agent SVIDs (Go duration); agents renew at half-life.
+    #[arg(long, env = "SIGIL_AGENT_SVID_TTL", default_value = "1h", value_parser = go_duration)]
+    pub agent_svid_ttl: Duration,
+
+    /// Sustained Node API requests per second allowed from one node.
+    #[arg(long, env = "SIGIL_NODE_RATE", default_value_t = 20.0)]
+    pub node_rate: f64,
+
+    /// Burst of Node API requests allowed from one node.
+    #[arg(long, env = "SIGIL_NODE_BURST", default_value_t = 200.0)]
+    pub node_burst: f64,
 }
 
 /// `--log-format` values.
@@ -116,6 +167,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         cluster_name,
         cluster_domain,
         retry_interval,
+        node_api,
     } = args;
     info!(%namespace, identity = %pod_name, version = env!("CARGO_PKG_VERSION"), "sigil-operator starting");
     let client = kube::Client::try_default()
@@ -162,6 +214,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind the health server to {health_addr} (--health-addr)"))?;
 
+    let node_api = node_api_task(
+        node_api,
+        NodeApiContext {
+            namespace: &namespace,
+            cluster_name: &cluster_name,
+            client: &client,
+            authorities: &authorities,
+            index: &entry_index,
+            readiness: &readiness,
+            registry: &mut registry,
+            cancel: &cancel,
+        },
+    )
+    .await?;
+
     let health = telemetry::serve(
         listener,
         Arc::new(registry),
@@ -169,16 +236,131 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         cancel.clone(),
     );
     let signals = telemetry::shutdown_on_signals(cancel.clone(), readiness.clone());
-    let (health, signals, (), td, ()) = tokio::join!(
+    let (health, signals, (), td, (), node_api) = tokio::join!(
         health,
         signals,
         election.run(cancel.clone()),
         trust_domain::run(client.clone(), td_options, td_shared, cancel.clone()),
         index::run(client, entry_index, leader, index_options, cancel.clone()),
+        node_api,
     );
     health.context("health server")?;
     signals.context("signal handler")?;
     td.context("TrustDomain controller")?;
+    node_api.map_err(|e| anyhow::anyhow!("Node API: {e}"))?;
     info!("sigil-operator stopped");
     Ok(())
+}
+
+struct NodeApiContext<'a> {
+    namespace: &'a str,
+    cluster_name: &'a str,
+    client: &'a kube::Client,
+    authorities: &'a Arc<Authorities>,
+    index: &'a EntryIndex,
+    readiness: &'a Readiness,
+    registry: &'a mut Registry,
+    cancel: &'a CancellationToken,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The Node API, with the Node reflector it needs, as one future to join with the rest
+/// (a no-op without `--agent-trust-domain`).
+async fn node_api_task(
+    args: NodeApiArgs,
+    cx: NodeApiContext<'_>,
+) -> anyhow::Result<futures::future::BoxFuture<'static, Result<(), BoxError>>> {
+    let NodeApiArgs {
+        agent_trust_domain,
+        node_api_addr,
+        psat_audience,
+        agent_service_accounts,
+        agent_node_label_keys,
+        agent_pod_label_keys,
+        agent_svid_ttl,
+        node_rate,
+        node_burst,
+    } = args;
+    let Some(td) = agent_trust_domain else {
+        info!("no --agent-trust-domain: the Node API is not served");
+        return Ok(Box::pin(async { Ok(()) }));
+    };
+    let td: sigil_identity::TrustDomain = td
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--agent-trust-domain {td:?}: {e}"))?;
+    let allowed = if agent_service_accounts.is_empty() {
+        vec![format!("{}:sigil-agent", cx.namespace)]
+    } else {
+        agent_service_accounts
+    };
+    let metrics = NodeApiMetrics::default();
+    metrics.register(cx.registry);
+    let (nodes, writer) = kube::runtime::reflector::store::<Node>();
+    let node_watch = kube::runtime::reflector(
+        writer,
+        kube::runtime::watcher(
+            kube::Api::<Node>::all(cx.client.clone()),
+            Default::default(),
+        ),
+    );
+    let clock: sigil_identity::clock::SharedClock = Arc::new(SystemClock);
+    let api = NodeApi::new(
+        NodeApiConfig {
+            agent_trust_domain: td.clone(),
+            agent_svid_ttl,
+            psat: PsatConfig {
+                cluster: cx.cluster_name.to_owned(),
+                audience: psat_audience,
+                allowed_service_accounts: allowed,
+                allowed_node_label_keys: agent_node_label_keys,
+                allowed_pod_label_keys: agent_pod_label_keys,
+            },
+            rate_per_node: node_rate,
+            burst_per_node: node_burst,
+        },
+        cx.client.clone(),
+        cx.authorities.clone(),
+        cx.index.clone(),
+        nodes,
+        clock.clone(),
+        metrics,
+        cx.cancel.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind(node_api_addr)
+        .await
+        .with_context(|| format!("bind the Node API to {node_api_addr} (--node-api-addr)"))?;
+    let authorities = cx.authorities.clone();
+    let ready = cx.readiness.component("node-api");
+    let cancel = cx.cancel.clone();
+    Ok(Box::pin(async move {
+        let watch_cancel = cancel.clone();
+        let watch = async move {
+            use futures::StreamExt;
+            let stream = node_watch.default_backoff().applied_objects();
+            futures::pin_mut!(stream);
+            loop {
+                tokio::select! {
+                    () = watch_cancel.cancelled() => return,
+                    item = stream.next() => match item {
+                        Some(Err(e)) => tracing::warn!(error = %e, "Node watch for the Node API"),
+                        Some(Ok(_)) => {}
+                        None => return,
+                    },
+                }
+            }
+        };
+        let serve = node_api::serve(
+            listener,
+            api,
+            authorities,
+            td,
+            agent_svid_ttl,
+            clock,
+            Some(ready),
+            cancel,
+        );
+        let ((), served) = tokio::join!(watch, serve);
+        served
+    }))
 }

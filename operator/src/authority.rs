@@ -118,3 +118,11 @@ impl Authorities {
         self.version.subscribe()
     }
 }
+
+/// Verifiers (the Node API's client-certificate check) read bundles straight from the
+/// loaded authorities, so a CA rotation is trusted the moment this replica loads it.
+impl sigil_identity::tls::BundleSource for Authorities {
+    fn bundle_for(&self, td: &TrustDomain) -> Option<TrustBundle> {
+        self.get(td).map(|a| a.bundle.clone())
+    }
+}

@@ -10,12 +10,14 @@
 //! - [`telemetry`]: JSON logs, Prometheus metrics, `/live` `/ready` `/metrics`.
 //! - [`template`]: the typed `{{ field }}` template language of ClusterSPIFFEIDs.
 //! - [`index`]: the identity index: pods × ClusterSPIFFEIDs → entries per node.
+//! - [`node_api`]: the gRPC API agents use: node attestation, entry streams, signing.
 
 pub mod app;
 pub mod authority;
 pub mod crd;
 pub mod index;
 pub mod leader;
+pub mod node_api;
 pub mod telemetry;
 pub mod template;
 pub mod trust_domain;

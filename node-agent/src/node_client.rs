@@ -1,0 +1,356 @@
+//! The agent's client of the operator's Node API.
+//!
+//! - The operator is authenticated by its X509-SVID (`spiffe://<td>/sigil/operator`)
+//!   against the bundles the agent holds: at first the bootstrap bundle (the trust bundle
+//!   ConfigMap mounted into the agent pod), then whatever the operator sends.
+//! - [`NodeClient::attest_psat`] connects *without* a client certificate, so an agent
+//!   whose SVID has expired can always attest again with a fresh projected token.
+//! - Every other call presents the agent SVID (mTLS). After attestation or renewal the
+//!   mTLS channel is rebuilt, so the new certificate is the one presented.
+//! - The agent's private key is generated here and never sent anywhere; only CSRs are.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyper_util::rt::TokioIo;
+use sigil_identity::keys::{KeyType, PrivateKey};
+use sigil_identity::proto::node as pb;
+use sigil_identity::proto::node::node_client::NodeClient as RawClient;
+use sigil_identity::tls::{
+    Authorizer, BundleSource, SharedBundles, SpiffeServerVerifier, SwappableCert,
+};
+use sigil_identity::{SpiffeId, TrustBundle, TrustDomain, x509};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint};
+
+/// Path of the operator's SPIFFE ID in the agent trust domain.
+pub const OPERATOR_PATH: &str = "/sigil/operator";
+/// Deadline of one unary call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest message accepted from the operator (a 10k-entry snapshot is a few MiB).
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// Why a Node API call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeClientError {
+    /// The operator answered with a gRPC error.
+    #[error("operator refused {rpc}: {status}")]
+    Status {
+        /// The RPC.
+        rpc: &'static str,
+        /// What the operator said.
+        status: tonic::Status,
+    },
+    /// No agent SVID yet: attest first.
+    #[error("the agent has no SVID yet; attest first")]
+    NotAttested,
+    /// The operator's answer did not make sense.
+    #[error("invalid answer to {rpc}: {reason}")]
+    BadAnswer {
+        /// The RPC.
+        rpc: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Local key or TLS setup failed.
+    #[error("{0}")]
+    Local(String),
+}
+
+impl NodeClientError {
+    /// The gRPC status, when the operator sent one.
+    pub fn status(&self) -> Option<&tonic::Status> {
+        match self {
+            Self::Status { status, .. } => Some(status),
+            _ => None,
+        }
+    }
+}
+
+fn status(rpc: &'static str) -> impl FnOnce(tonic::Status) -> NodeClientError {
+    move |status| NodeClientError::Status { rpc, status }
+}
+
+/// The agent's current SVID.
+#[derive(Debug, Clone)]
+pub struct AgentSvid {
+    /// `spiffe://<td>/sigil/agent/...`.
+    pub spiffe_id: SpiffeId,
+    /// Leaf first (DER).
+    pub chain: Vec<Vec<u8>>,
+    /// Expiry.
+    pub not_after: SystemTime,
+    /// Node selectors the attestation produced (`type:value`).
+    pub selectors: Vec<String>,
+}
+
+/// Where and whom to call.
+#[derive(Debug, Clone)]
+pub struct NodeClientConfig {
+    /// `host:port` of the Node API.
+    pub address: String,
+    /// The agent trust domain (the operator's ID lives in it).
+    pub trust_domain: TrustDomain,
+    /// The cluster name the operator is configured with.
+    pub cluster: String,
+}
+
+/// A Node API client. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct NodeClient {
+    config: NodeClientConfig,
+    bundles: Arc<SharedBundles>,
+    cert: Arc<SwappableCert>,
+    svid: Mutex<Option<AgentSvid>>,
+    mtls: Mutex<Option<Channel>>,
+}
+
+impl NodeClient {
+    /// A client trusting `bootstrap` (the agent trust domain's bundle) for the operator.
+    pub fn new(config: NodeClientConfig, bootstrap: TrustBundle) -> Result<Self, NodeClientError> {
+        if bootstrap.trust_domain != config.trust_domain {
+            return Err(NodeClientError::Local(format!(
+                "bootstrap bundle is for {} but the agent trust domain is {}",
+                bootstrap.trust_domain, config.trust_domain
+            )));
+        }
+        let mut set = sigil_identity::BundleSet::new();
+        set.upsert(bootstrap);
+        Ok(Self {
+            config,
+            bundles: SharedBundles::new(set),
+            cert: SwappableCert::new(),
+            svid: Mutex::new(None),
+            mtls: Mutex::new(None),
+        })
+    }
+
+    /// The bundles the client trusts (updated from the operator's answers).
+    pub fn bundles(&self) -> Arc<SharedBundles> {
+        self.bundles.clone()
+    }
+
+    /// The current agent SVID, if attested.
+    pub fn svid(&self) -> Option<AgentSvid> {
+        self.svid.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn channel(&self, present_svid: bool) -> Result<Channel, NodeClientError> {
+        if present_svid && let Some(c) = self.mtls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        {
+            return Ok(c);
+        }
+        let operator = self
+            .config
+            .trust_domain
+            .id(OPERATOR_PATH)
+            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        let verifier = SpiffeServerVerifier::new(
+            self.bundles.clone() as Arc<dyn BundleSource>,
+            Authorizer::Exact(operator),
+        );
+        let cert = if present_svid {
+            self.cert.clone()
+        } else {
+            SwappableCert::new()
+        };
+        let tls = sigil_identity::tls::client_config(cert, verifier)
+            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        let connector = TlsConnector::from(Arc::new(tls));
+        let address = self.config.address.clone();
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| NodeClientError::Local(format!("Node API address {address:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(CALL_TIMEOUT)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        let channel =
+            endpoint.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+                let (connector, address) = (connector.clone(), address.clone());
+                async move {
+                    let tcp = TcpStream::connect(&address).await?;
+                    tcp.set_nodelay(true)?;
+                    // The name is not checked (the operator is authenticated by SPIFFE ID).
+                    let name = rustls::pki_types::ServerName::try_from("sigil-operator")
+                        .map_err(std::io::Error::other)?;
+                    let tls = connector.connect(name, tcp).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(tls))
+                }
+            }));
+        if present_svid {
+            *self.mtls.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel.clone());
+        }
+        Ok(channel)
+    }
+
+    fn raw(&self, present_svid: bool) -> Result<RawClient<Channel>, NodeClientError> {
+        if present_svid && self.cert.current().is_none() {
+            return Err(NodeClientError::NotAttested);
+        }
+        Ok(RawClient::new(self.channel(present_svid)?)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
+    }
+
+    /// Attests the node with a projected service-account token and installs the agent
+    /// SVID it yields (a key made here, a CSR sent).
+    pub async fn attest_psat(&self, token: &str) -> Result<AgentSvid, NodeClientError> {
+        const RPC: &str = "AttestNode";
+        let key = new_key()?;
+        let placeholder = self
+            .config
+            .trust_domain
+            .id("/sigil/agent/attesting")
+            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        let csr = x509::build_csr(&key, &placeholder)
+            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        let request = pb::AttestNodeRequest {
+            attestation: Some(pb::attest_node_request::Attestation::Psat(
+                pb::PsatAttestation {
+                    cluster: self.config.cluster.clone(),
+                    token: token.to_owned(),
+                },
+            )),
+            csr,
+        };
+        let answer = self
+            .raw(false)?
+            .attest_node(request)
+            .await
+            .map_err(status(RPC))?
+            .into_inner();
+        if let Some(b) = &answer.bundle {
+            self.apply_bundle(RPC, b)?;
+        }
+        let svid = AgentSvid {
+            spiffe_id: SpiffeId::parse(&answer.spiffe_id).map_err(|e| bad(RPC, e))?,
+            chain: answer.svid_chain,
+            not_after: from_unix(answer.expires_at),
+            selectors: answer
+                .selectors
+                .iter()
+                .map(|s| format!("{}:{}", s.r#type, s.value))
+                .collect(),
+        };
+        self.install(RPC, svid.clone(), &key)?;
+        Ok(svid)
+    }
+
+    /// Renews the agent SVID over mTLS with the current one.
+    pub async fn renew(&self) -> Result<AgentSvid, NodeClientError> {
+        const RPC: &str = "RenewAgent";
+        let current = self.svid().ok_or(NodeClientError::NotAttested)?;
+        let key = new_key()?;
+        let csr = x509::build_csr(&key, &current.spiffe_id)
+            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        let answer = self
+            .raw(true)?
+            .renew_agent(pb::RenewAgentRequest { csr })
+            .await
+            .map_err(status(RPC))?
+            .into_inner();
+        let svid = AgentSvid {
+            chain: answer.svid_chain,
+            not_after: from_unix(answer.expires_at),
+            ..current
+        };
+        self.install(RPC, svid.clone(), &key)?;
+        Ok(svid)
+    }
+
+    /// Opens the entry stream for this node, from `known_revision` (0: full snapshot).
+    pub async fn sync_entries(
+        &self,
+        known_revision: u64,
+    ) -> Result<tonic::Streaming<pb::SyncEntriesResponse>, NodeClientError> {
+        const RPC: &str = "SyncEntries";
+        let mut client = self.raw(true)?;
+        let request = tonic::Request::new(pb::SyncEntriesRequest { known_revision });
+        Ok(client
+            .sync_entries(request)
+            .await
+            .map_err(status(RPC))?
+            .into_inner())
+    }
+
+    /// Signs a batch of workload CSRs; one result per request, in order.
+    pub async fn sign(
+        &self,
+        requests: Vec<pb::SvidRequest>,
+    ) -> Result<Vec<pb::SvidResult>, NodeClientError> {
+        const RPC: &str = "SignX509Svids";
+        let answer = self
+            .raw(true)?
+            .sign_x509_svids(pb::SignX509SvidsRequest { requests })
+            .await
+            .map_err(status(RPC))?;
+        Ok(answer.into_inner().results)
+    }
+
+    /// Mints a JWT-SVID for one of this node's entries.
+    pub async fn mint_jwt(
+        &self,
+        entry_id: &str,
+        audience: &[String],
+    ) -> Result<(String, SystemTime), NodeClientError> {
+        const RPC: &str = "MintJwtSvid";
+        let answer = self
+            .raw(true)?
+            .mint_jwt_svid(pb::MintJwtSvidRequest {
+                entry_id: entry_id.to_owned(),
+                audience: audience.to_vec(),
+            })
+            .await
+            .map_err(status(RPC))?
+            .into_inner();
+        Ok((answer.token, from_unix(answer.expires_at)))
+    }
+
+    /// Trusts a bundle the operator sent (own or federated trust domain).
+    pub fn apply_bundle(&self, rpc: &'static str, b: &pb::Bundle) -> Result<(), NodeClientError> {
+        let td: TrustDomain = b.trust_domain.parse().map_err(|e| bad(rpc, e))?;
+        let bundle = TrustBundle::from_jwks_json(td, &b.jwks).map_err(|e| bad(rpc, e))?;
+        self.bundles.upsert(bundle);
+        Ok(())
+    }
+
+    fn install(
+        &self,
+        rpc: &'static str,
+        svid: AgentSvid,
+        key: &PrivateKey,
+    ) -> Result<(), NodeClientError> {
+        // Only accept an SVID that verifies against what we trust.
+        let bundle = self
+            .bundles
+            .bundle_for(svid.spiffe_id.trust_domain())
+            .ok_or_else(|| bad(rpc, "no bundle for the agent trust domain"))?;
+        x509::validate_x509_svid(&svid.chain, &bundle, SystemTime::now())
+            .map_err(|e| bad(rpc, e))?;
+        self.cert
+            .set(&svid.chain, key)
+            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        *self.svid.lock().unwrap_or_else(|p| p.into_inner()) = Some(svid);
+        // New certificate: the next mTLS call opens a new connection presenting it.
+        *self.mtls.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+}
+
+fn new_key() -> Result<PrivateKey, NodeClientError> {
+    PrivateKey::generate(KeyType::EcP256).map_err(|e| NodeClientError::Local(e.to_string()))
+}
+
+fn bad(rpc: &'static str, e: impl std::fmt::Display) -> NodeClientError {
+    NodeClientError::BadAnswer {
+        rpc,
+        reason: e.to_string(),
+    }
+}
+
+/// Unix seconds to `SystemTime` (negative values clamp to the epoch).
+pub fn from_unix(secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+}

@@ -1,0 +1,84 @@
+//! The Node API: what agents ask of the operator (node attestation, agent SVID renewal,
+//! the entry stream for their node, CSR signing, JWT-SVID minting), served by every replica
+//! over TLS with SPIFFE authentication.
+//!
+//! Trust rules enforced here:
+//! - AttestNode is the only RPC a caller without a client certificate may use;
+//! - every other RPC requires the agent's X509-SVID, and the node it names is the only
+//!   node whose entries the caller may see or sign for;
+//! - a CSR is signed only if its SPIFFE ID is that of an entry authorised for the caller's
+//!   node; the SVID's TTL and DNS names come from the entry, never from the CSR;
+//! - every denial is a precise gRPC status with a reason, logged and counted.
+
+pub mod limits;
+pub mod metrics;
+pub mod psat;
+pub mod service;
+pub mod tls;
+
+pub use service::{NodeApi, NodeApiConfig};
+pub mod serving;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_identity::TrustDomain;
+use sigil_identity::clock::SharedClock;
+use sigil_identity::tls::{Authorizer, SpiffeClientVerifier, SwappableCert};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::authority::Authorities;
+use crate::telemetry::ReadyHandle;
+
+/// Longest a unary RPC may run.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most concurrent RPCs (streams included) on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// Serves `api` on `listener` over TLS until `cancel`: the operator's serving SVID
+/// (kept fresh by [`serving::keep_serving_svid`]), optional client certificates that must
+/// be agent SVIDs of `agent_trust_domain`, bounded handshakes, RPC deadlines and
+/// per-connection stream limits.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    listener: TcpListener,
+    api: NodeApi,
+    authorities: Arc<Authorities>,
+    agent_trust_domain: TrustDomain,
+    serving_ttl: Duration,
+    clock: SharedClock,
+    ready: Option<ReadyHandle>,
+    cancel: CancellationToken,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let cert = SwappableCert::new();
+    let agent_prefix = "/sigil/agent/";
+    let td = agent_trust_domain.clone();
+    let authorizer = Authorizer::Custom(Arc::new(move |id| {
+        id.is_member_of(&td) && id.path().starts_with(agent_prefix)
+    }));
+    // Optional at the TLS layer: AttestNode is how an agent without a (valid) SVID gets one.
+    let verifier = SpiffeClientVerifier::new(authorities.clone(), authorizer, true);
+    let config = Arc::new(sigil_identity::tls::server_config(cert.clone(), verifier)?);
+    tracing::info!(addr = ?listener.local_addr().ok(), trust_domain = %agent_trust_domain, "Node API listening");
+    let renew = tokio::spawn(serving::keep_serving_svid(
+        authorities,
+        agent_trust_domain,
+        serving_ttl,
+        cert,
+        clock,
+        ready,
+        cancel.clone(),
+    ));
+    let incoming = tls::incoming(listener, config, cancel.clone());
+    let result = tonic::transport::Server::builder()
+        .timeout(RPC_TIMEOUT)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(api.into_server())
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        .await;
+    renew.abort();
+    result.map_err(Into::into)
+}

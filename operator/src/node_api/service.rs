@@ -1,0 +1,669 @@
+//! The Node API gRPC service.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::Stream;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::reflector::Store;
+use sigil_identity::ca::SvidTemplate;
+use sigil_identity::clock::SharedClock;
+use sigil_identity::entry::{RegistrationEntry, Selector};
+use sigil_identity::proto::node as pb;
+use sigil_identity::{SpiffeId, TrustDomain, x509};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::limits::NodeRateLimiter;
+use super::metrics::NodeApiMetrics;
+use super::psat::{self, PsatConfig};
+use crate::authority::Authorities;
+use crate::index::{EntryIndex, NodeDelta};
+
+/// Most CSRs in one SignX509Svids call.
+pub const MAX_CSRS_PER_CALL: usize = 1000;
+/// Most audiences in one MintJwtSvid call.
+pub const MAX_AUDIENCES: usize = 32;
+/// Largest token accepted in AttestNode.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+
+/// How the Node API is configured.
+#[derive(Debug, Clone)]
+pub struct NodeApiConfig {
+    /// The trust domain agents get their SVIDs in (the name of a TrustDomain's
+    /// `spec.trustDomain`).
+    pub agent_trust_domain: TrustDomain,
+    /// Agent SVID lifetime.
+    pub agent_svid_ttl: Duration,
+    /// PSAT attestation settings.
+    pub psat: PsatConfig,
+    /// Sustained RPCs per second per node.
+    pub rate_per_node: f64,
+    /// Burst of RPCs per node.
+    pub burst_per_node: f64,
+}
+
+/// The Node API implementation, shared by all connections of one replica.
+#[derive(Debug, Clone)]
+pub struct NodeApi {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: NodeApiConfig,
+    client: kube::Client,
+    authorities: Arc<Authorities>,
+    entries: EntryIndex,
+    nodes: Store<Node>,
+    clock: SharedClock,
+    limiter: NodeRateLimiter,
+    metrics: NodeApiMetrics,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeApi")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An authenticated agent: its SPIFFE ID and the Node it runs on.
+#[derive(Debug, Clone)]
+struct Caller {
+    node_name: String,
+    cert_not_after: SystemTime,
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+impl NodeApi {
+    /// Builds the service. `nodes` is a reflector store of Nodes (to map the node UID in an
+    /// agent's SPIFFE ID to its name); `shutdown` ends streams on drain.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: NodeApiConfig,
+        client: kube::Client,
+        authorities: Arc<Authorities>,
+        entries: EntryIndex,
+        nodes: Store<Node>,
+        clock: SharedClock,
+        metrics: NodeApiMetrics,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let limiter = NodeRateLimiter::new(cfg.rate_per_node, cfg.burst_per_node);
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                client,
+                authorities,
+                entries,
+                nodes,
+                clock,
+                limiter,
+                metrics,
+                shutdown,
+            }),
+        }
+    }
+
+    /// The tonic service with message-size bounds.
+    pub fn into_server(self) -> pb::node_server::NodeServer<Self> {
+        pb::node_server::NodeServer::new(self)
+            .max_decoding_message_size(4 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    fn deny(&self, rpc: &str, reason: &str, status: Status) -> Status {
+        self.inner.metrics.deny(rpc, reason);
+        tracing::warn!(
+            rpc,
+            reason,
+            message = status.message(),
+            "node API request denied"
+        );
+        status
+    }
+
+    /// Authenticates the caller from its verified client certificate and maps it to a Node.
+    fn caller<T>(&self, rpc: &str, req: &Request<T>) -> Result<Caller, Status> {
+        self.inner.metrics.request(rpc);
+        let certs = req.peer_certs().ok_or_else(|| {
+            self.deny(rpc, "no_client_certificate", Status::unauthenticated("this RPC requires the agent's X509-SVID as TLS client certificate; call AttestNode first"))
+        })?;
+        let leaf = certs.first().ok_or_else(|| {
+            self.deny(
+                rpc,
+                "no_client_certificate",
+                Status::unauthenticated("empty client certificate chain"),
+            )
+        })?;
+        let info = x509::inspect_leaf(leaf.as_ref()).map_err(|e| {
+            self.deny(
+                rpc,
+                "bad_client_certificate",
+                Status::unauthenticated(format!("client certificate is not an X509-SVID: {e}")),
+            )
+        })?;
+        if info.not_after <= self.now() {
+            return Err(self.deny(
+                rpc,
+                "agent_svid_expired",
+                Status::unauthenticated(format!(
+                    "agent SVID {} has expired; attest again with AttestNode",
+                    info.spiffe_id
+                )),
+            ));
+        }
+        let prefix = format!("/sigil/agent/k8s_psat/{}/", self.inner.cfg.psat.cluster);
+        let node_uid = (info.spiffe_id.trust_domain() == &self.inner.cfg.agent_trust_domain)
+            .then(|| info.spiffe_id.path().strip_prefix(&prefix))
+            .flatten()
+            .ok_or_else(|| {
+                self.deny(
+                    rpc,
+                    "not_an_agent",
+                    Status::permission_denied(format!(
+                        "{} is not an agent identity of this cluster",
+                        info.spiffe_id
+                    )),
+                )
+            })?;
+        let node = self
+            .inner
+            .nodes
+            .find(|n| n.metadata.uid.as_deref() == Some(node_uid))
+            .ok_or_else(|| {
+                self.deny(
+                    rpc,
+                    "unknown_node",
+                    Status::permission_denied(format!(
+                        "no Node with UID {node_uid} exists (node deleted?)"
+                    )),
+                )
+            })?;
+        let node_name = node.metadata.name.clone().unwrap_or_default();
+        if !self.inner.limiter.try_take(&node_name, 1.0) {
+            return Err(self.deny(
+                rpc,
+                "rate_limited",
+                Status::resource_exhausted(format!(
+                    "node {node_name} is over its Node API rate limit; retry with backoff"
+                )),
+            ));
+        }
+        Ok(Caller {
+            node_name,
+            cert_not_after: info.not_after,
+        })
+    }
+
+    fn now(&self) -> SystemTime {
+        self.inner.clock.now()
+    }
+
+    /// Signs an agent SVID for `path` in the agent trust domain from `csr_der`.
+    fn sign_agent(
+        &self,
+        rpc: &str,
+        path: &str,
+        csr_der: &[u8],
+    ) -> Result<(Vec<Vec<u8>>, SystemTime, SpiffeId), Status> {
+        let public_key = x509::parse_csr_public_key(csr_der).map_err(|e| {
+            self.deny(
+                rpc,
+                "bad_csr",
+                Status::invalid_argument(format!("agent CSR: {e}")),
+            )
+        })?;
+        let id = self
+            .inner
+            .cfg
+            .agent_trust_domain
+            .id(path)
+            .map_err(|e| Status::internal(format!("agent ID: {e}")))?;
+        let authority = self
+            .inner
+            .authorities
+            .get(&self.inner.cfg.agent_trust_domain)
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "trust domain {} has no CA loaded yet (is its TrustDomain Ready?)",
+                    self.inner.cfg.agent_trust_domain
+                ))
+            })?;
+        let issued = authority
+            .x509_ca
+            .sign_public_key(
+                &public_key,
+                &SvidTemplate {
+                    spiffe_id: &id,
+                    ttl: self.inner.cfg.agent_svid_ttl,
+                    dns_names: &[],
+                },
+                self.now(),
+            )
+            .map_err(|e| Status::internal(format!("signing agent SVID: {e}")))?;
+        Ok((issued.chain(), issued.not_after, id))
+    }
+
+    fn bundles(&self) -> Vec<pb::Bundle> {
+        self.inner
+            .authorities
+            .all()
+            .iter()
+            .map(|a| pb::Bundle {
+                trust_domain: a.trust_domain.name().to_owned(),
+                jwks: a.bundle.to_jwks_json().into_bytes(),
+                sequence: a.bundle.sequence.unwrap_or(0),
+            })
+            .collect()
+    }
+}
+
+fn unix(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn entry_to_pb(e: &RegistrationEntry) -> pb::Entry {
+    pb::Entry {
+        id: e.id.clone(),
+        spiffe_id: e.spiffe_id.to_string(),
+        selectors: e.selectors.iter().map(sel_to_pb).collect(),
+        dns_names: e.dns_names.clone(),
+        x509_svid_ttl_seconds: e.x509_ttl.as_secs() as i64,
+        jwt_svid_ttl_seconds: e.jwt_ttl.as_secs() as i64,
+        federates_with: e
+            .federates_with
+            .iter()
+            .map(|t| t.name().to_owned())
+            .collect(),
+        hint: e.hint.clone(),
+        admin: e.admin,
+        downstream: e.downstream,
+        revision: e.revision,
+    }
+}
+
+fn sel_to_pb(s: &Selector) -> pb::Selector {
+    pb::Selector {
+        r#type: s.kind.clone(),
+        value: s.value.clone(),
+    }
+}
+
+fn delta_to_pb(d: NodeDelta, bundles: Vec<pb::Bundle>) -> pb::SyncEntriesResponse {
+    pb::SyncEntriesResponse {
+        full: d.full,
+        upserts: d.upserts.iter().map(|e| entry_to_pb(e)).collect(),
+        removed: d.removed,
+        bundles,
+        removed_bundles: vec![],
+        revision: d.revision,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for NodeApi {
+    async fn attest_node(
+        &self,
+        req: Request<pb::AttestNodeRequest>,
+    ) -> Result<Response<pb::AttestNodeResponse>, Status> {
+        const RPC: &str = "AttestNode";
+        self.inner.metrics.request(RPC);
+        let req = req.into_inner();
+        let Some(pb::attest_node_request::Attestation::Psat(p)) = req.attestation else {
+            return Err(self.deny(
+                RPC,
+                "no_attestation",
+                Status::invalid_argument("attestation is required (psat)"),
+            ));
+        };
+        if p.token.is_empty() || p.token.len() > MAX_TOKEN_LEN {
+            return Err(self.deny(
+                RPC,
+                "bad_token",
+                Status::invalid_argument(format!("psat.token must be 1..={MAX_TOKEN_LEN} bytes")),
+            ));
+        }
+        let attested = psat::attest(
+            &self.inner.client,
+            &self.inner.cfg.psat,
+            &p.cluster,
+            &p.token,
+        )
+        .await
+        .map_err(|e| self.deny(RPC, e.metric_label(), e.to_status()))?;
+        if !self.inner.limiter.try_take(&attested.node_name, 1.0) {
+            return Err(self.deny(
+                RPC,
+                "rate_limited",
+                Status::resource_exhausted(format!(
+                    "node {} is over its Node API rate limit",
+                    attested.node_name
+                )),
+            ));
+        }
+        let (chain, not_after, id) = self.sign_agent(RPC, &attested.agent_path, &req.csr)?;
+        let bundle = self
+            .inner
+            .authorities
+            .get(&self.inner.cfg.agent_trust_domain)
+            .map(|a| pb::Bundle {
+                trust_domain: a.trust_domain.name().to_owned(),
+                jwks: a.bundle.to_jwks_json().into_bytes(),
+                sequence: a.bundle.sequence.unwrap_or(0),
+            });
+        tracing::info!(agent = %id, node = %attested.node_name, "agent attested (psat)");
+        Ok(Response::new(pb::AttestNodeResponse {
+            svid_chain: chain,
+            spiffe_id: id.to_string(),
+            selectors: attested.selectors.iter().map(sel_to_pb).collect(),
+            bundle,
+            expires_at: unix(not_after),
+        }))
+    }
+
+    type AttestNodeTpmStream = ResponseStream<pb::TpmAttestResponse>;
+
+    async fn attest_node_tpm(
+        &self,
+        _req: Request<tonic::Streaming<pb::TpmAttestRequest>>,
+    ) -> Result<Response<Self::AttestNodeTpmStream>, Status> {
+        Err(self.deny(
+            "AttestNodeTpm",
+            "not_configured",
+            Status::unimplemented("TPM node attestation is not enabled on this operator"),
+        ))
+    }
+
+    async fn renew_agent(
+        &self,
+        req: Request<pb::RenewAgentRequest>,
+    ) -> Result<Response<pb::RenewAgentResponse>, Status> {
+        const RPC: &str = "RenewAgent";
+        let caller = self.caller(RPC, &req)?;
+        let certs = req.peer_certs().unwrap_or_default();
+        let id = certs
+            .first()
+            .and_then(|c| x509::inspect_leaf(c.as_ref()).ok())
+            .map(|l| l.spiffe_id);
+        let Some(id) = id else {
+            return Err(Status::unauthenticated("no agent identity"));
+        };
+        let (chain, not_after, _) = self.sign_agent(RPC, id.path(), &req.get_ref().csr)?;
+        tracing::debug!(agent = %id, node = %caller.node_name, "agent SVID renewed");
+        Ok(Response::new(pb::RenewAgentResponse {
+            svid_chain: chain,
+            expires_at: unix(not_after),
+        }))
+    }
+
+    type SyncEntriesStream = ResponseStream<pb::SyncEntriesResponse>;
+
+    async fn sync_entries(
+        &self,
+        req: Request<pb::SyncEntriesRequest>,
+    ) -> Result<Response<Self::SyncEntriesStream>, Status> {
+        const RPC: &str = "SyncEntries";
+        let caller = self.caller(RPC, &req)?;
+        let known = req.get_ref().known_revision;
+        let this = self.clone();
+        let mut view = this.inner.entries.node(&caller.node_name);
+        let mut authorities_rx = this.inner.authorities.subscribe();
+        let shutdown = this.inner.shutdown.clone();
+        let cert_deadline = caller.cert_not_after;
+        let stream = spawn_stream(move |tx| async move {
+            let metrics = this.inner.metrics.clone();
+            metrics.open_streams.inc();
+            let _guard = OnDrop(Some(move || {
+                metrics.open_streams.dec();
+            }));
+            // A replica that has not listed everything yet would tell the agent to drop
+            // entries it merely has not read: wait for the index first.
+            tokio::select! {
+                () = this.inner.entries.synced() => {}
+                () = shutdown.cancelled() => return,
+            }
+            authorities_rx.borrow_and_update();
+            let first = view.changes_since(known);
+            let mut revision = first.revision;
+            if tx
+                .send(Ok(delta_to_pb(first, this.bundles())))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let until_expiry = cert_deadline.duration_since(this.now()).unwrap_or_default();
+            let expiry = tokio::time::sleep(until_expiry.max(Duration::from_secs(1)));
+            tokio::pin!(expiry);
+            loop {
+                let mut send_bundles = false;
+                tokio::select! {
+                    () = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("operator is shutting down; reconnect to another replica"))).await;
+                        return;
+                    }
+                    () = &mut expiry => {
+                        let _ = tx.send(Err(Status::unauthenticated("agent SVID expired; renew and reconnect"))).await;
+                        return;
+                    }
+                    () = view.changed() => {}
+                    r = authorities_rx.changed() => { if r.is_err() { return } send_bundles = true; }
+                }
+                // Coalesce whatever else changed meanwhile.
+                if authorities_rx.has_changed().unwrap_or(false) {
+                    authorities_rx.borrow_and_update();
+                    send_bundles = true;
+                }
+                let delta = view.changes_since(revision);
+                if delta.is_empty() && !send_bundles {
+                    continue;
+                }
+                revision = delta.revision;
+                let bundles = if send_bundles || delta.full {
+                    this.bundles()
+                } else {
+                    vec![]
+                };
+                if tx.send(Ok(delta_to_pb(delta, bundles))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn sign_x509_svids(
+        &self,
+        req: Request<pb::SignX509SvidsRequest>,
+    ) -> Result<Response<pb::SignX509SvidsResponse>, Status> {
+        const RPC: &str = "SignX509Svids";
+        let caller = self.caller(RPC, &req)?;
+        let requests = req.into_inner().requests;
+        if requests.len() > MAX_CSRS_PER_CALL {
+            return Err(self.deny(
+                RPC,
+                "too_many_csrs",
+                Status::invalid_argument(format!(
+                    "{} CSRs in one call; at most {MAX_CSRS_PER_CALL}",
+                    requests.len()
+                )),
+            ));
+        }
+        let now = self.now();
+        let mut results = Vec::with_capacity(requests.len());
+        let mut cas: BTreeMap<TrustDomain, Option<Arc<crate::authority::DomainAuthority>>> =
+            BTreeMap::new();
+        for r in requests {
+            let result = (|| -> Result<pb::SvidResult, Status> {
+                let entry = self
+                    .inner
+                    .entries
+                    .node(&caller.node_name)
+                    .entry(&r.entry_id)
+                    .ok_or_else(|| {
+                        self.deny(
+                            RPC,
+                            "entry_not_authorized",
+                            Status::permission_denied(format!(
+                                "entry {:?} is not authorised for node {}",
+                                r.entry_id, caller.node_name
+                            )),
+                        )
+                    })?;
+                let csr = x509::parse_csr(&r.csr).map_err(|e| {
+                    let reason = match e {
+                        x509::CsrError::MultipleUriSans(_) => "csr_multiple_uri_sans",
+                        _ => "bad_csr",
+                    };
+                    self.deny(
+                        RPC,
+                        reason,
+                        Status::invalid_argument(format!("CSR for entry {}: {e}", r.entry_id)),
+                    )
+                })?;
+                if csr.spiffe_id != entry.spiffe_id {
+                    return Err(self.deny(
+                        RPC,
+                        "spiffe_id_not_authorized",
+                        Status::permission_denied(format!(
+                            "CSR asks for {} but entry {} on node {} grants {}",
+                            csr.spiffe_id, entry.id, caller.node_name, entry.spiffe_id
+                        )),
+                    ));
+                }
+                let td = entry.spiffe_id.trust_domain().clone();
+                let authority = cas
+                    .entry(td.clone())
+                    .or_insert_with(|| self.inner.authorities.get(&td))
+                    .clone()
+                    .ok_or_else(|| {
+                        Status::unavailable(format!(
+                            "trust domain {td} has no CA loaded (is its TrustDomain Ready?)"
+                        ))
+                    })?;
+                let started = Instant::now();
+                let issued = authority
+                    .x509_ca
+                    .sign_csr(
+                        &csr,
+                        &SvidTemplate {
+                            spiffe_id: &entry.spiffe_id,
+                            ttl: entry.x509_ttl,
+                            dns_names: &entry.dns_names,
+                        },
+                        now,
+                    )
+                    .map_err(|e| Status::internal(format!("signing entry {}: {e}", entry.id)))?;
+                self.inner
+                    .metrics
+                    .sign_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                self.inner.metrics.svids_signed.inc();
+                Ok(pb::SvidResult {
+                    entry_id: r.entry_id.clone(),
+                    svid_chain: issued.chain(),
+                    expires_at: unix(issued.not_after),
+                    error_code: 0,
+                    error_message: String::new(),
+                })
+            })();
+            results.push(result.unwrap_or_else(|s| pb::SvidResult {
+                entry_id: r.entry_id,
+                svid_chain: vec![],
+                expires_at: 0,
+                error_code: s.code() as i32,
+                error_message: s.message().to_owned(),
+            }));
+        }
+        Ok(Response::new(pb::SignX509SvidsResponse { results }))
+    }
+
+    async fn mint_jwt_svid(
+        &self,
+        req: Request<pb::MintJwtSvidRequest>,
+    ) -> Result<Response<pb::MintJwtSvidResponse>, Status> {
+        const RPC: &str = "MintJwtSvid";
+        let caller = self.caller(RPC, &req)?;
+        let r = req.into_inner();
+        if r.audience.is_empty()
+            || r.audience.len() > MAX_AUDIENCES
+            || r.audience.iter().any(|a| a.is_empty() || a.len() > 1024)
+        {
+            return Err(self.deny(
+                RPC,
+                "bad_audience",
+                Status::invalid_argument(format!(
+                    "audience must hold 1..={MAX_AUDIENCES} non-empty values"
+                )),
+            ));
+        }
+        let entry = self
+            .inner
+            .entries
+            .node(&caller.node_name)
+            .entry(&r.entry_id)
+            .ok_or_else(|| {
+                self.deny(
+                    RPC,
+                    "entry_not_authorized",
+                    Status::permission_denied(format!(
+                        "entry {:?} is not authorised for node {}",
+                        r.entry_id, caller.node_name
+                    )),
+                )
+            })?;
+        let td = entry.spiffe_id.trust_domain();
+        let authority =
+            self.inner.authorities.get(td).ok_or_else(|| {
+                Status::unavailable(format!("trust domain {td} has no keys loaded"))
+            })?;
+        let now = self.now();
+        let token = authority
+            .jwt_key
+            .mint(
+                &entry.spiffe_id,
+                &r.audience,
+                entry.jwt_ttl,
+                now,
+                authority.jwt_issuer.as_deref(),
+            )
+            .map_err(|e| Status::internal(format!("minting JWT-SVID: {e}")))?;
+        self.inner.metrics.jwts_minted.inc();
+        Ok(Response::new(pb::MintJwtSvidResponse {
+            token,
+            expires_at: unix(now + entry.jwt_ttl),
+        }))
+    }
+}
+
+/// Runs `f` with a sender and returns the receiving side as a response stream; the stream
+/// ends when `f` returns or the client goes away.
+fn spawn_stream<T, F, Fut>(f: F) -> ResponseStream<T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<T, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// Runs a closure when dropped (keeps the open-streams gauge right however a stream ends).
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}

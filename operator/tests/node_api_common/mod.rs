@@ -1,0 +1,318 @@
+//! A Node API world for tests and benches: a real apiserver (the e2e harness), an
+//! operator replica in this process (CA, identity index, Node API on a loopback port), a
+//! namespace the test owns, two Nodes, and the agent's service account and pods.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use kube::api::{Api, PostParams};
+use kube::runtime::WatchStreamExt;
+use kube::{Client, ResourceExt};
+use prometheus_client::registry::Registry;
+use serde_json::{Value, json};
+use sigil_agent::node_client::{NodeClient, NodeClientConfig};
+use sigil_identity::clock::SystemClock;
+use sigil_identity::{TrustBundle, TrustDomain};
+use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
+use sigil_operator::index::{self, EntryIndex, IndexConfig, RunOptions, StatusOptions};
+use sigil_operator::node_api::metrics::NodeApiMetrics;
+use sigil_operator::node_api::psat::PsatConfig;
+use sigil_operator::node_api::{self, NodeApi, NodeApiConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::trust_domain_common::*;
+
+/// The cluster name the operator runs with.
+pub const CLUSTER: &str = "e2e";
+
+pub struct World {
+    pub client: Client,
+    pub ns: String,
+    pub tag: String,
+    pub td: TrustDomain,
+    pub td_object: String,
+    pub audience: String,
+    pub node_a: String,
+    pub node_b: String,
+    pub node_a_uid: String,
+    pub node_api_addr: String,
+    pub index: EntryIndex,
+    pub metrics: NodeApiMetrics,
+    pub replica: Replica,
+    cancel: CancellationToken,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+pub async fn create<K>(api: &Api<K>, v: Value) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    api.create(&PostParams::default(), &serde_json::from_value(v).unwrap())
+        .await
+        .unwrap()
+}
+
+pub fn pod_json(name: &str, node: &str, sa: &str, labels: Value) -> Value {
+    json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": node, "serviceAccountName": sa, "automountServiceAccountToken": false,
+                 "containers": [{"name": "main", "image": "registry.invalid/none"}]},
+    })
+}
+
+impl World {
+    /// Everything up and the TrustDomain Ready; the agent SA `sigil-agent` exists.
+    pub async fn start(prefix: &str) -> World {
+        Self::start_with(prefix, Duration::from_secs(3600)).await
+    }
+
+    /// As [`World::start`], with agent SVIDs that live `agent_svid_ttl`.
+    pub async fn start_with(prefix: &str, agent_svid_ttl: Duration) -> World {
+        let client = client().await;
+        let tag = unique(prefix);
+        let ns = tag.clone();
+        let instance = tag.clone();
+        create(
+            &Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()),
+            json!({"metadata": {"name": ns, "labels": {"sigil-test": tag}}}),
+        )
+        .await;
+        let nodes = Api::<Node>::all(client.clone());
+        let node_a = format!("{tag}-a");
+        let node_b = format!("{tag}-b");
+        let a = create(
+            &nodes,
+            json!({"metadata": {"name": node_a, "labels": {"zone": "z1"}}}),
+        )
+        .await;
+        create(
+            &nodes,
+            json!({"metadata": {"name": node_b, "labels": {"zone": "z2"}}}),
+        )
+        .await;
+        let sas = Api::<ServiceAccount>::namespaced(client.clone(), &ns);
+        for sa in ["sigil-agent", "intruder", "web"] {
+            create(&sas, json!({"metadata": {"name": sa}})).await;
+        }
+
+        let replica = Replica::start(client.clone(), ReplicaConfig::new(&ns, &instance));
+        let td_name = format!("{tag}.example.org");
+        let td_object = format!("{tag}-td");
+        create_trust_domain(
+            &client,
+            &trust_domain(
+                &td_object,
+                &instance,
+                json!({"trustDomain": td_name, "bundle": {"namespaceSelector": {"matchLabels": {"sigil-test": tag}}}}),
+            ),
+        )
+        .await;
+        wait_condition(&client, &td_object, "Ready", "True", "BundlePublished").await;
+        let td: TrustDomain = td_name.parse().unwrap();
+
+        let cancel = CancellationToken::new();
+        let index = EntryIndex::new(IndexConfig::new(CLUSTER));
+        tokio::spawn(index::run(
+            client.clone(),
+            index.clone(),
+            replica.leader.clone(),
+            RunOptions {
+                status: StatusOptions {
+                    interval: Duration::from_millis(100),
+                    ..Default::default()
+                },
+                ready: None,
+            },
+            cancel.clone(),
+        ));
+
+        let (store, writer) = kube::runtime::reflector::store::<Node>();
+        let watch =
+            kube::runtime::reflector(writer, kube::runtime::watcher(nodes, Default::default()))
+                .default_backoff()
+                .applied_objects();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            futures::pin_mut!(watch);
+            while watch.next().await.is_some() {}
+        });
+        store.wait_until_ready().await.unwrap();
+
+        let audience = format!("sigil-agent-{tag}");
+        let metrics = NodeApiMetrics::default();
+        let api = NodeApi::new(
+            NodeApiConfig {
+                agent_trust_domain: td.clone(),
+                agent_svid_ttl,
+                psat: PsatConfig {
+                    cluster: CLUSTER.into(),
+                    audience: audience.clone(),
+                    allowed_service_accounts: vec![format!("{ns}:sigil-agent")],
+                    allowed_node_label_keys: vec!["zone".into()],
+                    allowed_pod_label_keys: vec![],
+                },
+                rate_per_node: 1000.0,
+                burst_per_node: 10_000.0,
+            },
+            client.clone(),
+            replica.authorities.clone(),
+            index.clone(),
+            store,
+            Arc::new(SystemClock),
+            metrics.clone(),
+            cancel.clone(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node_api_addr = listener.local_addr().unwrap().to_string();
+        let ready = replica.readiness.component("node-api");
+        tokio::spawn(node_api::serve(
+            listener,
+            api,
+            replica.authorities.clone(),
+            td.clone(),
+            Duration::from_secs(3600),
+            Arc::new(SystemClock),
+            Some(ready),
+            cancel.clone(),
+        ));
+        eventually("the Node API serving certificate", SETTLE, || async {
+            replica
+                .readiness
+                .pending()
+                .iter()
+                .all(|p| p != "node-api")
+                .then_some(())
+        })
+        .await;
+
+        World {
+            client,
+            ns,
+            tag,
+            td,
+            td_object,
+            audience,
+            node_a_uid: a.uid().unwrap(),
+            node_a,
+            node_b,
+            node_api_addr,
+            index,
+            metrics,
+            replica,
+            cancel,
+        }
+    }
+
+    /// The bundle an agent pod mounts: the TrustDomain's ConfigMap in our namespace.
+    pub async fn bootstrap_bundle(&self) -> TrustBundle {
+        let cm = eventually("the bundle ConfigMap", SETTLE, || {
+            bundle_config_map(&self.client, &self.ns, "sigil-trust-bundle")
+        })
+        .await;
+        let jwks = cm.data.unwrap()["bundle.spiffe"].clone();
+        TrustBundle::from_jwks_json(self.td.clone(), jwks.as_bytes()).unwrap()
+    }
+
+    /// A Node API client as the agent builds it.
+    pub async fn agent_client(&self) -> NodeClient {
+        NodeClient::new(
+            NodeClientConfig {
+                address: self.node_api_addr.clone(),
+                trust_domain: self.td.clone(),
+                cluster: CLUSTER.into(),
+            },
+            self.bootstrap_bundle().await,
+        )
+        .unwrap()
+    }
+
+    /// Creates a pod on `node` running as `sa`.
+    pub async fn pod(&self, name: &str, node: &str, sa: &str, labels: Value) -> Pod {
+        create(
+            &Api::<Pod>::namespaced(self.client.clone(), &self.ns),
+            pod_json(name, node, sa, labels),
+        )
+        .await
+    }
+
+    /// A projected token bound to `pod`, for `audience`.
+    pub async fn token(&self, pod: &Pod, audience: &str) -> String {
+        let sa = pod
+            .spec
+            .as_ref()
+            .unwrap()
+            .service_account_name
+            .clone()
+            .unwrap();
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: Some(vec![audience.into()]),
+                expiration_seconds: Some(600),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: pod.metadata.name.clone(),
+                    uid: pod.metadata.uid.clone(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Api::<ServiceAccount>::namespaced(self.client.clone(), &self.ns)
+            .create_token_request(&sa, &PostParams::default(), &request)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .token
+            .unwrap()
+    }
+
+    /// An agent pod on `node` and an attested client for it.
+    pub async fn attested_agent(&self, node: &str) -> NodeClient {
+        let pod = self
+            .pod(
+                &unique("agent"),
+                node,
+                "sigil-agent",
+                json!({"app": "sigil-agent"}),
+            )
+            .await;
+        let token = self.token(&pod, &self.audience).await;
+        let client = self.agent_client().await;
+        client.attest_psat(&token).await.unwrap();
+        client
+    }
+
+    /// A ClusterSPIFFEID selecting `app=<app>` pods in our namespace.
+    pub async fn cluster_spiffe_id(&self, name: &str, app: &str) -> ClusterSPIFFEID {
+        create(
+            &Api::<ClusterSPIFFEID>::all(self.client.clone()),
+            json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": name}, "spec": {
+                "trustDomain": self.td_object,
+                "namespaceSelector": {"matchLabels": {"sigil-test": self.tag}},
+                "podSelector": {"matchLabels": {"app": app}},
+                "ttl": "20m",
+                "dnsNameTemplates": ["{{pod.name}}.{{node.labels['zone']}}"],
+            }}),
+        )
+        .await
+    }
+
+    /// The Node API metrics as Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        let mut registry = Registry::default();
+        self.metrics.register(&mut registry);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    }
+}
