@@ -1,0 +1,72 @@
+//! Bench output: a table on stdout and the same rows as JSON in `bench/out/<name>.json`
+//! (`SIGIL_BENCH_OUT` overrides the directory), for `make bench` and for notes.
+#![allow(dead_code, unreachable_pub, missing_debug_implementations)]
+
+use std::time::Duration;
+
+/// Rows of one bench run.
+pub struct Report {
+    name: &'static str,
+    rows: Vec<serde_json::Value>,
+}
+
+impl Report {
+    pub fn new(name: &'static str, title: &str) -> Self {
+        println!("{title}");
+        println!("{}", "-".repeat(110));
+        Self {
+            name,
+            rows: Vec::new(),
+        }
+    }
+
+    /// A row with a free-form value.
+    pub fn row(&mut self, what: &str, value: String) {
+        println!("{what:<62} {value}");
+        self.rows
+            .push(serde_json::json!({"what": what, "value": value}));
+    }
+
+    /// A row summarising latencies: p50, p99 and max (JSON in microseconds).
+    pub fn latencies(&mut self, what: &str, mut v: Vec<Duration>) {
+        v.sort();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let (p50, p99, max) = (
+            percentile(&v, 0.5),
+            percentile(&v, 0.99),
+            v.last().copied().unwrap_or_default(),
+        );
+        println!(
+            "{what:<62} p50 {p50:>9.1?}  p99 {p99:>9.1?}  max {max:>9.1?}  (n={})",
+            v.len()
+        );
+        self.rows.push(serde_json::json!({"what": what, "n": v.len(), "p50_us": us(p50), "p99_us": us(p99), "max_us": us(max)}));
+    }
+
+    /// Writes the JSON file and says where.
+    pub fn finish(self) {
+        let dir = std::env::var("SIGIL_BENCH_OUT")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/out")
+            });
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join(format!("{}.json", self.name));
+        let doc = serde_json::json!({"bench": self.name, "rows": self.rows});
+        match std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&doc).unwrap_or_default(),
+        ) {
+            Ok(()) => println!("(written to {})", path.display()),
+            Err(e) => println!("(could not write {}: {e})", path.display()),
+        }
+    }
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
