@@ -2,10 +2,20 @@
 //! node, attests local workloads, and serves the SPIFFE Workload API.
 //!
 //! Module map:
+//! - [`app`]: the process: flags and the subsystems it runs as one set.
 //! - [`attest`]: workload attestation (peer credentials, cgroups, pods, unix facts).
 //! - [`cache`]: entries, SVIDs, JWT-SVIDs and bundles held by the agent.
 //! - [`node_client`]: the agent's client of the operator's Node API.
+//! - [`sync`]: node attestation, agent SVID renewal, and the entry stream.
+//! - [`rotator`]: pre-signing and rotating the X509-SVIDs of this node's entries.
+//! - [`workload_api`]: the SPIFFE Workload API on a Unix socket.
+//! - [`h2_authority`]: lets gRPC C-core clients (py-spiffe) past h2's `:authority` check.
 
+pub mod app;
 pub mod attest;
 pub mod cache;
+pub mod h2_authority;
 pub mod node_client;
+pub mod rotator;
+pub mod sync;
+pub mod workload_api;

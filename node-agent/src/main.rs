@@ -1,3 +1,3 @@
-fn main() {
-    eprintln!("sigil-agent: not wired yet");
+fn main() -> anyhow::Result<()> {
+    sigil_agent::app::main()
 }

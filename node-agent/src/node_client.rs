@@ -89,8 +89,9 @@ pub struct AgentSvid {
 /// Where and whom to call.
 #[derive(Debug, Clone)]
 pub struct NodeClientConfig {
-    /// `host:port` of the Node API.
-    pub address: String,
+    /// `host:port` of each Node API endpoint (operator replicas or a Service); the client
+    /// moves to the next one after a failure.
+    pub addresses: Vec<String>,
     /// The agent trust domain (the operator's ID lives in it).
     pub trust_domain: TrustDomain,
     /// The cluster name the operator is configured with.
@@ -105,11 +106,17 @@ pub struct NodeClient {
     cert: Arc<SwappableCert>,
     svid: Mutex<Option<AgentSvid>>,
     mtls: Mutex<Option<Channel>>,
+    current: std::sync::atomic::AtomicUsize,
 }
 
 impl NodeClient {
     /// A client trusting `bootstrap` (the agent trust domain's bundle) for the operator.
     pub fn new(config: NodeClientConfig, bootstrap: TrustBundle) -> Result<Self, NodeClientError> {
+        if config.addresses.is_empty() {
+            return Err(NodeClientError::Local(
+                "no operator address configured".into(),
+            ));
+        }
         if bootstrap.trust_domain != config.trust_domain {
             return Err(NodeClientError::Local(format!(
                 "bootstrap bundle is for {} but the agent trust domain is {}",
@@ -124,12 +131,32 @@ impl NodeClient {
             cert: SwappableCert::new(),
             svid: Mutex::new(None),
             mtls: Mutex::new(None),
+            current: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
     /// The bundles the client trusts (updated from the operator's answers).
     pub fn bundles(&self) -> Arc<SharedBundles> {
         self.bundles.clone()
+    }
+
+    /// The operator endpoint in use.
+    pub fn address(&self) -> String {
+        let all = &self.config.addresses;
+        if all.is_empty() {
+            return String::new();
+        }
+        all[self.current.load(std::sync::atomic::Ordering::Relaxed) % all.len()].clone()
+    }
+
+    /// After a failure: use the next operator endpoint (when there are several).
+    pub fn fail_over(&self) {
+        if self.config.addresses.len() > 1 {
+            self.current
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            *self.mtls.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            tracing::info!(address = %self.address(), "switching to the next operator endpoint");
+        }
     }
 
     /// The current agent SVID, if attested.
@@ -159,7 +186,7 @@ impl NodeClient {
         let tls = sigil_identity::tls::client_config(cert, verifier)
             .map_err(|e| NodeClientError::Local(e.to_string()))?;
         let connector = TlsConnector::from(Arc::new(tls));
-        let address = self.config.address.clone();
+        let address = self.address();
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| NodeClientError::Local(format!("Node API address {address:?}: {e}")))?
             .connect_timeout(Duration::from_secs(5))

@@ -1,0 +1,322 @@
+//! The sigil-agent process: flags, and the subsystems it runs as one set.
+//!
+//! - [`sync::keep_agent_svid`]: node attestation and agent SVID renewal;
+//! - [`sync::sync_entries`]: the entry stream into the cache;
+//! - [`rotator::run`]: X509-SVIDs for every entry, pre-signed and rotated;
+//! - the pod watch for this node (workload attestation);
+//! - [`workload_api::serve`]: the Workload API socket;
+//! - the health server (`/live`, `/ready` once attested and the Workload API socket is up,
+//!   `/metrics`).
+//!
+//! The first SIGTERM drains (streams end, `/ready` 503) and exits 0; a second exits at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use prometheus_client::registry::Registry;
+use sigil_identity::{TrustBundle, TrustDomain};
+use sigil_telemetry::{LogFormat, Readiness};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::attest::WorkloadAttestor;
+use crate::attest::k8s::{ApiPodSource, PodSource};
+use crate::cache::Cache;
+use crate::node_client::{NodeClient, NodeClientConfig};
+use crate::rotator::{self, RotatorMetrics};
+use crate::sync::{self, TokenFile};
+use crate::workload_api::{self, WorkloadApi, WorkloadApiMetrics};
+
+/// sigil-agent: attests this node to sigil-operator, keeps the identities of the pods on
+/// it, and serves the SPIFFE Workload API.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sigil-agent", version)]
+pub struct Args {
+    /// The Kubernetes Node this agent runs on (the downward API's `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Node API endpoints (`host:port`, comma-separated); the agent moves to the next one
+    /// after a failure.
+    #[arg(
+        long,
+        env = "SIGIL_OPERATOR_ADDRESS",
+        value_delimiter = ',',
+        default_value = "sigil-operator.sigil-system.svc:8443"
+    )]
+    pub operator_address: Vec<String>,
+
+    /// The agent trust domain (the operator's `--agent-trust-domain`).
+    #[arg(long, env = "SIGIL_TRUST_DOMAIN")]
+    pub trust_domain: String,
+
+    /// The cluster name (the operator's `--cluster-name`).
+    #[arg(long, env = "SIGIL_CLUSTER_NAME", default_value = "cluster")]
+    pub cluster_name: String,
+
+    /// Projected service-account token with the operator's PSAT audience; read at every
+    /// attestation, so the kubelet's rotations are picked up.
+    #[arg(
+        long,
+        env = "SIGIL_TOKEN_FILE",
+        default_value = "/var/run/secrets/tokens/sigil-agent"
+    )]
+    pub token_file: PathBuf,
+
+    /// The trust bundle to verify the operator with at first (the TrustDomain's bundle
+    /// ConfigMap, `bundle.spiffe` or `bundle.pem`).
+    #[arg(
+        long,
+        env = "SIGIL_BUNDLE_FILE",
+        default_value = "/run/sigil/bundle/bundle.spiffe"
+    )]
+    pub bundle_file: PathBuf,
+
+    /// The Workload API socket (workloads get `SPIFFE_ENDPOINT_SOCKET=unix://<this>`).
+    #[arg(
+        long,
+        env = "SIGIL_SOCKET_PATH",
+        default_value = "/run/sigil/agent/api.sock"
+    )]
+    pub socket_path: PathBuf,
+
+    /// Where the host's /proc is (the agent needs hostPID to see workload processes).
+    #[arg(long, env = "SIGIL_PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
+
+    /// Where the host's /etc is, for user and group names.
+    #[arg(long, env = "SIGIL_ETC_ROOT", default_value = "/etc")]
+    pub etc_root: PathBuf,
+
+    /// How long attestation waits for a new pod's container to appear in the pod watch.
+    #[arg(long, env = "SIGIL_POD_TIMEOUT", default_value = "30s", value_parser = go_duration)]
+    pub pod_timeout: Duration,
+
+    /// Address of the health server (`/live`, `/ready`, `/metrics`).
+    #[arg(long, env = "SIGIL_HEALTH_ADDR", default_value = "0.0.0.0:9091")]
+    pub health_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "SIGIL_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Json)]
+    pub log_format: LogFormatArg,
+
+    /// A kubeconfig for the pod watch (default: in-cluster configuration).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormatArg {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+fn go_duration(s: &str) -> Result<Duration, String> {
+    let d: kube::core::Duration = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a Go duration ({e}); write it like \"30s\""))?;
+    if d.is_negative() {
+        return Err(format!("{s:?} is negative"));
+    }
+    Ok(d.into())
+}
+
+/// Parses the flags, sets up logging and runs the agent until a signal.
+pub fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    sigil_telemetry::init_logging(match args.log_format {
+        LogFormatArg::Json => LogFormat::Json,
+        LogFormatArg::Text => LogFormat::Text,
+    })
+    .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?
+        .block_on(async {
+            let cancel = CancellationToken::new();
+            let agent = Agent::start(args, cancel.clone()).await?;
+            sigil_telemetry::shutdown_on_signals(cancel.clone(), agent.readiness.clone()).await?;
+            agent.wait().await;
+            info!("sigil-agent stopped");
+            Ok(())
+        })
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    /// Readiness (`/ready`).
+    pub readiness: Readiness,
+    /// The cache the Workload API serves from.
+    pub cache: Arc<Cache>,
+    /// The Node API client.
+    pub node: Arc<NodeClient>,
+    /// The health server's address.
+    pub health_addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts every subsystem; they run until `cancel`.
+    pub async fn start(args: Args, cancel: CancellationToken) -> anyhow::Result<Agent> {
+        let Args {
+            node_name,
+            operator_address,
+            trust_domain,
+            cluster_name,
+            token_file,
+            bundle_file,
+            socket_path,
+            proc_root,
+            etc_root,
+            pod_timeout,
+            health_addr,
+            log_format: _,
+            kubeconfig,
+        } = args;
+        info!(node = %node_name, operators = ?operator_address, version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
+        let td: TrustDomain = trust_domain
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--trust-domain {trust_domain:?}: {e}"))?;
+        let bootstrap_doc = std::fs::read(&bundle_file)
+            .with_context(|| format!("read the bootstrap trust bundle {} (--bundle-file; mount the TrustDomain's bundle ConfigMap)", bundle_file.display()))?;
+        let bootstrap = TrustBundle::from_jwks_or_pem(td.clone(), &bootstrap_doc).map_err(|e| {
+            anyhow::anyhow!("bootstrap trust bundle {}: {e}", bundle_file.display())
+        })?;
+        let node = Arc::new(
+            NodeClient::new(
+                NodeClientConfig {
+                    addresses: operator_address,
+                    trust_domain: td,
+                    cluster: cluster_name,
+                },
+                bootstrap,
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        let client = kube_client(kubeconfig.as_deref()).await?;
+
+        let readiness = Readiness::new();
+        let mut registry = Registry::default();
+        let api_metrics = WorkloadApiMetrics::default();
+        api_metrics.register(&mut registry);
+        let rotator_metrics = RotatorMetrics::default();
+        rotator_metrics.register(&mut registry);
+
+        let cache = Cache::new();
+        let pods: Arc<dyn PodSource> =
+            Arc::new(ApiPodSource::start(client, &node_name, cancel.clone()));
+        let attestor = Arc::new(WorkloadAttestor::new(
+            proc_root.clone(),
+            etc_root,
+            Some(pods),
+            pod_timeout,
+        ));
+        let listener = workload_api::bind(&socket_path).with_context(|| {
+            format!(
+                "bind the Workload API socket {} (--socket-path)",
+                socket_path.display()
+            )
+        })?;
+        let api = WorkloadApi::new(
+            cache.clone(),
+            attestor,
+            node.clone(),
+            api_metrics,
+            cancel.clone(),
+        );
+        let health = tokio::net::TcpListener::bind(health_addr)
+            .await
+            .with_context(|| format!("bind the health server to {health_addr} (--health-addr)"))?;
+        let health_addr = health.local_addr().context("health server address")?;
+
+        let (attested_tx, attested_rx) = watch::channel(false);
+        let attested_ready = readiness.component("node-attestation");
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(sync::keep_agent_svid(
+            node.clone(),
+            TokenFile(token_file),
+            attested_tx,
+            cancel.clone(),
+        )));
+        tasks.push(tokio::spawn({
+            let mut rx = attested_rx.clone();
+            async move {
+                if rx.wait_for(|a| *a).await.is_ok() {
+                    attested_ready.set_ready();
+                }
+            }
+        }));
+        tasks.push(tokio::spawn(sync::sync_entries(
+            node.clone(),
+            cache.clone(),
+            attested_rx,
+            cancel.clone(),
+        )));
+        tasks.push(tokio::spawn(rotator::run(
+            cache.clone(),
+            node.clone(),
+            rotator_metrics,
+            cancel.clone(),
+        )));
+        tasks.push(tokio::spawn({
+            let cancel = cancel.clone();
+            async move {
+                info!(socket = %socket_path.display(), "Workload API listening");
+                if let Err(e) = workload_api::serve(listener, api, proc_root, cancel).await {
+                    tracing::error!(error = %e, "Workload API server failed");
+                }
+                let _ = std::fs::remove_file(&socket_path);
+            }
+        }));
+        tasks.push(tokio::spawn({
+            let (readiness, cancel) = (readiness.clone(), cancel.clone());
+            async move {
+                if let Err(e) =
+                    sigil_telemetry::serve(health, Arc::new(registry), readiness, cancel).await
+                {
+                    tracing::error!(error = %e, "health server failed");
+                }
+            }
+        }));
+        Ok(Agent {
+            readiness,
+            cache,
+            node,
+            health_addr,
+            tasks,
+        })
+    }
+
+    /// Waits until every subsystem has stopped (after cancellation).
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes client configuration: run in a pod, or pass --kubeconfig")?,
+    };
+    kube::Client::try_from(config).context("build the Kubernetes client")
+}

@@ -1,0 +1,451 @@
+//! Makes gRPC clients that send an invalid `:authority` over a Unix socket work.
+//!
+//! gRPC C-core (py-spiffe, and every grpcio-based client) sets `:authority` to the
+//! percent-encoded socket path for `unix:` targets (grpc/grpc#38142), and grpc-java sends
+//! the raw path. The HTTP/2 stack under tonic (h2) rejects such a request with
+//! RST_STREAM(PROTOCOL_ERROR) before any application code sees it (hyperium/h2#487), so
+//! py-spiffe cannot talk to a tonic server on a socket.
+//!
+//! [`AuthorityFix`] sits between the socket and the HTTP/2 server on the read side. It
+//! passes the connection preface and every frame through unchanged, except header blocks
+//! (HEADERS + CONTINUATION): those are HPACK-decoded with the client's compression
+//! context, an `:authority` that is not a valid URI authority is replaced by `localhost`
+//! (what grpc-go and Kubernetes use for Unix sockets), and the block is re-encoded with a
+//! compression context of our own that mirrors the server's decoder. Because every block
+//! is re-encoded, the server never sees the client's dynamic table. The write side is
+//! untouched.
+//!
+//! Bounds: a header block may grow to [`MAX_HEADER_BLOCK`]; a frame larger than
+//! [`MAX_FRAME`] ends the connection. Nothing else about the request is changed.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The HTTP/2 client connection preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Largest frame payload buffered. The server advertises SETTINGS_MAX_FRAME_SIZE 16 KiB,
+/// so a conforming client never sends more; this only bounds memory before the server
+/// would refuse the frame anyway.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Largest reassembled header block.
+pub const MAX_HEADER_BLOCK: usize = 256 * 1024;
+/// Frame size used for re-encoded header blocks (HTTP/2's default and minimum maximum).
+const OUT_FRAME: usize = 16_384;
+
+const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+
+/// Why a client's byte stream was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FixError {
+    /// A frame or header block over the bounds.
+    #[error("HTTP/2 frame or header block too large ({0} bytes)")]
+    TooLarge(usize),
+    /// Malformed framing (padding, missing CONTINUATION).
+    #[error("malformed HTTP/2 framing: {0}")]
+    Framing(&'static str),
+    /// The header block does not decode.
+    #[error("header block does not decode (HPACK): {0}")]
+    Hpack(String),
+}
+
+/// The read-side rewriter, independent of I/O (fed bytes, yields bytes).
+pub struct Rewriter {
+    input: Vec<u8>,
+    preface_left: usize,
+    /// Header block being reassembled: (stream id, flags of the HEADERS frame, priority
+    /// bytes, fragments so far).
+    pending: Option<(u32, u8, Vec<u8>, Vec<u8>)>,
+    decoder: hpack::Decoder<'static>,
+    encoder: hpack::Encoder<'static>,
+    /// Requests whose `:authority` was replaced.
+    pub rewritten: u64,
+}
+
+impl std::fmt::Debug for Rewriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rewriter")
+            .field("buffered", &self.input.len())
+            .field("rewritten", &self.rewritten)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Rewriter {
+    fn default() -> Self {
+        Self {
+            input: Vec::new(),
+            preface_left: PREFACE.len(),
+            pending: None,
+            decoder: hpack::Decoder::new(),
+            encoder: hpack::Encoder::new(),
+            rewritten: 0,
+        }
+    }
+}
+
+fn valid_authority(value: &[u8]) -> bool {
+    http::uri::Authority::try_from(value).is_ok()
+}
+
+impl Rewriter {
+    /// Feeds bytes read from the client; appends what the server should read to `out`.
+    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), FixError> {
+        self.input.extend_from_slice(bytes);
+        let mut pos = 0;
+        if self.preface_left > 0 {
+            let n = self.preface_left.min(self.input.len());
+            out.extend_from_slice(&self.input[..n]);
+            self.preface_left -= n;
+            pos = n;
+        }
+        loop {
+            let rest = &self.input[pos..];
+            if rest.len() < 9 {
+                break;
+            }
+            let len =
+                (usize::from(rest[0]) << 16) | (usize::from(rest[1]) << 8) | usize::from(rest[2]);
+            if len > MAX_FRAME {
+                return Err(FixError::TooLarge(len));
+            }
+            if rest.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (rest[3], rest[4]);
+            let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+            let payload = rest[9..9 + len].to_vec();
+            let header = rest[..9].to_vec();
+            pos += 9 + len;
+            match kind {
+                HEADERS => {
+                    if self.pending.is_some() {
+                        return Err(FixError::Framing("HEADERS while a header block is open"));
+                    }
+                    let mut body = &payload[..];
+                    let mut pad = 0;
+                    if flags & PADDED != 0 {
+                        pad = usize::from(
+                            *body
+                                .first()
+                                .ok_or(FixError::Framing("padding length missing"))?,
+                        );
+                        body = &body[1..];
+                    }
+                    let mut priority = Vec::new();
+                    if flags & PRIORITY != 0 {
+                        if body.len() < 5 {
+                            return Err(FixError::Framing("priority fields missing"));
+                        }
+                        priority = body[..5].to_vec();
+                        body = &body[5..];
+                    }
+                    if pad > body.len() {
+                        return Err(FixError::Framing("padding longer than the frame"));
+                    }
+                    let fragment = body[..body.len() - pad].to_vec();
+                    self.pending = Some((stream, flags, priority, fragment));
+                    if flags & END_HEADERS != 0 {
+                        self.finish_block(out)?;
+                    }
+                }
+                CONTINUATION => {
+                    let Some((open, ..)) = &mut self.pending else {
+                        return Err(FixError::Framing("CONTINUATION without HEADERS"));
+                    };
+                    if *open != stream {
+                        return Err(FixError::Framing("CONTINUATION on another stream"));
+                    }
+                    if let Some((.., fragments)) = &mut self.pending {
+                        fragments.extend_from_slice(&payload);
+                        if fragments.len() > MAX_HEADER_BLOCK {
+                            return Err(FixError::TooLarge(fragments.len()));
+                        }
+                    }
+                    if flags & END_HEADERS != 0 {
+                        self.finish_block(out)?;
+                    }
+                }
+                _ => {
+                    if self.pending.is_some() {
+                        return Err(FixError::Framing(
+                            "a header block must be followed by CONTINUATION",
+                        ));
+                    }
+                    out.extend_from_slice(&header);
+                    out.extend_from_slice(&payload);
+                }
+            }
+        }
+        self.input.drain(..pos);
+        Ok(())
+    }
+
+    fn finish_block(&mut self, out: &mut Vec<u8>) -> Result<(), FixError> {
+        let Some((stream, flags, priority, block)) = self.pending.take() else {
+            return Ok(());
+        };
+        let mut headers = self
+            .decoder
+            .decode(&block)
+            .map_err(|e| FixError::Hpack(format!("{e:?}")))?;
+        for (name, value) in &mut headers {
+            if name.as_slice() == b":authority" && !valid_authority(value) {
+                *value = b"localhost".to_vec();
+                self.rewritten += 1;
+            }
+        }
+        let encoded = self
+            .encoder
+            .encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        if encoded.len() > MAX_HEADER_BLOCK {
+            return Err(FixError::TooLarge(encoded.len()));
+        }
+        // HEADERS (priority kept, padding dropped), then CONTINUATIONs as needed.
+        let first_room = OUT_FRAME - priority.len();
+        let (first, mut rest) = encoded.split_at(encoded.len().min(first_room));
+        let mut first_flags = flags & (END_STREAM | PRIORITY);
+        if rest.is_empty() {
+            first_flags |= END_HEADERS;
+        }
+        let mut payload = priority;
+        payload.extend_from_slice(first);
+        frame(out, HEADERS, first_flags, stream, &payload);
+        while !rest.is_empty() {
+            let (chunk, more) = rest.split_at(rest.len().min(OUT_FRAME));
+            frame(
+                out,
+                CONTINUATION,
+                if more.is_empty() { END_HEADERS } else { 0 },
+                stream,
+                chunk,
+            );
+            rest = more;
+        }
+        Ok(())
+    }
+}
+
+fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = payload.len();
+    out.extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
+    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// A connection whose client-to-server bytes go through a [`Rewriter`].
+#[derive(Debug)]
+pub struct AuthorityFix<S> {
+    io: S,
+    rewriter: Rewriter,
+    ready: Vec<u8>,
+    offset: usize,
+}
+
+impl<S> AuthorityFix<S> {
+    /// Wraps a freshly accepted connection.
+    pub fn new(io: S) -> Self {
+        Self {
+            io,
+            rewriter: Rewriter::default(),
+            ready: Vec::new(),
+            offset: 0,
+        }
+    }
+
+    /// The wrapped connection.
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.offset < this.ready.len() {
+                let n = buf.remaining().min(this.ready.len() - this.offset);
+                buf.put_slice(&this.ready[this.offset..this.offset + n]);
+                this.offset += n;
+                if this.offset == this.ready.len() {
+                    this.ready.clear();
+                    this.offset = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut raw = [0u8; 8192];
+            let mut rb = ReadBuf::new(&mut raw);
+            ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+            let got = rb.filled();
+            if got.is_empty() {
+                return Poll::Ready(Ok(())); // EOF
+            }
+            this.rewriter
+                .feed(got, &mut this.ready)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn block(enc: &mut hpack::Encoder<'_>, authority: &[u8]) -> Vec<u8> {
+        enc.encode(vec![
+            (&b":method"[..], &b"POST"[..]),
+            (&b":scheme"[..], &b"http"[..]),
+            (&b":path"[..], &b"/SpiffeWorkloadAPI/FetchX509SVID"[..]),
+            (&b":authority"[..], authority),
+            (&b"workload.spiffe.io"[..], &b"true"[..]),
+        ])
+    }
+
+    fn decode_all(bytes: &[u8]) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut dec = hpack::Decoder::new();
+        let mut pos = PREFACE.len();
+        let mut blocks = Vec::new();
+        let mut pending = Vec::new();
+        while pos + 9 <= bytes.len() {
+            let len = (usize::from(bytes[pos]) << 16)
+                | (usize::from(bytes[pos + 1]) << 8)
+                | usize::from(bytes[pos + 2]);
+            let (kind, flags) = (bytes[pos + 3], bytes[pos + 4]);
+            let payload = &bytes[pos + 9..pos + 9 + len];
+            if kind == HEADERS || kind == CONTINUATION {
+                let skip = if kind == HEADERS && flags & PRIORITY != 0 {
+                    5
+                } else {
+                    0
+                };
+                pending.extend_from_slice(&payload[skip..]);
+                if flags & END_HEADERS != 0 {
+                    blocks.push(dec.decode(&pending).unwrap());
+                    pending.clear();
+                }
+            }
+            pos += 9 + len;
+        }
+        blocks
+    }
+
+    #[test]
+    fn percent_encoded_authority_becomes_localhost_and_the_rest_is_untouched() {
+        let mut enc = hpack::Encoder::new();
+        let mut input = PREFACE.to_vec();
+        frame(&mut input, 0x4, 0, 0, &[]); // SETTINGS
+        frame(
+            &mut input,
+            HEADERS,
+            END_HEADERS,
+            1,
+            &block(&mut enc, b"%2Frun%2Fsigil%2Fapi.sock"),
+        );
+        frame(&mut input, 0x0, END_STREAM, 1, b"\0\0\0\0\0"); // DATA
+        // The client's dynamic table now holds the bad authority; a second request refers
+        // to it by index and must be fixed too.
+        frame(
+            &mut input,
+            HEADERS,
+            END_HEADERS,
+            3,
+            &block(&mut enc, b"%2Frun%2Fsigil%2Fapi.sock"),
+        );
+        let mut rw = Rewriter::default();
+        let mut out = Vec::new();
+        // Byte by byte, to exercise reassembly.
+        for b in &input {
+            rw.feed(std::slice::from_ref(b), &mut out).unwrap();
+        }
+        assert_eq!(rw.rewritten, 2);
+        assert!(out.starts_with(PREFACE));
+        let blocks = decode_all(&out);
+        assert_eq!(blocks.len(), 2);
+        for b in blocks {
+            let authority = b.iter().find(|(n, _)| n == b":authority").unwrap();
+            assert_eq!(authority.1, b"localhost");
+            assert!(
+                b.iter()
+                    .any(|(n, v)| n == b"workload.spiffe.io" && v == b"true")
+            );
+        }
+        // The DATA frame passed through byte for byte.
+        assert!(out.windows(5).any(|w| w == b"\0\0\0\0\0"));
+    }
+
+    #[test]
+    fn valid_authorities_are_kept_and_continuations_reassembled() {
+        let mut enc = hpack::Encoder::new();
+        let b = block(&mut enc, b"localhost:1234");
+        let (a, rest) = b.split_at(10);
+        let mut input = PREFACE.to_vec();
+        frame(&mut input, HEADERS, END_STREAM, 1, a);
+        frame(&mut input, CONTINUATION, END_HEADERS, 1, rest);
+        let mut rw = Rewriter::default();
+        let mut out = Vec::new();
+        rw.feed(&input, &mut out).unwrap();
+        assert_eq!(rw.rewritten, 0);
+        let blocks = decode_all(&out);
+        assert_eq!(
+            blocks[0]
+                .iter()
+                .find(|(n, _)| n == b":authority")
+                .unwrap()
+                .1,
+            b"localhost:1234"
+        );
+    }
+
+    #[test]
+    fn malformed_framing_is_refused() {
+        let mut rw = Rewriter::default();
+        let mut input = PREFACE.to_vec();
+        frame(&mut input, CONTINUATION, END_HEADERS, 1, b"x");
+        assert_eq!(
+            rw.feed(&input, &mut Vec::new()),
+            Err(FixError::Framing("CONTINUATION without HEADERS"))
+        );
+        let mut rw = Rewriter::default();
+        let mut input = PREFACE.to_vec();
+        input.extend_from_slice(&[0xff, 0xff, 0xff, HEADERS, 0, 0, 0, 0, 1]);
+        assert!(matches!(
+            rw.feed(&input, &mut Vec::new()),
+            Err(FixError::TooLarge(_))
+        ));
+        let mut rw = Rewriter::default();
+        let mut input = PREFACE.to_vec();
+        frame(&mut input, HEADERS, END_HEADERS | PADDED, 1, &[200, 1, 2]);
+        assert_eq!(
+            rw.feed(&input, &mut Vec::new()),
+            Err(FixError::Framing("padding longer than the frame"))
+        );
+    }
+}

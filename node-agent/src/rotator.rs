@@ -1,0 +1,154 @@
+//! `SvidRotator`: keeps an X509-SVID ready for every entry of this node, before any
+//! workload asks (pre-signing), and replaces each at half-life with jitter.
+//!
+//! Keys are generated here, one per SVID, and never leave the node; the operator only sees
+//! CSRs, sent in batches. A batch that fails is retried with backoff while the cache keeps
+//! serving what it holds; an entry the operator refuses is retried later on its own, so one
+//! bad entry never stalls the others.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use sigil_identity::keys::{KeyType, PrivateKey};
+use sigil_identity::proto::node as pb;
+use sigil_identity::x509;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::cache::{Cache, HeldSvid, rotation_time};
+use crate::node_client::NodeClient;
+
+/// Most CSRs in one signing call (the operator accepts 1000).
+pub const BATCH: usize = 500;
+
+/// Rotator metrics.
+#[derive(Debug, Clone, Default)]
+pub struct RotatorMetrics {
+    /// SVIDs received and installed.
+    pub signed: Counter,
+    /// CSRs the operator refused, or batches that failed.
+    pub failures: Counter,
+}
+
+impl RotatorMetrics {
+    /// Registers under `sigil_agent_svids_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("sigil_agent_svids");
+        r.register(
+            "signed",
+            "X509-SVIDs signed for this node's entries",
+            self.signed.clone(),
+        );
+        r.register(
+            "failures",
+            "Signing failures (refused CSRs or failed batches)",
+            self.failures.clone(),
+        );
+    }
+}
+
+/// Runs until `cancel`.
+pub async fn run(
+    cache: Arc<Cache>,
+    node: Arc<NodeClient>,
+    metrics: RotatorMetrics,
+    cancel: CancellationToken,
+) {
+    let mut retry_after: HashMap<String, (SystemTime, Duration)> = HashMap::new();
+    let mut batch_backoff = Duration::from_millis(200);
+    let mut changes = cache.subscribe();
+    loop {
+        changes.borrow_and_update();
+        let now = SystemTime::now();
+        retry_after.retain(|id, _| cache.entry(id).is_some());
+        let due: Vec<_> = cache
+            .needing_svids(now)
+            .into_iter()
+            .filter(|e| retry_after.get(&e.id).is_none_or(|(t, _)| *t <= now))
+            .collect();
+        let mut failed_batch = false;
+        for chunk in due.chunks(BATCH) {
+            let mut keys = Vec::with_capacity(chunk.len());
+            let mut requests = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let Ok(key) = PrivateKey::generate(KeyType::EcP256) else {
+                    continue;
+                };
+                let Ok(csr) = x509::build_csr(&key, &e.spiffe_id) else {
+                    continue;
+                };
+                requests.push(pb::SvidRequest {
+                    entry_id: e.id.clone(),
+                    csr,
+                });
+                keys.push((e.clone(), key));
+            }
+            match node.sign(requests).await {
+                Ok(results) => {
+                    for ((entry, key), r) in keys.into_iter().zip(results) {
+                        if r.error_code != 0 || r.svid_chain.is_empty() {
+                            metrics.failures.inc();
+                            let backoff = retry_after
+                                .get(&entry.id)
+                                .map_or(Duration::from_secs(1), |(_, b)| {
+                                    (*b * 2).min(Duration::from_secs(60))
+                                });
+                            warn!(entry = %entry.id, spiffe_id = %entry.spiffe_id, code = r.error_code, reason = %r.error_message, retry_in = ?backoff, "operator refused to sign");
+                            retry_after
+                                .insert(entry.id.clone(), (SystemTime::now() + backoff, backoff));
+                            continue;
+                        }
+                        let Ok(leaf) = x509::inspect_leaf(&r.svid_chain[0]) else {
+                            metrics.failures.inc();
+                            continue;
+                        };
+                        retry_after.remove(&entry.id);
+                        let held = HeldSvid {
+                            entry: entry.clone(),
+                            chain: r.svid_chain,
+                            key,
+                            not_before: leaf.not_before,
+                            not_after: leaf.not_after,
+                            rotate_at: rotation_time(leaf.not_before, leaf.not_after),
+                        };
+                        if cache.put_svid(held) {
+                            metrics.signed.inc();
+                            debug!(entry = %entry.id, spiffe_id = %entry.spiffe_id, "X509-SVID installed");
+                        }
+                    }
+                    batch_backoff = Duration::from_millis(200);
+                }
+                Err(e) => {
+                    metrics.failures.inc();
+                    warn!(error = %e, retry_in = ?batch_backoff, csrs = chunk.len(), "signing batch failed; still serving the SVIDs held");
+                    failed_batch = true;
+                    break;
+                }
+            }
+        }
+        // Sleep until the next rotation, the next retry, or a change of entries.
+        let now = SystemTime::now();
+        let next = cache
+            .next_rotation()
+            .into_iter()
+            .chain(retry_after.values().map(|(t, _)| *t))
+            .min()
+            .map(|t| t.duration_since(now).unwrap_or_default())
+            .unwrap_or(Duration::from_secs(3600));
+        let wait = if failed_batch {
+            let w = batch_backoff;
+            batch_backoff = (batch_backoff * 2).min(Duration::from_secs(30));
+            w
+        } else {
+            next
+        };
+        tokio::select! {
+            () = cancel.cancelled() => { info!("SVID rotator stopped"); return }
+            () = tokio::time::sleep(wait) => {}
+            r = changes.changed(), if !failed_batch => if r.is_err() { return },
+        }
+    }
+}

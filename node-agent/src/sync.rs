@@ -1,0 +1,256 @@
+//! The agent's link to the operator: node attestation, agent SVID renewal, and the entry
+//! stream that fills the [`Cache`].
+//!
+//! - Attests with the projected service-account token, read from its file at each attempt
+//!   (the kubelet rotates it in place), and renews the agent SVID at half-life over mTLS.
+//!   When renewal fails (the SVID expired while the operator was away), it attests again
+//!   with a fresh token: that always works, because AttestNode needs no client certificate.
+//! - Keeps SyncEntries open, resuming from the last revision applied; reconnects with
+//!   backoff, moving to the next operator address each time.
+//! - The cache keeps serving whatever it holds while the operator is unreachable.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use sigil_identity::entry::{RegistrationEntry, Selector};
+use sigil_identity::proto::node as pb;
+use sigil_identity::{SpiffeId, TrustBundle, TrustDomain};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cache::Cache;
+use crate::node_client::{NodeClient, NodeClientError};
+
+/// Where the projected service-account token is.
+#[derive(Debug, Clone)]
+pub struct TokenFile(pub PathBuf);
+
+impl TokenFile {
+    fn read(&self) -> Result<String, NodeClientError> {
+        std::fs::read_to_string(&self.0)
+            .map(|t| t.trim().to_owned())
+            .map_err(|e| {
+                NodeClientError::Local(format!(
+                    "read the projected token {}: {e} (is the token volume mounted?)",
+                    self.0.display()
+                ))
+            })
+    }
+}
+
+/// Exponential backoff between `min` and `max`.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            next: min,
+            min,
+            max,
+        }
+    }
+    fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        // ±20% jitter so a fleet of agents does not reconnect in lockstep.
+        d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+    }
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// Attests until it succeeds (or `cancel`).
+async fn attest_until_ok(node: &NodeClient, token: &TokenFile, cancel: &CancellationToken) -> bool {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    loop {
+        let result = match token.read() {
+            Ok(t) => node.attest_psat(&t).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(svid) => {
+                info!(spiffe_id = %svid.spiffe_id, expires = ?svid.not_after, "node attested");
+                return true;
+            }
+            Err(e) => {
+                let wait = backoff.step();
+                warn!(error = %e, retry_in = ?wait, "node attestation failed");
+                node.fail_over();
+                tokio::select! {
+                    () = cancel.cancelled() => return false,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the agent SVID valid until `cancel`: attests, renews at half-life, re-attests when
+/// renewal fails. `attested` turns true after the first success.
+pub async fn keep_agent_svid(
+    node: Arc<NodeClient>,
+    token: TokenFile,
+    attested: watch::Sender<bool>,
+    cancel: CancellationToken,
+) {
+    if !attest_until_ok(&node, &token, &cancel).await {
+        return;
+    }
+    attested.send_replace(true);
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    loop {
+        let Some(svid) = node.svid() else { return };
+        let now = SystemTime::now();
+        let issued = svid
+            .chain
+            .first()
+            .and_then(|c| sigil_identity::x509::inspect_leaf(c).ok())
+            .map_or(now, |l| l.not_before);
+        let half = issued + svid.not_after.duration_since(issued).unwrap_or_default() / 2;
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(half.duration_since(now).unwrap_or_default()) => {}
+        }
+        loop {
+            match node.renew().await {
+                Ok(s) => {
+                    info!(expires = ?s.not_after, "agent SVID renewed");
+                    backoff.reset();
+                    break;
+                }
+                Err(e) => {
+                    let expired = node.svid().is_none_or(|s| s.not_after <= SystemTime::now());
+                    warn!(error = %e, expired, "agent SVID renewal failed");
+                    node.fail_over();
+                    if expired
+                        || matches!(
+                            e.status().map(|s| s.code()),
+                            Some(tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+                        )
+                    {
+                        if !attest_until_ok(&node, &token, &cancel).await {
+                            return;
+                        }
+                        break;
+                    }
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(backoff.step()) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Applies one stream message to the cache (and the bundles to the client's trust).
+pub fn apply(cache: &Cache, node: &NodeClient, msg: pb::SyncEntriesResponse) {
+    let bundles: Vec<TrustBundle> = msg
+        .bundles
+        .iter()
+        .filter_map(|b| {
+            let td: TrustDomain = b.trust_domain.parse().ok()?;
+            let parsed = TrustBundle::from_jwks_json(td, &b.jwks);
+            if let Err(e) = &parsed {
+                warn!(trust_domain = %b.trust_domain, error = %e, "ignoring a bundle the operator sent");
+            }
+            let _ = node.apply_bundle("SyncEntries", b);
+            parsed.ok()
+        })
+        .collect();
+    cache.set_bundles(bundles);
+    let entries: Vec<RegistrationEntry> =
+        msg.upserts.into_iter().filter_map(entry_from_pb).collect();
+    if msg.full {
+        cache.replace_entries(entries, msg.revision);
+    } else {
+        cache.apply_changes(entries, &msg.removed, msg.revision);
+    }
+}
+
+fn entry_from_pb(e: pb::Entry) -> Option<RegistrationEntry> {
+    let spiffe_id = SpiffeId::parse(&e.spiffe_id)
+        .inspect_err(
+            |err| warn!(entry = %e.id, error = %err, "ignoring an entry with an invalid SPIFFE ID"),
+        )
+        .ok()?;
+    Some(RegistrationEntry {
+        id: e.id,
+        spiffe_id,
+        selectors: e
+            .selectors
+            .into_iter()
+            .map(|s| Selector::new(s.r#type, s.value))
+            .collect(),
+        dns_names: e.dns_names,
+        x509_ttl: Duration::from_secs(u64::try_from(e.x509_svid_ttl_seconds).unwrap_or(0)),
+        jwt_ttl: Duration::from_secs(u64::try_from(e.jwt_svid_ttl_seconds).unwrap_or(0)),
+        federates_with: e
+            .federates_with
+            .iter()
+            .filter_map(|t| t.parse().ok())
+            .collect(),
+        hint: e.hint,
+        admin: e.admin,
+        downstream: e.downstream,
+        revision: e.revision,
+    })
+}
+
+/// Keeps SyncEntries open and the cache current until `cancel`. Waits for the first
+/// attestation.
+pub async fn sync_entries(
+    node: Arc<NodeClient>,
+    cache: Arc<Cache>,
+    mut attested: watch::Receiver<bool>,
+    cancel: CancellationToken,
+) {
+    tokio::select! {
+        () = cancel.cancelled() => return,
+        r = attested.wait_for(|a| *a) => if r.is_err() { return },
+    }
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
+    loop {
+        match node.sync_entries(cache.revision()).await {
+            Ok(mut stream) => {
+                info!(from_revision = cache.revision(), "entry stream open");
+                loop {
+                    let msg = tokio::select! {
+                        () = cancel.cancelled() => return,
+                        m = stream.next() => m,
+                    };
+                    match msg {
+                        Some(Ok(m)) => {
+                            backoff.reset();
+                            apply(&cache, &node, m);
+                        }
+                        Some(Err(s)) => {
+                            warn!(status = %s, "entry stream ended by the operator; reconnecting");
+                            break;
+                        }
+                        None => {
+                            warn!("entry stream closed; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot open the entry stream; still serving the cache"),
+        }
+        node.fail_over();
+        let wait = backoff.step();
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}

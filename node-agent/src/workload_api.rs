@@ -1,0 +1,765 @@
+//! The SPIFFE Workload API (SPIFFE_Workload_API.md, SPIFFE_Workload_Endpoint.md) on a Unix
+//! socket.
+//!
+//! - Every call must carry the `workload.spiffe.io: true` header (InvalidArgument
+//!   otherwise), checked before anything else.
+//! - The caller is identified by the kernel (SO_PEERCRED, PID pinned at accept) and
+//!   attested ([`crate::attest`]); what it gets is what the cache holds for entries whose
+//!   selectors it has. No identity: PermissionDenied.
+//! - Streams send the full state at once, then again whenever it changes (rotation, new
+//!   bundle, new or removed entry), and end on drain.
+//! - Bundle maps are keyed by trust domain ID (`spiffe://td`); X.509 bundles are
+//!   concatenated DER; JWT bundles are JWK Sets holding only JWT authorities.
+//! - FetchWITSVID/FetchWITBundles answer Unimplemented.
+//!
+//! This module never logs key material; keys leave the agent only to the workload that is
+//! entitled to them, over its own connection.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use sigil_identity::entry::Selector;
+use sigil_identity::proto::workload as pb;
+use sigil_identity::{BundleSet, SpiffeId, TrustBundle};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::attest::peer::{PeerError, PeerProcess};
+use crate::attest::{AttestError, WorkloadAttestor};
+use crate::cache::{Cache, HeldJwt, WorkloadView};
+use crate::h2_authority::AuthorityFix;
+use crate::node_client::NodeClient;
+
+/// The header every Workload API call must carry.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+/// Largest request accepted (requests are tiny; a JWT to validate is the largest).
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Largest response sent (many SVIDs with chains and bundles).
+pub const MAX_RESPONSE: usize = 16 * 1024 * 1024;
+/// How long a caller whose entries have no SVID yet waits for the first one.
+pub const FIRST_SVID_WAIT: Duration = Duration::from_secs(30);
+/// Deadline of unary calls (JWT minting goes to the operator).
+pub const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Labels of a denial.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    /// The RPC.
+    pub rpc: String,
+    /// Short reason.
+    pub reason: String,
+}
+
+/// Workload API metrics.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadApiMetrics {
+    /// Calls by RPC.
+    pub calls: Family<DenialLabels, Counter>,
+    /// Denials by RPC and reason.
+    pub denials: Family<DenialLabels, Counter>,
+    /// Open streams.
+    pub open_streams: Gauge,
+}
+
+impl WorkloadApiMetrics {
+    /// Registers under `sigil_workload_api_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("sigil_workload_api");
+        r.register("calls", "Workload API calls by RPC", self.calls.clone());
+        r.register(
+            "denials",
+            "Workload API calls denied, by RPC and reason",
+            self.denials.clone(),
+        );
+        r.register(
+            "open_streams",
+            "Open Workload API streams",
+            self.open_streams.clone(),
+        );
+    }
+}
+
+/// Who connected: the pinned peer process, or why it could not be identified.
+#[derive(Debug, Clone)]
+pub struct PeerInfo(pub Result<Arc<PeerProcess>, Arc<PeerError>>);
+
+/// A Unix connection with its peer identified at accept time, read through
+/// [`AuthorityFix`] so gRPC C-core clients (py-spiffe) are served.
+#[derive(Debug)]
+pub struct PeerStream {
+    stream: AuthorityFix<UnixStream>,
+    peer: PeerInfo,
+}
+
+impl Connected for PeerStream {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Binds the Workload API socket: removes a stale socket, creates the directory, and
+/// makes the socket connectable by every local user (workloads run as any UID; who they
+/// are is decided by attestation, not by file permissions).
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => info!(path = %path.display(), "removed a stale Workload API socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    Ok(listener)
+}
+
+/// Accepted connections with their peers pinned, until `cancel`.
+pub fn incoming(
+    listener: UnixListener,
+    proc_root: std::path::PathBuf,
+    cancel: CancellationToken,
+) -> impl Stream<Item = std::io::Result<PeerStream>> {
+    async_stream_accept(listener, proc_root, cancel)
+}
+
+fn async_stream_accept(
+    listener: UnixListener,
+    proc_root: std::path::PathBuf,
+    cancel: CancellationToken,
+) -> impl Stream<Item = std::io::Result<PeerStream>> {
+    futures::stream::unfold(
+        (listener, proc_root, cancel),
+        |(listener, proc_root, cancel)| async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = cancel.cancelled() => return None,
+                    a = listener.accept() => a,
+                };
+                match accepted {
+                    Ok((stream, _)) => {
+                        // Pin the PID now: the process that connected, not whoever holds the
+                        // PID later.
+                        let peer = PeerProcess::of_stream(&stream, &proc_root)
+                            .map(Arc::new)
+                            .map_err(Arc::new);
+                        let s = PeerStream {
+                            stream: AuthorityFix::new(stream),
+                            peer: PeerInfo(peer),
+                        };
+                        return Some((Ok(s), (listener, proc_root, cancel)));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "Workload API accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// The Workload API service.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cache: Arc<Cache>,
+    attestor: Arc<WorkloadAttestor>,
+    node: Arc<NodeClient>,
+    metrics: WorkloadApiMetrics,
+    shutdown: CancellationToken,
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// What an attested caller is.
+struct Caller {
+    selectors: BTreeSet<Selector>,
+    peer: Arc<PeerProcess>,
+}
+
+impl WorkloadApi {
+    /// Builds the service over the agent's cache; JWT-SVIDs are minted through `node`.
+    pub fn new(
+        cache: Arc<Cache>,
+        attestor: Arc<WorkloadAttestor>,
+        node: Arc<NodeClient>,
+        metrics: WorkloadApiMetrics,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cache,
+                attestor,
+                node,
+                metrics,
+                shutdown,
+            }),
+        }
+    }
+
+    /// The tonic service with message bounds.
+    pub fn into_server(self) -> pb::spiffe_workload_api_server::SpiffeWorkloadApiServer<Self> {
+        pb::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(self)
+            .max_decoding_message_size(MAX_REQUEST)
+            .max_encoding_message_size(MAX_RESPONSE)
+    }
+
+    fn deny(&self, rpc: &str, reason: &str, status: Status, peer: Option<&PeerProcess>) -> Status {
+        self.inner
+            .metrics
+            .denials
+            .get_or_create(&DenialLabels {
+                rpc: rpc.into(),
+                reason: reason.into(),
+            })
+            .inc();
+        warn!(
+            rpc,
+            reason,
+            pid = peer.map(|p| p.pid),
+            uid = peer.map(|p| p.uid),
+            message = status.message(),
+            "Workload API call denied"
+        );
+        status
+    }
+
+    fn check_header<T>(&self, rpc: &str, req: &Request<T>) -> Result<(), Status> {
+        self.inner
+            .metrics
+            .calls
+            .get_or_create(&DenialLabels {
+                rpc: rpc.into(),
+                reason: String::new(),
+            })
+            .inc();
+        match req
+            .metadata()
+            .get(SECURITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some("true") => Ok(()),
+            _ => Err(self.deny(
+                rpc,
+                "missing_security_header",
+                Status::invalid_argument(format!(
+                    "security header missing from request: send `{SECURITY_HEADER}: true`"
+                )),
+                None,
+            )),
+        }
+    }
+
+    /// Header check, then attestation of the connected peer.
+    async fn attest<T>(&self, rpc: &str, req: &Request<T>) -> Result<Caller, Status> {
+        self.check_header(rpc, req)?;
+        let info = req.extensions().get::<PeerInfo>().cloned();
+        let peer = match info.map(|i| i.0) {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                return Err(self.deny(
+                    rpc,
+                    "peer_unknown",
+                    Status::permission_denied(format!("cannot identify the caller: {e}")),
+                    None,
+                ));
+            }
+            None => {
+                return Err(self.deny(
+                    rpc,
+                    "peer_unknown",
+                    Status::permission_denied(
+                        "cannot identify the caller (not a Unix socket peer)",
+                    ),
+                    None,
+                ));
+            }
+        };
+        match self.inner.attestor.attest(&peer).await {
+            Ok(a) => Ok(Caller {
+                selectors: a.selectors,
+                peer,
+            }),
+            Err(e) => {
+                let reason = e.metric_label();
+                let status = match &e {
+                    AttestError::Peer(PeerError::Recycled(_))
+                    | AttestError::Peer(PeerError::Exited(_)) => {
+                        Status::permission_denied(e.to_string())
+                    }
+                    _ => Status::permission_denied(format!("workload attestation failed: {e}")),
+                };
+                Err(self.deny(rpc, reason, status, Some(&peer)))
+            }
+        }
+    }
+
+    fn no_identity(&self, rpc: &str, caller: &Caller) -> Status {
+        self.deny(
+            rpc,
+            "no_identity",
+            Status::permission_denied("no identity issued"),
+            Some(&caller.peer),
+        )
+    }
+
+    /// Waits (bounded) until every matching entry has an SVID, or at least one does when
+    /// the wait runs out.
+    async fn ready_view(&self, caller: &Caller) -> WorkloadView {
+        let mut changes = self.inner.cache.subscribe();
+        let deadline = tokio::time::Instant::now() + FIRST_SVID_WAIT;
+        loop {
+            changes.borrow_and_update();
+            let view = self.inner.cache.view_for(&caller.selectors);
+            if view.pending.is_empty() {
+                return view;
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return view },
+                () = tokio::time::sleep_until(deadline) => return view,
+                () = self.inner.shutdown.cancelled() => return view,
+            }
+        }
+    }
+
+    /// Runs `next` on every cache change and streams its result when it differs from the
+    /// last one sent; `next` returning an error ends the stream with it.
+    fn watch_stream<T, F>(&self, first: T, mut next: F) -> ResponseStream<T>
+    where
+        T: PartialEq + Clone + Send + 'static,
+        F: FnMut(&Inner) -> Result<T, Status> + Send + 'static,
+    {
+        let this = self.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let metrics = this.inner.metrics.clone();
+            metrics.open_streams.inc();
+            let mut changes = this.inner.cache.subscribe();
+            changes.borrow_and_update();
+            let mut last = first.clone();
+            if tx.send(Ok(first)).await.is_ok() {
+                loop {
+                    tokio::select! {
+                        r = changes.changed() => if r.is_err() { break },
+                        () = this.inner.shutdown.cancelled() => {
+                            let _ = tx.send(Err(Status::unavailable("agent is shutting down; reconnect"))).await;
+                            break;
+                        }
+                        () = tx.closed() => break,
+                    }
+                    match next(&this.inner) {
+                        Ok(v) if v == last => {}
+                        Ok(v) => {
+                            last = v.clone();
+                            if tx.send(Ok(v)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(s) => {
+                            let _ = tx.send(Err(s)).await;
+                            break;
+                        }
+                    }
+                }
+            }
+            metrics.open_streams.dec();
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+}
+
+fn td_id(b: &TrustBundle) -> String {
+    b.trust_domain.id_string()
+}
+
+fn x509_response(view: &WorkloadView) -> pb::X509svidResponse {
+    let own: BTreeMap<_, _> = view
+        .own_bundles
+        .iter()
+        .map(|b| (b.trust_domain.clone(), b.x509_der_concat()))
+        .collect();
+    pb::X509svidResponse {
+        svids: view
+            .svids
+            .iter()
+            .map(|h| pb::X509svid {
+                spiffe_id: h.entry.spiffe_id.to_string(),
+                x509_svid: h.chain.concat(),
+                x509_svid_key: h.key.to_pkcs8_der().to_vec(),
+                bundle: own
+                    .get(h.entry.spiffe_id.trust_domain())
+                    .cloned()
+                    .unwrap_or_default(),
+                hint: h.entry.hint.clone(),
+            })
+            .collect(),
+        crl: vec![],
+        federated_bundles: view
+            .federated
+            .iter()
+            .map(|b| (td_id(b), b.x509_der_concat()))
+            .collect(),
+    }
+}
+
+fn all_bundles(view: &WorkloadView) -> impl Iterator<Item = &TrustBundle> {
+    view.own_bundles.iter().chain(view.federated.iter())
+}
+
+fn x509_bundles(view: &WorkloadView) -> pb::X509BundlesResponse {
+    pb::X509BundlesResponse {
+        crl: vec![],
+        bundles: all_bundles(view)
+            .map(|b| (td_id(b), b.x509_der_concat()))
+            .collect(),
+    }
+}
+
+fn jwt_bundles(view: &WorkloadView) -> pb::JwtBundlesResponse {
+    pb::JwtBundlesResponse {
+        bundles: all_bundles(view)
+            .map(|b| {
+                // Only JWT authorities: X.509 keys have no kid, and clients (go-spiffe)
+                // refuse a JWT bundle with a key lacking one.
+                let mut jwt_only = b.clone();
+                jwt_only.x509_authorities.clear();
+                (td_id(b), jwt_only.to_jwks_json().into_bytes())
+            })
+            .collect(),
+    }
+}
+
+fn json_to_prost(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_to_prost).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o.into_iter().map(|(k, v)| (k, json_to_prost(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+#[tonic::async_trait]
+impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ResponseStream<pb::X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        const RPC: &str = "FetchX509SVID";
+        let caller = self.attest(RPC, &req).await?;
+        let view = self.ready_view(&caller).await;
+        if view.svids.is_empty() {
+            return Err(self.no_identity(RPC, &caller));
+        }
+        debug!(
+            pid = caller.peer.pid,
+            svids = view.svids.len(),
+            "serving X509-SVIDs"
+        );
+        let selectors = caller.selectors;
+        Ok(Response::new(self.watch_stream(
+            x509_response(&view),
+            move |inner| {
+                let view = inner.cache.view_for(&selectors);
+                if view.svids.is_empty() && view.pending.is_empty() {
+                    return Err(Status::permission_denied(
+                        "no identity issued (the workload's entries were removed)",
+                    ));
+                }
+                Ok(x509_response(&view))
+            },
+        )))
+    }
+
+    type FetchX509BundlesStream = ResponseStream<pb::X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        const RPC: &str = "FetchX509Bundles";
+        let caller = self.attest(RPC, &req).await?;
+        let view = self.inner.cache.view_for(&caller.selectors);
+        if view.svids.is_empty() && view.pending.is_empty() {
+            return Err(self.no_identity(RPC, &caller));
+        }
+        let selectors = caller.selectors;
+        Ok(Response::new(
+            self.watch_stream(x509_bundles(&view), move |inner| {
+                Ok(x509_bundles(&inner.cache.view_for(&selectors)))
+            }),
+        ))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        const RPC: &str = "FetchJWTSVID";
+        let caller = self.attest(RPC, &req).await?;
+        let r = req.into_inner();
+        if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
+            return Err(self.deny(
+                RPC,
+                "no_audience",
+                Status::invalid_argument("audience must be specified"),
+                Some(&caller.peer),
+            ));
+        }
+        let entries: Vec<_> = self
+            .inner
+            .cache
+            .entries()
+            .into_iter()
+            .filter(|e| e.matches(&caller.selectors))
+            .collect();
+        if entries.is_empty() {
+            return Err(self.no_identity(RPC, &caller));
+        }
+        let wanted = if r.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(SpiffeId::parse(&r.spiffe_id).map_err(|e| {
+                self.deny(
+                    RPC,
+                    "bad_spiffe_id",
+                    Status::invalid_argument(format!("spiffe_id: {e}")),
+                    Some(&caller.peer),
+                )
+            })?)
+        };
+        let mut seen = BTreeSet::new();
+        let chosen: Vec<_> = entries
+            .into_iter()
+            .filter(|e| wanted.as_ref().is_none_or(|w| &e.spiffe_id == w))
+            .filter(|e| seen.insert(e.spiffe_id.clone()))
+            .collect();
+        if chosen.is_empty() {
+            return Err(self.deny(
+                RPC,
+                "spiffe_id_not_entitled",
+                Status::permission_denied(format!("the caller is not entitled to {}", r.spiffe_id)),
+                Some(&caller.peer),
+            ));
+        }
+        let mut audience = r.audience.clone();
+        audience.sort();
+        audience.dedup();
+        let mut svids = Vec::with_capacity(chosen.len());
+        for e in chosen {
+            let now = SystemTime::now();
+            let token = match self.inner.cache.jwt(&e.id, &audience, now) {
+                Some(j) => j.token,
+                None => {
+                    let (token, expires_at) = self
+                        .inner
+                        .node
+                        .mint_jwt(&e.id, &audience)
+                        .await
+                        .map_err(|err| {
+                            warn!(entry = %e.id, error = %err, "minting a JWT-SVID failed");
+                            match err.status() {
+                                Some(s) => Status::new(
+                                    s.code(),
+                                    format!("minting a JWT-SVID: {}", s.message()),
+                                ),
+                                None => Status::unavailable(format!("minting a JWT-SVID: {err}")),
+                            }
+                        })?;
+                    self.inner.cache.put_jwt(
+                        &e.id,
+                        &audience,
+                        HeldJwt {
+                            token: token.clone(),
+                            expires_at,
+                            issued_at: now,
+                        },
+                    );
+                    token
+                }
+            };
+            svids.push(pb::Jwtsvid {
+                spiffe_id: e.spiffe_id.to_string(),
+                svid: token,
+                hint: e.hint.clone(),
+            });
+        }
+        Ok(Response::new(pb::JwtsvidResponse { svids }))
+    }
+
+    type FetchJWTBundlesStream = ResponseStream<pb::JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        const RPC: &str = "FetchJWTBundles";
+        let caller = self.attest(RPC, &req).await?;
+        let view = self.inner.cache.view_for(&caller.selectors);
+        if view.svids.is_empty() && view.pending.is_empty() {
+            return Err(self.no_identity(RPC, &caller));
+        }
+        let selectors = caller.selectors;
+        Ok(Response::new(
+            self.watch_stream(jwt_bundles(&view), move |inner| {
+                Ok(jwt_bundles(&inner.cache.view_for(&selectors)))
+            }),
+        ))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        const RPC: &str = "ValidateJWTSVID";
+        let caller = self.attest(RPC, &req).await?;
+        let r = req.into_inner();
+        if r.audience.is_empty() {
+            return Err(self.deny(
+                RPC,
+                "no_audience",
+                Status::invalid_argument("audience must be specified"),
+                Some(&caller.peer),
+            ));
+        }
+        if r.svid.is_empty() {
+            return Err(self.deny(
+                RPC,
+                "no_svid",
+                Status::invalid_argument("svid must be specified"),
+                Some(&caller.peer),
+            ));
+        }
+        // Validated against every trust domain the agent knows (own and federated), as a
+        // relying party would.
+        let bundles: BundleSet = self.inner.cache.bundles();
+        let v = sigil_identity::jwt::validate_jwt_svid(
+            &r.svid,
+            &bundles,
+            &r.audience,
+            SystemTime::now(),
+        )
+        .map_err(|e| {
+            self.deny(
+                RPC,
+                "invalid_jwt",
+                Status::invalid_argument(format!("invalid JWT-SVID: {e}")),
+                Some(&caller.peer),
+            )
+        })?;
+        Ok(Response::new(pb::ValidateJwtsvidResponse {
+            spiffe_id: v.spiffe_id.to_string(),
+            claims: Some(prost_types::Struct {
+                fields: v
+                    .claims
+                    .into_iter()
+                    .map(|(k, v)| (k, json_to_prost(v)))
+                    .collect(),
+            }),
+        }))
+    }
+
+    type FetchWITSVIDStream = ResponseStream<pb::WitsvidResponse>;
+
+    async fn fetch_witsvid(
+        &self,
+        req: Request<pb::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        self.check_header("FetchWITSVID", &req)?;
+        Err(Status::unimplemented(
+            "WIT-SVIDs are not supported by this agent",
+        ))
+    }
+
+    type FetchWITBundlesStream = ResponseStream<pb::WitBundlesResponse>;
+
+    async fn fetch_wit_bundles(
+        &self,
+        req: Request<pb::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        self.check_header("FetchWITBundles", &req)?;
+        Err(Status::unimplemented(
+            "WIT-SVIDs are not supported by this agent",
+        ))
+    }
+}
+
+/// Serves the Workload API (and gRPC reflection) on `listener` until `cancel`.
+pub async fn serve(
+    listener: UnixListener,
+    api: WorkloadApi,
+    proc_root: std::path::PathBuf,
+    cancel: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sigil_identity::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .ok();
+    let incoming = incoming(listener, proc_root, cancel.clone());
+    let mut server = tonic::transport::Server::builder()
+        .timeout(UNARY_TIMEOUT)
+        .max_concurrent_streams(Some(256))
+        .add_service(api.into_server());
+    if let Some(r) = reflection {
+        server = server.add_service(r);
+    }
+    server
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        .await
+}
