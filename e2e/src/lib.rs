@@ -21,12 +21,16 @@
 //! dropped) die with the test process through the parent-death signal ([`process`]), and
 //! its directory is removed by the next run.
 //!
+//! Workloads: [`pod::PodContainer`] puts real processes into pod-shaped cgroups and
+//! writes their container status the way a kubelet does.
+//!
 //! Not provided on purpose: kube-controller-manager, scheduler and kubelet. Nothing
 //! creates `default` ServiceAccounts, schedules pods or runs containers; tests create
 //! what a controller would and write pod status the way a kubelet does.
 
 mod control_plane;
 pub mod pki;
+pub mod pod;
 pub mod process;
 pub mod tools;
 

@@ -398,7 +398,7 @@ async fn every_denial_has_a_precise_status() {
     // The wrong cluster name.
     let other = sigil_agent::node_client::NodeClient::new(
         sigil_agent::node_client::NodeClientConfig {
-            address: w.node_api_addr.clone(),
+            addresses: vec![w.node_api_addr.clone()],
             trust_domain: w.td.clone(),
             cluster: "other".into(),
         },
@@ -466,7 +466,14 @@ async fn every_denial_has_a_precise_status() {
 
 #[tokio::test]
 async fn an_agent_whose_svid_expired_attests_again_with_a_fresh_token() {
-    let w = World::start_with("reatt", Duration::from_secs(3)).await;
+    let w = World::start_with(
+        "reatt",
+        WorldOptions {
+            agent_svid_ttl: Duration::from_secs(3),
+            ..Default::default()
+        },
+    )
+    .await;
     let agent_pod = w.pod("agent", &w.node_a, "sigil-agent", json!({})).await;
     let agent = w.agent_client().await;
     let first = agent

@@ -25,6 +25,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::trust_domain_common::*;
 
+/// A Node API server task and its stop switch.
+type RunningNodeApi = (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+);
+
 /// The cluster name the operator runs with.
 pub const CLUSTER: &str = "e2e";
 
@@ -42,6 +48,9 @@ pub struct World {
     pub index: EntryIndex,
     pub metrics: NodeApiMetrics,
     pub replica: Replica,
+    node_api: std::sync::Mutex<Option<RunningNodeApi>>,
+    node_api_config: NodeApiConfig,
+    nodes: kube::runtime::reflector::Store<Node>,
     cancel: CancellationToken,
 }
 
@@ -68,14 +77,35 @@ pub fn pod_json(name: &str, node: &str, sa: &str, labels: Value) -> Value {
     })
 }
 
+/// How a [`World`] differs from the defaults.
+pub struct WorldOptions {
+    /// Lifetime of agent SVIDs.
+    pub agent_svid_ttl: Duration,
+    /// The clock of the TrustDomain controller (CA rotation).
+    pub clock: sigil_identity::clock::SharedClock,
+}
+
+impl Default for WorldOptions {
+    fn default() -> Self {
+        Self {
+            agent_svid_ttl: Duration::from_secs(3600),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
 impl World {
     /// Everything up and the TrustDomain Ready; the agent SA `sigil-agent` exists.
     pub async fn start(prefix: &str) -> World {
-        Self::start_with(prefix, Duration::from_secs(3600)).await
+        Self::start_with(prefix, WorldOptions::default()).await
     }
 
-    /// As [`World::start`], with agent SVIDs that live `agent_svid_ttl`.
-    pub async fn start_with(prefix: &str, agent_svid_ttl: Duration) -> World {
+    /// As [`World::start`], with options.
+    pub async fn start_with(prefix: &str, options: WorldOptions) -> World {
+        let WorldOptions {
+            agent_svid_ttl,
+            clock,
+        } = options;
         let client = client().await;
         let tag = unique(prefix);
         let ns = tag.clone();
@@ -103,7 +133,9 @@ impl World {
             create(&sas, json!({"metadata": {"name": sa}})).await;
         }
 
-        let replica = Replica::start(client.clone(), ReplicaConfig::new(&ns, &instance));
+        let mut replica_config = ReplicaConfig::new(&ns, &instance);
+        replica_config.clock = clock;
+        let replica = Replica::start(client.clone(), replica_config);
         let td_name = format!("{tag}.example.org");
         let td_object = format!("{tag}-td");
         create_trust_domain(
@@ -147,53 +179,22 @@ impl World {
         store.wait_until_ready().await.unwrap();
 
         let audience = format!("sigil-agent-{tag}");
-        let metrics = NodeApiMetrics::default();
-        let api = NodeApi::new(
-            NodeApiConfig {
-                agent_trust_domain: td.clone(),
-                agent_svid_ttl,
-                psat: PsatConfig {
-                    cluster: CLUSTER.into(),
-                    audience: audience.clone(),
-                    allowed_service_accounts: vec![format!("{ns}:sigil-agent")],
-                    allowed_node_label_keys: vec!["zone".into()],
-                    allowed_pod_label_keys: vec![],
-                },
-                rate_per_node: 1000.0,
-                burst_per_node: 10_000.0,
+        let config = NodeApiConfig {
+            agent_trust_domain: td.clone(),
+            agent_svid_ttl,
+            psat: PsatConfig {
+                cluster: CLUSTER.into(),
+                audience: audience.clone(),
+                allowed_service_accounts: vec![format!("{ns}:sigil-agent")],
+                allowed_node_label_keys: vec!["zone".into()],
+                allowed_pod_label_keys: vec![],
             },
-            client.clone(),
-            replica.authorities.clone(),
-            index.clone(),
-            store,
-            Arc::new(SystemClock),
-            metrics.clone(),
-            cancel.clone(),
-        );
+            rate_per_node: 1000.0,
+            burst_per_node: 10_000.0,
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node_api_addr = listener.local_addr().unwrap().to_string();
-        let ready = replica.readiness.component("node-api");
-        tokio::spawn(node_api::serve(
-            listener,
-            api,
-            replica.authorities.clone(),
-            td.clone(),
-            Duration::from_secs(3600),
-            Arc::new(SystemClock),
-            Some(ready),
-            cancel.clone(),
-        ));
-        eventually("the Node API serving certificate", SETTLE, || async {
-            replica
-                .readiness
-                .pending()
-                .iter()
-                .all(|p| p != "node-api")
-                .then_some(())
-        })
-        .await;
-
-        World {
+        let world = World {
             client,
             ns,
             tag,
@@ -205,10 +206,81 @@ impl World {
             node_b,
             node_api_addr,
             index,
-            metrics,
+            metrics: NodeApiMetrics::default(),
             replica,
+            node_api: std::sync::Mutex::new(None),
+            node_api_config: config,
+            nodes: store,
             cancel,
+        };
+        world.serve_node_api(listener);
+        eventually("the Node API serving certificate", SETTLE, || async {
+            world
+                .replica
+                .readiness
+                .pending()
+                .iter()
+                .all(|p| p != "node-api")
+                .then_some(())
+        })
+        .await;
+        world
+    }
+
+    fn serve_node_api(&self, listener: tokio::net::TcpListener) {
+        let cancel = self.cancel.child_token();
+        let api = NodeApi::new(
+            self.node_api_config.clone(),
+            self.client.clone(),
+            self.replica.authorities.clone(),
+            self.index.clone(),
+            self.nodes.clone(),
+            Arc::new(SystemClock),
+            self.metrics.clone(),
+            cancel.clone(),
+        );
+        let ready = self.replica.readiness.component("node-api");
+        let task = tokio::spawn(node_api::serve(
+            listener,
+            api,
+            self.replica.authorities.clone(),
+            self.td.clone(),
+            Duration::from_secs(3600),
+            Arc::new(SystemClock),
+            Some(ready),
+            cancel.clone(),
+        ));
+        *self.node_api.lock().unwrap() = Some((cancel, task));
+    }
+
+    /// Stops the Node API (an operator outage): streams end, connections are refused.
+    pub async fn stop_node_api(&self) {
+        let running = self.node_api.lock().unwrap().take();
+        if let Some((cancel, task)) = running {
+            cancel.cancel();
+            let _ = task.await;
         }
+    }
+
+    /// Serves the Node API again on the same address (an operator restart).
+    pub async fn restart_node_api(&self) {
+        self.stop_node_api().await;
+        let listener = eventually("the Node API port to be free", SETTLE, || async {
+            tokio::net::TcpListener::bind(&self.node_api_addr)
+                .await
+                .ok()
+        })
+        .await;
+        self.serve_node_api(listener);
+        eventually("the Node API serving certificate", SETTLE, || async {
+            self.replica
+                .readiness
+                .pending()
+                .iter()
+                .all(|p| p != "node-api")
+                .then_some(())
+        })
+        .await;
     }
 
     /// The bundle an agent pod mounts: the TrustDomain's ConfigMap in our namespace.
@@ -225,7 +297,7 @@ impl World {
     pub async fn agent_client(&self) -> NodeClient {
         NodeClient::new(
             NodeClientConfig {
-                address: self.node_api_addr.clone(),
+                addresses: vec![self.node_api_addr.clone()],
                 trust_domain: self.td.clone(),
                 cluster: CLUSTER.into(),
             },

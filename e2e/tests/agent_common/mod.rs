@@ -1,0 +1,172 @@
+//! An agent world: the operator side ([`World`]: real apiserver, CA, index, Node API) plus
+//! a sigil-agent for node A running in this process, with its projected token and
+//! bootstrap bundle in files as a DaemonSet pod would have them, and workloads as real
+//! processes in pod-shaped cgroups.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+use sigil_agent::app::{Agent, Args, LogFormatArg};
+use sigil_e2e::pod::PodContainer;
+use tokio_util::sync::CancellationToken;
+
+use crate::node_api_common::{CLUSTER, World, WorldOptions};
+use crate::trust_domain_common::{SETTLE, eventually, unique};
+
+pub struct AgentWorld {
+    pub w: World,
+    pub agent: Agent,
+    pub socket: PathBuf,
+    /// `unix:///...`, what clients get as SPIFFE_ENDPOINT_SOCKET.
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+    pub cancel: CancellationToken,
+}
+
+impl Drop for AgentWorld {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// A workload: its Pod object and the container cgroup its processes run in.
+pub struct Workload {
+    pub pod: Pod,
+    pub container: PodContainer,
+}
+
+impl Workload {
+    /// Runs `program args` inside the container and waits for it (without blocking the
+    /// runtime the agent runs on).
+    pub async fn run(&self, program: &str, args: &[&str]) -> Output {
+        let mut cmd = self.container.command(program);
+        cmd.args(args);
+        tokio::process::Command::from(cmd).output().await.unwrap()
+    }
+}
+
+/// The path of a pinned test tool.
+pub fn tool(name: &str) -> String {
+    sigil_e2e::tools::tool(name).unwrap().display().to_string()
+}
+
+/// Parses a client's JSON output, failing with its stderr when it did not succeed.
+pub fn json_out(what: &str, out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {stderr}\n{stdout}",
+        out.status
+    );
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {stdout}"))
+}
+
+impl AgentWorld {
+    pub async fn start(prefix: &str) -> AgentWorld {
+        Self::start_with(prefix, WorldOptions::default()).await
+    }
+
+    pub async fn start_with(prefix: &str, options: WorldOptions) -> AgentWorld {
+        let w = World::start_with(prefix, options).await;
+        let cp = sigil_e2e::shared().await;
+        let dir = tempfile::tempdir().unwrap();
+        // Workloads run as other users too: they must reach the socket.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let agent_pod = w
+            .pod(
+                &unique("sigil-agent"),
+                &w.node_a,
+                "sigil-agent",
+                json!({"app": "sigil-agent"}),
+            )
+            .await;
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, w.token(&agent_pod, &w.audience).await).unwrap();
+        let bundle_file = dir.path().join("bundle.spiffe");
+        std::fs::write(&bundle_file, w.bootstrap_bundle().await.to_jwks_json()).unwrap();
+        let socket = dir.path().join("agent").join("api.sock");
+        let cancel = CancellationToken::new();
+        let args = Args {
+            node_name: w.node_a.clone(),
+            operator_address: vec![w.node_api_addr.clone()],
+            trust_domain: w.td.to_string(),
+            cluster_name: CLUSTER.into(),
+            token_file,
+            bundle_file,
+            socket_path: socket.clone(),
+            proc_root: "/proc".into(),
+            etc_root: "/etc".into(),
+            pod_timeout: Duration::from_secs(10),
+            health_addr: "127.0.0.1:0".parse().unwrap(),
+            log_format: LogFormatArg::Json,
+            kubeconfig: Some(cp.kubeconfig_path().to_owned()),
+        };
+        let agent = Agent::start(args, cancel.clone()).await.unwrap();
+        std::fs::set_permissions(
+            socket.parent().unwrap(),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        eventually("the agent to be ready", SETTLE, || async {
+            agent.readiness.is_ready().then_some(())
+        })
+        .await;
+        let addr = format!("unix://{}", socket.display());
+        AgentWorld {
+            w,
+            agent,
+            socket,
+            addr,
+            dir,
+            cancel,
+        }
+    }
+
+    /// A pod on node A with a running container whose processes the test starts.
+    pub async fn workload(&self, name: &str, sa: &str, labels: Value) -> Workload {
+        let pod = self.w.pod(name, &self.w.node_a, sa, labels).await;
+        let container = PodContainer::create(&pod.uid().unwrap()).unwrap();
+        let pod = container
+            .mark_running(
+                &self.w.client,
+                &self.w.ns,
+                name,
+                "main",
+                "registry.invalid/none",
+            )
+            .await
+            .unwrap();
+        Workload { pod, container }
+    }
+
+    /// The SPIFFE ID the default ClusterSPIFFEID template gives service account `sa`.
+    pub fn id_for_sa(&self, sa: &str) -> String {
+        format!("spiffe://{}/ns/{}/sa/{sa}", self.w.td, self.w.ns)
+    }
+
+    /// Waits until the agent holds an SVID for `spiffe_id` (signed ahead of any request).
+    pub async fn wait_svid(&self, spiffe_id: &str) {
+        eventually(
+            &format!("an SVID for {spiffe_id} in the agent's cache"),
+            SETTLE,
+            || async {
+                self.agent
+                    .cache
+                    .entries()
+                    .iter()
+                    .filter(|e| e.spiffe_id.to_string() == spiffe_id)
+                    .any(|e| self.agent.cache.svid(&e.id).is_some())
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+}
