@@ -29,8 +29,11 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// so a conforming client never sends more; this only bounds memory before the server
 /// would refuse the frame anyway.
 pub const MAX_FRAME: usize = 1 << 20;
-/// Largest reassembled header block.
+/// Largest reassembled (compressed) header block.
 pub const MAX_HEADER_BLOCK: usize = 256 * 1024;
+/// Largest decoded header list (names + values), against HPACK "bombs" where a few bytes
+/// of indexed references expand to megabytes. gRPC requests carry well under 1 KiB.
+pub const MAX_DECODED: usize = 64 * 1024;
 /// Frame size used for re-encoded header blocks (HTTP/2's default and minimum maximum).
 const OUT_FRAME: usize = 16_384;
 
@@ -96,6 +99,11 @@ fn valid_authority(value: &[u8]) -> bool {
 }
 
 impl Rewriter {
+    /// Bytes held back until a frame is complete.
+    pub fn buffered(&self) -> usize {
+        self.input.len() + self.pending.as_ref().map_or(0, |p| p.3.len())
+    }
+
     /// Feeds bytes read from the client; appends what the server should read to `out`.
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), FixError> {
         self.input.extend_from_slice(bytes);
@@ -192,10 +200,19 @@ impl Rewriter {
         let Some((stream, flags, priority, block)) = self.pending.take() else {
             return Ok(());
         };
-        let mut headers = self
-            .decoder
-            .decode(&block)
+        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut decoded = 0usize;
+        self.decoder
+            .decode_with_cb(&block, |n, v| {
+                decoded += n.len() + v.len();
+                if decoded <= MAX_DECODED {
+                    headers.push((n.into_owned(), v.into_owned()));
+                }
+            })
             .map_err(|e| FixError::Hpack(format!("{e:?}")))?;
+        if decoded > MAX_DECODED {
+            return Err(FixError::TooLarge(decoded));
+        }
         for (name, value) in &mut headers {
             if name.as_slice() == b":authority" && !valid_authority(value) {
                 *value = b"localhost".to_vec();
@@ -421,6 +438,32 @@ mod tests {
                 .unwrap()
                 .1,
             b"localhost:1234"
+        );
+    }
+
+    #[test]
+    fn an_hpack_bomb_is_refused() {
+        // One 4000-byte header enters the dynamic table; 100 one-byte references to it
+        // would decode to 400 KB.
+        let mut enc = hpack::Encoder::new();
+        let big = vec![b'a'; 4000];
+        let mut block = enc.encode(vec![(&b"x-big"[..], &big[..])]);
+        let reference = enc.encode(vec![(&b"x-big"[..], &big[..])]);
+        assert_eq!(
+            reference.len(),
+            1,
+            "the second occurrence is one indexed byte"
+        );
+        for _ in 0..100 {
+            block.extend_from_slice(&reference);
+        }
+        let mut input = PREFACE.to_vec();
+        frame(&mut input, HEADERS, END_HEADERS, 1, &block);
+        let mut rw = Rewriter::default();
+        let r = rw.feed(&input, &mut Vec::new());
+        assert!(
+            matches!(r, Err(FixError::TooLarge(n)) if n > MAX_DECODED),
+            "{r:?}"
         );
     }
 

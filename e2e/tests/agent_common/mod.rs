@@ -147,6 +147,20 @@ impl AgentWorld {
         Workload { pod, container }
     }
 
+    /// The agent's `/metrics`.
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.agent.health_addr)
+            .await
+            .unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
     /// The SPIFFE ID the default ClusterSPIFFEID template gives service account `sa`.
     pub fn id_for_sa(&self, sa: &str) -> String {
         format!("spiffe://{}/ns/{}/sa/{sa}", self.w.td, self.w.ns)
