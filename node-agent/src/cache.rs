@@ -281,13 +281,14 @@ impl Cache {
     }
 }
 
-/// When to replace an SVID valid from `not_before` to `not_after`: at half-life, minus up
-/// to 10% of the lifetime of jitter (so a node's SVIDs do not all renew at once, and a
-/// workload always holds its next SVID before the current one passes half-life).
+/// When to replace an SVID valid from `not_before` to `not_after`: at half-life, brought
+/// forward by 1% to 10% of the lifetime (jitter, so a node's SVIDs do not all renew at
+/// once; never zero, so signing and delivery finish before the current SVID passes
+/// half-life).
 pub fn rotation_time(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
     let life = not_after.duration_since(not_before).unwrap_or_default();
-    let jitter = life.mul_f64(0.1 * rand::random::<f64>());
-    not_before + (life / 2).saturating_sub(jitter)
+    let early = life.mul_f64(0.01 + 0.09 * rand::random::<f64>());
+    not_before + (life / 2).saturating_sub(early)
 }
 
 #[cfg(test)]
@@ -320,7 +321,7 @@ mod tests {
         let na = nb + Duration::from_secs(3600);
         for _ in 0..100 {
             let t = rotation_time(nb, na).duration_since(nb).unwrap().as_secs();
-            assert!((1440..=1800).contains(&t), "{t}");
+            assert!((1440..=1764).contains(&t), "{t}");
         }
     }
 
