@@ -8,11 +8,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/out
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(index node_stream)
+[ ${#benches[@]} -gt 0 ] || benches=(index node_stream agent)
+# The agent bench runs the real sigil-agent binary, built here in release mode.
+cargo build --locked -q --release -p sigil-agent
+export SIGIL_AGENT_BIN=${CARGO_TARGET_DIR:-target}/release/sigil-agent
 for b in "${benches[@]}"; do
   echo
   echo "== $b =="
-  cargo bench --locked -q -p sigil-operator --bench "$b"
+  case $b in
+    agent) cargo bench --locked -q -p sigil-e2e --bench "$b" ;;
+    *) cargo bench --locked -q -p sigil-operator --bench "$b" ;;
+  esac
 done
 echo
 echo "JSON results in bench/out/"

@@ -87,6 +87,15 @@ async fn go_py_rust_and_spire_clients_get_the_pods_identity() {
     assert!(b["x509"][aw.w.td.to_string()].as_u64().unwrap() >= 1, "{b}");
     assert!(b["jwt"][aw.w.td.to_string()].as_u64().unwrap() >= 1, "{b}");
 
+    // SPIFFE_ENDPOINT_SOCKET instead of a flag, as workloads are normally configured.
+    let mut cmd = web.container.command(&go);
+    cmd.arg("x509").env("SPIFFE_ENDPOINT_SOCKET", addr);
+    let from_env = json_out(
+        "go-spiffe x509 via SPIFFE_ENDPOINT_SOCKET",
+        &tokio::process::Command::from(cmd).output().await.unwrap(),
+    );
+    assert_eq!(from_env["svids"][0]["spiffe_id"], id.as_str());
+
     // py-spiffe
     let py = tool("py-spiffe-client");
     let x = json_out(

@@ -83,6 +83,7 @@ async fn refusals_are_precise() {
         }))
         .await
         .unwrap();
+    let raw_channel = channel.clone();
     let mut raw = pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
     let status = raw
         .fetch_jwtsvid(pb::JwtsvidRequest {
@@ -98,6 +99,29 @@ async fn refusals_are_precise() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+
+    // gRPC server reflection lists the Workload API.
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(raw_channel);
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("{answer:?}")
+    };
+    assert!(
+        list.service.iter().any(|s| s.name == "SpiffeWorkloadAPI"),
+        "{list:?}"
+    );
 
     // A JWT-SVID for another workload's ID.
     let out = web

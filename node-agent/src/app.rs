@@ -26,6 +26,7 @@ use tracing::info;
 
 use crate::attest::WorkloadAttestor;
 use crate::attest::k8s::{ApiPodSource, PodSource};
+use crate::attest::kubelet::{KubeletConfig, KubeletPodSource};
 use crate::cache::Cache;
 use crate::node_client::{NodeClient, NodeClientConfig};
 use crate::rotator::{self, RotatorMetrics};
@@ -78,12 +79,10 @@ pub struct Args {
     pub bundle_file: PathBuf,
 
     /// The Workload API socket (workloads get `SPIFFE_ENDPOINT_SOCKET=unix://<this>`).
-    #[arg(
-        long,
-        env = "SIGIL_SOCKET_PATH",
-        default_value = "/run/sigil/agent/api.sock"
-    )]
-    pub socket_path: PathBuf,
+    /// Default: `SPIFFE_ENDPOINT_SOCKET` when it is a `unix://` address, else
+    /// `/run/sigil/agent/api.sock`.
+    #[arg(long, env = "SIGIL_SOCKET_PATH")]
+    pub socket_path: Option<PathBuf>,
 
     /// Where the host's /proc is (the agent needs hostPID to see workload processes).
     #[arg(long, env = "SIGIL_PROC_ROOT", default_value = "/proc")]
@@ -108,6 +107,48 @@ pub struct Args {
     /// A kubeconfig for the pod watch (default: in-cluster configuration).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+
+    /// Where workload attestation reads pods from.
+    #[arg(long, env = "SIGIL_POD_SOURCE", value_enum, default_value_t = PodSourceArg::Api)]
+    pub pod_source: PodSourceArg,
+
+    /// Kubelet flags (with `--pod-source kubelet`).
+    #[command(flatten)]
+    pub kubelet: KubeletArgs,
+}
+
+/// `--pod-source` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PodSourceArg {
+    /// A watch on the API server, filtered to this node (needs `list`/`watch` on pods).
+    Api,
+    /// The kubelet's `/pods` (needs `get` on `nodes/proxy`).
+    Kubelet,
+}
+
+/// Where the kubelet is, with `--pod-source kubelet`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KubeletArgs {
+    /// `host:port` of the kubelet's secure port.
+    #[arg(long, env = "SIGIL_KUBELET_ADDRESS", default_value = "127.0.0.1:10250")]
+    pub kubelet_address: String,
+    /// The name in the kubelet's serving certificate (default: the node name).
+    #[arg(long, env = "SIGIL_KUBELET_SERVER_NAME")]
+    pub kubelet_server_name: Option<String>,
+    /// CA bundle that signed the kubelet's serving certificate.
+    #[arg(
+        long,
+        env = "SIGIL_KUBELET_CA_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    pub kubelet_ca_file: PathBuf,
+    /// Bearer token for the kubelet.
+    #[arg(
+        long,
+        env = "SIGIL_KUBELET_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub kubelet_token_file: PathBuf,
 }
 
 /// `--log-format` values.
@@ -182,7 +223,10 @@ impl Agent {
             health_addr,
             log_format: _,
             kubeconfig,
+            pod_source,
+            kubelet,
         } = args;
+        let socket_path = resolve_socket_path(socket_path)?;
         info!(node = %node_name, operators = ?operator_address, version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
         let td: TrustDomain = trust_domain
             .parse()
@@ -213,8 +257,21 @@ impl Agent {
         rotator_metrics.register(&mut registry);
 
         let cache = Cache::new();
-        let pods: Arc<dyn PodSource> =
-            Arc::new(ApiPodSource::start(client, &node_name, cancel.clone()));
+        let pods: Arc<dyn PodSource> = match pod_source {
+            PodSourceArg::Api => Arc::new(ApiPodSource::start(client, &node_name, cancel.clone())),
+            PodSourceArg::Kubelet => Arc::new(KubeletPodSource::start(
+                KubeletConfig {
+                    address: kubelet.kubelet_address,
+                    server_name: kubelet
+                        .kubelet_server_name
+                        .unwrap_or_else(|| node_name.clone()),
+                    ca_file: kubelet.kubelet_ca_file,
+                    token_file: kubelet.kubelet_token_file,
+                    resync: Duration::from_secs(10),
+                },
+                cancel.clone(),
+            )),
+        };
         let attestor = Arc::new(WorkloadAttestor::new(
             proc_root.clone(),
             etc_root,
@@ -319,4 +376,24 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
             .context("no Kubernetes client configuration: run in a pod, or pass --kubeconfig")?,
     };
     kube::Client::try_from(config).context("build the Kubernetes client")
+}
+
+/// The default socket path when neither `--socket-path` nor `SIGIL_SOCKET_PATH` is set.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/sigil/agent/api.sock";
+
+/// `--socket-path`, else `SPIFFE_ENDPOINT_SOCKET` (which must then be `unix://<path>`),
+/// else [`DEFAULT_SOCKET_PATH`].
+pub fn resolve_socket_path(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p);
+    }
+    match std::env::var("SPIFFE_ENDPOINT_SOCKET") {
+        Ok(addr) => match addr.strip_prefix("unix://") {
+            Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
+            _ => anyhow::bail!(
+                "SPIFFE_ENDPOINT_SOCKET={addr:?} is not a unix:///absolute/path address; the agent serves on a Unix socket (or set --socket-path)"
+            ),
+        },
+        Err(_) => Ok(PathBuf::from(DEFAULT_SOCKET_PATH)),
+    }
 }

@@ -5,6 +5,7 @@
 //!   rust-spiffe-client --addr ... jwt --audience A
 //!   rust-spiffe-client --addr ... validate --audience A --token T
 //!   rust-spiffe-client --addr ... watch --updates N     (one line per X509Source update)
+//!   rust-spiffe-client --addr ... streams --count N     (hold N FetchX509SVID streams)
 //!
 //! Exit status 0, or 1 with the library's error on stderr.
 
@@ -47,8 +48,13 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("--addr is required")?;
     let cmd = args
         .iter()
-        .find(|a| matches!(a.as_str(), "x509" | "jwt" | "validate" | "watch"))
-        .ok_or("command: x509|jwt|validate|watch")?;
+        .find(|a| {
+            matches!(
+                a.as_str(),
+                "x509" | "jwt" | "validate" | "watch" | "streams"
+            )
+        })
+        .ok_or("command: x509|jwt|validate|watch|streams")?;
     match cmd.as_str() {
         "x509" => {
             let source = X509Source::builder().endpoint(&addr).build().await?;
@@ -65,6 +71,29 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
                 updates.changed().await?;
                 println!("{}", leaf_line(&source)?);
             }
+        }
+        "streams" => {
+            // Holds `count` FetchX509SVID streams, each on its own connection; says
+            // "ready" once every stream has its first SVID; exits when stdin closes.
+            let count: usize = arg(&args, "--count")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100);
+            let mut held = Vec::with_capacity(count);
+            for _ in 0..count {
+                let client = WorkloadApiClient::connect_to(&addr).await?;
+                let mut stream = Box::pin(client.stream_x509_svids().await?);
+                futures::StreamExt::next(&mut stream)
+                    .await
+                    .ok_or("stream ended")??;
+                held.push((client, stream));
+            }
+            println!(
+                "{}",
+                serde_json::json!({"ready": held.len(), "at_ms": now_ms()})
+            );
+            let mut sink = String::new();
+            let _ = std::io::stdin().read_line(&mut sink);
+            drop(held);
         }
         "jwt" => {
             let audience = arg(&args, "--audience").ok_or("--audience is required")?;

@@ -101,13 +101,20 @@ impl AgentWorld {
             cluster_name: CLUSTER.into(),
             token_file,
             bundle_file,
-            socket_path: socket.clone(),
+            socket_path: Some(socket.clone()),
             proc_root: "/proc".into(),
             etc_root: "/etc".into(),
             pod_timeout: Duration::from_secs(10),
             health_addr: "127.0.0.1:0".parse().unwrap(),
             log_format: LogFormatArg::Json,
             kubeconfig: Some(cp.kubeconfig_path().to_owned()),
+            pod_source: sigil_agent::app::PodSourceArg::Api,
+            kubelet: sigil_agent::app::KubeletArgs {
+                kubelet_address: String::new(),
+                kubelet_server_name: None,
+                kubelet_ca_file: PathBuf::new(),
+                kubelet_token_file: PathBuf::new(),
+            },
         };
         let agent = Agent::start(args, cancel.clone()).await.unwrap();
         std::fs::set_permissions(

@@ -28,6 +28,8 @@ pub trait PodSource: Send + Sync + std::fmt::Debug {
     fn subscribe(&self) -> watch::Receiver<u64>;
     /// Whether the initial list has arrived.
     fn is_synced(&self) -> bool;
+    /// A lookup missed: a source that is not a watch should list again soon.
+    fn request_refresh(&self) {}
 }
 
 /// Pods of one node from an API-server watch (`fieldSelector=spec.nodeName=<node>`).
@@ -137,6 +139,7 @@ pub async fn find_container(
                 container: c,
             });
         }
+        source.request_refresh();
         tokio::select! {
             r = changes.changed() => if r.is_err() { break },
             _ = tokio::time::sleep_until(deadline) => {

@@ -4,10 +4,12 @@
 //! - [`peer`]: SO_PEERCRED plus PID pinning (a recycled PID is refused);
 //! - [`cgroup`]: `/proc/<pid>/cgroup` → pod UID and container ID;
 //! - [`k8s`]: the pod and container from an event-driven pod source → `k8s:` selectors;
+//! - [`kubelet`]: the kubelet's `/pods` as that source, where the API-server watch is not used;
 //! - [`unix`]: uid/gid/user/group/path/sha256 → `unix:` selectors.
 
 pub mod cgroup;
 pub mod k8s;
+pub mod kubelet;
 pub mod peer;
 pub mod unix;
 

@@ -1,0 +1,155 @@
+//! sigil-agent end to end: pod object created → the SVID served to a client process in
+//! that pod, and the agent's memory idle and with 1000 open Workload API streams.
+//!
+//! The operator side runs in this process (real apiserver + etcd from the e2e harness,
+//! CA, index, Node API over TLS); the agent is the real `sigil-agent` binary in its own
+//! process (SIGIL_AGENT_BIN, which `make bench` builds in release mode), so its RSS is its
+//! own. The client is the Rust `spiffe` crate (rust-spiffe-client) started inside the
+//! pod's cgroup: its process start is part of each sample, as it is for a real workload.
+//!
+//! Run: `make bench` (or `hack/bench.sh agent`). SIGIL_BENCH_PODS (default 200) and
+//! SIGIL_BENCH_STREAMS (default 1000) set the sizes.
+
+#[path = "../../operator/tests/node_api_common/mod.rs"]
+mod node_api_common;
+#[path = "../../operator/benches/report/mod.rs"]
+mod report;
+#[path = "../../operator/tests/trust_domain_common/mod.rs"]
+mod trust_domain_common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+use node_api_common::{CLUSTER, World};
+use report::Report;
+use serde_json::json;
+use sigil_e2e::pod::PodContainer;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn fetch(container: &PodContainer, client: &str, addr: &str) -> bool {
+    let mut cmd = container.command(client);
+    cmd.args(["--addr", addr, "x509"]);
+    tokio::process::Command::from(cmd)
+        .output()
+        .await
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn main() {
+    let pods_n = env("SIGIL_BENCH_PODS", 200);
+    let streams_n = env("SIGIL_BENCH_STREAMS", 1000);
+    let agent_bin = std::env::var("SIGIL_AGENT_BIN")
+        .expect("set SIGIL_AGENT_BIN to a built sigil-agent (make bench does)");
+    let client = env!("CARGO_BIN_EXE_rust-spiffe-client");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let mut report = Report::new(
+            "agent",
+            &format!("sigil-agent (release binary): pod created → SVID in a client in the pod ({pods_n} pods one at a time); RSS idle and with {streams_n} streams"),
+        );
+        let w = World::start("abench").await;
+        let cp = sigil_e2e::shared().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let agent_pod = w.pod("sigil-agent", &w.node_a, "sigil-agent", json!({})).await;
+        std::fs::write(dir.path().join("token"), w.token(&agent_pod, &w.audience).await).expect("token");
+        std::fs::write(dir.path().join("bundle.spiffe"), w.bootstrap_bundle().await.to_jwks_json()).expect("bundle");
+        let socket = dir.path().join("api.sock");
+        let health = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr");
+        let mut agent = tokio::process::Command::new(&agent_bin)
+            .env("KUBECONFIG", cp.kubeconfig_path())
+            .env("RUST_LOG", "warn")
+            .args(["--node-name", &w.node_a, "--operator-address", &w.node_api_addr, "--trust-domain", &w.td.to_string()])
+            .args(["--cluster-name", CLUSTER, "--token-file", &dir.path().join("token").display().to_string()])
+            .args(["--bundle-file", &dir.path().join("bundle.spiffe").display().to_string()])
+            .args(["--socket-path", &socket.display().to_string(), "--health-addr", &health.to_string()])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start sigil-agent");
+        let pid = agent.id().expect("pid");
+        let addr = format!("unix://{}", socket.display());
+        let started = Instant::now();
+        while !socket.exists() {
+            assert!(started.elapsed() < Duration::from_secs(60), "the agent did not open its socket");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        report.row("agent RSS, idle (attested, no entries)", format!("{:>8.1} MiB", rss_kib(pid) as f64 / 1024.0));
+
+        w.cluster_spiffe_id(&format!("{}-bench", w.tag), "bench").await;
+        let mut from_create = Vec::new();
+        let mut warm = Vec::new();
+        let mut failed = 0;
+        let mut keep = Vec::new();
+        for i in 0..pods_n {
+            let t0 = Instant::now();
+            let pod = w.pod(&format!("b-{i}"), &w.node_a, "web", json!({"app": "bench"})).await;
+            let container = PodContainer::create(&pod.uid().expect("uid")).expect("cgroup");
+            container.mark_running(&w.client, &w.ns, &format!("b-{i}"), "main", "registry.invalid/none").await.expect("status");
+            if fetch(&container, client, &addr).await {
+                from_create.push(t0.elapsed());
+            } else {
+                failed += 1;
+            }
+            let t1 = Instant::now();
+            if fetch(&container, client, &addr).await {
+                warm.push(t1.elapsed());
+            }
+            keep.push(container);
+        }
+        report.latencies("pod created → SVID received by a new client process in it", from_create);
+        report.latencies("  of which: a client process fetching an already-held SVID", warm);
+        report.row("  failed fetches", format!("{failed}"));
+        report.row(&format!("agent RSS with {pods_n} entries and SVIDs"), format!("{:>8.1} MiB", rss_kib(pid) as f64 / 1024.0));
+
+        // 1000 open FetchX509SVID streams from one pod.
+        let holder = &keep[0];
+        let mut cmd = holder.command(client);
+        cmd.args(["--addr", &addr, "streams", "--count", &streams_n.to_string()]).stdin(Stdio::piped()).stdout(Stdio::piped());
+        let t = Instant::now();
+        let mut streams = tokio::process::Command::from(cmd).kill_on_drop(true).spawn().expect("streams client");
+        let mut out = BufReader::new(streams.stdout.take().expect("stdout")).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(300), out.next_line()).await;
+        match ready {
+            Ok(Ok(Some(line))) => {
+                report.row(&format!("{streams_n} streams opened, each with its first SVID"), format!("{:>8.2?}  ({line})", t.elapsed()));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                report.row(&format!("agent RSS with {streams_n} open streams"), format!("{:>8.1} MiB", rss_kib(pid) as f64 / 1024.0));
+            }
+            other => report.row(&format!("{streams_n} streams"), format!("did not open: {other:?}")),
+        }
+        if let Some(mut stdin) = streams.stdin.take() {
+            let _ = stdin.write_all(b"\n").await;
+        }
+        let _ = streams.wait().await;
+        let _ = agent.kill().await;
+        drop(keep);
+        report.finish();
+    });
+}
