@@ -27,9 +27,11 @@ use tracing::info;
 use crate::attest::WorkloadAttestor;
 use crate::attest::k8s::{ApiPodSource, PodSource};
 use crate::attest::kubelet::{KubeletConfig, KubeletPodSource};
+use crate::broker_api::{self, BrokerApi, BrokerApiMetrics, BrokerPolicy};
 use crate::cache::Cache;
 use crate::node_client::{NodeClient, NodeClientConfig};
 use crate::rotator::{self, RotatorMetrics};
+use crate::serving::Served;
 use crate::sync::{self, TokenFile};
 use crate::workload_api::{self, WorkloadApi, WorkloadApiMetrics};
 
@@ -115,6 +117,32 @@ pub struct Args {
     /// Kubelet flags (with `--pod-source kubelet`).
     #[command(flatten)]
     pub kubelet: KubeletArgs,
+
+    /// Broker API flags (for sigil-csi).
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+}
+
+/// The Broker API sigil-csi uses.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// The Broker API socket (in a directory only root can enter). Empty: not served.
+    #[arg(
+        long,
+        env = "SIGIL_BROKER_SOCKET_PATH",
+        default_value = "/run/sigil/broker/broker.sock"
+    )]
+    pub broker_socket_path: PathBuf,
+    /// The UID the broker (sigil-csi) runs as.
+    #[arg(long, env = "SIGIL_BROKER_UID", default_value_t = 0)]
+    pub broker_uid: u32,
+    /// The broker's executable; when set, callers must run exactly this file.
+    #[arg(long, env = "SIGIL_BROKER_EXE")]
+    pub broker_exe: Option<PathBuf>,
+    /// Audience of the pod tokens the kubelet gives sigil-csi (the CSIDriver's
+    /// `tokenRequests`).
+    #[arg(long, env = "SIGIL_CSI_TOKEN_AUDIENCE", default_value = "sigil-csi")]
+    pub csi_token_audience: String,
 }
 
 /// `--pod-source` values.
@@ -225,6 +253,7 @@ impl Agent {
             kubeconfig,
             pod_source,
             kubelet,
+            broker,
         } = args;
         let socket_path = resolve_socket_path(socket_path)?;
         info!(node = %node_name, operators = ?operator_address, version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
@@ -258,7 +287,11 @@ impl Agent {
 
         let cache = Cache::new();
         let pods: Arc<dyn PodSource> = match pod_source {
-            PodSourceArg::Api => Arc::new(ApiPodSource::start(client, &node_name, cancel.clone())),
+            PodSourceArg::Api => Arc::new(ApiPodSource::start(
+                client.clone(),
+                &node_name,
+                cancel.clone(),
+            )),
             PodSourceArg::Kubelet => Arc::new(KubeletPodSource::start(
                 KubeletConfig {
                     address: kubelet.kubelet_address,
@@ -275,7 +308,7 @@ impl Agent {
         let attestor = Arc::new(WorkloadAttestor::new(
             proc_root.clone(),
             etc_root,
-            Some(pods),
+            Some(pods.clone()),
             pod_timeout,
         ));
         let listener = workload_api::bind(&socket_path).with_context(|| {
@@ -286,10 +319,43 @@ impl Agent {
         })?;
         let api = WorkloadApi::new(
             cache.clone(),
-            attestor,
+            attestor.clone(),
             node.clone(),
             api_metrics,
             cancel.clone(),
+        );
+        let broker_metrics = BrokerApiMetrics::default();
+        broker_metrics.register(&mut registry);
+        let broker_listener = if broker.broker_socket_path.as_os_str().is_empty() {
+            None
+        } else {
+            Some(
+                broker_api::bind(&broker.broker_socket_path).with_context(|| {
+                    format!(
+                        "bind the Broker API socket {} (--broker-socket-path)",
+                        broker.broker_socket_path.display()
+                    )
+                })?,
+            )
+        };
+        let broker_api = BrokerApi::new(
+            Served {
+                cache: cache.clone(),
+                node: node.clone(),
+                shutdown: cancel.clone(),
+                open_streams: Default::default(),
+            },
+            BrokerPolicy {
+                uid: broker.broker_uid,
+                exe: broker.broker_exe,
+                token_audience: broker.csi_token_audience,
+                node_name: node_name.clone(),
+                pod_timeout,
+            },
+            client.clone(),
+            pods.clone(),
+            attestor.clone(),
+            broker_metrics,
         );
         let health = tokio::net::TcpListener::bind(health_addr)
             .await
@@ -326,7 +392,7 @@ impl Agent {
             cancel.clone(),
         )));
         tasks.push(tokio::spawn({
-            let cancel = cancel.clone();
+            let (cancel, proc_root) = (cancel.clone(), proc_root.clone());
             async move {
                 info!(socket = %socket_path.display(), "Workload API listening");
                 if let Err(e) = workload_api::serve(listener, api, proc_root, cancel).await {
@@ -335,6 +401,20 @@ impl Agent {
                 let _ = std::fs::remove_file(&socket_path);
             }
         }));
+        if let Some(listener) = broker_listener {
+            let (cancel, proc_root, path) = (
+                cancel.clone(),
+                proc_root.clone(),
+                broker.broker_socket_path.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                info!(socket = %path.display(), "Broker API listening");
+                if let Err(e) = broker_api::serve(listener, broker_api, proc_root, cancel).await {
+                    tracing::error!(error = %e, "Broker API server failed");
+                }
+                let _ = std::fs::remove_file(&path);
+            }));
+        }
         tasks.push(tokio::spawn({
             let (readiness, cancel) = (readiness.clone(), cancel.clone());
             async move {

@@ -8,14 +8,18 @@
 //! - [`node_client`]: the agent's client of the operator's Node API.
 //! - [`sync`]: node attestation, agent SVID renewal, and the entry stream.
 //! - [`rotator`]: pre-signing and rotating the X509-SVIDs of this node's entries.
+//! - [`serving`]: what the Workload and Broker APIs serve from the cache.
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket.
+//! - [`broker_api`]: the SPIFFE Broker API for sigil-csi, on a private socket.
 //! - [`h2_authority`]: lets gRPC C-core clients (py-spiffe) past h2's `:authority` check.
 
 pub mod app;
 pub mod attest;
+pub mod broker_api;
 pub mod cache;
 pub mod h2_authority;
 pub mod node_client;
 pub mod rotator;
+pub mod serving;
 pub mod sync;
 pub mod workload_api;

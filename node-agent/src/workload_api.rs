@@ -15,7 +15,7 @@
 //! This module never logs key material; keys leave the agent only to the workload that is
 //! entitled to them, over its own connection.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,9 +28,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use sigil_identity::BundleSet;
 use sigil_identity::entry::Selector;
 use sigil_identity::proto::workload as pb;
-use sigil_identity::{BundleSet, SpiffeId, TrustBundle};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -40,9 +40,12 @@ use tracing::{debug, info, warn};
 
 use crate::attest::peer::{PeerError, PeerProcess};
 use crate::attest::{AttestError, WorkloadAttestor};
-use crate::cache::{Cache, HeldJwt, WorkloadView};
+use crate::cache::Cache;
 use crate::h2_authority::AuthorityFix;
 use crate::node_client::NodeClient;
+use crate::serving::{
+    JwtRefusal, ResponseStream, Served, jwt_bundles, x509_bundles, x509_response,
+};
 
 /// The header every Workload API call must carry.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -50,8 +53,6 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// Largest response sent (many SVIDs with chains and bundles).
 pub const MAX_RESPONSE: usize = 16 * 1024 * 1024;
-/// How long a caller whose entries have no SVID yet waits for the first one.
-pub const FIRST_SVID_WAIT: Duration = Duration::from_secs(30);
 /// Deadline of unary calls (JWT minting goes to the operator).
 pub const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -209,14 +210,10 @@ pub struct WorkloadApi {
 
 #[derive(Debug)]
 struct Inner {
-    cache: Arc<Cache>,
+    served: Served,
     attestor: Arc<WorkloadAttestor>,
-    node: Arc<NodeClient>,
     metrics: WorkloadApiMetrics,
-    shutdown: CancellationToken,
 }
-
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// What an attested caller is.
 struct Caller {
@@ -233,13 +230,17 @@ impl WorkloadApi {
         metrics: WorkloadApiMetrics,
         shutdown: CancellationToken,
     ) -> Self {
+        let served = Served {
+            cache,
+            node,
+            shutdown,
+            open_streams: metrics.open_streams.clone(),
+        };
         Self {
             inner: Arc::new(Inner {
-                cache,
+                served,
                 attestor,
-                node,
                 metrics,
-                shutdown,
             }),
         }
     }
@@ -349,131 +350,6 @@ impl WorkloadApi {
             Some(&caller.peer),
         )
     }
-
-    /// Waits (bounded) until every matching entry has an SVID, or at least one does when
-    /// the wait runs out.
-    async fn ready_view(&self, caller: &Caller) -> WorkloadView {
-        let mut changes = self.inner.cache.subscribe();
-        let deadline = tokio::time::Instant::now() + FIRST_SVID_WAIT;
-        loop {
-            changes.borrow_and_update();
-            let view = self.inner.cache.view_for(&caller.selectors);
-            if view.pending.is_empty() {
-                return view;
-            }
-            tokio::select! {
-                r = changes.changed() => if r.is_err() { return view },
-                () = tokio::time::sleep_until(deadline) => return view,
-                () = self.inner.shutdown.cancelled() => return view,
-            }
-        }
-    }
-
-    /// Runs `next` on every cache change and streams its result when it differs from the
-    /// last one sent; `next` returning an error ends the stream with it.
-    fn watch_stream<T, F>(&self, first: T, mut next: F) -> ResponseStream<T>
-    where
-        T: PartialEq + Clone + Send + 'static,
-        F: FnMut(&Inner) -> Result<T, Status> + Send + 'static,
-    {
-        let this = self.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            let metrics = this.inner.metrics.clone();
-            metrics.open_streams.inc();
-            let mut changes = this.inner.cache.subscribe();
-            changes.borrow_and_update();
-            let mut last = first.clone();
-            if tx.send(Ok(first)).await.is_ok() {
-                loop {
-                    tokio::select! {
-                        r = changes.changed() => if r.is_err() { break },
-                        () = this.inner.shutdown.cancelled() => {
-                            let _ = tx.send(Err(Status::unavailable("agent is shutting down; reconnect"))).await;
-                            break;
-                        }
-                        () = tx.closed() => break,
-                    }
-                    match next(&this.inner) {
-                        Ok(v) if v == last => {}
-                        Ok(v) => {
-                            last = v.clone();
-                            if tx.send(Ok(v)).await.is_err() {
-                                break;
-                            }
-                        }
-                        Err(s) => {
-                            let _ = tx.send(Err(s)).await;
-                            break;
-                        }
-                    }
-                }
-            }
-            metrics.open_streams.dec();
-        });
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
-    }
-}
-
-fn td_id(b: &TrustBundle) -> String {
-    b.trust_domain.id_string()
-}
-
-fn x509_response(view: &WorkloadView) -> pb::X509svidResponse {
-    let own: BTreeMap<_, _> = view
-        .own_bundles
-        .iter()
-        .map(|b| (b.trust_domain.clone(), b.x509_der_concat()))
-        .collect();
-    pb::X509svidResponse {
-        svids: view
-            .svids
-            .iter()
-            .map(|h| pb::X509svid {
-                spiffe_id: h.entry.spiffe_id.to_string(),
-                x509_svid: h.chain.concat(),
-                x509_svid_key: h.key.to_pkcs8_der().to_vec(),
-                bundle: own
-                    .get(h.entry.spiffe_id.trust_domain())
-                    .cloned()
-                    .unwrap_or_default(),
-                hint: h.entry.hint.clone(),
-            })
-            .collect(),
-        crl: vec![],
-        federated_bundles: view
-            .federated
-            .iter()
-            .map(|b| (td_id(b), b.x509_der_concat()))
-            .collect(),
-    }
-}
-
-fn all_bundles(view: &WorkloadView) -> impl Iterator<Item = &TrustBundle> {
-    view.own_bundles.iter().chain(view.federated.iter())
-}
-
-fn x509_bundles(view: &WorkloadView) -> pb::X509BundlesResponse {
-    pb::X509BundlesResponse {
-        crl: vec![],
-        bundles: all_bundles(view)
-            .map(|b| (td_id(b), b.x509_der_concat()))
-            .collect(),
-    }
-}
-
-fn jwt_bundles(view: &WorkloadView) -> pb::JwtBundlesResponse {
-    pb::JwtBundlesResponse {
-        bundles: all_bundles(view)
-            .map(|b| {
-                // Only JWT authorities: X.509 keys have no kid, and clients (go-spiffe)
-                // refuse a JWT bundle with a key lacking one.
-                let mut jwt_only = b.clone();
-                jwt_only.x509_authorities.clear();
-                (td_id(b), jwt_only.to_jwks_json().into_bytes())
-            })
-            .collect(),
-    }
 }
 
 fn json_to_prost(v: serde_json::Value) -> prost_types::Value {
@@ -503,7 +379,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         const RPC: &str = "FetchX509SVID";
         let caller = self.attest(RPC, &req).await?;
-        let view = self.ready_view(&caller).await;
+        let view = self.inner.served.ready_view(&caller.selectors).await;
         if view.svids.is_empty() {
             return Err(self.no_identity(RPC, &caller));
         }
@@ -513,10 +389,10 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             "serving X509-SVIDs"
         );
         let selectors = caller.selectors;
-        Ok(Response::new(self.watch_stream(
+        Ok(Response::new(self.inner.served.watch(
             x509_response(&view),
-            move |inner| {
-                let view = inner.cache.view_for(&selectors);
+            move |cache| {
+                let view = cache.view_for(&selectors);
                 if view.svids.is_empty() && view.pending.is_empty() {
                     return Err(Status::permission_denied(
                         "no identity issued (the workload's entries were removed)",
@@ -535,14 +411,14 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         const RPC: &str = "FetchX509Bundles";
         let caller = self.attest(RPC, &req).await?;
-        let view = self.inner.cache.view_for(&caller.selectors);
+        let view = self.inner.served.cache.view_for(&caller.selectors);
         if view.svids.is_empty() && view.pending.is_empty() {
             return Err(self.no_identity(RPC, &caller));
         }
         let selectors = caller.selectors;
         Ok(Response::new(
-            self.watch_stream(x509_bundles(&view), move |inner| {
-                Ok(x509_bundles(&inner.cache.view_for(&selectors)))
+            self.inner.served.watch(x509_bundles(&view), move |cache| {
+                Ok(x509_bundles(&cache.view_for(&selectors)))
             }),
         ))
     }
@@ -554,92 +430,40 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         const RPC: &str = "FetchJWTSVID";
         let caller = self.attest(RPC, &req).await?;
         let r = req.into_inner();
-        if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
-            return Err(self.deny(
-                RPC,
-                "no_audience",
-                Status::invalid_argument("audience must be specified"),
-                Some(&caller.peer),
-            ));
-        }
-        let entries: Vec<_> = self
+        let svids = match self
             .inner
-            .cache
-            .entries()
-            .into_iter()
-            .filter(|e| e.matches(&caller.selectors))
-            .collect();
-        if entries.is_empty() {
-            return Err(self.no_identity(RPC, &caller));
-        }
-        let wanted = if r.spiffe_id.is_empty() {
-            None
-        } else {
-            Some(SpiffeId::parse(&r.spiffe_id).map_err(|e| {
-                self.deny(
+            .served
+            .jwt_svids(&caller.selectors, &r.audience, &r.spiffe_id)
+            .await
+        {
+            Ok(s) => s,
+            Err(JwtRefusal::NoAudience) => {
+                return Err(self.deny(
+                    RPC,
+                    "no_audience",
+                    Status::invalid_argument("audience must be specified"),
+                    Some(&caller.peer),
+                ));
+            }
+            Err(JwtRefusal::NoIdentity) => return Err(self.no_identity(RPC, &caller)),
+            Err(JwtRefusal::BadId(e)) => {
+                return Err(self.deny(
                     RPC,
                     "bad_spiffe_id",
                     Status::invalid_argument(format!("spiffe_id: {e}")),
                     Some(&caller.peer),
-                )
-            })?)
+                ));
+            }
+            Err(JwtRefusal::NotEntitled(id)) => {
+                return Err(self.deny(
+                    RPC,
+                    "spiffe_id_not_entitled",
+                    Status::permission_denied(format!("the caller is not entitled to {id}")),
+                    Some(&caller.peer),
+                ));
+            }
+            Err(JwtRefusal::Mint(status)) => return Err(status),
         };
-        let mut seen = BTreeSet::new();
-        let chosen: Vec<_> = entries
-            .into_iter()
-            .filter(|e| wanted.as_ref().is_none_or(|w| &e.spiffe_id == w))
-            .filter(|e| seen.insert(e.spiffe_id.clone()))
-            .collect();
-        if chosen.is_empty() {
-            return Err(self.deny(
-                RPC,
-                "spiffe_id_not_entitled",
-                Status::permission_denied(format!("the caller is not entitled to {}", r.spiffe_id)),
-                Some(&caller.peer),
-            ));
-        }
-        let mut audience = r.audience.clone();
-        audience.sort();
-        audience.dedup();
-        let mut svids = Vec::with_capacity(chosen.len());
-        for e in chosen {
-            let now = SystemTime::now();
-            let token = match self.inner.cache.jwt(&e.id, &audience, now) {
-                Some(j) => j.token,
-                None => {
-                    let (token, expires_at) = self
-                        .inner
-                        .node
-                        .mint_jwt(&e.id, &audience)
-                        .await
-                        .map_err(|err| {
-                            warn!(entry = %e.id, error = %err, "minting a JWT-SVID failed");
-                            match err.status() {
-                                Some(s) => Status::new(
-                                    s.code(),
-                                    format!("minting a JWT-SVID: {}", s.message()),
-                                ),
-                                None => Status::unavailable(format!("minting a JWT-SVID: {err}")),
-                            }
-                        })?;
-                    self.inner.cache.put_jwt(
-                        &e.id,
-                        &audience,
-                        HeldJwt {
-                            token: token.clone(),
-                            expires_at,
-                            issued_at: now,
-                        },
-                    );
-                    token
-                }
-            };
-            svids.push(pb::Jwtsvid {
-                spiffe_id: e.spiffe_id.to_string(),
-                svid: token,
-                hint: e.hint.clone(),
-            });
-        }
         Ok(Response::new(pb::JwtsvidResponse { svids }))
     }
 
@@ -651,14 +475,14 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         const RPC: &str = "FetchJWTBundles";
         let caller = self.attest(RPC, &req).await?;
-        let view = self.inner.cache.view_for(&caller.selectors);
+        let view = self.inner.served.cache.view_for(&caller.selectors);
         if view.svids.is_empty() && view.pending.is_empty() {
             return Err(self.no_identity(RPC, &caller));
         }
         let selectors = caller.selectors;
         Ok(Response::new(
-            self.watch_stream(jwt_bundles(&view), move |inner| {
-                Ok(jwt_bundles(&inner.cache.view_for(&selectors)))
+            self.inner.served.watch(jwt_bundles(&view), move |cache| {
+                Ok(jwt_bundles(&cache.view_for(&selectors)))
             }),
         ))
     }
@@ -688,7 +512,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         }
         // Validated against every trust domain the agent knows (own and federated), as a
         // relying party would.
-        let bundles: BundleSet = self.inner.cache.bundles();
+        let bundles: BundleSet = self.inner.served.cache.bundles();
         let v = sigil_identity::jwt::validate_jwt_svid(
             &r.svid,
             &bundles,

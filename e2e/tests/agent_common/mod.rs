@@ -115,6 +115,12 @@ impl AgentWorld {
                 kubelet_ca_file: PathBuf::new(),
                 kubelet_token_file: PathBuf::new(),
             },
+            broker: sigil_agent::app::BrokerArgs {
+                broker_socket_path: dir.path().join("broker").join("broker.sock"),
+                broker_uid: 0,
+                broker_exe: None,
+                csi_token_audience: "sigil-csi".into(),
+            },
         };
         let agent = Agent::start(args, cancel.clone()).await.unwrap();
         std::fs::set_permissions(

@@ -175,7 +175,29 @@ fn container_status(pod: &Pod, container_id: &str) -> Option<ContainerStatus> {
 
 /// SPIRE-compatible `k8s:` selectors for a process in `m.container` of `m.pod`.
 pub fn selectors(m: &PodMatch) -> Vec<Selector> {
-    let pod = &m.pod;
+    let mut v = pod_selectors(&m.pod);
+    v.push(Selector::new(
+        "k8s",
+        format!("container-name:{}", m.container.name),
+    ));
+    v.push(Selector::new(
+        "k8s",
+        format!("container-image:{}", m.container.image),
+    ));
+    if !m.container.image_id.is_empty() {
+        v.push(Selector::new(
+            "k8s",
+            format!("container-image:{}", m.container.image_id),
+        ));
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The `k8s:` selectors of a pod as a whole (no container ones): what a workload named by
+/// pod, rather than by process, has (the Broker API's pod references).
+pub fn pod_selectors(pod: &Pod) -> Vec<Selector> {
     let mut v = Vec::new();
     let mut push = |s: String| v.push(Selector::new("k8s", s));
     push(format!("ns:{}", pod.namespace().unwrap_or_default()));
@@ -197,11 +219,6 @@ pub fn selectors(m: &PodMatch) -> Vec<Selector> {
     for o in pod.owner_references() {
         push(format!("pod-owner:{}:{}", o.kind, o.name));
         push(format!("pod-owner-uid:{}:{}", o.kind, o.uid));
-    }
-    push(format!("container-name:{}", m.container.name));
-    push(format!("container-image:{}", m.container.image));
-    if !m.container.image_id.is_empty() {
-        push(format!("container-image:{}", m.container.image_id));
     }
     if let Some(spec) = pod.spec.as_ref() {
         let images: Vec<&str> = spec
@@ -227,4 +244,25 @@ pub fn selectors(m: &PodMatch) -> Vec<Selector> {
     v.sort();
     v.dedup();
     v
+}
+
+/// Waits (up to `timeout`) until `source` knows pod `pod_uid`.
+pub async fn find_pod(
+    source: &dyn PodSource,
+    pod_uid: &str,
+    timeout: Duration,
+) -> Option<Arc<Pod>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut changes = source.subscribe();
+    loop {
+        changes.borrow_and_update();
+        if let Some(p) = source.pod_by_uid(pod_uid) {
+            return Some(p);
+        }
+        source.request_refresh();
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return None },
+            _ = tokio::time::sleep_until(deadline) => return None,
+        }
+    }
 }

@@ -1,0 +1,603 @@
+//! The SPIFFE Broker API (SPIFFE_Broker_API.md, Incubating) on a private Unix socket: a
+//! trusted broker (sigil-csi) fetches SVIDs and bundles on behalf of a workload it names.
+//!
+//! Who may call: only the configured broker, by the kernel's word — the peer's UID must be
+//! the configured one and, when configured, its executable the configured path. Anyone
+//! else gets PermissionDenied before a reference is even read. The socket's directory is
+//! also private (0700).
+//!
+//! Which workload: a `KubernetesObjectReference` to a pod (`pods`, core group) with its
+//! UID, proven by the pod-bound service-account token the kubelet gave the broker (gRPC
+//! metadata `authorization: Bearer <token>`): the agent TokenReviews it (with the
+//! configured audience), and requires that it is bound to exactly that pod, that the pod
+//! is on this node, and that the reference's namespace and name match. The pod's
+//! selectors are its `k8s:` pod selectors (no container ones). A `WorkloadPIDReference`
+//! names a local process, attested from the kernel as on the Workload API.
+//!
+//! What it gets: the same SVIDs and bundles as on the Workload API ([`crate::serving`]).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::{Api, PostParams};
+use kube::{Client, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use prost::Message;
+use sigil_identity::entry::Selector;
+use sigil_identity::proto::broker as pb;
+use sigil_identity::proto::workload as wl;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::attest::WorkloadAttestor;
+use crate::attest::k8s::{PodSource, find_pod, pod_selectors};
+use crate::attest::peer::PeerProcess;
+use crate::serving::{
+    JwtRefusal, ResponseStream, Served, jwt_bundles, x509_bundles, x509_response,
+};
+use crate::workload_api::{DenialLabels, PeerInfo, incoming};
+
+/// Type URLs of the references the agent understands.
+pub const K8S_REFERENCE: &str = "type.googleapis.com/spiffe.broker.KubernetesObjectReference";
+/// See [`K8S_REFERENCE`].
+pub const PID_REFERENCE: &str = "type.googleapis.com/spiffe.broker.WorkloadPIDReference";
+/// Largest request accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// Who the broker is.
+#[derive(Debug, Clone)]
+pub struct BrokerPolicy {
+    /// The broker's UID.
+    pub uid: u32,
+    /// The broker's executable, when it must also match.
+    pub exe: Option<PathBuf>,
+    /// Audience of the pod tokens the broker presents.
+    pub token_audience: String,
+    /// This node's name: pods elsewhere are refused.
+    pub node_name: String,
+    /// How long to wait for a new pod to show up in the pod source.
+    pub pod_timeout: Duration,
+}
+
+/// Broker API metrics.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerApiMetrics {
+    /// Calls by RPC.
+    pub calls: Family<DenialLabels, Counter>,
+    /// Denials by RPC and reason.
+    pub denials: Family<DenialLabels, Counter>,
+    /// Open streams.
+    pub open_streams: Gauge,
+}
+
+impl BrokerApiMetrics {
+    /// Registers under `sigil_broker_api_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("sigil_broker_api");
+        r.register("calls", "Broker API calls by RPC", self.calls.clone());
+        r.register(
+            "denials",
+            "Broker API calls denied, by RPC and reason",
+            self.denials.clone(),
+        );
+        r.register(
+            "open_streams",
+            "Open Broker API streams",
+            self.open_streams.clone(),
+        );
+    }
+}
+
+/// The Broker API service.
+#[derive(Debug, Clone)]
+pub struct BrokerApi {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    served: Served,
+    policy: BrokerPolicy,
+    client: Client,
+    pods: Arc<dyn PodSource>,
+    attestor: Arc<WorkloadAttestor>,
+    metrics: BrokerApiMetrics,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerApi")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BrokerApi {
+    /// Builds the service.
+    pub fn new(
+        served: Served,
+        policy: BrokerPolicy,
+        client: Client,
+        pods: Arc<dyn PodSource>,
+        attestor: Arc<WorkloadAttestor>,
+        metrics: BrokerApiMetrics,
+    ) -> Self {
+        let mut served = served;
+        served.open_streams = metrics.open_streams.clone();
+        Self {
+            inner: Arc::new(Inner {
+                served,
+                policy,
+                client,
+                pods,
+                attestor,
+                metrics,
+            }),
+        }
+    }
+
+    /// The tonic service with message bounds.
+    pub fn into_server(self) -> pb::api_server::ApiServer<Self> {
+        pb::api_server::ApiServer::new(self)
+            .max_decoding_message_size(MAX_REQUEST)
+            .max_encoding_message_size(crate::workload_api::MAX_RESPONSE)
+    }
+
+    fn deny(&self, rpc: &str, reason: &str, status: Status) -> Status {
+        self.inner
+            .metrics
+            .denials
+            .get_or_create(&DenialLabels {
+                rpc: rpc.into(),
+                reason: reason.into(),
+            })
+            .inc();
+        warn!(
+            rpc,
+            reason,
+            message = status.message(),
+            "Broker API call denied"
+        );
+        status
+    }
+
+    /// The broker check, then the referenced workload's selectors.
+    async fn workload<T>(
+        &self,
+        rpc: &str,
+        req: &Request<T>,
+        reference: Option<&pb::WorkloadReference>,
+    ) -> Result<BTreeSet<Selector>, Status> {
+        self.inner
+            .metrics
+            .calls
+            .get_or_create(&DenialLabels {
+                rpc: rpc.into(),
+                reason: String::new(),
+            })
+            .inc();
+        let peer = match req.extensions().get::<PeerInfo>().map(|i| i.0.clone()) {
+            Some(Ok(p)) => p,
+            _ => {
+                return Err(self.deny(
+                    rpc,
+                    "peer_unknown",
+                    Status::permission_denied("cannot identify the caller"),
+                ));
+            }
+        };
+        self.check_broker(rpc, &peer)?;
+        let any = reference
+            .and_then(|r| r.reference.as_ref())
+            .ok_or_else(|| {
+                self.deny(
+                    rpc,
+                    "no_reference",
+                    Status::invalid_argument("reference is required"),
+                )
+            })?;
+        match any.type_url.as_str() {
+            K8S_REFERENCE => {
+                let r =
+                    pb::KubernetesObjectReference::decode(any.value.as_slice()).map_err(|e| {
+                        self.deny(
+                            rpc,
+                            "bad_reference",
+                            Status::invalid_argument(format!("reference: {e}")),
+                        )
+                    })?;
+                self.pod_workload(rpc, req, &r).await
+            }
+            PID_REFERENCE => {
+                let r = pb::WorkloadPidReference::decode(any.value.as_slice()).map_err(|e| {
+                    self.deny(
+                        rpc,
+                        "bad_reference",
+                        Status::invalid_argument(format!("reference: {e}")),
+                    )
+                })?;
+                let (uid, gid) =
+                    proc_ids(self.inner.attestor.proc_root(), r.pid).ok_or_else(|| {
+                        self.deny(
+                            rpc,
+                            "pid_not_found",
+                            Status::not_found(format!("no process {}", r.pid)),
+                        )
+                    })?;
+                let target = PeerProcess::pin(r.pid, uid, gid, self.inner.attestor.proc_root())
+                    .map_err(|e| {
+                        self.deny(rpc, "pid_not_found", Status::not_found(e.to_string()))
+                    })?;
+                let attested = self.inner.attestor.attest(&target).await.map_err(|e| {
+                    self.deny(
+                        rpc,
+                        e.metric_label(),
+                        Status::permission_denied(format!("attesting pid {}: {e}", r.pid)),
+                    )
+                })?;
+                Ok(attested.selectors)
+            }
+            other => Err(self.deny(
+                rpc,
+                "unsupported_reference",
+                Status::invalid_argument(format!(
+                    "unsupported reference type {other:?}; use {K8S_REFERENCE} or {PID_REFERENCE}"
+                )),
+            )),
+        }
+    }
+
+    fn check_broker(&self, rpc: &str, peer: &PeerProcess) -> Result<(), Status> {
+        let policy = &self.inner.policy;
+        if peer.uid != policy.uid {
+            return Err(self.deny(
+                rpc,
+                "not_the_broker",
+                Status::permission_denied(format!(
+                    "uid {} is not the configured broker (uid {})",
+                    peer.uid, policy.uid
+                )),
+            ));
+        }
+        if let Some(exe) = &policy.exe {
+            let actual = std::fs::read_link(peer.proc_dir().join("exe")).ok();
+            if actual.as_deref() != Some(exe.as_path()) {
+                return Err(self.deny(
+                    rpc,
+                    "not_the_broker",
+                    Status::permission_denied(format!(
+                        "{actual:?} is not the configured broker {}",
+                        exe.display()
+                    )),
+                ));
+            }
+        }
+        peer.check_same_process().map_err(|e| {
+            self.deny(
+                rpc,
+                "pid_recycled",
+                Status::permission_denied(e.to_string()),
+            )
+        })
+    }
+
+    async fn pod_workload<T>(
+        &self,
+        rpc: &str,
+        req: &Request<T>,
+        r: &pb::KubernetesObjectReference,
+    ) -> Result<BTreeSet<Selector>, Status> {
+        let kind = r.r#type.as_ref();
+        if kind.is_none_or(|t| t.plural != "pods" || !t.group.is_empty()) || r.uid.is_empty() {
+            return Err(self.deny(
+                rpc,
+                "bad_reference",
+                Status::invalid_argument(
+                    "reference must be a pod (plural \"pods\", core group) with its uid",
+                ),
+            ));
+        }
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| self.deny(rpc, "no_token", Status::unauthenticated("a pod-bound service-account token is required (authorization: Bearer <token>)")))?;
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_owned(),
+                audiences: Some(vec![self.inner.policy.token_audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let reviewed = Api::<TokenReview>::all(self.inner.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| {
+                self.deny(
+                    rpc,
+                    "token_review_failed",
+                    Status::unavailable(format!("TokenReview: {e}")),
+                )
+            })?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(self.deny(
+                rpc,
+                "token_rejected",
+                Status::unauthenticated(format!(
+                    "pod token rejected: {}",
+                    status.error.unwrap_or_default()
+                )),
+            ));
+        }
+        let extra = status.user.and_then(|u| u.extra).unwrap_or_default();
+        let one = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
+        if one("authentication.kubernetes.io/pod-uid").as_deref() != Some(r.uid.as_str()) {
+            return Err(self.deny(
+                rpc,
+                "token_for_another_pod",
+                Status::permission_denied(format!("the token is not bound to pod {}", r.uid)),
+            ));
+        }
+        if let Some(node) = one("authentication.kubernetes.io/node-name")
+            && node != self.inner.policy.node_name
+        {
+            return Err(self.deny(
+                rpc,
+                "pod_on_another_node",
+                Status::permission_denied(format!(
+                    "pod {} runs on node {node}, not {}",
+                    r.uid, self.inner.policy.node_name
+                )),
+            ));
+        }
+        let pod = find_pod(
+            self.inner.pods.as_ref(),
+            &r.uid,
+            self.inner.policy.pod_timeout,
+        )
+        .await
+        .ok_or_else(|| {
+            self.deny(
+                rpc,
+                "pod_not_on_this_node",
+                Status::permission_denied(format!(
+                    "pod {} is not on node {}",
+                    r.uid, self.inner.policy.node_name
+                )),
+            )
+        })?;
+        if let Some(key) = &r.key
+            && (key.namespace != pod.namespace().unwrap_or_default() || key.name != pod.name_any())
+        {
+            return Err(self.deny(
+                rpc,
+                "reference_mismatch",
+                Status::permission_denied(format!(
+                    "pod {} is {}/{}, not {}/{}",
+                    r.uid,
+                    pod.namespace().unwrap_or_default(),
+                    pod.name_any(),
+                    key.namespace,
+                    key.name
+                )),
+            ));
+        }
+        Ok(pod_selectors(&pod).into_iter().collect())
+    }
+}
+
+fn proc_ids(proc_root: &Path, pid: i32) -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
+    let field = |name: &str| -> Option<u32> {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(2)?
+            .parse()
+            .ok()
+    };
+    Some((field("Uid:")?, field("Gid:")?))
+}
+
+fn x509_svids(r: wl::X509svidResponse) -> pb::SubscribeToX509svidResponse {
+    pb::SubscribeToX509svidResponse {
+        svids: r
+            .svids
+            .into_iter()
+            .map(|s| pb::X509svid {
+                spiffe_id: s.spiffe_id,
+                x509_svid: s.x509_svid,
+                x509_svid_key: s.x509_svid_key,
+                bundle: s.bundle,
+                hint: s.hint,
+            })
+            .collect(),
+        crl: r.crl,
+        federated_bundles: r.federated_bundles,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::api_server::Api for BrokerApi {
+    type SubscribeToX509SVIDStream = ResponseStream<pb::SubscribeToX509svidResponse>;
+
+    async fn subscribe_to_x509svid(
+        &self,
+        req: Request<pb::SubscribeToX509svidRequest>,
+    ) -> Result<Response<Self::SubscribeToX509SVIDStream>, Status> {
+        const RPC: &str = "SubscribeToX509SVID";
+        let selectors = self
+            .workload(RPC, &req, req.get_ref().reference.as_ref())
+            .await?;
+        let view = self.inner.served.ready_view(&selectors).await;
+        if view.svids.is_empty() {
+            return Err(self.deny(
+                RPC,
+                "no_identity",
+                Status::permission_denied("no identity issued"),
+            ));
+        }
+        info!(svids = view.svids.len(), "serving X509-SVIDs to the broker");
+        Ok(Response::new(self.inner.served.watch(
+            x509_svids(x509_response(&view)),
+            move |cache| {
+                let view = cache.view_for(&selectors);
+                if view.svids.is_empty() && view.pending.is_empty() {
+                    return Err(Status::permission_denied(
+                        "no identity issued (the workload's entries were removed)",
+                    ));
+                }
+                Ok(x509_svids(x509_response(&view)))
+            },
+        )))
+    }
+
+    type SubscribeToX509BundlesStream = ResponseStream<pb::SubscribeToX509BundlesResponse>;
+
+    async fn subscribe_to_x509_bundles(
+        &self,
+        req: Request<pb::SubscribeToX509BundlesRequest>,
+    ) -> Result<Response<Self::SubscribeToX509BundlesStream>, Status> {
+        const RPC: &str = "SubscribeToX509Bundles";
+        let selectors = self
+            .workload(RPC, &req, req.get_ref().reference.as_ref())
+            .await?;
+        let convert = |r: wl::X509BundlesResponse| pb::SubscribeToX509BundlesResponse {
+            crl: r.crl,
+            bundles: r.bundles,
+        };
+        let view = self.inner.served.cache.view_for(&selectors);
+        if view.svids.is_empty() && view.pending.is_empty() {
+            return Err(self.deny(
+                RPC,
+                "no_identity",
+                Status::permission_denied("no identity issued"),
+            ));
+        }
+        Ok(Response::new(
+            self.inner
+                .served
+                .watch(convert(x509_bundles(&view)), move |cache| {
+                    Ok(convert(x509_bundles(&cache.view_for(&selectors))))
+                }),
+        ))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<pb::FetchJwtsvidRequest>,
+    ) -> Result<Response<pb::FetchJwtsvidResponse>, Status> {
+        const RPC: &str = "FetchJWTSVID";
+        let selectors = self
+            .workload(RPC, &req, req.get_ref().reference.as_ref())
+            .await?;
+        let r = req.into_inner();
+        match self
+            .inner
+            .served
+            .jwt_svids(&selectors, &r.audience, &r.spiffe_id)
+            .await
+        {
+            Ok(svids) => Ok(Response::new(pb::FetchJwtsvidResponse {
+                svids: svids
+                    .into_iter()
+                    .map(|s| pb::Jwtsvid {
+                        spiffe_id: s.spiffe_id,
+                        svid: s.svid,
+                        hint: s.hint,
+                    })
+                    .collect(),
+            })),
+            Err(JwtRefusal::NoAudience) => Err(self.deny(
+                RPC,
+                "no_audience",
+                Status::invalid_argument("audience must be specified"),
+            )),
+            Err(JwtRefusal::NoIdentity) => Err(self.deny(
+                RPC,
+                "no_identity",
+                Status::permission_denied("no identity issued"),
+            )),
+            Err(JwtRefusal::BadId(e)) => Err(self.deny(
+                RPC,
+                "bad_spiffe_id",
+                Status::invalid_argument(format!("spiffe_id: {e}")),
+            )),
+            Err(JwtRefusal::NotEntitled(id)) => Err(self.deny(
+                RPC,
+                "spiffe_id_not_entitled",
+                Status::permission_denied(format!("the workload is not entitled to {id}")),
+            )),
+            Err(JwtRefusal::Mint(s)) => Err(s),
+        }
+    }
+
+    type SubscribeToJWTBundlesStream = ResponseStream<pb::SubscribeToJwtBundlesResponse>;
+
+    async fn subscribe_to_jwt_bundles(
+        &self,
+        req: Request<pb::SubscribeToJwtBundlesRequest>,
+    ) -> Result<Response<Self::SubscribeToJWTBundlesStream>, Status> {
+        const RPC: &str = "SubscribeToJWTBundles";
+        let selectors = self
+            .workload(RPC, &req, req.get_ref().reference.as_ref())
+            .await?;
+        let convert =
+            |r: wl::JwtBundlesResponse| pb::SubscribeToJwtBundlesResponse { bundles: r.bundles };
+        let view = self.inner.served.cache.view_for(&selectors);
+        if view.svids.is_empty() && view.pending.is_empty() {
+            return Err(self.deny(
+                RPC,
+                "no_identity",
+                Status::permission_denied("no identity issued"),
+            ));
+        }
+        Ok(Response::new(
+            self.inner
+                .served
+                .watch(convert(jwt_bundles(&view)), move |cache| {
+                    Ok(convert(jwt_bundles(&cache.view_for(&selectors))))
+                }),
+        ))
+    }
+}
+
+/// Binds the Broker API socket in a private directory (0700), socket 0600.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    // A stale socket from a previous run (absent is fine too).
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the Broker API on `listener` until `cancel`.
+pub async fn serve(
+    listener: UnixListener,
+    api: BrokerApi,
+    proc_root: PathBuf,
+    cancel: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = incoming(listener, proc_root, cancel.clone());
+    tonic::transport::Server::builder()
+        .timeout(crate::workload_api::UNARY_TIMEOUT)
+        .max_concurrent_streams(Some(1024))
+        .add_service(api.into_server())
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        .await
+}

@@ -1,0 +1,259 @@
+//! What the Workload API and the Broker API both serve, from the cache: the SVIDs and
+//! bundles of a set of selectors, as streams that follow every change, and JWT-SVIDs
+//! minted on demand (cached until half-life). The two APIs differ only in how they find
+//! the selectors (a kernel-attested caller, or a pod proven by its token) and in their
+//! protobuf types; both are built from the Workload API's messages here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use prometheus_client::metrics::gauge::Gauge;
+use sigil_identity::entry::Selector;
+use sigil_identity::proto::workload as pb;
+use sigil_identity::{SpiffeId, TrustBundle};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::warn;
+
+use crate::cache::{Cache, HeldJwt, WorkloadView};
+use crate::node_client::NodeClient;
+
+/// How long a caller whose entries have no SVID yet waits for the first one.
+pub const FIRST_SVID_WAIT: Duration = Duration::from_secs(30);
+
+/// A response stream.
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The cache, the operator client (for JWT-SVIDs) and the drain switch.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// What the agent holds.
+    pub cache: Arc<Cache>,
+    /// Where JWT-SVIDs are minted.
+    pub node: Arc<NodeClient>,
+    /// Ends every stream on drain.
+    pub shutdown: CancellationToken,
+    /// Open streams (a metric).
+    pub open_streams: Gauge,
+}
+
+/// Why JWT-SVIDs could not be served.
+#[derive(Debug)]
+pub enum JwtRefusal {
+    /// No audience, or an empty one.
+    NoAudience,
+    /// The workload has no entries.
+    NoIdentity,
+    /// The requested SPIFFE ID does not parse.
+    BadId(String),
+    /// The workload is not entitled to the requested ID.
+    NotEntitled(String),
+    /// The operator refused or is unreachable.
+    Mint(Status),
+}
+
+impl Served {
+    /// Waits (bounded) until every matching entry has an SVID, or until the wait runs out.
+    pub async fn ready_view(&self, selectors: &BTreeSet<Selector>) -> WorkloadView {
+        let mut changes = self.cache.subscribe();
+        let deadline = tokio::time::Instant::now() + FIRST_SVID_WAIT;
+        loop {
+            changes.borrow_and_update();
+            let view = self.cache.view_for(selectors);
+            if view.pending.is_empty() {
+                return view;
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return view },
+                () = tokio::time::sleep_until(deadline) => return view,
+                () = self.shutdown.cancelled() => return view,
+            }
+        }
+    }
+
+    /// Streams `first`, then `next`'s result after every cache change when it differs
+    /// from the last one sent; `next` returning an error ends the stream with it.
+    pub fn watch<T, F>(&self, first: T, mut next: F) -> ResponseStream<T>
+    where
+        T: PartialEq + Clone + Send + 'static,
+        F: FnMut(&Cache) -> Result<T, Status> + Send + 'static,
+    {
+        let this = self.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            this.open_streams.inc();
+            let mut changes = this.cache.subscribe();
+            changes.borrow_and_update();
+            let mut last = first.clone();
+            if tx.send(Ok(first)).await.is_ok() {
+                loop {
+                    tokio::select! {
+                        r = changes.changed() => if r.is_err() { break },
+                        () = this.shutdown.cancelled() => {
+                            let _ = tx.send(Err(Status::unavailable("agent is shutting down; reconnect"))).await;
+                            break;
+                        }
+                        () = tx.closed() => break,
+                    }
+                    match next(&this.cache) {
+                        Ok(v) if v == last => {}
+                        Ok(v) => {
+                            last = v.clone();
+                            if tx.send(Ok(v)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(s) => {
+                            let _ = tx.send(Err(s)).await;
+                            break;
+                        }
+                    }
+                }
+            }
+            this.open_streams.dec();
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+
+    /// JWT-SVIDs for `audience`: one per distinct SPIFFE ID of the workload's entries, or
+    /// only `spiffe_id` when given.
+    pub async fn jwt_svids(
+        &self,
+        selectors: &BTreeSet<Selector>,
+        audience: &[String],
+        spiffe_id: &str,
+    ) -> Result<Vec<pb::Jwtsvid>, JwtRefusal> {
+        if audience.is_empty() || audience.iter().any(String::is_empty) {
+            return Err(JwtRefusal::NoAudience);
+        }
+        let entries: Vec<_> = self
+            .cache
+            .entries()
+            .into_iter()
+            .filter(|e| e.matches(selectors))
+            .collect();
+        if entries.is_empty() {
+            return Err(JwtRefusal::NoIdentity);
+        }
+        let wanted = if spiffe_id.is_empty() {
+            None
+        } else {
+            Some(SpiffeId::parse(spiffe_id).map_err(|e| JwtRefusal::BadId(e.to_string()))?)
+        };
+        let mut seen = BTreeSet::new();
+        let chosen: Vec<_> = entries
+            .into_iter()
+            .filter(|e| wanted.as_ref().is_none_or(|w| &e.spiffe_id == w))
+            .filter(|e| seen.insert(e.spiffe_id.clone()))
+            .collect();
+        if chosen.is_empty() {
+            return Err(JwtRefusal::NotEntitled(spiffe_id.to_owned()));
+        }
+        let mut audience = audience.to_vec();
+        audience.sort();
+        audience.dedup();
+        let mut svids = Vec::with_capacity(chosen.len());
+        for e in chosen {
+            let now = SystemTime::now();
+            let token = match self.cache.jwt(&e.id, &audience, now) {
+                Some(j) => j.token,
+                None => {
+                    let (token, expires_at) =
+                        self.node.mint_jwt(&e.id, &audience).await.map_err(|err| {
+                            warn!(entry = %e.id, error = %err, "minting a JWT-SVID failed");
+                            JwtRefusal::Mint(match err.status() {
+                                Some(s) => Status::new(
+                                    s.code(),
+                                    format!("minting a JWT-SVID: {}", s.message()),
+                                ),
+                                None => Status::unavailable(format!("minting a JWT-SVID: {err}")),
+                            })
+                        })?;
+                    self.cache.put_jwt(
+                        &e.id,
+                        &audience,
+                        HeldJwt {
+                            token: token.clone(),
+                            expires_at,
+                            issued_at: now,
+                        },
+                    );
+                    token
+                }
+            };
+            svids.push(pb::Jwtsvid {
+                spiffe_id: e.spiffe_id.to_string(),
+                svid: token,
+                hint: e.hint.clone(),
+            });
+        }
+        Ok(svids)
+    }
+}
+
+fn td_id(b: &TrustBundle) -> String {
+    b.trust_domain.id_string()
+}
+
+/// The X509-SVIDs of a view: chains as concatenated DER, PKCS#8 keys, own bundles, and
+/// federated bundles keyed by trust domain ID.
+pub fn x509_response(view: &WorkloadView) -> pb::X509svidResponse {
+    let own: BTreeMap<_, _> = view
+        .own_bundles
+        .iter()
+        .map(|b| (b.trust_domain.clone(), b.x509_der_concat()))
+        .collect();
+    pb::X509svidResponse {
+        svids: view
+            .svids
+            .iter()
+            .map(|h| pb::X509svid {
+                spiffe_id: h.entry.spiffe_id.to_string(),
+                x509_svid: h.chain.concat(),
+                x509_svid_key: h.key.to_pkcs8_der().to_vec(),
+                bundle: own
+                    .get(h.entry.spiffe_id.trust_domain())
+                    .cloned()
+                    .unwrap_or_default(),
+                hint: h.entry.hint.clone(),
+            })
+            .collect(),
+        crl: vec![],
+        federated_bundles: view
+            .federated
+            .iter()
+            .map(|b| (td_id(b), b.x509_der_concat()))
+            .collect(),
+    }
+}
+
+fn all_bundles(view: &WorkloadView) -> impl Iterator<Item = &TrustBundle> {
+    view.own_bundles.iter().chain(view.federated.iter())
+}
+
+/// Every X.509 bundle of a view (own and federated), keyed by trust domain ID.
+pub fn x509_bundles(view: &WorkloadView) -> pb::X509BundlesResponse {
+    pb::X509BundlesResponse {
+        crl: vec![],
+        bundles: all_bundles(view)
+            .map(|b| (td_id(b), b.x509_der_concat()))
+            .collect(),
+    }
+}
+
+/// Every JWT bundle of a view, as JWK Sets holding only JWT authorities (X.509 keys have
+/// no kid, and clients such as go-spiffe refuse a JWT bundle with a key lacking one).
+pub fn jwt_bundles(view: &WorkloadView) -> pb::JwtBundlesResponse {
+    pb::JwtBundlesResponse {
+        bundles: all_bundles(view)
+            .map(|b| {
+                let mut jwt_only = b.clone();
+                jwt_only.x509_authorities.clear();
+                (td_id(b), jwt_only.to_jwks_json().into_bytes())
+            })
+            .collect(),
+    }
+}
