@@ -178,3 +178,32 @@ impl fmt::Debug for node::MintJwtSvidResponse {
             .finish()
     }
 }
+
+impl fmt::Debug for csi::NodePublishVolumeRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The volume context carries the pod's service-account tokens
+        // (`csi.storage.k8s.io/serviceAccount.tokens`), and secrets are secrets.
+        let context: std::collections::BTreeMap<&str, &dyn fmt::Debug> = self
+            .volume_context
+            .iter()
+            .map(|(k, v)| {
+                let shown: &dyn fmt::Debug = if k.contains("token") {
+                    &"<redacted>"
+                } else {
+                    v
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("NodePublishVolumeRequest")
+            .field("volume_id", &self.volume_id)
+            .field("target_path", &self.target_path)
+            .field("staging_target_path", &self.staging_target_path)
+            .field("volume_capability", &self.volume_capability)
+            .field("readonly", &self.readonly)
+            .field("volume_context", &context)
+            .field("publish_context", &self.publish_context)
+            .field("secrets", &format_args!("<{} redacted>", self.secrets.len()))
+            .finish()
+    }
+}

@@ -355,41 +355,27 @@ pub mod api_server {
     /// Generated trait containing gRPC methods that should be implemented for use with ApiServer.
     #[async_trait]
     pub trait Api: std::marker::Send + std::marker::Sync + 'static {
-        /// Server streaming response type for the SubscribeToX509SVID method.
-        type SubscribeToX509SVIDStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<
-                    super::SubscribeToX509svidResponse,
-                    tonic::Status,
-                >,
-            >
-            + std::marker::Send
-            + 'static;
         /// Stream of the referenced workload's X509-SVIDs, keys and bundles; a new message
         /// follows every change.
         async fn subscribe_to_x509svid(
             &self,
             request: tonic::Request<super::SubscribeToX509svidRequest>,
         ) -> std::result::Result<
-            tonic::Response<Self::SubscribeToX509SVIDStream>,
+            tonic::Response<BoxStream<super::SubscribeToX509svidResponse>>,
             tonic::Status,
-        >;
-        /// Server streaming response type for the SubscribeToX509Bundles method.
-        type SubscribeToX509BundlesStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<
-                    super::SubscribeToX509BundlesResponse,
-                    tonic::Status,
-                >,
-            >
-            + std::marker::Send
-            + 'static;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// Stream of the X.509 bundles the referenced workload should trust.
         async fn subscribe_to_x509_bundles(
             &self,
             request: tonic::Request<super::SubscribeToX509BundlesRequest>,
         ) -> std::result::Result<
-            tonic::Response<Self::SubscribeToX509BundlesStream>,
+            tonic::Response<BoxStream<super::SubscribeToX509BundlesResponse>>,
             tonic::Status,
-        >;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// One-shot: mint JWT-SVIDs for the referenced workload and audience(s).
         async fn fetch_jwtsvid(
             &self,
@@ -397,24 +383,19 @@ pub mod api_server {
         ) -> std::result::Result<
             tonic::Response<super::FetchJwtsvidResponse>,
             tonic::Status,
-        >;
-        /// Server streaming response type for the SubscribeToJWTBundles method.
-        type SubscribeToJWTBundlesStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<
-                    super::SubscribeToJwtBundlesResponse,
-                    tonic::Status,
-                >,
-            >
-            + std::marker::Send
-            + 'static;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// Stream of JWKS documents the referenced workload should trust.
         async fn subscribe_to_jwt_bundles(
             &self,
             request: tonic::Request<super::SubscribeToJwtBundlesRequest>,
         ) -> std::result::Result<
-            tonic::Response<Self::SubscribeToJWTBundlesStream>,
+            tonic::Response<BoxStream<super::SubscribeToJwtBundlesResponse>>,
             tonic::Status,
-        >;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
     }
     #[derive(Debug)]
     pub struct ApiServer<T> {
@@ -501,7 +482,9 @@ pub mod api_server {
                         super::SubscribeToX509svidRequest,
                     > for SubscribeToX509SVIDSvc<T> {
                         type Response = super::SubscribeToX509svidResponse;
-                        type ResponseStream = T::SubscribeToX509SVIDStream;
+                        type ResponseStream = BoxStream<
+                            super::SubscribeToX509svidResponse,
+                        >;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
                             tonic::Status,
@@ -548,7 +531,9 @@ pub mod api_server {
                         super::SubscribeToX509BundlesRequest,
                     > for SubscribeToX509BundlesSvc<T> {
                         type Response = super::SubscribeToX509BundlesResponse;
-                        type ResponseStream = T::SubscribeToX509BundlesStream;
+                        type ResponseStream = BoxStream<
+                            super::SubscribeToX509BundlesResponse,
+                        >;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
                             tonic::Status,
@@ -638,7 +623,9 @@ pub mod api_server {
                         super::SubscribeToJwtBundlesRequest,
                     > for SubscribeToJWTBundlesSvc<T> {
                         type Response = super::SubscribeToJwtBundlesResponse;
-                        type ResponseStream = T::SubscribeToJWTBundlesStream;
+                        type ResponseStream = BoxStream<
+                            super::SubscribeToJwtBundlesResponse,
+                        >;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
                             tonic::Status,

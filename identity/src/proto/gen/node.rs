@@ -498,21 +498,19 @@ pub mod node_server {
         ) -> std::result::Result<
             tonic::Response<super::AttestNodeResponse>,
             tonic::Status,
-        >;
-        /// Server streaming response type for the AttestNodeTpm method.
-        type AttestNodeTpmStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<super::TpmAttestResponse, tonic::Status>,
-            >
-            + std::marker::Send
-            + 'static;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// TPM attestation: EK/AK credential activation as a challenge/response on one stream.
         async fn attest_node_tpm(
             &self,
             request: tonic::Request<tonic::Streaming<super::TpmAttestRequest>>,
         ) -> std::result::Result<
-            tonic::Response<Self::AttestNodeTpmStream>,
+            tonic::Response<BoxStream<super::TpmAttestResponse>>,
             tonic::Status,
-        >;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// Renew the agent's SVID with the current one (mTLS).
         async fn renew_agent(
             &self,
@@ -520,22 +518,20 @@ pub mod node_server {
         ) -> std::result::Result<
             tonic::Response<super::RenewAgentResponse>,
             tonic::Status,
-        >;
-        /// Server streaming response type for the SyncEntries method.
-        type SyncEntriesStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<super::SyncEntriesResponse, tonic::Status>,
-            >
-            + std::marker::Send
-            + 'static;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// The entries authorised for the caller's node: a full snapshot, then changes as they
         /// happen. Bundles (own and federated) ride the same stream.
         async fn sync_entries(
             &self,
             request: tonic::Request<super::SyncEntriesRequest>,
         ) -> std::result::Result<
-            tonic::Response<Self::SyncEntriesStream>,
+            tonic::Response<BoxStream<super::SyncEntriesResponse>>,
             tonic::Status,
-        >;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// Sign a batch of workload CSRs. Each is authorised against the caller's entries.
         async fn sign_x509_svids(
             &self,
@@ -543,7 +539,9 @@ pub mod node_server {
         ) -> std::result::Result<
             tonic::Response<super::SignX509SvidsResponse>,
             tonic::Status,
-        >;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// Mint a JWT-SVID for one of the caller's entries.
         async fn mint_jwt_svid(
             &self,
@@ -551,7 +549,9 @@ pub mod node_server {
         ) -> std::result::Result<
             tonic::Response<super::MintJwtSvidResponse>,
             tonic::Status,
-        >;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
     }
     #[derive(Debug)]
     pub struct NodeServer<T> {
@@ -680,7 +680,7 @@ pub mod node_server {
                     > tonic::server::StreamingService<super::TpmAttestRequest>
                     for AttestNodeTpmSvc<T> {
                         type Response = super::TpmAttestResponse;
-                        type ResponseStream = T::AttestNodeTpmStream;
+                        type ResponseStream = BoxStream<super::TpmAttestResponse>;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
                             tonic::Status,
@@ -771,7 +771,7 @@ pub mod node_server {
                     > tonic::server::ServerStreamingService<super::SyncEntriesRequest>
                     for SyncEntriesSvc<T> {
                         type Response = super::SyncEntriesResponse;
-                        type ResponseStream = T::SyncEntriesStream;
+                        type ResponseStream = BoxStream<super::SyncEntriesResponse>;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
                             tonic::Status,

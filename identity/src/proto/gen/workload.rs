@@ -434,54 +434,47 @@ pub mod spiffe_workload_api_server {
     /// Generated trait containing gRPC methods that should be implemented for use with SpiffeWorkloadApiServer.
     #[async_trait]
     pub trait SpiffeWorkloadApi: std::marker::Send + std::marker::Sync + 'static {
-        /// Server streaming response type for the FetchX509SVID method.
-        type FetchX509SVIDStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<super::X509svidResponse, tonic::Status>,
-            >
-            + std::marker::Send
-            + 'static;
         /// Stream of the caller's X509-SVIDs with their keys and bundles. A new message is
         /// sent whenever any of them changes (rotation, new entry, bundle update).
         async fn fetch_x509svid(
             &self,
             request: tonic::Request<super::X509svidRequest>,
         ) -> std::result::Result<
-            tonic::Response<Self::FetchX509SVIDStream>,
+            tonic::Response<BoxStream<super::X509svidResponse>>,
             tonic::Status,
-        >;
-        /// Server streaming response type for the FetchX509Bundles method.
-        type FetchX509BundlesStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<super::X509BundlesResponse, tonic::Status>,
-            >
-            + std::marker::Send
-            + 'static;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// Stream of X.509 bundles only, for callers that verify peers but hold no SVID.
         async fn fetch_x509_bundles(
             &self,
             request: tonic::Request<super::X509BundlesRequest>,
         ) -> std::result::Result<
-            tonic::Response<Self::FetchX509BundlesStream>,
+            tonic::Response<BoxStream<super::X509BundlesResponse>>,
             tonic::Status,
-        >;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// One-shot: mint JWT-SVIDs for the given audience(s).
         async fn fetch_jwtsvid(
             &self,
             request: tonic::Request<super::JwtsvidRequest>,
-        ) -> std::result::Result<tonic::Response<super::JwtsvidResponse>, tonic::Status>;
-        /// Server streaming response type for the FetchJWTBundles method.
-        type FetchJWTBundlesStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<super::JwtBundlesResponse, tonic::Status>,
-            >
-            + std::marker::Send
-            + 'static;
+        ) -> std::result::Result<
+            tonic::Response<super::JwtsvidResponse>,
+            tonic::Status,
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// Stream of JWKS documents per trust domain.
         async fn fetch_jwt_bundles(
             &self,
             request: tonic::Request<super::JwtBundlesRequest>,
         ) -> std::result::Result<
-            tonic::Response<Self::FetchJWTBundlesStream>,
+            tonic::Response<BoxStream<super::JwtBundlesResponse>>,
             tonic::Status,
-        >;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// One-shot: check a JWT-SVID against an audience and return its subject and claims.
         async fn validate_jwtsvid(
             &self,
@@ -489,35 +482,29 @@ pub mod spiffe_workload_api_server {
         ) -> std::result::Result<
             tonic::Response<super::ValidateJwtsvidResponse>,
             tonic::Status,
-        >;
-        /// Server streaming response type for the FetchWITSVID method.
-        type FetchWITSVIDStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<super::WitsvidResponse, tonic::Status>,
-            >
-            + std::marker::Send
-            + 'static;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// Stream of the caller's WIT-SVIDs with their private keys.
         async fn fetch_witsvid(
             &self,
             request: tonic::Request<super::WitsvidRequest>,
         ) -> std::result::Result<
-            tonic::Response<Self::FetchWITSVIDStream>,
+            tonic::Response<BoxStream<super::WitsvidResponse>>,
             tonic::Status,
-        >;
-        /// Server streaming response type for the FetchWITBundles method.
-        type FetchWITBundlesStream: tonic::codegen::tokio_stream::Stream<
-                Item = std::result::Result<super::WitBundlesResponse, tonic::Status>,
-            >
-            + std::marker::Send
-            + 'static;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
         /// Stream of WIT bundles (JWK sets) per trust domain.
         async fn fetch_wit_bundles(
             &self,
             request: tonic::Request<super::WitBundlesRequest>,
         ) -> std::result::Result<
-            tonic::Response<Self::FetchWITBundlesStream>,
+            tonic::Response<BoxStream<super::WitBundlesResponse>>,
             tonic::Status,
-        >;
+        > {
+            Err(tonic::Status::unimplemented("Not yet implemented"))
+        }
     }
     #[derive(Debug)]
     pub struct SpiffeWorkloadApiServer<T> {
@@ -603,7 +590,7 @@ pub mod spiffe_workload_api_server {
                     > tonic::server::ServerStreamingService<super::X509svidRequest>
                     for FetchX509SVIDSvc<T> {
                         type Response = super::X509svidResponse;
-                        type ResponseStream = T::FetchX509SVIDStream;
+                        type ResponseStream = BoxStream<super::X509svidResponse>;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
                             tonic::Status,
@@ -650,7 +637,7 @@ pub mod spiffe_workload_api_server {
                     > tonic::server::ServerStreamingService<super::X509BundlesRequest>
                     for FetchX509BundlesSvc<T> {
                         type Response = super::X509BundlesResponse;
-                        type ResponseStream = T::FetchX509BundlesStream;
+                        type ResponseStream = BoxStream<super::X509BundlesResponse>;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
                             tonic::Status,
@@ -746,7 +733,7 @@ pub mod spiffe_workload_api_server {
                     > tonic::server::ServerStreamingService<super::JwtBundlesRequest>
                     for FetchJWTBundlesSvc<T> {
                         type Response = super::JwtBundlesResponse;
-                        type ResponseStream = T::FetchJWTBundlesStream;
+                        type ResponseStream = BoxStream<super::JwtBundlesResponse>;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
                             tonic::Status,
@@ -839,7 +826,7 @@ pub mod spiffe_workload_api_server {
                     > tonic::server::ServerStreamingService<super::WitsvidRequest>
                     for FetchWITSVIDSvc<T> {
                         type Response = super::WitsvidResponse;
-                        type ResponseStream = T::FetchWITSVIDStream;
+                        type ResponseStream = BoxStream<super::WitsvidResponse>;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
                             tonic::Status,
@@ -886,7 +873,7 @@ pub mod spiffe_workload_api_server {
                     > tonic::server::ServerStreamingService<super::WitBundlesRequest>
                     for FetchWITBundlesSvc<T> {
                         type Response = super::WitBundlesResponse;
-                        type ResponseStream = T::FetchWITBundlesStream;
+                        type ResponseStream = BoxStream<super::WitBundlesResponse>;
                         type Future = BoxFuture<
                             tonic::Response<Self::ResponseStream>,
                             tonic::Status,
