@@ -429,12 +429,10 @@ fn x509_svids(r: wl::X509svidResponse) -> pb::SubscribeToX509svidResponse {
 
 #[tonic::async_trait]
 impl pb::api_server::Api for BrokerApi {
-    type SubscribeToX509SVIDStream = ResponseStream<pb::SubscribeToX509svidResponse>;
-
     async fn subscribe_to_x509svid(
         &self,
         req: Request<pb::SubscribeToX509svidRequest>,
-    ) -> Result<Response<Self::SubscribeToX509SVIDStream>, Status> {
+    ) -> Result<Response<ResponseStream<pb::SubscribeToX509svidResponse>>, Status> {
         const RPC: &str = "SubscribeToX509SVID";
         let selectors = self
             .workload(RPC, &req, req.get_ref().reference.as_ref())
@@ -462,12 +460,10 @@ impl pb::api_server::Api for BrokerApi {
         )))
     }
 
-    type SubscribeToX509BundlesStream = ResponseStream<pb::SubscribeToX509BundlesResponse>;
-
     async fn subscribe_to_x509_bundles(
         &self,
         req: Request<pb::SubscribeToX509BundlesRequest>,
-    ) -> Result<Response<Self::SubscribeToX509BundlesStream>, Status> {
+    ) -> Result<Response<ResponseStream<pb::SubscribeToX509BundlesResponse>>, Status> {
         const RPC: &str = "SubscribeToX509Bundles";
         let selectors = self
             .workload(RPC, &req, req.get_ref().reference.as_ref())
@@ -542,12 +538,10 @@ impl pb::api_server::Api for BrokerApi {
         }
     }
 
-    type SubscribeToJWTBundlesStream = ResponseStream<pb::SubscribeToJwtBundlesResponse>;
-
     async fn subscribe_to_jwt_bundles(
         &self,
         req: Request<pb::SubscribeToJwtBundlesRequest>,
-    ) -> Result<Response<Self::SubscribeToJWTBundlesStream>, Status> {
+    ) -> Result<Response<ResponseStream<pb::SubscribeToJwtBundlesResponse>>, Status> {
         const RPC: &str = "SubscribeToJWTBundles";
         let selectors = self
             .workload(RPC, &req, req.get_ref().reference.as_ref())

@@ -371,12 +371,10 @@ fn json_to_prost(v: serde_json::Value) -> prost_types::Value {
 
 #[tonic::async_trait]
 impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
-    type FetchX509SVIDStream = ResponseStream<pb::X509svidResponse>;
-
     async fn fetch_x509svid(
         &self,
         req: Request<pb::X509svidRequest>,
-    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+    ) -> Result<Response<ResponseStream<pb::X509svidResponse>>, Status> {
         const RPC: &str = "FetchX509SVID";
         let caller = self.attest(RPC, &req).await?;
         let view = self.inner.served.ready_view(&caller.selectors).await;
@@ -403,12 +401,10 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         )))
     }
 
-    type FetchX509BundlesStream = ResponseStream<pb::X509BundlesResponse>;
-
     async fn fetch_x509_bundles(
         &self,
         req: Request<pb::X509BundlesRequest>,
-    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+    ) -> Result<Response<ResponseStream<pb::X509BundlesResponse>>, Status> {
         const RPC: &str = "FetchX509Bundles";
         let caller = self.attest(RPC, &req).await?;
         let view = self.inner.served.cache.view_for(&caller.selectors);
@@ -467,12 +463,10 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         Ok(Response::new(pb::JwtsvidResponse { svids }))
     }
 
-    type FetchJWTBundlesStream = ResponseStream<pb::JwtBundlesResponse>;
-
     async fn fetch_jwt_bundles(
         &self,
         req: Request<pb::JwtBundlesRequest>,
-    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+    ) -> Result<Response<ResponseStream<pb::JwtBundlesResponse>>, Status> {
         const RPC: &str = "FetchJWTBundles";
         let caller = self.attest(RPC, &req).await?;
         let view = self.inner.served.cache.view_for(&caller.selectors);
@@ -539,24 +533,20 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         }))
     }
 
-    type FetchWITSVIDStream = ResponseStream<pb::WitsvidResponse>;
-
     async fn fetch_witsvid(
         &self,
         req: Request<pb::WitsvidRequest>,
-    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+    ) -> Result<Response<ResponseStream<pb::WitsvidResponse>>, Status> {
         self.check_header("FetchWITSVID", &req)?;
         Err(Status::unimplemented(
             "WIT-SVIDs are not supported by this agent",
         ))
     }
 
-    type FetchWITBundlesStream = ResponseStream<pb::WitBundlesResponse>;
-
     async fn fetch_wit_bundles(
         &self,
         req: Request<pb::WitBundlesRequest>,
-    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+    ) -> Result<Response<ResponseStream<pb::WitBundlesResponse>>, Status> {
         self.check_header("FetchWITBundles", &req)?;
         Err(Status::unimplemented(
             "WIT-SVIDs are not supported by this agent",

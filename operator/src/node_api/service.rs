@@ -369,12 +369,10 @@ impl pb::node_server::Node for NodeApi {
         }))
     }
 
-    type AttestNodeTpmStream = ResponseStream<pb::TpmAttestResponse>;
-
     async fn attest_node_tpm(
         &self,
         _req: Request<tonic::Streaming<pb::TpmAttestRequest>>,
-    ) -> Result<Response<Self::AttestNodeTpmStream>, Status> {
+    ) -> Result<Response<ResponseStream<pb::TpmAttestResponse>>, Status> {
         Err(self.deny(
             "AttestNodeTpm",
             "not_configured",
@@ -404,12 +402,10 @@ impl pb::node_server::Node for NodeApi {
         }))
     }
 
-    type SyncEntriesStream = ResponseStream<pb::SyncEntriesResponse>;
-
     async fn sync_entries(
         &self,
         req: Request<pb::SyncEntriesRequest>,
-    ) -> Result<Response<Self::SyncEntriesStream>, Status> {
+    ) -> Result<Response<ResponseStream<pb::SyncEntriesResponse>>, Status> {
         const RPC: &str = "SyncEntries";
         let caller = self.caller(RPC, &req)?;
         let known = req.get_ref().known_revision;
