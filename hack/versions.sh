@@ -5,7 +5,7 @@
 # k8s-openapi's feature in Cargo.toml (v1_37) must match KUBE_VERSION's minor.
 KUBE_VERSION=v1.37.2
 ETCD_VERSION=v3.6.16
-CSI_SANITY_VERSION=v5.4.0
+CSI_SANITY_VERSION=v5.6.0
 HELM_VERSION=v4.3.1
 # v1.15.3 needs go >= 1.26.6; v1.14.x is refused by the proxy here.
 SPIRE_VERSION=v1.15.3

@@ -1,3 +1,3 @@
-fn main() {
-    eprintln!("sigil-csi: not wired yet");
+fn main() -> anyhow::Result<()> {
+    sigil_csi::app::main()
 }

@@ -1,0 +1,173 @@
+//! The sigil-csi process: flags, the CSI socket, the health server, and resuming the
+//! files-mode volumes recorded by a previous run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use prometheus_client::registry::Registry;
+use sigil_identity::proto::csi as pb;
+use sigil_telemetry::{LogFormat, Readiness};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::broker::BrokerClient;
+use crate::files::FilesVolumes;
+use crate::mounter::{LinuxMounter, Mounter};
+use crate::service::{CsiMetrics, CsiService, NodeConfig};
+
+/// sigil-csi: puts SPIFFE identities into pods as the Workload API socket or as rotating
+/// files (CSI inline ephemeral volumes, driver csi.sigil.dev).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sigil-csi", version)]
+pub struct Args {
+    /// The CSI socket the kubelet calls (`unix:///path` or a path).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+    /// This Kubernetes Node's name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The agent's Broker API socket.
+    #[arg(
+        long,
+        env = "SIGIL_BROKER_SOCKET_PATH",
+        default_value = "/run/sigil/broker/broker.sock"
+    )]
+    pub broker_socket_path: PathBuf,
+    /// The agent's Workload API socket directory (what workload-api volumes mount).
+    #[arg(
+        long,
+        env = "SIGIL_AGENT_SOCKET_DIR",
+        default_value = "/run/sigil/agent"
+    )]
+    pub agent_socket_dir: PathBuf,
+    /// Where published volumes are recorded (survives restarts; root only).
+    #[arg(long, env = "SIGIL_CSI_DATA_DIR", default_value = "/var/lib/sigil-csi")]
+    pub data_dir: PathBuf,
+    /// Audience of the pod tokens the kubelet passes (the CSIDriver's tokenRequests).
+    #[arg(long, env = "SIGIL_CSI_TOKEN_AUDIENCE", default_value = "sigil-csi")]
+    pub token_audience: String,
+    /// Address of the health server (`/live`, `/ready`, `/metrics`).
+    #[arg(long, env = "SIGIL_HEALTH_ADDR", default_value = "0.0.0.0:9092")]
+    pub health_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "SIGIL_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Json)]
+    pub log_format: LogFormatArg,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormatArg {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// Parses the flags, sets up logging, and serves until a signal.
+pub fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    sigil_telemetry::init_logging(match args.log_format {
+        LogFormatArg::Json => LogFormat::Json,
+        LogFormatArg::Text => LogFormat::Text,
+    })
+    .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?
+        .block_on(async {
+            let cancel = CancellationToken::new();
+            let readiness = Readiness::new();
+            let signals = sigil_telemetry::shutdown_on_signals(cancel.clone(), readiness.clone());
+            let (served, signals) = tokio::join!(
+                run(args, Arc::new(LinuxMounter), readiness, cancel),
+                signals
+            );
+            signals?;
+            served
+        })
+}
+
+/// The socket path of `--endpoint`.
+pub fn endpoint_path(endpoint: &str) -> anyhow::Result<PathBuf> {
+    let path = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+    anyhow::ensure!(
+        path.starts_with('/'),
+        "--endpoint {endpoint:?} must be unix:///absolute/path"
+    );
+    Ok(PathBuf::from(path))
+}
+
+/// Serves CSI until `cancel`; files-mode volumes stay mounted and recorded for the next
+/// start.
+pub async fn run(
+    args: Args,
+    mounter: Arc<dyn Mounter>,
+    readiness: Readiness,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let Args {
+        endpoint,
+        node_name,
+        broker_socket_path,
+        agent_socket_dir,
+        data_dir,
+        token_audience,
+        health_addr,
+        log_format: _,
+    } = args;
+    info!(node = %node_name, version = env!("CARGO_PKG_VERSION"), "sigil-csi starting");
+    let socket = endpoint_path(&endpoint)?;
+    let mut registry = Registry::default();
+    let metrics = CsiMetrics::default();
+    metrics.register(&mut registry);
+    let broker = BrokerClient::new(&broker_socket_path).context("Broker API client")?;
+    let files = FilesVolumes::new(&data_dir, broker, mounter.clone(), Duration::from_secs(60))
+        .with_context(|| format!("data directory {} (--data-dir)", data_dir.display()))?;
+    let resumed = files.resume();
+    info!(resumed, "recorded files-mode volumes resumed");
+    let service = CsiService::new(
+        NodeConfig {
+            node_id: node_name,
+            agent_socket_dir,
+            token_audience,
+        },
+        mounter,
+        files.clone(),
+        metrics,
+    );
+
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("bind the CSI socket {} (--endpoint)", socket.display()))?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let health = tokio::net::TcpListener::bind(health_addr)
+        .await
+        .with_context(|| format!("bind the health server to {health_addr} (--health-addr)"))?;
+    info!(socket = %socket.display(), "CSI listening");
+    let serve = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(120))
+        .add_service(
+            pb::identity_server::IdentityServer::new(service.clone())
+                .max_decoding_message_size(1024 * 1024),
+        )
+        .add_service(
+            pb::node_server::NodeServer::new(service).max_decoding_message_size(1024 * 1024),
+        )
+        .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
+    let health = sigil_telemetry::serve(health, Arc::new(registry), readiness, cancel.clone());
+    let (served, health) = tokio::join!(serve, health);
+    files.stop_all();
+    let _ = std::fs::remove_file(&socket);
+    served.context("CSI server")?;
+    health.context("health server")?;
+    info!("sigil-csi stopped");
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! Mounts, behind a trait so the node service's logic can be read (and reasoned about)
+//! apart from syscalls. [`LinuxMounter`] is the real thing: it needs CAP_SYS_ADMIN and a
+//! mount namespace that propagates to the kubelet's (the chart sets
+//! `mountPropagation: Bidirectional`).
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+/// What the node service needs from the kernel.
+pub trait Mounter: Send + Sync + std::fmt::Debug + 'static {
+    /// Bind-mounts `source` on `target`, read-only, nosuid, nodev, noexec.
+    fn bind_read_only(&self, source: &Path, target: &Path) -> std::io::Result<()>;
+    /// Mounts a fresh tmpfs of `size_bytes` on `target` (nosuid, nodev, noexec) whose
+    /// root has `mode`.
+    fn tmpfs(&self, target: &Path, size_bytes: u64, mode: u32) -> std::io::Result<()>;
+    /// Unmounts `target` (every mount stacked on it).
+    fn unmount(&self, target: &Path) -> std::io::Result<()>;
+    /// How many mounts are stacked on `target` (0: not a mount point).
+    fn mount_count(&self, target: &Path) -> std::io::Result<usize>;
+}
+
+/// The real mounter.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxMounter;
+
+fn io(e: nix::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e as i32)
+}
+
+impl Mounter for LinuxMounter {
+    fn bind_read_only(&self, source: &Path, target: &Path) -> std::io::Result<()> {
+        mount(
+            Some(source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(io)?;
+        // A bind mount ignores MS_RDONLY until remounted.
+        let ro = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC;
+        if let Err(e) = mount(None::<&str>, target, None::<&str>, ro, None::<&str>) {
+            let _ = umount2(target, MntFlags::MNT_DETACH);
+            return Err(io(e));
+        }
+        Ok(())
+    }
+
+    fn tmpfs(&self, target: &Path, size_bytes: u64, mode: u32) -> std::io::Result<()> {
+        let options = format!("size={size_bytes},mode={mode:o}");
+        mount(
+            Some("tmpfs"),
+            target,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some(options.as_str()),
+        )
+        .map_err(io)
+    }
+
+    fn unmount(&self, target: &Path) -> std::io::Result<()> {
+        while self.mount_count(target)? > 0 {
+            umount2(target, MntFlags::empty())
+                .or_else(|_| umount2(target, MntFlags::MNT_DETACH))
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    fn mount_count(&self, target: &Path) -> std::io::Result<usize> {
+        let target = canonical(target);
+        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+        Ok(info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| Path::new(&unescape(m)) == target)
+            .count())
+    }
+}
+
+/// The path as the kernel reports mount points (symlinks resolved where possible).
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(
+            unescape(r"/var/lib/kubelet/pods/a\040b/vol"),
+            "/var/lib/kubelet/pods/a b/vol"
+        );
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+}

@@ -1,0 +1,470 @@
+//! The CSI services of sigil-csi: Identity and Node (a node-only plugin: no Controller
+//! service, which GetPluginCapabilities says).
+//!
+//! NodePublishVolume validates every field first (InvalidArgument naming the field), then:
+//! - `mode: workload-api` (default): bind-mounts the agent's socket directory read-only
+//!   on the target; `readOnly: true` is required.
+//! - `mode: files`: a tmpfs with the pod's identity files ([`crate::files`]).
+//!
+//! Publish and unpublish are idempotent: a repeat publish of a mounted target mounts
+//! nothing new (a files volume just takes the kubelet's fresh token); unpublishing a
+//! target that is not there succeeds. Concurrent calls for one volume are serialised.
+//! Requests are never logged whole: the volume context carries the pod's token.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use sigil_identity::proto::csi as pb;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::broker::PodRef;
+use crate::files::{FilesOptions, FilesVolumes, VolumeRecord};
+use crate::mounter::Mounter;
+
+/// The driver name pods use (`driver: csi.sigil.dev`).
+pub const DRIVER_NAME: &str = "csi.sigil.dev";
+
+const CTX_POD_NAME: &str = "csi.storage.k8s.io/pod.name";
+const CTX_POD_NAMESPACE: &str = "csi.storage.k8s.io/pod.namespace";
+const CTX_POD_UID: &str = "csi.storage.k8s.io/pod.uid";
+const CTX_TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
+const CTX_EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
+
+/// The user attributes a volume may set.
+const ATTRIBUTES: &[&str] = &["mode", "spiffeID", "jwtAudiences", "fsGroup", "fileMode"];
+
+/// Labels of an operation counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    /// `publish` or `unpublish`.
+    pub op: String,
+    /// `workload-api`, `files` or `unknown`.
+    pub mode: String,
+    /// gRPC code name (`Ok` on success).
+    pub code: String,
+}
+
+/// sigil-csi metrics.
+#[derive(Debug, Clone)]
+pub struct CsiMetrics {
+    /// Operations by outcome.
+    pub ops: Family<OpLabels, Counter>,
+    /// NodePublishVolume duration, seconds.
+    pub publish_seconds: Histogram,
+}
+
+impl Default for CsiMetrics {
+    fn default() -> Self {
+        Self {
+            ops: Family::default(),
+            publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+        }
+    }
+}
+
+impl CsiMetrics {
+    /// Registers under `sigil_csi_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("sigil_csi");
+        r.register(
+            "operations",
+            "NodePublishVolume/NodeUnpublishVolume by mode and outcome",
+            self.ops.clone(),
+        );
+        r.register(
+            "publish_seconds",
+            "NodePublishVolume duration",
+            self.publish_seconds.clone(),
+        );
+    }
+}
+
+/// The node service's configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The Kubernetes Node name (NodeGetInfo).
+    pub node_id: String,
+    /// The agent's Workload API socket directory (bind-mounted in workload-api mode).
+    pub agent_socket_dir: PathBuf,
+    /// Audience of the tokens the kubelet passes (the CSIDriver's `tokenRequests`).
+    pub token_audience: String,
+}
+
+/// The Identity and Node services.
+#[derive(Debug, Clone)]
+pub struct CsiService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: NodeConfig,
+    mounter: Arc<dyn Mounter>,
+    files: Arc<FilesVolumes>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: CsiMetrics,
+}
+
+/// A validated publish request.
+#[derive(Debug)]
+enum Publish {
+    WorkloadApi { target: PathBuf },
+    Files(VolumeRecord),
+}
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}
+
+impl CsiService {
+    /// Builds the services.
+    pub fn new(
+        config: NodeConfig,
+        mounter: Arc<dyn Mounter>,
+        files: Arc<FilesVolumes>,
+        metrics: CsiMetrics,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                mounter,
+                files,
+                locks: Mutex::default(),
+                metrics,
+            }),
+        }
+    }
+
+    fn lock_for(&self, volume_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.inner.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if locks.len() > 10_000 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(volume_id.to_owned()).or_default().clone()
+    }
+
+    /// Validates a NodePublishVolume request; every error names the field and the fix.
+    fn validate(&self, r: &pb::NodePublishVolumeRequest) -> Result<Publish, Status> {
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id is required"));
+        }
+        if r.target_path.is_empty() {
+            return Err(invalid("target_path is required"));
+        }
+        let cap = r
+            .volume_capability
+            .as_ref()
+            .ok_or_else(|| invalid("volume_capability is required"))?;
+        let mount = match &cap.access_type {
+            Some(pb::volume_capability::AccessType::Mount(m)) => m,
+            Some(pb::volume_capability::AccessType::Block(_)) => {
+                return Err(invalid(
+                    "volume_capability.block is not supported: csi.sigil.dev volumes are filesystems (use a mount volume)",
+                ));
+            }
+            None => return Err(invalid("volume_capability.access_type is required (mount)")),
+        };
+        let ctx = &r.volume_context;
+        if ctx.get(CTX_EPHEMERAL).map(String::as_str) != Some("true") {
+            return Err(invalid(format!(
+                "volume_context[{CTX_EPHEMERAL}] must be \"true\": csi.sigil.dev only serves inline ephemeral volumes (a `csi:` volume in the pod spec), not PersistentVolumes"
+            )));
+        }
+        let unknown: Vec<&String> = ctx
+            .keys()
+            .filter(|k| !k.starts_with("csi.storage.k8s.io/") && !ATTRIBUTES.contains(&k.as_str()))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(invalid(format!(
+                "unknown volumeAttributes {unknown:?}; supported: {ATTRIBUTES:?}"
+            )));
+        }
+        let target = PathBuf::from(&r.target_path);
+        match ctx
+            .get("mode")
+            .map(String::as_str)
+            .unwrap_or("workload-api")
+        {
+            "workload-api" => {
+                if !r.readonly {
+                    return Err(invalid(
+                        "readOnly must be true in workload-api mode (set `readOnly: true` on the csi volume)",
+                    ));
+                }
+                for attr in ["spiffeID", "jwtAudiences", "fileMode"] {
+                    if ctx.contains_key(attr) {
+                        return Err(invalid(format!(
+                            "volumeAttributes.{attr} only applies to mode: files"
+                        )));
+                    }
+                }
+                Ok(Publish::WorkloadApi { target })
+            }
+            "files" => {
+                let get = |k: &str| ctx.get(k).filter(|v| !v.is_empty()).cloned();
+                let pod = PodRef {
+                    namespace: get(CTX_POD_NAMESPACE).ok_or_else(|| invalid(format!("volume_context[{CTX_POD_NAMESPACE}] is required: set podInfoOnMount: true on the CSIDriver")))?,
+                    name: get(CTX_POD_NAME).ok_or_else(|| invalid(format!("volume_context[{CTX_POD_NAME}] is required: set podInfoOnMount: true on the CSIDriver")))?,
+                    uid: get(CTX_POD_UID).ok_or_else(|| invalid(format!("volume_context[{CTX_POD_UID}] is required: set podInfoOnMount: true on the CSIDriver")))?,
+                };
+                let token = pod_token(ctx, &self.inner.config.token_audience)?;
+                let fs_group = match get("fsGroup") {
+                    Some(g) => Some(g.parse::<u32>().map_err(|_| {
+                        invalid(format!("volumeAttributes.fsGroup {g:?} is not a group ID"))
+                    })?),
+                    None => mount.volume_mount_group.parse::<u32>().ok(),
+                };
+                let file_mode = match get("fileMode") {
+                    Some(m) => {
+                        let mode = u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| invalid(format!("volumeAttributes.fileMode {m:?} is not an octal mode such as \"0440\"")))?;
+                        if mode > 0o777 || mode & 0o400 == 0 {
+                            return Err(invalid(format!(
+                                "volumeAttributes.fileMode {m:?} must be at most 0777 and readable by the owner"
+                            )));
+                        }
+                        Some(mode)
+                    }
+                    None => None,
+                };
+                let jwt_audiences: Vec<String> = get("jwtAudiences")
+                    .map(|a| {
+                        a.split(',')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if jwt_audiences.len() > 16 {
+                    return Err(invalid(
+                        "volumeAttributes.jwtAudiences lists more than 16 audiences",
+                    ));
+                }
+                if let Some(id) = get("spiffeID") {
+                    sigil_identity::SpiffeId::parse(&id)
+                        .map_err(|e| invalid(format!("volumeAttributes.spiffeID: {e}")))?;
+                }
+                Ok(Publish::Files(VolumeRecord {
+                    volume_id: r.volume_id.clone(),
+                    target_path: target,
+                    pod,
+                    options: FilesOptions {
+                        spiffe_id: get("spiffeID"),
+                        jwt_audiences,
+                        fs_group,
+                        file_mode,
+                    },
+                    token,
+                }))
+            }
+            other => Err(invalid(format!(
+                "volumeAttributes.mode {other:?} is not one of \"workload-api\", \"files\""
+            ))),
+        }
+    }
+
+    fn count(&self, op: &str, mode: &str, code: tonic::Code) {
+        self.inner
+            .metrics
+            .ops
+            .get_or_create(&OpLabels {
+                op: op.into(),
+                mode: mode.into(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
+    async fn publish(&self, r: pb::NodePublishVolumeRequest) -> Result<&'static str, Status> {
+        let publish = self.validate(&r)?;
+        let lock = self.lock_for(&r.volume_id);
+        let _held = lock.lock().await;
+        match publish {
+            Publish::WorkloadApi { target } => {
+                if self
+                    .inner
+                    .mounter
+                    .mount_count(&target)
+                    .map_err(|e| Status::internal(format!("reading mounts: {e}")))?
+                    > 0
+                {
+                    return Ok("workload-api");
+                }
+                std::fs::create_dir_all(&target).map_err(|e| {
+                    Status::internal(format!("creating target_path {}: {e}", target.display()))
+                })?;
+                self.inner
+                    .mounter
+                    .bind_read_only(&self.inner.config.agent_socket_dir, &target)
+                    .map_err(|e| {
+                        Status::internal(format!(
+                            "bind-mounting {} on {}: {e}",
+                            self.inner.config.agent_socket_dir.display(),
+                            target.display()
+                        ))
+                    })?;
+                info!(volume = %r.volume_id, target = %target.display(), "Workload API socket mounted");
+                Ok("workload-api")
+            }
+            Publish::Files(record) => {
+                let pod = format!("{}/{}", record.pod.namespace, record.pod.name);
+                if self
+                    .inner
+                    .files
+                    .is_running(&record.volume_id, &record.target_path)
+                    && self
+                        .inner
+                        .mounter
+                        .mount_count(&record.target_path)
+                        .unwrap_or(0)
+                        > 0
+                {
+                    // A republish: nothing to mount, just the kubelet's fresh token.
+                    self.inner.files.refresh(record)?;
+                    return Ok("files");
+                }
+                self.inner.files.publish(record.clone()).await.inspect_err(|s| {
+                    warn!(volume = %record.volume_id, %pod, code = ?s.code(), message = s.message(), "files-mode publish failed");
+                })?;
+                info!(volume = %record.volume_id, %pod, target = %record.target_path.display(), "identity files published");
+                Ok("files")
+            }
+        }
+    }
+}
+
+/// The token for `audience` from the kubelet's `serviceAccount.tokens` JSON.
+fn pod_token(ctx: &BTreeMap<String, String>, audience: &str) -> Result<String, Status> {
+    let raw = ctx.get(CTX_TOKENS).ok_or_else(|| {
+        invalid(format!("volume_context[{CTX_TOKENS}] is missing: the CSIDriver must request a token for audience {audience:?} (spec.tokenRequests)"))
+    })?;
+    let tokens: BTreeMap<String, serde_json::Value> = serde_json::from_str(raw).map_err(|_| {
+        invalid(format!(
+            "volume_context[{CTX_TOKENS}] is not the kubelet's token map"
+        ))
+    })?;
+    tokens
+        .get(audience)
+        .and_then(|t| t.get("token"))
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| invalid(format!("volume_context[{CTX_TOKENS}] has no token for audience {audience:?}; add it to the CSIDriver's spec.tokenRequests")))
+}
+
+#[tonic::async_trait]
+impl pb::identity_server::Identity for CsiService {
+    async fn get_plugin_info(
+        &self,
+        _: Request<pb::GetPluginInfoRequest>,
+    ) -> Result<Response<pb::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(pb::GetPluginInfoResponse {
+            name: DRIVER_NAME.into(),
+            vendor_version: env!("CARGO_PKG_VERSION").into(),
+            manifest: Default::default(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<pb::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<pb::GetPluginCapabilitiesResponse>, Status> {
+        // Node service only: no CONTROLLER_SERVICE, no topology constraints.
+        Ok(Response::new(pb::GetPluginCapabilitiesResponse {
+            capabilities: vec![],
+        }))
+    }
+
+    async fn probe(
+        &self,
+        _: Request<pb::ProbeRequest>,
+    ) -> Result<Response<pb::ProbeResponse>, Status> {
+        Ok(Response::new(pb::ProbeResponse { ready: Some(true) }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::node_server::Node for CsiService {
+    async fn node_publish_volume(
+        &self,
+        req: Request<pb::NodePublishVolumeRequest>,
+    ) -> Result<Response<pb::NodePublishVolumeResponse>, Status> {
+        let started = Instant::now();
+        let r = req.into_inner();
+        let volume_id = r.volume_id.clone();
+        let result = self.publish(r).await;
+        match &result {
+            Ok(mode) => {
+                self.inner
+                    .metrics
+                    .publish_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                self.count("publish", mode, tonic::Code::Ok);
+            }
+            Err(s) => {
+                self.count("publish", "unknown", s.code());
+                warn!(volume = %volume_id, code = ?s.code(), message = s.message(), "NodePublishVolume refused");
+            }
+        }
+        result.map(|_| Response::new(pb::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<pb::NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<pb::NodeUnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        if r.volume_id.is_empty() {
+            return Err(invalid("volume_id is required"));
+        }
+        if r.target_path.is_empty() {
+            return Err(invalid("target_path is required"));
+        }
+        let lock = self.lock_for(&r.volume_id);
+        let _held = lock.lock().await;
+        let result = self
+            .inner
+            .files
+            .unpublish(&r.volume_id, Path::new(&r.target_path));
+        self.count(
+            "unpublish",
+            "any",
+            result.as_ref().err().map_or(tonic::Code::Ok, |s| s.code()),
+        );
+        result?;
+        info!(volume = %r.volume_id, target = %r.target_path, "volume unpublished");
+        Ok(Response::new(pb::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<pb::NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<pb::NodeGetCapabilitiesResponse>, Status> {
+        use pb::node_service_capability::{Rpc, Type, rpc::Type as RpcType};
+        // VOLUME_MOUNT_GROUP: the kubelet hands us the pod's fsGroup for file ownership.
+        Ok(Response::new(pb::NodeGetCapabilitiesResponse {
+            capabilities: vec![pb::NodeServiceCapability {
+                r#type: Some(Type::Rpc(Rpc {
+                    r#type: RpcType::VolumeMountGroup as i32,
+                })),
+            }],
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<pb::NodeGetInfoRequest>,
+    ) -> Result<Response<pb::NodeGetInfoResponse>, Status> {
+        Ok(Response::new(pb::NodeGetInfoResponse {
+            node_id: self.inner.config.node_id.clone(),
+            ..Default::default()
+        }))
+    }
+}
