@@ -25,6 +25,13 @@ use crate::x509::{CsrError, ParsedCsr, asn1_to_system, is_signing_cert, rfc3339}
 /// Certificates are back-dated by this much to tolerate clock skew between nodes.
 pub const BACKDATE: Duration = Duration::from_secs(10);
 
+/// The back-dating of an SVID that lives `ttl`: [`BACKDATE`], but at most a tenth of the
+/// lifetime, so a short-lived SVID's half-life is never already behind it when issued
+/// (which would make its holder rotate it at once, over and over).
+pub fn svid_backdate(ttl: Duration) -> Duration {
+    BACKDATE.min(ttl / 10)
+}
+
 /// Errors while creating, loading or using a CA.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -495,7 +502,7 @@ impl CertificateAuthority {
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new(); // empty subject => SAN is critical
         p.not_before = to_offset(
-            now.checked_sub(BACKDATE)
+            now.checked_sub(svid_backdate(template.ttl))
                 .unwrap_or(now)
                 .max(self.not_before),
         );

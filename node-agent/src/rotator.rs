@@ -112,7 +112,11 @@ pub async fn run(
                             key,
                             not_before: leaf.not_before,
                             not_after: leaf.not_after,
-                            rotate_at: rotation_time(leaf.not_before, leaf.not_after),
+                            rotate_at: rotate_at(
+                                leaf.not_before,
+                                leaf.not_after,
+                                SystemTime::now(),
+                            ),
                         };
                         if cache.put_svid(held) {
                             metrics.signed.inc();
@@ -150,5 +154,33 @@ pub async fn run(
             () = tokio::time::sleep(wait) => {}
             r = changes.changed(), if !failed_batch => if r.is_err() { return },
         }
+    }
+}
+
+/// When to replace an SVID received at `now`: at its half-life with jitter
+/// ([`rotation_time`]), but never before a quarter of the life it has left, so an SVID that
+/// arrives with a heavily back-dated validity is not re-signed in a loop.
+pub fn rotate_at(not_before: SystemTime, not_after: SystemTime, now: SystemTime) -> SystemTime {
+    let floor = now + not_after.duration_since(now).unwrap_or_default() / 4;
+    rotation_time(not_before, not_after).max(floor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_back_dated_svid_is_not_rotated_on_arrival() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        // Valid from 10 s ago for 12 s: the half-life (1 s ago) is already past.
+        let t = rotate_at(
+            now - Duration::from_secs(10),
+            now + Duration::from_secs(12),
+            now,
+        );
+        assert_eq!(t, now + Duration::from_secs(3));
+        // A normal SVID rotates at half-life minus jitter.
+        let t = rotate_at(now, now + Duration::from_secs(3600), now);
+        assert!(t >= now + Duration::from_secs(1440) && t <= now + Duration::from_secs(1800));
     }
 }
