@@ -25,6 +25,8 @@ pub struct AgentWorld {
     pub socket: PathBuf,
     /// `unix:///...`, what clients get as SPIFFE_ENDPOINT_SOCKET.
     pub addr: String,
+    /// The agent's Broker API socket (for sigil-csi).
+    pub broker_socket: PathBuf,
     pub dir: tempfile::TempDir,
     pub cancel: CancellationToken,
 }
@@ -93,6 +95,7 @@ impl AgentWorld {
         let bundle_file = dir.path().join("bundle.spiffe");
         std::fs::write(&bundle_file, w.bootstrap_bundle().await.to_jwks_json()).unwrap();
         let socket = dir.path().join("agent").join("api.sock");
+        let broker_socket = dir.path().join("broker").join("broker.sock");
         let cancel = CancellationToken::new();
         let args = Args {
             node_name: w.node_a.clone(),
@@ -116,7 +119,7 @@ impl AgentWorld {
                 kubelet_token_file: PathBuf::new(),
             },
             broker: sigil_agent::app::BrokerArgs {
-                broker_socket_path: dir.path().join("broker").join("broker.sock"),
+                broker_socket_path: broker_socket.clone(),
                 broker_uid: 0,
                 broker_exe: None,
                 csi_token_audience: "sigil-csi".into(),
@@ -138,6 +141,7 @@ impl AgentWorld {
             agent,
             socket,
             addr,
+            broker_socket,
             dir,
             cancel,
         }
