@@ -200,6 +200,7 @@ impl Rewriter {
         let Some((stream, flags, priority, block)) = self.pending.take() else {
             return Ok(());
         };
+        check_block(&block)?;
         let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut decoded = 0usize;
         self.decoder
@@ -248,6 +249,72 @@ impl Rewriter {
         }
         Ok(())
     }
+}
+
+/// The largest dynamic table a client may ask for: the server's
+/// SETTINGS_HEADER_TABLE_SIZE, which h2 leaves at the protocol default.
+const MAX_TABLE_SIZE: usize = 4096;
+
+/// Walks a header block's representations (RFC 7541 section 6) without decoding them:
+/// every integer and string length must be well formed and inside the block, and a
+/// dynamic table size update may not exceed [`MAX_TABLE_SIZE`]. The HPACK decoder then
+/// never meets input it would panic on (hpack 0.3 unwraps a truncated size update, found
+/// by the fuzz target) or a table size the server never allowed.
+fn check_block(block: &[u8]) -> Result<(), FixError> {
+    fn int(block: &[u8], i: &mut usize, prefix: u8) -> Result<usize, FixError> {
+        let bad = || FixError::Hpack("malformed integer".into());
+        let first = *block.get(*i).ok_or_else(bad)?;
+        *i += 1;
+        let mask = (1u16 << prefix) as usize - 1;
+        let mut value = usize::from(first) & mask;
+        if value < mask {
+            return Ok(value);
+        }
+        for shift in (0..35).step_by(7) {
+            let b = *block.get(*i).ok_or_else(bad)?;
+            *i += 1;
+            value = value
+                .checked_add(usize::from(b & 0x7f) << shift)
+                .ok_or_else(bad)?;
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(bad())
+    }
+    fn string(block: &[u8], i: &mut usize) -> Result<(), FixError> {
+        let len = int(block, i, 7)?;
+        *i = i
+            .checked_add(len)
+            .filter(|end| *end <= block.len())
+            .ok_or_else(|| FixError::Hpack("string literal runs past the block".into()))?;
+        Ok(())
+    }
+    let mut i = 0;
+    while i < block.len() {
+        let b = block[i];
+        if b & 0x80 != 0 {
+            int(block, &mut i, 7)?;
+        } else if b & 0xc0 == 0x40 {
+            if int(block, &mut i, 6)? == 0 {
+                string(block, &mut i)?;
+            }
+            string(block, &mut i)?;
+        } else if b & 0xe0 == 0x20 {
+            let size = int(block, &mut i, 5)?;
+            if size > MAX_TABLE_SIZE {
+                return Err(FixError::Hpack(format!(
+                    "dynamic table size update to {size} exceeds {MAX_TABLE_SIZE}"
+                )));
+            }
+        } else {
+            if int(block, &mut i, 4)? == 0 {
+                string(block, &mut i)?;
+            }
+            string(block, &mut i)?;
+        }
+    }
+    Ok(())
 }
 
 fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
@@ -465,6 +532,35 @@ mod tests {
             matches!(r, Err(FixError::TooLarge(n)) if n > MAX_DECODED),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn malformed_or_oversized_table_size_updates_are_refused() {
+        let mut input = PREFACE.to_vec();
+        frame(&mut input, HEADERS, END_HEADERS, 1, &[0x3f]); // size update, integer cut short
+        assert!(matches!(
+            Rewriter::default().feed(&input, &mut Vec::new()),
+            Err(FixError::Hpack(_))
+        ));
+        let mut input = PREFACE.to_vec();
+        frame(
+            &mut input,
+            HEADERS,
+            END_HEADERS,
+            1,
+            &[0x3f, 0xe1, 0xff, 0x03],
+        ); // size update to 65536
+        let r = Rewriter::default().feed(&input, &mut Vec::new());
+        assert!(
+            matches!(&r, Err(FixError::Hpack(m)) if m.contains("exceeds")),
+            "{r:?}"
+        );
+        let mut input = PREFACE.to_vec();
+        frame(&mut input, HEADERS, END_HEADERS, 1, &[0x40, 0x05, b'a']); // literal runs past the end
+        assert!(matches!(
+            Rewriter::default().feed(&input, &mut Vec::new()),
+            Err(FixError::Hpack(_))
+        ));
     }
 
     #[test]

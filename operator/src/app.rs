@@ -71,6 +71,10 @@ pub struct Args {
     #[arg(long, env = "SIGIL_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
 
+    /// A kubeconfig (default: in-cluster configuration).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+
     /// How soon a TrustDomain with a problem is looked at again (Go duration).
     #[arg(long, env = "SIGIL_RETRY_INTERVAL", default_value = "30s", value_parser = go_duration)]
     pub retry_interval: Duration,
@@ -167,12 +171,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         cluster_name,
         cluster_domain,
         retry_interval,
+        kubeconfig,
         node_api,
     } = args;
     info!(%namespace, identity = %pod_name, version = env!("CARGO_PKG_VERSION"), "sigil-operator starting");
-    let client = kube::Client::try_default()
-        .await
-        .context("no Kubernetes client configuration: run in a pod, or set KUBECONFIG")?;
+    let client = kube_client(kubeconfig.as_deref()).await?;
 
     let cancel = CancellationToken::new();
     let readiness = Readiness::new();
@@ -363,4 +366,20 @@ async fn node_api_task(
         let ((), served) = tokio::join!(watch, serve);
         served
     }))
+}
+
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes client configuration: run in a pod, or pass --kubeconfig")?,
+    };
+    kube::Client::try_from(config).context("build the Kubernetes client")
 }

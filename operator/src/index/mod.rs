@@ -22,6 +22,7 @@
 //! This module writes nothing to the API server except ClusterSPIFFEID status, and that
 //! only from [`run`]'s single status writer while this replica leads.
 
+mod explain;
 mod metrics;
 mod node_log;
 mod objects;
@@ -41,6 +42,7 @@ use sigil_identity::SpiffeId;
 use sigil_identity::entry::RegistrationEntry;
 use tokio::sync::watch as channel;
 
+pub use self::explain::{Explanation, Verdict, explain_pod};
 pub use self::metrics::{EventLabels, IndexMetrics, KindLabels, PatchLabels};
 pub use self::node_log::NodeDelta;
 use self::node_log::{NodeLog, Revisions};
