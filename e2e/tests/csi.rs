@@ -496,3 +496,34 @@ async fn socket_mode_idempotency_and_refusals() {
     let _ = Api::<Pod>::namespaced(aw.w.client.clone(), &aw.w.ns);
     csi.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_api_answers_only_the_configured_broker() {
+    // The agent's Broker API is configured for uid 4242; sigil-csi here runs as root.
+    let aw =
+        AgentWorld::start_full("csibroker", node_api_common::WorldOptions::default(), 4242).await;
+    aw.w.cluster_spiffe_id(&format!("{}-web", aw.w.tag), "web")
+        .await;
+    let web = aw.workload("web-1", "web", json!({"app": "web"})).await;
+    aw.wait_svid(&aw.id_for_sa("web")).await;
+    let token = aw.w.token(&web.pod, "sigil-csi").await;
+    let csi = Csi::start(csi_args(&aw)).await;
+    let mut client = csi.client().await;
+    let target = aw.dir.path().join("pods").join("web-1").join("identity");
+    let e = client
+        .node_publish_volume(publish_request(
+            "vol",
+            &target,
+            &web.pod,
+            Some(&token),
+            true,
+            &[("mode", "files")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("not the configured broker"), "{e:?}");
+    assert_eq!(LinuxMounter.mount_count(&target).unwrap(), 0);
+    assert!(aw.metrics().await.contains("reason=\"not_the_broker\""));
+    csi.stop().await;
+}

@@ -77,6 +77,11 @@ impl AgentWorld {
     }
 
     pub async fn start_with(prefix: &str, options: WorldOptions) -> AgentWorld {
+        Self::start_full(prefix, options, 0).await
+    }
+
+    /// As [`AgentWorld::start_with`], with the Broker API open only to `broker_uid`.
+    pub async fn start_full(prefix: &str, options: WorldOptions, broker_uid: u32) -> AgentWorld {
         let w = World::start_with(prefix, options).await;
         let cp = sigil_e2e::shared().await;
         let dir = tempfile::tempdir().unwrap();
@@ -120,7 +125,7 @@ impl AgentWorld {
             },
             broker: sigil_agent::app::BrokerArgs {
                 broker_socket_path: broker_socket.clone(),
-                broker_uid: 0,
+                broker_uid,
                 broker_exe: None,
                 csi_token_audience: "sigil-csi".into(),
             },
