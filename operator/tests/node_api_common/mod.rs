@@ -36,6 +36,8 @@ pub const CLUSTER: &str = "e2e";
 
 pub struct World {
     pub client: Client,
+    /// What the operator components use (the admin unless a test says otherwise).
+    pub operator_client: Client,
     pub ns: String,
     pub tag: String,
     pub td: TrustDomain,
@@ -83,6 +85,11 @@ pub struct WorldOptions {
     pub agent_svid_ttl: Duration,
     /// The clock of the TrustDomain controller (CA rotation).
     pub clock: sigil_identity::clock::SharedClock,
+    /// Use this (existing) namespace instead of creating one.
+    pub namespace: Option<String>,
+    /// The client every operator component uses (default: the admin), e.g. one for the
+    /// chart's ServiceAccount to prove its RBAC is enough.
+    pub operator_client: Option<Client>,
 }
 
 impl Default for WorldOptions {
@@ -90,6 +97,8 @@ impl Default for WorldOptions {
         Self {
             agent_svid_ttl: Duration::from_secs(3600),
             clock: Arc::new(SystemClock),
+            namespace: None,
+            operator_client: None,
         }
     }
 }
@@ -105,16 +114,36 @@ impl World {
         let WorldOptions {
             agent_svid_ttl,
             clock,
+            namespace,
+            operator_client,
         } = options;
         let client = client().await;
-        let tag = unique(prefix);
-        let ns = tag.clone();
+        let op = operator_client.unwrap_or_else(|| client.clone());
+        let (tag, ns) = match namespace {
+            Some(ns) => {
+                Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+                    .patch(
+                        &ns,
+                        &kube::api::PatchParams::default(),
+                        &kube::api::Patch::Merge(
+                            json!({"metadata": {"labels": {"sigil-test": ns}}}),
+                        ),
+                    )
+                    .await
+                    .unwrap();
+                (ns.clone(), ns)
+            }
+            None => {
+                let tag = unique(prefix);
+                create(
+                    &Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()),
+                    json!({"metadata": {"name": tag, "labels": {"sigil-test": tag}}}),
+                )
+                .await;
+                (tag.clone(), tag)
+            }
+        };
         let instance = tag.clone();
-        create(
-            &Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()),
-            json!({"metadata": {"name": ns, "labels": {"sigil-test": tag}}}),
-        )
-        .await;
         let nodes = Api::<Node>::all(client.clone());
         let node_a = format!("{tag}-a");
         let node_b = format!("{tag}-b");
@@ -130,12 +159,18 @@ impl World {
         .await;
         let sas = Api::<ServiceAccount>::namespaced(client.clone(), &ns);
         for sa in ["sigil-agent", "intruder", "web"] {
-            create(&sas, json!({"metadata": {"name": sa}})).await;
+            // The chart may have created sigil-agent already.
+            let _ = sas
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap(),
+                )
+                .await;
         }
 
         let mut replica_config = ReplicaConfig::new(&ns, &instance);
         replica_config.clock = clock;
-        let replica = Replica::start(client.clone(), replica_config);
+        let replica = Replica::start(op.clone(), replica_config);
         let td_name = format!("{tag}.example.org");
         let td_object = format!("{tag}-td");
         create_trust_domain(
@@ -153,7 +188,7 @@ impl World {
         let cancel = CancellationToken::new();
         let index = EntryIndex::new(IndexConfig::new(CLUSTER));
         tokio::spawn(index::run(
-            client.clone(),
+            op.clone(),
             index.clone(),
             replica.leader.clone(),
             RunOptions {
@@ -167,10 +202,12 @@ impl World {
         ));
 
         let (store, writer) = kube::runtime::reflector::store::<Node>();
-        let watch =
-            kube::runtime::reflector(writer, kube::runtime::watcher(nodes, Default::default()))
-                .default_backoff()
-                .applied_objects();
+        let watch = kube::runtime::reflector(
+            writer,
+            kube::runtime::watcher(Api::<Node>::all(op.clone()), Default::default()),
+        )
+        .default_backoff()
+        .applied_objects();
         tokio::spawn(async move {
             use futures::StreamExt;
             futures::pin_mut!(watch);
@@ -196,6 +233,7 @@ impl World {
         let node_api_addr = listener.local_addr().unwrap().to_string();
         let world = World {
             client,
+            operator_client: op,
             ns,
             tag,
             td,
@@ -231,7 +269,7 @@ impl World {
         let cancel = self.cancel.child_token();
         let api = NodeApi::new(
             self.node_api_config.clone(),
-            self.client.clone(),
+            self.operator_client.clone(),
             self.replica.authorities.clone(),
             self.index.clone(),
             self.nodes.clone(),

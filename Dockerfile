@@ -1,0 +1,36 @@
+# syntax=docker/dockerfile:1
+# The three Sigil images from one build:
+#   docker build --target sigil-operator -t sigil-operator .
+#   docker build --target sigil-agent    -t sigil-agent .
+#   docker build --target sigil-csi      -t sigil-csi .
+# (No Docker engine runs where Sigil is developed, so this file is kept simple and is
+# not built by the tests.)
+
+FROM docker.io/library/rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p sigil-operator -p sigil-agent -p sigil-csi -p sigil-cli \
+ && mkdir -p /out \
+ && cp target/release/sigil-operator target/release/sigil-agent target/release/sigil-csi target/release/sigil /out/
+
+# The operator needs nothing from the host: non-root, read-only root filesystem (the
+# chart sets it), no shell.
+FROM gcr.io/distroless/cc-debian12:nonroot AS sigil-operator
+COPY --from=build /out/sigil-operator /sigil-operator
+USER 65532:65532
+ENTRYPOINT ["/sigil-operator"]
+
+# The agent runs as root with CAP_SYS_PTRACE (reading /proc/<pid>/exe of workloads) and
+# hostPID; see charts/sigil/templates/agent.yaml. The sigil CLI is included for debugging
+# (kubectl exec ... -- /sigil x509 fetch).
+FROM gcr.io/distroless/cc-debian12 AS sigil-agent
+COPY --from=build /out/sigil-agent /sigil-agent
+COPY --from=build /out/sigil /sigil
+ENTRYPOINT ["/sigil-agent"]
+
+# sigil-csi mounts into pods' volume directories: privileged, root.
+FROM gcr.io/distroless/cc-debian12 AS sigil-csi
+COPY --from=build /out/sigil-csi /sigil-csi
+ENTRYPOINT ["/sigil-csi"]

@@ -1,0 +1,230 @@
+//! The Helm chart (charts/sigil), with the helm built by `make test-tools`: it lints,
+//! renders over every values file in charts/sigil/ci, every rendered object passes a
+//! server-side dry-run apply on the real apiserver (schemas, RBAC, the CRD-backed
+//! TrustDomain and ClusterSPIFFEID), and the operator runs on exactly the chart's RBAC.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../operator/tests/node_api_common/mod.rs"]
+mod node_api_common;
+#[path = "../../operator/tests/trust_domain_common/mod.rs"]
+mod trust_domain_common;
+
+use std::path::{Path, PathBuf};
+
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::discovery::{Discovery, Scope};
+use kube::{Client, ResourceExt};
+use node_api_common::{World, WorldOptions};
+use serde_json::json;
+use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
+use trust_domain_common::{SETTLE, eventually, unique};
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/sigil")
+}
+
+fn helm(args: &[&str]) -> String {
+    let out = std::process::Command::new(sigil_e2e::tools::tool("helm").unwrap())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn values_files() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(chart().join("ci"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    assert!(
+        v.len() >= 3,
+        "charts/sigil/ci should hold several values files"
+    );
+    v
+}
+
+fn render(release: &str, namespace: &str, values: &Path, set: &[&str]) -> Vec<DynamicObject> {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        release,
+        chart.to_str().unwrap(),
+        "--namespace",
+        namespace,
+        "-f",
+        values.to_str().unwrap(),
+    ];
+    for s in set {
+        args.push("--set");
+        args.push(s);
+    }
+    let text = helm(&args);
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: serde_yaml::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v.is_null() {
+            continue;
+        }
+        out.push(serde_yaml::from_value::<DynamicObject>(v).unwrap());
+    }
+    out
+}
+
+async fn apply(
+    client: &Client,
+    discovery: &Discovery,
+    obj: &DynamicObject,
+    namespace: &str,
+    dry_run: bool,
+) -> Result<(), String> {
+    let types = obj.types.clone().unwrap();
+    let (group, version) = types
+        .api_version
+        .split_once('/')
+        .unwrap_or(("", &types.api_version));
+    let gvk = kube::core::GroupVersionKind::gvk(group, version, &types.kind);
+    let (resource, caps) = discovery
+        .resolve_gvk(&gvk)
+        .ok_or_else(|| format!("the apiserver does not serve {}", types.kind))?;
+    let api: Api<DynamicObject> = match caps.scope {
+        Scope::Namespaced => Api::namespaced_with(
+            client.clone(),
+            obj.namespace().as_deref().unwrap_or(namespace),
+            &resource,
+        ),
+        Scope::Cluster => Api::all_with(client.clone(), &resource),
+    };
+    let mut params = PatchParams::apply("sigil-chart-test").force();
+    params.dry_run = dry_run;
+    api.patch(&obj.name_any(), &params, &Patch::Apply(obj))
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{} {}: {e}", types.kind, obj.name_any()))
+}
+
+#[test]
+fn the_chart_lints() {
+    let out = helm(&["lint", chart().to_str().unwrap(), "--strict"]);
+    assert!(out.contains("0 chart(s) failed"), "{out}");
+}
+
+#[tokio::test]
+async fn every_rendering_passes_a_server_side_dry_run() {
+    let cp = sigil_e2e::shared().await;
+    let admin = cp.admin().await.unwrap();
+    let discovery = Discovery::new(admin.clone()).run().await.unwrap();
+    for values in values_files() {
+        let ns = cp.namespace("chart-dry").await.unwrap();
+        let objects = render(&unique("r"), &ns, &values, &[]);
+        let kinds: Vec<String> = objects
+            .iter()
+            .map(|o| o.types.as_ref().unwrap().kind.clone())
+            .collect();
+        for expected in [
+            "Deployment",
+            "DaemonSet",
+            "ClusterRole",
+            "ServiceAccount",
+            "Service",
+            "PodDisruptionBudget",
+            "TrustDomain",
+            "ClusterSPIFFEID",
+        ] {
+            assert!(
+                kinds.iter().any(|k| k == expected),
+                "{}: no {expected} rendered: {kinds:?}",
+                values.display()
+            );
+        }
+        let mut checked = 0;
+        for obj in &objects {
+            let kind = obj.types.as_ref().unwrap().kind.as_str();
+            // The Prometheus Operator's CRDs are not part of a bare control plane.
+            if matches!(kind, "ServiceMonitor" | "PodMonitor") {
+                continue;
+            }
+            apply(&admin, &discovery, obj, &ns, true)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", values.display()));
+            checked += 1;
+        }
+        println!(
+            "{}: {checked} objects accepted by the apiserver (dry run)",
+            values.display().to_string().rsplit('/').next().unwrap()
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_operator_runs_on_the_charts_rbac() {
+    let cp = sigil_e2e::shared().await;
+    let admin = cp.admin().await.unwrap();
+    let discovery = Discovery::new(admin.clone()).run().await.unwrap();
+    let ns = cp.namespace("chart-rbac").await.unwrap();
+    let release = unique("rbac");
+    // Only the chart's ServiceAccounts and RBAC, for real (no workloads, no CRD objects).
+    let defaults = chart().join("ci").join("default-values.yaml");
+    for obj in render(
+        &release,
+        &ns,
+        &defaults,
+        &["trustDomain.create=false", "clusterSPIFFEID.create=false"],
+    ) {
+        let kind = obj.types.as_ref().unwrap().kind.clone();
+        if matches!(
+            kind.as_str(),
+            "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
+        ) {
+            apply(&admin, &discovery, &obj, &ns, false).await.unwrap();
+        }
+    }
+    let operator = cp
+        .service_account_client(&ns, "sigil-operator")
+        .await
+        .unwrap();
+    // TrustDomain (CA Secret, bundle ConfigMap, status, Events, Lease), identity index
+    // (watches, ClusterSPIFFEID status), Node API (TokenReview, pods, nodes): all as the
+    // chart's sigil-operator ServiceAccount.
+    let w = World::start_with(
+        "rbac",
+        WorldOptions {
+            namespace: Some(ns.clone()),
+            operator_client: Some(operator),
+            ..Default::default()
+        },
+    )
+    .await;
+    let agent = w.attested_agent(&w.node_a).await;
+    let web = w.pod("web", &w.node_a, "web", json!({"app": "web"})).await;
+    let csid = format!("{}-web", w.tag);
+    w.cluster_spiffe_id(&csid, "web").await;
+    let mut stream = agent.sync_entries(0).await.unwrap();
+    let entry = sigil_operator::index::entry_id(&csid, &web.uid().unwrap());
+    eventually("the entry on the agent's stream", SETTLE, || {
+        let got = futures::FutureExt::now_or_never(futures::StreamExt::next(&mut stream));
+        let found = match got {
+            Some(Some(Ok(m))) => m.upserts.iter().any(|e| e.id == entry),
+            _ => false,
+        };
+        async move { found.then_some(()) }
+    })
+    .await;
+    let csids = Api::<ClusterSPIFFEID>::all(admin.clone());
+    eventually(
+        "ClusterSPIFFEID status written by the operator",
+        SETTLE,
+        || async {
+            let status = csids.get(&csid).await.ok()?.status?;
+            (status.stats.pods_selected >= 1).then_some(())
+        },
+    )
+    .await;
+}
