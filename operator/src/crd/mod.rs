@@ -2,6 +2,7 @@
 //! YAML in `crds/` (`make crds` regenerates it; the `crds` test fails when it is stale).
 
 pub mod cluster_spiffe_id;
+pub mod federated_bundle;
 pub mod trust_domain;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -17,6 +18,10 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
         (
             "clusterspiffeids.sigil.dev.yaml",
             cluster_spiffe_id::ClusterSPIFFEID::crd(),
+        ),
+        (
+            "federatedbundles.sigil.dev.yaml",
+            federated_bundle::FederatedBundle::crd(),
         ),
     ]
 }
