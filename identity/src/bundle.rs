@@ -351,6 +351,16 @@ impl BundleSet {
         self.0.insert(bundle.trust_domain.clone(), bundle);
     }
 
+    /// Drops the bundle of `td`; returns whether there was one.
+    pub fn remove(&mut self, td: &TrustDomain) -> bool {
+        self.0.remove(td).is_some()
+    }
+
+    /// Keeps only the bundles for which `keep` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&TrustBundle) -> bool) {
+        self.0.retain(|_, b| keep(b));
+    }
+
     /// The bundle for `td`.
     pub fn get(&self, td: &TrustDomain) -> Option<&TrustBundle> {
         self.0.get(td)

@@ -334,6 +334,26 @@ impl SwappableCert {
         Ok(())
     }
 
+    /// Installs a PEM certificate chain (leaf first) and a PEM private key in PKCS#8,
+    /// PKCS#1 or SEC1 form, e.g. the `tls.crt` and `tls.key` of a `kubernetes.io/tls`
+    /// Secret written by cert-manager. The key must match the leaf.
+    pub fn set_pem(&self, chain_pem: &[u8], key_pem: &[u8]) -> Result<(), Error> {
+        use rustls::pki_types::pem::PemObject;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::General(format!("certificate PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(Error::General("no certificate in the PEM file".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| Error::General(format!("private key PEM: {e}")))?;
+        let signing = provider().key_provider.load_private_key(key)?;
+        let certified = CertifiedKey::new(certs, signing);
+        certified.keys_match()?;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(certified));
+        Ok(())
+    }
+
     /// The current certificate, if any.
     pub fn current(&self) -> Option<Arc<CertifiedKey>> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()

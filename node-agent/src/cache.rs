@@ -152,13 +152,13 @@ impl Cache {
         self.bump();
     }
 
-    /// Replaces or adds bundles.
-    pub fn set_bundles(&self, bundles: Vec<TrustBundle>) {
-        if bundles.is_empty() {
-            return;
-        }
+    /// Replaces or adds `bundles` and drops those of `removed`.
+    pub fn set_bundles(&self, bundles: Vec<TrustBundle>, removed: &[TrustDomain]) {
         let mut s = self.write();
         let mut changed = false;
+        for td in removed {
+            changed |= s.bundles.remove(td);
+        }
         for b in bundles {
             if s.bundles.get(&b.trust_domain) != Some(&b) {
                 s.bundles.upsert(b);

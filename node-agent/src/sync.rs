@@ -167,7 +167,26 @@ pub fn apply(cache: &Cache, node: &NodeClient, msg: pb::SyncEntriesResponse) {
             parsed.ok()
         })
         .collect();
-    cache.set_bundles(bundles);
+    let mut removed: Vec<TrustDomain> = msg
+        .removed_bundles
+        .iter()
+        .filter_map(|td| td.parse().ok())
+        .collect();
+    if msg.bundles_complete {
+        // Everything not sent is gone (a bundle that was sent but failed to parse is kept
+        // as it was).
+        removed.extend(
+            cache
+                .bundles()
+                .iter()
+                .map(|b| b.trust_domain.clone())
+                .filter(|td| !msg.bundles.iter().any(|b| b.trust_domain == td.name())),
+        );
+    }
+    for td in &removed {
+        info!(trust_domain = %td, "the operator no longer sends this bundle; dropping it");
+    }
+    cache.set_bundles(bundles, &removed);
     let entries: Vec<RegistrationEntry> =
         msg.upserts.into_iter().filter_map(entry_from_pb).collect();
     if msg.full {

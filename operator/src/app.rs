@@ -21,6 +21,8 @@ use tracing::info;
 
 use crate::authority::Authorities;
 use crate::crd::trust_domain::GoDuration;
+use crate::federation::endpoint::{EndpointConfig, EndpointTls};
+use crate::federation::{self, FederatedBundles};
 use crate::index::{self, EntryIndex, IndexConfig, IndexMetrics, RunOptions, StatusOptions};
 use crate::leader::{LeaderConfig, LeaderElection};
 use crate::node_api::metrics::NodeApiMetrics;
@@ -82,6 +84,70 @@ pub struct Args {
     /// Node API flags.
     #[command(flatten)]
     pub node_api: NodeApiArgs,
+
+    /// Federation flags.
+    #[command(flatten)]
+    pub federation: FederationArgs,
+}
+
+/// Flags of federation: fetching foreign bundles, serving ours, OIDC discovery.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FederationArgs {
+    /// Only manage FederatedBundles matching this label selector.
+    #[arg(long, env = "SIGIL_FEDERATED_BUNDLE_SELECTOR")]
+    pub federated_bundle_selector: Option<String>,
+
+    /// Shortest time between two fetches of one bundle endpoint, whatever its
+    /// `spiffe_refresh_hint` says (Go duration).
+    #[arg(long, env = "SIGIL_FEDERATION_MIN_REFRESH", default_value = "30s", value_parser = go_duration)]
+    pub federation_min_refresh: Duration,
+
+    /// Deadline of one bundle endpoint fetch: connect, TLS, redirects and body (Go
+    /// duration).
+    #[arg(long, env = "SIGIL_FEDERATION_FETCH_TIMEOUT", default_value = "10s", value_parser = go_duration)]
+    pub federation_fetch_timeout: Duration,
+
+    /// Address of our SPIFFE bundle endpoint (HTTPS). Not served unless set.
+    #[arg(long, env = "SIGIL_BUNDLE_ENDPOINT_ADDR")]
+    pub bundle_endpoint_addr: Option<SocketAddr>,
+
+    /// Trust domain whose bundle the endpoint serves (default: --agent-trust-domain).
+    #[arg(long, env = "SIGIL_BUNDLE_ENDPOINT_TRUST_DOMAIN")]
+    pub bundle_endpoint_trust_domain: Option<String>,
+
+    /// How the bundle endpoint authenticates itself: `https_spiffe` (an X509-SVID
+    /// spiffe://<td>/sigil/bundle-endpoint) or `https_web` (--bundle-endpoint-cert-file
+    /// and --bundle-endpoint-key-file, e.g. a mounted cert-manager Secret).
+    #[arg(long, env = "SIGIL_BUNDLE_ENDPOINT_PROFILE", value_enum, default_value_t = EndpointProfileArg::HttpsSpiffe)]
+    pub bundle_endpoint_profile: EndpointProfileArg,
+
+    /// PEM certificate chain of the https_web bundle endpoint (reloaded when it changes).
+    #[arg(long, env = "SIGIL_BUNDLE_ENDPOINT_CERT_FILE")]
+    pub bundle_endpoint_cert_file: Option<std::path::PathBuf>,
+
+    /// PEM private key of the https_web bundle endpoint.
+    #[arg(long, env = "SIGIL_BUNDLE_ENDPOINT_KEY_FILE")]
+    pub bundle_endpoint_key_file: Option<std::path::PathBuf>,
+
+    /// Lifetime of the https_spiffe bundle endpoint's own SVID (Go duration).
+    #[arg(long, env = "SIGIL_BUNDLE_ENDPOINT_SVID_TTL", default_value = "1h", value_parser = go_duration)]
+    pub bundle_endpoint_svid_ttl: Duration,
+
+    /// Address of a plain-HTTP listener serving only OIDC discovery
+    /// (`/.well-known/openid-configuration`, `/keys`), for an ingress that terminates TLS.
+    #[arg(long, env = "SIGIL_OIDC_HTTP_ADDR")]
+    pub oidc_http_addr: Option<SocketAddr>,
+}
+
+/// `--bundle-endpoint-profile` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EndpointProfileArg {
+    /// The endpoint presents an X509-SVID Sigil issues itself.
+    #[value(name = "https_spiffe")]
+    HttpsSpiffe,
+    /// The endpoint presents a Web PKI certificate from files.
+    #[value(name = "https_web")]
+    HttpsWeb,
 }
 
 /// Flags of the Node API (agents' attestation, entry streams and signing).
@@ -173,6 +239,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         retry_interval,
         kubeconfig,
         node_api,
+        federation: federation_args,
     } = args;
     info!(%namespace, identity = %pod_name, version = env!("CARGO_PKG_VERSION"), "sigil-operator starting");
     let client = kube_client(kubeconfig.as_deref()).await?;
@@ -205,6 +272,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         resync: trust_domain::Resync::default(),
     };
 
+    let federated = FederatedBundles::new();
+    let mut fed_options = federation::Options::new(&namespace);
+    fed_options.instance = Some(pod_name.clone());
+    fed_options.selector = federation_args.federated_bundle_selector.clone();
+    fed_options.min_refresh = federation_args.federation_min_refresh;
+    fed_options.fetch_timeout = federation_args.federation_fetch_timeout;
+    fed_options.retry_interval = retry_interval;
+    let fed_shared = federation::Shared {
+        federated: federated.clone(),
+        authorities: authorities.clone(),
+        clock: Arc::new(SystemClock),
+        leader: leader.clone(),
+        metrics: metrics.federation.clone(),
+        errors: metrics.trust_domain.reconcile_errors.clone(),
+        ready: Some(readiness.component("federated-bundles")),
+    };
+
     let mut index_config = IndexConfig::new(&cluster_name);
     index_config.cluster_domain = cluster_domain;
     let entry_index = EntryIndex::with_metrics(index_config, index_metrics);
@@ -217,6 +301,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("bind the health server to {health_addr} (--health-addr)"))?;
 
+    let endpoints = endpoint_tasks(
+        &federation_args,
+        node_api.agent_trust_domain.as_deref(),
+        &authorities,
+        &metrics,
+        &readiness,
+        &cancel,
+    )
+    .await?;
     let node_api = node_api_task(
         node_api,
         NodeApiContext {
@@ -225,6 +318,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             client: &client,
             authorities: &authorities,
             index: &entry_index,
+            federated: &federated,
             readiness: &readiness,
             registry: &mut registry,
             cancel: &cancel,
@@ -239,18 +333,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         cancel.clone(),
     );
     let signals = telemetry::shutdown_on_signals(cancel.clone(), readiness.clone());
-    let (health, signals, (), td, (), node_api) = tokio::join!(
+    let (health, signals, (), td, (), (), node_api, endpoints) = tokio::join!(
         health,
         signals,
         election.run(cancel.clone()),
         trust_domain::run(client.clone(), td_options, td_shared, cancel.clone()),
+        federation::run(client.clone(), fed_options, fed_shared, cancel.clone()),
         index::run(client, entry_index, leader, index_options, cancel.clone()),
         node_api,
+        endpoints,
     );
     health.context("health server")?;
     signals.context("signal handler")?;
     td.context("TrustDomain controller")?;
     node_api.map_err(|e| anyhow::anyhow!("Node API: {e}"))?;
+    endpoints.map_err(|e| anyhow::anyhow!("bundle endpoint: {e}"))?;
     info!("sigil-operator stopped");
     Ok(())
 }
@@ -261,6 +358,7 @@ struct NodeApiContext<'a> {
     client: &'a kube::Client,
     authorities: &'a Arc<Authorities>,
     index: &'a EntryIndex,
+    federated: &'a Arc<FederatedBundles>,
     readiness: &'a Readiness,
     registry: &'a mut Registry,
     cancel: &'a CancellationToken,
@@ -328,6 +426,7 @@ async fn node_api_task(
         nodes,
         clock.clone(),
         metrics,
+        cx.federated.clone(),
         cx.cancel.clone(),
     );
     let listener = tokio::net::TcpListener::bind(node_api_addr)
@@ -365,6 +464,78 @@ async fn node_api_task(
         );
         let ((), served) = tokio::join!(watch, serve);
         served
+    }))
+}
+
+/// The bundle endpoint and the plain-HTTP OIDC listener, as one future (a no-op when
+/// neither is configured). Listeners are bound here so a bad address fails at start.
+async fn endpoint_tasks(
+    args: &FederationArgs,
+    agent_trust_domain: Option<&str>,
+    authorities: &Arc<Authorities>,
+    metrics: &Metrics,
+    readiness: &Readiness,
+    cancel: &CancellationToken,
+) -> anyhow::Result<futures::future::BoxFuture<'static, Result<(), BoxError>>> {
+    if args.bundle_endpoint_addr.is_none() && args.oidc_http_addr.is_none() {
+        return Ok(Box::pin(async { Ok(()) }));
+    }
+    let td = args
+        .bundle_endpoint_trust_domain
+        .as_deref()
+        .or(agent_trust_domain)
+        .context("--bundle-endpoint-addr and --oidc-http-addr need --bundle-endpoint-trust-domain (or --agent-trust-domain): the trust domain whose bundle and keys they serve")?;
+    let td: sigil_identity::TrustDomain = td
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--bundle-endpoint-trust-domain {td:?}: {e}"))?;
+    let mut tasks: Vec<futures::future::BoxFuture<'static, Result<(), BoxError>>> = Vec::new();
+    if let Some(addr) = args.bundle_endpoint_addr {
+        let tls = match args.bundle_endpoint_profile {
+            EndpointProfileArg::HttpsSpiffe => EndpointTls::Spiffe {
+                svid_ttl: args.bundle_endpoint_svid_ttl,
+            },
+            EndpointProfileArg::HttpsWeb => EndpointTls::Web {
+                cert_file: args.bundle_endpoint_cert_file.clone().context(
+                    "--bundle-endpoint-profile https_web needs --bundle-endpoint-cert-file (PEM chain, e.g. tls.crt of a mounted Secret)",
+                )?,
+                key_file: args.bundle_endpoint_key_file.clone().context(
+                    "--bundle-endpoint-profile https_web needs --bundle-endpoint-key-file (PEM key, e.g. tls.key of a mounted Secret)",
+                )?,
+            },
+        };
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("bind the bundle endpoint to {addr} (--bundle-endpoint-addr)")
+        })?;
+        tasks.push(Box::pin(federation::endpoint::serve(
+            listener,
+            EndpointConfig {
+                trust_domain: td.clone(),
+                tls,
+            },
+            authorities.clone(),
+            Arc::new(SystemClock),
+            metrics.federation.clone(),
+            Some(readiness.component("bundle-endpoint")),
+            cancel.clone(),
+        )));
+    }
+    if let Some(addr) = args.oidc_http_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind OIDC discovery to {addr} (--oidc-http-addr)"))?;
+        tasks.push(Box::pin(federation::endpoint::serve_oidc_http(
+            listener,
+            td,
+            authorities.clone(),
+            metrics.federation.clone(),
+            cancel.clone(),
+        )));
+    }
+    Ok(Box::pin(async move {
+        for r in futures::future::join_all(tasks).await {
+            r?;
+        }
+        Ok(())
     }))
 }
 

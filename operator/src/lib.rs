@@ -5,19 +5,28 @@
 //! - [`app`]: the process: flags and the subsystems it runs as one set.
 //! - [`crd`]: the CRD types, the single source of `crds/*.yaml`.
 //! - [`authority`]: the signing state shared by every task of a replica.
+//! - [`conditions`]: status conditions and times, the same for every controller.
 //! - [`trust_domain`]: the CA of each TrustDomain, its rotation and bundle publication.
+//! - [`federation`]: FederatedBundles (fetching foreign bundles), the SPIFFE bundle
+//!   endpoint and OIDC discovery.
 //! - [`leader`]: leader election on a Lease; gates every write.
 //! - [`telemetry`]: JSON logs, Prometheus metrics, `/live` `/ready` `/metrics`.
 //! - [`template`]: the typed `{{ field }}` template language of ClusterSPIFFEIDs.
 //! - [`index`]: the identity index: pods × ClusterSPIFFEIDs → entries per node.
 //! - [`node_api`]: the gRPC API agents use: node attestation, entry streams, signing.
+//! - [`serving`]: the operator's own serving SVIDs (Node API, bundle endpoint).
+//! - [`tls_listener`]: TLS accept loops with handshake deadlines and bounds.
 
 pub mod app;
 pub mod authority;
+pub mod conditions;
 pub mod crd;
+pub mod federation;
 pub mod index;
 pub mod leader;
 pub mod node_api;
+pub mod serving;
 pub mod telemetry;
 pub mod template;
+pub mod tls_listener;
 pub mod trust_domain;

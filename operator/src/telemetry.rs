@@ -83,6 +83,52 @@ impl Default for TrustDomainMetrics {
     }
 }
 
+/// Labels of a federation fetch counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    /// The foreign trust domain.
+    pub trust_domain: String,
+    /// `ok`, or the failure reason (`TLSFailed`, `Timeout`, ...).
+    pub result: String,
+}
+
+/// Labels of a bundle endpoint request counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// `bundle`, `openid-configuration`, `keys` or `other`.
+    pub path: String,
+    /// HTTP status code.
+    pub code: u16,
+}
+
+/// Metrics of federation: fetching foreign bundles and serving ours.
+#[derive(Debug, Clone)]
+pub struct FederationMetrics {
+    /// Bundle endpoint fetches by the leader, by trust domain and result.
+    pub fetches: Family<FetchLabels, Counter>,
+    /// Fetch duration, seconds.
+    pub fetch_seconds: Histogram,
+    /// `spiffe_sequence` of the bundle this replica holds for each foreign trust domain
+    /// (-1 when the bundle has none).
+    pub bundle_sequence: Family<TrustDomainLabels, Gauge>,
+    /// Time of the last successful fetch (Unix seconds), per foreign trust domain.
+    pub last_success: Family<TrustDomainLabels, Gauge>,
+    /// Requests to our bundle endpoint and OIDC discovery, by path and status code.
+    pub endpoint_requests: Family<EndpointLabels, Counter>,
+}
+
+impl Default for FederationMetrics {
+    fn default() -> Self {
+        Self {
+            fetches: Family::default(),
+            fetch_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
+            bundle_sequence: Family::default(),
+            last_success: Family::default(),
+            endpoint_requests: Family::default(),
+        }
+    }
+}
+
 /// Leadership metrics.
 #[derive(Debug, Clone, Default)]
 pub struct LeaderMetrics {
@@ -99,6 +145,8 @@ pub struct Metrics {
     pub trust_domain: TrustDomainMetrics,
     /// Leader election.
     pub leader: LeaderMetrics,
+    /// Federation.
+    pub federation: FederationMetrics,
 }
 
 impl Metrics {
@@ -130,6 +178,32 @@ impl Metrics {
             "trust_domain_reconcile_seconds",
             "Duration of one TrustDomain reconcile",
             td.reconcile_seconds.clone(),
+        );
+        let fed = &self.federation;
+        r.register(
+            "federation_fetches",
+            "Fetches of foreign bundles from their bundle endpoints, by trust domain and result",
+            fed.fetches.clone(),
+        );
+        r.register(
+            "federation_fetch_seconds",
+            "Duration of one bundle endpoint fetch",
+            fed.fetch_seconds.clone(),
+        );
+        r.register(
+            "federated_bundle_sequence",
+            "spiffe_sequence of the bundle held for a foreign trust domain (-1: none in the bundle)",
+            fed.bundle_sequence.clone(),
+        );
+        r.register(
+            "federation_last_success_timestamp_seconds",
+            "Time of the last successful fetch of a foreign bundle (Unix time)",
+            fed.last_success.clone(),
+        );
+        r.register(
+            "bundle_endpoint_requests",
+            "Requests to the bundle endpoint and OIDC discovery, by path and status code",
+            fed.endpoint_requests.clone(),
         );
         r.register(
             "leader",

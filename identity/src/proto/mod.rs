@@ -203,7 +203,10 @@ impl fmt::Debug for csi::NodePublishVolumeRequest {
             .field("readonly", &self.readonly)
             .field("volume_context", &context)
             .field("publish_context", &self.publish_context)
-            .field("secrets", &format_args!("<{} redacted>", self.secrets.len()))
+            .field(
+                "secrets",
+                &format_args!("<{} redacted>", self.secrets.len()),
+            )
             .finish()
     }
 }

@@ -42,6 +42,11 @@ use super::trust_domain::GoDuration;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
     printcolumn(name = "Sequence", type_ = "integer", json_path = ".status.sequence"),
     printcolumn(name = "Keys", type_ = "integer", json_path = ".status.keys"),
     printcolumn(name = "Last Fetch", type_ = "date", json_path = ".status.lastFetch"),
@@ -147,8 +152,12 @@ fn default_ca_key() -> String {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct FederatedBundleStatus {
-    /// `Ready`: a bundle is held and the last fetch succeeded (reasons `Fetched`,
-    /// `Bootstrap`, `FetchFailed`, `NoBundle`).
+    /// `Ready`: the last fetch succeeded (reason `Fetched`), or why it did not
+    /// (`TLSFailed`, `Timeout`, `TooLarge`, `InvalidBundle`, `TrustDomainMismatch`,
+    /// `ConnectFailed`, `HTTPError`, `RedirectRefused`, `NoBundle`, a CA bundle Secret
+    /// problem, or a spec problem such as `DuplicateTrustDomain`). `BundleAvailable`: a
+    /// bundle is held and handed to workloads (`Fetched`, `Bootstrap`), or not
+    /// (`NoBundle`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -39,3 +39,20 @@ pub fn render_all() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
         })
         .collect()
 }
+
+/// `prefix` + `object`, shortened with a hash suffix when it would exceed the 253
+/// characters an object name may have (names of the Secrets and ConfigMaps the operator
+/// derives from its objects).
+pub fn prefixed_name(prefix: &str, object: &str) -> String {
+    if prefix.len() + object.len() <= 253 {
+        format!("{prefix}{object}")
+    } else {
+        use sha2::Digest;
+        let hash = hex::encode(&sha2::Sha256::digest(object.as_bytes())[..6]);
+        let keep = 253 - prefix.len() - hash.len() - 1;
+        format!(
+            "{prefix}{}-{hash}",
+            object[..keep].trim_end_matches(['-', '.'])
+        )
+    }
+}

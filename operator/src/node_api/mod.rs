@@ -14,10 +14,8 @@ pub mod limits;
 pub mod metrics;
 pub mod psat;
 pub mod service;
-pub mod tls;
 
 pub use service::{NodeApi, NodeApiConfig};
-pub mod serving;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +35,7 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 /// Serves `api` on `listener` over TLS until `cancel`: the operator's serving SVID
-/// (kept fresh by [`serving::keep_serving_svid`]), optional client certificates that must
+/// (kept fresh by [`crate::serving::keep_serving_svid`]), optional client certificates that must
 /// be agent SVIDs of `agent_trust_domain`, bounded handshakes, RPC deadlines and
 /// per-connection stream limits.
 #[allow(clippy::too_many_arguments)]
@@ -61,16 +59,18 @@ pub async fn serve(
     let verifier = SpiffeClientVerifier::new(authorities.clone(), authorizer, true);
     let config = Arc::new(sigil_identity::tls::server_config(cert.clone(), verifier)?);
     tracing::info!(addr = ?listener.local_addr().ok(), trust_domain = %agent_trust_domain, "Node API listening");
-    let renew = tokio::spawn(serving::keep_serving_svid(
+    let renew = tokio::spawn(crate::serving::keep_serving_svid(
+        "node-api",
         authorities,
         agent_trust_domain,
+        crate::serving::OPERATOR_PATH,
         serving_ttl,
         cert,
         clock,
         ready,
         cancel.clone(),
     ));
-    let incoming = tls::incoming(listener, config, cancel.clone());
+    let incoming = crate::tls_listener::incoming("node-api", listener, config, cancel.clone());
     let result = tonic::transport::Server::builder()
         .timeout(RPC_TIMEOUT)
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))

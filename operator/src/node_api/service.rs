@@ -20,6 +20,7 @@ use super::limits::NodeRateLimiter;
 use super::metrics::NodeApiMetrics;
 use super::psat::{self, PsatConfig};
 use crate::authority::Authorities;
+use crate::federation::FederatedBundles;
 use crate::index::{EntryIndex, NodeDelta};
 
 /// Most CSRs in one SignX509Svids call.
@@ -60,6 +61,7 @@ struct Inner {
     clock: SharedClock,
     limiter: NodeRateLimiter,
     metrics: NodeApiMetrics,
+    federated: Arc<FederatedBundles>,
     shutdown: CancellationToken,
 }
 
@@ -92,6 +94,7 @@ impl NodeApi {
         nodes: Store<Node>,
         clock: SharedClock,
         metrics: NodeApiMetrics,
+        federated: Arc<FederatedBundles>,
         shutdown: CancellationToken,
     ) -> Self {
         let limiter = NodeRateLimiter::new(cfg.rate_per_node, cfg.burst_per_node);
@@ -105,6 +108,7 @@ impl NodeApi {
                 clock,
                 limiter,
                 metrics,
+                federated,
                 shutdown,
             }),
         }
@@ -250,15 +254,24 @@ impl NodeApi {
         Ok((issued.chain(), issued.not_after, id))
     }
 
+    /// Every bundle an agent holds: the local trust domains', then the federated ones
+    /// (a federated bundle never stands in for a local trust domain).
     fn bundles(&self) -> Vec<pb::Bundle> {
-        self.inner
-            .authorities
+        let local = self.inner.authorities.all();
+        let federated = self
+            .inner
+            .federated
             .all()
+            .into_iter()
+            .filter(|b| !local.iter().any(|a| a.trust_domain == b.trust_domain));
+        local
             .iter()
-            .map(|a| pb::Bundle {
-                trust_domain: a.trust_domain.name().to_owned(),
-                jwks: a.bundle.to_jwks_json().into_bytes(),
-                sequence: a.bundle.sequence.unwrap_or(0),
+            .map(|a| a.bundle.clone())
+            .chain(federated)
+            .map(|b| pb::Bundle {
+                trust_domain: b.trust_domain.name().to_owned(),
+                jwks: b.to_jwks_json().into_bytes(),
+                sequence: b.sequence.unwrap_or(0),
             })
             .collect()
     }
@@ -297,13 +310,17 @@ fn sel_to_pb(s: &Selector) -> pb::Selector {
     }
 }
 
-fn delta_to_pb(d: NodeDelta, bundles: Vec<pb::Bundle>) -> pb::SyncEntriesResponse {
+/// A stream message; `bundles`, when given, is the complete set.
+fn delta_to_pb(d: NodeDelta, bundles: Option<Vec<pb::Bundle>>) -> pb::SyncEntriesResponse {
+    let bundles_complete = bundles.is_some();
+    let bundles = bundles.unwrap_or_default();
     pb::SyncEntriesResponse {
         full: d.full,
         upserts: d.upserts.iter().map(|e| entry_to_pb(e)).collect(),
         removed: d.removed,
         bundles,
         removed_bundles: vec![],
+        bundles_complete,
         revision: d.revision,
     }
 }
@@ -412,6 +429,7 @@ impl pb::node_server::Node for NodeApi {
         let this = self.clone();
         let mut view = this.inner.entries.node(&caller.node_name);
         let mut authorities_rx = this.inner.authorities.subscribe();
+        let mut federated_rx = this.inner.federated.subscribe();
         let shutdown = this.inner.shutdown.clone();
         let cert_deadline = caller.cert_not_after;
         let stream = spawn_stream(move |tx| async move {
@@ -427,10 +445,11 @@ impl pb::node_server::Node for NodeApi {
                 () = shutdown.cancelled() => return,
             }
             authorities_rx.borrow_and_update();
+            federated_rx.borrow_and_update();
             let first = view.changes_since(known);
             let mut revision = first.revision;
             if tx
-                .send(Ok(delta_to_pb(first, this.bundles())))
+                .send(Ok(delta_to_pb(first, Some(this.bundles()))))
                 .await
                 .is_err()
             {
@@ -452,22 +471,21 @@ impl pb::node_server::Node for NodeApi {
                     }
                     () = view.changed() => {}
                     r = authorities_rx.changed() => { if r.is_err() { return } send_bundles = true; }
+                    r = federated_rx.changed() => { if r.is_err() { return } send_bundles = true; }
                 }
                 // Coalesce whatever else changed meanwhile.
-                if authorities_rx.has_changed().unwrap_or(false) {
-                    authorities_rx.borrow_and_update();
-                    send_bundles = true;
+                for rx in [&mut authorities_rx, &mut federated_rx] {
+                    if rx.has_changed().unwrap_or(false) {
+                        rx.borrow_and_update();
+                        send_bundles = true;
+                    }
                 }
                 let delta = view.changes_since(revision);
                 if delta.is_empty() && !send_bundles {
                     continue;
                 }
                 revision = delta.revision;
-                let bundles = if send_bundles || delta.full {
-                    this.bundles()
-                } else {
-                    vec![]
-                };
+                let bundles = (send_bundles || delta.full).then(|| this.bundles());
                 if tx.send(Ok(delta_to_pb(delta, bundles))).await.is_err() {
                     return;
                 }

@@ -17,11 +17,9 @@
 //! able to sign.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -39,6 +37,7 @@ use super::publisher::{self, Published};
 use super::rotation::{AuthorityState, Generation, KeyKind, Transition};
 use super::store::{self, ca_secret_name};
 use super::upstream;
+use crate::conditions::{condition, k8s_time, unix};
 use crate::crd::trust_domain::{CaStatus, TrustDomain as TrustDomainObject, TrustDomainStatus};
 use crate::telemetry::{ErrorLabels, RotationLabels, TrustDomainMetrics};
 
@@ -316,16 +315,6 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
     ))
 }
 
-fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn k8s_time(t: SystemTime) -> Time {
-    Time(Timestamp::from_second(unix(t)).unwrap_or(Timestamp::UNIX_EPOCH))
-}
-
 fn ca_status<K: Generation>(k: &K) -> CaStatus {
     CaStatus {
         serial: k.id().to_owned(),
@@ -418,42 +407,10 @@ fn build_status(
     };
     let now = k8s_time(o.now);
     status.conditions = vec![
-        condition(old, READY, ready, generation, &now),
-        condition(old, ISSUING, issuing, generation, &now),
+        condition(&old.conditions, READY, ready, generation, &now),
+        condition(&old.conditions, ISSUING, issuing, generation, &now),
     ];
     status
-}
-
-fn condition(
-    old: &TrustDomainStatus,
-    type_: &str,
-    (ok, reason, message): (bool, String, String),
-    generation: Option<i64>,
-    now: &Time,
-) -> Condition {
-    let status = if ok { "True" } else { "False" }.to_owned();
-    let previous = old.conditions.iter().find(|c| c.type_ == type_);
-    let last_transition_time = match previous {
-        Some(p) if p.status == status => p.last_transition_time.clone(),
-        _ => now.clone(),
-    };
-    // Messages are limited to 32 KiB by the apiserver.
-    let mut message = message;
-    if message.len() > 4096 {
-        let mut cut = 4096;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-    }
-    Condition {
-        type_: type_.to_owned(),
-        status,
-        reason,
-        message,
-        observed_generation: generation,
-        last_transition_time,
-    }
 }
 
 impl Context {

@@ -37,18 +37,7 @@ const FORMAT: u32 = 1;
 
 /// Name of the CA Secret of TrustDomain `object`.
 pub fn ca_secret_name(object: &str) -> String {
-    const PREFIX: &str = "sigil-ca-";
-    if PREFIX.len() + object.len() <= 253 {
-        format!("{PREFIX}{object}")
-    } else {
-        use sha2::Digest;
-        let hash = hex::encode(&sha2::Sha256::digest(object.as_bytes())[..6]);
-        let keep = 253 - PREFIX.len() - hash.len() - 1;
-        format!(
-            "{PREFIX}{}-{hash}",
-            object[..keep].trim_end_matches(['-', '.'])
-        )
-    }
+    crate::crd::prefixed_name("sigil-ca-", object)
 }
 
 /// Why a CA Secret could not be loaded.

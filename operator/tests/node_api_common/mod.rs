@@ -275,6 +275,7 @@ impl World {
             self.nodes.clone(),
             Arc::new(SystemClock),
             self.metrics.clone(),
+            self.replica.federated.clone(),
             cancel.clone(),
         );
         let ready = self.replica.readiness.component("node-api");

@@ -50,6 +50,8 @@ pub use sigil_e2e::{eventually, unique};
 pub struct Replica {
     pub identity: String,
     pub authorities: Arc<Authorities>,
+    /// Foreign bundles held (the FederatedBundle subsystem runs in every replica).
+    pub federated: Arc<sigil_operator::federation::FederatedBundles>,
     pub leader: watch::Receiver<bool>,
     pub resync: Resync,
     pub readiness: Readiness,
@@ -97,6 +99,22 @@ impl Replica {
         options.selector = Some(format!("{INSTANCE_LABEL}={}", c.instance));
         options.instance = Some(c.identity.clone());
         options.retry_interval = Duration::from_secs(1);
+        let federated = sigil_operator::federation::FederatedBundles::new();
+        let mut fed_options = sigil_operator::federation::Options::new(&c.namespace);
+        fed_options.selector = options.selector.clone();
+        fed_options.instance = Some(c.identity.clone());
+        fed_options.retry_interval = Duration::from_secs(1);
+        fed_options.min_refresh = Duration::from_secs(1);
+        fed_options.fetch_timeout = Duration::from_secs(3);
+        let fed_shared = sigil_operator::federation::Shared {
+            federated: federated.clone(),
+            authorities: authorities.clone(),
+            clock: c.clock.clone(),
+            leader: leader.clone(),
+            metrics: metrics.federation.clone(),
+            errors: metrics.trust_domain.reconcile_errors.clone(),
+            ready: Some(readiness.component("federated-bundles")),
+        };
         let shared = Shared {
             authorities: authorities.clone(),
             clock: c.clock,
@@ -107,6 +125,12 @@ impl Replica {
         };
         let tasks = vec![
             tokio::spawn(election.run(cancel.clone())),
+            tokio::spawn(sigil_operator::federation::run(
+                client.clone(),
+                fed_options,
+                fed_shared,
+                cancel.clone(),
+            )),
             tokio::spawn({
                 let cancel = cancel.clone();
                 async move {
@@ -119,6 +143,7 @@ impl Replica {
         Self {
             identity: c.identity,
             authorities,
+            federated,
             leader,
             resync,
             readiness,

@@ -169,20 +169,27 @@ pub struct SyncEntriesRequest {
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SyncEntriesResponse {
-    /// When true, the agent replaces its entries with `upserts` (and its bundles with
-    /// `bundles`); otherwise the message is a change on top of the previous one.
+    /// When true, the agent replaces its entries with `upserts`; otherwise the message is a
+    /// change on top of the previous one.
     #[prost(bool, tag = "1")]
     pub full: bool,
     #[prost(message, repeated, tag = "2")]
     pub upserts: ::prost::alloc::vec::Vec<Entry>,
     #[prost(string, repeated, tag = "3")]
     pub removed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// Bundles (the agent's own trust domain and federated ones) that are new or changed.
     #[prost(message, repeated, tag = "4")]
     pub bundles: ::prost::alloc::vec::Vec<Bundle>,
+    /// Trust domains whose bundles the agent drops.
     #[prost(string, repeated, tag = "5")]
     pub removed_bundles: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(uint64, tag = "6")]
     pub revision: u64,
+    /// When true, `bundles` is every bundle the agent should hold: it drops any other. The
+    /// first message of every stream sets it, so bundles removed while the agent was away
+    /// are dropped too.
+    #[prost(bool, tag = "7")]
+    pub bundles_complete: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SvidRequest {

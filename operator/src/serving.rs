@@ -1,7 +1,11 @@
-//! The Node API's own serving certificate: an X509-SVID for the operator
-//! (`spiffe://<agent trust domain>/sigil/operator`) signed by this replica's loaded CA,
-//! with a key that never leaves the process. Agents verify it against their bootstrap
-//! bundle (the bundle ConfigMap), then against the bundle the operator sends them.
+//! The operator's own serving certificates: X509-SVIDs signed by this replica's loaded CA,
+//! with keys that never leave the process.
+//!
+//! - The Node API presents `spiffe://<agent trust domain>/sigil/operator`; agents verify
+//!   it against their bootstrap bundle (the bundle ConfigMap), then against the bundle the
+//!   operator sends them.
+//! - The `https_spiffe` bundle endpoint presents `spiffe://<td>/sigil/bundle-endpoint`;
+//!   federated peers verify it against the bundle they hold for us.
 //!
 //! Re-issued at half-life, and as soon as a CA appears for the first time.
 
@@ -19,24 +23,30 @@ use tracing::{info, warn};
 use crate::authority::Authorities;
 use crate::telemetry::ReadyHandle;
 
-/// Path of the operator's SPIFFE ID in the agent trust domain.
+/// Path of the Node API's SPIFFE ID in the agent trust domain.
 pub const OPERATOR_PATH: &str = "/sigil/operator";
+/// Path of the `https_spiffe` bundle endpoint's SPIFFE ID.
+pub const BUNDLE_ENDPOINT_PATH: &str = "/sigil/bundle-endpoint";
 
-/// Keeps `cert` holding a valid operator SVID until `cancel`. `ready` turns ready once the
-/// first one is in place (a replica without a serving certificate cannot serve agents).
+/// Keeps `cert` holding a valid SVID for `trust_domain` + `path` until `cancel`. `ready`
+/// turns ready once the first one is in place (a listener without a certificate cannot
+/// serve). `what` names the listener in logs.
+#[allow(clippy::too_many_arguments)]
 pub async fn keep_serving_svid(
+    what: &'static str,
     authorities: Arc<Authorities>,
     trust_domain: TrustDomain,
+    path: &'static str,
     ttl: Duration,
     cert: Arc<SwappableCert>,
     clock: SharedClock,
     ready: Option<ReadyHandle>,
     cancel: CancellationToken,
 ) {
-    let id = match trust_domain.id(OPERATOR_PATH) {
+    let id = match trust_domain.id(path) {
         Ok(id) => id,
         Err(e) => {
-            warn!(error = %e, "cannot form the operator's SPIFFE ID; the Node API has no certificate");
+            warn!(listener = what, error = %e, "cannot form the serving SPIFFE ID; the listener has no certificate");
             return;
         }
     };
@@ -50,12 +60,14 @@ pub async fn keep_serving_svid(
                     Ok(()) => {
                         let half = not_after.duration_since(now).unwrap_or_default() / 2;
                         renew_at = Some(now + half);
-                        info!(spiffe_id = %id, "Node API serving certificate issued");
+                        info!(listener = what, spiffe_id = %id, "serving certificate issued");
                         if let Some(r) = &ready {
                             r.set_ready();
                         }
                     }
-                    Err(e) => warn!(error = %e, "Node API serving certificate rejected by rustls"),
+                    Err(e) => {
+                        warn!(listener = what, error = %e, "serving certificate rejected by rustls")
+                    }
                 },
                 None => renew_at = None,
             }
@@ -84,7 +96,7 @@ fn issue(
 ) -> Option<(Vec<Vec<u8>>, PrivateKey, SystemTime)> {
     let authority = authorities.get(td)?;
     let key = PrivateKey::generate(KeyType::EcP256)
-        .inspect_err(|e| warn!(error = %e, "generating the Node API key"))
+        .inspect_err(|e| warn!(error = %e, "generating a serving key"))
         .ok()?;
     let issued = authority
         .x509_ca
@@ -97,7 +109,7 @@ fn issue(
             },
             now,
         )
-        .inspect_err(|e| warn!(error = %e, "signing the Node API serving certificate"))
+        .inspect_err(|e| warn!(error = %e, "signing a serving certificate"))
         .ok()?;
     Some((issued.chain(), key, issued.not_after))
 }

@@ -1,8 +1,9 @@
-//! The Node API's TLS listener: accepts TCP, runs each TLS handshake in its own task with a
-//! deadline (a slow or silent client never blocks the accept loop), and hands finished
-//! connections to tonic. Client certificates are optional at the TLS layer (a new agent
-//! has none yet); the service requires one on every RPC except AttestNode, and reads the
-//! verified chain through `Request::peer_certs`.
+//! The operator's TLS listeners (Node API, bundle endpoint): accept TCP, run each TLS
+//! handshake in its own task with a deadline (a slow or silent client never blocks the
+//! accept loop), and hand finished connections on as a stream. For the Node API, client
+//! certificates are optional at the TLS layer (a new agent has none yet); the service
+//! requires one on every RPC except AttestNode, and reads the verified chain through
+//! `Request::peer_certs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub const MAX_CONCURRENT_HANDSHAKES: usize = 256;
 
 /// A stream of established TLS connections for `tonic::transport::Server::serve_with_incoming`.
 pub fn incoming(
+    what: &'static str,
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     cancel: CancellationToken,
@@ -36,7 +38,7 @@ pub fn incoming(
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!(error = %e, "node API accept failed");
+                        tracing::warn!(listener = what, error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -44,7 +46,7 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let Ok(permit) = permits.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, "node API: too many TLS handshakes in flight; dropping connection");
+                tracing::warn!(listener = what, %peer, "too many TLS handshakes in flight; dropping connection");
                 continue;
             };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
@@ -55,9 +57,9 @@ pub fn incoming(
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(e)) => {
-                        tracing::info!(%peer, error = %e, "node API: TLS handshake refused")
+                        tracing::info!(listener = what, %peer, error = %e, "TLS handshake refused")
                     }
-                    Err(_) => tracing::info!(%peer, "node API: TLS handshake timed out"),
+                    Err(_) => tracing::info!(listener = what, %peer, "TLS handshake timed out"),
                 }
             });
         }
