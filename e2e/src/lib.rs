@@ -107,12 +107,39 @@ pub async fn shared() -> &'static ControlPlane {
     static SHARED: tokio::sync::OnceCell<Result<ControlPlane, String>> =
         tokio::sync::OnceCell::const_new();
     let started = SHARED
-        .get_or_init(|| async { ControlPlane::start().await.map_err(|e| e.to_string()) })
+        .get_or_init(|| async {
+            start_watchdog();
+            ControlPlane::start().await.map_err(|e| e.to_string())
+        })
         .await;
     match started {
         Ok(cp) => cp,
         Err(e) => panic!("the shared test control plane did not start: {e}"),
     }
+}
+
+/// Default limit for one test binary that uses the control plane.
+const WATCHDOG_DEFAULT: Duration = Duration::from_secs(900);
+
+/// Ends this test process when it runs longer than `SIGIL_TEST_BINARY_TIMEOUT` seconds
+/// (default 900): a hung test then fails in minutes, naming itself, instead of holding CI
+/// until its overall limit. Child processes die with us (they run under pdeathsig).
+fn start_watchdog() {
+    let limit = std::env::var("SIGIL_TEST_BINARY_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(WATCHDOG_DEFAULT, Duration::from_secs);
+    let binary = std::env::args().next().unwrap_or_default();
+    std::thread::Builder::new()
+        .name("sigil-e2e-watchdog".into())
+        .spawn(move || {
+            std::thread::sleep(limit);
+            eprintln!(
+                "sigil-e2e watchdog: {binary} ran longer than {limit:?} (SIGIL_TEST_BINARY_TIMEOUT); a test is hung, ending the process"
+            );
+            std::process::exit(124);
+        })
+        .expect("spawn the test watchdog thread");
 }
 
 /// A name unique within this machine's current test processes: `prefix-<pid>-<n>`.

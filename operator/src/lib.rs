@@ -26,6 +26,7 @@ pub mod index;
 pub mod leader;
 pub mod node_api;
 pub mod serving;
+pub mod shutdown;
 pub mod telemetry;
 pub mod template;
 pub mod tls_listener;

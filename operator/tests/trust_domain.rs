@@ -737,6 +737,8 @@ async fn operator_runs_with_least_privilege_rbac() {
         "rules": [
             {"apiGroups": ["sigil.dev"], "resources": ["trustdomains"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["sigil.dev"], "resources": ["trustdomains/status"], "verbs": ["get", "patch", "update"]},
+            {"apiGroups": ["sigil.dev"], "resources": ["federatedbundles"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["sigil.dev"], "resources": ["federatedbundles/status"], "verbs": ["get", "patch", "update"]},
             {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update", "delete"]},
             {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
@@ -836,5 +838,10 @@ async fn operator_runs_with_least_privilege_rbac() {
         "{message}"
     );
     wait_warning_event(&admin, &forbidden, "UpstreamSecretForbidden").await;
+    // Every watch listed under these grants: the replica reports ready.
+    eventually("replica ready under least privilege", SETTLE, || async {
+        replica.readiness.is_ready().then_some(())
+    })
+    .await;
     replica.stop().await;
 }

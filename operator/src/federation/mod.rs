@@ -173,15 +173,15 @@ async fn run_controller(
         fetch_timeout: options.fetch_timeout,
         retry: options.retry_interval,
     });
-    controller
+    let run = controller
         .reconcile_all_on(leader_gained)
         .reconcile_all_on(authorities_changed)
-        .graceful_shutdown_on(cancel.cancelled_owned())
+        .graceful_shutdown_on(cancel.clone().cancelled_owned())
         .run(controller::reconcile, controller::error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
                 debug!(error = %e, "FederatedBundle controller event");
             }
-        })
-        .await;
+        });
+    crate::shutdown::run_with_grace("federated-bundle", run, &cancel, crate::shutdown::GRACE).await;
 }

@@ -211,7 +211,7 @@ async fn run_controller(
         store,
         retry: options.retry_interval,
     });
-    controller
+    let run = controller
         .watches(
             Api::<Namespace>::all(client),
             watcher::Config::default(),
@@ -219,12 +219,12 @@ async fn run_controller(
         )
         .reconcile_all_on(leader_gained)
         .reconcile_all_on(resync)
-        .graceful_shutdown_on(cancel.cancelled_owned())
+        .graceful_shutdown_on(cancel.clone().cancelled_owned())
         .run(reconciler::reconcile, reconciler::error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
                 debug!(error = %e, "TrustDomain controller event");
             }
-        })
-        .await;
+        });
+    crate::shutdown::run_with_grace("trust-domain", run, &cancel, crate::shutdown::GRACE).await;
 }
