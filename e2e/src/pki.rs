@@ -62,8 +62,13 @@ impl Ca {
 
     /// A TLS serving certificate for `127.0.0.1` and `localhost`.
     pub fn serving(&self, cn: &str) -> Result<CertKey, Error> {
+        self.serving_for(cn, &["localhost", "127.0.0.1"])
+    }
+
+    /// A TLS serving certificate for `names` (DNS names or IP addresses).
+    pub fn serving_for(&self, cn: &str, names: &[&str]) -> Result<CertKey, Error> {
         let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
                 .map_err(pki_err("serving certificate SANs"))?;
         params.distinguished_name = dn(cn, None);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
