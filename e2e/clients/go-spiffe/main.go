@@ -6,6 +6,13 @@
 //	go-spiffe-client -addr ... jwt -audience A [-spiffe-id ID]
 //	go-spiffe-client -addr ... validate -audience A -token T
 //	go-spiffe-client -addr ... bundles
+//	go-spiffe-client -addr ... serve -listen 127.0.0.1:0 -allow-td TD
+//	go-spiffe-client -addr ... dial -connect HOST:PORT -server-id ID
+//
+// serve and dial are mutual TLS through go-spiffe's spiffetls with an X509Source: the
+// server accepts one connection from any member of -allow-td (printing its address
+// first, as {"listening": ...}), the client accepts only -server-id. Both verify the
+// peer with the bundles their own Workload API served, federated ones included.
 //
 // Exit status 0 with JSON on stdout, or 1 with the client library's error on stderr.
 package main
@@ -16,12 +23,15 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"flag"
+	"bufio"
 	"fmt"
 	"os"
 	"sort"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
@@ -40,6 +50,10 @@ func main() {
 	audience := sub.String("audience", "", "JWT audience")
 	id := sub.String("spiffe-id", "", "JWT subject to ask for")
 	token := sub.String("token", "", "JWT-SVID to validate")
+	listen := sub.String("listen", "127.0.0.1:0", "serve: address to listen on")
+	allowTD := sub.String("allow-td", "", "serve: trust domain whose members may connect")
+	connect := sub.String("connect", "", "dial: server address")
+	serverID := sub.String("server-id", "", "dial: the server's SPIFFE ID")
 	_ = sub.Parse(flag.Args()[1:])
 
 	var out any
@@ -53,6 +67,10 @@ func main() {
 		out, err = validate(ctx, opt, *audience, *token)
 	case "bundles":
 		out, err = bundles(ctx, opt)
+	case "serve":
+		out, err = serve(ctx, opt, *listen, *allowTD)
+	case "dial":
+		out, err = dial(ctx, opt, *connect, *serverID)
 	default:
 		err = fmt.Errorf("unknown command %q", flag.Arg(0))
 	}
@@ -140,4 +158,83 @@ func bundles(ctx context.Context, opt workloadapi.ClientOption) (any, error) {
 		res["jwt"][b.TrustDomain().String()] = len(ids)
 	}
 	return res, nil
+}
+
+func serve(ctx context.Context, opt workloadapi.ClientOption, listen, allowTD string) (any, error) {
+	td, err := spiffeid.TrustDomainFromString(allowTD)
+	if err != nil {
+		return nil, err
+	}
+	source, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(opt))
+	if err != nil {
+		return nil, err
+	}
+	defer source.Close()
+	own, err := source.GetX509SVID()
+	if err != nil {
+		return nil, err
+	}
+	l, err := spiffetls.ListenWithMode(ctx, "tcp", listen, spiffetls.MTLSServerWithSource(tlsconfig.AuthorizeMemberOf(td), source))
+	if err != nil {
+		return nil, err
+	}
+	defer l.Close()
+	_ = json.NewEncoder(os.Stdout).Encode(map[string]string{"listening": l.Addr().String()})
+	if d, ok := ctx.Deadline(); ok {
+		if tl, ok := l.(interface{ SetDeadline(time.Time) error }); ok {
+			_ = tl.SetDeadline(d)
+		}
+	}
+	conn, err := l.Accept()
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	if err != nil {
+		return nil, err
+	}
+	peer, err := spiffetls.PeerIDFromConn(conn)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := fmt.Fprintf(conn, "hello from %s\n", own.ID); err != nil {
+		return nil, err
+	}
+	return map[string]string{"own_id": own.ID.String(), "peer_id": peer.String(), "got": line[:len(line)-1]}, nil
+}
+
+func dial(ctx context.Context, opt workloadapi.ClientOption, connect, serverID string) (any, error) {
+	id, err := spiffeid.FromString(serverID)
+	if err != nil {
+		return nil, err
+	}
+	source, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(opt))
+	if err != nil {
+		return nil, err
+	}
+	defer source.Close()
+	own, err := source.GetX509SVID()
+	if err != nil {
+		return nil, err
+	}
+	conn, err := spiffetls.DialWithMode(ctx, "tcp", connect, spiffetls.MTLSClientWithSource(tlsconfig.AuthorizeID(id), source))
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := fmt.Fprintf(conn, "hello from %s\n", own.ID); err != nil {
+		return nil, err
+	}
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	if err != nil {
+		return nil, err
+	}
+	peer, err := spiffetls.PeerIDFromConn(conn)
+	if err != nil {
+		return nil, err
+	}
+	return map[string]string{"own_id": own.ID.String(), "peer_id": peer.String(), "got": line[:len(line)-1]}, nil
 }
