@@ -4,6 +4,8 @@
 //! TrustDomain and ClusterSPIFFEID), and the operator runs on exactly the chart's RBAC.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../operator/tests/federation_common/mod.rs"]
+mod federation_common;
 #[path = "../../operator/tests/node_api_common/mod.rs"]
 mod node_api_common;
 #[path = "../../operator/tests/trust_domain_common/mod.rs"]
@@ -11,13 +13,16 @@ mod trust_domain_common;
 
 use std::path::{Path, PathBuf};
 
+use federation_common::{Behaviour, FakeEndpoint, Foreign};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::discovery::{Discovery, Scope};
 use kube::{Client, ResourceExt};
 use node_api_common::{World, WorldOptions};
 use serde_json::json;
 use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
-use trust_domain_common::{SETTLE, eventually, unique};
+use sigil_operator::crd::federated_bundle::FederatedBundle;
+use trust_domain_common::{INSTANCE_LABEL, SETTLE, eventually, unique};
 
 fn chart() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/sigil")
@@ -227,4 +232,53 @@ async fn the_operator_runs_on_the_charts_rbac() {
         },
     )
     .await;
+
+    // FederatedBundle: the fetched bundle kept in a ConfigMap in the release namespace,
+    // status and Events, all under the chart's grants.
+    let partner = Foreign::new(&format!("partner-{}.test", w.tag));
+    let endpoint = FakeEndpoint::start("127.0.0.1", Behaviour::Serve(partner.bundle_json())).await;
+    let (chain, key) = partner.svid("/spire/server");
+    endpoint.cert.set(&chain, &key).unwrap();
+    let fb_name = format!("{}-partner", w.tag);
+    let fbs = Api::<FederatedBundle>::all(admin.clone());
+    fbs.create(
+        &kube::api::PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "sigil.dev/v1alpha1", "kind": "FederatedBundle",
+            "metadata": {"name": fb_name, "labels": {INSTANCE_LABEL: w.tag}},
+            "spec": {
+                "trustDomain": partner.td.name(),
+                "bundleEndpointURL": endpoint.url,
+                "bundleEndpointProfile": {"type": "https_spiffe", "endpointSPIFFEID": partner.td.id("/spire/server").unwrap().to_string()},
+                "trustDomainBundle": partner.bundle().x509_pem(),
+            },
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    eventually(
+        "the FederatedBundle fetched under the chart's RBAC",
+        SETTLE,
+        || async {
+            let status = fbs.get(&fb_name).await.ok()?.status?;
+            status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.reason == "Fetched")
+                .then_some(())
+        },
+    )
+    .await;
+    let cm = Api::<ConfigMap>::namespaced(admin.clone(), &ns)
+        .get(&format!("sigil-federated-{fb_name}"))
+        .await
+        .unwrap();
+    assert!(cm.data.unwrap().contains_key("bundle.spiffe"));
+    assert_eq!(w.replica.federated.get(&partner.td), Some(partner.bundle()));
+    assert!(
+        w.replica.readiness.is_ready(),
+        "not ready under the chart's RBAC: {:?}",
+        w.replica.readiness.pending()
+    );
 }
