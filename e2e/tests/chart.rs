@@ -149,6 +149,42 @@ async fn every_rendering_passes_a_server_side_dry_run() {
                 values.display()
             );
         }
+        let mut parsed_binaries = 0;
+        // The operator's and the agent's rendered arguments parse with the binaries' own
+        // command lines (a renamed flag fails here, not in a user's CrashLoopBackOff).
+        for obj in &objects {
+            let kind = obj.types.as_ref().unwrap().kind.as_str();
+            if !matches!(kind, "Deployment" | "DaemonSet") {
+                continue;
+            }
+            for c in obj.data["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .unwrap()
+            {
+                let args: Vec<String> = c["args"]
+                    .as_array()
+                    .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+                    .unwrap_or_default();
+                let image = c["image"].as_str().unwrap();
+                let argv = std::iter::once("bin".to_owned()).chain(args);
+                let parsed = if image.contains("/sigil-operator:") {
+                    <sigil_operator::app::Args as clap::Parser>::try_parse_from(argv)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                } else if image.contains("/sigil-agent:") {
+                    <sigil_agent::app::Args as clap::Parser>::try_parse_from(argv)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                } else {
+                    continue;
+                };
+                parsed.unwrap_or_else(|e| {
+                    panic!("{}: {image} rejects its chart args: {e}", values.display())
+                });
+                parsed_binaries += 1;
+            }
+        }
+        assert_eq!(parsed_binaries, 2, "operator and agent args checked");
         let mut checked = 0;
         for obj in &objects {
             let kind = obj.types.as_ref().unwrap().kind.as_str();
