@@ -238,7 +238,9 @@ async fn https_spiffe_bundle_reaches_agents_and_survives_every_bad_answer() {
     // in the ConfigMap and on the agent.
     let other = Foreign::new(&format!("other-{}.test", w.tag));
     let wrong_id = partner.svid("/not/the/server");
-    let bad: Vec<(&str, Box<dyn Fn()>, &str, &str)> = vec![
+    // (what, how to make the endpoint answer badly, expected reason, text in the message)
+    type BadAnswer<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a str, &'a str);
+    let bad: Vec<BadAnswer> = vec![
         (
             "a certificate for the wrong SPIFFE ID",
             Box::new(|| {
