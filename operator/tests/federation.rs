@@ -831,3 +831,127 @@ impl SpiffeGet {
         self.request(url).await.0
     }
 }
+
+/// Without the grant to keep the fetched bundle in its ConfigMap, the object says so,
+/// names the grant, and agents keep the bootstrap bundle.
+#[tokio::test]
+async fn a_missing_config_map_grant_is_reported_on_the_object() {
+    let admin = client().await;
+    let ns = namespace("fed-rbac").await;
+    let instance = unique("fedrbac");
+    let role = format!("sigil-fed-{instance}");
+    let rbac: Vec<(bool, Value)> = vec![
+        (
+            false,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": role}, "rules": [
+                {"apiGroups": ["sigil.dev"], "resources": ["trustdomains", "federatedbundles"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["sigil.dev"], "resources": ["trustdomains/status", "federatedbundles/status"], "verbs": ["get", "patch", "update"]},
+                {"apiGroups": [""], "resources": ["namespaces", "configmaps"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+            ]}),
+        ),
+        (
+            false,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": role},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": "sigil-operator", "namespace": ns}]}),
+        ),
+        (
+            true,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "leases"}, "rules": [
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
+            ]}),
+        ),
+        (
+            true,
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "leases"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "leases"},
+            "subjects": [{"kind": "ServiceAccount", "name": "sigil-operator", "namespace": ns}]}),
+        ),
+    ];
+    for (namespaced, body) in rbac {
+        let kind = body["kind"].as_str().unwrap().to_owned();
+        let gvk = kube::core::GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", &kind);
+        let ar = kube::core::ApiResource::from_gvk(&gvk);
+        let api: Api<kube::core::DynamicObject> = if namespaced {
+            Api::namespaced_with(admin.clone(), &ns, &ar)
+        } else {
+            Api::all_with(admin.clone(), &ar)
+        };
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(body).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), &ns)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "sigil-operator"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let sa = service_account_client(&ns, "sigil-operator").await;
+    let replica = Replica::start(sa, ReplicaConfig::new(&ns, &instance));
+
+    let partner = Foreign::new(&format!("partner-{instance}.test"));
+    let endpoint = FakeEndpoint::start("127.0.0.1", Behaviour::Serve(partner.bundle_json())).await;
+    let (chain, key) = partner.svid("/spire/server");
+    endpoint.cert.set(&chain, &key).unwrap();
+    let name = format!("{instance}-partner");
+    let fbs = Api::<FederatedBundle>::all(admin.clone());
+    create(
+        &fbs,
+        json!({
+            "apiVersion": "sigil.dev/v1alpha1", "kind": "FederatedBundle",
+            "metadata": {"name": name, "labels": {INSTANCE_LABEL: instance}},
+            "spec": {
+                "trustDomain": partner.td.name(),
+                "bundleEndpointURL": endpoint.url,
+                "bundleEndpointProfile": {"type": "https_spiffe", "endpointSPIFFEID": partner.td.id("/spire/server").unwrap().to_string()},
+                "trustDomainBundle": partner.bundle().x509_pem(),
+            },
+        }),
+    )
+    .await;
+    let fb = eventually("Ready=False ConfigMapForbidden", SETTLE, || async {
+        fbs.get(&name).await.ok().filter(|fb| {
+            fb.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.reason == "ConfigMapForbidden")
+            })
+        })
+    })
+    .await;
+    let status = fb.status.unwrap();
+    let message = &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains(&format!("ConfigMap {ns}/sigil-federated-{name}"))
+            && message.contains("grant its ServiceAccount get, create and update on configmaps"),
+        "{message}"
+    );
+    let available = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "BundleAvailable")
+        .unwrap();
+    assert_eq!(available.reason, "Bootstrap", "{available:?}");
+    let mut registry = prometheus_client::registry::Registry::default();
+    replica.metrics.register(&mut registry);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(
+        text.lines().any(|l| l.contains("reconcile_errors")
+            && l.contains("federated_bundle")
+            && l.contains("reason=\"ConfigMapForbidden\"")),
+        "counted: {text}"
+    );
+    replica.stop().await;
+}

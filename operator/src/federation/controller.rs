@@ -45,6 +45,8 @@ use crate::telemetry::{ErrorLabels, FederationMetrics, FetchLabels, TrustDomainL
 pub const READY: &str = "Ready";
 /// Condition: a bundle (fetched or bootstrap) is held and handed to workloads.
 pub const BUNDLE_AVAILABLE: &str = "BundleAvailable";
+/// Ready reason: the operator lacks the grant to keep the bundle in its ConfigMap.
+const CONFIG_MAP_FORBIDDEN: &str = "ConfigMapForbidden";
 
 /// Controller errors (API failures; problems with the object go to its status).
 #[derive(Debug, thiserror::Error)]
@@ -139,7 +141,22 @@ pub(crate) async fn reconcile(
 
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let cm_name = spec::config_map_name(&spec.object);
-    let existing = cms.get_opt(&cm_name).await?;
+    let existing = match cms.get_opt(&cm_name).await {
+        Ok(e) => e,
+        Err(e) if is_forbidden(&e) => {
+            return ctx
+                .config_map_forbidden(
+                    &obj,
+                    &spec,
+                    held_without_cm(&spec, &obj),
+                    ("read", &cm_name),
+                    &e,
+                    now,
+                )
+                .await;
+        }
+        Err(e) => return Err(e.into()),
+    };
     let held = spec::held(&spec, obj.metadata.uid.as_deref(), existing.as_ref());
 
     let result = match ctx.profile(&spec, held.as_ref().map(|h| &h.0)).await {
@@ -181,8 +198,29 @@ pub(crate) async fn reconcile(
                 "fetched bundle"
             );
             if changed {
-                ctx.write_config_map(&obj, &spec, &bundle, existing, now)
-                    .await?;
+                let verb = if existing.is_some() {
+                    "update"
+                } else {
+                    "create"
+                };
+                match ctx
+                    .write_config_map(&obj, &spec, &bundle, existing, now)
+                    .await
+                {
+                    Err(Error::Kube(e)) if is_forbidden(&e) => {
+                        return ctx
+                            .config_map_forbidden(
+                                &obj,
+                                &spec,
+                                held.clone(),
+                                (verb, &cm_name),
+                                &e,
+                                now,
+                            )
+                            .await;
+                    }
+                    r => r?,
+                }
                 let before = held.as_ref().map(|h| &h.0);
                 let note = describe_change(before, &bundle, &spec.url);
                 ctx.event(&obj, EventType::Normal, "BundleUpdated", &note)
@@ -228,6 +266,15 @@ pub(crate) async fn reconcile(
     };
     ctx.finish(&obj, outcome, now).await?;
     Ok(requeue(next.duration_since(now).unwrap_or_default()))
+}
+
+/// What is held when the ConfigMap cannot be read: the bootstrap bundle, if any.
+fn held_without_cm(spec: &Spec, obj: &FederatedBundle) -> Option<(TrustBundle, Source)> {
+    spec::held(spec, obj.metadata.uid.as_deref(), None)
+}
+
+fn is_forbidden(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 403)
 }
 
 fn requeue(after: Duration) -> Action {
@@ -489,6 +536,33 @@ impl Context {
             .await?;
         }
         Ok(())
+    }
+
+    /// The operator may not keep the bundle in its ConfigMap: say so on the object (the
+    /// bundle held so far, if any, stays with agents) and retry.
+    async fn config_map_forbidden(
+        &self,
+        obj: &FederatedBundle,
+        spec: &Spec,
+        held: Option<(TrustBundle, Source)>,
+        (verb, name): (&str, &str),
+        e: &kube::Error,
+        now: SystemTime,
+    ) -> Result<Action, Error> {
+        let ns = &self.namespace;
+        let message = format!(
+            "the operator cannot {verb} ConfigMap {ns}/{name}, where it keeps the fetched bundle ({e}); grant its ServiceAccount get, create and update on configmaps in namespace {ns} (the chart's Role does)"
+        );
+        self.count_problem(CONFIG_MAP_FORBIDDEN);
+        warn!(federated_bundle = %spec.object, "{message}");
+        let outcome = Outcome::Fetch {
+            held,
+            result: Err((CONFIG_MAP_FORBIDDEN, message)),
+            fetched_at: None,
+            next: now + self.retry,
+        };
+        self.finish(obj, outcome, now).await?;
+        Ok(requeue(self.retry))
     }
 
     fn count_problem(&self, reason: &str) {
