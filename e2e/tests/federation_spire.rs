@@ -20,8 +20,8 @@ mod node_api_common;
 mod trust_domain_common;
 
 mod agent_common;
+mod spire_common;
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,256 +31,11 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use node_api_common::create;
 use serde_json::{Value, json};
-use sigil_e2e::process::Supervised;
 use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
 use sigil_operator::crd::federated_bundle::FederatedBundle;
+use spire_common::{SPIRE_REFRESH_HINT, Spire, SpireProfile};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use trust_domain_common::{INSTANCE_LABEL, SETTLE, eventually};
-
-/// What SPIRE's bundle endpoint advertises as `spiffe_refresh_hint`, and so how often
-/// Sigil refetches it.
-const SPIRE_REFRESH_HINT: Duration = Duration::from_secs(3);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A SPIRE server and agent for `trust_domain`, federating with Sigil's `sigil_td`.
-struct Spire {
-    td: String,
-    dir: PathBuf,
-    server_port: u16,
-    bundle_port: u16,
-    server: Option<Supervised>,
-    agent: Option<Supervised>,
-    /// `unix://` address of spire-agent's Workload API.
-    agent_addr: String,
-    sigil_td: String,
-    sigil_url: String,
-}
-
-/// How SPIRE's bundle endpoint authenticates itself.
-enum SpireProfile {
-    Spiffe,
-    /// A serving certificate and key in these files.
-    Web {
-        cert: PathBuf,
-        key: PathBuf,
-    },
-}
-
-impl Spire {
-    fn new(dir: &Path, td: &str, sigil_td: &str, sigil_url: &str) -> Self {
-        std::fs::create_dir_all(dir.join("data")).unwrap();
-        Self {
-            td: td.to_owned(),
-            dir: dir.to_owned(),
-            server_port: free_port(),
-            bundle_port: free_port(),
-            server: None,
-            agent: None,
-            agent_addr: format!("unix://{}", dir.join("agent.sock").display()),
-            sigil_td: sigil_td.to_owned(),
-            sigil_url: sigil_url.to_owned(),
-        }
-    }
-
-    fn socket(&self) -> String {
-        self.dir.join("server.sock").display().to_string()
-    }
-
-    fn bundle_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.bundle_port)
-    }
-
-    async fn start_server(&mut self, profile: &SpireProfile) {
-        let profile = match profile {
-            SpireProfile::Spiffe => "profile \"https_spiffe\" {}".to_owned(),
-            SpireProfile::Web { cert, key } => format!(
-                "profile \"https_web\" {{\n serving_cert_file {{\n cert_file_path = \"{}\"\n key_file_path = \"{}\"\n file_sync_interval = \"1h\"\n }}\n }}",
-                cert.display(),
-                key.display()
-            ),
-        };
-        let d = self.dir.display();
-        let config = format!(
-            r#"server {{
-  bind_address = "127.0.0.1"
-  bind_port = "{server_port}"
-  socket_path = "{d}/server.sock"
-  trust_domain = "{td}"
-  data_dir = "{d}/data"
-  log_level = "DEBUG"
-  ca_ttl = "2h"
-  default_x509_svid_ttl = "30m"
-  federation {{
-    bundle_endpoint {{
-      address = "127.0.0.1"
-      port = {bundle_port}
-      refresh_hint = "{hint}s"
-      {profile}
-    }}
-    federates_with "{sigil_td}" {{
-      bundle_endpoint_url = "{sigil_url}"
-      bundle_endpoint_profile "https_spiffe" {{
-        endpoint_spiffe_id = "spiffe://{sigil_td}/sigil/bundle-endpoint"
-      }}
-    }}
-  }}
-}}
-plugins {{
-  DataStore "sql" {{
-    plugin_data {{
-      database_type = "sqlite3"
-      connection_string = "{d}/data/datastore.sqlite3"
-    }}
-  }}
-  KeyManager "disk" {{
-    plugin_data {{ keys_path = "{d}/data/keys.json" }}
-  }}
-  NodeAttestor "join_token" {{
-    plugin_data {{}}
-  }}
-}}
-"#,
-            server_port = self.server_port,
-            td = self.td,
-            bundle_port = self.bundle_port,
-            hint = SPIRE_REFRESH_HINT.as_secs(),
-            sigil_td = self.sigil_td,
-            sigil_url = self.sigil_url,
-        );
-        let path = self.dir.join("server.conf");
-        std::fs::write(&path, config).unwrap();
-        let server = Supervised::start(
-            "spire-server",
-            Path::new(&tool("spire-server")),
-            &["run".into(), "-config".into(), path.display().to_string()],
-            &self.dir.join("server.log"),
-        )
-        .unwrap();
-        let socket = self.socket();
-        let deadline = Instant::now() + SETTLE;
-        let mut server = server;
-        loop {
-            if spire_server(&["healthcheck", "-socketPath", &socket])
-                .await
-                .status
-                .success()
-            {
-                break;
-            }
-            if let Some(s) = server.exited() {
-                panic!("spire-server exited ({s}): {}", server.log_tail(30));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "spire-server not healthy within {SETTLE:?}: {}",
-                server.log_tail(30)
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        self.server = Some(server);
-    }
-
-    /// `spire-server <args> -socketPath <ours>`, which must succeed; returns stdout.
-    async fn cli(&self, args: &[&str]) -> String {
-        let socket = self.socket();
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["-socketPath", &socket]);
-        let out = spire_server(&all).await;
-        assert!(
-            out.status.success(),
-            "spire-server {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    async fn start_agent(&mut self) {
-        std::fs::write(
-            self.dir.join("bootstrap.pem"),
-            self.cli(&["bundle", "show"]).await,
-        )
-        .unwrap();
-        let token_out = self
-            .cli(&[
-                "token",
-                "generate",
-                "-spiffeID",
-                &format!("spiffe://{}/agent", self.td),
-            ])
-            .await;
-        let token = token_out
-            .trim()
-            .strip_prefix("Token: ")
-            .unwrap_or_else(|| panic!("token generate printed {token_out:?}"))
-            .to_owned();
-        let d = self.dir.display();
-        let config = format!(
-            r#"agent {{
-  data_dir = "{d}/agent"
-  log_level = "DEBUG"
-  server_address = "127.0.0.1"
-  server_port = "{server_port}"
-  socket_path = "{d}/agent.sock"
-  trust_bundle_path = "{d}/bootstrap.pem"
-  trust_domain = "{td}"
-}}
-plugins {{
-  NodeAttestor "join_token" {{
-    plugin_data {{}}
-  }}
-  KeyManager "memory" {{
-    plugin_data {{}}
-  }}
-  WorkloadAttestor "unix" {{
-    plugin_data {{}}
-  }}
-}}
-"#,
-            server_port = self.server_port,
-            td = self.td,
-        );
-        let path = self.dir.join("agent.conf");
-        std::fs::write(&path, config).unwrap();
-        let agent = Supervised::start(
-            "spire-agent",
-            Path::new(&tool("spire-agent")),
-            &[
-                "run".into(),
-                "-config".into(),
-                path.display().to_string(),
-                "-joinToken".into(),
-                token,
-            ],
-            &self.dir.join("agent.log"),
-        )
-        .unwrap();
-        self.agent = Some(agent);
-    }
-
-    fn logs(&self) -> String {
-        [&self.server, &self.agent]
-            .iter()
-            .filter_map(|p| p.as_ref().map(|p| p.log_tail(40)))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-async fn spire_server(args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(tool("spire-server"))
-        .args(args)
-        .output()
-        .await
-        .unwrap()
-}
 
 /// A running go-spiffe `serve`.
 struct GoServer {
@@ -377,12 +132,8 @@ async fn spire_and_sigil_federate_both_ways_and_their_workloads_complete_mutual_
     // SPIRE up, with Sigil's bundle bootstrapped by an operator running `bundle set`. The
     // bootstrap holds only Sigil's X.509 authorities: the JWT authorities SPIRE ends up
     // with can only have come from fetching Sigil's endpoint.
-    let mut spire = Spire::new(
-        &aw.dir.path().join("spire"),
-        &spire_td,
-        &sigil_td,
-        &sigil_url,
-    );
+    let mut spire = Spire::new(&aw.dir.path().join("spire"), &spire_td);
+    spire.federation = Some((sigil_td.clone(), sigil_url.clone()));
     spire.start_server(&SpireProfile::Spiffe).await;
     let sigil_bundle = w.bootstrap_bundle().await;
     assert!(!sigil_bundle.jwt_authorities.is_empty());
