@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/out
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(index node_stream agent csi)
+[ ${#benches[@]} -gt 0 ] || benches=(index node_stream agent csi versus_spire)
 # The agent bench runs the real sigil-agent binary, built here in release mode.
 cargo build --locked -q --release -p sigil-agent
 export SIGIL_AGENT_BIN=${CARGO_TARGET_DIR:-target}/release/sigil-agent
@@ -16,7 +16,7 @@ for b in "${benches[@]}"; do
   echo
   echo "== $b =="
   case $b in
-    agent|csi) cargo bench --locked -q -p sigil-e2e --bench "$b" ;;
+    agent|csi|versus_spire) cargo bench --locked -q -p sigil-e2e --bench "$b" ;;
     *) cargo bench --locked -q -p sigil-operator --bench "$b" ;;
   esac
 done

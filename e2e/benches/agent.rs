@@ -10,6 +10,7 @@
 //! Run: `make bench` (or `hack/bench.sh agent`). SIGIL_BENCH_PODS (default 200) and
 //! SIGIL_BENCH_STREAMS (default 1000) set the sizes.
 
+mod agent_process;
 #[path = "../../operator/tests/node_api_common/mod.rs"]
 mod node_api_common;
 #[path = "../../operator/benches/report/mod.rs"]
@@ -17,12 +18,12 @@ mod report;
 #[path = "../../operator/tests/trust_domain_common/mod.rs"]
 mod trust_domain_common;
 
-use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use agent_process::rss_kib;
 use kube::ResourceExt;
-use node_api_common::{CLUSTER, World};
+use node_api_common::World;
 use report::Report;
 use serde_json::json;
 use sigil_e2e::pod::PodContainer;
@@ -33,17 +34,6 @@ fn env(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 async fn fetch(container: &PodContainer, client: &str, addr: &str) -> bool {
@@ -73,32 +63,8 @@ fn main() {
             &format!("sigil-agent (release binary): pod created → SVID in a client in the pod ({pods_n} pods one at a time); RSS idle and with {streams_n} streams"),
         );
         let w = World::start("abench").await;
-        let cp = sigil_e2e::shared().await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let agent_pod = w.pod("sigil-agent", &w.node_a, "sigil-agent", json!({})).await;
-        std::fs::write(dir.path().join("token"), w.token(&agent_pod, &w.audience).await).expect("token");
-        std::fs::write(dir.path().join("bundle.spiffe"), w.bootstrap_bundle().await.to_jwks_json()).expect("bundle");
-        let socket = dir.path().join("api.sock");
-        let health = std::net::TcpListener::bind("127.0.0.1:0").expect("port").local_addr().expect("addr");
-        let mut agent = tokio::process::Command::new(&agent_bin)
-            .env("KUBECONFIG", cp.kubeconfig_path())
-            .env("RUST_LOG", "warn")
-            .args(["--node-name", &w.node_a, "--operator-address", &w.node_api_addr, "--trust-domain", &w.td.to_string()])
-            .args(["--cluster-name", CLUSTER, "--token-file", &dir.path().join("token").display().to_string()])
-            .args(["--bundle-file", &dir.path().join("bundle.spiffe").display().to_string()])
-            .args(["--socket-path", &socket.display().to_string(), "--health-addr", &health.to_string()])
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start sigil-agent");
-        let pid = agent.id().expect("pid");
-        let addr = format!("unix://{}", socket.display());
-        let started = Instant::now();
-        while !socket.exists() {
-            assert!(started.elapsed() < Duration::from_secs(60), "the agent did not open its socket");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let mut agent = agent_process::start(&w, &agent_bin).await;
+        let (pid, addr) = (agent.pid, agent.addr.clone());
         tokio::time::sleep(Duration::from_secs(3)).await;
         report.row("agent RSS, idle (attested, no entries)", format!("{:>8.1} MiB", rss_kib(pid) as f64 / 1024.0));
 
@@ -148,7 +114,7 @@ fn main() {
             let _ = stdin.write_all(b"\n").await;
         }
         let _ = streams.wait().await;
-        let _ = agent.kill().await;
+        let _ = agent.child.kill().await;
         drop(keep);
         report.finish();
     });

@@ -6,6 +6,10 @@
 //!   rust-spiffe-client --addr ... validate --audience A --token T
 //!   rust-spiffe-client --addr ... watch --updates N     (one line per X509Source update)
 //!   rust-spiffe-client --addr ... streams --count N     (hold N FetchX509SVID streams)
+//!   rust-spiffe-client --addr ... wait-x509 --timeout-ms T
+//!       (FetchX509SVID every 20 ms until an SVID arrives: for registration latency)
+//!   rust-spiffe-client --addr ... load --concurrency C --requests N
+//!       (C connections issuing N FetchX509SVID calls in all; prints p50/p99 in µs)
 //!
 //! Exit status 0, or 1 with the library's error on stderr.
 
@@ -51,10 +55,10 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
         .find(|a| {
             matches!(
                 a.as_str(),
-                "x509" | "jwt" | "validate" | "watch" | "streams"
+                "x509" | "jwt" | "validate" | "watch" | "streams" | "wait-x509" | "load"
             )
         })
-        .ok_or("command: x509|jwt|validate|watch|streams")?;
+        .ok_or("command: x509|jwt|validate|watch|streams|wait-x509|load")?;
     match cmd.as_str() {
         "x509" => {
             let source = X509Source::builder().endpoint(&addr).build().await?;
@@ -94,6 +98,75 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
             let mut sink = String::new();
             let _ = std::io::stdin().read_line(&mut sink);
             drop(held);
+        }
+        "wait-x509" => {
+            // Same fixed retry for every system measured, so the figure is the server
+            // side's, not a client backoff's.
+            let timeout = std::time::Duration::from_millis(
+                arg(&args, "--timeout-ms")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(60_000),
+            );
+            let started = std::time::Instant::now();
+            let mut attempts = 0u32;
+            let mut last = String::new();
+            while started.elapsed() < timeout {
+                attempts += 1;
+                match WorkloadApiClient::connect_to(&addr).await {
+                    Ok(client) => match client.fetch_x509_svid().await {
+                        Ok(svid) => {
+                            println!(
+                                "{}",
+                                serde_json::json!({"spiffe_id": svid.spiffe_id().to_string(), "attempts": attempts, "at_ms": now_ms()})
+                            );
+                            return Ok(());
+                        }
+                        Err(e) => last = e.to_string(),
+                    },
+                    Err(e) => last = e.to_string(),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            return Err(
+                format!("no X509-SVID within {timeout:?} ({attempts} attempts): {last}").into(),
+            );
+        }
+        "load" => {
+            let concurrency: usize = arg(&args, "--concurrency")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1);
+            let requests: usize = arg(&args, "--requests")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1000);
+            let mut clients = Vec::with_capacity(concurrency);
+            for _ in 0..concurrency {
+                clients.push(WorkloadApiClient::connect_to(&addr).await?);
+            }
+            let per = requests.div_ceil(concurrency);
+            let started = std::time::Instant::now();
+            let tasks = clients.into_iter().map(|client| async move {
+                let mut v = Vec::with_capacity(per);
+                for _ in 0..per {
+                    let t = std::time::Instant::now();
+                    client
+                        .fetch_x509_svid()
+                        .await
+                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)?;
+                    v.push(t.elapsed());
+                }
+                Ok::<_, Box<dyn std::error::Error>>(v)
+            });
+            let mut all = Vec::with_capacity(per * concurrency);
+            for r in futures::future::join_all(tasks).await {
+                all.extend(r?);
+            }
+            let wall = started.elapsed();
+            all.sort();
+            let pct = |p: f64| all[((all.len() as f64 - 1.0) * p).round() as usize].as_micros();
+            println!(
+                "{}",
+                serde_json::json!({"n": all.len(), "p50_us": pct(0.5), "p99_us": pct(0.99), "per_s": all.len() as f64 / wall.as_secs_f64()})
+            );
         }
         "jwt" => {
             let audience = arg(&args, "--audience").ok_or("--audience is required")?;

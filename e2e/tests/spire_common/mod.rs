@@ -118,8 +118,6 @@ impl Spire {
   trust_domain = "{td}"
   data_dir = "{d}/data"
   log_level = "{log_level}"
-  ca_ttl = "2h"
-  default_x509_svid_ttl = "30m"
 {federation}
 }}
 plugins {{
@@ -296,4 +294,19 @@ pub async fn spire_server(args: &[&str]) -> std::process::Output {
         .output()
         .await
         .unwrap()
+}
+
+/// `spire-server --version`.
+pub async fn spire_version() -> String {
+    let out = tokio::process::Command::new(tool("spire-server"))
+        .arg("--version")
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.trim().to_owned()
 }

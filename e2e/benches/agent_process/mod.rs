@@ -1,0 +1,125 @@
+//! The real `sigil-agent` binary in its own process for benches (so its RSS and CPU are
+//! its own), attested against a [`World`]'s operator side, plus /proc readings.
+#![allow(dead_code, unreachable_pub)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::node_api_common::{CLUSTER, World};
+
+pub struct AgentProcess {
+    pub child: tokio::process::Child,
+    pub pid: u32,
+    /// `unix://` address of its Workload API.
+    pub addr: String,
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts `agent_bin` for node A of `w` and waits for its Workload API socket.
+pub async fn start(w: &World, agent_bin: &str) -> AgentProcess {
+    let cp = sigil_e2e::shared().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let agent_pod = w
+        .pod(
+            &sigil_e2e::unique("sigil-agent"),
+            &w.node_a,
+            "sigil-agent",
+            json!({}),
+        )
+        .await;
+    std::fs::write(
+        dir.path().join("token"),
+        w.token(&agent_pod, &w.audience).await,
+    )
+    .expect("token");
+    std::fs::write(
+        dir.path().join("bundle.spiffe"),
+        w.bootstrap_bundle().await.to_jwks_json(),
+    )
+    .expect("bundle");
+    let socket = dir.path().join("api.sock");
+    let health = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let child = tokio::process::Command::new(agent_bin)
+        .env("KUBECONFIG", cp.kubeconfig_path())
+        .env("RUST_LOG", "warn")
+        .args([
+            "--node-name",
+            &w.node_a,
+            "--operator-address",
+            &w.node_api_addr,
+        ])
+        .args([
+            "--trust-domain",
+            &w.td.to_string(),
+            "--cluster-name",
+            CLUSTER,
+        ])
+        .args([
+            "--token-file",
+            &path("token"),
+            "--bundle-file",
+            &path("bundle.spiffe"),
+        ])
+        .args(["--socket-path", &socket.display().to_string()])
+        .args(["--health-addr", &health.to_string()])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start sigil-agent");
+    let pid = child.id().expect("pid");
+    let started = Instant::now();
+    while !socket.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the agent did not open its socket"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Other users' processes (the SPIRE side of a comparison runs as many uids) must
+    // reach the socket too.
+    let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777));
+    AgentProcess {
+        child,
+        pid,
+        addr: format!("unix://{}", socket.display()),
+        socket,
+        _dir: dir,
+    }
+}
+
+/// Resident set size of `pid` in KiB (0 when gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of stat, i.e. 12 and 13 after the name.
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}

@@ -1,0 +1,297 @@
+//! Sigil and SPIRE side by side, on this machine, in one run.
+//!
+//! - Sigil: the operator side in this process (real apiserver + etcd, CA, index, Node API
+//!   over TLS) and the release `sigil-agent` binary in its own process; workloads are
+//!   processes in pod-shaped cgroups.
+//! - SPIRE (the release `make test-tools` builds, see `hack/versions.sh`): spire-server
+//!   with sqlite and the disk key manager, spire-agent with join-token node attestation and
+//!   the unix workload attestor, both at SPIRE's default sync settings; workloads are
+//!   processes with their own uid (the unix attestor's selector), entries created through
+//!   the server's admin API (`spire-server entry create`).
+//! - The client on both sides is the same: our `rust-spiffe-client` (the Rust `spiffe`
+//!   crate), retrying FetchX509SVID every 20 ms until an SVID arrives.
+//!
+//! Rows (metric | Sigil | SPIRE | SPIRE/Sigil):
+//! 1. registration → SVID: from the moment the identity is declared (Sigil: the Pod create
+//!    call returned, the ClusterSPIFFEID already selecting it; SPIRE: the entry create
+//!    call returned) until the client in that workload holds its SVID; one at a time
+//!    (alternating Sigil and SPIRE) and as a burst. Sigil's figure includes what a kubelet
+//!    would do (cgroup, pod status Running) because attestation needs it.
+//! 3. Workload API FetchX509SVID latency with 1, 100 and 1000 concurrent connections.
+//! 4. Footprint: agent RSS idle and with the workloads registered, agent idle CPU; the
+//!    SPIRE server's RSS (Sigil's operator runs inside this bench process, so its RSS is
+//!    not separable here and is not reported).
+//!
+//! Not measured yet: issuance throughput through each server's node-facing API (row 2),
+//! 10k streams and rotation fan-out, the operator at 100k pods against SPIRE (the
+//! `index` and `node_stream` benches measure Sigil alone).
+//!
+//! Run: `make bench` or `hack/bench.sh versus_spire`. Sizes: SIGIL_BENCH_VS_ONE (default
+//! 30 workloads one at a time per system), SIGIL_BENCH_VS_BURST (default 100),
+//! SIGIL_BENCH_VS_REQUESTS (default 2000 fetches per concurrency level).
+
+mod agent_process;
+#[path = "../../operator/tests/node_api_common/mod.rs"]
+mod node_api_common;
+#[path = "../../operator/benches/report/mod.rs"]
+mod report;
+#[path = "../tests/spire_common/mod.rs"]
+mod spire_common;
+#[path = "../../operator/tests/trust_domain_common/mod.rs"]
+mod trust_domain_common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use agent_process::{cpu_time, rss_kib};
+use kube::ResourceExt;
+use node_api_common::World;
+use report::{Report, percentile};
+use serde_json::{Value, json};
+use sigil_e2e::pod::PodContainer;
+use spire_common::{Spire, SpireProfile};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// First uid of the SPIRE workloads (one uid per workload).
+const FIRST_UID: u32 = 40_000;
+
+/// Adds a "metric | Sigil | SPIRE | ratio" row (ratio > 1: Sigil is faster/smaller).
+fn compare(report: &mut Report, what: &str, sigil: f64, spire: f64, unit: &str) {
+    let ratio = if sigil > 0.0 {
+        format!("{:>7.2}", spire / sigil)
+    } else {
+        "    n/a (Sigil below resolution)".to_owned()
+    };
+    report.row(
+        what,
+        format!("Sigil {sigil:>10.2} {unit} | SPIRE {spire:>10.2} {unit} | SPIRE/Sigil {ratio}"),
+    );
+}
+
+fn p(v: &mut [Duration], q: f64) -> f64 {
+    v.sort();
+    percentile(v, q).as_secs_f64() * 1e3
+}
+
+/// Runs `client wait-x509` (in a pod's cgroup, or as `uid`) and says whether it got an
+/// SVID.
+async fn wait_svid(mut cmd: std::process::Command, addr: &str) -> bool {
+    cmd.args(["--addr", addr, "wait-x509", "--timeout-ms", "60000"]);
+    tokio::process::Command::from(cmd)
+        .output()
+        .await
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn as_uid(client: &Path, uid: u32) -> std::process::Command {
+    let mut cmd = std::process::Command::new(client);
+    cmd.uid(uid).gid(uid);
+    cmd
+}
+
+/// How long one `load` run may take.
+const LOAD_LIMIT: Duration = Duration::from_secs(120);
+
+/// `client load` against `addr`: (p50 ms, p99 ms), or why there is no figure.
+async fn load(
+    mut cmd: std::process::Command,
+    addr: &str,
+    c: usize,
+    n: usize,
+) -> Result<(f64, f64), String> {
+    cmd.args([
+        "--addr",
+        addr,
+        "load",
+        "--concurrency",
+        &c.to_string(),
+        "--requests",
+        &n.to_string(),
+    ]);
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let out = tokio::time::timeout(LOAD_LIMIT, cmd.output())
+        .await
+        .map_err(|_| format!("did not complete within {LOAD_LIMIT:?}"))?
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "client failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    let f = |k: &str| {
+        v[k].as_f64()
+            .map(|x| x / 1e3)
+            .ok_or(format!("no {k} in {v}"))
+    };
+    Ok((f("p50_us")?, f("p99_us")?))
+}
+
+fn main() {
+    let one_n = env("SIGIL_BENCH_VS_ONE", 30);
+    let burst_n = env("SIGIL_BENCH_VS_BURST", 100);
+    let requests = env("SIGIL_BENCH_VS_REQUESTS", 2000);
+    let agent_bin = std::env::var("SIGIL_AGENT_BIN")
+        .expect("set SIGIL_AGENT_BIN to a built sigil-agent (make bench does)");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let mut report = Report::new(
+            "versus_spire",
+            &format!("Sigil vs SPIRE on one machine: registration → SVID ({one_n} one at a time, alternating; burst of {burst_n}), Workload API latency, footprint"),
+        );
+        // Workloads of other uids must be able to run the client: copy it somewhere
+        // world-readable.
+        let bin_dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let client = bin_dir.path().join("rust-spiffe-client");
+        std::fs::copy(env!("CARGO_BIN_EXE_rust-spiffe-client"), &client).expect("copy client");
+        std::fs::set_permissions(&client, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+        // Sigil.
+        let w = World::start("vs").await;
+        let agent = agent_process::start(&w, &agent_bin).await;
+        // SPIRE.
+        let spire_dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(spire_dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut spire = Spire::new(&spire_dir.path().join("spire"), "spire.bench");
+        spire.log_level = "INFO";
+        std::fs::set_permissions(&spire.dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        spire.start_server(&SpireProfile::Spiffe).await;
+        spire.start_agent().await;
+        spire.wait_agent().await;
+        let spire_agent_pid = spire.agent.as_ref().expect("agent").pid();
+        let spire_server_pid = spire.server.as_ref().expect("server").pid();
+        let spire_addr = spire.agent_addr.clone();
+        let parent = format!("spiffe://{}/agent", spire.td);
+
+        // Footprint, idle.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (c0, s0) = (cpu_time(agent.pid), cpu_time(spire_agent_pid));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let (c1, s1) = (cpu_time(agent.pid), cpu_time(spire_agent_pid));
+        compare(&mut report, "agent RSS, idle (attested, no workloads)", rss_kib(agent.pid) as f64 / 1024.0, rss_kib(spire_agent_pid) as f64 / 1024.0, "MiB");
+        compare(&mut report, "agent CPU over 10 s idle", (c1 - c0).as_secs_f64() * 1e3, (s1 - s0).as_secs_f64() * 1e3, "ms ");
+        report.row("SPIRE server RSS, idle", format!("{:.1} MiB (Sigil's operator runs in this process: not separable)", rss_kib(spire_server_pid) as f64 / 1024.0));
+
+        // 1. Registration → SVID, one at a time, alternating.
+        w.cluster_spiffe_id(&format!("{}-vs", w.tag), "vs").await;
+        let mut keep = Vec::new();
+        let (mut sigil_one, mut spire_one) = (Vec::new(), Vec::new());
+        let mut failed = (0, 0);
+        for i in 0..one_n {
+            let name = format!("one-{i}");
+            let pod = w.pod(&name, &w.node_a, "web", json!({"app": "vs"})).await;
+            let t0 = Instant::now();
+            let container = PodContainer::create(&pod.uid().expect("uid")).expect("cgroup");
+            container.mark_running(&w.client, &w.ns, &name, "main", "registry.invalid/none").await.expect("status");
+            if wait_svid(container.command(&client), &agent.addr).await {
+                sigil_one.push(t0.elapsed());
+            } else {
+                failed.0 += 1;
+            }
+            keep.push(container);
+
+            let uid = FIRST_UID + i as u32;
+            spire
+                .cli(&["entry", "create", "-parentID", &parent, "-spiffeID", &format!("spiffe://{}/one/{i}", spire.td), "-selector", &format!("unix:uid:{uid}")])
+                .await;
+            let t0 = Instant::now();
+            if wait_svid(as_uid(&client, uid), &spire_addr).await {
+                spire_one.push(t0.elapsed());
+            } else {
+                failed.1 += 1;
+            }
+        }
+        compare(&mut report, "registration → SVID, one at a time, p50", p(&mut sigil_one, 0.5), p(&mut spire_one, 0.5), "ms ");
+        compare(&mut report, "registration → SVID, one at a time, p99", p(&mut sigil_one, 0.99), p(&mut spire_one, 0.99), "ms ");
+
+        // 1b. Burst: all identities declared at once, every workload's client started as
+        // soon as it can run; each sample from the start of the burst.
+        let t0 = Instant::now();
+        let pods = futures::future::join_all((0..burst_n).map(|i| {
+            let w = &w;
+            async move {
+                let name = format!("burst-{i}");
+                let pod = w.pod(&name, &w.node_a, "web", json!({"app": "vs"})).await;
+                let container = PodContainer::create(&pod.uid().expect("uid")).expect("cgroup");
+                container.mark_running(&w.client, &w.ns, &name, "main", "registry.invalid/none").await.expect("status");
+                container
+            }
+        }));
+        let containers = pods.await;
+        let sigil_burst: Vec<Option<Duration>> = futures::future::join_all(containers.iter().map(|c| {
+            let addr = agent.addr.clone();
+            let cmd = c.command(&client);
+            async move { wait_svid(cmd, &addr).await.then(|| t0.elapsed()) }
+        }))
+        .await;
+        keep.extend(containers);
+        let entries: Vec<Value> = (0..burst_n)
+            .map(|i| json!({"spiffe_id": format!("spiffe://{}/burst/{i}", spire.td), "parent_id": parent, "selectors": [{"type": "unix", "value": format!("uid:{}", FIRST_UID + (one_n + i) as u32)}]}))
+            .collect();
+        let data = spire.dir.join("burst.json");
+        std::fs::write(&data, json!({"entries": entries}).to_string()).expect("entries file");
+        let t0 = Instant::now();
+        spire.cli(&["entry", "create", "-data", &data.display().to_string()]).await;
+        let spire_burst: Vec<Option<Duration>> = futures::future::join_all((0..burst_n).map(|i| {
+            let cmd = as_uid(&client, FIRST_UID + (one_n + i) as u32);
+            let addr = spire_addr.clone();
+            async move { wait_svid(cmd, &addr).await.then(|| t0.elapsed()) }
+        }))
+        .await;
+        let ok = |v: Vec<Option<Duration>>| -> (Vec<Duration>, usize) {
+            let failed = v.iter().filter(|x| x.is_none()).count();
+            (v.into_iter().flatten().collect(), failed)
+        };
+        let (mut sb, sf) = ok(sigil_burst);
+        let (mut pb, pf) = ok(spire_burst);
+        compare(&mut report, &format!("registration → SVID, burst of {burst_n}, p50"), p(&mut sb, 0.5), p(&mut pb, 0.5), "ms ");
+        compare(&mut report, &format!("registration → SVID, burst of {burst_n}, p99 (≈ all done)"), p(&mut sb, 0.99), p(&mut pb, 0.99), "ms ");
+        report.row("  failed registrations (Sigil, SPIRE)", format!("{}, {}", failed.0 + sf, failed.1 + pf));
+
+        // 4. Footprint with the workloads registered.
+        compare(&mut report, &format!("agent RSS with {} workloads registered", one_n + burst_n), rss_kib(agent.pid) as f64 / 1024.0, rss_kib(spire_agent_pid) as f64 / 1024.0, "MiB");
+        report.row(&format!("SPIRE server RSS with {} entries", one_n + burst_n), format!("{:.1} MiB", rss_kib(spire_server_pid) as f64 / 1024.0));
+
+        // 3. Workload API latency, one workload per side, alternating per level.
+        for c in [1usize, 100, 1000] {
+            let n = requests.max(c);
+            let sigil = load(keep[0].command(&client), &agent.addr, c, n).await;
+            let spire_r = load(as_uid(&client, FIRST_UID), &spire_addr, c, n).await;
+            match (sigil, spire_r) {
+                (Ok(a), Ok(b)) => {
+                    compare(&mut report, &format!("FetchX509SVID, {c} concurrent connections, p50"), a.0, b.0, "ms ");
+                    compare(&mut report, &format!("FetchX509SVID, {c} concurrent connections, p99"), a.1, b.1, "ms ");
+                }
+                (a, b) => {
+                    let show = |r: Result<(f64, f64), String>| {
+                        r.map_or_else(|e| e, |(p50, p99)| format!("p50 {p50:.2} ms, p99 {p99:.2} ms"))
+                    };
+                    report.row(
+                        &format!("FetchX509SVID, {c} concurrent connections"),
+                        format!("Sigil {} | SPIRE {}", show(a), show(b)),
+                    );
+                }
+            }
+        }
+        report.row("SPIRE version", spire_common::spire_version().await);
+        drop(keep);
+        drop(spire);
+        report.finish();
+    });
+}
