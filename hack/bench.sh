@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 mkdir -p bench/out
 benches=("$@")
 [ ${#benches[@]} -gt 0 ] || benches=(index node_stream agent csi versus_spire)
+# versus_spire needs SPIRE and our spire-mint load generator (bench-only tool).
+bash hack/test-tools.sh etcd kube-apiserver spire spire-mint
 # The agent bench runs the real sigil-agent binary, built here in release mode.
 cargo build --locked -q --release -p sigil-agent
 export SIGIL_AGENT_BIN=${CARGO_TARGET_DIR:-target}/release/sigil-agent

@@ -93,6 +93,17 @@ build_spire() {
   go build -o "$SIGIL_BIN/spire-agent" -ldflags "-s -w" github.com/spiffe/spire/cmd/spire-agent
 }
 
+# spire-mint: our load generator for SPIRE server's signing path (e2e/clients/spire-mint),
+# built in the SPIRE module above so its API and gRPC versions are SPIRE's own. Only
+# `make bench` needs it.
+build_spire_mint() {
+  local dir=$SIGIL_CACHE/src/spire-$SPIRE_VERSION
+  [ -f "$dir/go.mod" ] || build_spire
+  mkdir -p "$dir/spire-mint"; cp "$here"/e2e/clients/spire-mint/main.go "$dir/spire-mint/"
+  cd "$dir"
+  go build -o "$SIGIL_BIN/spire-mint" ./spire-mint
+}
+
 # go-spiffe client fixture: our own tiny program (e2e/clients/go-spiffe), built against the
 # pinned go-spiffe release.
 build_go_spiffe_client() {
@@ -167,6 +178,8 @@ for t in "${want[@]}"; do
     go-spiffe-client)
       build "$t" "$GO_SPIFFE_VERSION-$(cat "$here"/e2e/clients/go-spiffe/*.go "$here"/e2e/clients/go-spiffe/go.mod | sha256sum | cut -c1-12)" go-spiffe-client ;;
     py-spiffe) build "$t" "$PY_SPIFFE_VERSION" py-spiffe-client ;;
+    spire-mint)
+      build "$t" "$SPIRE_VERSION-$(sha256sum <"$here"/e2e/clients/spire-mint/main.go | cut -c1-12)" spire-mint ;;
     swtpm) install_debian_tpm; log "swtpm/tss2: present" ;;
     *) log "unknown tool $t (known: $ALL_TOOLS)"; exit 2 ;;
   esac

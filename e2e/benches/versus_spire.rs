@@ -22,9 +22,17 @@
 //!    SPIRE server's RSS (Sigil's operator runs inside this bench process, so its RSS is
 //!    not separable here and is not reported).
 //!
-//! Not measured yet: issuance throughput through each server's node-facing API (row 2),
-//! 10k streams and rotation fan-out, the operator at 100k pods against SPIRE (the
-//! `index` and `node_stream` benches measure Sigil alone).
+//! 2. Issuance throughput: X509-SVIDs signed per second and per CPU-second. Sigil: the
+//!    Node API's SignX509Svids (batches of up to 100 CSRs, what agents send) over TLS,
+//!    CPU of this whole process (operator and the calling client together, so Sigil's
+//!    per-CPU figure is pessimistic); SPIRE: the server API's MintX509SVID over the admin
+//!    socket (`spire-mint`, the path `spire-server x509 mint` uses), CPU of spire-server
+//!    alone. Then each signer alone on one thread (Sigil's CA) and the raw ECDSA P-256
+//!    signature rate of ring, the crypto library Sigil signs with, as the physical limit.
+//!
+//! Not measured yet: 10k streams and rotation fan-out, the operator at 100k pods against
+//! SPIRE (the `index` and `node_stream` benches measure Sigil alone), SPIRE's node-facing
+//! BatchNewX509SVID (it needs an attested agent's mTLS identity).
 //!
 //! Run: `make bench` or `hack/bench.sh versus_spire`. Sizes: SIGIL_BENCH_VS_ONE (default
 //! 30 workloads one at a time per system), SIGIL_BENCH_VS_BURST (default 100),
@@ -74,6 +82,122 @@ fn compare(report: &mut Report, what: &str, sigil: f64, spire: f64, unit: &str) 
         what,
         format!("Sigil {sigil:>10.2} {unit} | SPIRE {spire:>10.2} {unit} | SPIRE/Sigil {ratio}"),
     );
+}
+
+/// Adds a throughput row (ratio > 1: Sigil does more).
+fn higher(report: &mut Report, what: &str, sigil: f64, spire: f64, unit: &str) {
+    let ratio = if spire > 0.0 {
+        format!("{:>7.2}", sigil / spire)
+    } else {
+        "    n/a".to_owned()
+    };
+    report.row(
+        what,
+        format!("Sigil {sigil:>10.0} {unit} | SPIRE {spire:>10.0} {unit} | Sigil/SPIRE {ratio}"),
+    );
+}
+
+/// SignX509Svids through the Node API for `window`: (SVIDs per second, SVIDs per CPU-second
+/// of this process).
+async fn sigil_sign_rate(w: &World, window: Duration) -> (f64, f64) {
+    use futures::StreamExt;
+    use sigil_identity::keys::{KeyType, PrivateKey};
+    use sigil_identity::proto::node as pb;
+    let agent = w.attested_agent(&w.node_a).await;
+    let mut stream = agent.sync_entries(0).await.expect("sync");
+    let first = stream
+        .next()
+        .await
+        .expect("first message")
+        .expect("sync ok");
+    let requests: Vec<pb::SvidRequest> = first
+        .upserts
+        .iter()
+        .take(100)
+        .map(|e| {
+            let key = PrivateKey::generate(KeyType::EcP256).expect("key");
+            let id = sigil_identity::SpiffeId::parse(&e.spiffe_id).expect("id");
+            pb::SvidRequest {
+                entry_id: e.id.clone(),
+                csr: sigil_identity::x509::build_csr(&key, &id).expect("csr"),
+            }
+        })
+        .collect();
+    assert!(!requests.is_empty(), "no entries on node A to sign for");
+    let cpu0 = cpu_time(std::process::id());
+    let started = Instant::now();
+    let signed = futures::future::join_all((0..2).map(|_| {
+        let (agent, requests) = (&agent, requests.clone());
+        async move {
+            let mut n = 0usize;
+            while started.elapsed() < window {
+                let results = agent.sign(requests.clone()).await.expect("sign");
+                n += results.iter().filter(|r| r.error_code == 0).count();
+            }
+            n
+        }
+    }))
+    .await
+    .into_iter()
+    .sum::<usize>() as f64;
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = (cpu_time(std::process::id()) - cpu0)
+        .as_secs_f64()
+        .max(1e-3);
+    (signed / wall, signed / cpu)
+}
+
+/// (Sigil's CA signing SVIDs, ring's raw ECDSA P-256 signatures, ring's P-256
+/// verifications), each on one thread, per second, 2 s each.
+fn signer_and_raw_rates(w: &World) -> (f64, f64, f64) {
+    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
+    let window = Duration::from_secs(2);
+    let authority = w.replica.authorities.get(&w.td).expect("authority");
+    let key = sigil_identity::keys::PrivateKey::generate(sigil_identity::keys::KeyType::EcP256)
+        .expect("key");
+    let spki = key.public_key_der();
+    let id = w.td.id("/bench").expect("id");
+    let template = sigil_identity::ca::SvidTemplate {
+        spiffe_id: &id,
+        ttl: Duration::from_secs(3600),
+        dns_names: &[],
+    };
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < window {
+        authority
+            .x509_ca
+            .sign_public_key(&spki, &template, std::time::SystemTime::now())
+            .expect("sign");
+        n += 1;
+    }
+    let signer = n as f64 / started.elapsed().as_secs_f64();
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).expect("pkcs8");
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+        .expect("pair");
+    // About the size of an X509-SVID's TBSCertificate.
+    let message = [0x5au8; 400];
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < window {
+        pair.sign(&rng, &message).expect("sign");
+        n += 1;
+    }
+    let raw_sign = n as f64 / started.elapsed().as_secs_f64();
+    // Every CSR's signature is verified before signing (proof of possession).
+    let signature = pair.sign(&rng, &message).expect("sign");
+    let public = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_ASN1,
+        pair.public_key().as_ref().to_vec(),
+    );
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < window {
+        public.verify(&message, signature.as_ref()).expect("verify");
+        n += 1;
+    }
+    (signer, raw_sign, n as f64 / started.elapsed().as_secs_f64())
 }
 
 fn p(v: &mut [Duration], q: f64) -> f64 {
@@ -289,6 +413,30 @@ fn main() {
                 }
             }
         }
+        // 2. Issuance throughput.
+        let window = Duration::from_secs(env("SIGIL_BENCH_VS_SIGN_SECS", 10) as u64);
+        let (sigil_rate, sigil_cpu_rate) = sigil_sign_rate(&w, window).await;
+        let spire_cpu0 = cpu_time(spire_server_pid);
+        let mint = tokio::process::Command::new(sigil_e2e::tools::tool("spire-mint").expect("spire-mint (hack/bench.sh builds it)"))
+            .args(["-socket", &spire.socket(), "-td", &spire.td, "-duration", &format!("{}s", window.as_secs()), "-concurrency", "4"])
+            .output()
+            .await
+            .expect("spire-mint");
+        let spire_cpu = cpu_time(spire_server_pid) - spire_cpu0;
+        let minted: Value = serde_json::from_slice(&mint.stdout).unwrap_or_else(|_| panic!("spire-mint: {}", String::from_utf8_lossy(&mint.stderr)));
+        let spire_rate = minted["per_s"].as_f64().unwrap_or(0.0);
+        let spire_cpu_rate = minted["minted"].as_f64().unwrap_or(0.0) / spire_cpu.as_secs_f64().max(1e-3);
+        higher(&mut report, "X509-SVIDs signed per second through the server API (2 cores)", sigil_rate, spire_rate, "/s ");
+        higher(&mut report, "X509-SVIDs per CPU-second of the server", sigil_cpu_rate, spire_cpu_rate, "/s ");
+        let (signer, raw, verify) = signer_and_raw_rates(&w);
+        report.row("Sigil CA signer alone, one thread", format!("{signer:>10.0} SVIDs/s"));
+        report.row("raw ECDSA P-256 signatures (ring), one thread", format!("{raw:>10.0} sig/s"));
+        report.row("raw ECDSA P-256 verifications (ring), one thread", format!("{verify:>10.0} verify/s"));
+        // Each API SVID costs at least one CSR verification and one signature.
+        let bound = 1.0 / (1.0 / raw + 1.0 / verify);
+        report.row("Sigil signer / raw sign limit", format!("{:.0}%", 100.0 * signer / raw));
+        report.row("Sigil API per CPU-second / (sign + CSR verify) limit", format!("{:.0}% of {bound:.0}/s", 100.0 * sigil_cpu_rate / bound));
+
         report.row("SPIRE version", spire_common::spire_version().await);
         drop(keep);
         drop(spire);
