@@ -24,17 +24,10 @@ use std::time::{Duration, Instant};
 use agent_process::rss_kib;
 use kube::ResourceExt;
 use node_api_common::World;
-use report::Report;
+use report::{Report, env};
 use serde_json::json;
 use sigil_e2e::pod::PodContainer;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn fetch(container: &PodContainer, client: &str, addr: &str) -> bool {
     let mut cmd = container.command(client);

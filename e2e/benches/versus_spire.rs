@@ -56,17 +56,10 @@ use std::time::{Duration, Instant};
 use agent_process::{cpu_time, rss_kib};
 use kube::ResourceExt;
 use node_api_common::World;
-use report::{Report, percentile};
+use report::{Report, env, percentile};
 use serde_json::{Value, json};
 use sigil_e2e::pod::PodContainer;
 use spire_common::{Spire, SpireProfile};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// First uid of the SPIRE workloads (one uid per workload).
 const FIRST_UID: u32 = 40_000;

@@ -23,7 +23,6 @@ mod agent_common;
 mod spire_common;
 
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_common::*;
@@ -107,27 +106,7 @@ async fn spire_and_sigil_federate_both_ways_and_their_workloads_complete_mutual_
     let go = tool("go-spiffe-client");
 
     // Sigil's bundle endpoint (what the operator serves with --bundle-endpoint-addr).
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sigil_url = format!(
-        "https://127.0.0.1:{}",
-        listener.local_addr().unwrap().port()
-    );
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let _stop = cancel.clone().drop_guard();
-    tokio::spawn(sigil_operator::federation::endpoint::serve(
-        listener,
-        sigil_operator::federation::endpoint::EndpointConfig {
-            trust_domain: w.td.clone(),
-            tls: sigil_operator::federation::endpoint::EndpointTls::Spiffe {
-                svid_ttl: Duration::from_secs(600),
-            },
-        },
-        w.replica.authorities.clone(),
-        Arc::new(sigil_identity::clock::SystemClock),
-        w.replica.metrics.federation.clone(),
-        None,
-        cancel.clone(),
-    ));
+    let (sigil_url, _stop) = w.serve_bundle_endpoint().await;
 
     // SPIRE up, with Sigil's bundle bootstrapped by an operator running `bundle set`. The
     // bootstrap holds only Sigil's X.509 authorities: the JWT authorities SPIRE ends up

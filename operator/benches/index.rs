@@ -19,17 +19,10 @@ use sigil_operator::crd::cluster_spiffe_id::{ClusterSPIFFEID, ClusterSpiffeIdSpe
 use sigil_operator::index::{EntryIndex, IndexConfig, TrustDomainInfo, entry_id};
 
 mod report;
-use report::Report;
+use report::{Report, env};
 
 const NAMESPACES: usize = 200;
 const APPS: usize = 50;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn labels(kv: &[(&str, String)]) -> Option<BTreeMap<String, String>> {
     Some(kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())

@@ -20,18 +20,11 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 use node_api_common::{World, create, pod_json};
-use report::Report;
+use report::{Report, env};
 use serde_json::json;
 use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
 
 type Seen = Arc<Mutex<HashMap<String, Instant>>>;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Creates `names` (16 requests in flight, like a busy ReplicaSet controller) and
 /// returns (name, sent, acknowledged) per pod.

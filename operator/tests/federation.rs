@@ -147,6 +147,15 @@ fn status_of(
     fb.status.as_ref().unwrap()
 }
 
+/// The current reason of `name`'s Ready condition.
+async fn ready_reason(w: &World, name: &str) -> String {
+    let fb = Api::<FederatedBundle>::all(w.client.clone())
+        .get(name)
+        .await
+        .unwrap();
+    ready(&fb).1
+}
+
 fn ready(fb: &FederatedBundle) -> (String, String, String) {
     let c = status_of(fb)
         .conditions
@@ -223,16 +232,7 @@ async fn https_spiffe_bundle_reaches_agents_and_survives_every_bad_answer() {
         (endpoint.hits() > hits + 1).then_some(())
     })
     .await;
-    assert_eq!(
-        ready(
-            &Api::<FederatedBundle>::all(w.client.clone())
-                .get(&fb_name)
-                .await
-                .unwrap()
-        )
-        .1,
-        "Fetched"
-    );
+    assert_eq!(ready_reason(&w, &fb_name).await, "Fetched");
 
     // Every bad answer: a precise reason and message, while the last good bundle stays
     // in the ConfigMap and on the agent.
@@ -430,16 +430,7 @@ async fn https_web_with_a_private_ca_follows_redirects_and_checks_the_host() {
         (endpoint.hits() >= hits + 4).then_some(())
     })
     .await;
-    assert_eq!(
-        ready(
-            &Api::<FederatedBundle>::all(w.client.clone())
-                .get(&fb_name)
-                .await
-                .unwrap()
-        )
-        .1,
-        "Fetched"
-    );
+    assert_eq!(ready_reason(&w, &fb_name).await, "Fetched");
     // A redirect to plain http is refused.
     endpoint.set(Behaviour::Redirect {
         location: format!("http://localhost:{}/", endpoint.port),
@@ -596,27 +587,7 @@ async fn our_bundle_endpoint_and_oidc_discovery_serve_the_current_keys() {
     })
     .await;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!(
-        "https://127.0.0.1:{}",
-        listener.local_addr().unwrap().port()
-    );
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let _stop = cancel.clone().drop_guard();
-    tokio::spawn(sigil_operator::federation::endpoint::serve(
-        listener,
-        sigil_operator::federation::endpoint::EndpointConfig {
-            trust_domain: w.td.clone(),
-            tls: sigil_operator::federation::endpoint::EndpointTls::Spiffe {
-                svid_ttl: Duration::from_secs(600),
-            },
-        },
-        w.replica.authorities.clone(),
-        Arc::new(sigil_identity::clock::SystemClock),
-        w.replica.metrics.federation.clone(),
-        None,
-        cancel.clone(),
-    ));
+    let (url, _stop) = w.serve_bundle_endpoint().await;
 
     // A peer fetches our bundle as https_spiffe: the endpoint's SVID is exactly
     // spiffe://<td>/sigil/bundle-endpoint, verified with the bundle it holds for us.

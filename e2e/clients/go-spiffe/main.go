@@ -18,21 +18,24 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"flag"
-	"bufio"
 	"fmt"
+	"net"
 	"os"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
 
@@ -165,15 +168,11 @@ func serve(ctx context.Context, opt workloadapi.ClientOption, listen, allowTD st
 	if err != nil {
 		return nil, err
 	}
-	source, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(opt))
+	source, own, err := ownSource(ctx, opt)
 	if err != nil {
 		return nil, err
 	}
 	defer source.Close()
-	own, err := source.GetX509SVID()
-	if err != nil {
-		return nil, err
-	}
 	l, err := spiffetls.ListenWithMode(ctx, "tcp", listen, spiffetls.MTLSServerWithSource(tlsconfig.AuthorizeMemberOf(td), source))
 	if err != nil {
 		return nil, err
@@ -195,14 +194,10 @@ func serve(ctx context.Context, opt workloadapi.ClientOption, listen, allowTD st
 	if err != nil {
 		return nil, err
 	}
-	peer, err := spiffetls.PeerIDFromConn(conn)
-	if err != nil {
-		return nil, err
-	}
 	if _, err := fmt.Fprintf(conn, "hello from %s\n", own.ID); err != nil {
 		return nil, err
 	}
-	return map[string]string{"own_id": own.ID.String(), "peer_id": peer.String(), "got": line[:len(line)-1]}, nil
+	return result(conn, own.ID, line)
 }
 
 func dial(ctx context.Context, opt workloadapi.ClientOption, connect, serverID string) (any, error) {
@@ -210,15 +205,11 @@ func dial(ctx context.Context, opt workloadapi.ClientOption, connect, serverID s
 	if err != nil {
 		return nil, err
 	}
-	source, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(opt))
+	source, own, err := ownSource(ctx, opt)
 	if err != nil {
 		return nil, err
 	}
 	defer source.Close()
-	own, err := source.GetX509SVID()
-	if err != nil {
-		return nil, err
-	}
 	conn, err := spiffetls.DialWithMode(ctx, "tcp", connect, spiffetls.MTLSClientWithSource(tlsconfig.AuthorizeID(id), source))
 	if err != nil {
 		return nil, err
@@ -232,9 +223,28 @@ func dial(ctx context.Context, opt workloadapi.ClientOption, connect, serverID s
 	if err != nil {
 		return nil, err
 	}
+	return result(conn, own.ID, line)
+}
+
+// ownSource is an X509Source on the Workload API and the SVID it holds.
+func ownSource(ctx context.Context, opt workloadapi.ClientOption) (*workloadapi.X509Source, *x509svid.SVID, error) {
+	source, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(opt))
+	if err != nil {
+		return nil, nil, err
+	}
+	own, err := source.GetX509SVID()
+	if err != nil {
+		source.Close()
+		return nil, nil, err
+	}
+	return source, own, nil
+}
+
+// result names both ends of an mTLS connection and the line the peer sent.
+func result(conn net.Conn, own spiffeid.ID, line string) (any, error) {
 	peer, err := spiffetls.PeerIDFromConn(conn)
 	if err != nil {
 		return nil, err
 	}
-	return map[string]string{"own_id": own.ID.String(), "peer_id": peer.String(), "got": line[:len(line)-1]}, nil
+	return map[string]string{"own_id": own.String(), "peer_id": peer.String(), "got": strings.TrimSuffix(line, "\n")}, nil
 }

@@ -418,6 +418,33 @@ impl World {
         .await
     }
 
+    /// Serves this world's bundle endpoint and OIDC discovery on loopback as
+    /// `--bundle-endpoint-addr` does (https_spiffe, SVID
+    /// `spiffe://<td>/sigil/bundle-endpoint`); returns its URL and a guard that stops it.
+    pub async fn serve_bundle_endpoint(&self) -> (String, tokio_util::sync::DropGuard) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "https://127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        );
+        let cancel = CancellationToken::new();
+        tokio::spawn(sigil_operator::federation::endpoint::serve(
+            listener,
+            sigil_operator::federation::endpoint::EndpointConfig {
+                trust_domain: self.td.clone(),
+                tls: sigil_operator::federation::endpoint::EndpointTls::Spiffe {
+                    svid_ttl: Duration::from_secs(600),
+                },
+            },
+            self.replica.authorities.clone(),
+            Arc::new(SystemClock),
+            self.replica.metrics.federation.clone(),
+            None,
+            cancel.clone(),
+        ));
+        (url, cancel.drop_guard())
+    }
+
     /// The Node API metrics as Prometheus text.
     pub fn metrics_text(&self) -> String {
         let mut registry = Registry::default();
