@@ -13,8 +13,8 @@ demo: ## Bring up a local control plane, run Sigil on loopback, and show a workl
 	@bash hack/demo.sh
 
 .PHONY: test
-test: test-tools ## Install what the tests need (cached) and run every test
-	$(CARGO) test --workspace --locked
+test: ## Install what the tests need (cached) and run every test
+	@CARGO=$(CARGO) bash hack/test.sh
 
 .PHONY: test-tools
 test-tools: ## Build the pinned kube-apiserver, etcd and other real test peers into the cache
