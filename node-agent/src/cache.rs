@@ -107,16 +107,32 @@ impl Cache {
         self.read().revision
     }
 
-    /// Replaces all entries (a full snapshot). SVIDs of entries that disappeared are dropped.
+    /// Replaces all entries (a full snapshot). SVIDs of entries that disappeared, or whose
+    /// SPIFFE ID changed, are dropped; see [`Cache::apply_changes`] for other changes.
     pub fn replace_entries(&self, entries: Vec<RegistrationEntry>, revision: u64) {
         let mut s = self.write();
-        s.entries = entries
+        let new = entries
             .into_iter()
             .map(|e| (e.id.clone(), Arc::new(e)))
             .collect();
-        let keep: BTreeSet<String> = s.entries.keys().cloned().collect();
-        s.svids.retain(|id, _| keep.contains(id));
-        s.jwts.retain(|(id, _), _| keep.contains(id));
+        let old = std::mem::replace(&mut s.entries, new);
+        let State {
+            entries,
+            svids,
+            jwts,
+            ..
+        } = &mut *s;
+        svids.retain(|id, h| {
+            entries
+                .get(id)
+                .is_some_and(|e| e.spiffe_id == h.entry.spiffe_id)
+        });
+        jwts.retain(|(id, _), _| {
+            entries
+                .get(id)
+                .zip(old.get(id))
+                .is_some_and(|(e, o)| !issued_differently(o, e))
+        });
         s.revision = revision;
         drop(s);
         self.bump();
@@ -131,14 +147,18 @@ impl Cache {
     ) {
         let mut s = self.write();
         for e in upserts {
-            // An entry whose SPIFFE ID, DNS names or TTL changed needs a new SVID.
-            if let Some(old) = s.entries.get(&e.id)
-                && (old.spiffe_id != e.spiffe_id
-                    || old.dns_names != e.dns_names
-                    || old.x509_ttl != e.x509_ttl)
-            {
-                s.svids.remove(&e.id);
-                s.jwts.retain(|(id, _), _| id != &e.id);
+            if let Some(old) = s.entries.get(&e.id).cloned() {
+                // A new SPIFFE ID: the held SVID names an identity this entry no longer
+                // grants, so it stops being served at once.
+                if old.spiffe_id != e.spiffe_id {
+                    s.svids.remove(&e.id);
+                }
+                // New DNS names or TTL: the held SVID stays valid and keeps being served
+                // until its replacement is signed (`needing_svids` sees it is stale), so
+                // streaming clients never see their identity vanish in between.
+                if issued_differently(&old, &e) {
+                    s.jwts.retain(|(id, _), _| id != &e.id);
+                }
             }
             s.entries.insert(e.id.clone(), Arc::new(e));
         }
@@ -207,15 +227,16 @@ impl Cache {
         true
     }
 
-    /// Entries that need an SVID now: none yet, or due for rotation at `now`.
+    /// Entries that need an SVID now: none yet, due for rotation at `now`, or issued for
+    /// DNS names or a TTL the entry no longer has.
     pub fn needing_svids(&self, now: SystemTime) -> Vec<Arc<RegistrationEntry>> {
         let s = self.read();
         s.entries
             .values()
             .filter(|e| {
-                s.svids
-                    .get(&e.id)
-                    .is_none_or(|h| h.rotate_at <= now || h.not_after <= now)
+                s.svids.get(&e.id).is_none_or(|h| {
+                    h.rotate_at <= now || h.not_after <= now || issued_differently(&h.entry, e)
+                })
             })
             .cloned()
             .collect()
@@ -279,6 +300,12 @@ impl Cache {
         }
         s.jwts.insert((entry_id.to_owned(), audience.to_vec()), jwt);
     }
+}
+
+/// Whether SVIDs for `new` must differ from those issued for `old` (SPIFFE ID, DNS names
+/// or TTL changed).
+fn issued_differently(old: &RegistrationEntry, new: &RegistrationEntry) -> bool {
+    old.spiffe_id != new.spiffe_id || old.dns_names != new.dns_names || old.x509_ttl != new.x509_ttl
 }
 
 /// When to replace an SVID valid from `not_before` to `not_after`: at half-life, brought
@@ -368,6 +395,67 @@ mod tests {
         c.apply_changes(
             vec![entry("a", "spiffe://td/renamed", &["k8s:pod-uid:1"])],
             &[],
+            2,
+        );
+        assert!(c.svid("a").is_none());
+    }
+
+    #[test]
+    fn new_dns_names_keep_the_svid_served_until_it_is_replaced() {
+        let c = Cache::new();
+        c.replace_entries(vec![entry("a", "spiffe://td/a", &["k8s:pod-uid:1"])], 1);
+        let now = SystemTime::now();
+        let held = |e: Arc<RegistrationEntry>| HeldSvid {
+            entry: e,
+            chain: vec![],
+            key: PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap(),
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+            rotate_at: now + Duration::from_secs(1800),
+        };
+        assert!(c.put_svid(held(c.entry("a").unwrap())));
+        let sel: BTreeSet<Selector> = [Selector::parse("k8s:pod-uid:1").unwrap()].into();
+        let mut renamed = entry("a", "spiffe://td/a", &["k8s:pod-uid:1"]);
+        renamed.dns_names = vec!["web.example".into()];
+        // Through a change set and through a full snapshot alike.
+        for apply in [
+            &|c: &Cache, e: RegistrationEntry| c.apply_changes(vec![e], &[], 2),
+            &|c: &Cache, e: RegistrationEntry| c.replace_entries(vec![e], 3),
+        ] as [&dyn Fn(&Cache, RegistrationEntry); 2]
+        {
+            apply(&c, renamed.clone());
+            let view = c.view_for(&sel);
+            assert_eq!(view.svids.len(), 1, "the old SVID is still served");
+            assert!(view.pending.is_empty());
+            assert_eq!(
+                c.needing_svids(now)
+                    .iter()
+                    .map(|e| e.id.as_str())
+                    .collect::<Vec<_>>(),
+                ["a"],
+                "and it is due for replacement at once"
+            );
+        }
+        assert!(c.put_svid(held(c.entry("a").unwrap())));
+        assert!(c.needing_svids(now).is_empty());
+        assert_eq!(c.svid("a").unwrap().entry.dns_names, ["web.example"]);
+    }
+
+    #[test]
+    fn a_full_snapshot_with_a_new_spiffe_id_drops_the_svid() {
+        let c = Cache::new();
+        c.replace_entries(vec![entry("a", "spiffe://td/a", &["k8s:pod-uid:1"])], 1);
+        let now = SystemTime::now();
+        assert!(c.put_svid(HeldSvid {
+            entry: c.entry("a").unwrap(),
+            chain: vec![],
+            key: PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap(),
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+            rotate_at: now + Duration::from_secs(1800),
+        }));
+        c.replace_entries(
+            vec![entry("a", "spiffe://td/renamed", &["k8s:pod-uid:1"])],
             2,
         );
         assert!(c.svid("a").is_none());

@@ -387,16 +387,24 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             "serving X509-SVIDs"
         );
         let selectors = caller.selectors;
+        let first = x509_response(&view);
+        let mut sent = first.clone();
         Ok(Response::new(self.inner.served.watch(
-            x509_response(&view),
+            first,
             move |cache| {
                 let view = cache.view_for(&selectors);
-                if view.svids.is_empty() && view.pending.is_empty() {
-                    return Err(Status::permission_denied(
-                        "no identity issued (the workload's entries were removed)",
-                    ));
+                if view.svids.is_empty() {
+                    if view.pending.is_empty() {
+                        return Err(Status::permission_denied(
+                            "no identity issued (the workload's entries were removed)",
+                        ));
+                    }
+                    // Every identity is being re-signed (its SPIFFE ID changed): an empty
+                    // set would read as an error to clients, so send nothing until it lands.
+                    return Ok(sent.clone());
                 }
-                Ok(x509_response(&view))
+                sent = x509_response(&view);
+                Ok(sent.clone())
             },
         )))
     }
