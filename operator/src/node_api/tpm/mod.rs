@@ -291,3 +291,161 @@ impl Challenge {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use rsa::pkcs8::EncodePublicKey;
+    use rsa::rand_core::OsRng;
+    use rsa::traits::PublicKeyParts;
+    use rsa::{RsaPrivateKey, RsaPublicKey};
+
+    const EK_ATTRS: u32 = 0x0003_00b2;
+    const AK_ATTRS: u32 = attr::FIXED_TPM
+        | attr::FIXED_PARENT
+        | attr::SENSITIVE_DATA_ORIGIN
+        | attr::RESTRICTED
+        | attr::SIGN
+        | (1 << 6);
+
+    /// A TPM2B_PUBLIC for an RSA key: an EK (AES-128-CFB, no scheme) or a signing key
+    /// (no symmetric, RSASSA-SHA256).
+    fn rsa_public(attributes: u32, storage: bool, modulus: &[u8]) -> Vec<u8> {
+        let mut v = vec![];
+        v.extend(public::ALG_RSA.to_be_bytes());
+        v.extend(public::ALG_SHA256.to_be_bytes());
+        v.extend(attributes.to_be_bytes());
+        v.extend(0u16.to_be_bytes());
+        if storage {
+            v.extend(public::ALG_AES.to_be_bytes());
+            v.extend(128u16.to_be_bytes());
+            v.extend(public::ALG_CFB.to_be_bytes());
+            v.extend(public::ALG_NULL.to_be_bytes());
+        } else {
+            v.extend(public::ALG_NULL.to_be_bytes());
+            v.extend(0x0014u16.to_be_bytes()); // RSASSA
+            v.extend(public::ALG_SHA256.to_be_bytes());
+        }
+        v.extend(2048u16.to_be_bytes());
+        v.extend(0u32.to_be_bytes());
+        v.extend((modulus.len() as u16).to_be_bytes());
+        v.extend(modulus);
+        let mut out = (v.len() as u16).to_be_bytes().to_vec();
+        out.extend(v);
+        out
+    }
+
+    struct Fixture {
+        cfg: TpmConfig,
+        ek: RsaPrivateKey,
+        cert: Vec<u8>,
+        ek_public: Vec<u8>,
+        ak_public: Vec<u8>,
+    }
+
+    fn fixture() -> Fixture {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "Unit EK CA");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let ek = RsaPrivateKey::new(&mut OsRng, 2048).unwrap();
+        let spki = RsaPublicKey::from(&ek).to_public_key_der().unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .signed_by(
+                &rcgen::SubjectPublicKeyInfo::from_der(spki.as_bytes()).unwrap(),
+                &issuer,
+            )
+            .unwrap()
+            .der()
+            .to_vec();
+        let modulus = ek.n().to_bytes_be();
+        Fixture {
+            cfg: TpmConfig {
+                manufacturer_cas: ManufacturerCas::from_pem(&ca_pem).unwrap(),
+                challenge_timeout: Duration::from_secs(5),
+            },
+            ek_public: rsa_public(EK_ATTRS, true, &modulus),
+            ak_public: rsa_public(AK_ATTRS, false, &[9; 256]),
+            ek,
+            cert,
+        }
+    }
+
+    #[test]
+    fn checks_the_ek_and_the_ak_and_judges_answers() {
+        let f = fixture();
+        let now = SystemTime::now();
+        let ok = verify_identity(&f.cfg, &f.cert, &f.ek_public, &f.ak_public, now).unwrap();
+        assert_eq!(ok.agent_path, format!("{AGENT_PATH_PREFIX}{}", ok.ek_hash));
+        assert!(
+            ok.selectors
+                .iter()
+                .any(|s| s.value == format!("ek_sha256:{}", ok.ek_hash))
+        );
+
+        // ek_public must be the certified key.
+        let other = rsa_public(EK_ATTRS, true, &[3; 256]);
+        assert_eq!(
+            verify_identity(&f.cfg, &f.cert, &other, &f.ak_public, now).unwrap_err(),
+            TpmError::EkMismatch
+        );
+        // Each AK rule on its own.
+        for (attrs, says) in [
+            (AK_ATTRS & !attr::RESTRICTED, "not restricted"),
+            (AK_ATTRS & !attr::SIGN, "not sign"),
+            (AK_ATTRS & !attr::FIXED_TPM, "not fixedTPM"),
+            (AK_ATTRS & !attr::FIXED_PARENT, "not fixedParent"),
+            (AK_ATTRS | attr::DECRYPT, "decryption key"),
+        ] {
+            let ak = rsa_public(attrs, false, &[9; 256]);
+            let err = verify_identity(&f.cfg, &f.cert, &f.ek_public, &ak, now).unwrap_err();
+            assert!(
+                matches!(err, TpmError::NotAnAttestationKey(ref m) if m.contains(says)),
+                "{err}"
+            );
+            assert_eq!(err.to_status().code(), tonic::Code::PermissionDenied);
+        }
+        // An EK certificate from a CA not in the bundle; one not valid yet.
+        let stranger = fixture();
+        assert!(matches!(
+            verify_identity(
+                &f.cfg,
+                &stranger.cert,
+                &stranger.ek_public,
+                &f.ak_public,
+                now
+            ),
+            Err(TpmError::UntrustedEkCertificate { .. })
+        ));
+        // rcgen's default validity starts in 1975.
+        let later = SystemTime::UNIX_EPOCH + Duration::from_secs(86_400);
+        assert!(matches!(
+            verify_identity(&f.cfg, &f.cert, &f.ek_public, &f.ak_public, later),
+            Err(TpmError::EkCertificateNotValid(_))
+        ));
+
+        // The challenge: only its own secret, only in time. The EK's private key stands in
+        // for the TPM here (credential.rs tests the blob layout).
+        let c = Challenge::new(&ok, now, f.cfg.challenge_timeout).unwrap();
+        let seed =
+            f.ek.decrypt(
+                rsa::Oaep::new_with_label::<sha2::Sha256, _>("IDENTITY\0"),
+                &c.credential.encrypted_secret,
+            )
+            .unwrap();
+        assert_eq!(seed.len(), 32);
+        assert_eq!(c.check(&[0; 32], now), Err(TpmError::WrongAnswer));
+        assert_eq!(c.check(&[], now), Err(TpmError::WrongAnswer));
+        let secret = c.secret.to_vec();
+        assert_eq!(c.check(&secret, now), Ok(()));
+        assert_eq!(
+            c.check(&secret, c.deadline + Duration::from_secs(1)),
+            Err(TpmError::DeadlineExceeded(f.cfg.challenge_timeout))
+        );
+    }
+}
