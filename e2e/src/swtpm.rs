@@ -3,7 +3,7 @@
 //! state directory, so it is a distinct TPM with its own endorsement seed; the process is
 //! killed when dropped (also while a test panics) and with the test process.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use crate::Error;
@@ -55,9 +55,7 @@ impl Swtpm {
                     last = format!("exited ({status})\n{}", process.log_tail(20));
                     break;
                 }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok()
-                    && TcpStream::connect(("127.0.0.1", port + 1)).is_ok()
-                {
+                if listening(port) && listening(port + 1) {
                     return Ok(Self {
                         process,
                         port,
@@ -91,6 +89,20 @@ impl Swtpm {
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
+}
+
+/// Whether something listens on 127.0.0.1:`port`, read from /proc/net/tcp. Not probed
+/// with a connection: swtpm serves one client per channel, and a probe it has not yet
+/// noticed closing can hold up the real client.
+fn listening(port: u16) -> bool {
+    let want = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|table| {
+        table.lines().skip(1).any(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            // local_address, rem_address, st (0A = LISTEN)
+            fields.next() == Some(want.as_str()) && fields.nth(1) == Some("0A")
+        })
+    })
 }
 
 /// A free loopback port whose successor is free too.

@@ -82,9 +82,23 @@ struct TestTpm {
     _swtpm: Swtpm,
 }
 
+/// Every software TPM this test binary uses, started before anything connects to one.
+///
+/// libtss2 opens its sockets without close-on-exec, so a process forked while a TPM
+/// connection is open (another swtpm, etcd, kube-apiserver) inherits it; swtpm then never
+/// sees that connection close and stops serving the next one. So: all swtpm processes
+/// first (here), then the control plane (each test's World), and only then connections.
+fn swtpm() -> Swtpm {
+    static POOL: std::sync::OnceLock<Mutex<Vec<Swtpm>>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| Mutex::new((0..4).map(|_| Swtpm::start().unwrap()).collect()))
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("the swtpm pool is sized for this file's tests: raise it")
+}
+
 impl TestTpm {
-    async fn provision(ca: &ManufacturerCa) -> TestTpm {
-        let swtpm = Swtpm::start().unwrap();
+    async fn provision(ca: &ManufacturerCa, swtpm: Swtpm) -> TestTpm {
         let tcti = swtpm.tcti();
         // The manufacturer's step: create the EK, certify it, store the certificate.
         let ek_spki = tokio::task::spawn_blocking({
@@ -213,7 +227,9 @@ fn assert_refused(
 #[tokio::test]
 async fn a_tpm_attests_its_node_and_the_agent_serves_that_node() {
     let ca = ManufacturerCa::new("Acme");
-    let (w, tpm) = tokio::join!(tpm_world("tpm-ok", &ca), TestTpm::provision(&ca));
+    let swtpm = swtpm();
+    let w = tpm_world("tpm-ok", &ca).await;
+    let tpm = TestTpm::provision(&ca, swtpm).await;
     w.enroll_tpm(&w.node_a, &tpm.ek_hash).await;
     w.cluster_spiffe_id(&format!("{}-web", w.tag), "web").await;
     w.pod("web", &w.node_a, "web", json!({"app": "web"})).await;
@@ -344,11 +360,13 @@ impl KeyCustomization for Unrestricted {
 async fn every_refusal_is_precise_and_issues_nothing() {
     let ca = ManufacturerCa::new("Acme");
     let rogue = ManufacturerCa::new("Rogue");
-    let (w, a, b, forged) = tokio::join!(
-        tpm_world("tpm-deny", &ca),
-        TestTpm::provision(&ca),
-        TestTpm::provision(&ca),
-        TestTpm::provision(&rogue),
+    let swtpms = [swtpm(), swtpm(), swtpm()];
+    let w = tpm_world("tpm-deny", &ca).await;
+    let [sa, sb, sc] = swtpms;
+    let (a, b, forged) = tokio::join!(
+        TestTpm::provision(&ca, sa),
+        TestTpm::provision(&ca, sb),
+        TestTpm::provision(&rogue, sc),
     );
     w.enroll_tpm(&w.node_a, &a.ek_hash).await;
     w.enroll_tpm(&w.node_b, &forged.ek_hash).await;
