@@ -2,6 +2,10 @@
 //! `make test-tools`) on loopback, for TPM attestation tests. Each [`Swtpm`] has its own
 //! state directory, so it is a distinct TPM with its own endorsement seed; the process is
 //! killed when dropped (also while a test panics) and with the test process.
+//!
+//! Start every swtpm a test binary needs before anything connects to one: libtss2's
+//! sockets are not close-on-exec, so a process forked while a connection is open inherits
+//! it, and swtpm, never seeing that connection close, stops serving the next client.
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
