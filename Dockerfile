@@ -7,13 +7,19 @@
 # not built by the tests.)
 
 FROM docker.io/library/rust:1.95-bookworm AS build
+# The agent links the tss2 libraries (TPM node attestation, tss-esapi).
+RUN apt-get update && apt-get install -y --no-install-recommends libtss2-dev pkg-config \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p sigil-operator -p sigil-agent -p sigil-csi -p sigil-cli \
- && mkdir -p /out \
- && cp target/release/sigil-operator target/release/sigil-agent target/release/sigil-csi target/release/sigil /out/
+ && mkdir -p /out/tss2 \
+ && cp target/release/sigil-operator target/release/sigil-agent target/release/sigil-csi target/release/sigil /out/ \
+ && cp -L /usr/lib/*-linux-gnu/libtss2-esys.so.0 /usr/lib/*-linux-gnu/libtss2-sys.so.1 \
+          /usr/lib/*-linux-gnu/libtss2-mu.so.0 /usr/lib/*-linux-gnu/libtss2-tctildr.so.0 \
+          /usr/lib/*-linux-gnu/libtss2-tcti-device.so.0 /out/tss2/
 
 # The operator needs nothing from the host: non-root, read-only root filesystem (the
 # chart sets it), no shell.
@@ -26,6 +32,8 @@ ENTRYPOINT ["/sigil-operator"]
 # hostPID; see charts/sigil/templates/agent.yaml. The sigil CLI is included for debugging
 # (kubectl exec ... -- /sigil x509 fetch).
 FROM gcr.io/distroless/cc-debian12 AS sigil-agent
+# tss2 for the TPM (the device TCTI; libcrypto comes with the base image).
+COPY --from=build /out/tss2/ /usr/lib/x86_64-linux-gnu/
 COPY --from=build /out/sigil-agent /sigil-agent
 COPY --from=build /out/sigil /sigil
 ENTRYPOINT ["/sigil-agent"]

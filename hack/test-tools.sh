@@ -134,8 +134,9 @@ install_debian_tpm() {
   if [ ${#missing[@]} -gt 0 ]; then
     log "apt: installing ${missing[*]}"
     local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-    $sudo apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Another process may be installing packages: wait for the dpkg lock, don't fail.
+    $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
   ln -sfn "$(command -v swtpm)" "$SIGIL_BIN/swtpm"
 }

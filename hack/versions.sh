@@ -11,7 +11,9 @@ HELM_VERSION=v4.3.1
 SPIRE_VERSION=v1.15.3
 GO_SPIFFE_VERSION=v2.8.1
 PY_SPIFFE_VERSION=0.3.2
-DEBIAN_PACKAGES="swtpm swtpm-tools libtss2-dev tpm2-tools"
+# TPM tests: swtpm, and the tss2 libraries the agent links (tss-esapi finds them with
+# pkg-config; its bindings are pre-generated, so no libclang).
+DEBIAN_PACKAGES="swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config"
 
 ALL_TOOLS="etcd kube-apiserver csi-sanity helm spire go-spiffe-client py-spiffe swtpm"
 

@@ -21,6 +21,8 @@
 //! dropped) die with the test process through the parent-death signal ([`process`]), and
 //! its directory is removed by the next run.
 //!
+//! TPMs: [`swtpm::Swtpm`] runs a software TPM 2.0 on loopback.
+//!
 //! Workloads: [`pod::PodContainer`] puts real processes into pod-shaped cgroups and
 //! writes their container status the way a kubelet does.
 //!
@@ -32,6 +34,7 @@ mod control_plane;
 pub mod pki;
 pub mod pod;
 pub mod process;
+pub mod swtpm;
 pub mod tools;
 
 use std::future::Future;

@@ -71,6 +71,17 @@ pub struct Args {
     )]
     pub token_file: PathBuf,
 
+    /// Attest with this node's TPM (TCTI, e.g. `device:/dev/tpmrm0`) instead of the
+    /// projected token alone; the token is still sent, so the operator checks the agent
+    /// pod runs on the Node the TPM is enrolled for (docs/tpm.md).
+    #[arg(long, env = "SIGIL_TPM_TCTI")]
+    pub tpm_tcti: Option<String>,
+
+    /// Read the EK certificate from this file (DER or PEM) instead of the TPM's NV index
+    /// 0x01c00002.
+    #[arg(long, env = "SIGIL_TPM_EK_CERTIFICATE_FILE", requires = "tpm_tcti")]
+    pub tpm_ek_certificate_file: Option<PathBuf>,
+
     /// The trust bundle to verify the operator with at first (the TrustDomain's bundle
     /// ConfigMap, `bundle.spiffe` or `bundle.pem`).
     #[arg(
@@ -243,6 +254,8 @@ impl Agent {
             trust_domain,
             cluster_name,
             token_file,
+            tpm_tcti,
+            tpm_ek_certificate_file,
             bundle_file,
             socket_path,
             proc_root,
@@ -362,12 +375,26 @@ impl Agent {
             .with_context(|| format!("bind the health server to {health_addr} (--health-addr)"))?;
         let health_addr = health.local_addr().context("health server address")?;
 
+        let tpm = match tpm_tcti {
+            None => None,
+            Some(tcti) => {
+                let device = crate::tpm::TpmDevice::open(crate::tpm::TpmOptions {
+                    tcti: tcti.clone(),
+                    ek_certificate_file: tpm_ek_certificate_file,
+                })
+                .await
+                .with_context(|| format!("open the TPM (--tpm-tcti {tcti})"))?;
+                info!(tcti = %tcti, "node attestation with the TPM");
+                Some(Arc::new(device))
+            }
+        };
         let (attested_tx, attested_rx) = watch::channel(false);
         let attested_ready = readiness.component("node-attestation");
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(sync::keep_agent_svid(
             node.clone(),
             TokenFile(token_file),
+            tpm,
             attested_tx,
             cancel.clone(),
         )));

@@ -7,6 +7,7 @@
 //! - [`cache`]: entries, SVIDs, JWT-SVIDs and bundles held by the agent.
 //! - [`node_client`]: the agent's client of the operator's Node API.
 //! - [`sync`]: node attestation, agent SVID renewal, and the entry stream.
+//! - [`tpm`]: the node's TPM (EK, AK, credential activation) for TPM node attestation.
 //! - [`rotator`]: pre-signing and rotating the X509-SVIDs of this node's entries.
 //! - [`serving`]: what the Workload and Broker APIs serve from the cache.
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket.
@@ -22,4 +23,5 @@ pub mod node_client;
 pub mod rotator;
 pub mod serving;
 pub mod sync;
+pub mod tpm;
 pub mod workload_api;

@@ -3,8 +3,8 @@
 //! - The operator is authenticated by its X509-SVID (`spiffe://<td>/sigil/operator`)
 //!   against the bundles the agent holds: at first the bootstrap bundle (the trust bundle
 //!   ConfigMap mounted into the agent pod), then whatever the operator sends.
-//! - [`NodeClient::attest_psat`] connects *without* a client certificate, so an agent
-//!   whose SVID has expired can always attest again with a fresh projected token.
+//! - [`NodeClient::attest_psat`] and [`NodeClient::attest_tpm`] connect *without* a client
+//!   certificate, so an agent whose SVID has expired can always attest again.
 //! - Every other call presents the agent SVID (mTLS). After attestation or renewal the
 //!   mTLS channel is rebuilt, so the new certificate is the one presented.
 //! - The agent's private key is generated here and never sent anywhere; only CSRs are.
@@ -248,6 +248,105 @@ impl NodeClient {
             .await
             .map_err(status(RPC))?
             .into_inner();
+        if let Some(b) = &answer.bundle {
+            self.apply_bundle(RPC, b)?;
+        }
+        let svid = AgentSvid {
+            spiffe_id: SpiffeId::parse(&answer.spiffe_id).map_err(|e| bad(RPC, e))?,
+            chain: answer.svid_chain,
+            not_after: from_unix(answer.expires_at),
+            selectors: answer
+                .selectors
+                .iter()
+                .map(|s| format!("{}:{}", s.r#type, s.value))
+                .collect(),
+        };
+        self.install(RPC, svid.clone(), &key)?;
+        Ok(svid)
+    }
+
+    /// Attests the node with its TPM ([`crate::tpm::TpmDevice`]): sends the EK
+    /// certificate and the EK and AK public areas (and, when given, the agent pod's
+    /// projected token), answers the operator's credential-activation challenge with the
+    /// TPM, and installs the agent SVID it yields.
+    pub async fn attest_tpm(
+        &self,
+        device: &crate::tpm::TpmDevice,
+        psat_token: Option<&str>,
+    ) -> Result<AgentSvid, NodeClientError> {
+        let identity = device.identity().clone();
+        self.attest_tpm_with(identity, psat_token, |challenge| async move {
+            device
+                .activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+                .await
+                .map_err(|e| NodeClientError::Local(e.to_string()))
+        })
+        .await
+    }
+
+    /// The AttestNodeTpm exchange with `answer` computing the activated secret from the
+    /// challenge ([`Self::attest_tpm`] asks the TPM; tests may answer otherwise).
+    pub async fn attest_tpm_with<F, Fut>(
+        &self,
+        identity: crate::tpm::TpmIdentity,
+        psat_token: Option<&str>,
+        answer: F,
+    ) -> Result<AgentSvid, NodeClientError>
+    where
+        F: FnOnce(pb::TpmChallenge) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<u8>, NodeClientError>>,
+    {
+        const RPC: &str = "AttestNodeTpm";
+        let key = new_key()?;
+        let placeholder = self
+            .config
+            .trust_domain
+            .id("/sigil/agent/attesting")
+            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        let csr = x509::build_csr(&key, &placeholder)
+            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let first = pb::TpmAttestRequest {
+            step: Some(pb::tpm_attest_request::Step::Identity(pb::TpmIdentity {
+                ek_certificate: identity.ek_certificate,
+                ek_public: identity.ek_public,
+                ak_public: identity.ak_public,
+                psat_token: psat_token.unwrap_or_default().to_owned(),
+            })),
+            csr,
+        };
+        // Capacity 2: these sends never wait.
+        tx.send(first)
+            .await
+            .map_err(|_| NodeClientError::Local("request stream closed".into()))?;
+        let mut inbound = self
+            .raw(false)?
+            .attest_node_tpm(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(status(RPC))?
+            .into_inner();
+        let challenge = match inbound.message().await.map_err(status(RPC))? {
+            Some(pb::TpmAttestResponse {
+                step: Some(pb::tpm_attest_response::Step::Challenge(c)),
+            }) => c,
+            other => return Err(bad(RPC, format!("expected a challenge, got {other:?}"))),
+        };
+        let secret = answer(challenge).await?;
+        // If the operator already ended the exchange (deadline passed), the send fails and
+        // the next read carries its status.
+        let _ = tx
+            .send(pb::TpmAttestRequest {
+                step: Some(pb::tpm_attest_request::Step::ActivatedSecret(secret)),
+                csr: vec![],
+            })
+            .await;
+        let answer = match inbound.message().await.map_err(status(RPC))? {
+            Some(pb::TpmAttestResponse {
+                step: Some(pb::tpm_attest_response::Step::Result(r)),
+            }) => r,
+            other => return Err(bad(RPC, format!("expected the result, got {other:?}"))),
+        };
+        drop(tx);
         if let Some(b) = &answer.bundle {
             self.apply_bundle(RPC, b)?;
         }

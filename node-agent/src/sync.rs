@@ -2,7 +2,7 @@
 //! stream that fills the [`Cache`].
 //!
 //! - Attests with the projected service-account token, read from its file at each attempt
-//!   (the kubelet rotates it in place), and renews the agent SVID at half-life over mTLS.
+//!   (the kubelet rotates it in place), and with the node's TPM when one is configured, and renews the agent SVID at half-life over mTLS.
 //!   When renewal fails (the SVID expired while the operator was away), it attests again
 //!   with a fresh token: that always works, because AttestNode needs no client certificate.
 //! - Keeps SyncEntries open, resuming from the last revision applied; reconnects with
@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::cache::Cache;
 use crate::node_client::{NodeClient, NodeClientError};
+use crate::tpm::TpmDevice;
 
 /// Where the projected service-account token is.
 #[derive(Debug, Clone)]
@@ -69,12 +70,18 @@ impl Backoff {
 }
 
 /// Attests until it succeeds (or `cancel`).
-async fn attest_until_ok(node: &NodeClient, token: &TokenFile, cancel: &CancellationToken) -> bool {
+async fn attest_until_ok(
+    node: &NodeClient,
+    token: &TokenFile,
+    tpm: Option<&TpmDevice>,
+    cancel: &CancellationToken,
+) -> bool {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
-        let result = match token.read() {
-            Ok(t) => node.attest_psat(&t).await,
-            Err(e) => Err(e),
+        let result = match (token.read(), tpm) {
+            (Ok(t), None) => node.attest_psat(&t).await,
+            (Ok(t), Some(tpm)) => node.attest_tpm(tpm, Some(&t)).await,
+            (Err(e), _) => Err(e),
         };
         match result {
             Ok(svid) => {
@@ -99,10 +106,11 @@ async fn attest_until_ok(node: &NodeClient, token: &TokenFile, cancel: &Cancella
 pub async fn keep_agent_svid(
     node: Arc<NodeClient>,
     token: TokenFile,
+    tpm: Option<Arc<TpmDevice>>,
     attested: watch::Sender<bool>,
     cancel: CancellationToken,
 ) {
-    if !attest_until_ok(&node, &token, &cancel).await {
+    if !attest_until_ok(&node, &token, tpm.as_deref(), &cancel).await {
         return;
     }
     attested.send_replace(true);
@@ -137,7 +145,7 @@ pub async fn keep_agent_svid(
                             Some(tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
                         )
                     {
-                        if !attest_until_ok(&node, &token, &cancel).await {
+                        if !attest_until_ok(&node, &token, tpm.as_deref(), &cancel).await {
                             return;
                         }
                         break;

@@ -27,6 +27,7 @@ use crate::index::{self, EntryIndex, IndexConfig, IndexMetrics, RunOptions, Stat
 use crate::leader::{LeaderConfig, LeaderElection};
 use crate::node_api::metrics::NodeApiMetrics;
 use crate::node_api::psat::PsatConfig;
+use crate::node_api::tpm::{ManufacturerCas, TpmConfig};
 use crate::node_api::{self, NodeApi, NodeApiConfig};
 use crate::telemetry::{self, LogFormat, Metrics, Readiness};
 use crate::trust_domain;
@@ -190,6 +191,17 @@ pub struct NodeApiArgs {
     /// Burst of Node API requests allowed from one node.
     #[arg(long, env = "SIGIL_NODE_BURST", default_value_t = 200.0)]
     pub node_burst: f64,
+
+    /// PEM file of the TPM manufacturer CAs (roots and the intermediates that sign EK
+    /// certificates) that EK certificates must chain to; mount it from a Secret or
+    /// ConfigMap. TPM node attestation (AttestNodeTpm) is enabled only when this is set.
+    /// See docs/tpm.md.
+    #[arg(long, env = "SIGIL_TPM_EK_CA_BUNDLE")]
+    pub tpm_ek_ca_bundle: Option<std::path::PathBuf>,
+
+    /// How long an agent has to answer a TPM credential-activation challenge (Go duration).
+    #[arg(long, env = "SIGIL_TPM_CHALLENGE_TIMEOUT", default_value = "10s", value_parser = go_duration)]
+    pub tpm_challenge_timeout: Duration,
 }
 
 /// `--log-format` values.
@@ -382,7 +394,23 @@ async fn node_api_task(
         agent_svid_ttl,
         node_rate,
         node_burst,
+        tpm_ek_ca_bundle,
+        tpm_challenge_timeout,
     } = args;
+    let tpm = match tpm_ek_ca_bundle {
+        None => None,
+        Some(path) => {
+            let pem = std::fs::read_to_string(&path)
+                .with_context(|| format!("read --tpm-ek-ca-bundle {}", path.display()))?;
+            let manufacturer_cas = ManufacturerCas::from_pem(&pem)
+                .map_err(|e| anyhow::anyhow!("--tpm-ek-ca-bundle {}: {e}", path.display()))?;
+            info!(cas = manufacturer_cas.len(), "TPM node attestation enabled");
+            Some(TpmConfig {
+                manufacturer_cas,
+                challenge_timeout: tpm_challenge_timeout,
+            })
+        }
+    };
     let Some(td) = agent_trust_domain else {
         info!("no --agent-trust-domain: the Node API is not served");
         return Ok(Box::pin(async { Ok(()) }));
@@ -419,6 +447,7 @@ async fn node_api_task(
             },
             rate_per_node: node_rate,
             burst_per_node: node_burst,
+            tpm,
         },
         cx.client.clone(),
         cx.authorities.clone(),

@@ -108,6 +108,8 @@ impl AgentWorld {
             trust_domain: w.td.to_string(),
             cluster_name: CLUSTER.into(),
             token_file,
+            tpm_tcti: None,
+            tpm_ek_certificate_file: None,
             bundle_file,
             socket_path: Some(socket.clone()),
             proc_root: "/proc".into(),

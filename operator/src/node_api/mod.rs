@@ -14,6 +14,7 @@ pub mod limits;
 pub mod metrics;
 pub mod psat;
 pub mod service;
+pub mod tpm;
 
 pub use service::{NodeApi, NodeApiConfig};
 

@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use super::limits::NodeRateLimiter;
 use super::metrics::NodeApiMetrics;
 use super::psat::{self, PsatConfig};
+use super::tpm::{self, TpmConfig, TpmError};
 use crate::authority::Authorities;
 use crate::federation::FederatedBundles;
 use crate::index::{EntryIndex, NodeDelta};
@@ -29,6 +30,8 @@ pub const MAX_CSRS_PER_CALL: usize = 1000;
 pub const MAX_AUDIENCES: usize = 32;
 /// Largest token accepted in AttestNode.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+/// How long AttestNodeTpm waits for the agent's first message.
+pub const TPM_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the Node API is configured.
 #[derive(Debug, Clone)]
@@ -44,6 +47,8 @@ pub struct NodeApiConfig {
     pub rate_per_node: f64,
     /// Burst of RPCs per node.
     pub burst_per_node: f64,
+    /// TPM attestation settings; None answers AttestNodeTpm with Unimplemented.
+    pub tpm: Option<TpmConfig>,
 }
 
 /// The Node API implementation, shared by all connections of one replica.
@@ -163,33 +168,40 @@ impl NodeApi {
             ));
         }
         let prefix = format!("/sigil/agent/k8s_psat/{}/", self.inner.cfg.psat.cluster);
-        let node_uid = (info.spiffe_id.trust_domain() == &self.inner.cfg.agent_trust_domain)
-            .then(|| info.spiffe_id.path().strip_prefix(&prefix))
-            .flatten()
-            .ok_or_else(|| {
-                self.deny(
-                    rpc,
-                    "not_an_agent",
-                    Status::permission_denied(format!(
-                        "{} is not an agent identity of this cluster",
-                        info.spiffe_id
-                    )),
-                )
-            })?;
-        let node = self
-            .inner
-            .nodes
-            .find(|n| n.metadata.uid.as_deref() == Some(node_uid))
-            .ok_or_else(|| {
-                self.deny(
-                    rpc,
-                    "unknown_node",
-                    Status::permission_denied(format!(
-                        "no Node with UID {node_uid} exists (node deleted?)"
-                    )),
-                )
-            })?;
-        let node_name = node.metadata.name.clone().unwrap_or_default();
+        let ours = info.spiffe_id.trust_domain() == &self.inner.cfg.agent_trust_domain;
+        let path = info.spiffe_id.path();
+        let node_name = if let Some(node_uid) = path.strip_prefix(&prefix).filter(|_| ours) {
+            let node = self
+                .inner
+                .nodes
+                .find(|n| n.metadata.uid.as_deref() == Some(node_uid))
+                .ok_or_else(|| {
+                    self.deny(
+                        rpc,
+                        "unknown_node",
+                        Status::permission_denied(format!(
+                            "no Node with UID {node_uid} exists (node deleted?)"
+                        )),
+                    )
+                })?;
+            node.metadata.name.clone().unwrap_or_default()
+        } else if let Some(ek_hash) = path
+            .strip_prefix(tpm::AGENT_PATH_PREFIX)
+            .filter(|_| ours && self.inner.cfg.tpm.is_some())
+        {
+            // Looked up on every call: removing the annotation revokes the TPM's access.
+            self.tpm_node(ek_hash)
+                .map_err(|s| self.deny(rpc, "tpm_not_enrolled", s))?
+        } else {
+            return Err(self.deny(
+                rpc,
+                "not_an_agent",
+                Status::permission_denied(format!(
+                    "{} is not an agent identity of this cluster",
+                    info.spiffe_id
+                )),
+            ));
+        };
         if !self.inner.limiter.try_take(&node_name, 1.0) {
             return Err(self.deny(
                 rpc,
@@ -207,6 +219,184 @@ impl NodeApi {
 
     fn now(&self) -> SystemTime {
         self.inner.clock.now()
+    }
+
+    /// The one Node enrolled for the TPM whose EK hashes to `ek_hash` (annotation
+    /// [`tpm::EK_ANNOTATION`]).
+    fn tpm_node(&self, ek_hash: &str) -> Result<String, Status> {
+        let nodes = self.inner.nodes.state();
+        let mut enrolled = nodes.iter().filter(|n| {
+            n.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(tpm::EK_ANNOTATION))
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case(ek_hash))
+        });
+        let name = |n: &Node| n.metadata.name.clone().unwrap_or_default();
+        match (enrolled.next(), enrolled.next()) {
+            (Some(n), None) => Ok(name(n)),
+            (None, _) => Err(Status::permission_denied(format!(
+                "no Node is enrolled for the TPM with EK hash {ek_hash}: annotate its Node with {}={ek_hash}",
+                tpm::EK_ANNOTATION
+            ))),
+            (Some(a), Some(b)) => Err(Status::permission_denied(format!(
+                "Nodes {} and {} both claim the TPM with EK hash {ek_hash} ({}); remove the annotation from the wrong one",
+                name(a),
+                name(b),
+                tpm::EK_ANNOTATION
+            ))),
+        }
+    }
+
+    /// One AttestNodeTpm exchange (docs/tpm.md). Every failure is counted and logged here.
+    async fn attest_tpm(
+        &self,
+        cfg: &TpmConfig,
+        inbound: &mut tonic::Streaming<pb::TpmAttestRequest>,
+        tx: &tokio::sync::mpsc::Sender<Result<pb::TpmAttestResponse, Status>>,
+    ) -> Result<(), Status> {
+        const RPC: &str = "AttestNodeTpm";
+        let tpm_deny = |e: TpmError| self.deny(RPC, e.metric_label(), e.to_status());
+        let protocol = |m: &str| tpm_deny(TpmError::Protocol(m.into()));
+        let first = match tokio::time::timeout(TPM_FIRST_MESSAGE_TIMEOUT, inbound.message()).await {
+            Err(_) => {
+                return Err(self.deny(
+                    RPC,
+                    "tpm_protocol",
+                    Status::deadline_exceeded(format!(
+                        "no identity message within {TPM_FIRST_MESSAGE_TIMEOUT:?}"
+                    )),
+                ));
+            }
+            Ok(Err(s)) => return Err(s),
+            Ok(Ok(None)) => return Err(protocol("stream closed before the identity message")),
+            Ok(Ok(Some(m))) => m,
+        };
+        let Some(pb::tpm_attest_request::Step::Identity(identity)) = first.step else {
+            return Err(protocol("the first message must carry identity"));
+        };
+        if identity.psat_token.len() > MAX_TOKEN_LEN {
+            return Err(self.deny(
+                RPC,
+                "bad_token",
+                Status::invalid_argument(format!(
+                    "identity.psat_token is longer than {MAX_TOKEN_LEN} bytes"
+                )),
+            ));
+        }
+        // Refuse a bad CSR before making the TPM work.
+        let csr = first.csr;
+        x509::parse_csr_public_key(&csr).map_err(|e| {
+            self.deny(
+                RPC,
+                "bad_csr",
+                Status::invalid_argument(format!("agent CSR (csr of the identity message): {e}")),
+            )
+        })?;
+        let verified = tpm::verify_identity(
+            cfg,
+            &identity.ek_certificate,
+            &identity.ek_public,
+            &identity.ak_public,
+            self.now(),
+        )
+        .map_err(tpm_deny)?;
+        let node_name = self
+            .tpm_node(&verified.ek_hash)
+            .map_err(|s| self.deny(RPC, "tpm_not_enrolled", s))?;
+        let mut selectors = verified.selectors.clone();
+        selectors.push(Selector::new(
+            tpm::SELECTOR_TYPE,
+            format!("node_name:{node_name}"),
+        ));
+        if !identity.psat_token.is_empty() {
+            // The agent also proves which pod it runs in: that pod must be on the Node
+            // the TPM is enrolled for.
+            let cluster = self.inner.cfg.psat.cluster.clone();
+            let attested = psat::attest(
+                &self.inner.client,
+                &self.inner.cfg.psat,
+                &cluster,
+                &identity.psat_token,
+            )
+            .await
+            .map_err(|e| self.deny(RPC, e.metric_label(), e.to_status()))?;
+            if attested.node_name != node_name {
+                return Err(self.deny(
+                    RPC,
+                    "tpm_psat_node_mismatch",
+                    Status::permission_denied(format!(
+                        "the TPM is enrolled for Node {node_name} but the agent pod runs on Node {}",
+                        attested.node_name
+                    )),
+                ));
+            }
+            selectors.extend(attested.selectors);
+        }
+        if !self.inner.limiter.try_take(&node_name, 1.0) {
+            return Err(self.deny(
+                RPC,
+                "rate_limited",
+                Status::resource_exhausted(format!(
+                    "node {node_name} is over its Node API rate limit"
+                )),
+            ));
+        }
+
+        let challenge =
+            tpm::Challenge::new(&verified, self.now(), cfg.challenge_timeout).map_err(tpm_deny)?;
+        let sent = tx
+            .send(Ok(pb::TpmAttestResponse {
+                step: Some(pb::tpm_attest_response::Step::Challenge(pb::TpmChallenge {
+                    credential_blob: challenge.credential.credential_blob.clone(),
+                    encrypted_secret: challenge.credential.encrypted_secret.clone(),
+                    deadline: unix(challenge.deadline),
+                })),
+            }))
+            .await;
+        if sent.is_err() {
+            return Ok(());
+        }
+        let answer = match tokio::time::timeout(cfg.challenge_timeout, inbound.message()).await {
+            Err(_) => return Err(tpm_deny(TpmError::DeadlineExceeded(cfg.challenge_timeout))),
+            Ok(Err(s)) => return Err(s),
+            Ok(Ok(None)) => return Err(protocol("stream closed before the activated secret")),
+            Ok(Ok(Some(m))) => m,
+        };
+        let Some(pb::tpm_attest_request::Step::ActivatedSecret(secret)) = answer.step else {
+            return Err(protocol("the second message must carry activated_secret"));
+        };
+        challenge.check(&secret, self.now()).map_err(tpm_deny)?;
+
+        let (chain, not_after, id) = self.sign_agent(RPC, &verified.agent_path, &csr)?;
+        let bundle = self.own_bundle();
+        tracing::info!(agent = %id, node = %node_name, "agent attested (tpm)");
+        let _ = tx
+            .send(Ok(pb::TpmAttestResponse {
+                step: Some(pb::tpm_attest_response::Step::Result(
+                    pb::AttestNodeResponse {
+                        svid_chain: chain,
+                        spiffe_id: id.to_string(),
+                        selectors: selectors.iter().map(sel_to_pb).collect(),
+                        bundle,
+                        expires_at: unix(not_after),
+                    },
+                )),
+            }))
+            .await;
+        Ok(())
+    }
+
+    /// The agent trust domain's bundle, as the agent gets it with its SVID.
+    fn own_bundle(&self) -> Option<pb::Bundle> {
+        self.inner
+            .authorities
+            .get(&self.inner.cfg.agent_trust_domain)
+            .map(|a| pb::Bundle {
+                trust_domain: a.trust_domain.name().to_owned(),
+                jwks: a.bundle.to_jwks_json().into_bytes(),
+                sequence: a.bundle.sequence.unwrap_or(0),
+            })
     }
 
     /// Signs an agent SVID for `path` in the agent trust domain from `csr_der`.
@@ -367,15 +557,7 @@ impl pb::node_server::Node for NodeApi {
             ));
         }
         let (chain, not_after, id) = self.sign_agent(RPC, &attested.agent_path, &req.csr)?;
-        let bundle = self
-            .inner
-            .authorities
-            .get(&self.inner.cfg.agent_trust_domain)
-            .map(|a| pb::Bundle {
-                trust_domain: a.trust_domain.name().to_owned(),
-                jwks: a.bundle.to_jwks_json().into_bytes(),
-                sequence: a.bundle.sequence.unwrap_or(0),
-            });
+        let bundle = self.own_bundle();
         tracing::info!(agent = %id, node = %attested.node_name, "agent attested (psat)");
         Ok(Response::new(pb::AttestNodeResponse {
             svid_chain: chain,
@@ -388,13 +570,32 @@ impl pb::node_server::Node for NodeApi {
 
     async fn attest_node_tpm(
         &self,
-        _req: Request<tonic::Streaming<pb::TpmAttestRequest>>,
+        req: Request<tonic::Streaming<pb::TpmAttestRequest>>,
     ) -> Result<Response<ResponseStream<pb::TpmAttestResponse>>, Status> {
-        Err(self.deny(
-            "AttestNodeTpm",
-            "not_configured",
-            Status::unimplemented("TPM node attestation is not enabled on this operator"),
-        ))
+        const RPC: &str = "AttestNodeTpm";
+        self.inner.metrics.request(RPC);
+        let Some(cfg) = self.inner.cfg.tpm.clone() else {
+            return Err(self.deny(
+                RPC,
+                "not_configured",
+                Status::unimplemented(
+                    "TPM node attestation is not enabled on this operator (set --tpm-ek-ca-bundle)",
+                ),
+            ));
+        };
+        let mut inbound = req.into_inner();
+        let this = self.clone();
+        let stream = spawn_stream(move |tx| async move {
+            let shutdown = this.inner.shutdown.clone();
+            let result = tokio::select! {
+                r = this.attest_tpm(&cfg, &mut inbound, &tx) => r,
+                () = shutdown.cancelled() => Err(Status::unavailable("operator is shutting down; attest again with another replica")),
+            };
+            if let Err(status) = result {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(stream))
     }
 
     async fn renew_agent(

@@ -90,6 +90,8 @@ pub struct WorldOptions {
     /// The client every operator component uses (default: the admin), e.g. one for the
     /// chart's ServiceAccount to prove its RBAC is enough.
     pub operator_client: Option<Client>,
+    /// TPM attestation settings (None: AttestNodeTpm is Unimplemented).
+    pub tpm: Option<sigil_operator::node_api::tpm::TpmConfig>,
 }
 
 impl Default for WorldOptions {
@@ -99,6 +101,7 @@ impl Default for WorldOptions {
             clock: Arc::new(SystemClock),
             namespace: None,
             operator_client: None,
+            tpm: None,
         }
     }
 }
@@ -116,6 +119,7 @@ impl World {
             clock,
             namespace,
             operator_client,
+            tpm,
         } = options;
         let client = client().await;
         let op = operator_client.unwrap_or_else(|| client.clone());
@@ -228,6 +232,7 @@ impl World {
             },
             rate_per_node: 1000.0,
             burst_per_node: 10_000.0,
+            tpm,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node_api_addr = listener.local_addr().unwrap().to_string();
@@ -290,6 +295,39 @@ impl World {
             cancel.clone(),
         ));
         *self.node_api.lock().unwrap() = Some((cancel, task));
+    }
+
+    /// Enrols a TPM for `node` (the EK-hash annotation) and waits until the operator's
+    /// Node cache has it.
+    pub async fn enroll_tpm(&self, node: &str, ek_hash: &str) {
+        use sigil_operator::node_api::tpm::EK_ANNOTATION;
+        Api::<Node>::all(self.client.clone())
+            .patch(
+                node,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(
+                    json!({"metadata": {"annotations": {EK_ANNOTATION: ek_hash}}}),
+                ),
+            )
+            .await
+            .unwrap();
+        eventually(
+            "the Node cache to see the TPM enrolment",
+            SETTLE,
+            || async {
+                self.nodes
+                    .get(&kube::runtime::reflector::ObjectRef::new(node))
+                    .filter(|n| {
+                        n.metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get(EK_ANNOTATION))
+                            .is_some_and(|v| v == ek_hash)
+                    })
+                    .map(|_| ())
+            },
+        )
+        .await;
     }
 
     /// Stops the Node API (an operator outage): streams end, connections are refused.

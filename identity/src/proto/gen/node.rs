@@ -50,8 +50,11 @@ pub struct AttestNodeResponse {
     #[prost(int64, tag = "5")]
     pub expires_at: i64,
 }
+/// The agent's side of AttestNodeTpm (docs/tpm.md): first `identity` with `csr`, then
+/// `activated_secret` answering the challenge.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TpmAttestRequest {
+    /// PKCS#10 CSR (DER) for the agent key, made on the node; required with `identity`.
     #[prost(bytes = "vec", tag = "10")]
     pub csr: ::prost::alloc::vec::Vec<u8>,
     #[prost(oneof = "tpm_attest_request::Step", tags = "1, 2")]
@@ -79,7 +82,8 @@ pub struct TpmIdentity {
     /// TPM2B_PUBLIC of the attestation key (marshalled).
     #[prost(bytes = "vec", tag = "3")]
     pub ak_public: ::prost::alloc::vec::Vec<u8>,
-    /// Optional PSAT token tying the TPM node to a Kubernetes Node.
+    /// Optional projected token of the agent pod: when set, the operator also runs the PSAT
+    /// checks and requires the pod to run on the Node the TPM is enrolled for.
     #[prost(string, tag = "4")]
     pub psat_token: ::prost::alloc::string::String,
 }
@@ -100,7 +104,10 @@ pub mod tpm_attest_response {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TpmChallenge {
-    /// TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET from MakeCredential.
+    /// MakeCredential's output, as TPM2_ActivateCredential takes it: the buffers of the
+    /// TPM2B_ID_OBJECT (TPM2B_DIGEST integrity HMAC, then encIdentity) and of the
+    /// TPM2B_ENCRYPTED_SECRET (the seed, RSA-OAEP encrypted to the EK), without their
+    /// 2-byte size prefixes.
     #[prost(bytes = "vec", tag = "1")]
     pub credential_blob: ::prost::alloc::vec::Vec<u8>,
     #[prost(bytes = "vec", tag = "2")]

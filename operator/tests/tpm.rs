@@ -1,0 +1,495 @@
+//! TPM node attestation end to end: software TPMs (swtpm) with EK certificates from a test
+//! manufacturer CA, the agent's own TPM code (`sigil_agent::tpm`, tss-esapi) and Node API
+//! client, against the operator's Node API on the real apiserver. The happy path and every
+//! refusal, each with its precise status and nothing issued.
+#![allow(clippy::unwrap_used)]
+
+mod node_api_common;
+mod trust_domain_common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use node_api_common::*;
+use rsa::pkcs8::EncodePublicKey;
+use rsa::{BigUint, RsaPublicKey};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use sigil_agent::node_client::NodeClientError;
+use sigil_agent::tpm::{TpmDevice, TpmIdentity, TpmOptions, public_tpm2b};
+use sigil_e2e::swtpm::Swtpm;
+use sigil_operator::node_api::tpm::{ManufacturerCas, TpmConfig};
+use tonic::Code;
+use trust_domain_common::*;
+use tss_esapi::abstraction::{KeyCustomization, ak, ek};
+use tss_esapi::attributes::{NvIndexAttributesBuilder, ObjectAttributesBuilder};
+use tss_esapi::handles::NvIndexTpmHandle;
+use tss_esapi::interface_types::algorithm::{
+    AsymmetricAlgorithm, HashingAlgorithm, SignatureSchemeAlgorithm,
+};
+use tss_esapi::interface_types::resource_handles::{NvAuth, Provision};
+use tss_esapi::structures::{MaxNvBuffer, NvPublicBuilder, Public};
+
+/// Challenge timeout of the test operator: short, so the late-answer case is quick, and
+/// still far above what swtpm needs to answer.
+const CHALLENGE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A TPM manufacturer's CA (ECDSA P-256).
+struct ManufacturerCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    pem: String,
+}
+
+impl ManufacturerCa {
+    fn new(name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} EK Root CA"));
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        Self {
+            pem: cert.pem(),
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// An EK certificate for the RSA key `spki_der` (empty subject, as TCG profiles allow).
+    fn ek_certificate(&self, spki_der: &[u8]) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Sigil Test TPM");
+        let spki = rcgen::SubjectPublicKeyInfo::from_der(spki_der).unwrap();
+        params
+            .signed_by(&spki, &self.issuer)
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+}
+
+/// A software TPM provisioned like a real one: its EK certificate, signed by `ca`, sits
+/// in NV index 0x01c00002 where the agent reads it.
+struct TestTpm {
+    device: TpmDevice,
+    /// Hex SHA-256 of the EK SubjectPublicKeyInfo (the agent ID's last segment).
+    ek_hash: String,
+    // Dropped last: the device's connection closes before swtpm is killed.
+    _swtpm: Swtpm,
+}
+
+/// Every software TPM this test binary uses, started before anything connects to one.
+///
+/// libtss2 opens its sockets without close-on-exec, so a process forked while a TPM
+/// connection is open (another swtpm, etcd, kube-apiserver) inherits it; swtpm then never
+/// sees that connection close and stops serving the next one. So: all swtpm processes
+/// first (here), then the control plane (each test's World), and only then connections.
+fn swtpm() -> Swtpm {
+    static POOL: std::sync::OnceLock<Mutex<Vec<Swtpm>>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| Mutex::new((0..4).map(|_| Swtpm::start().unwrap()).collect()))
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("the swtpm pool is sized for this file's tests: raise it")
+}
+
+impl TestTpm {
+    async fn provision(ca: &ManufacturerCa, swtpm: Swtpm) -> TestTpm {
+        let tcti = swtpm.tcti();
+        // The manufacturer's step: create the EK, certify it, store the certificate.
+        let ek_spki = tokio::task::spawn_blocking({
+            let tcti = tcti.clone();
+            move || {
+                let mut ctx = tss_esapi::Context::new(tcti.parse().unwrap()).unwrap();
+                let ek = ek::create_ek_object(&mut ctx, AsymmetricAlgorithm::Rsa, None).unwrap();
+                let (public, _, _) = ctx.read_public(ek).unwrap();
+                ctx.flush_context(ek.into()).unwrap();
+                let Public::Rsa {
+                    parameters, unique, ..
+                } = public
+                else {
+                    panic!("EK is not RSA")
+                };
+                let e = match parameters.exponent().value() {
+                    0 => 65537,
+                    e => e,
+                };
+                RsaPublicKey::new(BigUint::from_bytes_be(unique.value()), BigUint::from(e))
+                    .unwrap()
+                    .to_public_key_der()
+                    .unwrap()
+                    .as_bytes()
+                    .to_vec()
+            }
+        })
+        .await
+        .unwrap();
+        let cert = ca.ek_certificate(&ek_spki);
+        tokio::task::spawn_blocking({
+            let (tcti, cert) = (tcti.clone(), cert.clone());
+            move || write_ek_certificate(&tcti, &cert)
+        })
+        .await
+        .unwrap();
+        let device = TpmDevice::open(TpmOptions {
+            tcti,
+            ek_certificate_file: None,
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            device.identity().ek_certificate,
+            cert,
+            "the agent reads the certificate the manufacturer stored"
+        );
+        TestTpm {
+            device,
+            ek_hash: hex::encode(Sha256::digest(&ek_spki)),
+            _swtpm: swtpm,
+        }
+    }
+}
+
+/// Stores `cert` in the RSA-2048 EK certificate NV index, readable with the index's own
+/// (empty) authorisation as TCG's profile prescribes.
+fn write_ek_certificate(tcti: &str, cert: &[u8]) {
+    let mut ctx = tss_esapi::Context::new(tcti.parse().unwrap()).unwrap();
+    let index = NvIndexTpmHandle::new(0x01c0_0002).unwrap();
+    let attributes = NvIndexAttributesBuilder::new()
+        .with_owner_write(true)
+        .with_owner_read(true)
+        .with_auth_read(true)
+        .with_no_da(true)
+        .build()
+        .unwrap();
+    let public = NvPublicBuilder::new()
+        .with_nv_index(index)
+        .with_index_name_algorithm(HashingAlgorithm::Sha256)
+        .with_index_attributes(attributes)
+        .with_data_area_size(cert.len())
+        .build()
+        .unwrap();
+    ctx.execute_with_nullauth_session(|ctx| {
+        let handle = ctx.nv_define_space(Provision::Owner, None, public)?;
+        for (i, chunk) in cert.chunks(512).enumerate() {
+            ctx.nv_write(
+                NvAuth::Owner,
+                handle,
+                MaxNvBuffer::try_from(chunk.to_vec())?,
+                (i * 512) as u16,
+            )?;
+        }
+        Ok::<_, tss_esapi::Error>(())
+    })
+    .unwrap();
+}
+
+async fn tpm_world(prefix: &str, ca: &ManufacturerCa) -> World {
+    World::start_with(
+        prefix,
+        WorldOptions {
+            tpm: Some(TpmConfig {
+                manufacturer_cas: ManufacturerCas::from_pem(&ca.pem).unwrap(),
+                challenge_timeout: CHALLENGE_TIMEOUT,
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// The operator's refusal: its gRPC status.
+fn refusal(e: NodeClientError) -> tonic::Status {
+    match e {
+        NodeClientError::Status { status, .. } => status,
+        other => panic!("expected a refusal from the operator, got {other}"),
+    }
+}
+
+fn assert_refused(
+    result: Result<sigil_agent::node_client::AgentSvid, NodeClientError>,
+    code: Code,
+    says: &str,
+) {
+    let status = refusal(result.expect_err("attestation must be refused"));
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(says),
+        "{:?} does not say {says:?}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn a_tpm_attests_its_node_and_the_agent_serves_that_node() {
+    let ca = ManufacturerCa::new("Acme");
+    let swtpm = swtpm();
+    let w = tpm_world("tpm-ok", &ca).await;
+    let tpm = TestTpm::provision(&ca, swtpm).await;
+    w.enroll_tpm(&w.node_a, &tpm.ek_hash).await;
+    w.cluster_spiffe_id(&format!("{}-web", w.tag), "web").await;
+    w.pod("web", &w.node_a, "web", json!({"app": "web"})).await;
+
+    // The agent's own path: TPM identity, challenge answered by ActivateCredential.
+    let agent = w.agent_client().await;
+    let answered = Arc::new(Mutex::new(None));
+    let svid = agent
+        .attest_tpm_with(tpm.device.identity().clone(), None, {
+            let answered = answered.clone();
+            let device = &tpm.device;
+            move |c| async move {
+                let secret = device
+                    .activate_credential(c.credential_blob, c.encrypted_secret)
+                    .await
+                    .unwrap();
+                *answered.lock().unwrap() = Some(secret.clone());
+                Ok(secret)
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        svid.spiffe_id.to_string(),
+        format!("spiffe://{}/sigil/agent/tpm/{}", w.td, tpm.ek_hash)
+    );
+    for s in [
+        format!("tpm:ek_sha256:{}", tpm.ek_hash),
+        "tpm:ek_issuer:CN=Acme EK Root CA".to_owned(),
+        "tpm:ek_subject:O=Sigil Test TPM".to_owned(),
+        format!("tpm:node_name:{}", w.node_a),
+    ] {
+        assert!(
+            svid.selectors.contains(&s),
+            "{s} not in {:?}",
+            svid.selectors
+        );
+    }
+
+    // The SVID is an agent of node A: it gets node A's entries.
+    let mut stream = agent.sync_entries(0).await.unwrap();
+    let web_id = format!("spiffe://{}/ns/{}/sa/web", w.td, w.ns);
+    let found = tokio::time::timeout(SETTLE, async {
+        while let Some(msg) = stream.next().await {
+            if msg.unwrap().upserts.iter().any(|e| e.spiffe_id == web_id) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        found,
+        Ok(true),
+        "node A's entry {web_id} on the TPM agent's stream"
+    );
+    assert!(
+        agent.renew().await.is_ok(),
+        "a TPM agent renews like any agent"
+    );
+
+    // Replaying the accepted answer on a new exchange: each challenge has a fresh secret.
+    let old = answered.lock().unwrap().clone().unwrap();
+    let replayer = w.agent_client().await;
+    assert_refused(
+        replayer
+            .attest_tpm_with(tpm.device.identity().clone(), None, |_| async { Ok(old) })
+            .await,
+        Code::PermissionDenied,
+        "does not match the challenge",
+    );
+    assert!(replayer.svid().is_none());
+
+    // With the agent pod's token too: the pod must run on the TPM's Node.
+    let pod_b = w
+        .pod(
+            "agent-b",
+            &w.node_b,
+            "sigil-agent",
+            json!({"app": "sigil-agent"}),
+        )
+        .await;
+    let token_b = w.token(&pod_b, &w.audience).await;
+    let wrong_node = w.agent_client().await;
+    assert_refused(
+        wrong_node.attest_tpm(&tpm.device, Some(&token_b)).await,
+        Code::PermissionDenied,
+        &format!(
+            "enrolled for Node {} but the agent pod runs on Node {}",
+            w.node_a, w.node_b
+        ),
+    );
+    assert!(wrong_node.svid().is_none());
+    let pod_a = w
+        .pod(
+            "agent-a",
+            &w.node_a,
+            "sigil-agent",
+            json!({"app": "sigil-agent"}),
+        )
+        .await;
+    let token_a = w.token(&pod_a, &w.audience).await;
+    let both = w.agent_client().await;
+    let svid = both.attest_tpm(&tpm.device, Some(&token_a)).await.unwrap();
+    assert!(
+        svid.selectors
+            .contains(&format!("k8s_psat:agent_node_name:{}", w.node_a))
+    );
+
+    let metrics = w.metrics_text();
+    for reason in ["tpm_wrong_answer", "tpm_psat_node_mismatch"] {
+        assert!(
+            metrics.contains(&format!("reason=\"{reason}\"")),
+            "{reason} not counted:\n{metrics}"
+        );
+    }
+}
+
+/// An unrestricted signing key under the EK: it could sign anything, so it proves nothing.
+struct Unrestricted;
+impl KeyCustomization for Unrestricted {
+    fn attributes(&self, b: ObjectAttributesBuilder) -> ObjectAttributesBuilder {
+        b.with_restricted(false)
+    }
+}
+
+#[tokio::test]
+async fn every_refusal_is_precise_and_issues_nothing() {
+    let ca = ManufacturerCa::new("Acme");
+    let rogue = ManufacturerCa::new("Rogue");
+    let swtpms = [swtpm(), swtpm(), swtpm()];
+    let w = tpm_world("tpm-deny", &ca).await;
+    let [sa, sb, sc] = swtpms;
+    let (a, b, forged) = tokio::join!(
+        TestTpm::provision(&ca, sa),
+        TestTpm::provision(&ca, sb),
+        TestTpm::provision(&rogue, sc),
+    );
+    w.enroll_tpm(&w.node_a, &a.ek_hash).await;
+    w.enroll_tpm(&w.node_b, &forged.ek_hash).await;
+    let fresh = || w.agent_client();
+
+    // An EK certificate from a CA the operator does not trust.
+    let agent = fresh().await;
+    assert_refused(
+        agent.attest_tpm(&forged.device, None).await,
+        Code::PermissionDenied,
+        "\"CN=Rogue EK Root CA\" does not chain to a configured manufacturer CA",
+    );
+    assert!(agent.svid().is_none());
+
+    // An AK that is not restricted.
+    let unrestricted = a
+        .device
+        .run(|ctx, keys| {
+            let created = ak::create_ak(
+                ctx,
+                keys.ek,
+                HashingAlgorithm::Sha256,
+                SignatureSchemeAlgorithm::RsaSsa,
+                None,
+                Unrestricted,
+            )
+            .unwrap();
+            public_tpm2b(&created.out_public).unwrap()
+        })
+        .await
+        .unwrap();
+    let agent = fresh().await;
+    assert_refused(
+        agent
+            .attest_tpm_with(
+                TpmIdentity {
+                    ak_public: unrestricted,
+                    ..a.device.identity().clone()
+                },
+                None,
+                |_| async {
+                    Err(NodeClientError::Local(
+                        "no challenge may be sent for an unrestricted AK".into(),
+                    ))
+                },
+            )
+            .await,
+        Code::PermissionDenied,
+        "not an attestation key: it is not restricted",
+    );
+    assert!(agent.svid().is_none());
+
+    // A different TPM answering: TPM B claims TPM A's (public) EK certificate with its own
+    // AK. The credential is sealed to A's EK, so B's ActivateCredential fails, and
+    // whatever B sends instead is refused.
+    let (a_dev, b_dev) = (&a.device, &b.device);
+    let agent = fresh().await;
+    assert_refused(
+        agent
+            .attest_tpm_with(
+                TpmIdentity {
+                    ak_public: b.device.identity().ak_public.clone(),
+                    ..a.device.identity().clone()
+                },
+                None,
+                move |c| async move {
+                    let err = b_dev
+                        .activate_credential(c.credential_blob, c.encrypted_secret)
+                        .await
+                        .expect_err("TPM B cannot activate a credential sealed to TPM A's EK");
+                    assert!(err.to_string().contains("ActivateCredential"), "{err}");
+                    Ok(vec![0x5a; 32])
+                },
+            )
+            .await,
+        Code::PermissionDenied,
+        "does not match the challenge",
+    );
+    assert!(agent.svid().is_none());
+
+    // The real TPM's right answer, after the deadline.
+    let agent = fresh().await;
+    assert_refused(
+        agent
+            .attest_tpm_with(a.device.identity().clone(), None, move |c| async move {
+                let secret = a_dev
+                    .activate_credential(c.credential_blob, c.encrypted_secret)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(CHALLENGE_TIMEOUT + Duration::from_millis(300)).await;
+                Ok(secret)
+            })
+            .await,
+        Code::DeadlineExceeded,
+        "challenge deadline passed",
+    );
+    assert!(agent.svid().is_none());
+
+    // A genuine TPM no Node is enrolled for.
+    let agent = fresh().await;
+    assert_refused(
+        agent.attest_tpm(&b.device, None).await,
+        Code::PermissionDenied,
+        &format!("no Node is enrolled for the TPM with EK hash {}", b.ek_hash),
+    );
+    assert!(agent.svid().is_none());
+
+    // The same TPM, answering in time, is accepted: the refusals above were about what
+    // they tested, not the setup.
+    let agent = fresh().await;
+    agent.attest_tpm(&a.device, None).await.unwrap();
+
+    let metrics = w.metrics_text();
+    for reason in [
+        "tpm_ek_untrusted",
+        "tpm_ak_attributes",
+        "tpm_wrong_answer",
+        "tpm_challenge_expired",
+        "tpm_not_enrolled",
+    ] {
+        assert!(
+            metrics.contains(&format!("reason=\"{reason}\"")),
+            "{reason} not counted:\n{metrics}"
+        );
+    }
+}
