@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo=${CARGO:-cargo}
 
+# The agent links Debian's libtss2 (found with pkg-config): install the Debian packages
+# first (seconds), then compile while the Go tools build.
+bash hack/test-tools.sh swtpm
 ($cargo test --workspace --locked --no-run 2>&1 | sed -u 's/^/[cargo build] /') &
 build=$!
 tools_ok=0
