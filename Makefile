@@ -22,10 +22,12 @@ test-tools: ## Build the pinned kube-apiserver, etcd and other real test peers i
 
 .PHONY: build
 build: ## Build the three binaries and the CLI (release)
+	@bash hack/test-tools.sh swtpm # Debian's libtss2 + pkg-config, which the agent links
 	$(CARGO) build --release --locked --bins
 
 .PHONY: lint
 lint: ## clippy with warnings as errors, and rustfmt check
+	@bash hack/test-tools.sh swtpm # Debian's libtss2 + pkg-config, which the agent links
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) fmt --all --check
 
