@@ -1,5 +1,6 @@
 //! sigil-agent end to end: pod object created → the SVID served to a client process in
-//! that pod, and the agent's memory idle and with 1000 open Workload API streams.
+//! that pod, the agent's memory idle and with 10k open Workload API streams, and the time
+//! for an entry change to reach every one of those streams as a new SVID.
 //!
 //! The operator side runs in this process (real apiserver + etcd from the e2e harness,
 //! CA, index, Node API over TLS); the agent is the real `sigil-agent` binary in its own
@@ -8,7 +9,8 @@
 //! pod's cgroup: its process start is part of each sample, as it is for a real workload.
 //!
 //! Run: `make bench` (or `hack/bench.sh agent`). SIGIL_BENCH_PODS (default 200) and
-//! SIGIL_BENCH_STREAMS (default 1000) set the sizes.
+//! SIGIL_BENCH_STREAMS (default 10000; the process needs that many file descriptors)
+//! set the sizes.
 
 mod agent_process;
 #[path = "../../operator/tests/node_api_common/mod.rs"]
@@ -41,7 +43,7 @@ async fn fetch(container: &PodContainer, client: &str, addr: &str) -> bool {
 
 fn main() {
     let pods_n = env("SIGIL_BENCH_PODS", 200);
-    let streams_n = env("SIGIL_BENCH_STREAMS", 1000);
+    let streams_n = env("SIGIL_BENCH_STREAMS", 10_000);
     let agent_bin = std::env::var("SIGIL_AGENT_BIN")
         .expect("set SIGIL_AGENT_BIN to a built sigil-agent (make bench does)");
     let client = env!("CARGO_BIN_EXE_rust-spiffe-client");
@@ -87,7 +89,7 @@ fn main() {
         report.row("  failed fetches", format!("{failed}"));
         report.row(&format!("agent RSS with {pods_n} entries and SVIDs"), format!("{:>8.1} MiB", rss_kib(pid) as f64 / 1024.0));
 
-        // 1000 open FetchX509SVID streams from one pod.
+        // Open FetchX509SVID streams from one pod, each on its own connection.
         let holder = &keep[0];
         let mut cmd = holder.command(client);
         cmd.args(["--addr", &addr, "streams", "--count", &streams_n.to_string()]).stdin(Stdio::piped()).stdout(Stdio::piped());
@@ -100,6 +102,23 @@ fn main() {
                 report.row(&format!("{streams_n} streams opened, each with its first SVID"), format!("{:>8.2?}  ({line})", t.elapsed()));
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 report.row(&format!("agent RSS with {streams_n} open streams"), format!("{:>8.1} MiB", rss_kib(pid) as f64 / 1024.0));
+                // Change the pod's entry (one more DNS name): the operator re-renders it
+                // and pushes it to the node, the agent signs a new SVID and every open
+                // stream must receive it.
+                let t = Instant::now();
+                let patch = json!({"spec": {"dnsNameTemplates": ["{{pod.name}}.{{node.labels['zone']}}", "{{pod.name}}.rotated"]}});
+                kube::Api::<sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID>::all(w.client.clone())
+                    .patch(&format!("{}-bench", w.tag), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+                    .await
+                    .expect("patch the ClusterSPIFFEID");
+                match tokio::time::timeout(Duration::from_secs(120), out.next_line()).await {
+                    Ok(Ok(Some(line))) => report.row(
+                        &format!("entry change → new SVID delivered to all {streams_n} streams"),
+                        format!("{:>8.2?}  ({line})", t.elapsed()),
+                    ),
+                    other => report.row(&format!("new SVID to all {streams_n} streams"), format!("not delivered within 120 s: {other:?}")),
+                }
+                report.row(&format!("agent RSS after the fan-out to {streams_n} streams"), format!("{:>8.1} MiB", rss_kib(pid) as f64 / 1024.0));
             }
             other => report.row(&format!("{streams_n} streams"), format!("did not open: {other:?}")),
         }

@@ -5,7 +5,8 @@
 //!   rust-spiffe-client --addr ... jwt --audience A
 //!   rust-spiffe-client --addr ... validate --audience A --token T
 //!   rust-spiffe-client --addr ... watch --updates N     (one line per X509Source update)
-//!   rust-spiffe-client --addr ... streams --count N     (hold N FetchX509SVID streams)
+//!   rust-spiffe-client --addr ... streams --count N     (hold N FetchX509SVID streams;
+//!       prints "ready", then "updated" once all N received a second SVID)
 //!   rust-spiffe-client --addr ... wait-x509 --timeout-ms T
 //!       (FetchX509SVID every 20 ms until an SVID arrives: for registration latency)
 //!   rust-spiffe-client --addr ... load --concurrency C --requests N
@@ -95,9 +96,48 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
                 "{}",
                 serde_json::json!({"ready": held.len(), "at_ms": now_ms()})
             );
-            let mut sink = String::new();
-            let _ = std::io::stdin().read_line(&mut sink);
-            drop(held);
+            // Then says "updated" once every stream has received a second SVID (a
+            // rotation or an entry change fanned out to all of them).
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(count.max(1));
+            let mut tasks = Vec::with_capacity(count);
+            for (client, mut stream) in held {
+                let tx = tx.clone();
+                tasks.push(tokio::spawn(async move {
+                    let _client = client;
+                    if let Some(Ok(_)) = futures::StreamExt::next(&mut stream).await {
+                        let _ = tx.send(()).await;
+                    }
+                    // Keep the stream open until the process is told to stop.
+                    std::future::pending::<()>().await;
+                }));
+            }
+            drop(tx);
+            let mut stdin = tokio::task::spawn_blocking(|| {
+                let mut sink = String::new();
+                let _ = std::io::stdin().read_line(&mut sink);
+            });
+            let (mut updated, mut open) = (0, true);
+            loop {
+                tokio::select! {
+                    _ = &mut stdin => break,
+                    got = rx.recv(), if open && updated < count => match got {
+                        // Every stream task has ended: nothing more will arrive.
+                        None => open = false,
+                        Some(()) => {
+                            updated += 1;
+                            if updated == count {
+                                println!(
+                                    "{}",
+                                    serde_json::json!({"updated": updated, "at_ms": now_ms()})
+                                );
+                            }
+                        }
+                    },
+                }
+            }
+            for t in tasks {
+                t.abort();
+            }
         }
         "wait-x509" => {
             // Same fixed retry for every system measured, so the figure is the server
