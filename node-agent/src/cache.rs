@@ -342,6 +342,18 @@ mod tests {
         }
     }
 
+    /// An SVID for `e` valid for an hour from `now`, due for rotation at half-life.
+    fn held(e: Arc<RegistrationEntry>, now: SystemTime) -> HeldSvid {
+        HeldSvid {
+            entry: e,
+            chain: vec![],
+            key: PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap(),
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+            rotate_at: now + Duration::from_secs(1800),
+        }
+    }
+
     #[test]
     fn rotation_is_around_half_life() {
         let nb = SystemTime::UNIX_EPOCH;
@@ -380,16 +392,8 @@ mod tests {
     fn changed_spiffe_id_drops_the_svid() {
         let c = Cache::new();
         c.replace_entries(vec![entry("a", "spiffe://td/a", &["k8s:pod-uid:1"])], 1);
-        let e = c.entry("a").unwrap();
         let now = SystemTime::now();
-        assert!(c.put_svid(HeldSvid {
-            entry: e,
-            chain: vec![],
-            key: PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap(),
-            not_before: now,
-            not_after: now + Duration::from_secs(3600),
-            rotate_at: now + Duration::from_secs(1800),
-        }));
+        assert!(c.put_svid(held(c.entry("a").unwrap(), now)));
         assert!(c.svid("a").is_some());
         assert!(c.needing_svids(now).is_empty());
         c.apply_changes(
@@ -405,15 +409,7 @@ mod tests {
         let c = Cache::new();
         c.replace_entries(vec![entry("a", "spiffe://td/a", &["k8s:pod-uid:1"])], 1);
         let now = SystemTime::now();
-        let held = |e: Arc<RegistrationEntry>| HeldSvid {
-            entry: e,
-            chain: vec![],
-            key: PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap(),
-            not_before: now,
-            not_after: now + Duration::from_secs(3600),
-            rotate_at: now + Duration::from_secs(1800),
-        };
-        assert!(c.put_svid(held(c.entry("a").unwrap())));
+        assert!(c.put_svid(held(c.entry("a").unwrap(), now)));
         let sel: BTreeSet<Selector> = [Selector::parse("k8s:pod-uid:1").unwrap()].into();
         let mut renamed = entry("a", "spiffe://td/a", &["k8s:pod-uid:1"]);
         renamed.dns_names = vec!["web.example".into()];
@@ -436,7 +432,7 @@ mod tests {
                 "and it is due for replacement at once"
             );
         }
-        assert!(c.put_svid(held(c.entry("a").unwrap())));
+        assert!(c.put_svid(held(c.entry("a").unwrap(), now)));
         assert!(c.needing_svids(now).is_empty());
         assert_eq!(c.svid("a").unwrap().entry.dns_names, ["web.example"]);
     }
@@ -446,14 +442,7 @@ mod tests {
         let c = Cache::new();
         c.replace_entries(vec![entry("a", "spiffe://td/a", &["k8s:pod-uid:1"])], 1);
         let now = SystemTime::now();
-        assert!(c.put_svid(HeldSvid {
-            entry: c.entry("a").unwrap(),
-            chain: vec![],
-            key: PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap(),
-            not_before: now,
-            not_after: now + Duration::from_secs(3600),
-            rotate_at: now + Duration::from_secs(1800),
-        }));
+        assert!(c.put_svid(held(c.entry("a").unwrap(), now)));
         c.replace_entries(
             vec![entry("a", "spiffe://td/renamed", &["k8s:pod-uid:1"])],
             2,

@@ -248,21 +248,7 @@ impl NodeClient {
             .await
             .map_err(status(RPC))?
             .into_inner();
-        if let Some(b) = &answer.bundle {
-            self.apply_bundle(RPC, b)?;
-        }
-        let svid = AgentSvid {
-            spiffe_id: SpiffeId::parse(&answer.spiffe_id).map_err(|e| bad(RPC, e))?,
-            chain: answer.svid_chain,
-            not_after: from_unix(answer.expires_at),
-            selectors: answer
-                .selectors
-                .iter()
-                .map(|s| format!("{}:{}", s.r#type, s.value))
-                .collect(),
-        };
-        self.install(RPC, svid.clone(), &key)?;
-        Ok(svid)
+        self.accept_attestation(RPC, answer, &key)
     }
 
     /// Attests the node with its TPM ([`crate::tpm::TpmDevice`]): sends the EK
@@ -347,11 +333,22 @@ impl NodeClient {
             other => return Err(bad(RPC, format!("expected the result, got {other:?}"))),
         };
         drop(tx);
+        self.accept_attestation(RPC, answer, &key)
+    }
+
+    /// Installs what a successful attestation (PSAT or TPM) returned: the bundle, then the
+    /// agent SVID for `key`.
+    fn accept_attestation(
+        &self,
+        rpc: &'static str,
+        answer: pb::AttestNodeResponse,
+        key: &PrivateKey,
+    ) -> Result<AgentSvid, NodeClientError> {
         if let Some(b) = &answer.bundle {
-            self.apply_bundle(RPC, b)?;
+            self.apply_bundle(rpc, b)?;
         }
         let svid = AgentSvid {
-            spiffe_id: SpiffeId::parse(&answer.spiffe_id).map_err(|e| bad(RPC, e))?,
+            spiffe_id: SpiffeId::parse(&answer.spiffe_id).map_err(|e| bad(rpc, e))?,
             chain: answer.svid_chain,
             not_after: from_unix(answer.expires_at),
             selectors: answer
@@ -360,7 +357,7 @@ impl NodeClient {
                 .map(|s| format!("{}:{}", s.r#type, s.value))
                 .collect(),
         };
-        self.install(RPC, svid.clone(), &key)?;
+        self.install(rpc, svid.clone(), key)?;
         Ok(svid)
     }
 
