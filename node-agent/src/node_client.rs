@@ -225,14 +225,7 @@ impl NodeClient {
     /// SVID it yields (a key made here, a CSR sent).
     pub async fn attest_psat(&self, token: &str) -> Result<AgentSvid, NodeClientError> {
         const RPC: &str = "AttestNode";
-        let key = new_key()?;
-        let placeholder = self
-            .config
-            .trust_domain
-            .id("/sigil/agent/attesting")
-            .map_err(|e| NodeClientError::Local(e.to_string()))?;
-        let csr = x509::build_csr(&key, &placeholder)
-            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        let (key, csr) = self.attestation_key()?;
         let request = pb::AttestNodeRequest {
             attestation: Some(pb::attest_node_request::Attestation::Psat(
                 pb::PsatAttestation {
@@ -283,14 +276,7 @@ impl NodeClient {
         Fut: std::future::Future<Output = Result<Vec<u8>, NodeClientError>>,
     {
         const RPC: &str = "AttestNodeTpm";
-        let key = new_key()?;
-        let placeholder = self
-            .config
-            .trust_domain
-            .id("/sigil/agent/attesting")
-            .map_err(|e| NodeClientError::Local(e.to_string()))?;
-        let csr = x509::build_csr(&key, &placeholder)
-            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        let (key, csr) = self.attestation_key()?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let first = pb::TpmAttestRequest {
             step: Some(pb::tpm_attest_request::Step::Identity(pb::TpmIdentity {
@@ -334,6 +320,20 @@ impl NodeClient {
         };
         drop(tx);
         self.accept_attestation(RPC, answer, &key)
+    }
+
+    /// A new agent key and its CSR for attestation (the operator ignores the CSR's URI SAN,
+    /// so it names a placeholder in our trust domain).
+    fn attestation_key(&self) -> Result<(PrivateKey, Vec<u8>), NodeClientError> {
+        let key = new_key()?;
+        let placeholder = self
+            .config
+            .trust_domain
+            .id("/sigil/agent/attesting")
+            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        let csr = x509::build_csr(&key, &placeholder)
+            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        Ok((key, csr))
     }
 
     /// Installs what a successful attestation (PSAT or TPM) returned: the bundle, then the
