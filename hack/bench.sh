@@ -8,17 +8,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/out
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(index node_stream agent csi versus_spire)
-# versus_spire needs SPIRE and our spire-mint load generator (bench-only tool).
+[ ${#benches[@]} -gt 0 ] || benches=(index node_stream agent csi versus_spire servers)
+# versus_spire and servers need SPIRE and our spire-mint load generator (bench-only tool).
 bash hack/test-tools.sh etcd kube-apiserver spire spire-mint
-# The agent bench runs the real sigil-agent binary, built here in release mode.
-cargo build --locked -q --release -p sigil-agent
+# The agent, versus_spire and servers benches run the real sigil-agent and sigil-operator
+# binaries, built here in release mode.
+cargo build --locked -q --release -p sigil-agent -p sigil-operator
 export SIGIL_AGENT_BIN=${CARGO_TARGET_DIR:-target}/release/sigil-agent
+export SIGIL_OPERATOR_BIN=${CARGO_TARGET_DIR:-target}/release/sigil-operator
 for b in "${benches[@]}"; do
   echo
   echo "== $b =="
   case $b in
-    agent|csi|versus_spire) cargo bench --locked -q -p sigil-e2e --bench "$b" ;;
+    agent|csi|versus_spire|servers) cargo bench --locked -q -p sigil-e2e --bench "$b" ;;
     *) cargo bench --locked -q -p sigil-operator --bench "$b" ;;
   esac
 done

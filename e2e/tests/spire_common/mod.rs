@@ -43,6 +43,10 @@ pub struct Spire {
     pub federation: Option<(String, String)>,
     /// SPIRE's log level (DEBUG in tests, INFO — its default — in benches).
     pub log_level: &'static str,
+    /// SPIRE's per-IP limit on CSRs signed through the node-facing API (500/s by default,
+    /// callers wait). A signing-capacity bench turns it off to measure the server rather
+    /// than the limit of one agent.
+    pub signing_rate_limit: bool,
 }
 
 /// How SPIRE's bundle endpoint authenticates itself.
@@ -68,6 +72,7 @@ impl Spire {
             agent_addr: format!("unix://{}", dir.join("agent.sock").display()),
             federation: None,
             log_level: "DEBUG",
+            signing_rate_limit: true,
         }
     }
 
@@ -109,9 +114,15 @@ impl Spire {
                 hint = SPIRE_REFRESH_HINT.as_secs(),
             ),
         };
+        let ratelimit = if self.signing_rate_limit {
+            ""
+        } else {
+            "  ratelimit {\n    signing = false\n  }"
+        };
         let d = self.dir.display();
         let config = format!(
             r#"server {{
+{ratelimit}
   bind_address = "127.0.0.1"
   bind_port = "{server_port}"
   socket_path = "{d}/server.sock"

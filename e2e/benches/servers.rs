@@ -1,0 +1,537 @@
+//! The servers side by side, each in its own process, pinned to one core: the release
+//! `sigil-operator` binary (CA, identity index, Node API) against the real apiserver, and
+//! `spire-server` (sqlite, disk key manager, join-token attestation; the version
+//! `make test-tools` builds).
+//!
+//! Pinning: this process (the load generators, and the apiserver and etcd it starts) runs
+//! on the last CPU, each server on CPU 0, with `taskset`. A server's figures are therefore
+//! per core. With one CPU nothing is pinned, and the report says so.
+//!
+//! Rows (metric | Sigil | SPIRE | ratio):
+//! - idle RSS and CPU over 10 s of each server, with no agents and no entries;
+//! - the same with `SIGIL_BENCH_SERVERS_ENTRIES` (10k) identities declared. Sigil: Pods
+//!   on a Node, selected by a ClusterSPIFFEID (the operator caches the Pods and renders one
+//!   entry each). SPIRE: entries created with `spire-server entry create -data`;
+//! - X509-SVIDs signed per second through the node-facing API, as an attested agent calls
+//!   it, 100 CSRs per call from 2 concurrent callers. Sigil: PSAT attestation, then
+//!   `SignX509Svids`. SPIRE: join-token attestation, then `BatchNewX509SVID` over mTLS
+//!   (`spire-mint -api node`). Both servers' per-agent limits are lifted for this row
+//!   (SPIRE: `ratelimit { signing = false }`, default 500 CSRs/s per agent IP; Sigil:
+//!   `--node-rate`/`--node-burst`, default 20 requests/s of up to 100 CSRs per node), since
+//!   they cap one agent and this row measures the server. The server's CPU is read over
+//!   the load window only.
+//!
+//! Run: `hack/bench.sh servers` (part of `make bench`).
+
+#[path = "../../operator/benches/report/mod.rs"]
+mod report;
+#[path = "../tests/spire_common/mod.rs"]
+mod spire_common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
+use kube::Client;
+use kube::api::{Api, PostParams};
+use report::{Report, env};
+use serde_json::{Value, json};
+use sigil_e2e::process::{Supervised, cpu_time, rss_kib};
+use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
+use sigil_operator::crd::trust_domain::TrustDomain;
+use spire_common::{Spire, SpireProfile};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+/// The operator's namespace (its Lease, CA Secret, agent ServiceAccount).
+const NS: &str = "sigil-bench";
+/// Where the workload Pods live.
+const WORKLOADS: &str = "bench-workloads";
+const TD: &str = "sigil.bench";
+const CLUSTER: &str = "bench";
+/// The Node whose agent the signing load attests as, and how many entries it has.
+const LOAD_NODE: &str = "load-node";
+const LOAD_PODS: usize = 100;
+/// The Node holding the bulk of the Pods (no agent runs for it).
+const BULK_NODE: &str = "bulk-node";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Pins every thread of `pid` to `cpu`; threads it starts later inherit that.
+fn pin(pid: u32, cpu: usize) {
+    let ok = std::process::Command::new("taskset")
+        .args(["-a", "-c", "-p", &cpu.to_string(), &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("taskset");
+    assert!(ok.success(), "taskset -p {cpu} {pid} failed");
+}
+
+/// Body of a plain HTTP/1.1 GET on loopback, if it answered 200.
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.split_whitespace()
+        .nth(1)
+        .is_some_and(|s| s == "200")
+        .then(|| body.to_owned())
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// (RSS MiB, CPU ms over `window`) of each pid, read over the same window.
+async fn footprint(pids: [u32; 2], window: Duration) -> [(f64, f64); 2] {
+    let before = pids.map(cpu_time);
+    tokio::time::sleep(window).await;
+    let mut out = [(0.0, 0.0); 2];
+    for (i, pid) in pids.into_iter().enumerate() {
+        out[i] = (
+            rss_kib(pid) as f64 / 1024.0,
+            (cpu_time(pid) - before[i]).as_secs_f64() * 1e3,
+        );
+    }
+    out
+}
+
+/// Adds a "metric | Sigil | SPIRE | ratio" row (ratio > 1: Sigil is smaller).
+fn smaller(report: &mut Report, what: &str, sigil: f64, spire: f64, unit: &str) {
+    // CPU time is read in 10 ms ticks.
+    let ratio = match (sigil > 0.0, spire > 0.0) {
+        (true, _) => format!("{:>7.2}", spire / sigil),
+        (false, true) => "    n/a (Sigil below the 10 ms tick)".to_owned(),
+        (false, false) => "    n/a (both below the 10 ms tick)".to_owned(),
+    };
+    report.row(
+        what,
+        format!("Sigil {sigil:>9.1} {unit} | SPIRE {spire:>9.1} {unit} | SPIRE/Sigil {ratio}"),
+    );
+}
+
+/// Adds a throughput row (ratio > 1: Sigil does more).
+fn higher(report: &mut Report, what: &str, sigil: f64, spire: f64, unit: &str) {
+    let ratio = if spire > 0.0 {
+        format!("{:>7.2}", sigil / spire)
+    } else {
+        "    n/a".to_owned()
+    };
+    report.row(
+        what,
+        format!("Sigil {sigil:>9.0} {unit} | SPIRE {spire:>9.0} {unit} | Sigil/SPIRE {ratio}"),
+    );
+}
+
+async fn create<K>(api: &Api<K>, v: Value) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(v).expect("object"),
+    )
+    .await
+    .expect("create")
+}
+
+fn pod_json(name: &str, node: &str, sa: &str, labels: Value) -> Value {
+    json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": node, "serviceAccountName": sa, "automountServiceAccountToken": false,
+                 "containers": [{"name": "main", "image": "registry.invalid/none"}]},
+    })
+}
+
+/// The cluster objects: namespaces, agent ServiceAccount, Nodes, TrustDomain,
+/// ClusterSPIFFEID.
+async fn cluster_objects(client: &Client) {
+    let namespaces = Api::<Namespace>::all(client.clone());
+    for ns in [NS, WORKLOADS] {
+        create(
+            &namespaces,
+            json!({"metadata": {"name": ns, "labels": {"sigil-bench": "true"}}}),
+        )
+        .await;
+    }
+    for sa in [(NS, "sigil-agent"), (WORKLOADS, "web")] {
+        create(
+            &Api::<ServiceAccount>::namespaced(client.clone(), sa.0),
+            json!({"metadata": {"name": sa.1}}),
+        )
+        .await;
+    }
+    for node in [LOAD_NODE, BULK_NODE] {
+        create(
+            &Api::<Node>::all(client.clone()),
+            json!({"metadata": {"name": node}}),
+        )
+        .await;
+    }
+    create(&Api::<TrustDomain>::all(client.clone()), json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "TrustDomain", "metadata": {"name": "bench"}, "spec": {
+        "trustDomain": TD,
+        "bundle": {"namespaceSelector": {"matchLabels": {"sigil-bench": "true"}}},
+    }}))
+    .await;
+    create(&Api::<ClusterSPIFFEID>::all(client.clone()), json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": "bench"}, "spec": {
+        "trustDomain": "bench",
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": WORKLOADS}},
+        "podSelector": {"matchLabels": {"app": "bench"}},
+        "ttl": "1h",
+    }}))
+    .await;
+}
+
+/// The release operator, serving the Node API on loopback; returns it with its health
+/// and Node API ports once it is ready.
+async fn start_operator(bin: &str, kubeconfig: &Path, dir: &Path) -> (Supervised, u16, u16) {
+    let (health, node_api) = (free_port(), free_port());
+    let args: Vec<String> = [
+        "--namespace",
+        NS,
+        "--pod-name",
+        "sigil-operator-0",
+        "--agent-trust-domain",
+        TD,
+        "--cluster-name",
+        CLUSTER,
+        "--node-rate",
+        "1000000",
+        "--node-burst",
+        "1000000",
+        "--log-format",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--health-addr".into(),
+        format!("127.0.0.1:{health}"),
+        "--node-api-addr".into(),
+        format!("127.0.0.1:{node_api}"),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+    ])
+    .collect();
+    let mut op = Supervised::start(
+        "sigil-operator",
+        Path::new(bin),
+        &args,
+        &dir.join("operator.log"),
+    )
+    .expect("start sigil-operator");
+    let started = Instant::now();
+    while http_get(health, "/ready").await.is_none() {
+        if let Some(s) = op.exited() {
+            panic!("sigil-operator exited ({s}): {}", op.log_tail(30));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "sigil-operator not ready: {}",
+            op.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (op, health, node_api)
+}
+
+/// A projected token for the agent pod `pod` (audience `sigil-agent`, the default).
+async fn agent_token(client: &Client, pod: &Pod) -> String {
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec!["sigil-agent".into()]),
+            expiration_seconds: Some(600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), NS)
+        .create_token_request("sigil-agent", &PostParams::default(), &request)
+        .await
+        .expect("token request")
+        .status
+        .and_then(|s| s.token)
+        .expect("token")
+}
+
+/// Sigil: attests as the agent of LOAD_NODE and signs its entries' CSRs (100 per call)
+/// from 2 callers for `window`: (SVIDs/s, SVIDs per CPU-second of the operator).
+async fn sigil_sign(
+    client: &Client,
+    node_api: u16,
+    operator_pid: u32,
+    window: Duration,
+) -> (f64, f64) {
+    use sigil_agent::node_client::{NodeClient, NodeClientConfig};
+    use sigil_identity::keys::{KeyType, PrivateKey};
+    use sigil_identity::proto::node as pb;
+    let pods = Api::<Pod>::namespaced(client.clone(), NS);
+    let pod = create(
+        &pods,
+        pod_json(
+            "sigil-agent-load",
+            LOAD_NODE,
+            "sigil-agent",
+            json!({"app": "sigil-agent"}),
+        ),
+    )
+    .await;
+    let token = agent_token(client, &pod).await;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), NS)
+        .get("sigil-trust-bundle")
+        .await
+        .expect("bundle ConfigMap");
+    let jwks = cm
+        .data
+        .and_then(|d| d.get("bundle.spiffe").cloned())
+        .expect("bundle.spiffe");
+    let td: sigil_identity::TrustDomain = TD.parse().expect("td");
+    let bundle =
+        sigil_identity::TrustBundle::from_jwks_json(td.clone(), jwks.as_bytes()).expect("bundle");
+    let agent = NodeClient::new(
+        NodeClientConfig {
+            addresses: vec![format!("127.0.0.1:{node_api}")],
+            trust_domain: td,
+            cluster: CLUSTER.into(),
+        },
+        bundle,
+    )
+    .expect("node client");
+    agent.attest_psat(&token).await.expect("PSAT attestation");
+    let mut stream = agent.sync_entries(0).await.expect("sync");
+    let first = stream
+        .next()
+        .await
+        .expect("first message")
+        .expect("sync ok");
+    let requests: Vec<pb::SvidRequest> = first
+        .upserts
+        .iter()
+        .map(|e| {
+            let key = PrivateKey::generate(KeyType::EcP256).expect("key");
+            let id = sigil_identity::SpiffeId::parse(&e.spiffe_id).expect("id");
+            pb::SvidRequest {
+                entry_id: e.id.clone(),
+                csr: sigil_identity::x509::build_csr(&key, &id).expect("csr"),
+            }
+        })
+        .collect();
+    assert_eq!(
+        requests.len(),
+        LOAD_PODS,
+        "entries of {LOAD_NODE} on the agent's stream"
+    );
+    // Once before measuring, so a refusal is an error and not a low rate.
+    let results = agent.sign(requests.clone()).await.expect("sign");
+    assert!(
+        results.iter().all(|r| r.error_code == 0),
+        "a CSR was refused: {results:?}"
+    );
+    let cpu0 = cpu_time(operator_pid);
+    let started = Instant::now();
+    let signed: usize = futures::future::join_all((0..2).map(|_| {
+        let (agent, requests) = (&agent, requests.clone());
+        async move {
+            let mut n = 0;
+            while started.elapsed() < window {
+                let results = agent.sign(requests.clone()).await.expect("sign");
+                n += results.iter().filter(|r| r.error_code == 0).count();
+            }
+            n
+        }
+    }))
+    .await
+    .into_iter()
+    .sum();
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = (cpu_time(operator_pid) - cpu0).as_secs_f64().max(1e-3);
+    (signed as f64 / wall, signed as f64 / cpu)
+}
+
+/// SPIRE: `spire-mint -api node` (join-token attestation, BatchNewX509SVID over mTLS, 100
+/// CSRs per call, 2 callers) for `window`: (SVIDs/s, SVIDs per CPU-second of the server,
+/// read from the moment the load starts).
+async fn spire_sign(spire: &Spire, server_pid: u32, window: Duration) -> (f64, f64) {
+    let mut child = tokio::process::Command::new(
+        sigil_e2e::tools::tool("spire-mint").expect("spire-mint (hack/bench.sh builds it)"),
+    )
+    .args([
+        "-api",
+        "node",
+        "-socket",
+        &spire.socket(),
+        "-server",
+        &format!("127.0.0.1:{}", spire.server_port),
+    ])
+    .args([
+        "-td",
+        &spire.td,
+        "-entries",
+        &LOAD_PODS.to_string(),
+        "-batch",
+        &LOAD_PODS.to_string(),
+    ])
+    .args([
+        "-duration",
+        &format!("{}s", window.as_secs()),
+        "-concurrency",
+        "2",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .kill_on_drop(true)
+    .spawn()
+    .expect("spire-mint");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut cpu0 = None;
+    let mut result = None;
+    while let Some(line) = lines.next_line().await.expect("read spire-mint") {
+        let v: Value = serde_json::from_str(&line).expect("spire-mint JSON");
+        if v["ready"] == json!(true) {
+            cpu0 = Some(cpu_time(server_pid));
+        } else {
+            result = Some(v);
+        }
+    }
+    let cpu = cpu_time(server_pid);
+    let out = child.wait_with_output().await.expect("spire-mint");
+    let (Some(cpu0), Some(v)) = (cpu0, result) else {
+        panic!(
+            "spire-mint -api node failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let signed = v["minted"].as_f64().unwrap_or(0.0);
+    assert!(
+        v["failed"].as_f64() == Some(0.0),
+        "SPIRE refused CSRs under load: {v}"
+    );
+    (
+        v["per_s"].as_f64().unwrap_or(0.0),
+        signed / (cpu - cpu0).as_secs_f64().max(1e-3),
+    )
+}
+
+fn main() {
+    let bulk = env("SIGIL_BENCH_SERVERS_ENTRIES", 10_000);
+    let window = Duration::from_secs(env("SIGIL_BENCH_SERVERS_SIGN_SECS", 10) as u64);
+    let operator_bin = std::env::var("SIGIL_OPERATOR_BIN")
+        .expect("set SIGIL_OPERATOR_BIN to a built sigil-operator (make bench does)");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Before any thread exists, so every thread and child of this process inherits it.
+    let pinned = cpus >= 2;
+    if pinned {
+        pin(std::process::id(), cpus - 1);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let mut report = Report::new(
+            "servers",
+            &format!("Sigil operator vs SPIRE server, each its own process{}: footprint idle and with {bulk} identities, node-facing signing", if pinned { " pinned to CPU 0" } else { " (1 CPU: not pinned)" }),
+        );
+        let cp = sigil_e2e::shared().await;
+        let client = cp.admin().await.expect("admin client");
+        cluster_objects(&client).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+        let (operator, health, node_api) = start_operator(&operator_bin, cp.kubeconfig_path(), dir.path()).await;
+        let op_pid = operator.pid();
+        let mut spire = Spire::new(&dir.path().join("spire"), "spire.bench");
+        spire.log_level = "INFO";
+        spire.signing_rate_limit = false;
+        spire.start_server(&SpireProfile::Spiffe).await;
+        let spire_pid = spire.server.as_ref().expect("server").pid();
+        if pinned {
+            pin(op_pid, 0);
+            pin(spire_pid, 0);
+        }
+        // The operator's trust bundle is published before agents can attest.
+        sigil_e2e::eventually("the trust bundle ConfigMap", Duration::from_secs(60), || async {
+            Api::<ConfigMap>::namespaced(client.clone(), NS).get_opt("sigil-trust-bundle").await.ok().flatten()
+        })
+        .await;
+
+        // Idle.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let [s, p] = footprint([op_pid, spire_pid], Duration::from_secs(10)).await;
+        smaller(&mut report, "server RSS, idle (no agents, no entries)", s.0, p.0, "MiB");
+        smaller(&mut report, "server CPU over 10 s idle", s.1, p.1, "ms ");
+
+        // Identities declared.
+        let pods = Api::<Pod>::namespaced(client.clone(), WORKLOADS);
+        let started = Instant::now();
+        futures::stream::iter((0..bulk + LOAD_PODS).map(|i| {
+            let node = if i < LOAD_PODS { LOAD_NODE } else { BULK_NODE };
+            let pods = pods.clone();
+            async move { create(&pods, pod_json(&format!("w-{i}"), node, "web", json!({"app": "bench"}))).await }
+        }))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+        let created = started.elapsed();
+        sigil_e2e::eventually("the operator to render every entry", Duration::from_secs(300), || async {
+            let text = http_get(health, "/metrics").await?;
+            (metric(&text, "sigil_index_entries")? >= (bulk + LOAD_PODS) as f64).then_some(())
+        })
+        .await;
+        let sigil_took = started.elapsed();
+        let entries: Vec<Value> = (0..bulk)
+            .map(|i| json!({"spiffe_id": format!("spiffe://{}/bulk/{i}", spire.td), "parent_id": format!("spiffe://{}/{BULK_NODE}", spire.td), "selectors": [{"type": "unix", "value": format!("uid:{}", 60_000 + i)}]}))
+            .collect();
+        let started = Instant::now();
+        for (n, chunk) in entries.chunks(1000).enumerate() {
+            let data = spire.dir.join(format!("bulk-{n}.json"));
+            std::fs::write(&data, json!({"entries": chunk}).to_string()).expect("entries file");
+            spire.cli(&["entry", "create", "-data", &data.display().to_string()]).await;
+        }
+        let spire_took = started.elapsed();
+        report.row(&format!("{bulk} identities declared → held by the server"), format!(
+            "Sigil {:.1} s ({} Pods created through the apiserver in {:.1} s, then rendered) | SPIRE {:.1} s (spire-server entry create -data, 1000 per call)",
+            sigil_took.as_secs_f64(), bulk + LOAD_PODS, created.as_secs_f64(), spire_took.as_secs_f64()));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let [s, p] = footprint([op_pid, spire_pid], Duration::from_secs(10)).await;
+        smaller(&mut report, &format!("server RSS with {bulk} identities"), s.0, p.0, "MiB");
+        smaller(&mut report, &format!("server CPU over 10 s idle with {bulk} identities"), s.1, p.1, "ms ");
+
+        // Node-facing signing, per core.
+        let (sigil_rate, sigil_cpu) = sigil_sign(&client, node_api, op_pid, window).await;
+        let (spire_rate, spire_cpu) = spire_sign(&spire, spire_pid, window).await;
+        let cores = if pinned { "server on one core" } else { "not pinned" };
+        higher(&mut report, &format!("X509-SVIDs signed/s, node-facing API ({cores})"), sigil_rate, spire_rate, "/s");
+        higher(&mut report, "X509-SVIDs per CPU-second of the server", sigil_cpu, spire_cpu, "/s");
+        // Near 100%: the server, not the load generator, is the bound.
+        report.row("server CPU busy during the signing load", format!("Sigil {:.0}% | SPIRE {:.0}%", 100.0 * sigil_rate / sigil_cpu, 100.0 * spire_rate / spire_cpu));
+        report.row("server RSS after signing", format!("Sigil {:.1} MiB | SPIRE {:.1} MiB", rss_kib(op_pid) as f64 / 1024.0, rss_kib(spire_pid) as f64 / 1024.0));
+        report.row("SPIRE version", spire_common::spire_version().await);
+        drop(operator);
+        drop(spire);
+        report.finish();
+    });
+}
