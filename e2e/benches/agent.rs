@@ -23,12 +23,12 @@ mod trust_domain_common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use agent_process::rss_kib;
 use kube::ResourceExt;
 use node_api_common::World;
 use report::{Report, env};
 use serde_json::json;
 use sigil_e2e::pod::PodContainer;
+use sigil_e2e::process::rss_kib;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 async fn fetch(container: &PodContainer, client: &str, addr: &str) -> bool {

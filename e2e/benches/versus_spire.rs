@@ -53,12 +53,12 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use agent_process::{cpu_time, rss_kib};
 use kube::ResourceExt;
 use node_api_common::World;
 use report::{Report, env, percentile};
 use serde_json::{Value, json};
 use sigil_e2e::pod::PodContainer;
+use sigil_e2e::process::{cpu_time, rss_kib};
 use spire_common::{Spire, SpireProfile};
 
 /// First uid of the SPIRE workloads (one uid per workload).
@@ -342,7 +342,8 @@ fn main() {
         // as it can run (Sigil: once its Pod is created, its cgroup made and its status
         // Running, as a kubelet would), each sample from the start of the burst.
         let t0 = Instant::now();
-        let (sigil_burst, (running, containers)): (Vec<Option<Duration>>, (Vec<Duration>, Vec<PodContainer>)) = futures::future::join_all((0..burst_n).map(|i| {
+        // (SVID received, Running) after t0, and the pod's container.
+        let samples: Vec<(Option<Duration>, Duration, PodContainer)> = futures::future::join_all((0..burst_n).map(|i| {
             let (w, addr, client) = (&w, agent.addr.clone(), &client);
             async move {
                 let name = format!("burst-{i}");
@@ -351,12 +352,13 @@ fn main() {
                 container.mark_running(&w.client, &w.ns, &name, "main", "registry.invalid/none").await.expect("status");
                 let running = t0.elapsed();
                 let got = wait_svid(container.command(client), &addr).await.then(|| t0.elapsed());
-                (got, (running, container))
+                (got, running, container)
             }
         }))
-        .await
-        .into_iter()
-        .unzip();
+        .await;
+        let sigil_burst: Vec<Option<Duration>> = samples.iter().map(|s| s.0).collect();
+        let mut running: Vec<Duration> = samples.iter().map(|s| s.1).collect();
+        let containers = samples.into_iter().map(|s| s.2);
         keep.extend(containers);
         let entries: Vec<Value> = (0..burst_n)
             .map(|i| json!({"spiffe_id": format!("spiffe://{}/burst/{i}", spire.td), "parent_id": parent, "selectors": [{"type": "unix", "value": format!("uid:{}", FIRST_UID + (one_n + i) as u32)}]}))
@@ -379,7 +381,6 @@ fn main() {
         let (mut pb, pf) = ok(spire_burst);
         compare(&mut report, &format!("registration → SVID, burst of {burst_n}, p50"), p(&mut sb, 0.5), p(&mut pb, 0.5), "ms ");
         compare(&mut report, &format!("registration → SVID, burst of {burst_n}, p99 (≈ all done)"), p(&mut sb, 0.99), p(&mut pb, 0.99), "ms ");
-        let mut running = running;
         report.row(
             "  of which Sigil's Pods created and Running (apiserver), p50 / p99",
             format!("{:.0} / {:.0} ms (the kubelet's part, done here through the apiserver)", p(&mut running, 0.5), p(&mut running, 0.99)),

@@ -96,5 +96,3 @@ pub async fn start(w: &World, agent_bin: &str) -> AgentProcess {
         _dir: dir,
     }
 }
-
-pub use sigil_e2e::process::{cpu_time, rss_kib};
