@@ -114,15 +114,29 @@ async fn footprint(pids: [u32; 2], window: Duration) -> [(f64, f64); 2] {
 
 /// Adds a "metric | Sigil | SPIRE | ratio" row (ratio > 1: Sigil is smaller).
 fn smaller(report: &mut Report, what: &str, sigil: f64, spire: f64, unit: &str) {
-    // CPU time is read in 10 ms ticks.
-    let ratio = match (sigil > 0.0, spire > 0.0) {
-        (true, _) => format!("{:>7.2}", spire / sigil),
-        (false, true) => "    n/a (Sigil below the 10 ms tick)".to_owned(),
-        (false, false) => "    n/a (both below the 10 ms tick)".to_owned(),
+    report.row(
+        what,
+        format!(
+            "Sigil {sigil:>9.1} {unit} | SPIRE {spire:>9.1} {unit} | SPIRE/Sigil {:>7.2}",
+            spire / sigil
+        ),
+    );
+}
+
+/// CPU time is read from /proc in 10 ms ticks.
+const TICK_MS: f64 = 10.0;
+
+/// A CPU-time row: a ratio only when both sides used more than one tick.
+fn cpu_row(report: &mut Report, what: &str, sigil_ms: f64, spire_ms: f64) {
+    let ratio = match (sigil_ms > TICK_MS, spire_ms > TICK_MS) {
+        (true, true) => format!("{:>7.2}", spire_ms / sigil_ms),
+        (false, true) => "    n/a (Sigil within one 10 ms tick)".to_owned(),
+        (true, false) => "    n/a (SPIRE within one 10 ms tick)".to_owned(),
+        (false, false) => "    n/a (both within one 10 ms tick)".to_owned(),
     };
     report.row(
         what,
-        format!("Sigil {sigil:>9.1} {unit} | SPIRE {spire:>9.1} {unit} | SPIRE/Sigil {ratio}"),
+        format!("Sigil {sigil_ms:>9.1} ms  | SPIRE {spire_ms:>9.1} ms  | SPIRE/Sigil {ratio}"),
     );
 }
 
@@ -482,7 +496,7 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let [s, p] = footprint([op_pid, spire_pid], Duration::from_secs(10)).await;
         smaller(&mut report, "server RSS, idle (no agents, no entries)", s.0, p.0, "MiB");
-        smaller(&mut report, "server CPU over 10 s idle", s.1, p.1, "ms ");
+        cpu_row(&mut report, "server CPU over 10 s idle", s.1, p.1);
 
         // Identities declared.
         let pods = Api::<Pod>::namespaced(client.clone(), WORKLOADS);
@@ -518,7 +532,7 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let [s, p] = footprint([op_pid, spire_pid], Duration::from_secs(10)).await;
         smaller(&mut report, &format!("server RSS with {bulk} identities"), s.0, p.0, "MiB");
-        smaller(&mut report, &format!("server CPU over 10 s idle with {bulk} identities"), s.1, p.1, "ms ");
+        cpu_row(&mut report, &format!("server CPU over 10 s idle with {bulk} identities"), s.1, p.1);
 
         // Node-facing signing, per core.
         let (sigil_rate, sigil_cpu) = sigil_sign(&client, node_api, op_pid, window).await;
