@@ -23,10 +23,14 @@
 //!
 //! Run: `hack/bench.sh servers` (part of `make bench`).
 
+#[path = "../../operator/tests/node_api_common/mod.rs"]
+mod node_api_common;
 #[path = "../../operator/benches/report/mod.rs"]
 mod report;
 #[path = "../tests/spire_common/mod.rs"]
 mod spire_common;
+#[path = "../../operator/tests/trust_domain_common/mod.rs"]
+mod trust_domain_common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -37,12 +41,13 @@ use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, T
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, PostParams};
+use node_api_common::{create, pod_json};
 use report::{Report, env};
 use serde_json::{Value, json};
 use sigil_e2e::process::{Supervised, cpu_time, rss_kib};
 use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
 use sigil_operator::crd::trust_domain::TrustDomain;
-use spire_common::{Spire, SpireProfile};
+use spire_common::{Spire, SpireProfile, free_port};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 /// The operator's namespace (its Lease, CA Secret, agent ServiceAccount).
@@ -56,14 +61,6 @@ const LOAD_NODE: &str = "load-node";
 const LOAD_PODS: usize = 100;
 /// The Node holding the bulk of the Pods (no agent runs for it).
 const BULK_NODE: &str = "bulk-node";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// Pins every thread of `pid` to `cpu`; threads it starts later inherit that.
 fn pin(pid: u32, cpu: usize) {
@@ -112,17 +109,6 @@ async fn footprint(pids: [u32; 2], window: Duration) -> [(f64, f64); 2] {
     out
 }
 
-/// Adds a "metric | Sigil | SPIRE | ratio" row (ratio > 1: Sigil is smaller).
-fn smaller(report: &mut Report, what: &str, sigil: f64, spire: f64, unit: &str) {
-    report.row(
-        what,
-        format!(
-            "Sigil {sigil:>9.1} {unit} | SPIRE {spire:>9.1} {unit} | SPIRE/Sigil {:>7.2}",
-            spire / sigil
-        ),
-    );
-}
-
 /// CPU time is read from /proc in 10 ms ticks.
 const TICK_MS: f64 = 10.0;
 
@@ -138,39 +124,6 @@ fn cpu_row(report: &mut Report, what: &str, sigil_ms: f64, spire_ms: f64) {
         what,
         format!("Sigil {sigil_ms:>9.1} ms  | SPIRE {spire_ms:>9.1} ms  | SPIRE/Sigil {ratio}"),
     );
-}
-
-/// Adds a throughput row (ratio > 1: Sigil does more).
-fn higher(report: &mut Report, what: &str, sigil: f64, spire: f64, unit: &str) {
-    let ratio = if spire > 0.0 {
-        format!("{:>7.2}", sigil / spire)
-    } else {
-        "    n/a".to_owned()
-    };
-    report.row(
-        what,
-        format!("Sigil {sigil:>9.0} {unit} | SPIRE {spire:>9.0} {unit} | Sigil/SPIRE {ratio}"),
-    );
-}
-
-async fn create<K>(api: &Api<K>, v: Value) -> K
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(v).expect("object"),
-    )
-    .await
-    .expect("create")
-}
-
-fn pod_json(name: &str, node: &str, sa: &str, labels: Value) -> Value {
-    json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"nodeName": node, "serviceAccountName": sa, "automountServiceAccountToken": false,
-                 "containers": [{"name": "main", "image": "registry.invalid/none"}]},
-    })
 }
 
 /// The cluster objects: namespaces, agent ServiceAccount, Nodes, TrustDomain,
@@ -495,7 +448,7 @@ fn main() {
         // Idle.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let [s, p] = footprint([op_pid, spire_pid], Duration::from_secs(10)).await;
-        smaller(&mut report, "server RSS, idle (no agents, no entries)", s.0, p.0, "MiB");
+        report.lower_better("server RSS, idle (no agents, no entries)", s.0, p.0, "MiB");
         cpu_row(&mut report, "server CPU over 10 s idle", s.1, p.1);
 
         // Identities declared.
@@ -531,15 +484,15 @@ fn main() {
             sigil_took.as_secs_f64(), bulk + LOAD_PODS, created.as_secs_f64(), spire_took.as_secs_f64()));
         tokio::time::sleep(Duration::from_secs(3)).await;
         let [s, p] = footprint([op_pid, spire_pid], Duration::from_secs(10)).await;
-        smaller(&mut report, &format!("server RSS with {bulk} identities"), s.0, p.0, "MiB");
+        report.lower_better(&format!("server RSS with {bulk} identities"), s.0, p.0, "MiB");
         cpu_row(&mut report, &format!("server CPU over 10 s idle with {bulk} identities"), s.1, p.1);
 
         // Node-facing signing, per core.
         let (sigil_rate, sigil_cpu) = sigil_sign(&client, node_api, op_pid, window).await;
         let (spire_rate, spire_cpu) = spire_sign(&spire, spire_pid, window).await;
         let cores = if pinned { "server on one core" } else { "not pinned" };
-        higher(&mut report, &format!("X509-SVIDs signed/s, node-facing API ({cores})"), sigil_rate, spire_rate, "/s");
-        higher(&mut report, "X509-SVIDs per CPU-second of the server", sigil_cpu, spire_cpu, "/s");
+        report.higher_better(&format!("X509-SVIDs signed/s, node-facing API ({cores})"), sigil_rate, spire_rate, "/s");
+        report.higher_better("X509-SVIDs per CPU-second of the server", sigil_cpu, spire_cpu, "/s");
         // Near 100%: the server, not the load generator, is the bound.
         report.row("server CPU busy during the signing load", format!("Sigil {:.0}% | SPIRE {:.0}%", 100.0 * sigil_rate / sigil_cpu, 100.0 * spire_rate / spire_cpu));
         report.row("server RSS after signing", format!("Sigil {:.1} MiB | SPIRE {:.1} MiB", rss_kib(op_pid) as f64 / 1024.0, rss_kib(spire_pid) as f64 / 1024.0));

@@ -64,32 +64,6 @@ use spire_common::{Spire, SpireProfile};
 /// First uid of the SPIRE workloads (one uid per workload).
 const FIRST_UID: u32 = 40_000;
 
-/// Adds a "metric | Sigil | SPIRE | ratio" row (ratio > 1: Sigil is faster/smaller).
-fn compare(report: &mut Report, what: &str, sigil: f64, spire: f64, unit: &str) {
-    let ratio = if sigil > 0.0 {
-        format!("{:>7.2}", spire / sigil)
-    } else {
-        "    n/a (Sigil below resolution)".to_owned()
-    };
-    report.row(
-        what,
-        format!("Sigil {sigil:>10.2} {unit} | SPIRE {spire:>10.2} {unit} | SPIRE/Sigil {ratio}"),
-    );
-}
-
-/// Adds a throughput row (ratio > 1: Sigil does more).
-fn higher(report: &mut Report, what: &str, sigil: f64, spire: f64, unit: &str) {
-    let ratio = if spire > 0.0 {
-        format!("{:>7.2}", sigil / spire)
-    } else {
-        "    n/a".to_owned()
-    };
-    report.row(
-        what,
-        format!("Sigil {sigil:>10.0} {unit} | SPIRE {spire:>10.0} {unit} | Sigil/SPIRE {ratio}"),
-    );
-}
-
 /// SignX509Svids through the Node API for `window`: (SVIDs per second, SVIDs per CPU-second
 /// of this process).
 async fn sigil_sign_rate(w: &World, window: Duration) -> (f64, f64) {
@@ -301,8 +275,8 @@ fn main() {
         let (c0, s0) = (cpu_time(agent.pid), cpu_time(spire_agent_pid));
         tokio::time::sleep(Duration::from_secs(10)).await;
         let (c1, s1) = (cpu_time(agent.pid), cpu_time(spire_agent_pid));
-        compare(&mut report, "agent RSS, idle (attested, no workloads)", rss_kib(agent.pid) as f64 / 1024.0, rss_kib(spire_agent_pid) as f64 / 1024.0, "MiB");
-        compare(&mut report, "agent CPU over 10 s idle", (c1 - c0).as_secs_f64() * 1e3, (s1 - s0).as_secs_f64() * 1e3, "ms ");
+        report.lower_better("agent RSS, idle (attested, no workloads)", rss_kib(agent.pid) as f64 / 1024.0, rss_kib(spire_agent_pid) as f64 / 1024.0, "MiB");
+        report.lower_better("agent CPU over 10 s idle", (c1 - c0).as_secs_f64() * 1e3, (s1 - s0).as_secs_f64() * 1e3, "ms ");
         report.row("SPIRE server RSS, idle", format!("{:.1} MiB (Sigil's operator runs in this process here; see the servers bench)", rss_kib(spire_server_pid) as f64 / 1024.0));
 
         // 1. Registration → SVID, one at a time, alternating.
@@ -334,8 +308,8 @@ fn main() {
                 failed.1 += 1;
             }
         }
-        compare(&mut report, "registration → SVID, one at a time, p50", p(&mut sigil_one, 0.5), p(&mut spire_one, 0.5), "ms ");
-        compare(&mut report, "registration → SVID, one at a time, p99", p(&mut sigil_one, 0.99), p(&mut spire_one, 0.99), "ms ");
+        report.lower_better("registration → SVID, one at a time, p50", p(&mut sigil_one, 0.5), p(&mut spire_one, 0.5), "ms ");
+        report.lower_better("registration → SVID, one at a time, p99", p(&mut sigil_one, 0.99), p(&mut spire_one, 0.99), "ms ");
 
         // 1b. Burst: all identities declared at once (SPIRE: one entry-create call for all;
         // Sigil: every Pod created concurrently), every workload's client started as soon
@@ -379,8 +353,8 @@ fn main() {
         };
         let (mut sb, sf) = ok(sigil_burst);
         let (mut pb, pf) = ok(spire_burst);
-        compare(&mut report, &format!("registration → SVID, burst of {burst_n}, p50"), p(&mut sb, 0.5), p(&mut pb, 0.5), "ms ");
-        compare(&mut report, &format!("registration → SVID, burst of {burst_n}, p99 (≈ all done)"), p(&mut sb, 0.99), p(&mut pb, 0.99), "ms ");
+        report.lower_better(&format!("registration → SVID, burst of {burst_n}, p50"), p(&mut sb, 0.5), p(&mut pb, 0.5), "ms ");
+        report.lower_better(&format!("registration → SVID, burst of {burst_n}, p99 (≈ all done)"), p(&mut sb, 0.99), p(&mut pb, 0.99), "ms ");
         report.row(
             "  of which Sigil's Pods created and Running (apiserver), p50 / p99",
             format!("{:.0} / {:.0} ms (the kubelet's part, done here through the apiserver)", p(&mut running, 0.5), p(&mut running, 0.99)),
@@ -388,7 +362,7 @@ fn main() {
         report.row("  failed registrations (Sigil, SPIRE)", format!("{}, {}", failed.0 + sf, failed.1 + pf));
 
         // 4. Footprint with the workloads registered.
-        compare(&mut report, &format!("agent RSS with {} workloads registered", one_n + burst_n), rss_kib(agent.pid) as f64 / 1024.0, rss_kib(spire_agent_pid) as f64 / 1024.0, "MiB");
+        report.lower_better(&format!("agent RSS with {} workloads registered", one_n + burst_n), rss_kib(agent.pid) as f64 / 1024.0, rss_kib(spire_agent_pid) as f64 / 1024.0, "MiB");
         report.row(&format!("SPIRE server RSS with {} entries", one_n + burst_n), format!("{:.1} MiB", rss_kib(spire_server_pid) as f64 / 1024.0));
 
         // 3. Workload API latency, one workload per side, alternating per level.
@@ -398,8 +372,8 @@ fn main() {
             let spire_r = load(as_uid(&client, FIRST_UID), &spire_addr, c, n).await;
             match (sigil, spire_r) {
                 (Ok(a), Ok(b)) => {
-                    compare(&mut report, &format!("FetchX509SVID, {c} concurrent connections, p50"), a.0, b.0, "ms ");
-                    compare(&mut report, &format!("FetchX509SVID, {c} concurrent connections, p99"), a.1, b.1, "ms ");
+                    report.lower_better(&format!("FetchX509SVID, {c} concurrent connections, p50"), a.0, b.0, "ms ");
+                    report.lower_better(&format!("FetchX509SVID, {c} concurrent connections, p99"), a.1, b.1, "ms ");
                 }
                 (a, b) => {
                     let show = |r: Result<(f64, f64), String>| {
@@ -429,8 +403,8 @@ fn main() {
             .unwrap_or_else(|| panic!("spire-mint: {}", String::from_utf8_lossy(&mint.stderr)));
         let spire_rate = minted["per_s"].as_f64().unwrap_or(0.0);
         let spire_cpu_rate = minted["minted"].as_f64().unwrap_or(0.0) / spire_cpu.as_secs_f64().max(1e-3);
-        higher(&mut report, "X509-SVIDs signed per second through the server API (2 cores)", sigil_rate, spire_rate, "/s ");
-        higher(&mut report, "X509-SVIDs per CPU-second of the server", sigil_cpu_rate, spire_cpu_rate, "/s ");
+        report.higher_better("X509-SVIDs signed per second through the server API (2 cores)", sigil_rate, spire_rate, "/s ");
+        report.higher_better("X509-SVIDs per CPU-second of the server", sigil_cpu_rate, spire_cpu_rate, "/s ");
         let (signer, raw, verify) = signer_and_raw_rates(&w);
         report.row("Sigil CA signer alone, one thread", format!("{signer:>10.0} SVIDs/s"));
         report.row("raw ECDSA P-256 signatures (ring), one thread", format!("{raw:>10.0} sig/s"));

@@ -27,6 +27,38 @@ impl Report {
             .push(serde_json::json!({"what": what, "value": value}));
     }
 
+    /// A "metric | Sigil | SPIRE | ratio" row where less is better (latency, memory); the
+    /// ratio is SPIRE/Sigil, above 1 when Sigil is better.
+    pub fn lower_better(&mut self, what: &str, sigil: f64, spire: f64, unit: &str) {
+        let ratio = if sigil > 0.0 {
+            format!("{:>7.2}", spire / sigil)
+        } else {
+            "    n/a (Sigil below resolution)".to_owned()
+        };
+        self.row(
+            what,
+            format!(
+                "Sigil {sigil:>10.2} {unit} | SPIRE {spire:>10.2} {unit} | SPIRE/Sigil {ratio}"
+            ),
+        );
+    }
+
+    /// A "metric | Sigil | SPIRE | ratio" row where more is better (throughput); the ratio
+    /// is Sigil/SPIRE, above 1 when Sigil is better.
+    pub fn higher_better(&mut self, what: &str, sigil: f64, spire: f64, unit: &str) {
+        let ratio = if spire > 0.0 {
+            format!("{:>7.2}", sigil / spire)
+        } else {
+            "    n/a".to_owned()
+        };
+        self.row(
+            what,
+            format!(
+                "Sigil {sigil:>10.0} {unit} | SPIRE {spire:>10.0} {unit} | Sigil/SPIRE {ratio}"
+            ),
+        );
+    }
+
     /// A row summarising latencies: p50, p99 and max (JSON in microseconds).
     pub fn latencies(&mut self, what: &str, mut v: Vec<Duration>) {
         v.sort();
