@@ -27,6 +27,7 @@
 mod node_api_common;
 #[path = "../../operator/benches/report/mod.rs"]
 mod report;
+mod sign_load;
 #[path = "../tests/spire_common/mod.rs"]
 mod spire_common;
 #[path = "../../operator/tests/trust_domain_common/mod.rs"]
@@ -37,11 +38,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
 use kube::Client;
-use kube::api::{Api, PostParams};
-use node_api_common::{create, pod_json};
+use kube::api::Api;
+use node_api_common::{create, pod_json, pod_token};
 use report::{Report, env};
 use serde_json::{Value, json};
 use sigil_e2e::process::{Supervised, cpu_time, rss_kib};
@@ -218,31 +218,6 @@ async fn start_operator(bin: &str, kubeconfig: &Path, dir: &Path) -> (Supervised
     (op, health, node_api)
 }
 
-/// A projected token for the agent pod `pod` (audience `sigil-agent`, the default).
-async fn agent_token(client: &Client, pod: &Pod) -> String {
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec!["sigil-agent".into()]),
-            expiration_seconds: Some(600),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), NS)
-        .create_token_request("sigil-agent", &PostParams::default(), &request)
-        .await
-        .expect("token request")
-        .status
-        .and_then(|s| s.token)
-        .expect("token")
-}
-
 /// Sigil: attests as the agent of LOAD_NODE and signs its entries' CSRs (100 per call)
 /// from 2 callers for `window`: (SVIDs/s, SVIDs per CPU-second of the operator).
 async fn sigil_sign(
@@ -252,8 +227,6 @@ async fn sigil_sign(
     window: Duration,
 ) -> (f64, f64) {
     use sigil_agent::node_client::{NodeClient, NodeClientConfig};
-    use sigil_identity::keys::{KeyType, PrivateKey};
-    use sigil_identity::proto::node as pb;
     let pods = Api::<Pod>::namespaced(client.clone(), NS);
     let pod = create(
         &pods,
@@ -265,7 +238,7 @@ async fn sigil_sign(
         ),
     )
     .await;
-    let token = agent_token(client, &pod).await;
+    let token = pod_token(client, NS, &pod, "sigil-agent").await;
     let cm = Api::<ConfigMap>::namespaced(client.clone(), NS)
         .get("sigil-trust-bundle")
         .await
@@ -293,18 +266,7 @@ async fn sigil_sign(
         .await
         .expect("first message")
         .expect("sync ok");
-    let requests: Vec<pb::SvidRequest> = first
-        .upserts
-        .iter()
-        .map(|e| {
-            let key = PrivateKey::generate(KeyType::EcP256).expect("key");
-            let id = sigil_identity::SpiffeId::parse(&e.spiffe_id).expect("id");
-            pb::SvidRequest {
-                entry_id: e.id.clone(),
-                csr: sigil_identity::x509::build_csr(&key, &id).expect("csr"),
-            }
-        })
-        .collect();
+    let requests = sign_load::svid_requests(&first.upserts);
     assert_eq!(
         requests.len(),
         LOAD_PODS,
@@ -317,22 +279,7 @@ async fn sigil_sign(
         "a CSR was refused: {results:?}"
     );
     let cpu0 = cpu_time(operator_pid);
-    let started = Instant::now();
-    let signed: usize = futures::future::join_all((0..2).map(|_| {
-        let (agent, requests) = (&agent, requests.clone());
-        async move {
-            let mut n = 0;
-            while started.elapsed() < window {
-                let results = agent.sign(requests.clone()).await.expect("sign");
-                n += results.iter().filter(|r| r.error_code == 0).count();
-            }
-            n
-        }
-    }))
-    .await
-    .into_iter()
-    .sum();
-    let wall = started.elapsed().as_secs_f64();
+    let (signed, wall) = sign_load::sign_for(&agent, &requests, 2, window).await;
     let cpu = (cpu_time(operator_pid) - cpu0).as_secs_f64().max(1e-3);
     (signed as f64 / wall, signed as f64 / cpu)
 }

@@ -43,6 +43,7 @@ mod agent_process;
 mod node_api_common;
 #[path = "../../operator/benches/report/mod.rs"]
 mod report;
+mod sign_load;
 #[path = "../tests/spire_common/mod.rs"]
 mod spire_common;
 #[path = "../../operator/tests/trust_domain_common/mod.rs"]
@@ -68,8 +69,6 @@ const FIRST_UID: u32 = 40_000;
 /// of this process).
 async fn sigil_sign_rate(w: &World, window: Duration) -> (f64, f64) {
     use futures::StreamExt;
-    use sigil_identity::keys::{KeyType, PrivateKey};
-    use sigil_identity::proto::node as pb;
     let agent = w.attested_agent(&w.node_a).await;
     let mut stream = agent.sync_entries(0).await.expect("sync");
     let first = stream
@@ -77,41 +76,15 @@ async fn sigil_sign_rate(w: &World, window: Duration) -> (f64, f64) {
         .await
         .expect("first message")
         .expect("sync ok");
-    let requests: Vec<pb::SvidRequest> = first
-        .upserts
-        .iter()
-        .take(100)
-        .map(|e| {
-            let key = PrivateKey::generate(KeyType::EcP256).expect("key");
-            let id = sigil_identity::SpiffeId::parse(&e.spiffe_id).expect("id");
-            pb::SvidRequest {
-                entry_id: e.id.clone(),
-                csr: sigil_identity::x509::build_csr(&key, &id).expect("csr"),
-            }
-        })
-        .collect();
+    let entries = &first.upserts[..first.upserts.len().min(100)];
+    let requests = sign_load::svid_requests(entries);
     assert!(!requests.is_empty(), "no entries on node A to sign for");
     let cpu0 = cpu_time(std::process::id());
-    let started = Instant::now();
-    let signed = futures::future::join_all((0..2).map(|_| {
-        let (agent, requests) = (&agent, requests.clone());
-        async move {
-            let mut n = 0usize;
-            while started.elapsed() < window {
-                let results = agent.sign(requests.clone()).await.expect("sign");
-                n += results.iter().filter(|r| r.error_code == 0).count();
-            }
-            n
-        }
-    }))
-    .await
-    .into_iter()
-    .sum::<usize>() as f64;
-    let wall = started.elapsed().as_secs_f64();
+    let (signed, wall) = sign_load::sign_for(&agent, &requests, 2, window).await;
     let cpu = (cpu_time(std::process::id()) - cpu0)
         .as_secs_f64()
         .max(1e-3);
-    (signed / wall, signed / cpu)
+    (signed as f64 / wall, signed as f64 / cpu)
 }
 
 /// (Sigil's CA signing SVIDs, ring's raw ECDSA P-256 signatures, ring's P-256

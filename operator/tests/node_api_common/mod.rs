@@ -71,6 +71,40 @@ where
         .unwrap()
 }
 
+/// A projected token for `pod`'s service account in `ns`, bound to the pod, for
+/// `audience` (what the kubelet mounts into an agent pod).
+pub async fn pod_token(client: &Client, ns: &str, pod: &Pod, audience: &str) -> String {
+    let sa = pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .service_account_name
+        .clone()
+        .unwrap();
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.into()]),
+            expiration_seconds: Some(600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), ns)
+        .create_token_request(&sa, &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .token
+        .unwrap()
+}
+
 pub fn pod_json(name: &str, node: &str, sa: &str, labels: Value) -> Value {
     json!({
         "metadata": {"name": name, "labels": labels},
@@ -394,35 +428,7 @@ impl World {
 
     /// A projected token bound to `pod`, for `audience`.
     pub async fn token(&self, pod: &Pod, audience: &str) -> String {
-        let sa = pod
-            .spec
-            .as_ref()
-            .unwrap()
-            .service_account_name
-            .clone()
-            .unwrap();
-        let request = TokenRequest {
-            spec: Some(TokenRequestSpec {
-                audiences: Some(vec![audience.into()]),
-                expiration_seconds: Some(600),
-                bound_object_ref: Some(BoundObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Pod".into()),
-                    name: pod.metadata.name.clone(),
-                    uid: pod.metadata.uid.clone(),
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        Api::<ServiceAccount>::namespaced(self.client.clone(), &self.ns)
-            .create_token_request(&sa, &PostParams::default(), &request)
-            .await
-            .unwrap()
-            .status
-            .unwrap()
-            .token
-            .unwrap()
+        pod_token(&self.client, &self.ns, pod, audience).await
     }
 
     /// An agent pod on `node` and an attested client for it.

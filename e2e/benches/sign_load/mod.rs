@@ -1,0 +1,47 @@
+//! The Sigil signing load of the benches: what an agent sends to SignX509Svids, called in a
+//! loop from concurrent callers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::{Duration, Instant};
+
+use sigil_agent::node_client::NodeClient;
+use sigil_identity::keys::{KeyType, PrivateKey};
+use sigil_identity::proto::node as pb;
+
+/// One CSR for a fresh P-256 key per entry, as an agent makes them.
+pub fn svid_requests(entries: &[pb::Entry]) -> Vec<pb::SvidRequest> {
+    entries
+        .iter()
+        .map(|e| {
+            let key = PrivateKey::generate(KeyType::EcP256).expect("key");
+            let id = sigil_identity::SpiffeId::parse(&e.spiffe_id).expect("id");
+            pb::SvidRequest {
+                entry_id: e.id.clone(),
+                csr: sigil_identity::x509::build_csr(&key, &id).expect("csr"),
+            }
+        })
+        .collect()
+}
+
+/// Calls SignX509Svids with `requests` from `callers` concurrent tasks until `window` has
+/// passed: (SVIDs signed, seconds taken).
+pub async fn sign_for(
+    agent: &NodeClient,
+    requests: &[pb::SvidRequest],
+    callers: usize,
+    window: Duration,
+) -> (usize, f64) {
+    let started = Instant::now();
+    let signed = futures::future::join_all((0..callers).map(|_| async move {
+        let mut n = 0;
+        while started.elapsed() < window {
+            let results = agent.sign(requests.to_vec()).await.expect("sign");
+            n += results.iter().filter(|r| r.error_code == 0).count();
+        }
+        n
+    }))
+    .await
+    .into_iter()
+    .sum();
+    (signed, started.elapsed().as_secs_f64())
+}
