@@ -416,6 +416,15 @@ fn main() {
         })
         .await;
         let sigil_took = started.elapsed();
+        // Printed now: at large sizes SPIRE's side can take far longer, or not finish.
+        report.row(
+            &format!("  Sigil alone: {bulk} identities held"),
+            format!(
+                "after {:.1} s, operator RSS {:.1} MiB",
+                sigil_took.as_secs_f64(),
+                rss_kib(op_pid) as f64 / 1024.0
+            ),
+        );
         let entries: Vec<Value> = (0..bulk)
             .map(|i| json!({"spiffe_id": format!("spiffe://{}/bulk/{i}", spire.td), "parent_id": format!("spiffe://{}/{BULK_NODE}", spire.td), "selectors": [{"type": "unix", "value": format!("uid:{}", 60_000 + i)}]}))
             .collect();
