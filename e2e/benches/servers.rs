@@ -41,7 +41,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
 use kube::Client;
 use kube::api::Api;
-use node_api_common::{create, pod_json, pod_token};
+use node_api_common::{create, pod_json};
 use report::{Report, env};
 use serde_json::{Value, json};
 use sigil_e2e::process::{Supervised, cpu_time, rss_kib};
@@ -238,7 +238,9 @@ async fn sigil_sign(
         ),
     )
     .await;
-    let token = pod_token(client, NS, &pod, "sigil-agent").await;
+    let token = sigil_e2e::pod::bound_token(client, &pod, "sigil-agent", 600)
+        .await
+        .expect("agent token");
     let cm = Api::<ConfigMap>::namespaced(client.clone(), NS)
         .get("sigil-trust-bundle")
         .await

@@ -91,6 +91,9 @@ pub enum Error {
     /// An API call the harness makes failed.
     #[error("{0}: {1}")]
     Kube(String, #[source] kube::Error),
+    /// The apiserver answered without what was asked for.
+    #[error("{0}")]
+    Answer(String),
 }
 
 impl Error {

@@ -13,9 +13,10 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use kube::Client;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 
 use crate::Error;
 
@@ -166,4 +167,46 @@ fn rand_u64() -> u64 {
             .unwrap_or(0),
     );
     h.finish()
+}
+
+/// A projected token for `pod`'s service account, bound to the pod, for `audience`, valid
+/// `expiration_seconds`: what the kubelet mounts into the pod.
+pub async fn bound_token(
+    client: &Client,
+    pod: &Pod,
+    audience: &str,
+    expiration_seconds: i64,
+) -> Result<String, Error> {
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let sa = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .ok_or_else(|| Error::Answer(format!("pod {namespace}/{name} names no service account")))?;
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec![audience.into()]),
+            expiration_seconds: Some(expiration_seconds),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), &namespace)
+        .create_token_request(&sa, &PostParams::default(), &request)
+        .await
+        .map_err(|e| Error::Kube(format!("a token for pod {namespace}/{name}"), e))?
+        .status
+        .and_then(|s| s.token)
+        .ok_or_else(|| {
+            Error::Answer(format!(
+                "the TokenRequest for pod {namespace}/{name} returned no token"
+            ))
+        })
 }

@@ -6,9 +6,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::{
-    BoundObjectReference, TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
-};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -21,31 +19,6 @@ const AUDIENCE: &str = "sigil-e2e-test";
 
 fn object<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
     serde_json::from_value(v).unwrap()
-}
-
-async fn pod_bound_token(admin: &Client, ns: &str, sa: &str, pod: &Pod, audience: &str) -> String {
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec![audience.into()]),
-            expiration_seconds: Some(600),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Api::<ServiceAccount>::namespaced(admin.clone(), ns)
-        .create_token_request(sa, &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token
-        .unwrap()
 }
 
 async fn review(
@@ -89,7 +62,9 @@ async fn pod_bound_token_is_reviewed_with_the_pod_and_dies_with_it() {
     let pod = pods.create(&PostParams::default(), &pod).await.unwrap();
     let uid = pod.metadata.uid.clone().unwrap();
 
-    let token = pod_bound_token(&admin, &ns, "workload", &pod, AUDIENCE).await;
+    let token = sigil_e2e::pod::bound_token(&admin, &pod, AUDIENCE, 600)
+        .await
+        .unwrap();
     let status = review(&admin, &token).await;
     assert_eq!(
         status.authenticated,
@@ -115,7 +90,9 @@ async fn pod_bound_token_is_reviewed_with_the_pod_and_dies_with_it() {
     // A token for another audience is refused for ours.
     let other = review(
         &admin,
-        &pod_bound_token(&admin, &ns, "workload", &pod, "someone-else").await,
+        &sigil_e2e::pod::bound_token(&admin, &pod, "someone-else", 600)
+            .await
+            .unwrap(),
     )
     .await;
     assert_ne!(

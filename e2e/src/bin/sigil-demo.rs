@@ -8,7 +8,6 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, ServiceAccount};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -124,34 +123,6 @@ async fn apply(client: &Client, v: serde_json::Value) -> anyhow::Result<()> {
     )
     .await?;
     Ok(())
-}
-
-async fn pod_token(client: &Client, pod: &Pod, audience: &str) -> anyhow::Result<String> {
-    let sa = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .unwrap_or_default();
-    let req = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec![audience.into()]),
-            expiration_seconds: Some(3600),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), &pod.namespace().unwrap_or_default())
-        .create_token_request(&sa, &PostParams::default(), &req)
-        .await?
-        .status
-        .and_then(|s| s.token)
-        .ok_or_else(|| anyhow::anyhow!("TokenRequest returned no token"))
 }
 
 async fn create_pod(
@@ -289,7 +260,7 @@ async fn run() -> anyhow::Result<()> {
     .await?;
     std::fs::write(
         dir.path().join("agent-token"),
-        pod_token(&client, &agent_pod, "sigil-agent").await?,
+        sigil_e2e::pod::bound_token(&client, &agent_pod, "sigil-agent", 3600).await?,
     )?;
     let cms = Api::<ConfigMap>::namespaced(client.clone(), NS);
     let bundle = wait_for(

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use kube::api::{Api, PostParams};
 use kube::runtime::WatchStreamExt;
@@ -68,40 +67,6 @@ where
 {
     api.create(&PostParams::default(), &serde_json::from_value(v).unwrap())
         .await
-        .unwrap()
-}
-
-/// A projected token for `pod`'s service account in `ns`, bound to the pod, for
-/// `audience` (what the kubelet mounts into an agent pod).
-pub async fn pod_token(client: &Client, ns: &str, pod: &Pod, audience: &str) -> String {
-    let sa = pod
-        .spec
-        .as_ref()
-        .unwrap()
-        .service_account_name
-        .clone()
-        .unwrap();
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            audiences: Some(vec![audience.into()]),
-            expiration_seconds: Some(600),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .create_token_request(&sa, &PostParams::default(), &request)
-        .await
-        .unwrap()
-        .status
-        .unwrap()
-        .token
         .unwrap()
 }
 
@@ -428,7 +393,9 @@ impl World {
 
     /// A projected token bound to `pod`, for `audience`.
     pub async fn token(&self, pod: &Pod, audience: &str) -> String {
-        pod_token(&self.client, &self.ns, pod, audience).await
+        sigil_e2e::pod::bound_token(&self.client, pod, audience, 600)
+            .await
+            .unwrap()
     }
 
     /// An agent pod on `node` and an attested client for it.
