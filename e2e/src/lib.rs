@@ -31,6 +31,7 @@
 //! what a controller would and write pod status the way a kubelet does.
 
 mod control_plane;
+pub mod http;
 pub mod pki;
 pub mod pod;
 pub mod process;

@@ -10,25 +10,11 @@ use std::process::{Child, Command, Stdio};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trust_domain_common::*;
 
 /// `(status, body)` of a plain HTTP/1.1 GET.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((status, body))
+    sigil_e2e::http::get(("127.0.0.1", port), path).await
 }
 
 fn free_port() -> u16 {

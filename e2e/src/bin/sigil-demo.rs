@@ -77,21 +77,9 @@ where
 }
 
 async fn http_ok(port: u16, path: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return false;
-    };
-    if s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .is_err()
-    {
-        return false;
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out).await;
-    out.starts_with("HTTP/1.1 200")
+    sigil_e2e::http::get_ok(("127.0.0.1", port), path)
+        .await
+        .is_some()
 }
 
 async fn apply(client: &Client, v: serde_json::Value) -> anyhow::Result<()> {

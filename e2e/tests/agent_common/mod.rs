@@ -173,16 +173,9 @@ impl AgentWorld {
 
     /// The agent's `/metrics`.
     pub async fn metrics(&self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.agent.health_addr)
+        sigil_e2e::http::get_ok(self.agent.health_addr, "/metrics")
             .await
-            .unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
+            .expect("the agent's /metrics answered 200")
     }
 
     /// The SPIFFE ID the default ClusterSPIFFEID template gives service account `sa`.
