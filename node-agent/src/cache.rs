@@ -44,6 +44,9 @@ pub struct HeldJwt {
 #[derive(Debug, Default)]
 struct State {
     entries: BTreeMap<String, Arc<RegistrationEntry>>,
+    /// Entry IDs by one selector of each entry ([`index_key`]): a workload is matched
+    /// against only the entries filed under its own selectors, not every entry of the node.
+    by_key: HashMap<Selector, BTreeSet<String>>,
     svids: HashMap<String, Arc<HeldSvid>>,
     jwts: HashMap<(String, Vec<String>), HeldJwt>,
     bundles: BundleSet,
@@ -77,6 +80,39 @@ pub struct WorkloadView {
     pub own_bundles: Vec<TrustBundle>,
     /// Bundles of the trust domains the entries federate with.
     pub federated: Vec<TrustBundle>,
+}
+
+/// The selector an entry is filed under. A workload gets an entry only if it has every
+/// one of the entry's selectors, so any one of them finds every candidate; the most
+/// specific keeps the candidates few: `k8s:pod-uid:…` (every entry the operator renders
+/// has one), otherwise the first.
+fn index_key(e: &RegistrationEntry) -> Option<&Selector> {
+    e.selectors
+        .iter()
+        .find(|s| s.kind == "k8s" && s.value.starts_with("pod-uid:"))
+        .or_else(|| e.selectors.first())
+}
+
+impl State {
+    fn file(&mut self, e: &RegistrationEntry) {
+        if let Some(k) = index_key(e) {
+            self.by_key
+                .entry(k.clone())
+                .or_default()
+                .insert(e.id.clone());
+        }
+    }
+
+    fn unfile(&mut self, e: &RegistrationEntry) {
+        if let Some(k) = index_key(e)
+            && let Some(ids) = self.by_key.get_mut(k)
+        {
+            ids.remove(&e.id);
+            if ids.is_empty() {
+                self.by_key.remove(k);
+            }
+        }
+    }
 }
 
 impl Cache {
@@ -116,6 +152,11 @@ impl Cache {
             .map(|e| (e.id.clone(), Arc::new(e)))
             .collect();
         let old = std::mem::replace(&mut s.entries, new);
+        s.by_key.clear();
+        let all: Vec<_> = s.entries.values().cloned().collect();
+        for e in &all {
+            s.file(e);
+        }
         let State {
             entries,
             svids,
@@ -148,6 +189,7 @@ impl Cache {
         let mut s = self.write();
         for e in upserts {
             if let Some(old) = s.entries.get(&e.id).cloned() {
+                s.unfile(&old);
                 // A new SPIFFE ID: the held SVID names an identity this entry no longer
                 // grants, so it stops being served at once.
                 if old.spiffe_id != e.spiffe_id {
@@ -160,10 +202,13 @@ impl Cache {
                     s.jwts.retain(|(id, _), _| id != &e.id);
                 }
             }
+            s.file(&e);
             s.entries.insert(e.id.clone(), Arc::new(e));
         }
         for id in removed {
-            s.entries.remove(id);
+            if let Some(old) = s.entries.remove(id) {
+                s.unfile(&old);
+            }
             s.svids.remove(id);
             s.jwts.retain(|(eid, _), _| eid != id);
         }
@@ -213,18 +258,30 @@ impl Cache {
 
     /// Stores a freshly signed SVID, unless its entry changed or vanished meanwhile.
     pub fn put_svid(&self, svid: HeldSvid) -> bool {
+        self.put_svids(vec![svid]) == 1
+    }
+
+    /// Stores freshly signed SVIDs, skipping those whose entry changed or vanished
+    /// meanwhile, with one notification for all of them (open streams recompute what they
+    /// serve once per batch, not once per SVID). Returns how many were stored.
+    pub fn put_svids(&self, batch: Vec<HeldSvid>) -> usize {
         let mut s = self.write();
-        let current = s.entries.get(&svid.entry.id);
-        let still_valid = current.is_some_and(|e| {
-            e.spiffe_id == svid.entry.spiffe_id && e.dns_names == svid.entry.dns_names
-        });
-        if !still_valid {
-            return false;
+        let mut stored = 0;
+        for svid in batch {
+            let current = s.entries.get(&svid.entry.id);
+            let still_valid = current.is_some_and(|e| {
+                e.spiffe_id == svid.entry.spiffe_id && e.dns_names == svid.entry.dns_names
+            });
+            if still_valid {
+                s.svids.insert(svid.entry.id.clone(), Arc::new(svid));
+                stored += 1;
+            }
         }
-        s.svids.insert(svid.entry.id.clone(), Arc::new(svid));
         drop(s);
-        self.bump();
-        true
+        if stored > 0 {
+            self.bump();
+        }
+        stored
     }
 
     /// Entries that need an SVID now: none yet, due for rotation at `now`, or issued for
@@ -258,7 +315,16 @@ impl Cache {
         let mut v = WorkloadView::default();
         let mut own = BTreeSet::new();
         let mut fed = BTreeSet::new();
-        for e in s.entries.values().filter(|e| e.matches(selectors)) {
+        let candidates: BTreeSet<&String> = selectors
+            .iter()
+            .filter_map(|sel| s.by_key.get(sel))
+            .flatten()
+            .collect();
+        let matching = candidates
+            .into_iter()
+            .filter_map(|id| s.entries.get(id))
+            .filter(|e| e.matches(selectors));
+        for e in matching {
             match s.svids.get(&e.id) {
                 Some(h) => v.svids.push(h.clone()),
                 None => v.pending.push(e.clone()),
@@ -362,6 +428,113 @@ mod tests {
             let t = rotation_time(nb, na).duration_since(nb).unwrap().as_secs();
             assert!((1440..=1764).contains(&t), "{t}");
         }
+    }
+
+    fn ids(v: &WorkloadView) -> Vec<String> {
+        let mut out: Vec<String> = v.pending.iter().map(|e| e.id.clone()).collect();
+        out.extend(v.svids.iter().map(|h| h.entry.id.clone()));
+        out.sort();
+        out
+    }
+
+    fn sels(list: &[&str]) -> BTreeSet<Selector> {
+        list.iter().map(|s| Selector::parse(s).unwrap()).collect()
+    }
+
+    /// The selector index gives exactly what matching every entry would, through full
+    /// snapshots, upserts that change an entry's selectors, and removals.
+    #[test]
+    fn views_match_a_full_scan_through_every_kind_of_change() {
+        let c = Cache::new();
+        let full_scan = |c: &Cache, w: &BTreeSet<Selector>| -> Vec<String> {
+            let mut out: Vec<String> = c
+                .entries()
+                .iter()
+                .filter(|e| e.matches(w))
+                .map(|e| e.id.clone())
+                .collect();
+            out.sort();
+            out
+        };
+        let workloads = [
+            sels(&["k8s:pod-uid:1", "k8s:ns:default", "unix:uid:0"]),
+            sels(&["k8s:pod-uid:2", "k8s:ns:default", "unix:uid:1000"]),
+            sels(&["unix:uid:1000"]),
+            sels(&[]),
+        ];
+        let check = |c: &Cache| {
+            for w in &workloads {
+                assert_eq!(ids(&c.view_for(w)), full_scan(c, w), "workload {w:?}");
+            }
+        };
+        c.replace_entries(
+            vec![
+                entry(
+                    "pod1",
+                    "spiffe://td/a",
+                    &["k8s:ns:default", "k8s:pod-uid:1"],
+                ),
+                entry("pod2", "spiffe://td/b", &["k8s:pod-uid:2"]),
+                entry("ns", "spiffe://td/ns", &["k8s:ns:default"]),
+                entry("uid", "spiffe://td/u", &["unix:uid:1000"]),
+                entry("two", "spiffe://td/t", &["unix:uid:1000", "k8s:ns:default"]),
+                entry("none", "spiffe://td/n", &[]),
+            ],
+            1,
+        );
+        check(&c);
+        assert_eq!(
+            ids(&c.view_for(&workloads[1])),
+            ["ns", "pod2", "two", "uid"]
+        );
+        // pod1 moves to pod 2's selectors; "uid" is removed; "ns" narrows to a pod.
+        c.apply_changes(
+            vec![
+                entry("pod1", "spiffe://td/a", &["k8s:pod-uid:2"]),
+                entry("ns", "spiffe://td/ns", &["k8s:ns:default", "k8s:pod-uid:1"]),
+            ],
+            &["uid".to_string()],
+            2,
+        );
+        check(&c);
+        assert_eq!(ids(&c.view_for(&workloads[0])), ["ns"]);
+        assert_eq!(ids(&c.view_for(&workloads[1])), ["pod1", "pod2", "two"]);
+        // A new snapshot drops whatever the old one filed.
+        c.replace_entries(vec![entry("x", "spiffe://td/x", &["unix:uid:1000"])], 3);
+        check(&c);
+        assert_eq!(ids(&c.view_for(&workloads[1])), ["x"]);
+        assert!(ids(&c.view_for(&workloads[0])).is_empty());
+    }
+
+    #[test]
+    fn a_batch_of_svids_is_one_notification_and_skips_stale_entries() {
+        let c = Cache::new();
+        c.replace_entries(
+            vec![
+                entry("a", "spiffe://td/a", &["k8s:pod-uid:1"]),
+                entry("b", "spiffe://td/b", &["k8s:pod-uid:2"]),
+            ],
+            1,
+        );
+        let now = SystemTime::now();
+        let (a, b) = (c.entry("a").unwrap(), c.entry("b").unwrap());
+        // b's SPIFFE ID changes while its SVID is being signed.
+        c.apply_changes(
+            vec![entry("b", "spiffe://td/b2", &["k8s:pod-uid:2"])],
+            &[],
+            2,
+        );
+        let mut rx = c.subscribe();
+        rx.borrow_and_update();
+        assert_eq!(c.put_svids(vec![held(a, now), held(b, now)]), 1);
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        assert!(c.svid("a").is_some() && c.svid("b").is_none());
+        assert_eq!(c.put_svids(vec![]), 0);
+        assert!(
+            !rx.has_changed().unwrap(),
+            "nothing stored, nothing to notify"
+        );
     }
 
     #[test]

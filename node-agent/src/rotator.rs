@@ -88,6 +88,7 @@ pub async fn run(
             }
             match node.sign(requests).await {
                 Ok(results) => {
+                    let mut signed = Vec::with_capacity(results.len());
                     for ((entry, key), r) in keys.into_iter().zip(results) {
                         if r.error_code != 0 || r.svid_chain.is_empty() {
                             metrics.failures.inc();
@@ -118,11 +119,11 @@ pub async fn run(
                                 SystemTime::now(),
                             ),
                         };
-                        if cache.put_svid(held) {
-                            metrics.signed.inc();
-                            debug!(entry = %entry.id, spiffe_id = %entry.spiffe_id, "X509-SVID installed");
-                        }
+                        signed.push(held);
                     }
+                    let installed = cache.put_svids(signed);
+                    metrics.signed.inc_by(installed as u64);
+                    debug!(installed, "X509-SVIDs installed");
                     batch_backoff = Duration::from_millis(200);
                 }
                 Err(e) => {

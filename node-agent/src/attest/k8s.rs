@@ -6,12 +6,12 @@
 //! a fixed number of polls (SPIRE's "no selectors found after max poll attempts"): it waits
 //! for the source to change, until a deadline.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use sigil_identity::entry::Selector;
@@ -32,10 +32,13 @@ pub trait PodSource: Send + Sync + std::fmt::Debug {
     fn request_refresh(&self) {}
 }
 
-/// Pods of one node from an API-server watch (`fieldSelector=spec.nodeName=<node>`).
+/// Pods of one node from an API-server watch (`fieldSelector=spec.nodeName=<node>`),
+/// held by UID: attestation looks a pod up by the UID in the process's cgroup, in constant
+/// time however many pods the node runs. `managedFields` are dropped on arrival (nothing
+/// here reads them, and they are often the largest part of a Pod).
 #[derive(Debug, Clone)]
 pub struct ApiPodSource {
-    store: Store<Pod>,
+    pods: Arc<RwLock<HashMap<String, Arc<Pod>>>>,
     version: watch::Sender<u64>,
     synced: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -44,31 +47,58 @@ impl ApiPodSource {
     /// Starts watching the pods of `node_name`; the watch runs until `cancel`.
     pub fn start(client: Client, node_name: &str, cancel: CancellationToken) -> Self {
         let api: Api<Pod> = Api::all(client);
-        let (store, writer) = reflector::store();
+        let pods: Arc<RwLock<HashMap<String, Arc<Pod>>>> = Arc::default();
         let version = watch::channel(0).0;
         let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
-        let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
-        let (tx, flag) = (version.clone(), synced.clone());
+        let stream = watcher(api, cfg)
+            .default_backoff()
+            .modify(|p| p.managed_fields_mut().clear());
+        let (tx, flag, held) = (version.clone(), synced.clone(), pods.clone());
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
+            // A (re)list in progress: what it has delivered so far. The held set is replaced
+            // only once the list is complete, so a relist never hides pods for a while.
+            let mut relist: Option<HashMap<String, Arc<Pod>>> = None;
             loop {
-                tokio::select! {
+                let ev = tokio::select! {
                     _ = cancel.cancelled() => break,
-                    ev = stream.next() => match ev {
-                        Some(Ok(watcher::Event::InitDone)) => {
-                            flag.store(true, std::sync::atomic::Ordering::Release);
-                            tx.send_modify(|v| *v += 1);
+                    ev = stream.next() => ev,
+                };
+                let write = || held.write().unwrap_or_else(|p| p.into_inner());
+                match ev {
+                    Some(Ok(watcher::Event::Init)) => relist = Some(HashMap::new()),
+                    Some(Ok(watcher::Event::InitApply(p))) => {
+                        if let (Some(list), Some(uid)) = (relist.as_mut(), p.metadata.uid.clone()) {
+                            list.insert(uid, Arc::new(p));
                         }
-                        Some(Ok(_)) => tx.send_modify(|v| *v += 1),
-                        Some(Err(e)) => tracing::warn!(error = %e, "pod watch error; retrying"),
-                        None => break,
                     }
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        if let Some(list) = relist.take() {
+                            *write() = list;
+                        }
+                        flag.store(true, std::sync::atomic::Ordering::Release);
+                        tx.send_modify(|v| *v += 1);
+                    }
+                    Some(Ok(watcher::Event::Apply(p))) => {
+                        if let Some(uid) = p.metadata.uid.clone() {
+                            write().insert(uid, Arc::new(p));
+                        }
+                        tx.send_modify(|v| *v += 1);
+                    }
+                    Some(Ok(watcher::Event::Delete(p))) => {
+                        if let Some(uid) = p.metadata.uid.as_deref() {
+                            write().remove(uid);
+                        }
+                        tx.send_modify(|v| *v += 1);
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "pod watch error; retrying"),
+                    None => break,
                 }
             }
         });
         Self {
-            store,
+            pods,
             version,
             synced,
         }
@@ -77,7 +107,11 @@ impl ApiPodSource {
 
 impl PodSource for ApiPodSource {
     fn pod_by_uid(&self, uid: &str) -> Option<Arc<Pod>> {
-        self.store.find(|p| p.metadata.uid.as_deref() == Some(uid))
+        self.pods
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .cloned()
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
