@@ -16,6 +16,9 @@ bash hack/test-tools.sh etcd kube-apiserver spire spire-mint
 cargo build --locked -q --release -p sigil-agent -p sigil-operator
 export SIGIL_AGENT_BIN=${CARGO_TARGET_DIR:-target}/release/sigil-agent
 export SIGIL_OPERATOR_BIN=${CARGO_TARGET_DIR:-target}/release/sigil-operator
+# The e2e harness ends a test binary after 15 min (a hung test); a bench at its default
+# sizes runs up to ~20 min, and longer at larger ones (servers bounds SPIRE's side at 30).
+export SIGIL_TEST_BINARY_TIMEOUT=${SIGIL_TEST_BINARY_TIMEOUT:-5400}
 for b in "${benches[@]}"; do
   echo
   echo "== $b =="

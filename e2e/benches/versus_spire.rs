@@ -14,12 +14,15 @@
 //! Rows (metric | Sigil | SPIRE | SPIRE/Sigil):
 //! 1. registration → SVID: from the moment the identity is declared (Sigil: the Pod create
 //!    call returned, the ClusterSPIFFEID already selecting it; SPIRE: the entry create
-//!    call returned) until the client in that workload holds its SVID; one at a time
-//!    (alternating Sigil and SPIRE) and as a burst. Sigil's figure includes what a kubelet
-//!    would do (cgroup, pod status Running) because attestation needs it.
-//! 3. Workload API FetchX509SVID latency with 1, 100 and 1000 concurrent connections.
-//! 4. Footprint: agent RSS idle and with the workloads registered, agent idle CPU; the
-//!    SPIRE server's RSS (Sigil's operator runs inside this bench process, so its RSS is
+//!    call returned) until the client in that workload holds its SVID: one at a time
+//!    (alternating Sigil and SPIRE, each waiting for the previous SVID), as a burst, and
+//!    one after another at a steady pace (one declared every 100 ms per system, without
+//!    waiting). Sigil's figure includes what a kubelet would do (cgroup, pod status
+//!    Running) because attestation needs it.
+//! 3. Workload API FetchX509SVID latency with 1, 100 and 1000 concurrent connections (with
+//!    the 10k entries on the node), and whether each still serves a new client afterwards.
+//! 4. Footprint: agent RSS idle, with the workloads registered and with 10k entries on its
+//!    node, agent idle CPU; the SPIRE server's RSS (Sigil's operator runs inside this bench process, so its RSS is
 //!    not separable here; the `servers` bench runs it as its own process).
 //!
 //! 2. Issuance throughput: X509-SVIDs signed per second and per CPU-second. Sigil: the
@@ -35,7 +38,9 @@
 //! an entry change delivered to all of them in the `agent` bench.
 //!
 //! Run: `make bench` or `hack/bench.sh versus_spire`. Sizes: SIGIL_BENCH_VS_ONE (default
-//! 30 workloads one at a time per system), SIGIL_BENCH_VS_BURST (default 1000),
+//! 30 workloads one at a time per system; SPIRE takes ~5 s each), SIGIL_BENCH_VS_BURST
+//! (default 1000), SIGIL_BENCH_VS_STAGGER and SIGIL_BENCH_VS_STAGGER_MS (1000, one every
+//! 100 ms), SIGIL_BENCH_VS_ENTRIES (10000 entries on the node in all),
 //! SIGIL_BENCH_VS_REQUESTS (default 2000 fetches per concurrency level).
 
 mod agent_process;
@@ -54,6 +59,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use kube::ResourceExt;
 use node_api_common::World;
 use report::{Report, env, percentile};
@@ -68,7 +74,6 @@ const FIRST_UID: u32 = 40_000;
 /// SignX509Svids through the Node API for `window`: (SVIDs per second, SVIDs per CPU-second
 /// of this process).
 async fn sigil_sign_rate(w: &World, window: Duration) -> (f64, f64) {
-    use futures::StreamExt;
     let agent = w.attested_agent(&w.node_a).await;
     let mut stream = agent.sync_entries(0).await.expect("sync");
     let first = stream
@@ -146,14 +151,26 @@ fn p(v: &mut [Duration], q: f64) -> f64 {
 }
 
 /// Runs `client wait-x509` (in a pod's cgroup, or as `uid`) and says whether it got an
-/// SVID.
-async fn wait_svid(mut cmd: std::process::Command, addr: &str) -> bool {
-    cmd.args(["--addr", addr, "wait-x509", "--timeout-ms", "60000"]);
-    tokio::process::Command::from(cmd)
-        .output()
+/// SVID within `limit`.
+async fn wait_svid_within(mut cmd: std::process::Command, addr: &str, limit: Duration) -> bool {
+    cmd.args([
+        "--addr",
+        addr,
+        "wait-x509",
+        "--timeout-ms",
+        &limit.as_millis().to_string(),
+    ]);
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    // The client bounds itself; this bounds a client that does not.
+    tokio::time::timeout(limit + Duration::from_secs(5), cmd.output())
         .await
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+        .is_ok_and(|o| o.is_ok_and(|o| o.status.success()))
+}
+
+/// [`wait_svid_within`] a minute.
+async fn wait_svid(cmd: std::process::Command, addr: &str) -> bool {
+    wait_svid_within(cmd, addr, Duration::from_secs(60)).await
 }
 
 fn as_uid(client: &Path, uid: u32) -> std::process::Command {
@@ -205,6 +222,9 @@ async fn load(
 fn main() {
     let one_n = env("SIGIL_BENCH_VS_ONE", 30);
     let burst_n = env("SIGIL_BENCH_VS_BURST", 1000);
+    let stagger_n = env("SIGIL_BENCH_VS_STAGGER", 1000);
+    let every = Duration::from_millis(env("SIGIL_BENCH_VS_STAGGER_MS", 100) as u64);
+    let entries_n = env("SIGIL_BENCH_VS_ENTRIES", 10_000);
     let requests = env("SIGIL_BENCH_VS_REQUESTS", 2000);
     let agent_bin = std::env::var("SIGIL_AGENT_BIN")
         .expect("set SIGIL_AGENT_BIN to a built sigil-agent (make bench does)");
@@ -216,7 +236,7 @@ fn main() {
     rt.block_on(async move {
         let mut report = Report::new(
             "versus_spire",
-            &format!("Sigil vs SPIRE on one machine: registration → SVID ({one_n} one at a time, alternating; burst of {burst_n}), Workload API latency, footprint"),
+            &format!("Sigil vs SPIRE on one machine: registration → SVID ({one_n} one at a time, alternating; burst of {burst_n}; {stagger_n} one every {every:?}), Workload API latency, footprint with {entries_n} entries"),
         );
         // Workloads of other uids must be able to run the client: copy it somewhere
         // world-readable.
@@ -334,9 +354,90 @@ fn main() {
         );
         report.row("  failed registrations (Sigil, SPIRE)", format!("{}, {}", failed.0 + sf, failed.1 + pf));
 
+        // 1c. One after another at a steady pace: one identity declared every `every`
+        // (Sigil and SPIRE alternating, half a period apart), each on its own API call,
+        // without waiting for earlier ones. Unlike the strict one-at-a-time loop above,
+        // this does not phase-lock SPIRE's entry creation to its agent's 5 s sync: the
+        // declarations land anywhere in the sync period, as they do in a cluster.
+        let first_stagger_uid = FIRST_UID + (one_n + burst_n) as u32;
+        let start = tokio::time::Instant::now();
+        let sigil_side = futures::future::join_all((0..stagger_n).map(|i| {
+            let (w, addr, client) = (&w, agent.addr.clone(), &client);
+            async move {
+                tokio::time::sleep_until(start + every * i as u32).await;
+                let name = format!("paced-{i}");
+                let pod = w.pod(&name, &w.node_a, "web", json!({"app": "vs"})).await;
+                let t0 = Instant::now();
+                let container = PodContainer::create(&pod.uid().expect("uid")).expect("cgroup");
+                container.mark_running(&w.client, &w.ns, &name, "main", "registry.invalid/none").await.expect("status");
+                let got = wait_svid(container.command(client), &addr).await.then(|| t0.elapsed());
+                (got, container)
+            }
+        }));
+        let spire_side = futures::future::join_all((0..stagger_n).map(|i| {
+            let (spire, parent, client, addr) = (&spire, &parent, &client, spire_addr.clone());
+            async move {
+                tokio::time::sleep_until(start + every * i as u32 + every / 2).await;
+                let uid = first_stagger_uid + i as u32;
+                spire
+                    .cli(&["entry", "create", "-parentID", parent, "-spiffeID", &format!("spiffe://{}/paced/{i}", spire.td), "-selector", &format!("unix:uid:{uid}")])
+                    .await;
+                let t0 = Instant::now();
+                wait_svid(as_uid(client, uid), &addr).await.then(|| t0.elapsed())
+            }
+        }));
+        let (sigil_paced, spire_paced) = tokio::join!(sigil_side, spire_side);
+        let (sigil_paced, containers): (Vec<_>, Vec<_>) = sigil_paced.into_iter().unzip();
+        keep.extend(containers);
+        let (mut sp, spf) = ok(sigil_paced);
+        let (mut pp, ppf) = ok(spire_paced);
+        report.lower_better(&format!("registration → SVID, {stagger_n} declared one every {every:?}, p50"), p(&mut sp, 0.5), p(&mut pp, 0.5), "ms ");
+        report.lower_better(&format!("registration → SVID, {stagger_n} declared one every {every:?}, p99"), p(&mut sp, 0.99), p(&mut pp, 0.99), "ms ");
+        report.row("  failed registrations (Sigil, SPIRE)", format!("{spf}, {ppf}"));
+        let registered = one_n + burst_n + stagger_n;
+
         // 4. Footprint with the workloads registered.
-        report.lower_better(&format!("agent RSS with {} workloads registered", one_n + burst_n), rss_kib(agent.pid) as f64 / 1024.0, rss_kib(spire_agent_pid) as f64 / 1024.0, "MiB");
-        report.row(&format!("SPIRE server RSS with {} entries", one_n + burst_n), format!("{:.1} MiB", rss_kib(spire_server_pid) as f64 / 1024.0));
+        report.lower_better(&format!("agent RSS with {registered} workloads registered"), rss_kib(agent.pid) as f64 / 1024.0, rss_kib(spire_agent_pid) as f64 / 1024.0, "MiB");
+        report.row(&format!("SPIRE server RSS with {registered} entries"), format!("{:.1} MiB", rss_kib(spire_server_pid) as f64 / 1024.0));
+
+        // 4b. Footprint with `entries_n` entries on the node: more identities on each side
+        // (Sigil: Pods on the agent's Node, no containers; SPIRE: entries parented to its
+        // agent, 1000 per call), then each agent's RSS once it holds them. Sigil's agent
+        // signs ahead for every entry; SPIRE's keeps every entry and an LRU of X509-SVIDs
+        // (`x509_svid_cache_max_size`, 1000 by default).
+        if entries_n > registered {
+            let more = entries_n - registered;
+            futures::stream::iter((0..more).map(|i| {
+                let w = &w;
+                async move { w.pod(&format!("held-{i}"), &w.node_a, "web", json!({"app": "vs"})).await }
+            }))
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+            let first_uid = FIRST_UID + registered as u32;
+            let entries: Vec<Value> = (0..more)
+                .map(|i| json!({"spiffe_id": format!("spiffe://{}/held/{i}", spire.td), "parent_id": parent, "selectors": [{"type": "unix", "value": format!("uid:{}", first_uid + i as u32)}]}))
+                .collect();
+            for (n, chunk) in entries.chunks(1000).enumerate() {
+                let data = spire.dir.join(format!("held-{n}.json"));
+                std::fs::write(&data, json!({"entries": chunk}).to_string()).expect("entries file");
+                spire.cli(&["entry", "create", "-data", &data.display().to_string()]).await;
+            }
+            // Sigil: every entry's SVID signed. SPIRE: the last entry's SVID served, so its
+            // agent has synced them all.
+            sigil_e2e::eventually(&format!("sigil-agent to hold {entries_n} SVIDs"), Duration::from_secs(300), || async {
+                let text = sigil_e2e::http::get_ok(agent.health, "/metrics").await?;
+                (sigil_e2e::http::metric(&text, "sigil_agent_svids_signed_total")? >= entries_n as f64).then_some(())
+            })
+            .await;
+            let last = first_uid + more as u32 - 1;
+            let spire_synced = wait_svid(as_uid(&client, last), &spire_addr).await;
+            // One more SPIRE sync period for its caches to settle.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            report.lower_better(&format!("agent RSS with {entries_n} entries on its node"), rss_kib(agent.pid) as f64 / 1024.0, rss_kib(spire_agent_pid) as f64 / 1024.0, "MiB");
+            report.row("  what each agent holds", format!("Sigil: {entries_n} X509-SVIDs and keys (signed ahead) | SPIRE: {entries_n} entries, X509-SVIDs for up to 1000 (LRU default){}", if spire_synced { "" } else { "; its last entry was NOT served within 60 s" }));
+            report.row(&format!("SPIRE server RSS with {entries_n} entries"), format!("{:.1} MiB", rss_kib(spire_server_pid) as f64 / 1024.0));
+        }
 
         // 3. Workload API latency, one workload per side, alternating per level.
         for c in [1usize, 100, 1000] {
@@ -359,6 +460,13 @@ fn main() {
                 }
             }
         }
+        // Does each Workload API still answer after the largest load (its clients were
+        // stopped, finished or not)?
+        let sigil_up = wait_svid_within(keep[0].command(&client), &agent.addr, Duration::from_secs(30)).await;
+        let spire_up = wait_svid_within(as_uid(&client, FIRST_UID), &spire_addr, Duration::from_secs(30)).await;
+        let yes_no = |up: bool| if up { "yes" } else { "NO: no SVID within 30 s" };
+        report.row("Workload API answers a new client after the 1000-connection load", format!("Sigil {} | SPIRE {}", yes_no(sigil_up), yes_no(spire_up)));
+
         // 2. Issuance throughput.
         let window = Duration::from_secs(env("SIGIL_BENCH_VS_SIGN_SECS", 10) as u64);
         let (sigil_rate, sigil_cpu_rate) = sigil_sign_rate(&w, window).await;

@@ -17,6 +17,8 @@ pub struct AgentProcess {
     /// `unix://` address of its Workload API.
     pub addr: String,
     pub socket: PathBuf,
+    /// Its health server (`/live`, `/ready`, `/metrics`).
+    pub health: std::net::SocketAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -49,7 +51,11 @@ pub async fn start(w: &World, agent_bin: &str) -> AgentProcess {
         .local_addr()
         .expect("addr");
     let path = |name: &str| dir.path().join(name).display().to_string();
-    let child = tokio::process::Command::new(agent_bin)
+    // Under `setpriv --pdeathsig KILL` (it execs the agent, so the pid is the agent's):
+    // killed with this process even when it ends without running destructors, as when
+    // the e2e watchdog stops a hung bench.
+    let child = tokio::process::Command::new("setpriv")
+        .args(["--pdeathsig", "KILL", "--", agent_bin])
         .env("KUBECONFIG", cp.kubeconfig_path())
         .env("RUST_LOG", "warn")
         .args([
@@ -93,6 +99,7 @@ pub async fn start(w: &World, agent_bin: &str) -> AgentProcess {
         pid,
         addr: format!("unix://{}", socket.display()),
         socket,
+        health,
         _dir: dir,
     }
 }

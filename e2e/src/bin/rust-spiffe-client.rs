@@ -150,20 +150,25 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
             let started = std::time::Instant::now();
             let mut attempts = 0u32;
             let mut last = String::new();
-            while started.elapsed() < timeout {
+            while let Some(left) = timeout.checked_sub(started.elapsed()) {
                 attempts += 1;
-                match WorkloadApiClient::connect_to(&addr).await {
-                    Ok(client) => match client.fetch_x509_svid().await {
-                        Ok(svid) => {
-                            println!(
-                                "{}",
-                                serde_json::json!({"spiffe_id": svid.spiffe_id().to_string(), "attempts": attempts, "at_ms": now_ms()})
-                            );
-                            return Ok(());
-                        }
-                        Err(e) => last = e.to_string(),
-                    },
-                    Err(e) => last = e.to_string(),
+                // Bounded too: a server may hold a call open without ever answering.
+                let attempt = tokio::time::timeout(left, async {
+                    let client = WorkloadApiClient::connect_to(&addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    client.fetch_x509_svid().await.map_err(|e| e.to_string())
+                });
+                match attempt.await {
+                    Ok(Ok(svid)) => {
+                        println!(
+                            "{}",
+                            serde_json::json!({"spiffe_id": svid.spiffe_id().to_string(), "attempts": attempts, "at_ms": now_ms()})
+                        );
+                        return Ok(());
+                    }
+                    Ok(Err(e)) => last = e,
+                    Err(_) => last = "the call was not answered".to_owned(),
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }

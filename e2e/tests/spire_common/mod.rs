@@ -17,6 +17,9 @@ fn tool(name: &str) -> String {
 /// How long SPIRE gets to start.
 const START: Duration = Duration::from_secs(60);
 
+/// How long one `spire-server` CLI call may take in [`Spire::cli`].
+const CLI_LIMIT: Duration = Duration::from_secs(600);
+
 /// What SPIRE's bundle endpoint advertises as `spiffe_refresh_hint`, and so how often
 /// Sigil refetches it.
 pub const SPIRE_REFRESH_HINT: Duration = Duration::from_secs(3);
@@ -185,17 +188,33 @@ plugins {{
 
     /// `spire-server <args> -socketPath <ours>`, which must succeed; returns stdout.
     pub async fn cli(&self, args: &[&str]) -> String {
-        let socket = self.socket();
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["-socketPath", &socket]);
-        let out = spire_server(&all).await;
-        assert!(
-            out.status.success(),
-            "spire-server {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        self.cli_within(args, CLI_LIMIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `spire-server <args> -socketPath <ours>` given at most `limit`: stdout, or why not
+    /// (it failed, or was still running at `limit` and was killed).
+    pub async fn cli_within(&self, args: &[&str], limit: Duration) -> Result<String, String> {
+        let out = tokio::time::timeout(
+            limit,
+            tokio::process::Command::new(tool("spire-server"))
+                .args(args)
+                .args(["-socketPath", &self.socket()])
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| format!("spire-server {args:?} did not return within {limit:?}"))?
+        .map_err(|e| format!("spire-server {args:?}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "spire-server {args:?}: {}{}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     pub async fn start_agent(&mut self) {
