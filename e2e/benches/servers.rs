@@ -411,7 +411,7 @@ fn main() {
             ),
         );
         let entries: Vec<Value> = (0..bulk)
-            .map(|i| json!({"spiffe_id": format!("spiffe://{}/bulk/{i}", spire.td), "parent_id": format!("spiffe://{}/{BULK_NODE}", spire.td), "selectors": [{"type": "unix", "value": format!("uid:{}", 60_000 + i)}]}))
+            .map(|i| spire.uid_entry(&format!("/bulk/{i}"), &format!("spiffe://{}/{BULK_NODE}", spire.td), 60_000 + i as u32))
             .collect();
         // At large sizes SPIRE's entry creation slows as its table grows (each call
         // checks for similar entries; the entry cache reloads in full every 5 s), so its
@@ -425,14 +425,17 @@ fn main() {
                 spire_stopped = Some(format!("stopped at its {spire_budget:?} budget"));
                 break;
             }
-            let data = spire.dir.join(format!("bulk-{n}.json"));
-            std::fs::write(&data, json!({"entries": chunk}).to_string()).expect("entries file");
-            match spire.cli_within(&["entry", "create", "-data", &data.display().to_string()], left.min(call_limit)).await {
-                Ok(_) => {
+            let limit = left.min(call_limit);
+            match spire.create_entries_within(&format!("bulk-{n}"), chunk, limit).await {
+                Ok(()) => {
                     spire_held += chunk.len();
                     if spire_held % 10_000 == 0 {
                         eprintln!("servers: SPIRE holds {spire_held} entries after {:.0?}", started.elapsed());
                     }
+                }
+                Err(e) if limit < call_limit => {
+                    spire_stopped = Some(format!("stopped at its {spire_budget:?} budget (the call then running: {e})"));
+                    break;
                 }
                 Err(e) => {
                     spire_stopped = Some(e);

@@ -328,12 +328,10 @@ fn main() {
         let containers = samples.into_iter().map(|s| s.2);
         keep.extend(containers);
         let entries: Vec<Value> = (0..burst_n)
-            .map(|i| json!({"spiffe_id": format!("spiffe://{}/burst/{i}", spire.td), "parent_id": parent, "selectors": [{"type": "unix", "value": format!("uid:{}", FIRST_UID + (one_n + i) as u32)}]}))
+            .map(|i| spire.uid_entry(&format!("/burst/{i}"), &parent, FIRST_UID + (one_n + i) as u32))
             .collect();
-        let data = spire.dir.join("burst.json");
-        std::fs::write(&data, json!({"entries": entries}).to_string()).expect("entries file");
         let t0 = Instant::now();
-        spire.cli(&["entry", "create", "-data", &data.display().to_string()]).await;
+        spire.create_entries("burst", &entries).await;
         let spire_burst: Vec<Option<Duration>> = futures::future::join_all((0..burst_n).map(|i| {
             let cmd = as_uid(&client, FIRST_UID + (one_n + i) as u32);
             let addr = spire_addr.clone();
@@ -416,12 +414,10 @@ fn main() {
             .await;
             let first_uid = FIRST_UID + registered as u32;
             let entries: Vec<Value> = (0..more)
-                .map(|i| json!({"spiffe_id": format!("spiffe://{}/held/{i}", spire.td), "parent_id": parent, "selectors": [{"type": "unix", "value": format!("uid:{}", first_uid + i as u32)}]}))
+                .map(|i| spire.uid_entry(&format!("/held/{i}"), &parent, first_uid + i as u32))
                 .collect();
             for (n, chunk) in entries.chunks(1000).enumerate() {
-                let data = spire.dir.join(format!("held-{n}.json"));
-                std::fs::write(&data, json!({"entries": chunk}).to_string()).expect("entries file");
-                spire.cli(&["entry", "create", "-data", &data.display().to_string()]).await;
+                spire.create_entries(&format!("held-{n}"), chunk).await;
             }
             // Sigil: every entry's SVID signed. SPIRE: the last entry's SVID served, so its
             // agent has synced them all.

@@ -217,6 +217,42 @@ plugins {{
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// An entry for [`Spire::create_entries`]: `spiffe://<td><path>` under `parent`, for
+    /// the processes of `uid` (the unix attestor's `unix:uid` selector).
+    pub fn uid_entry(&self, path: &str, parent: &str, uid: u32) -> serde_json::Value {
+        serde_json::json!({
+            "spiffe_id": format!("spiffe://{}{path}", self.td),
+            "parent_id": parent,
+            "selectors": [{"type": "unix", "value": format!("uid:{uid}")}],
+        })
+    }
+
+    /// `spire-server entry create -data` with `entries` (written to `<dir>/<name>.json`) in
+    /// one call, given at most `limit`.
+    pub async fn create_entries_within(
+        &self,
+        name: &str,
+        entries: &[serde_json::Value],
+        limit: Duration,
+    ) -> Result<(), String> {
+        let data = self.dir.join(format!("{name}.json"));
+        std::fs::write(&data, serde_json::json!({ "entries": entries }).to_string())
+            .map_err(|e| format!("write {}: {e}", data.display()))?;
+        self.cli_within(
+            &["entry", "create", "-data", &data.display().to_string()],
+            limit,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// [`Spire::create_entries_within`], which must succeed.
+    pub async fn create_entries(&self, name: &str, entries: &[serde_json::Value]) {
+        self.create_entries_within(name, entries, CLI_LIMIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
     pub async fn start_agent(&mut self) {
         std::fs::write(
             self.dir.join("bootstrap.pem"),
