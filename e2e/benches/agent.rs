@@ -47,11 +47,7 @@ fn main() {
     let agent_bin = std::env::var("SIGIL_AGENT_BIN")
         .expect("set SIGIL_AGENT_BIN to a built sigil-agent (make bench does)");
     let client = env!("CARGO_BIN_EXE_rust-spiffe-client");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = report::runtime();
     rt.block_on(async move {
         let mut report = Report::new(
             "agent",

@@ -34,11 +34,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = report::runtime();
     rt.block_on(async move {
         let mut report = Report::new("csi", &format!("sigil-csi NodePublishVolume, files mode, entry already on the node ({n} volumes, one at a time)"));
         let aw = AgentWorld::start("csibench").await;

@@ -344,11 +344,7 @@ fn main() {
     if pinned {
         pin(std::process::id(), cpus - 1);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = report::runtime();
     rt.block_on(async move {
         let mut report = Report::new(
             "servers",

@@ -389,11 +389,7 @@ fn fanout(
     changed: &ClusterSPIFFEID,
     hint: &str,
 ) -> (Duration, Duration, usize, usize) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = report::runtime();
     let seen: Arc<Mutex<(usize, Option<Instant>)>> = Arc::default();
     rt.block_on(async {
         let mut tasks = Vec::new();
@@ -460,11 +456,7 @@ fn fanout(
 /// and measures from each `apply_pod` call to the moment the node's subscriber reads
 /// the entry.
 fn burst(ix: &EntryIndex, nodes_n: usize, base: usize) -> Vec<Duration> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = report::runtime();
     let started: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let seen: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let pods: Vec<Pod> = (0..1000)

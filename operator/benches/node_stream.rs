@@ -70,11 +70,7 @@ async fn wait_seen(seen: &Seen, names: impl Iterator<Item = String>, within: Dur
 fn main() {
     let burst_n = env("SIGIL_BENCH_BURST", 1000);
     let seq_n = env("SIGIL_BENCH_SEQUENTIAL", 200);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = report::runtime();
     rt.block_on(async move {
         let mut report = Report::new(
             "node_stream",

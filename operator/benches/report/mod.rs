@@ -96,6 +96,16 @@ impl Report {
 }
 
 /// A size from the environment variable `name`, or `default`.
+/// The runtime every bench runs in: two worker threads, the size of the machine the
+/// figures are read on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 pub fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
