@@ -242,13 +242,7 @@ async fn sigil_sign(
     )
     .expect("node client");
     agent.attest_psat(&token).await.expect("PSAT attestation");
-    let mut stream = agent.sync_entries(0).await.expect("sync");
-    let first = stream
-        .next()
-        .await
-        .expect("first message")
-        .expect("sync ok");
-    let requests = sign_load::svid_requests(&first.upserts);
+    let requests = sign_load::svid_requests(&sign_load::node_entries(&agent).await);
     assert_eq!(
         requests.len(),
         LOAD_PODS,

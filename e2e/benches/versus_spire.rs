@@ -75,14 +75,8 @@ const FIRST_UID: u32 = 40_000;
 /// of this process).
 async fn sigil_sign_rate(w: &World, window: Duration) -> (f64, f64) {
     let agent = w.attested_agent(&w.node_a).await;
-    let mut stream = agent.sync_entries(0).await.expect("sync");
-    let first = stream
-        .next()
-        .await
-        .expect("first message")
-        .expect("sync ok");
-    let entries = &first.upserts[..first.upserts.len().min(100)];
-    let requests = sign_load::svid_requests(entries);
+    let entries = sign_load::node_entries(&agent).await;
+    let requests = sign_load::svid_requests(&entries[..entries.len().min(100)]);
     assert!(!requests.is_empty(), "no entries on node A to sign for");
     let cpu0 = cpu_time(std::process::id());
     let (signed, wall) = sign_load::sign_for(&agent, &requests, 2, window).await;

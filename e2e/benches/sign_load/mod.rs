@@ -8,6 +8,18 @@ use sigil_agent::node_client::NodeClient;
 use sigil_identity::keys::{KeyType, PrivateKey};
 use sigil_identity::proto::node as pb;
 
+/// The entries of an attested agent's node: the first message of its entry stream.
+pub async fn node_entries(agent: &NodeClient) -> Vec<pb::Entry> {
+    use futures::StreamExt;
+    let mut stream = agent.sync_entries(0).await.expect("sync");
+    stream
+        .next()
+        .await
+        .expect("first message")
+        .expect("sync ok")
+        .upserts
+}
+
 /// One CSR for a fresh P-256 key per entry, as an agent makes them.
 pub fn svid_requests(entries: &[pb::Entry]) -> Vec<pb::SvidRequest> {
     entries
