@@ -7,6 +7,7 @@
 //! for the source to change, until a deadline.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -32,81 +33,66 @@ pub trait PodSource: Send + Sync + std::fmt::Debug {
     fn request_refresh(&self) {}
 }
 
-/// Pods of one node from an API-server watch (`fieldSelector=spec.nodeName=<node>`),
-/// held by UID: attestation looks a pod up by the UID in the process's cgroup, in constant
-/// time however many pods the node runs. `managedFields` are dropped on arrival (nothing
-/// here reads them, and they are often the largest part of a Pod).
-#[derive(Debug, Clone)]
-pub struct ApiPodSource {
-    pods: Arc<RwLock<HashMap<String, Arc<Pod>>>>,
+/// Pods held by UID, with a counter bumped on every change and whether the first full
+/// list has arrived: what every [`PodSource`] keeps. Attestation looks a pod up by the UID
+/// in the process's cgroup, in constant time however many pods the node runs.
+#[derive(Debug)]
+pub(crate) struct PodsByUid {
+    pods: RwLock<HashMap<String, Arc<Pod>>>,
     version: watch::Sender<u64>,
-    synced: Arc<std::sync::atomic::AtomicBool>,
+    synced: AtomicBool,
 }
 
-impl ApiPodSource {
-    /// Starts watching the pods of `node_name`; the watch runs until `cancel`.
-    pub fn start(client: Client, node_name: &str, cancel: CancellationToken) -> Self {
-        let api: Api<Pod> = Api::all(client);
-        let pods: Arc<RwLock<HashMap<String, Arc<Pod>>>> = Arc::default();
-        let version = watch::channel(0).0;
-        let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
-        let stream = watcher(api, cfg)
-            .default_backoff()
-            .modify(|p| p.managed_fields_mut().clear());
-        let (tx, flag, held) = (version.clone(), synced.clone(), pods.clone());
-        tokio::spawn(async move {
-            let mut stream = std::pin::pin!(stream);
-            // A (re)list in progress: what it has delivered so far. The held set is replaced
-            // only once the list is complete, so a relist never hides pods for a while.
-            let mut relist: Option<HashMap<String, Arc<Pod>>> = None;
-            loop {
-                let ev = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    ev = stream.next() => ev,
-                };
-                let write = || held.write().unwrap_or_else(|p| p.into_inner());
-                match ev {
-                    Some(Ok(watcher::Event::Init)) => relist = Some(HashMap::new()),
-                    Some(Ok(watcher::Event::InitApply(p))) => {
-                        if let (Some(list), Some(uid)) = (relist.as_mut(), p.metadata.uid.clone()) {
-                            list.insert(uid, Arc::new(p));
-                        }
-                    }
-                    Some(Ok(watcher::Event::InitDone)) => {
-                        if let Some(list) = relist.take() {
-                            *write() = list;
-                        }
-                        flag.store(true, std::sync::atomic::Ordering::Release);
-                        tx.send_modify(|v| *v += 1);
-                    }
-                    Some(Ok(watcher::Event::Apply(p))) => {
-                        if let Some(uid) = p.metadata.uid.clone() {
-                            write().insert(uid, Arc::new(p));
-                        }
-                        tx.send_modify(|v| *v += 1);
-                    }
-                    Some(Ok(watcher::Event::Delete(p))) => {
-                        if let Some(uid) = p.metadata.uid.as_deref() {
-                            write().remove(uid);
-                        }
-                        tx.send_modify(|v| *v += 1);
-                    }
-                    Some(Err(e)) => tracing::warn!(error = %e, "pod watch error; retrying"),
-                    None => break,
-                }
-            }
-        });
+impl Default for PodsByUid {
+    fn default() -> Self {
         Self {
-            pods,
-            version,
-            synced,
+            pods: RwLock::default(),
+            version: watch::channel(0).0,
+            synced: AtomicBool::new(false),
         }
     }
 }
 
-impl PodSource for ApiPodSource {
-    fn pod_by_uid(&self, uid: &str) -> Option<Arc<Pod>> {
+impl PodsByUid {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Pod>>> {
+        self.pods.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Replaces every pod with a complete list (pods without a UID are skipped), and
+    /// marks the set synced.
+    pub(crate) fn replace_all(&self, pods: impl IntoIterator<Item = Pod>) -> usize {
+        let map: HashMap<String, Arc<Pod>> = pods
+            .into_iter()
+            .filter_map(|p| Some((p.metadata.uid.clone()?, Arc::new(p))))
+            .collect();
+        let n = map.len();
+        *self.write() = map;
+        self.synced.store(true, Ordering::Release);
+        self.bump();
+        n
+    }
+
+    /// Adds or replaces one pod.
+    pub(crate) fn upsert(&self, pod: Pod) {
+        if let Some(uid) = pod.metadata.uid.clone() {
+            self.write().insert(uid, Arc::new(pod));
+        }
+        self.bump();
+    }
+
+    /// Drops one pod.
+    pub(crate) fn remove(&self, pod: &Pod) {
+        if let Some(uid) = pod.metadata.uid.as_deref() {
+            self.write().remove(uid);
+        }
+        self.bump();
+    }
+
+    pub(crate) fn get(&self, uid: &str) -> Option<Arc<Pod>> {
         self.pods
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -114,12 +100,75 @@ impl PodSource for ApiPodSource {
             .cloned()
     }
 
-    fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
     }
 
+    pub(crate) fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+}
+
+/// Pods of one node from an API-server watch (`fieldSelector=spec.nodeName=<node>`),
+/// held by UID. `managedFields` are dropped on arrival (nothing here reads them, and they
+/// are often the largest part of a Pod).
+#[derive(Debug, Clone)]
+pub struct ApiPodSource {
+    pods: Arc<PodsByUid>,
+}
+
+impl ApiPodSource {
+    /// Starts watching the pods of `node_name`; the watch runs until `cancel`.
+    pub fn start(client: Client, node_name: &str, cancel: CancellationToken) -> Self {
+        let api: Api<Pod> = Api::all(client);
+        let pods = Arc::new(PodsByUid::default());
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
+        let stream = watcher(api, cfg)
+            .default_backoff()
+            .modify(|p| p.managed_fields_mut().clear());
+        let held = pods.clone();
+        tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            // A (re)list in progress: what it has delivered so far. The held set is replaced
+            // only once the list is complete, so a relist never hides pods for a while.
+            let mut relist: Option<Vec<Pod>> = None;
+            loop {
+                let ev = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    ev = stream.next() => ev,
+                };
+                match ev {
+                    Some(Ok(watcher::Event::Init)) => relist = Some(Vec::new()),
+                    Some(Ok(watcher::Event::InitApply(p))) => {
+                        if let Some(list) = relist.as_mut() {
+                            list.push(p);
+                        }
+                    }
+                    Some(Ok(watcher::Event::InitDone)) => {
+                        held.replace_all(relist.take().unwrap_or_default());
+                    }
+                    Some(Ok(watcher::Event::Apply(p))) => held.upsert(p),
+                    Some(Ok(watcher::Event::Delete(p))) => held.remove(&p),
+                    Some(Err(e)) => tracing::warn!(error = %e, "pod watch error; retrying"),
+                    None => break,
+                }
+            }
+        });
+        Self { pods }
+    }
+}
+
+impl PodSource for ApiPodSource {
+    fn pod_by_uid(&self, uid: &str) -> Option<Arc<Pod>> {
+        self.pods.get(uid)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.pods.subscribe()
+    }
+
     fn is_synced(&self) -> bool {
-        self.synced.load(std::sync::atomic::Ordering::Acquire)
+        self.pods.is_synced()
     }
 }
 

@@ -10,10 +10,9 @@
 //! Use it where the agent may not watch pods through the API server; the API-server watch
 //! ([`super::k8s::ApiPodSource`]) is the default.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty, Limited};
@@ -25,7 +24,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::k8s::PodSource;
+use super::k8s::{PodSource, PodsByUid};
 
 /// Shortest time between two lists.
 pub const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
@@ -74,9 +73,7 @@ pub enum KubeletError {
 
 #[derive(Debug)]
 struct Shared {
-    pods: RwLock<HashMap<String, Arc<Pod>>>,
-    version: watch::Sender<u64>,
-    synced: AtomicBool,
+    pods: PodsByUid,
     refresh: Notify,
 }
 
@@ -90,9 +87,7 @@ impl KubeletPodSource {
     /// Starts listing; runs until `cancel`.
     pub fn start(config: KubeletConfig, cancel: CancellationToken) -> Self {
         let shared = Arc::new(Shared {
-            pods: RwLock::default(),
-            version: watch::channel(0).0,
-            synced: AtomicBool::new(false),
+            pods: PodsByUid::default(),
             refresh: Notify::new(),
         });
         tokio::spawn(run(config, shared.clone(), cancel));
@@ -104,14 +99,8 @@ async fn run(config: KubeletConfig, shared: Arc<Shared>, cancel: CancellationTok
     loop {
         match list(&config).await {
             Ok(pods) => {
-                let map: HashMap<String, Arc<Pod>> = pods
-                    .into_iter()
-                    .filter_map(|p| Some((p.metadata.uid.clone()?, Arc::new(p))))
-                    .collect();
-                debug!(pods = map.len(), "kubelet pods listed");
-                *shared.pods.write().unwrap_or_else(|p| p.into_inner()) = map;
-                shared.synced.store(true, Ordering::Release);
-                shared.version.send_modify(|v| *v += 1);
+                let n = shared.pods.replace_all(pods);
+                debug!(pods = n, "kubelet pods listed");
             }
             Err(e) => {
                 warn!(kubelet = %config.address, error = %e, "listing pods from the kubelet failed")
@@ -207,20 +196,15 @@ pub async fn list(config: &KubeletConfig) -> Result<Vec<Pod>, KubeletError> {
 
 impl PodSource for KubeletPodSource {
     fn pod_by_uid(&self, uid: &str) -> Option<Arc<Pod>> {
-        self.shared
-            .pods
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(uid)
-            .cloned()
+        self.shared.pods.get(uid)
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
-        self.shared.version.subscribe()
+        self.shared.pods.subscribe()
     }
 
     fn is_synced(&self) -> bool {
-        self.shared.synced.load(Ordering::Acquire)
+        self.shared.pods.is_synced()
     }
 
     fn request_refresh(&self) {
