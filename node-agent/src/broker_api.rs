@@ -22,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::Client;
 use kube::api::{Api, PostParams};
-use kube::{Client, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -376,18 +376,14 @@ impl BrokerApi {
             )
         })?;
         if let Some(key) = &r.key
-            && (key.namespace != pod.namespace().unwrap_or_default() || key.name != pod.name_any())
+            && (key.namespace != pod.namespace || key.name != pod.name)
         {
             return Err(self.deny(
                 rpc,
                 "reference_mismatch",
                 Status::permission_denied(format!(
                     "pod {} is {}/{}, not {}/{}",
-                    r.uid,
-                    pod.namespace().unwrap_or_default(),
-                    pod.name_any(),
-                    key.namespace,
-                    key.name
+                    r.uid, pod.namespace, pod.name, key.namespace, key.name
                 )),
             ));
         }

@@ -24,7 +24,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::k8s::{PodSource, PodsByUid};
+use super::k8s::{PodInfo, PodSource, PodsByUid};
 
 /// Shortest time between two lists.
 pub const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
@@ -99,7 +99,9 @@ async fn run(config: KubeletConfig, shared: Arc<Shared>, cancel: CancellationTok
     loop {
         match list(&config).await {
             Ok(pods) => {
-                let n = shared.pods.replace_all(pods);
+                let n = shared
+                    .pods
+                    .replace_all(pods.into_iter().filter_map(PodInfo::from_pod));
                 debug!(pods = n, "kubelet pods listed");
             }
             Err(e) => {
@@ -195,7 +197,7 @@ pub async fn list(config: &KubeletConfig) -> Result<Vec<Pod>, KubeletError> {
 }
 
 impl PodSource for KubeletPodSource {
-    fn pod_by_uid(&self, uid: &str) -> Option<Arc<Pod>> {
+    fn pod_by_uid(&self, uid: &str) -> Option<Arc<PodInfo>> {
         self.shared.pods.get(uid)
     }
 
