@@ -74,6 +74,10 @@ async fn streams_get_rotated_svids_before_half_life_and_new_bundles() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let open_streams = || async {
+        sigil_e2e::http::metric(&aw.metrics().await, "sigil_workload_api_open_streams")
+            .expect("sigil_workload_api_open_streams")
+    };
 
     // Two rotations: each new SVID arrives before the previous one's half-life.
     let mut current = next(&mut lines).await;
@@ -113,7 +117,16 @@ async fn streams_get_rotated_svids_before_half_life_and_new_bundles() {
             break;
         }
     }
+    // The stream is counted while it is open, and no longer once its client is gone:
+    // the agent drops a stream with its connection.
+    assert!(open_streams().await >= 1.0);
     child.kill().await.unwrap();
+    sigil_e2e::eventually(
+        "the killed client's stream to be dropped",
+        SETTLE,
+        || async { (open_streams().await == 0.0).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

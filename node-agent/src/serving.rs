@@ -40,6 +40,40 @@ pub struct Served {
     pub open_streams: Gauge,
 }
 
+/// Where a [`Served::watch`] stream is.
+enum Step<T> {
+    /// The first value is still to be sent.
+    First(T),
+    /// This was sent last.
+    Sent(T),
+    /// Ended (an error or the drain was sent).
+    Done,
+}
+
+/// What a [`Served::watch`] stream holds between values.
+struct WatchStream<F> {
+    served: Served,
+    changes: tokio::sync::watch::Receiver<u64>,
+    next: F,
+    _open: OpenStream,
+}
+
+/// Counts one open stream in the gauge for as long as it lives.
+struct OpenStream(Gauge);
+
+impl OpenStream {
+    fn new(g: &Gauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Why JWT-SVIDs could not be served.
 #[derive(Debug)]
 pub enum JwtRefusal {
@@ -76,46 +110,46 @@ impl Served {
 
     /// Streams `first`, then `next`'s result after every cache change when it differs
     /// from the last one sent; `next` returning an error ends the stream with it.
-    pub fn watch<T, F>(&self, first: T, mut next: F) -> ResponseStream<T>
+    ///
+    /// The stream is the response body itself (no task or channel per stream): it holds
+    /// only the last value sent, and is dropped with the connection.
+    pub fn watch<T, F>(&self, first: T, next: F) -> ResponseStream<T>
     where
         T: PartialEq + Clone + Send + 'static,
         F: FnMut(&Cache) -> Result<T, Status> + Send + 'static,
     {
-        let this = self.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            this.open_streams.inc();
-            let mut changes = this.cache.subscribe();
-            changes.borrow_and_update();
-            let mut last = first.clone();
-            if tx.send(Ok(first)).await.is_ok() {
+        let mut changes = self.cache.subscribe();
+        changes.borrow_and_update();
+        let stream = WatchStream {
+            served: self.clone(),
+            changes,
+            next,
+            _open: OpenStream::new(&self.open_streams),
+        };
+        Box::pin(futures::stream::unfold(
+            (Step::First(first), stream),
+            |(step, mut s)| async move {
+                let last = match step {
+                    Step::First(v) => return Some((Ok(v.clone()), (Step::Sent(v), s))),
+                    Step::Sent(last) => last,
+                    Step::Done => return None,
+                };
                 loop {
                     tokio::select! {
-                        r = changes.changed() => if r.is_err() { break },
-                        () = this.shutdown.cancelled() => {
-                            let _ = tx.send(Err(Status::unavailable("agent is shutting down; reconnect"))).await;
-                            break;
+                        r = s.changes.changed() => if r.is_err() { return None },
+                        () = s.served.shutdown.cancelled() => {
+                            let end = Status::unavailable("agent is shutting down; reconnect");
+                            return Some((Err(end), (Step::Done, s)));
                         }
-                        () = tx.closed() => break,
                     }
-                    match next(&this.cache) {
+                    match (s.next)(&s.served.cache) {
                         Ok(v) if v == last => {}
-                        Ok(v) => {
-                            last = v.clone();
-                            if tx.send(Ok(v)).await.is_err() {
-                                break;
-                            }
-                        }
-                        Err(s) => {
-                            let _ = tx.send(Err(s)).await;
-                            break;
-                        }
+                        Ok(v) => return Some((Ok(v.clone()), (Step::Sent(v), s))),
+                        Err(e) => return Some((Err(e), (Step::Done, s))),
                     }
                 }
-            }
-            this.open_streams.dec();
-        });
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+            },
+        ))
     }
 
     /// JWT-SVIDs for `audience`: one per distinct SPIFFE ID of the workload's entries, or
