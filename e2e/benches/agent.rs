@@ -8,9 +8,13 @@
 //! own. The client is the Rust `spiffe` crate (rust-spiffe-client) started inside the
 //! pod's cgroup: its process start is part of each sample, as it is for a real workload.
 //!
-//! Run: `make bench` (or `hack/bench.sh agent`). SIGIL_BENCH_PODS (default 200) and
-//! SIGIL_BENCH_STREAMS (default 10000; the process needs that many file descriptors)
-//! set the sizes.
+//! Before the streams, the node is topped up to SIGIL_BENCH_ENTRIES identities (Pods, no
+//! containers) and the agent's RSS is read once it has signed an SVID for each: its memory
+//! per identity.
+//!
+//! Run: `make bench` (or `hack/bench.sh agent`). SIGIL_BENCH_PODS (default 200),
+//! SIGIL_BENCH_STREAMS (default 10000; the process needs that many file descriptors) and
+//! SIGIL_BENCH_ENTRIES (default 10000) set the sizes.
 
 mod agent_process;
 #[path = "../../operator/tests/node_api_common/mod.rs"]
@@ -23,6 +27,7 @@ mod trust_domain_common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use kube::ResourceExt;
 use node_api_common::World;
 use report::{Report, env};
@@ -44,6 +49,7 @@ async fn fetch(container: &PodContainer, client: &str, addr: &str) -> bool {
 fn main() {
     let pods_n = env("SIGIL_BENCH_PODS", 200);
     let streams_n = env("SIGIL_BENCH_STREAMS", 10_000);
+    let entries_n = env("SIGIL_BENCH_ENTRIES", 10_000);
     let agent_bin = std::env::var("SIGIL_AGENT_BIN")
         .expect("set SIGIL_AGENT_BIN to a built sigil-agent (make bench does)");
     let client = env!("CARGO_BIN_EXE_rust-spiffe-client");
@@ -85,6 +91,39 @@ fn main() {
         report.row("  failed fetches", format!("{failed}"));
         report.row(&format!("agent RSS with {pods_n} entries and SVIDs"), format!("{:>8.1} MiB", rss_kib(pid) as f64 / 1024.0));
 
+        // Memory per identity: the node topped up to `entries_n` Pods, each with an entry
+        // (from a second ClusterSPIFFEID, so the entry change below touches only the first
+        // `pods_n`), and the agent holding an SVID and key for every one.
+        if entries_n > pods_n {
+            w.cluster_spiffe_id(&format!("{}-held", w.tag), "held").await;
+            let before = rss_kib(pid) as f64 / 1024.0;
+            let signed_before = async {
+                let text = sigil_e2e::http::get_ok(agent.health, "/metrics").await?;
+                sigil_e2e::http::metric(&text, "sigil_agent_svids_signed_total")
+            }
+            .await
+            .expect("the agent's sigil_agent_svids_signed_total");
+            let want = signed_before + (entries_n - pods_n) as f64;
+            let t = Instant::now();
+            futures::stream::iter((pods_n..entries_n).map(|i| {
+                let w = &w;
+                async move { w.pod(&format!("held-{i}"), &w.node_a, "web", json!({"app": "held"})).await }
+            }))
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+            sigil_e2e::eventually(&format!("sigil-agent to hold {entries_n} SVIDs"), Duration::from_secs(300), || async {
+                let text = sigil_e2e::http::get_ok(agent.health, "/metrics").await?;
+                (sigil_e2e::http::metric(&text, "sigil_agent_svids_signed_total")? >= want).then_some(())
+            })
+            .await;
+            report.row(&format!("{} more Pods created → all their SVIDs held", entries_n - pods_n), format!("{:>8.2?}", t.elapsed()));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let after = rss_kib(pid) as f64 / 1024.0;
+            report.row(&format!("agent RSS with {entries_n} entries, SVIDs and keys"), format!("{after:>8.1} MiB"));
+            report.row("  growth per added identity", format!("{:>8.1} KiB", (after - before) * 1024.0 / (entries_n - pods_n) as f64));
+        }
+
         // Open FetchX509SVID streams from one pod, each on its own connection.
         let holder = &keep[0];
         let mut cmd = holder.command(client);
@@ -122,6 +161,7 @@ fn main() {
             let _ = stdin.write_all(b"\n").await;
         }
         let _ = streams.wait().await;
+
         let _ = agent.child.kill().await;
         drop(keep);
         report.finish();
