@@ -41,7 +41,7 @@ use crate::attest::WorkloadAttestor;
 use crate::attest::k8s::{PodSource, find_pod, pod_selectors};
 use crate::attest::peer::PeerProcess;
 use crate::serving::{
-    JwtRefusal, ResponseStream, Served, jwt_bundles, x509_bundles, x509_response,
+    JwtRefusal, ResponseStream, Served, jwt_bundles, x509_bundles, x509_response, x509_update,
 };
 use crate::workload_api::{DenialLabels, PeerInfo, incoming};
 
@@ -445,13 +445,8 @@ impl pb::api_server::Api for BrokerApi {
         Ok(Response::new(self.inner.served.watch(
             x509_svids(x509_response(&view)),
             move |cache| {
-                let view = cache.view_for(&selectors);
-                if view.svids.is_empty() && view.pending.is_empty() {
-                    return Err(Status::permission_denied(
-                        "no identity issued (the workload's entries were removed)",
-                    ));
-                }
-                Ok(x509_svids(x509_response(&view)))
+                x509_update(&cache.view_for(&selectors))
+                    .map(|v| v.map(|v| x509_svids(x509_response(v))))
             },
         )))
     }
@@ -480,7 +475,7 @@ impl pb::api_server::Api for BrokerApi {
             self.inner
                 .served
                 .watch(convert(x509_bundles(&view)), move |cache| {
-                    Ok(convert(x509_bundles(&cache.view_for(&selectors))))
+                    Ok(Some(convert(x509_bundles(&cache.view_for(&selectors)))))
                 }),
         ))
     }
@@ -556,7 +551,7 @@ impl pb::api_server::Api for BrokerApi {
             self.inner
                 .served
                 .watch(convert(jwt_bundles(&view)), move |cache| {
-                    Ok(convert(jwt_bundles(&cache.view_for(&selectors))))
+                    Ok(Some(convert(jwt_bundles(&cache.view_for(&selectors)))))
                 }),
         ))
     }

@@ -44,8 +44,8 @@ pub struct Served {
 enum Step<T> {
     /// The first value is still to be sent.
     First(T),
-    /// This was sent last.
-    Sent(T),
+    /// A value with this digest was sent last.
+    Sent([u8; 32]),
     /// Ended (an error or the drain was sent).
     Done,
 }
@@ -56,6 +56,13 @@ struct WatchStream<F> {
     changes: tokio::sync::watch::Receiver<u64>,
     next: F,
     _open: OpenStream,
+}
+
+/// SHA-256 of a message's encoding: equal digests, equal messages (prost encodes a
+/// message's fields in one order, and maps as ordered maps here).
+fn digest<T: prost::Message>(v: &T) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(v.encode_to_vec()).into()
 }
 
 /// Counts one open stream in the gauge for as long as it lives.
@@ -109,14 +116,16 @@ impl Served {
     }
 
     /// Streams `first`, then `next`'s result after every cache change when it differs
-    /// from the last one sent; `next` returning an error ends the stream with it.
+    /// from the last one sent; `next` returning `Ok(None)` sends nothing (keep what the
+    /// client has), an error ends the stream with it.
     ///
-    /// The stream is the response body itself (no task or channel per stream): it holds
-    /// only the last value sent, and is dropped with the connection.
+    /// The stream is the response body itself (no task or channel per stream). Between
+    /// values it holds the SHA-256 of the last one sent, not the value: a response carries
+    /// SVIDs, a private key and bundles, and an agent may hold thousands of streams.
     pub fn watch<T, F>(&self, first: T, next: F) -> ResponseStream<T>
     where
-        T: PartialEq + Clone + Send + 'static,
-        F: FnMut(&Cache) -> Result<T, Status> + Send + 'static,
+        T: prost::Message + Send + 'static,
+        F: FnMut(&Cache) -> Result<Option<T>, Status> + Send + 'static,
     {
         let mut changes = self.cache.subscribe();
         changes.borrow_and_update();
@@ -130,8 +139,11 @@ impl Served {
             (Step::First(first), stream),
             |(step, mut s)| async move {
                 let last = match step {
-                    Step::First(v) => return Some((Ok(v.clone()), (Step::Sent(v), s))),
-                    Step::Sent(last) => last,
+                    Step::First(v) => {
+                        let d = digest(&v);
+                        return Some((Ok(v), (Step::Sent(d), s)));
+                    }
+                    Step::Sent(d) => d,
                     Step::Done => return None,
                 };
                 loop {
@@ -143,8 +155,13 @@ impl Served {
                         }
                     }
                     match (s.next)(&s.served.cache) {
-                        Ok(v) if v == last => {}
-                        Ok(v) => return Some((Ok(v.clone()), (Step::Sent(v), s))),
+                        Ok(Some(v)) => {
+                            let d = digest(&v);
+                            if d != last {
+                                return Some((Ok(v), (Step::Sent(d), s)));
+                            }
+                        }
+                        Ok(None) => {}
                         Err(e) => return Some((Err(e), (Step::Done, s))),
                     }
                 }
@@ -232,6 +249,22 @@ fn td_id(b: &TrustBundle) -> String {
     b.trust_domain.id_string()
 }
 
+/// What an open X509-SVID stream does with a new view of its workload: end with an error
+/// when the workload's entries are gone; send nothing while every identity is being
+/// re-signed (its SPIFFE ID changed: an empty set would read as an error to clients);
+/// otherwise send the view.
+pub fn x509_update(view: &WorkloadView) -> Result<Option<&WorkloadView>, Status> {
+    if !view.svids.is_empty() {
+        Ok(Some(view))
+    } else if view.pending.is_empty() {
+        Err(Status::permission_denied(
+            "no identity issued (the workload's entries were removed)",
+        ))
+    } else {
+        Ok(None)
+    }
+}
+
 /// The X509-SVIDs of a view: chains as concatenated DER, PKCS#8 keys, own bundles, and
 /// federated bundles keyed by trust domain ID.
 pub fn x509_response(view: &WorkloadView) -> pb::X509svidResponse {
@@ -289,5 +322,73 @@ pub fn jwt_bundles(view: &WorkloadView) -> pb::JwtBundlesResponse {
                 (td_id(b), jwt_only.to_jwks_json().into_bytes())
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use sigil_identity::entry::RegistrationEntry;
+    use sigil_identity::keys::{KeyType, PrivateKey};
+
+    use super::*;
+    use crate::cache::HeldSvid;
+
+    fn entry() -> Arc<RegistrationEntry> {
+        Arc::new(RegistrationEntry {
+            id: "e1".into(),
+            spiffe_id: SpiffeId::parse("spiffe://example.org/web").unwrap(),
+            selectors: vec![Selector::new("k8s", "pod-uid:u1")],
+            dns_names: vec![],
+            x509_ttl: Duration::from_secs(3600),
+            jwt_ttl: Duration::from_secs(300),
+            federates_with: vec![],
+            hint: String::new(),
+            admin: false,
+            downstream: false,
+            revision: 1,
+        })
+    }
+
+    #[test]
+    fn an_x509_stream_ends_when_entries_go_and_waits_while_they_are_re_signed() {
+        let now = SystemTime::now();
+        let held = Arc::new(HeldSvid {
+            entry: entry(),
+            chain: vec![vec![1, 2, 3]],
+            key: PrivateKey::generate(KeyType::EcP256).unwrap(),
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+            rotate_at: now + Duration::from_secs(1800),
+        });
+        let serving = WorkloadView {
+            svids: vec![held],
+            ..Default::default()
+        };
+        assert!(x509_update(&serving).unwrap().is_some());
+        let re_signing = WorkloadView {
+            pending: vec![entry()],
+            ..Default::default()
+        };
+        assert!(x509_update(&re_signing).unwrap().is_none());
+        let gone = x509_update(&WorkloadView::default()).unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::PermissionDenied);
+        assert!(gone.message().contains("entries were removed"));
+    }
+
+    #[test]
+    fn equal_messages_have_equal_digests_and_a_changed_one_does_not() {
+        let a = pb::X509svidResponse {
+            svids: vec![pb::X509svid {
+                spiffe_id: "spiffe://example.org/web".into(),
+                x509_svid: vec![1, 2, 3],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut b = a.clone();
+        assert_eq!(digest(&a), digest(&b));
+        b.svids[0].x509_svid.push(4);
+        assert_ne!(digest(&a), digest(&b));
     }
 }

@@ -44,7 +44,7 @@ use crate::cache::Cache;
 use crate::h2_authority::AuthorityFix;
 use crate::node_client::NodeClient;
 use crate::serving::{
-    JwtRefusal, ResponseStream, Served, jwt_bundles, x509_bundles, x509_response,
+    JwtRefusal, ResponseStream, Served, jwt_bundles, x509_bundles, x509_response, x509_update,
 };
 
 /// The header every Workload API call must carry.
@@ -387,26 +387,11 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             "serving X509-SVIDs"
         );
         let selectors = caller.selectors;
-        let first = x509_response(&view);
-        let mut sent = first.clone();
-        Ok(Response::new(self.inner.served.watch(
-            first,
-            move |cache| {
-                let view = cache.view_for(&selectors);
-                if view.svids.is_empty() {
-                    if view.pending.is_empty() {
-                        return Err(Status::permission_denied(
-                            "no identity issued (the workload's entries were removed)",
-                        ));
-                    }
-                    // Every identity is being re-signed (its SPIFFE ID changed): an empty
-                    // set would read as an error to clients, so send nothing until it lands.
-                    return Ok(sent.clone());
-                }
-                sent = x509_response(&view);
-                Ok(sent.clone())
-            },
-        )))
+        Ok(Response::new(
+            self.inner.served.watch(x509_response(&view), move |cache| {
+                x509_update(&cache.view_for(&selectors)).map(|v| v.map(x509_response))
+            }),
+        ))
     }
 
     async fn fetch_x509_bundles(
@@ -422,7 +407,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let selectors = caller.selectors;
         Ok(Response::new(
             self.inner.served.watch(x509_bundles(&view), move |cache| {
-                Ok(x509_bundles(&cache.view_for(&selectors)))
+                Ok(Some(x509_bundles(&cache.view_for(&selectors))))
             }),
         ))
     }
@@ -484,7 +469,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let selectors = caller.selectors;
         Ok(Response::new(
             self.inner.served.watch(jwt_bundles(&view), move |cache| {
-                Ok(jwt_bundles(&cache.view_for(&selectors)))
+                Ok(Some(jwt_bundles(&cache.view_for(&selectors))))
             }),
         ))
     }
