@@ -111,6 +111,8 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
         // Every RPC a server does not implement answers Unimplemented by default, so a
         // CSI node plugin implements only what it offers.
         .generate_default_stubs(true)
+        // Our codec (prost with a smaller encode buffer per stream; see src/proto/mod.rs).
+        .codec_path("crate::proto::Codec")
         // Ordered maps: encoding is deterministic (map entries go out in key order),
         // which keeps bundle maps and test vectors byte-stable.
         .btree_map(".")

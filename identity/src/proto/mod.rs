@@ -16,8 +16,55 @@
 //!
 //! Messages that carry private keys or bearer tokens have a `Debug` that redacts them
 //! (defined below), so logging a response cannot leak a key.
+//!
+//! Every generated client and server uses [`Codec`]: prost, with a smaller encode buffer
+//! than tonic's default.
 
 use std::fmt;
+use std::marker::PhantomData;
+
+use tonic::codec::BufferSettings;
+use tonic_prost::{ProstDecoder, ProstEncoder};
+
+/// Initial encode buffer of a response or request stream. tonic's default (8 KiB) is
+/// allocated for every stream and kept while it is open; a Workload API stream sends
+/// messages of 1–3 KiB and an agent may hold thousands, so the buffer starts small and
+/// grows to the messages it carries.
+pub const ENCODE_BUFFER: usize = 1024;
+
+/// tonic's default: a stream yields its encoded messages to the transport once this much
+/// is buffered.
+const YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// prost messages over gRPC (as `tonic_prost::ProstCodec`), with a
+/// [`ENCODE_BUFFER`]-byte initial encode buffer; decoding is tonic's default.
+#[derive(Debug, Clone, Copy)]
+pub struct Codec<T, U>(PhantomData<(T, U)>);
+
+impl<T, U> Default for Codec<T, U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for Codec<T, U>
+where
+    T: prost::Message + Send + 'static,
+    U: prost::Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(BufferSettings::new(ENCODE_BUFFER, YIELD_THRESHOLD))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::new(BufferSettings::default())
+    }
+}
 
 /// The SPIFFE Workload API (`workload.proto`).
 #[allow(

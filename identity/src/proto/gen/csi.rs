@@ -1512,7 +1512,7 @@ pub mod identity_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Identity/GetPluginInfo",
             );
@@ -1536,7 +1536,7 @@ pub mod identity_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Identity/GetPluginCapabilities",
             );
@@ -1557,7 +1557,7 @@ pub mod identity_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static("/csi.v1.Identity/Probe");
             let mut req = request.into_request();
             req.extensions_mut().insert(GrpcMethod::new("csi.v1.Identity", "Probe"));
@@ -1709,7 +1709,7 @@ pub mod identity_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetPluginInfoSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1755,7 +1755,7 @@ pub mod identity_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetPluginCapabilitiesSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1798,7 +1798,7 @@ pub mod identity_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ProbeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -1959,7 +1959,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/CreateVolume",
             );
@@ -1983,7 +1983,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/DeleteVolume",
             );
@@ -2007,7 +2007,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/ControllerPublishVolume",
             );
@@ -2031,7 +2031,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/ControllerUnpublishVolume",
             );
@@ -2057,7 +2057,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/ValidateVolumeCapabilities",
             );
@@ -2083,7 +2083,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/ListVolumes",
             );
@@ -2107,7 +2107,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/ControllerListVolumeHealth",
             );
@@ -2133,7 +2133,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/ControllerGetVolumeHealth",
             );
@@ -2159,7 +2159,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/GetCapacity",
             );
@@ -2183,7 +2183,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/ControllerGetCapabilities",
             );
@@ -2209,7 +2209,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/CreateSnapshot",
             );
@@ -2233,7 +2233,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/DeleteSnapshot",
             );
@@ -2257,7 +2257,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/ListSnapshots",
             );
@@ -2281,7 +2281,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/GetSnapshot",
             );
@@ -2305,7 +2305,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/ControllerExpandVolume",
             );
@@ -2329,7 +2329,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/ControllerGetVolume",
             );
@@ -2353,7 +2353,7 @@ pub mod controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Controller/ControllerModifyVolume",
             );
@@ -2637,7 +2637,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CreateVolumeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2682,7 +2682,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DeleteVolumeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2733,7 +2733,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ControllerPublishVolumeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2785,7 +2785,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ControllerUnpublishVolumeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2837,7 +2837,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ValidateVolumeCapabilitiesSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2882,7 +2882,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListVolumesSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2934,7 +2934,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ControllerListVolumeHealthSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -2986,7 +2986,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ControllerGetVolumeHealthSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3031,7 +3031,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetCapacitySvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3083,7 +3083,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ControllerGetCapabilitiesSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3128,7 +3128,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CreateSnapshotSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3173,7 +3173,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DeleteSnapshotSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3218,7 +3218,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ListSnapshotsSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3263,7 +3263,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetSnapshotSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3309,7 +3309,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ControllerExpandVolumeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3355,7 +3355,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ControllerGetVolumeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3401,7 +3401,7 @@ pub mod controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = ControllerModifyVolumeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3564,7 +3564,7 @@ pub mod group_controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.GroupController/GroupControllerGetCapabilities",
             );
@@ -3593,7 +3593,7 @@ pub mod group_controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.GroupController/CreateVolumeGroupSnapshot",
             );
@@ -3622,7 +3622,7 @@ pub mod group_controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.GroupController/DeleteVolumeGroupSnapshot",
             );
@@ -3651,7 +3651,7 @@ pub mod group_controller_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.GroupController/GetVolumeGroupSnapshot",
             );
@@ -3829,7 +3829,7 @@ pub mod group_controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GroupControllerGetCapabilitiesSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3881,7 +3881,7 @@ pub mod group_controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = CreateVolumeGroupSnapshotSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3933,7 +3933,7 @@ pub mod group_controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DeleteVolumeGroupSnapshotSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -3982,7 +3982,7 @@ pub mod group_controller_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetVolumeGroupSnapshotSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -4145,7 +4145,7 @@ pub mod snapshot_metadata_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.SnapshotMetadata/GetMetadataAllocated",
             );
@@ -4171,7 +4171,7 @@ pub mod snapshot_metadata_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.SnapshotMetadata/GetMetadataDelta",
             );
@@ -4328,7 +4328,7 @@ pub mod snapshot_metadata_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetMetadataAllocatedSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -4376,7 +4376,7 @@ pub mod snapshot_metadata_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetMetadataDeltaSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -4537,7 +4537,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Node/NodeStageVolume",
             );
@@ -4561,7 +4561,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Node/NodeUnstageVolume",
             );
@@ -4585,7 +4585,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Node/NodePublishVolume",
             );
@@ -4609,7 +4609,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Node/NodeUnpublishVolume",
             );
@@ -4633,7 +4633,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Node/NodeGetVolumeStats",
             );
@@ -4657,7 +4657,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Node/NodeGetVolumeHealth",
             );
@@ -4681,7 +4681,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Node/NodeGetStorageHealth",
             );
@@ -4705,7 +4705,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Node/NodeExpandVolume",
             );
@@ -4729,7 +4729,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/csi.v1.Node/NodeGetCapabilities",
             );
@@ -4753,7 +4753,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static("/csi.v1.Node/NodeGetInfo");
             let mut req = request.into_request();
             req.extensions_mut().insert(GrpcMethod::new("csi.v1.Node", "NodeGetInfo"));
@@ -4971,7 +4971,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = NodeStageVolumeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -5016,7 +5016,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = NodeUnstageVolumeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -5061,7 +5061,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = NodePublishVolumeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -5106,7 +5106,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = NodeUnpublishVolumeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -5151,7 +5151,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = NodeGetVolumeStatsSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -5196,7 +5196,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = NodeGetVolumeHealthSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -5241,7 +5241,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = NodeGetStorageHealthSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -5286,7 +5286,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = NodeExpandVolumeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -5331,7 +5331,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = NodeGetCapabilitiesSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -5374,7 +5374,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = NodeGetInfoSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,

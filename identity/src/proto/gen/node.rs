@@ -354,7 +354,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/sigil.node.v1.Node/AttestNode",
             );
@@ -379,7 +379,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/sigil.node.v1.Node/AttestNodeTpm",
             );
@@ -404,7 +404,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/sigil.node.v1.Node/RenewAgent",
             );
@@ -430,7 +430,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/sigil.node.v1.Node/SyncEntries",
             );
@@ -455,7 +455,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/sigil.node.v1.Node/SignX509Svids",
             );
@@ -480,7 +480,7 @@ pub mod node_client {
                         format!("Service was not ready: {}", e.into()),
                     )
                 })?;
-            let codec = tonic_prost::ProstCodec::default();
+            let codec = crate::proto::Codec::default();
             let path = http::uri::PathAndQuery::from_static(
                 "/sigil.node.v1.Node/MintJwtSvid",
             );
@@ -671,7 +671,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = AttestNodeSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -719,7 +719,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = AttestNodeTpmSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -762,7 +762,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RenewAgentSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -808,7 +808,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SyncEntriesSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -853,7 +853,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = SignX509SvidsSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
@@ -896,7 +896,7 @@ pub mod node_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = MintJwtSvidSvc(inner);
-                        let codec = tonic_prost::ProstCodec::default();
+                        let codec = crate::proto::Codec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
                                 accept_compression_encodings,
