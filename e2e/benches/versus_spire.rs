@@ -19,8 +19,11 @@
 //!    one after another at a steady pace (one declared every 100 ms per system, without
 //!    waiting). Sigil's figure includes what a kubelet would do (cgroup, pod status
 //!    Running) because attestation needs it.
-//! 3. Workload API FetchX509SVID latency with 1, 100 and 1000 concurrent connections (with
-//!    the 10k entries on the node), and whether each still serves a new client afterwards.
+//! 3. Workload API: SIGIL_BENCH_VS_STREAMS (1000) streams held by one workload, each on
+//!    its own connection: the agent's RSS per stream and the time for one change of that
+//!    workload's entry to reach every stream as a new SVID. Then FetchX509SVID latency with
+//!    1, 100 and 1000 concurrent connections (with the 10k entries on the node), and
+//!    whether each agent still serves a new client afterwards.
 //! 4. Footprint: agent RSS idle, with the workloads registered and with 10k entries on its
 //!    node, agent idle CPU; the SPIRE server's RSS (Sigil's operator runs inside this bench process, so its RSS is
 //!    not separable here; the `servers` bench runs it as its own process).
@@ -34,14 +37,15 @@
 //!    signature rate of ring, the crypto library Sigil signs with, as the physical limit.
 //!
 //! Elsewhere: the servers as their own processes pinned to one core, SPIRE's node-facing
-//! BatchNewX509SVID, and 10k identities are in the `servers` bench; 10k open streams and
-//! an entry change delivered to all of them in the `agent` bench.
+//! BatchNewX509SVID, and 10k identities are in the `servers` bench; 10k open streams (Sigil
+//! alone) in the `agent` bench.
 //!
 //! Run: `make bench` or `hack/bench.sh versus_spire`. Sizes: SIGIL_BENCH_VS_ONE (default
 //! 30 workloads one at a time per system; SPIRE takes ~5 s each), SIGIL_BENCH_VS_BURST
 //! (default 1000), SIGIL_BENCH_VS_STAGGER and SIGIL_BENCH_VS_STAGGER_MS (1000, one every
 //! 100 ms), SIGIL_BENCH_VS_ENTRIES (10000 entries on the node in all),
-//! SIGIL_BENCH_VS_REQUESTS (default 2000 fetches per concurrency level).
+//! SIGIL_BENCH_VS_STREAMS (1000 streams held per side), SIGIL_BENCH_VS_REQUESTS (default
+//! 2000 fetches per concurrency level).
 
 mod agent_process;
 #[path = "../../operator/tests/node_api_common/mod.rs"]
@@ -57,6 +61,7 @@ mod trust_domain_common;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -67,6 +72,7 @@ use serde_json::{Value, json};
 use sigil_e2e::pod::PodContainer;
 use sigil_e2e::process::{cpu_time, rss_kib};
 use spire_common::{Spire, SpireProfile};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// First uid of the SPIRE workloads (one uid per workload).
 const FIRST_UID: u32 = 40_000;
@@ -213,6 +219,60 @@ async fn load(
     Ok((f("p50_us")?, f("p99_us")?))
 }
 
+/// What holding streams cost an agent, and how fast it fanned a change out to them.
+struct Held {
+    /// Time to open them all, each with its first SVID.
+    open: Duration,
+    /// Agent RSS growth per open stream.
+    kib_per_stream: f64,
+    /// One entry change → a new SVID on every stream.
+    fan_out: Result<Duration, String>,
+}
+
+/// Opens `n` FetchX509SVID streams on one workload (`cmd`, each stream on its own
+/// connection) against the agent `pid` serving `addr`, reads its RSS growth, makes `change`
+/// (one entry change for that workload) and times until every stream has the new SVID.
+async fn hold_streams(
+    mut cmd: std::process::Command,
+    addr: &str,
+    n: usize,
+    pid: u32,
+    change: impl std::future::Future<Output = ()>,
+) -> Result<Held, String> {
+    let before = rss_kib(pid) as f64;
+    cmd.args(["--addr", addr, "streams", "--count", &n.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let t = Instant::now();
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("streams client: {e}"))?;
+    let mut out = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    match tokio::time::timeout(Duration::from_secs(300), out.next_line()).await {
+        Ok(Ok(Some(_))) => {}
+        other => return Err(format!("{n} streams did not open within 300 s: {other:?}")),
+    }
+    let open = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let kib_per_stream = (rss_kib(pid) as f64 - before) / n as f64;
+    let t = Instant::now();
+    change.await;
+    let fan_out = match tokio::time::timeout(Duration::from_secs(120), out.next_line()).await {
+        Ok(Ok(Some(_))) => Ok(t.elapsed()),
+        other => Err(format!("not on every stream within 120 s: {other:?}")),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"\n").await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    Ok(Held {
+        open,
+        kib_per_stream,
+        fan_out,
+    })
+}
+
 fn main() {
     let one_n = env("SIGIL_BENCH_VS_ONE", 30);
     let burst_n = env("SIGIL_BENCH_VS_BURST", 1000);
@@ -220,6 +280,7 @@ fn main() {
     let every = Duration::from_millis(env("SIGIL_BENCH_VS_STAGGER_MS", 100) as u64);
     let entries_n = env("SIGIL_BENCH_VS_ENTRIES", 10_000);
     let requests = env("SIGIL_BENCH_VS_REQUESTS", 2000);
+    let streams_n = env("SIGIL_BENCH_VS_STREAMS", 1000);
     let agent_bin = std::env::var("SIGIL_AGENT_BIN")
         .expect("set SIGIL_AGENT_BIN to a built sigil-agent (make bench does)");
     let rt = report::runtime();
@@ -423,6 +484,59 @@ fn main() {
             report.lower_better(&format!("agent RSS with {entries_n} entries on its node"), rss_kib(agent.pid) as f64 / 1024.0, rss_kib(spire_agent_pid) as f64 / 1024.0, "MiB");
             report.row("  what each agent holds", format!("Sigil: {entries_n} X509-SVIDs and keys (signed ahead) | SPIRE: {entries_n} entries, X509-SVIDs for up to 1000 (LRU default){}", if spire_synced { "" } else { "; its last entry was NOT served within 60 s" }));
             report.row(&format!("SPIRE server RSS with {entries_n} entries"), format!("{:.1} MiB", rss_kib(spire_server_pid) as f64 / 1024.0));
+        }
+
+        // 3a. Open streams: `streams_n` FetchX509SVID streams held by one workload per side
+        // (each on its own connection), then one change to that workload's entry (one more
+        // DNS name), which every stream must receive as a new SVID. Sigil: a Pod of its
+        // own ClusterSPIFFEID, which is patched; SPIRE: an entry of its own uid, updated
+        // through the admin API (`entry update`). Sigil first, then SPIRE.
+        if streams_n > 0 {
+            let csid = format!("{}-vs-streams", w.tag);
+            w.cluster_spiffe_id(&csid, "vs-streams").await;
+            let pod = w.pod("streams-0", &w.node_a, "web", json!({"app": "vs-streams"})).await;
+            let holder = PodContainer::create(&pod.uid().expect("uid")).expect("cgroup");
+            holder.mark_running(&w.client, &w.ns, "streams-0", "main", "registry.invalid/none").await.expect("status");
+            assert!(wait_svid(holder.command(&client), &agent.addr).await, "Sigil's streams workload got no SVID");
+            let sigil = hold_streams(holder.command(&client), &agent.addr, streams_n, agent.pid, async {
+                let patch = json!({"spec": {"dnsNameTemplates": ["{{pod.name}}.{{node.labels['zone']}}", "{{pod.name}}.changed"]}});
+                kube::Api::<sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID>::all(w.client.clone())
+                    .patch(&csid, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+                    .await
+                    .expect("patch the streams ClusterSPIFFEID");
+            })
+            .await;
+            keep.push(holder);
+
+            let uid = FIRST_UID + registered.max(entries_n) as u32 + 1;
+            let id = format!("spiffe://{}/streams", spire.td);
+            let selector = format!("unix:uid:{uid}");
+            let created: Value = serde_json::from_str(
+                &spire.cli(&["entry", "create", "-parentID", &parent, "-spiffeID", &id, "-selector", &selector, "-dns", "streams.example", "-output", "json"]).await,
+            )
+            .expect("entry create -output json");
+            let entry_id = created["results"][0]["entry"]["id"].as_str().expect("the created entry's id").to_owned();
+            assert!(wait_svid(as_uid(&client, uid), &spire_addr).await, "SPIRE's streams workload got no SVID");
+            let spire_held = hold_streams(as_uid(&client, uid), &spire_addr, streams_n, spire_agent_pid, async {
+                spire
+                    .cli(&["entry", "update", "-entryID", &entry_id, "-parentID", &parent, "-spiffeID", &id, "-selector", &selector, "-dns", "streams.example", "-dns", "changed.example"])
+                    .await;
+            })
+            .await;
+            match (sigil, spire_held) {
+                (Ok(a), Ok(b)) => {
+                    report.lower_better(&format!("{streams_n} streams opened (one connection each), each with its first SVID"), a.open.as_secs_f64() * 1e3, b.open.as_secs_f64() * 1e3, "ms ");
+                    report.lower_better(&format!("agent RSS per open stream ({streams_n} held)"), a.kib_per_stream, b.kib_per_stream, "KiB");
+                    match (a.fan_out, b.fan_out) {
+                        (Ok(x), Ok(y)) => report.lower_better(&format!("one entry change → new SVID on all {streams_n} streams"), x.as_secs_f64() * 1e3, y.as_secs_f64() * 1e3, "ms "),
+                        (x, y) => report.row(&format!("one entry change → new SVID on all {streams_n} streams"), format!("Sigil {x:?} | SPIRE {y:?}")),
+                    }
+                }
+                (a, b) => report.row(
+                    &format!("{streams_n} open streams"),
+                    format!("Sigil {} | SPIRE {}", a.err().unwrap_or_else(|| "ok".into()), b.err().unwrap_or_else(|| "ok".into())),
+                ),
+            }
         }
 
         // 3. Workload API latency, one workload per side, alternating per level.
