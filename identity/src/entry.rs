@@ -71,6 +71,25 @@ pub struct RegistrationEntry {
 }
 
 impl RegistrationEntry {
+    /// An entry granting `spiffe_id` to workloads with all of `selectors`, with no DNS
+    /// names or federation, an X509-SVID TTL of 1 h and a JWT-SVID TTL of 5 min (SPIRE's
+    /// defaults), revision 0.
+    pub fn new(id: impl Into<String>, spiffe_id: SpiffeId, selectors: Vec<Selector>) -> Self {
+        Self {
+            id: id.into(),
+            spiffe_id,
+            selectors,
+            dns_names: Vec::new(),
+            x509_ttl: Duration::from_secs(3600),
+            jwt_ttl: Duration::from_secs(300),
+            federates_with: Vec::new(),
+            hint: String::new(),
+            admin: false,
+            downstream: false,
+            revision: 0,
+        }
+    }
+
     /// Whether a workload with `workload_selectors` gets this entry.
     pub fn matches(&self, workload_selectors: &BTreeSet<Selector>) -> bool {
         !self.selectors.is_empty()
@@ -87,19 +106,11 @@ mod tests {
     use super::*;
 
     fn entry(sel: &[&str]) -> RegistrationEntry {
-        RegistrationEntry {
-            id: "e".into(),
-            spiffe_id: SpiffeId::parse("spiffe://td/x").unwrap(),
-            selectors: sel.iter().map(|s| Selector::parse(s).unwrap()).collect(),
-            dns_names: vec![],
-            x509_ttl: Duration::from_secs(3600),
-            jwt_ttl: Duration::from_secs(300),
-            federates_with: vec![],
-            hint: String::new(),
-            admin: false,
-            downstream: false,
-            revision: 0,
-        }
+        RegistrationEntry::new(
+            "e",
+            SpiffeId::parse("spiffe://td/x").unwrap(),
+            sel.iter().map(|s| Selector::parse(s).unwrap()).collect(),
+        )
     }
 
     #[test]

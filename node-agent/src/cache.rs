@@ -394,17 +394,13 @@ mod tests {
 
     fn entry(id: &str, spiffe: &str, sels: &[&str]) -> RegistrationEntry {
         RegistrationEntry {
-            id: id.into(),
-            spiffe_id: SpiffeId::parse(spiffe).unwrap(),
-            selectors: sels.iter().map(|s| Selector::parse(s).unwrap()).collect(),
-            dns_names: vec![],
-            x509_ttl: Duration::from_secs(3600),
-            jwt_ttl: Duration::from_secs(300),
             federates_with: vec![TrustDomain::new("other.org").unwrap()],
-            hint: String::new(),
-            admin: false,
-            downstream: false,
             revision: 1,
+            ..RegistrationEntry::new(
+                id,
+                SpiffeId::parse(spiffe).unwrap(),
+                sels.iter().map(|s| Selector::parse(s).unwrap()).collect(),
+            )
         }
     }
 

@@ -335,19 +335,11 @@ mod tests {
     use crate::cache::HeldSvid;
 
     fn entry() -> Arc<RegistrationEntry> {
-        Arc::new(RegistrationEntry {
-            id: "e1".into(),
-            spiffe_id: SpiffeId::parse("spiffe://example.org/web").unwrap(),
-            selectors: vec![Selector::new("k8s", "pod-uid:u1")],
-            dns_names: vec![],
-            x509_ttl: Duration::from_secs(3600),
-            jwt_ttl: Duration::from_secs(300),
-            federates_with: vec![],
-            hint: String::new(),
-            admin: false,
-            downstream: false,
-            revision: 1,
-        })
+        Arc::new(RegistrationEntry::new(
+            "e1",
+            SpiffeId::parse("spiffe://example.org/web").unwrap(),
+            vec![Selector::new("k8s", "pod-uid:u1")],
+        ))
     }
 
     #[test]

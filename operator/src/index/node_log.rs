@@ -309,24 +309,15 @@ fn id_hash(id: &SpiffeId) -> u64 {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
 
     fn entry(id: &str, path: &str) -> Arc<RegistrationEntry> {
-        Arc::new(RegistrationEntry {
-            id: id.into(),
-            spiffe_id: SpiffeId::parse(&format!("spiffe://td{path}")).unwrap(),
-            selectors: vec![],
-            dns_names: vec![],
-            x509_ttl: Duration::from_secs(3600),
-            jwt_ttl: Duration::from_secs(300),
-            federates_with: vec![],
-            hint: String::new(),
-            admin: false,
-            downstream: false,
-            revision: 0,
-        })
+        Arc::new(RegistrationEntry::new(
+            id,
+            SpiffeId::parse(&format!("spiffe://td{path}")).unwrap(),
+            vec![],
+        ))
     }
 
     fn ids(d: &NodeDelta) -> Vec<&str> {
