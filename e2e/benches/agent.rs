@@ -17,6 +17,7 @@
 //! SIGIL_BENCH_ENTRIES (default 10000) set the sizes.
 
 mod agent_process;
+mod held_streams;
 #[path = "../../operator/tests/node_api_common/mod.rs"]
 mod node_api_common;
 #[path = "../../operator/benches/report/mod.rs"]
@@ -24,7 +25,6 @@ mod report;
 #[path = "../../operator/tests/trust_domain_common/mod.rs"]
 mod trust_domain_common;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -34,7 +34,6 @@ use report::{Report, env};
 use serde_json::json;
 use sigil_e2e::pod::PodContainer;
 use sigil_e2e::process::rss_kib;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 async fn fetch(container: &PodContainer, client: &str, addr: &str) -> bool {
     let mut cmd = container.command(client);
@@ -124,43 +123,31 @@ fn main() {
             report.row("  growth per added identity", format!("{:>8.1} KiB", (after - before) * 1024.0 / (entries_n - pods_n) as f64));
         }
 
-        // Open FetchX509SVID streams from one pod, each on its own connection.
-        let holder = &keep[0];
-        let mut cmd = holder.command(client);
-        cmd.args(["--addr", &addr, "streams", "--count", &streams_n.to_string()]).stdin(Stdio::piped()).stdout(Stdio::piped());
-        let t = Instant::now();
-        let mut streams = tokio::process::Command::from(cmd).kill_on_drop(true).spawn().expect("streams client");
-        let mut out = BufReader::new(streams.stdout.take().expect("stdout")).lines();
-        let ready = tokio::time::timeout(Duration::from_secs(300), out.next_line()).await;
-        match ready {
-            Ok(Ok(Some(line))) => {
-                report.row(&format!("{streams_n} streams opened, each with its first SVID"), format!("{:>8.2?}  ({line})", t.elapsed()));
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                report.row(&format!("agent RSS with {streams_n} open streams"), format!("{:>8.1} MiB", rss_kib(pid) as f64 / 1024.0));
-                // Change the pod's entry (one more DNS name): the operator re-renders it
-                // and pushes it to the node, the agent signs a new SVID and every open
-                // stream must receive it.
-                let t = Instant::now();
-                let patch = json!({"spec": {"dnsNameTemplates": ["{{pod.name}}.{{node.labels['zone']}}", "{{pod.name}}.rotated"]}});
-                kube::Api::<sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID>::all(w.client.clone())
-                    .patch(&format!("{}-bench", w.tag), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
-                    .await
-                    .expect("patch the ClusterSPIFFEID");
-                match tokio::time::timeout(Duration::from_secs(120), out.next_line()).await {
-                    Ok(Ok(Some(line))) => report.row(
-                        &format!("entry change → new SVID delivered to all {streams_n} streams"),
-                        format!("{:>8.2?}  ({line})", t.elapsed()),
-                    ),
-                    other => report.row(&format!("new SVID to all {streams_n} streams"), format!("not delivered within 120 s: {other:?}")),
+        // Open FetchX509SVID streams from one pod, each on its own connection, then change
+        // the pod's entry (one more DNS name): the operator re-renders it and pushes it to
+        // the node, the agent signs a new SVID and every open stream must receive it.
+        let held = held_streams::hold(keep[0].command(client), &addr, streams_n, pid, async {
+            let patch = json!({"spec": {"dnsNameTemplates": ["{{pod.name}}.{{node.labels['zone']}}", "{{pod.name}}.rotated"]}});
+            kube::Api::<sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID>::all(w.client.clone())
+                .patch(&format!("{}-bench", w.tag), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+                .await
+                .expect("patch the ClusterSPIFFEID");
+        })
+        .await;
+        let mib = |kib: u64| format!("{:>8.1} MiB", kib as f64 / 1024.0);
+        match held {
+            Ok(h) => {
+                report.row(&format!("{streams_n} streams opened, each with its first SVID"), format!("{:>8.2?}", h.open));
+                report.row(&format!("agent RSS with {streams_n} open streams"), mib(h.rss_open));
+                report.row("  growth per open stream", format!("{:>8.1} KiB", h.kib_per_stream()));
+                match h.fan_out {
+                    Ok(t) => report.row(&format!("entry change → new SVID delivered to all {streams_n} streams"), format!("{t:>8.2?}")),
+                    Err(e) => report.row(&format!("new SVID to all {streams_n} streams"), e),
                 }
-                report.row(&format!("agent RSS after the fan-out to {streams_n} streams"), format!("{:>8.1} MiB", rss_kib(pid) as f64 / 1024.0));
+                report.row(&format!("agent RSS after the fan-out to {streams_n} streams"), mib(h.rss_after));
             }
-            other => report.row(&format!("{streams_n} streams"), format!("did not open: {other:?}")),
+            Err(e) => report.row(&format!("{streams_n} streams"), e),
         }
-        if let Some(mut stdin) = streams.stdin.take() {
-            let _ = stdin.write_all(b"\n").await;
-        }
-        let _ = streams.wait().await;
 
         let _ = agent.child.kill().await;
         drop(keep);

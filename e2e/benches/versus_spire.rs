@@ -48,6 +48,7 @@
 //! 2000 fetches per concurrency level).
 
 mod agent_process;
+mod held_streams;
 #[path = "../../operator/tests/node_api_common/mod.rs"]
 mod node_api_common;
 #[path = "../../operator/benches/report/mod.rs"]
@@ -61,7 +62,6 @@ mod trust_domain_common;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -72,7 +72,6 @@ use serde_json::{Value, json};
 use sigil_e2e::pod::PodContainer;
 use sigil_e2e::process::{cpu_time, rss_kib};
 use spire_common::{Spire, SpireProfile};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 /// First uid of the SPIRE workloads (one uid per workload).
 const FIRST_UID: u32 = 40_000;
@@ -217,60 +216,6 @@ async fn load(
             .ok_or(format!("no {k} in {v}"))
     };
     Ok((f("p50_us")?, f("p99_us")?))
-}
-
-/// What holding streams cost an agent, and how fast it fanned a change out to them.
-struct Held {
-    /// Time to open them all, each with its first SVID.
-    open: Duration,
-    /// Agent RSS growth per open stream.
-    kib_per_stream: f64,
-    /// One entry change → a new SVID on every stream.
-    fan_out: Result<Duration, String>,
-}
-
-/// Opens `n` FetchX509SVID streams on one workload (`cmd`, each stream on its own
-/// connection) against the agent `pid` serving `addr`, reads its RSS growth, makes `change`
-/// (one entry change for that workload) and times until every stream has the new SVID.
-async fn hold_streams(
-    mut cmd: std::process::Command,
-    addr: &str,
-    n: usize,
-    pid: u32,
-    change: impl std::future::Future<Output = ()>,
-) -> Result<Held, String> {
-    let before = rss_kib(pid) as f64;
-    cmd.args(["--addr", addr, "streams", "--count", &n.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let t = Instant::now();
-    let mut child = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("streams client: {e}"))?;
-    let mut out = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
-    match tokio::time::timeout(Duration::from_secs(300), out.next_line()).await {
-        Ok(Ok(Some(_))) => {}
-        other => return Err(format!("{n} streams did not open within 300 s: {other:?}")),
-    }
-    let open = t.elapsed();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let kib_per_stream = (rss_kib(pid) as f64 - before) / n as f64;
-    let t = Instant::now();
-    change.await;
-    let fan_out = match tokio::time::timeout(Duration::from_secs(120), out.next_line()).await {
-        Ok(Ok(Some(_))) => Ok(t.elapsed()),
-        other => Err(format!("not on every stream within 120 s: {other:?}")),
-    };
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(b"\n").await;
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-    Ok(Held {
-        open,
-        kib_per_stream,
-        fan_out,
-    })
 }
 
 fn main() {
@@ -498,7 +443,7 @@ fn main() {
             let holder = PodContainer::create(&pod.uid().expect("uid")).expect("cgroup");
             holder.mark_running(&w.client, &w.ns, "streams-0", "main", "registry.invalid/none").await.expect("status");
             assert!(wait_svid(holder.command(&client), &agent.addr).await, "Sigil's streams workload got no SVID");
-            let sigil = hold_streams(holder.command(&client), &agent.addr, streams_n, agent.pid, async {
+            let sigil = held_streams::hold(holder.command(&client), &agent.addr, streams_n, agent.pid, async {
                 let patch = json!({"spec": {"dnsNameTemplates": ["{{pod.name}}.{{node.labels['zone']}}", "{{pod.name}}.changed"]}});
                 kube::Api::<sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID>::all(w.client.clone())
                     .patch(&csid, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
@@ -517,7 +462,7 @@ fn main() {
             .expect("entry create -output json");
             let entry_id = created["results"][0]["entry"]["id"].as_str().expect("the created entry's id").to_owned();
             assert!(wait_svid(as_uid(&client, uid), &spire_addr).await, "SPIRE's streams workload got no SVID");
-            let spire_held = hold_streams(as_uid(&client, uid), &spire_addr, streams_n, spire_agent_pid, async {
+            let spire_held = held_streams::hold(as_uid(&client, uid), &spire_addr, streams_n, spire_agent_pid, async {
                 spire
                     .cli(&["entry", "update", "-entryID", &entry_id, "-parentID", &parent, "-spiffeID", &id, "-selector", &selector, "-dns", "streams.example", "-dns", "changed.example"])
                     .await;
@@ -526,7 +471,7 @@ fn main() {
             match (sigil, spire_held) {
                 (Ok(a), Ok(b)) => {
                     report.lower_better(&format!("{streams_n} streams opened (one connection each), each with its first SVID"), a.open.as_secs_f64() * 1e3, b.open.as_secs_f64() * 1e3, "ms ");
-                    report.lower_better(&format!("agent RSS per open stream ({streams_n} held)"), a.kib_per_stream, b.kib_per_stream, "KiB");
+                    report.lower_better(&format!("agent RSS per open stream ({streams_n} held)"), a.kib_per_stream(), b.kib_per_stream(), "KiB");
                     match (a.fan_out, b.fan_out) {
                         (Ok(x), Ok(y)) => report.lower_better(&format!("one entry change → new SVID on all {streams_n} streams"), x.as_secs_f64() * 1e3, y.as_secs_f64() * 1e3, "ms "),
                         (x, y) => report.row(&format!("one entry change → new SVID on all {streams_n} streams"), format!("Sigil {x:?} | SPIRE {y:?}")),
