@@ -13,6 +13,11 @@ fi
 targets=$(cd fuzz && cargo +nightly fuzz list)
 for t in $targets; do
   echo "[fuzz] $t for ${secs}s"
-  (cd fuzz && cargo +nightly fuzz run "$t" -- -max_total_time="$secs" -max_len=8192 2>&1 | tail -3)
+  # New inputs go to corpus/<target> (git-ignored); seeds/<target>, when present, holds
+  # committed inputs the parser accepts, so fuzzing starts from real structure.
+  dirs=("corpus/$t")
+  [ -d "fuzz/seeds/$t" ] && dirs+=("seeds/$t")
+  mkdir -p "fuzz/corpus/$t"
+  (cd fuzz && cargo +nightly fuzz run "$t" "${dirs[@]}" -- -max_total_time="$secs" -max_len=8192 2>&1 | tail -3)
 done
 echo "[fuzz] all targets ran ${secs}s without a crash"

@@ -92,7 +92,6 @@ pub fn verify(
             "trailing bytes after the certificate".into(),
         ));
     }
-    let issuer = cert.issuer().to_string();
     let signed_by_ca = cas.certs.iter().any(|ca_der| {
         X509Certificate::from_der(ca_der).is_ok_and(|(_, ca)| {
             ca.subject().as_raw() == cert.issuer().as_raw()
@@ -100,7 +99,9 @@ pub fn verify(
         })
     });
     if !signed_by_ca {
-        return Err(TpmError::UntrustedEkCertificate { issuer });
+        return Err(TpmError::UntrustedEkCertificate {
+            issuer: cert.issuer().to_string(),
+        });
     }
     let secs = now
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -115,6 +116,13 @@ pub fn verify(
             cert.validity().not_after
         )));
     }
+    describe(&cert)
+}
+
+/// What an EK certificate says: its RSA key, the SHA-256 of its SubjectPublicKeyInfo and
+/// the TCG SAN attributes. Checks nothing about trust; [`verify`] calls it only on a
+/// certificate that chains to a configured CA and is valid now.
+pub fn describe(cert: &X509Certificate<'_>) -> Result<EkCertificate, TpmError> {
     let (rsa_modulus, rsa_exponent) = match cert.public_key().parsed() {
         Ok(X509PublicKey::RSA(k)) => {
             let modulus = strip_zeros(k.modulus).to_vec();
@@ -162,7 +170,7 @@ pub fn verify(
         rsa_exponent,
         spki_sha256,
         subject: cert.subject().to_string(),
-        issuer,
+        issuer: cert.issuer().to_string(),
         manufacturer,
         model,
         version,

@@ -376,6 +376,31 @@ mod tests {
         }
     }
 
+    /// The fuzz targets' seeds (fuzz/seeds) are inputs the parsers accept, so fuzzing
+    /// starts from real structure; a parser change that refuses them shows here.
+    #[test]
+    fn the_fuzz_seeds_are_accepted_inputs() {
+        let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+        let read = |p: &str| std::fs::read(seeds.join(p)).unwrap();
+        let ek = TpmPublic::from_tpm2b(&read("tpm_public/ek-rsa.tpm2b")).unwrap();
+        assert!(ek.has(attr::RESTRICTED | attr::DECRYPT | attr::FIXED_TPM));
+        assert!(matches!(ek.key, PublicKey::Rsa { bits: 2048, .. }));
+        for ak in ["tpm_public/ak-rsa.tpm2b", "tpm_public/ak-ecc.tpm2b"] {
+            let ak = TpmPublic::from_tpm2b(&read(ak)).unwrap();
+            assert!(ak.has(AK_ATTRS), "{ak:?}");
+        }
+        let der = read("tpm_ek_certificate/ek-rsa.der");
+        let (_, cert) = x509_parser::prelude::FromDer::from_der(&der).unwrap();
+        let described = ek::describe(&cert).unwrap();
+        assert_eq!(described.manufacturer.as_deref(), Some("id:53544D20"));
+        assert_eq!(described.model.as_deref(), Some("ST33HTPHAHD4"));
+        // The seed EK certificate certifies the seed EK public area's key.
+        let PublicKey::Rsa { modulus, .. } = ek.key else {
+            unreachable!()
+        };
+        assert_eq!(described.rsa_modulus, modulus);
+    }
+
     #[test]
     fn checks_the_ek_and_the_ak_and_judges_answers() {
         let f = fixture();
