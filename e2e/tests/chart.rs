@@ -121,6 +121,103 @@ fn the_chart_lints() {
     assert!(out.contains("0 chart(s) failed"), "{out}");
 }
 
+/// The rendered agent container (sigil-agent) and its pod's volumes.
+fn agent_of(objects: &[DynamicObject]) -> (serde_json::Value, serde_json::Value) {
+    let ds = objects
+        .iter()
+        .find(|o| o.types.as_ref().unwrap().kind == "DaemonSet")
+        .expect("a DaemonSet");
+    let spec = &ds.data["spec"]["template"]["spec"];
+    let agent = spec["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .expect("an agent container")
+        .clone();
+    (agent, spec["volumes"].clone())
+}
+
+fn args_of(container: &serde_json::Value) -> Vec<&str> {
+    container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn tpm_values_wire_the_ca_bundle_the_device_and_the_flags() {
+    let ci = chart().join("ci");
+    // Off by default: no TPM flag, no device, the agent keeps its two capabilities only.
+    let objects = render("r", "sigil-system", &ci.join("default-values.yaml"), &[]);
+    let (agent, volumes) = agent_of(&objects);
+    assert!(!args_of(&agent).iter().any(|a| a.starts_with("--tpm")));
+    assert!(agent["securityContext"]["privileged"].is_null());
+    assert!(!volumes.to_string().contains("tpm"));
+
+    // Privileged, with the host's device mounted.
+    let objects = render("r", "sigil-system", &ci.join("tpm-values.yaml"), &[]);
+    let (agent, volumes) = agent_of(&objects);
+    assert!(args_of(&agent).contains(&"--tpm-tcti=device:/dev/tpmrm0"));
+    assert_eq!(agent["securityContext"]["privileged"], true);
+    let device = volumes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "tpm-device")
+        .expect("the TPM device volume");
+    assert_eq!(device["hostPath"]["path"], "/dev/tpmrm0");
+    assert_eq!(device["hostPath"]["type"], "CharDevice");
+    let operator = objects
+        .iter()
+        .find(|o| o.types.as_ref().unwrap().kind == "Deployment")
+        .unwrap();
+    let op = &operator.data["spec"]["template"]["spec"];
+    assert!(
+        args_of(&op["containers"][0]).contains(&"--tpm-ek-ca-bundle=/etc/sigil/tpm/ek-cas.pem")
+    );
+    assert!(op["volumes"].to_string().contains("sigil-tpm-ek-cas"));
+
+    // Through a device plugin: a resource limit instead of privileged, the EK certificate
+    // from a host file.
+    let objects = render(
+        "r",
+        "sigil-system",
+        &ci.join("tpm-device-plugin-values.yaml"),
+        &[],
+    );
+    let (agent, volumes) = agent_of(&objects);
+    let args = args_of(&agent);
+    assert!(args.contains(&"--tpm-ek-certificate-file=/etc/sigil/tpm/ek-certificate"));
+    assert!(agent["securityContext"]["privileged"].is_null());
+    assert_eq!(
+        agent["securityContext"]["capabilities"]["drop"],
+        json!(["ALL"])
+    );
+    assert_eq!(
+        agent["resources"]["limits"]["devices.example.com/tpmrm"],
+        json!(1)
+    );
+    assert_eq!(agent["resources"]["limits"]["memory"], "256Mi");
+    assert!(!volumes.to_string().contains("tpm-device"));
+    assert!(volumes.to_string().contains("/etc/tpm/ek-certificate.der"));
+
+    // Agents on TPM with no CA bundle for the operator: refused at render time, saying why.
+    let out = std::process::Command::new(sigil_e2e::tools::tool("helm").unwrap())
+        .args(["template", "r", chart().to_str().unwrap()])
+        .args(["--set", "tpm.agent.enabled=true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tpm.agent.enabled needs tpm.ekCASecretName"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn every_rendering_passes_a_server_side_dry_run() {
     let cp = sigil_e2e::shared().await;
