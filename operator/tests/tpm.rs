@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod node_api_common;
+mod tpm_common;
 mod trust_domain_common;
 
 use std::sync::{Arc, Mutex};
@@ -12,181 +13,20 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use node_api_common::*;
-use rsa::pkcs8::EncodePublicKey;
-use rsa::{BigUint, RsaPublicKey};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use sigil_agent::node_client::NodeClientError;
-use sigil_agent::tpm::{TpmDevice, TpmIdentity, TpmOptions, public_tpm2b};
-use sigil_e2e::swtpm::Swtpm;
+use sigil_agent::tpm::{TpmIdentity, public_tpm2b};
 use sigil_operator::node_api::tpm::{ManufacturerCas, TpmConfig};
 use tonic::Code;
+use tpm_common::{ManufacturerCa, TestTpm, swtpm};
 use trust_domain_common::*;
-use tss_esapi::abstraction::{KeyCustomization, ak, ek};
-use tss_esapi::attributes::{NvIndexAttributesBuilder, ObjectAttributesBuilder};
-use tss_esapi::handles::NvIndexTpmHandle;
-use tss_esapi::interface_types::algorithm::{
-    AsymmetricAlgorithm, HashingAlgorithm, SignatureSchemeAlgorithm,
-};
-use tss_esapi::interface_types::resource_handles::{NvAuth, Provision};
-use tss_esapi::structures::{MaxNvBuffer, NvPublicBuilder, Public};
+use tss_esapi::abstraction::{KeyCustomization, ak};
+use tss_esapi::attributes::ObjectAttributesBuilder;
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
 
 /// Challenge timeout of the test operator: short, so the late-answer case is quick, and
 /// still far above what swtpm needs to answer.
 const CHALLENGE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// A TPM manufacturer's CA (ECDSA P-256).
-struct ManufacturerCa {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-    pem: String,
-}
-
-impl ManufacturerCa {
-    fn new(name: &str) -> Self {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("{name} EK Root CA"));
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let cert = params.self_signed(&key).unwrap();
-        Self {
-            pem: cert.pem(),
-            issuer: rcgen::Issuer::new(params, key),
-        }
-    }
-
-    /// An EK certificate for the RSA key `spki_der` (empty subject, as TCG profiles allow).
-    fn ek_certificate(&self, spki_der: &[u8]) -> Vec<u8> {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::OrganizationName, "Sigil Test TPM");
-        let spki = rcgen::SubjectPublicKeyInfo::from_der(spki_der).unwrap();
-        params
-            .signed_by(&spki, &self.issuer)
-            .unwrap()
-            .der()
-            .to_vec()
-    }
-}
-
-/// A software TPM provisioned like a real one: its EK certificate, signed by `ca`, sits
-/// in NV index 0x01c00002 where the agent reads it.
-struct TestTpm {
-    device: TpmDevice,
-    /// Hex SHA-256 of the EK SubjectPublicKeyInfo (the agent ID's last segment).
-    ek_hash: String,
-    // Dropped last: the device's connection closes before swtpm is killed.
-    _swtpm: Swtpm,
-}
-
-/// Every software TPM this test binary uses, started before anything connects to one.
-///
-/// libtss2 opens its sockets without close-on-exec, so a process forked while a TPM
-/// connection is open (another swtpm, etcd, kube-apiserver) inherits it; swtpm then never
-/// sees that connection close and stops serving the next one. So: all swtpm processes
-/// first (here), then the control plane (each test's World), and only then connections.
-fn swtpm() -> Swtpm {
-    static POOL: std::sync::OnceLock<Mutex<Vec<Swtpm>>> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| Mutex::new((0..4).map(|_| Swtpm::start().unwrap()).collect()))
-        .lock()
-        .unwrap()
-        .pop()
-        .expect("the swtpm pool is sized for this file's tests: raise it")
-}
-
-impl TestTpm {
-    async fn provision(ca: &ManufacturerCa, swtpm: Swtpm) -> TestTpm {
-        let tcti = swtpm.tcti();
-        // The manufacturer's step: create the EK, certify it, store the certificate.
-        let ek_spki = tokio::task::spawn_blocking({
-            let tcti = tcti.clone();
-            move || {
-                let mut ctx = tss_esapi::Context::new(tcti.parse().unwrap()).unwrap();
-                let ek = ek::create_ek_object(&mut ctx, AsymmetricAlgorithm::Rsa, None).unwrap();
-                let (public, _, _) = ctx.read_public(ek).unwrap();
-                ctx.flush_context(ek.into()).unwrap();
-                let Public::Rsa {
-                    parameters, unique, ..
-                } = public
-                else {
-                    panic!("EK is not RSA")
-                };
-                let e = match parameters.exponent().value() {
-                    0 => 65537,
-                    e => e,
-                };
-                RsaPublicKey::new(BigUint::from_bytes_be(unique.value()), BigUint::from(e))
-                    .unwrap()
-                    .to_public_key_der()
-                    .unwrap()
-                    .as_bytes()
-                    .to_vec()
-            }
-        })
-        .await
-        .unwrap();
-        let cert = ca.ek_certificate(&ek_spki);
-        tokio::task::spawn_blocking({
-            let (tcti, cert) = (tcti.clone(), cert.clone());
-            move || write_ek_certificate(&tcti, &cert)
-        })
-        .await
-        .unwrap();
-        let device = TpmDevice::open(TpmOptions {
-            tcti,
-            ek_certificate_file: None,
-        })
-        .await
-        .unwrap();
-        assert_eq!(
-            device.identity().ek_certificate,
-            cert,
-            "the agent reads the certificate the manufacturer stored"
-        );
-        TestTpm {
-            device,
-            ek_hash: hex::encode(Sha256::digest(&ek_spki)),
-            _swtpm: swtpm,
-        }
-    }
-}
-
-/// Stores `cert` in the RSA-2048 EK certificate NV index, readable with the index's own
-/// (empty) authorisation as TCG's profile prescribes.
-fn write_ek_certificate(tcti: &str, cert: &[u8]) {
-    let mut ctx = tss_esapi::Context::new(tcti.parse().unwrap()).unwrap();
-    let index = NvIndexTpmHandle::new(0x01c0_0002).unwrap();
-    let attributes = NvIndexAttributesBuilder::new()
-        .with_owner_write(true)
-        .with_owner_read(true)
-        .with_auth_read(true)
-        .with_no_da(true)
-        .build()
-        .unwrap();
-    let public = NvPublicBuilder::new()
-        .with_nv_index(index)
-        .with_index_name_algorithm(HashingAlgorithm::Sha256)
-        .with_index_attributes(attributes)
-        .with_data_area_size(cert.len())
-        .build()
-        .unwrap();
-    ctx.execute_with_nullauth_session(|ctx| {
-        let handle = ctx.nv_define_space(Provision::Owner, None, public)?;
-        for (i, chunk) in cert.chunks(512).enumerate() {
-            ctx.nv_write(
-                NvAuth::Owner,
-                handle,
-                MaxNvBuffer::try_from(chunk.to_vec())?,
-                (i * 512) as u16,
-            )?;
-        }
-        Ok::<_, tss_esapi::Error>(())
-    })
-    .unwrap();
-}
 
 async fn tpm_world(prefix: &str, ca: &ManufacturerCa) -> World {
     World::start_with(

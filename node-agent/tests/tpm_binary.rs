@@ -1,0 +1,239 @@
+//! The `sigil-agent` binary with `--tpm-tcti`, as the chart runs it: it opens a software
+//! TPM (swtpm, provisioned with an EK certificate from a test manufacturer CA), attests
+//! its node against the operator's Node API on the real apiserver, and signs its node's
+//! SVIDs. When the TPM is not enrolled, or the TCTI answers nothing, the binary says so.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../operator/tests/node_api_common/mod.rs"]
+mod node_api_common;
+#[path = "../../operator/tests/tpm_common/mod.rs"]
+mod tpm_common;
+#[path = "../../operator/tests/trust_domain_common/mod.rs"]
+mod trust_domain_common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use node_api_common::{CLUSTER, World, WorldOptions};
+use serde_json::{Value, json};
+use sigil_operator::node_api::tpm::{ManufacturerCas, TpmConfig};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::mpsc;
+use tpm_common::{ManufacturerCa, manufacture, swtpm};
+use trust_domain_common::{SETTLE, eventually, unique};
+
+/// Held while this process talks to a TPM or forks: libtss2's sockets are not
+/// close-on-exec, so an agent started during another test's TPM call would inherit that
+/// connection and its swtpm would stop serving anyone else.
+static TPM_AND_FORK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn tpm_world(prefix: &str, ca: &ManufacturerCa) -> World {
+    World::start_with(
+        prefix,
+        WorldOptions {
+            tpm: Some(TpmConfig {
+                manufacturer_cas: ManufacturerCas::from_pem(&ca.pem).unwrap(),
+                challenge_timeout: Duration::from_secs(10),
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// A running `sigil-agent` process for node A and its JSON log lines.
+struct AgentBinary {
+    child: tokio::process::Child,
+    logs: mpsc::UnboundedReceiver<Value>,
+    health: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl AgentBinary {
+    async fn start(w: &World, tcti: &str) -> AgentBinary {
+        let cp = sigil_e2e::shared().await;
+        let dir = tempfile::tempdir().unwrap();
+        let pod = w
+            .pod(
+                &unique("sigil-agent"),
+                &w.node_a,
+                "sigil-agent",
+                json!({"app": "sigil-agent"}),
+            )
+            .await;
+        let path = |name: &str| dir.path().join(name).display().to_string();
+        std::fs::write(path("token"), w.token(&pod, &w.audience).await).unwrap();
+        std::fs::write(
+            path("bundle.spiffe"),
+            w.bootstrap_bundle().await.to_jwks_json(),
+        )
+        .unwrap();
+        let health = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let _guard = TPM_AND_FORK.lock().await;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sigil-agent"))
+            .env("KUBECONFIG", cp.kubeconfig_path())
+            .env("RUST_LOG", "info")
+            .args(["--node-name", &w.node_a])
+            .args(["--operator-address", &w.node_api_addr])
+            .args(["--trust-domain", &w.td.to_string()])
+            .args(["--cluster-name", CLUSTER])
+            .args(["--token-file", &path("token")])
+            .args(["--bundle-file", &path("bundle.spiffe")])
+            .args(["--socket-path", &path("api.sock")])
+            .args(["--broker-socket-path", &path("broker.sock")])
+            .args(["--health-addr", &health.to_string()])
+            .args(["--log-format", "json", "--tpm-tcti", tcti])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let (tx, logs) = mpsc::unbounded_channel();
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    eprintln!("[sigil-agent] {line}");
+                    let v = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        AgentBinary {
+            child,
+            logs,
+            health,
+            _dir: dir,
+        }
+    }
+
+    /// The first log line (JSON, or a plain line as a string) `matches` accepts.
+    async fn log(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        let found = tokio::time::timeout(SETTLE, async {
+            while let Some(v) = self.logs.recv().await {
+                if matches(&v) {
+                    return Some(v);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(v)) => v,
+            Ok(None) => panic!("sigil-agent's output ended before {what}"),
+            Err(_) => panic!("no {what} in sigil-agent's log within {SETTLE:?}"),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        sigil_e2e::http::get(self.health, path).await
+    }
+}
+
+fn message(v: &Value) -> &str {
+    v["message"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_binary_attests_with_its_tpm_and_signs_its_nodes_svids() {
+    let ca = ManufacturerCa::new("Acme");
+    let swtpm = swtpm();
+    let w = tpm_world("tpm-bin", &ca).await;
+    let (ek_hash, _) = {
+        let _guard = TPM_AND_FORK.lock().await;
+        manufacture(&ca, &swtpm).await
+    };
+    w.enroll_tpm(&w.node_a, &ek_hash).await;
+    w.cluster_spiffe_id(&format!("{}-web", w.tag), "web").await;
+    w.pod("web", &w.node_a, "web", json!({"app": "web"})).await;
+
+    let mut agent = AgentBinary::start(&w, &swtpm.tcti()).await;
+    agent
+        .log("the TPM being opened", |v| {
+            message(v) == "node attestation with the TPM"
+        })
+        .await;
+    let attested = agent
+        .log("a successful attestation", |v| {
+            message(v) == "node attested"
+        })
+        .await;
+    assert_eq!(
+        attested["spiffe_id"],
+        format!("spiffe://{}/sigil/agent/tpm/{ek_hash}", w.td),
+        "the agent's ID names its TPM"
+    );
+    eventually("sigil-agent /ready", SETTLE, || async {
+        agent
+            .get("/ready")
+            .await
+            .filter(|(status, _)| *status == 200)
+    })
+    .await;
+    // Its node's entries arrive over the TPM-attested session and are signed.
+    eventually("the web pod's SVID signed", SETTLE, || async {
+        let (_, metrics) = agent.get("/metrics").await?;
+        let signed: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("sigil_agent_svids_signed_total "))?
+            .trim()
+            .parse()
+            .ok()?;
+        (signed >= 1.0).then_some(())
+    })
+    .await;
+    assert!(agent.child.try_wait().unwrap().is_none(), "still running");
+}
+
+#[tokio::test]
+async fn the_binary_says_what_is_wrong_with_its_tpm() {
+    let ca = ManufacturerCa::new("Acme");
+    let swtpm = swtpm();
+    let w = tpm_world("tpm-bin-bad", &ca).await;
+    let (ek_hash, _) = {
+        let _guard = TPM_AND_FORK.lock().await;
+        manufacture(&ca, &swtpm).await
+    };
+
+    // A TPM no Node is enrolled for: refused, retried, and never ready.
+    let mut agent = AgentBinary::start(&w, &swtpm.tcti()).await;
+    let failed = agent
+        .log("the refusal", |v| message(v) == "node attestation failed")
+        .await;
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!(
+            "no Node is enrolled for the TPM with EK hash {ek_hash}"
+        )) && error.contains("sigil.dev/tpm-ek-sha256"),
+        "{error}"
+    );
+    let (status, _) = agent.get("/ready").await.unwrap();
+    assert_eq!(status, 503, "not ready without an attested node");
+    drop(agent);
+
+    // A TCTI nothing answers on: the binary exits at start, naming the flag.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let mut agent = AgentBinary::start(&w, &format!("swtpm:host=127.0.0.1,port={port}")).await;
+    let status = tokio::time::timeout(SETTLE, agent.child.wait())
+        .await
+        .expect("sigil-agent exits when it cannot open the TPM")
+        .unwrap();
+    assert!(!status.success());
+    agent
+        .log("the reason it stopped", |v| {
+            v.to_string()
+                .contains("open the TPM (--tpm-tcti swtpm:host=127.0.0.1")
+        })
+        .await;
+}
