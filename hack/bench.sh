@@ -14,8 +14,10 @@ bash hack/test-tools.sh etcd kube-apiserver spire spire-mint
 # The agent, versus_spire and servers benches run the real sigil-agent and sigil-operator
 # binaries, built here in release mode.
 cargo build --locked -q --release -p sigil-agent -p sigil-operator
-export SIGIL_AGENT_BIN=${CARGO_TARGET_DIR:-target}/release/sigil-agent
-export SIGIL_OPERATOR_BIN=${CARGO_TARGET_DIR:-target}/release/sigil-operator
+# Absolute: cargo runs each bench from its package's directory.
+target=$(realpath -m "${CARGO_TARGET_DIR:-target}")
+export SIGIL_AGENT_BIN=$target/release/sigil-agent
+export SIGIL_OPERATOR_BIN=$target/release/sigil-operator
 # The e2e harness ends a test binary after 15 min (a hung test); a bench at its default
 # sizes runs up to ~20 min, and longer at larger ones (servers bounds SPIRE's side at 30).
 export SIGIL_TEST_BINARY_TIMEOUT=${SIGIL_TEST_BINARY_TIMEOUT:-5400}
