@@ -13,7 +13,9 @@
 //!   on a Node, selected by a ClusterSPIFFEID (the operator caches the Pods and renders one
 //!   entry each). SPIRE: entries created with `spire-server entry create -data`, 1000 per
 //!   call; each call gets 5 minutes and SPIRE's whole side `SIGIL_BENCH_SERVERS_SPIRE_BUDGET_SECS`
-//!   (1800), and where it stops short the report says how far it got;
+//!   (1800), and where it stops short the report says how far it got. With
+//!   `SIGIL_BENCH_SERVERS_SPIRE_EVENTS_CACHE=1` SPIRE runs with its
+//!   `experimental { events_based_cache = true }` (not its default; the report says so);
 //! - X509-SVIDs signed per second through the node-facing API, as an attested agent calls
 //!   it, 100 CSRs per call from 2 concurrent callers. Sigil: PSAT attestation, then
 //!   `SignX509Svids`. SPIRE: join-token attestation, then `BatchNewX509SVID` over mTLS
@@ -330,6 +332,7 @@ fn main() {
     let spire_budget =
         Duration::from_secs(env("SIGIL_BENCH_SERVERS_SPIRE_BUDGET_SECS", 1800) as u64);
     let call_limit = Duration::from_secs(300);
+    let events_cache = env("SIGIL_BENCH_SERVERS_SPIRE_EVENTS_CACHE", 0) != 0;
     let operator_bin = std::env::var("SIGIL_OPERATOR_BIN")
         .expect("set SIGIL_OPERATOR_BIN to a built sigil-operator (make bench does)");
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -355,6 +358,7 @@ fn main() {
         let mut spire = Spire::new(&dir.path().join("spire"), "spire.bench");
         spire.log_level = "INFO";
         spire.signing_rate_limit = false;
+        spire.events_based_cache = events_cache;
         spire.start_server(&SpireProfile::Spiffe).await;
         let spire_pid = spire.server.as_ref().expect("server").pid();
         if pinned {
@@ -463,6 +467,14 @@ fn main() {
         report.row("server CPU busy during the signing load", format!("Sigil {:.0}% | SPIRE {:.0}%", 100.0 * sigil_rate / sigil_cpu, 100.0 * spire_rate / spire_cpu));
         report.row("server RSS after signing", format!("Sigil {:.1} MiB | SPIRE {:.1} MiB", rss_kib(op_pid) as f64 / 1024.0, rss_kib(spire_pid) as f64 / 1024.0));
         report.row("SPIRE version", spire_common::spire_version().await);
+        report.row(
+            "SPIRE entry cache",
+            if events_cache {
+                "events_based_cache = true (experimental, not the default)".into()
+            } else {
+                "full reload every 5 s (the default)".into()
+            },
+        );
         drop(operator);
         drop(spire);
         report.finish();

@@ -14,32 +14,17 @@ mod trust_domain_common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use node_api_common::{CLUSTER, World, WorldOptions};
+use node_api_common::{CLUSTER, World};
 use serde_json::{Value, json};
-use sigil_operator::node_api::tpm::{ManufacturerCas, TpmConfig};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
-use tpm_common::{ManufacturerCa, manufacture, swtpm};
-use trust_domain_common::{SETTLE, eventually, unique};
+use tpm_common::{ManufacturerCa, manufacture, swtpm, tpm_world};
+use trust_domain_common::{SETTLE, eventually};
 
 /// Held while this process talks to a TPM or forks: libtss2's sockets are not
 /// close-on-exec, so an agent started during another test's TPM call would inherit that
 /// connection and its swtpm would stop serving anyone else.
 static TPM_AND_FORK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn tpm_world(prefix: &str, ca: &ManufacturerCa) -> World {
-    World::start_with(
-        prefix,
-        WorldOptions {
-            tpm: Some(TpmConfig {
-                manufacturer_cas: ManufacturerCas::from_pem(&ca.pem).unwrap(),
-                challenge_timeout: Duration::from_secs(10),
-            }),
-            ..Default::default()
-        },
-    )
-    .await
-}
 
 /// A running `sigil-agent` process for node A and its JSON log lines.
 struct AgentBinary {
@@ -53,21 +38,8 @@ impl AgentBinary {
     async fn start(w: &World, tcti: &str) -> AgentBinary {
         let cp = sigil_e2e::shared().await;
         let dir = tempfile::tempdir().unwrap();
-        let pod = w
-            .pod(
-                &unique("sigil-agent"),
-                &w.node_a,
-                "sigil-agent",
-                json!({"app": "sigil-agent"}),
-            )
-            .await;
+        let (token, bundle) = w.agent_pod_files(dir.path()).await;
         let path = |name: &str| dir.path().join(name).display().to_string();
-        std::fs::write(path("token"), w.token(&pod, &w.audience).await).unwrap();
-        std::fs::write(
-            path("bundle.spiffe"),
-            w.bootstrap_bundle().await.to_jwks_json(),
-        )
-        .unwrap();
         let health = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -80,8 +52,8 @@ impl AgentBinary {
             .args(["--operator-address", &w.node_api_addr])
             .args(["--trust-domain", &w.td.to_string()])
             .args(["--cluster-name", CLUSTER])
-            .args(["--token-file", &path("token")])
-            .args(["--bundle-file", &path("bundle.spiffe")])
+            .args(["--token-file", &token.display().to_string()])
+            .args(["--bundle-file", &bundle.display().to_string()])
             .args(["--socket-path", &path("api.sock")])
             .args(["--broker-socket-path", &path("broker.sock")])
             .args(["--health-addr", &health.to_string()])
@@ -147,7 +119,7 @@ fn message(v: &Value) -> &str {
 async fn the_binary_attests_with_its_tpm_and_signs_its_nodes_svids() {
     let ca = ManufacturerCa::new("Acme");
     let swtpm = swtpm();
-    let w = tpm_world("tpm-bin", &ca).await;
+    let w = tpm_world("tpm-bin", &ca, Duration::from_secs(10)).await;
     let (ek_hash, _) = {
         let _guard = TPM_AND_FORK.lock().await;
         manufacture(&ca, &swtpm).await
@@ -198,7 +170,7 @@ async fn the_binary_attests_with_its_tpm_and_signs_its_nodes_svids() {
 async fn the_binary_says_what_is_wrong_with_its_tpm() {
     let ca = ManufacturerCa::new("Acme");
     let swtpm = swtpm();
-    let w = tpm_world("tpm-bin-bad", &ca).await;
+    let w = tpm_world("tpm-bin-bad", &ca, Duration::from_secs(10)).await;
     let (ek_hash, _) = {
         let _guard = TPM_AND_FORK.lock().await;
         manufacture(&ca, &swtpm).await

@@ -12,13 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use node_api_common::*;
 use serde_json::json;
 use sigil_agent::node_client::NodeClientError;
 use sigil_agent::tpm::{TpmIdentity, public_tpm2b};
-use sigil_operator::node_api::tpm::{ManufacturerCas, TpmConfig};
 use tonic::Code;
-use tpm_common::{ManufacturerCa, TestTpm, swtpm};
+use tpm_common::{ManufacturerCa, TestTpm, swtpm, tpm_world};
 use trust_domain_common::*;
 use tss_esapi::abstraction::{KeyCustomization, ak};
 use tss_esapi::attributes::ObjectAttributesBuilder;
@@ -27,20 +25,6 @@ use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlg
 /// Challenge timeout of the test operator: short, so the late-answer case is quick, and
 /// still far above what swtpm needs to answer.
 const CHALLENGE_TIMEOUT: Duration = Duration::from_secs(3);
-
-async fn tpm_world(prefix: &str, ca: &ManufacturerCa) -> World {
-    World::start_with(
-        prefix,
-        WorldOptions {
-            tpm: Some(TpmConfig {
-                manufacturer_cas: ManufacturerCas::from_pem(&ca.pem).unwrap(),
-                challenge_timeout: CHALLENGE_TIMEOUT,
-            }),
-            ..Default::default()
-        },
-    )
-    .await
-}
 
 /// The operator's refusal: its gRPC status.
 fn refusal(e: NodeClientError) -> tonic::Status {
@@ -68,7 +52,7 @@ fn assert_refused(
 async fn a_tpm_attests_its_node_and_the_agent_serves_that_node() {
     let ca = ManufacturerCa::new("Acme");
     let swtpm = swtpm();
-    let w = tpm_world("tpm-ok", &ca).await;
+    let w = tpm_world("tpm-ok", &ca, CHALLENGE_TIMEOUT).await;
     let tpm = TestTpm::provision(&ca, swtpm).await;
     w.enroll_tpm(&w.node_a, &tpm.ek_hash).await;
     w.cluster_spiffe_id(&format!("{}-web", w.tag), "web").await;
@@ -201,7 +185,7 @@ async fn every_refusal_is_precise_and_issues_nothing() {
     let ca = ManufacturerCa::new("Acme");
     let rogue = ManufacturerCa::new("Rogue");
     let swtpms = [swtpm(), swtpm(), swtpm()];
-    let w = tpm_world("tpm-deny", &ca).await;
+    let w = tpm_world("tpm-deny", &ca, CHALLENGE_TIMEOUT).await;
     let [sa, sb, sc] = swtpms;
     let (a, b, forged) = tokio::join!(
         TestTpm::provision(&ca, sa),

@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sigil_agent::app::{Agent, Args, LogFormatArg};
 use sigil_e2e::pod::PodContainer;
 use tokio_util::sync::CancellationToken;
 
 use crate::node_api_common::{CLUSTER, World, WorldOptions};
-use crate::trust_domain_common::{SETTLE, eventually, unique};
+use crate::trust_domain_common::{SETTLE, eventually};
 
 pub struct AgentWorld {
     pub w: World,
@@ -87,18 +87,7 @@ impl AgentWorld {
         let dir = tempfile::tempdir().unwrap();
         // Workloads run as other users too: they must reach the socket.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let agent_pod = w
-            .pod(
-                &unique("sigil-agent"),
-                &w.node_a,
-                "sigil-agent",
-                json!({"app": "sigil-agent"}),
-            )
-            .await;
-        let token_file = dir.path().join("token");
-        std::fs::write(&token_file, w.token(&agent_pod, &w.audience).await).unwrap();
-        let bundle_file = dir.path().join("bundle.spiffe");
-        std::fs::write(&bundle_file, w.bootstrap_bundle().await.to_jwks_json()).unwrap();
+        let (token_file, bundle_file) = w.agent_pod_files(dir.path()).await;
         let socket = dir.path().join("agent").join("api.sock");
         let broker_socket = dir.path().join("broker").join("broker.sock");
         let cancel = CancellationToken::new();

@@ -369,6 +369,28 @@ impl World {
         TrustBundle::from_jwks_json(self.td.clone(), jwks.as_bytes()).unwrap()
     }
 
+    /// What a sigil-agent DaemonSet pod on node A has mounted, written into `dir`: its
+    /// projected token (`token`, for a new agent pod) and the bootstrap trust bundle
+    /// (`bundle.spiffe`). Returns their paths.
+    pub async fn agent_pod_files(
+        &self,
+        dir: &std::path::Path,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let pod = self
+            .pod(
+                &unique("sigil-agent"),
+                &self.node_a,
+                "sigil-agent",
+                json!({"app": "sigil-agent"}),
+            )
+            .await;
+        let token = dir.join("token");
+        std::fs::write(&token, self.token(&pod, &self.audience).await).unwrap();
+        let bundle = dir.join("bundle.spiffe");
+        std::fs::write(&bundle, self.bootstrap_bundle().await.to_jwks_json()).unwrap();
+        (token, bundle)
+    }
+
     /// A Node API client as the agent builds it.
     pub async fn agent_client(&self) -> NodeClient {
         NodeClient::new(

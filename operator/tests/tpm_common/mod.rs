@@ -4,12 +4,14 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use rsa::pkcs8::EncodePublicKey;
 use rsa::{BigUint, RsaPublicKey};
 use sha2::{Digest, Sha256};
 use sigil_agent::tpm::{TpmDevice, TpmOptions};
 use sigil_e2e::swtpm::Swtpm;
+use sigil_operator::node_api::tpm::{ManufacturerCas, TpmConfig};
 use tss_esapi::abstraction::ek;
 use tss_esapi::attributes::NvIndexAttributesBuilder;
 use tss_esapi::handles::NvIndexTpmHandle;
@@ -17,6 +19,24 @@ use tss_esapi::interface_types::algorithm::AsymmetricAlgorithm;
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::resource_handles::{NvAuth, Provision};
 use tss_esapi::structures::{MaxNvBuffer, NvPublicBuilder, Public};
+
+use crate::node_api_common::{World, WorldOptions};
+
+/// A [`World`] whose operator accepts TPMs certified by `ca`, answering within
+/// `challenge_timeout`.
+pub async fn tpm_world(prefix: &str, ca: &ManufacturerCa, challenge_timeout: Duration) -> World {
+    World::start_with(
+        prefix,
+        WorldOptions {
+            tpm: Some(TpmConfig {
+                manufacturer_cas: ManufacturerCas::from_pem(&ca.pem).unwrap(),
+                challenge_timeout,
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+}
 
 /// A TPM manufacturer's CA (ECDSA P-256).
 pub struct ManufacturerCa {
