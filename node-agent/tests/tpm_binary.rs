@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use node_api_common::{CLUSTER, World};
 use serde_json::{Value, json};
+use sigil_e2e::swtpm::Swtpm;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 use tpm_common::{ManufacturerCa, manufacture, swtpm, tpm_world};
@@ -111,19 +112,26 @@ impl AgentBinary {
     }
 }
 
+/// A World whose operator trusts a test manufacturer CA, and a software TPM it certified
+/// (not enrolled on any Node yet): the TPM and its EK hash.
+async fn world_and_tpm(prefix: &str) -> (World, Swtpm, String) {
+    let ca = ManufacturerCa::new("Acme");
+    let swtpm = swtpm();
+    let w = tpm_world(prefix, &ca, Duration::from_secs(10)).await;
+    let (ek_hash, _) = {
+        let _guard = TPM_AND_FORK.lock().await;
+        manufacture(&ca, &swtpm).await
+    };
+    (w, swtpm, ek_hash)
+}
+
 fn message(v: &Value) -> &str {
     v["message"].as_str().unwrap_or_default()
 }
 
 #[tokio::test]
 async fn the_binary_attests_with_its_tpm_and_signs_its_nodes_svids() {
-    let ca = ManufacturerCa::new("Acme");
-    let swtpm = swtpm();
-    let w = tpm_world("tpm-bin", &ca, Duration::from_secs(10)).await;
-    let (ek_hash, _) = {
-        let _guard = TPM_AND_FORK.lock().await;
-        manufacture(&ca, &swtpm).await
-    };
+    let (w, swtpm, ek_hash) = world_and_tpm("tpm-bin").await;
     w.enroll_tpm(&w.node_a, &ek_hash).await;
     w.cluster_spiffe_id(&format!("{}-web", w.tag), "web").await;
     w.pod("web", &w.node_a, "web", json!({"app": "web"})).await;
@@ -168,13 +176,7 @@ async fn the_binary_attests_with_its_tpm_and_signs_its_nodes_svids() {
 
 #[tokio::test]
 async fn the_binary_says_what_is_wrong_with_its_tpm() {
-    let ca = ManufacturerCa::new("Acme");
-    let swtpm = swtpm();
-    let w = tpm_world("tpm-bin-bad", &ca, Duration::from_secs(10)).await;
-    let (ek_hash, _) = {
-        let _guard = TPM_AND_FORK.lock().await;
-        manufacture(&ca, &swtpm).await
-    };
+    let (w, swtpm, ek_hash) = world_and_tpm("tpm-bin-bad").await;
 
     // A TPM no Node is enrolled for: refused, retried, and never ready.
     let mut agent = AgentBinary::start(&w, &swtpm.tcti()).await;
