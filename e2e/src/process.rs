@@ -118,6 +118,19 @@ impl Drop for Supervised {
     }
 }
 
+/// `program args` on `cpu` only, as a (program, args) pair for [`Supervised::start`]:
+/// `taskset -c <cpu> program args`. taskset execs the program, so the PID is the
+/// program's, and every thread it starts runs on that CPU from its first instruction.
+pub fn on_cpu(cpu: usize, program: &Path, args: &[String]) -> (PathBuf, Vec<String>) {
+    let mut all = vec![
+        "-c".to_owned(),
+        cpu.to_string(),
+        program.display().to_string(),
+    ];
+    all.extend_from_slice(args);
+    (PathBuf::from("taskset"), all)
+}
+
 /// Whether a process with this PID is alive (not a zombie).
 pub fn is_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sigil_e2e::process::Supervised;
+use sigil_e2e::process::{Supervised, on_cpu};
 
 /// The path of a pinned test tool.
 fn tool(name: &str) -> String {
@@ -54,6 +54,9 @@ pub struct Spire {
     /// cache from change events instead of reloading it in full every 5 s (off by
     /// default; meant for large deployments).
     pub events_based_cache: bool,
+    /// The CPU spire-server runs on, from its first instruction (a bench pins the server
+    /// it measures); `None` leaves it to the scheduler.
+    pub server_cpu: Option<usize>,
 }
 
 /// How SPIRE's bundle endpoint authenticates itself.
@@ -81,6 +84,7 @@ impl Spire {
             log_level: "DEBUG",
             signing_rate_limit: true,
             events_based_cache: false,
+            server_cpu: None,
         }
     }
 
@@ -166,10 +170,16 @@ plugins {{
         );
         let path = self.dir.join("server.conf");
         std::fs::write(&path, config).unwrap();
+        let program = PathBuf::from(tool("spire-server"));
+        let args = ["run".into(), "-config".into(), path.display().to_string()];
+        let (program, args) = match self.server_cpu {
+            Some(cpu) => on_cpu(cpu, &program, &args),
+            None => (program, args.to_vec()),
+        };
         let server = Supervised::start(
             "spire-server",
-            Path::new(&tool("spire-server")),
-            &["run".into(), "-config".into(), path.display().to_string()],
+            &program,
+            &args,
             &self.dir.join("server.log"),
         )
         .unwrap();
