@@ -9,13 +9,17 @@
 //!
 //! Rows (metric | Sigil | SPIRE | ratio):
 //! - idle RSS and CPU over 10 s of each server, with no agents and no entries;
-//! - the same with `SIGIL_BENCH_SERVERS_ENTRIES` (10k) identities declared. Sigil: Pods
-//!   on a Node, selected by a ClusterSPIFFEID (the operator caches the Pods and renders one
-//!   entry each). SPIRE: entries created with `spire-server entry create -data`, 1000 per
-//!   call; each call gets 5 minutes and SPIRE's whole side `SIGIL_BENCH_SERVERS_SPIRE_BUDGET_SECS`
+//! - the same with `SIGIL_BENCH_SERVERS_ENTRIES` (10k) identities declared, spread
+//!   round-robin over `SIGIL_BENCH_SERVERS_NODES` (1000) Nodes as a cluster spreads its
+//!   Pods. Sigil: Pods on those Nodes, selected by a ClusterSPIFFEID (the operator caches
+//!   the Pods and renders one entry each). SPIRE: entries parented to one ID per Node (as
+//!   spire-controller-manager parents them to each node's agent), created with
+//!   `spire-server entry create -data`, 1000 per call; each call gets 5 minutes and SPIRE's whole side `SIGIL_BENCH_SERVERS_SPIRE_BUDGET_SECS`
 //!   (1800), and where it stops short the report says how far it got. With
 //!   `SIGIL_BENCH_SERVERS_SPIRE_EVENTS_CACHE=1` SPIRE runs with its
 //!   `experimental { events_based_cache = true }` (not its default; the report says so);
+//!   Sigil's side is bounded by the apiserver writing the Pods (on the load CPU), so the
+//!   row also says how long after the last write the operator held the last entry;
 //! - X509-SVIDs signed per second through the node-facing API, as an attested agent calls
 //!   it, 100 CSRs per call from 2 concurrent callers. Sigil: PSAT attestation, then
 //!   `SignX509Svids`. SPIRE: join-token attestation, then `BatchNewX509SVID` over mTLS
@@ -23,7 +27,11 @@
 //!   (SPIRE: `ratelimit { signing = false }`, default 500 CSRs/s per agent IP; Sigil:
 //!   `--node-rate`/`--node-burst`, default 20 requests/s of up to 100 CSRs per node), since
 //!   they cap one agent and this row measures the server. The server's CPU is read over
-//!   the load window only.
+//!   the load window only;
+//! - each server killed and started again with the identities it holds, until it serves
+//!   them (Sigil: /ready, then every entry rendered from the re-listed Pods; SPIRE: its
+//!   health check, which passes once its entry cache is built from sqlite), and its RSS
+//!   then.
 //!
 //! Run: `hack/bench.sh servers` (part of `make bench`).
 
@@ -49,7 +57,7 @@ use node_api_common::{create, pod_json};
 use report::{Report, env};
 use serde_json::{Value, json};
 use sigil_e2e::http::{get_ok, metric};
-use sigil_e2e::process::{Supervised, cpu_time, rss_kib};
+use sigil_e2e::process::{Supervised, cpu_time, on_cpu, rss_kib};
 use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
 use sigil_operator::crd::trust_domain::TrustDomain;
 use spire_common::{Spire, SpireProfile, free_port};
@@ -64,8 +72,11 @@ const CLUSTER: &str = "bench";
 /// The Node whose agent the signing load attests as, and how many entries it has.
 const LOAD_NODE: &str = "load-node";
 const LOAD_PODS: usize = 100;
-/// The Node holding the bulk of the Pods (no agent runs for it).
-const BULK_NODE: &str = "bulk-node";
+/// The Nodes holding the bulk of the Pods (no agent runs for them): `bulk-node-<k>`, and
+/// on SPIRE's side the parent IDs `spiffe://<td>/bulk-node-<k>`.
+fn bulk_node(k: usize) -> String {
+    format!("bulk-node-{k}")
+}
 
 /// Pins every thread of `pid` to `cpu`; threads it starts later inherit that.
 fn pin(pid: u32, cpu: usize) {
@@ -126,13 +137,11 @@ async fn cluster_objects(client: &Client) {
         )
         .await;
     }
-    for node in [LOAD_NODE, BULK_NODE] {
-        create(
-            &Api::<Node>::all(client.clone()),
-            json!({"metadata": {"name": node}}),
-        )
-        .await;
-    }
+    create(
+        &Api::<Node>::all(client.clone()),
+        json!({"metadata": {"name": LOAD_NODE}}),
+    )
+    .await;
     create(&Api::<TrustDomain>::all(client.clone()), json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "TrustDomain", "metadata": {"name": "bench"}, "spec": {
         "trustDomain": TD,
         "bundle": {"namespaceSelector": {"matchLabels": {"sigil-bench": "true"}}},
@@ -147,9 +156,14 @@ async fn cluster_objects(client: &Client) {
     .await;
 }
 
-/// The release operator, serving the Node API on loopback; returns it with its health
-/// and Node API ports once it is ready.
-async fn start_operator(bin: &str, kubeconfig: &Path, dir: &Path) -> (Supervised, u16, u16) {
+/// The release operator, on `cpu` if given, serving the Node API on loopback; returns it
+/// with its health and Node API ports once it is ready.
+async fn start_operator(
+    bin: &str,
+    kubeconfig: &Path,
+    dir: &Path,
+    cpu: Option<usize>,
+) -> (Supervised, u16, u16) {
     let (health, node_api) = (free_port(), free_port());
     let args: Vec<String> = [
         "--namespace",
@@ -178,20 +192,19 @@ async fn start_operator(bin: &str, kubeconfig: &Path, dir: &Path) -> (Supervised
         kubeconfig.display().to_string(),
     ])
     .collect();
-    let mut op = Supervised::start(
-        "sigil-operator",
-        Path::new(bin),
-        &args,
-        &dir.join("operator.log"),
-    )
-    .expect("start sigil-operator");
+    let (program, args) = match cpu {
+        Some(cpu) => on_cpu(cpu, Path::new(bin), &args),
+        None => (bin.into(), args),
+    };
+    let mut op = Supervised::start("sigil-operator", &program, &args, &dir.join("operator.log"))
+        .expect("start sigil-operator");
     let started = Instant::now();
     while get_ok(("127.0.0.1", health), "/ready").await.is_none() {
         if let Some(s) = op.exited() {
             panic!("sigil-operator exited ({s}): {}", op.log_tail(30));
         }
         assert!(
-            started.elapsed() < Duration::from_secs(60),
+            started.elapsed() < Duration::from_secs(300),
             "sigil-operator not ready: {}",
             op.log_tail(30)
         );
@@ -328,6 +341,7 @@ async fn spire_sign(spire: &Spire, server_pid: u32, window: Duration) -> (f64, f
 
 fn main() {
     let bulk = env("SIGIL_BENCH_SERVERS_ENTRIES", 10_000);
+    let nodes = env("SIGIL_BENCH_SERVERS_NODES", 1000).max(1);
     let window = Duration::from_secs(env("SIGIL_BENCH_SERVERS_SIGN_SECS", 10) as u64);
     let spire_budget =
         Duration::from_secs(env("SIGIL_BENCH_SERVERS_SPIRE_BUDGET_SECS", 1800) as u64);
@@ -345,7 +359,7 @@ fn main() {
     rt.block_on(async move {
         let mut report = Report::new(
             "servers",
-            &format!("Sigil operator vs SPIRE server, each its own process{}: footprint idle and with {bulk} identities, node-facing signing", if pinned { " pinned to CPU 0" } else { " (1 CPU: not pinned)" }),
+            &format!("Sigil operator vs SPIRE server, each its own process{}: footprint idle and with {bulk} identities on {nodes} Nodes, node-facing signing", if pinned { " pinned to CPU 0" } else { " (1 CPU: not pinned)" }),
         );
         let cp = sigil_e2e::shared().await;
         let client = cp.admin().await.expect("admin client");
@@ -353,18 +367,17 @@ fn main() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
 
-        let (operator, health, node_api) = start_operator(&operator_bin, cp.kubeconfig_path(), dir.path()).await;
+        // Each server runs on CPU 0 from its first instruction.
+        let server_cpu = pinned.then_some(0);
+        let (operator, health, node_api) = start_operator(&operator_bin, cp.kubeconfig_path(), dir.path(), server_cpu).await;
         let op_pid = operator.pid();
         let mut spire = Spire::new(&dir.path().join("spire"), "spire.bench");
         spire.log_level = "INFO";
         spire.signing_rate_limit = false;
         spire.events_based_cache = events_cache;
+        spire.server_cpu = server_cpu;
         spire.start_server(&SpireProfile::Spiffe).await;
         let spire_pid = spire.server.as_ref().expect("server").pid();
-        if pinned {
-            pin(op_pid, 0);
-            pin(spire_pid, 0);
-        }
         // The operator's trust bundle is published before agents can attest.
         sigil_e2e::eventually("the trust bundle ConfigMap", Duration::from_secs(60), || async {
             Api::<ConfigMap>::namespaced(client.clone(), NS).get_opt("sigil-trust-bundle").await.ok().flatten()
@@ -377,13 +390,21 @@ fn main() {
         report.lower_better("server RSS, idle (no agents, no entries)", s.0, p.0, "MiB");
         cpu_row(&mut report, "server CPU over 10 s idle", s.1, p.1);
 
-        // Identities declared.
+        // Identities declared, spread over `nodes` Nodes (SPIRE: parent IDs), as a
+        // cluster spreads its Pods. The Nodes exist before the clock starts.
+        futures::stream::iter((0..nodes).map(|k| {
+            let api = Api::<Node>::all(client.clone());
+            async move { create(&api, json!({"metadata": {"name": bulk_node(k)}})).await }
+        }))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
         let pods = Api::<Pod>::namespaced(client.clone(), WORKLOADS);
         let started = Instant::now();
         futures::stream::iter((0..bulk + LOAD_PODS).map(|i| {
-            let node = if i < LOAD_PODS { LOAD_NODE } else { BULK_NODE };
+            let node = if i < LOAD_PODS { LOAD_NODE.to_owned() } else { bulk_node((i - LOAD_PODS) % nodes) };
             let pods = pods.clone();
-            async move { create(&pods, pod_json(&format!("w-{i}"), node, "web", json!({"app": "bench"}))).await }
+            async move { create(&pods, pod_json(&format!("w-{i}"), &node, "web", json!({"app": "bench"}))).await }
         }))
         .buffer_unordered(16)
         .collect::<Vec<_>>()
@@ -395,17 +416,21 @@ fn main() {
         })
         .await;
         let sigil_took = started.elapsed();
+        // The apiserver writing the Pods (on the load CPU, with etcd) bounds Sigil's side;
+        // how far the operator trails the last write says whether it kept up.
+        let lag = sigil_took - created;
         // Printed now: at large sizes SPIRE's side can take far longer, or not finish.
         report.row(
             &format!("  Sigil alone: {bulk} identities held"),
             format!(
-                "after {:.1} s, operator RSS {:.1} MiB",
+                "after {:.1} s, {:.0} ms after the last Pod was created; operator RSS {:.1} MiB",
                 sigil_took.as_secs_f64(),
+                lag.as_secs_f64() * 1e3,
                 rss_kib(op_pid) as f64 / 1024.0
             ),
         );
         let entries: Vec<Value> = (0..bulk)
-            .map(|i| spire.uid_entry(&format!("/bulk/{i}"), &format!("spiffe://{}/{BULK_NODE}", spire.td), 60_000 + i as u32))
+            .map(|i| spire.uid_entry(&format!("/bulk/{i}"), &format!("spiffe://{}/{}", spire.td, bulk_node(i % nodes)), 60_000 + i as u32))
             .collect();
         // At large sizes SPIRE's entry creation slows as its table grows (each call
         // checks for similar entries; the entry cache reloads in full every 5 s), so its
@@ -438,13 +463,22 @@ fn main() {
             }
         }
         let spire_took = started.elapsed();
+        // No ratio: Sigil's figure is the apiserver's Pod writes, SPIRE's its own API.
+        let sigil_side = format!(
+            "Sigil {:.1} s ({} Pods written by the apiserver in {:.1} s, 16 at a time; the operator held the last entry {:.0} ms after the last write)",
+            sigil_took.as_secs_f64(),
+            bulk + LOAD_PODS,
+            created.as_secs_f64(),
+            lag.as_secs_f64() * 1e3
+        );
+        let what = format!("{bulk} identities declared → held by the server");
         match &spire_stopped {
-            None => report.row(&format!("{bulk} identities declared → held by the server"), format!(
-                "Sigil {:.1} s ({} Pods created through the apiserver in {:.1} s, then rendered) | SPIRE {:.1} s (spire-server entry create -data, 1000 per call)",
-                sigil_took.as_secs_f64(), bulk + LOAD_PODS, created.as_secs_f64(), spire_took.as_secs_f64())),
-            Some(why) => report.row(&format!("{bulk} identities declared → held by the server"), format!(
-                "Sigil {:.1} s ({} Pods created through the apiserver in {:.1} s, then rendered) | SPIRE did not finish: {spire_held} entries created in {:.1} s, then {why}",
-                sigil_took.as_secs_f64(), bulk + LOAD_PODS, created.as_secs_f64(), spire_took.as_secs_f64())),
+            None => report.row(&what, format!(
+                "{sigil_side} | SPIRE {:.1} s (spire-server entry create -data, 1000 per call)",
+                spire_took.as_secs_f64())),
+            Some(why) => report.row(&what, format!(
+                "{sigil_side} | SPIRE did not finish: {spire_held} entries created in {:.1} s, then {why}",
+                spire_took.as_secs_f64())),
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
         let [s, p] = footprint([op_pid, spire_pid], Duration::from_secs(10)).await;
@@ -466,6 +500,33 @@ fn main() {
         // Near 100%: the server, not the load generator, is the bound.
         report.row("server CPU busy during the signing load", format!("Sigil {:.0}% | SPIRE {:.0}%", 100.0 * sigil_rate / sigil_cpu, 100.0 * spire_rate / spire_cpu));
         report.row("server RSS after signing", format!("Sigil {:.1} MiB | SPIRE {:.1} MiB", rss_kib(op_pid) as f64 / 1024.0, rss_kib(spire_pid) as f64 / 1024.0));
+
+        // Restart: each server killed (SIGKILL) and started again on its CPU, until it
+        // serves every identity it held. Sigil lists the Pods from the apiserver and renders
+        // them; SPIRE opens its sqlite datastore and builds its entry cache before it
+        // listens, so its health check passing is the same point.
+        drop(operator);
+        let started = Instant::now();
+        let (operator, health, _) = start_operator(&operator_bin, cp.kubeconfig_path(), dir.path(), server_cpu).await;
+        sigil_e2e::eventually("the restarted operator to render every entry", Duration::from_secs(300), || async {
+            let text = get_ok(("127.0.0.1", health), "/metrics").await?;
+            (metric(&text, "sigil_index_entries")? >= (bulk + LOAD_PODS) as f64).then_some(())
+        })
+        .await;
+        let sigil_restart = started.elapsed().as_secs_f64();
+        let sigil_rss = rss_kib(operator.pid()) as f64 / 1024.0;
+        drop(spire.server.take());
+        let started = Instant::now();
+        spire.start_server(&SpireProfile::Spiffe).await;
+        let spire_restart = started.elapsed().as_secs_f64();
+        let spire_rss = rss_kib(spire.server.as_ref().expect("server").pid()) as f64 / 1024.0;
+        if spire_held == bulk {
+            report.lower_better(&format!("server killed and restarted with {bulk} identities → serving them"), sigil_restart, spire_restart, "s");
+            report.lower_better("server RSS just after the restart", sigil_rss, spire_rss, "MiB");
+        } else {
+            report.row("server killed and restarted → serving its identities", format!("Sigil {sigil_restart:.1} s ({bulk}) | SPIRE {spire_restart:.1} s ({spire_held})"));
+            report.row("server RSS just after the restart", format!("Sigil {sigil_rss:.1} MiB ({bulk}) | SPIRE {spire_rss:.1} MiB ({spire_held})"));
+        }
         report.row("SPIRE version", spire_common::spire_version().await);
         report.row(
             "SPIRE entry cache",
