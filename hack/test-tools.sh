@@ -114,15 +114,18 @@ build_go_spiffe_client() {
   go build -o "$SIGIL_BIN/go-spiffe-client" .
 }
 
-# py-spiffe (PyPI "spiffe") in a venv in the cache.
+# py-spiffe (PyPI "spiffe") in a venv in the cache. The client script is copied into the
+# venv: the cache is shared by every clone, so the wrapper must not point into this one
+# (a clone that is later deleted left a wrapper pointing at nothing).
 build_py_spiffe() {
   local venv=$SIGIL_CACHE/py-spiffe-$PY_SPIFFE_VERSION
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "spiffe==$PY_SPIFFE_VERSION"
+  cp "$here/e2e/clients/py-spiffe/client.py" "$venv/sigil-client.py"
   cat >"$SIGIL_BIN/py-spiffe-client" <<EOF
 #!/bin/sh
-exec "$venv/bin/python" "$here/e2e/clients/py-spiffe/client.py" "\$@"
+exec "$venv/bin/python" "$venv/sigil-client.py" "\$@"
 EOF
   chmod +x "$SIGIL_BIN/py-spiffe-client"
 }
@@ -178,7 +181,8 @@ for t in "${want[@]}"; do
     spire) build "$t" "$SPIRE_VERSION" spire-server spire-agent ;;
     go-spiffe-client)
       build "$t" "$GO_SPIFFE_VERSION-$(cat "$here"/e2e/clients/go-spiffe/*.go "$here"/e2e/clients/go-spiffe/go.mod | sha256sum | cut -c1-12)" go-spiffe-client ;;
-    py-spiffe) build "$t" "$PY_SPIFFE_VERSION" py-spiffe-client ;;
+    py-spiffe)
+      build "$t" "$PY_SPIFFE_VERSION-$(sha256sum <"$here"/e2e/clients/py-spiffe/client.py | cut -c1-12)" py-spiffe-client ;;
     spire-mint)
       build "$t" "$SPIRE_VERSION-$(sha256sum <"$here"/e2e/clients/spire-mint/main.go | cut -c1-12)" spire-mint ;;
     swtpm) install_debian_tpm; log "swtpm/tss2: present" ;;
