@@ -47,7 +47,7 @@ pub use self::metrics::{EventLabels, IndexMetrics, KindLabels, PatchLabels};
 pub use self::node_log::NodeDelta;
 use self::node_log::{NodeLog, Revisions};
 pub use self::objects::TrustDomainInfo;
-use self::objects::{CsidMeta, PodFacts};
+use self::objects::{CsidMeta, PodFacts, WatchedPod};
 pub use self::state::entry_id;
 use self::state::{Batch, Kind, State};
 pub use self::status::StatusOptions;
@@ -335,6 +335,14 @@ impl EntryIndex {
     /// templates or selectors read changed.
     pub fn apply_pod(&self, pod: &Pod) {
         match PodFacts::from_pod(pod) {
+            Ok(facts) => self.write(|s, b| s.apply_pod(facts, b)),
+            Err(e) => self.skip("Pod", &e),
+        }
+    }
+
+    /// [`Self::apply_pod`] for the informer's slim decoding of a pod.
+    pub(crate) fn apply_watched_pod(&self, pod: &WatchedPod) {
+        match PodFacts::from_watched(pod) {
             Ok(facts) => self.write(|s, b| s.apply_pod(facts, b)),
             Err(e) => self.skip("Pod", &e),
         }

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::core::DynamicObject;
+use serde::Deserialize;
 use sigil_identity::TrustDomain as TrustDomainName;
 
 use crate::crd::cluster_spiffe_id::{ClusterSPIFFEID, ClusterSpiffeIdSpec, ClusterSpiffeIdStatus};
@@ -122,7 +123,34 @@ pub(crate) struct PodFacts {
 
 impl PodFacts {
     pub(crate) fn from_pod(pod: &Pod) -> Result<Self, String> {
-        let meta = &pod.metadata;
+        let spec = pod.spec.as_ref();
+        Self::new(
+            &pod.metadata,
+            spec.and_then(|s| s.service_account_name.as_deref()),
+            spec.and_then(|s| s.node_name.as_deref()),
+            spec.and_then(|s| s.hostname.as_deref()),
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        )
+    }
+
+    pub(crate) fn from_watched(pod: &WatchedPod) -> Result<Self, String> {
+        let spec = pod.spec.as_ref();
+        Self::new(
+            &pod.metadata,
+            spec.and_then(|s| s.service_account_name.as_deref()),
+            spec.and_then(|s| s.node_name.as_deref()),
+            spec.and_then(|s| s.hostname.as_deref()),
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        )
+    }
+
+    fn new(
+        meta: &ObjectMeta,
+        service_account: Option<&str>,
+        node: Option<&str>,
+        hostname: Option<&str>,
+        phase: Option<&str>,
+    ) -> Result<Self, String> {
         let name = meta.name.clone().ok_or("pod without metadata.name")?;
         let namespace = meta
             .namespace
@@ -133,27 +161,84 @@ impl PodFacts {
             .clone()
             .filter(|u| !u.is_empty())
             .ok_or_else(|| format!("pod {namespace}/{name} without metadata.uid"))?;
-        let spec = pod.spec.as_ref();
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        let present = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_owned);
         Ok(Self {
             namespace,
             name,
             uid,
-            service_account: spec
-                .and_then(|s| s.service_account_name.clone())
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "default".to_owned()),
-            node: spec
-                .and_then(|s| s.node_name.clone())
-                .filter(|n| !n.is_empty()),
-            hostname: spec
-                .and_then(|s| s.hostname.clone())
-                .filter(|h| !h.is_empty()),
+            service_account: present(service_account).unwrap_or_else(|| "default".to_owned()),
+            node: present(node),
+            hostname: present(hostname),
             labels: Labels::new(meta.labels.as_ref()),
             annotations: Labels::new(meta.annotations.as_ref()),
             terminal: matches!(phase, Some("Succeeded" | "Failed")),
         })
     }
+}
+
+/// A Pod as the index's informer decodes it: only the fields [`PodFacts`] reads, plus the
+/// resourceVersion the watcher resumes from. A listed or watched Pod's containers,
+/// volumes, conditions and managedFields are skipped by the parser instead of being
+/// built into a full `Pod` and dropped, which is most of the work of listing Pods.
+#[derive(kube::Resource, Clone, Debug, Deserialize)]
+#[resource(inherit = "Pod")]
+pub(crate) struct WatchedPod {
+    #[serde(deserialize_with = "watched_meta")]
+    pub(crate) metadata: ObjectMeta,
+    #[serde(default)]
+    pub(crate) spec: Option<WatchedPodSpec>,
+    #[serde(default)]
+    pub(crate) status: Option<WatchedPodStatus>,
+}
+
+/// What [`PodFacts`] reads of a Pod's spec.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct WatchedPodSpec {
+    #[serde(default)]
+    pub(crate) service_account_name: Option<String>,
+    #[serde(default)]
+    pub(crate) node_name: Option<String>,
+    #[serde(default)]
+    pub(crate) hostname: Option<String>,
+}
+
+/// What [`PodFacts`] reads of a Pod's status.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub(crate) struct WatchedPodStatus {
+    #[serde(default)]
+    pub(crate) phase: Option<String>,
+}
+
+/// The metadata fields the index and the watcher use; managedFields, ownerReferences and
+/// the rest are skipped.
+fn watched_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Fields {
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        namespace: Option<String>,
+        #[serde(default)]
+        uid: Option<String>,
+        #[serde(default)]
+        resource_version: Option<String>,
+        #[serde(default)]
+        labels: Option<BTreeMap<String, String>>,
+        #[serde(default)]
+        annotations: Option<BTreeMap<String, String>>,
+    }
+    let f = Fields::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: f.name,
+        namespace: f.namespace,
+        uid: f.uid,
+        resource_version: f.resource_version,
+        labels: f.labels,
+        annotations: f.annotations,
+        ..ObjectMeta::default()
+    })
 }
 
 /// A namespace's name and labels.
@@ -440,6 +525,88 @@ mod tests {
             assert!(!is_dns_name(bad), "{bad}");
         }
         assert!(!is_dns_name(&"a".repeat(64)));
+    }
+
+    /// A Pod as the apiserver serves it, with what the slim decoding skips.
+    fn served_pod(phase: &str, sa: serde_json::Value, labels: serde_json::Value) -> String {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "web-0", "namespace": "prod", "uid": "u-1", "resourceVersion": "42",
+                "labels": labels, "annotations": {"team": "a"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "web", "uid": "s-1"}],
+                "managedFields": [{"manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1",
+                                   "fieldsV1": {"f:spec": {"f:containers": {"k:{\"name\":\"main\"}": {}}}}}]
+            },
+            "spec": {
+                "serviceAccountName": sa, "nodeName": "n1", "hostname": "",
+                "containers": [{"name": "main", "image": "example/web", "ports": [{"containerPort": 80}],
+                                "resources": {"limits": {"cpu": "1"}}}],
+                "volumes": [{"name": "spiffe", "csi": {"driver": "csi.sigil.dev", "readOnly": true}}]
+            },
+            "status": {"phase": phase, "conditions": [{"type": "Ready", "status": "True"}],
+                       "podIP": "10.0.0.1"}
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn watched_pod_reads_what_a_full_pod_gives() {
+        use kube::ResourceExt;
+        for (phase, sa, labels) in [
+            (
+                "Running",
+                serde_json::json!("web"),
+                serde_json::json!({"app": "web"}),
+            ),
+            (
+                "Succeeded",
+                serde_json::Value::Null,
+                serde_json::Value::Null,
+            ),
+            ("Pending", serde_json::json!(""), serde_json::json!({})),
+        ] {
+            let text = served_pod(phase, sa, labels);
+            let full: Pod = serde_json::from_str(&text).unwrap();
+            let slim: WatchedPod = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                PodFacts::from_watched(&slim).unwrap(),
+                PodFacts::from_pod(&full).unwrap()
+            );
+            // What the watcher itself reads: the resource version and the key.
+            assert_eq!(slim.resource_version().as_deref(), Some("42"));
+            assert_eq!(
+                (slim.namespace().as_deref(), slim.name_any()),
+                (Some("prod"), "web-0".to_owned())
+            );
+            assert!(slim.metadata.managed_fields.is_none());
+        }
+        let facts = PodFacts::from_watched(
+            &serde_json::from_str(&served_pod(
+                "Succeeded",
+                serde_json::Value::Null,
+                serde_json::json!({}),
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        assert!(facts.terminal);
+        assert_eq!(facts.service_account, "default");
+        assert_eq!(facts.hostname, None);
+        // A pod without a spec or status (a watch event never carries one, but a
+        // malformed object must not fail the whole list).
+        let bare: WatchedPod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "n", "uid": "u"}
+        }))
+        .unwrap();
+        assert_eq!(PodFacts::from_watched(&bare).unwrap().node, None);
+        let nameless: WatchedPod =
+            serde_json::from_value(serde_json::json!({"metadata": {}})).unwrap();
+        assert!(
+            PodFacts::from_watched(&nameless)
+                .unwrap_err()
+                .contains("metadata.name")
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::WatchStreamExt;
@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use super::EntryIndex;
 use super::metrics::{EventLabels, KindLabels};
+use super::objects::WatchedPod;
 use super::state::Kind;
 use super::status::{StatusOptions, write_statuses};
 use crate::crd::cluster_spiffe_id::ClusterSPIFFEID;
@@ -62,12 +63,12 @@ pub async fn run(
     let informers = async {
         tokio::join!(
             feed(
-                watcher::watcher(Api::<Pod>::all(client.clone()), config()),
+                watcher::watcher(Api::<WatchedPod>::all(client.clone()), config()),
                 Kind::Pod,
                 "Pod",
                 &index,
                 &gate,
-                |ix, p: &Pod| ix.apply_pod(p),
+                |ix, p: &WatchedPod| ix.apply_watched_pod(p),
                 |ix, key| with_namespace(key, |ns, n| ix.delete_pod(ns, n)),
             ),
             feed(
