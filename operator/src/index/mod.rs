@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::DynamicObject;
 use sigil_identity::SpiffeId;
@@ -46,8 +46,8 @@ pub use self::explain::{Explanation, Verdict, explain_pod};
 pub use self::metrics::{EventLabels, IndexMetrics, KindLabels, PatchLabels};
 pub use self::node_log::NodeDelta;
 use self::node_log::{NodeLog, Revisions};
-pub use self::objects::TrustDomainInfo;
-use self::objects::{CsidMeta, PodFacts, WatchedPod};
+use self::objects::{CsidMeta, PodFacts};
+pub use self::objects::{PodFields, TrustDomainInfo};
 pub use self::state::entry_id;
 use self::state::{Batch, Kind, State};
 pub use self::status::StatusOptions;
@@ -333,16 +333,8 @@ impl EntryIndex {
 
     /// A pod was added or changed. Only that pod is re-rendered, and only if a fact
     /// templates or selectors read changed.
-    pub fn apply_pod(&self, pod: &Pod) {
-        match PodFacts::from_pod(pod) {
-            Ok(facts) => self.write(|s, b| s.apply_pod(facts, b)),
-            Err(e) => self.skip("Pod", &e),
-        }
-    }
-
-    /// [`Self::apply_pod`] for the informer's slim decoding of a pod.
-    pub(crate) fn apply_watched_pod(&self, pod: &WatchedPod) {
-        match PodFacts::from_watched(pod) {
+    pub fn apply_pod(&self, pod: &impl PodFields) {
+        match PodFacts::new(pod) {
             Ok(facts) => self.write(|s, b| s.apply_pod(facts, b)),
             Err(e) => self.skip("Pod", &e),
         }

@@ -121,36 +121,38 @@ pub(crate) struct PodFacts {
     pub(crate) terminal: bool,
 }
 
+/// The Pod fields [`PodFacts`] reads, from a full `Pod` (tests, `sigil explain`) or from
+/// the informer's slim [`WatchedPod`].
+pub trait PodFields {
+    /// The metadata, then spec.serviceAccountName, spec.nodeName, spec.hostname and
+    /// status.phase.
+    fn fields(&self) -> (&ObjectMeta, [Option<&str>; 4]);
+}
+
+/// `Pod` and `WatchedPod` name these fields alike; one body serves both.
+macro_rules! pod_fields {
+    ($($pod:ty),*) => {$(
+        impl PodFields for $pod {
+            fn fields(&self) -> (&ObjectMeta, [Option<&str>; 4]) {
+                let spec = self.spec.as_ref();
+                (
+                    &self.metadata,
+                    [
+                        spec.and_then(|s| s.service_account_name.as_deref()),
+                        spec.and_then(|s| s.node_name.as_deref()),
+                        spec.and_then(|s| s.hostname.as_deref()),
+                        self.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    ],
+                )
+            }
+        }
+    )*};
+}
+pod_fields!(Pod, WatchedPod);
+
 impl PodFacts {
-    pub(crate) fn from_pod(pod: &Pod) -> Result<Self, String> {
-        let spec = pod.spec.as_ref();
-        Self::new(
-            &pod.metadata,
-            spec.and_then(|s| s.service_account_name.as_deref()),
-            spec.and_then(|s| s.node_name.as_deref()),
-            spec.and_then(|s| s.hostname.as_deref()),
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        )
-    }
-
-    pub(crate) fn from_watched(pod: &WatchedPod) -> Result<Self, String> {
-        let spec = pod.spec.as_ref();
-        Self::new(
-            &pod.metadata,
-            spec.and_then(|s| s.service_account_name.as_deref()),
-            spec.and_then(|s| s.node_name.as_deref()),
-            spec.and_then(|s| s.hostname.as_deref()),
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-        )
-    }
-
-    fn new(
-        meta: &ObjectMeta,
-        service_account: Option<&str>,
-        node: Option<&str>,
-        hostname: Option<&str>,
-        phase: Option<&str>,
-    ) -> Result<Self, String> {
+    pub(crate) fn new(pod: &impl PodFields) -> Result<Self, String> {
+        let (meta, [service_account, node, hostname, phase]) = pod.fields();
         let name = meta.name.clone().ok_or("pod without metadata.name")?;
         let namespace = meta
             .namespace
@@ -569,10 +571,7 @@ mod tests {
             let text = served_pod(phase, sa, labels);
             let full: Pod = serde_json::from_str(&text).unwrap();
             let slim: WatchedPod = serde_json::from_str(&text).unwrap();
-            assert_eq!(
-                PodFacts::from_watched(&slim).unwrap(),
-                PodFacts::from_pod(&full).unwrap()
-            );
+            assert_eq!(PodFacts::new(&slim).unwrap(), PodFacts::new(&full).unwrap());
             // What the watcher itself reads: the resource version and the key.
             assert_eq!(slim.resource_version().as_deref(), Some("42"));
             assert_eq!(
@@ -581,8 +580,8 @@ mod tests {
             );
             assert!(slim.metadata.managed_fields.is_none());
         }
-        let facts = PodFacts::from_watched(
-            &serde_json::from_str(&served_pod(
+        let facts = PodFacts::new(
+            &serde_json::from_str::<WatchedPod>(&served_pod(
                 "Succeeded",
                 serde_json::Value::Null,
                 serde_json::json!({}),
@@ -599,11 +598,11 @@ mod tests {
             "metadata": {"name": "p", "namespace": "n", "uid": "u"}
         }))
         .unwrap();
-        assert_eq!(PodFacts::from_watched(&bare).unwrap().node, None);
+        assert_eq!(PodFacts::new(&bare).unwrap().node, None);
         let nameless: WatchedPod =
             serde_json::from_value(serde_json::json!({"metadata": {}})).unwrap();
         assert!(
-            PodFacts::from_watched(&nameless)
+            PodFacts::new(&nameless)
                 .unwrap_err()
                 .contains("metadata.name")
         );

@@ -68,7 +68,7 @@ pub async fn run(
                 "Pod",
                 &index,
                 &gate,
-                |ix, p: &WatchedPod| ix.apply_watched_pod(p),
+                |ix, p: &WatchedPod| ix.apply_pod(p),
                 |ix, key| with_namespace(key, |ns, n| ix.delete_pod(ns, n)),
             ),
             feed(
