@@ -592,7 +592,7 @@ mod tests {
         assert!(facts.terminal);
         assert_eq!(facts.service_account, "default");
         assert_eq!(facts.hostname, None);
-        // A pod without a spec or status (a watch event never carries one, but a
+        // A pod without a spec or status (the apiserver always serves both, but one
         // malformed object must not fail the whole list).
         let bare: WatchedPod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "namespace": "n", "uid": "u"}
