@@ -31,8 +31,9 @@
 //! - each server killed and started again with the identities it holds, until it serves
 //!   them (Sigil: /ready, then every entry rendered from the re-listed Pods; SPIRE: its
 //!   health check, which passes once its entry cache is built from sqlite), and its RSS
-//!   then; beside it, the time the apiserver takes to serve every Pod in the pages the
-//!   operator's informer asks for, which is the floor of Sigil's restart.
+//!   then; beside it, the time to list and decode every Pod as the operator's informer
+//!   does (protobuf), which is the floor of Sigil's restart, and as kube-runtime's
+//!   watcher does (JSON, 500 a page).
 //!
 //! Run: `hack/bench.sh servers` (part of `make bench`).
 
@@ -528,14 +529,17 @@ fn main() {
             report.row("server killed and restarted → serving its identities", format!("Sigil {sigil_restart:.1} s ({bulk}) | SPIRE {spire_restart:.1} s ({spire_held})"));
             report.row("server RSS just after the restart", format!("Sigil {sigil_rss:.1} MiB ({bulk}) | SPIRE {spire_rss:.1} MiB ({spire_held})"));
         }
-        // What bounds Sigil's restart: the apiserver serving every Pod, paged as the
-        // operator's informer asks for them. Timed from this process, which only scans
-        // each page for its continue token.
-        let (listed, list_secs, list_mib) = list_pods(&client).await;
-        report.row(
-            "  apiserver paged LIST of every Pod (Sigil's restart floor)",
-            format!("{list_secs:.2} s for {listed} Pods, {list_mib:.1} MiB of JSON in {LIST_PAGE}-Pod pages"),
-        );
+        // What bounds Sigil's restart: the apiserver serving every Pod, listed and decoded
+        // as the operator's informer does (protobuf, its page sizes) and, for comparison,
+        // as kube-runtime's watcher does (JSON, 500 a page), without an index behind either.
+        for (protobuf, how) in [(true, "protobuf, as the operator lists"), (false, "JSON in 500-Pod pages, as kube-runtime lists")] {
+            let started = Instant::now();
+            let t = sigil_operator::index::list_every_pod(&client, protobuf).await.expect("list every Pod");
+            report.row(
+                &format!("  apiserver LIST of every Pod, {}", if protobuf { "protobuf (Sigil's restart floor)" } else { "JSON" }),
+                format!("{:.2} s for {} Pods in {} pages, {:.1} MiB ({how})", started.elapsed().as_secs_f64(), t.pods, t.pages, t.bytes as f64 / (1024.0 * 1024.0)),
+            );
+        }
         report.row("SPIRE version", spire_common::spire_version().await);
         report.row(
             "SPIRE entry cache",
@@ -549,39 +553,4 @@ fn main() {
         drop(spire);
         report.finish();
     });
-}
-
-/// The page size kube-runtime's watcher lists with (its default), which the operator uses.
-const LIST_PAGE: u32 = 500;
-
-/// Every Pod listed from the apiserver in pages of [`LIST_PAGE`]: how many, the seconds
-/// taken and the MiB of JSON served. The items are not decoded, so the figure is the
-/// apiserver's (and the loopback's) share of a relist.
-async fn list_pods(client: &Client) -> (usize, f64, f64) {
-    #[derive(serde::Deserialize)]
-    struct Page {
-        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ListMeta,
-        items: Vec<serde::de::IgnoredAny>,
-    }
-    let started = Instant::now();
-    let (mut pods, mut bytes) = (0, 0);
-    let mut params = kube::api::ListParams::default().limit(LIST_PAGE);
-    loop {
-        let request = kube::core::Request::new("/api/v1/pods")
-            .list(&params)
-            .expect("a list request");
-        let text = client.request_text(request).await.expect("list Pods");
-        bytes += text.len();
-        let page: Page = serde_json::from_str(&text).expect("a PodList");
-        pods += page.items.len();
-        match page.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(token) => params = params.continue_token(&token),
-            None => break,
-        }
-    }
-    (
-        pods,
-        started.elapsed().as_secs_f64(),
-        bytes as f64 / (1024.0 * 1024.0),
-    )
 }

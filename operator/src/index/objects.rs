@@ -184,32 +184,39 @@ impl PodFacts {
 /// built into a full `Pod` and dropped, which is most of the work of listing Pods.
 #[derive(kube::Resource, Clone, Debug, Deserialize)]
 #[resource(inherit = "Pod")]
-pub(crate) struct WatchedPod {
+pub struct WatchedPod {
+    /// name, namespace, uid, resourceVersion, labels and annotations only.
     #[serde(deserialize_with = "watched_meta")]
-    pub(crate) metadata: ObjectMeta,
+    pub metadata: ObjectMeta,
+    /// What the index reads of the spec.
     #[serde(default)]
-    pub(crate) spec: Option<WatchedPodSpec>,
+    pub spec: Option<WatchedPodSpec>,
+    /// What the index reads of the status.
     #[serde(default)]
-    pub(crate) status: Option<WatchedPodStatus>,
+    pub status: Option<WatchedPodStatus>,
 }
 
 /// What [`PodFacts`] reads of a Pod's spec.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct WatchedPodSpec {
+pub struct WatchedPodSpec {
+    /// `spec.serviceAccountName`.
     #[serde(default)]
-    pub(crate) service_account_name: Option<String>,
+    pub service_account_name: Option<String>,
+    /// `spec.nodeName`.
     #[serde(default)]
-    pub(crate) node_name: Option<String>,
+    pub node_name: Option<String>,
+    /// `spec.hostname`.
     #[serde(default)]
-    pub(crate) hostname: Option<String>,
+    pub hostname: Option<String>,
 }
 
 /// What [`PodFacts`] reads of a Pod's status.
 #[derive(Clone, Debug, Default, Deserialize)]
-pub(crate) struct WatchedPodStatus {
+pub struct WatchedPodStatus {
+    /// `status.phase`.
     #[serde(default)]
-    pub(crate) phase: Option<String>,
+    pub phase: Option<String>,
 }
 
 /// The metadata fields the index and the watcher use; managedFields, ownerReferences and

@@ -1,5 +1,6 @@
-//! The informers that feed the index: one kube-runtime watcher per kind (Pods,
-//! Namespaces, Nodes, EndpointSlices, ClusterSPIFFEIDs, TrustDomains), no polling.
+//! The informers that feed the index: one watcher per kind (Pods, Namespaces, Nodes,
+//! EndpointSlices, ClusterSPIFFEIDs, TrustDomains), no polling. All are kube-runtime's
+//! except the Pods', which lists in protobuf (`pod_watch.rs`).
 //!
 //! Each watcher applies its events as they arrive. After a relist (the watch was lost and
 //! listed again) objects the index holds that the new list lacks are deleted. When every
@@ -25,6 +26,7 @@ use tracing::{info, warn};
 use super::EntryIndex;
 use super::metrics::{EventLabels, KindLabels};
 use super::objects::WatchedPod;
+use super::pod_watch;
 use super::state::Kind;
 use super::status::{StatusOptions, write_statuses};
 use crate::crd::cluster_spiffe_id::ClusterSPIFFEID;
@@ -63,7 +65,7 @@ pub async fn run(
     let informers = async {
         tokio::join!(
             feed(
-                watcher::watcher(Api::<WatchedPod>::all(client.clone()), config()),
+                pod_watch::pod_watcher(client.clone()),
                 Kind::Pod,
                 "Pod",
                 &index,
