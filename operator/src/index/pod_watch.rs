@@ -75,15 +75,26 @@ const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
 pub(crate) fn pod_watcher(
     client: Client,
 ) -> impl Stream<Item = Result<Event<WatchedPod>, Error>> + Send {
-    futures::stream::unfold((client, State::Relist), |(client, mut state)| async move {
-        loop {
-            let (item, next) = step(&client, state).await;
-            state = next;
-            if let Some(item) = item {
-                return Some((item, (client, state)));
+    watcher_from(client, FIRST_PAGE)
+}
+
+/// [`pod_watcher`], with `first` Pods in each list's first page (tests use small pages).
+fn watcher_from(
+    client: Client,
+    first: u32,
+) -> impl Stream<Item = Result<Event<WatchedPod>, Error>> + Send {
+    futures::stream::unfold(
+        (client, State::Relist),
+        move |(client, mut state)| async move {
+            loop {
+                let (item, next) = step(&client, first, state).await;
+                state = next;
+                if let Some(item) = item {
+                    return Some((item, (client, state)));
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 enum State {
@@ -105,12 +116,16 @@ enum State {
 }
 
 /// One step: an event (or error) to hand out, if any, and the state after it.
-async fn step(client: &Client, state: State) -> (Option<Result<Event<WatchedPod>, Error>>, State) {
+async fn step(
+    client: &Client,
+    first_page: u32,
+    state: State,
+) -> (Option<Result<Event<WatchedPod>, Error>>, State) {
     match state {
         State::Relist => (
             Some(Ok(Event::Init)),
             State::Listing {
-                page_size: FIRST_PAGE,
+                page_size: first_page,
                 continue_token: None,
                 items: Vec::new().into_iter(),
                 resource_version: None,
@@ -550,7 +565,7 @@ mod tests {
     use kube::{Client, Resource};
     use serde_json::{Value, json};
 
-    use super::{FIRST_PAGE, MAX_PAGE, list_page, page_size, pod_watcher};
+    use super::{FIRST_PAGE, MAX_PAGE, list_page, page_size, watcher_from};
     use crate::index::objects::{PodFacts, WatchedPod};
 
     async fn client() -> Client {
@@ -749,17 +764,16 @@ mod tests {
     async fn the_stream_lists_then_watches() {
         let client = client().await;
         let ns = namespace(&client).await;
-        create_pod(
-            &client,
-            &ns,
-            json!({"metadata": {"name": "before"}, "spec": {"nodeName": "n"}}),
-        )
-        .await;
+        for name in ["before", "also-before"] {
+            let pod = json!({"metadata": {"name": name}, "spec": {"nodeName": "n"}});
+            create_pod(&client, &ns, pod).await;
+        }
         let ours = |p: &WatchedPod| {
             (p.meta().namespace.as_deref() == Some(ns.as_str()))
                 .then(|| p.meta().name.clone().unwrap())
         };
-        let stream = pod_watcher(client.clone());
+        // One Pod in the first page, so the list takes at least two.
+        let stream = watcher_from(client.clone(), 1);
         futures::pin_mut!(stream);
         let mut next = async || {
             tokio::time::timeout(Duration::from_secs(20), stream.next())
@@ -777,7 +791,8 @@ mod tests {
                 other => panic!("{other:?} during the initial list"),
             }
         }
-        assert_eq!(listed, ["before"]);
+        listed.sort();
+        assert_eq!(listed, ["also-before", "before"]);
 
         create_pod(
             &client,
