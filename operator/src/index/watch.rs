@@ -185,6 +185,7 @@ async fn feed<K, S>(
     futures::pin_mut!(stream);
     let mut relist: Option<HashSet<String>> = None;
     let mut listed_once = false;
+    // The counters are looked up once, not per event: a lookup allocates its labels.
     let counter = |action: &str| {
         index
             .metrics()
@@ -193,8 +194,9 @@ async fn feed<K, S>(
                 kind: label.to_owned(),
                 action: action.to_owned(),
             })
-            .inc();
+            .clone()
     };
+    let (applied, deleted, relisted) = (counter("apply"), counter("delete"), counter("relist"));
     while let Some(event) = stream.next().await {
         match event {
             Ok(Event::Init) => relist = Some(HashSet::new()),
@@ -203,15 +205,15 @@ async fn feed<K, S>(
                 if let Some(seen) = relist.as_mut() {
                     seen.insert(key_of(&obj));
                 }
-                counter("apply");
+                applied.inc();
             }
             Ok(Event::InitDone) => {
                 let seen = relist.take().unwrap_or_default();
                 for gone in index.keys(kind).into_iter().filter(|k| !seen.contains(k)) {
                     delete(index, &gone);
-                    counter("delete");
+                    deleted.inc();
                 }
-                counter("relist");
+                relisted.inc();
                 if !listed_once {
                     listed_once = true;
                     gate.listed(label);
@@ -219,11 +221,11 @@ async fn feed<K, S>(
             }
             Ok(Event::Apply(obj)) => {
                 apply(index, &obj);
-                counter("apply");
+                applied.inc();
             }
             Ok(Event::Delete(obj)) => {
                 delete(index, &key_of(&obj));
-                counter("delete");
+                deleted.inc();
             }
             Err(e) => {
                 warn!(kind = label, error = %e, "watch failed; retrying with backoff");
