@@ -107,17 +107,23 @@ async fn footprint(pids: [u32; 2], window: Duration) -> [(f64, f64); 2] {
 /// CPU time is read from /proc in 10 ms ticks.
 const TICK_MS: f64 = 10.0;
 
-/// A CPU-time row: a ratio only when both sides used more than one tick.
+/// A CPU-time row: who is ahead only when both sides used more than one tick.
 fn cpu_row(report: &mut Report, what: &str, sigil_ms: f64, spire_ms: f64) {
-    let ratio = match (sigil_ms > TICK_MS, spire_ms > TICK_MS) {
-        (true, true) => format!("{:>7.2}", spire_ms / sigil_ms),
-        (false, true) => "    n/a (Sigil within one 10 ms tick)".to_owned(),
-        (true, false) => "    n/a (SPIRE within one 10 ms tick)".to_owned(),
-        (false, false) => "    n/a (both within one 10 ms tick)".to_owned(),
+    let advantage = match (sigil_ms > TICK_MS, spire_ms > TICK_MS) {
+        (true, true) => Ok(spire_ms / sigil_ms),
+        (false, true) => Err("Sigil within one 10 ms tick"),
+        (true, false) => Err("SPIRE within one 10 ms tick"),
+        (false, false) => Err("both within one 10 ms tick"),
     };
-    report.row(
+    report.versus(
         what,
-        format!("Sigil {sigil_ms:>9.1} ms  | SPIRE {spire_ms:>9.1} ms  | SPIRE/Sigil {ratio}"),
+        [sigil_ms, spire_ms],
+        [
+            format!("{sigil_ms:>9.1} ms "),
+            format!("{spire_ms:>9.1} ms "),
+        ],
+        "ms",
+        advantage,
     );
 }
 

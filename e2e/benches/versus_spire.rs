@@ -11,7 +11,7 @@
 //! - The client on both sides is the same: our `rust-spiffe-client` (the Rust `spiffe`
 //!   crate), retrying FetchX509SVID every 20 ms until an SVID arrives.
 //!
-//! Rows (metric | Sigil | SPIRE | SPIRE/Sigil):
+//! Rows (metric | Sigil | SPIRE | which is ahead, by how many times):
 //! 1. registration → SVID: from the moment the identity is declared (Sigil: the Pod create
 //!    call returned, the ClusterSPIFFEID already selecting it; SPIRE: the entry create
 //!    call returned) until the client in that workload holds its SVID: one at a time

@@ -27,36 +27,64 @@ impl Report {
             .push(serde_json::json!({"what": what, "value": value}));
     }
 
-    /// A "metric | Sigil | SPIRE | ratio" row where less is better (latency, memory); the
-    /// ratio is SPIRE/Sigil, above 1 when Sigil is better.
+    /// A "metric | Sigil | SPIRE | who is ahead" row where less is better (latency,
+    /// memory).
     pub fn lower_better(&mut self, what: &str, sigil: f64, spire: f64, unit: &str) {
-        let ratio = if sigil > 0.0 {
-            format!("{:>7.2}", spire / sigil)
-        } else {
-            "    n/a (Sigil below resolution)".to_owned()
-        };
-        self.row(
+        let advantage = (sigil > 0.0).then(|| spire / sigil);
+        self.versus(
             what,
-            format!(
-                "Sigil {sigil:>10.2} {unit} | SPIRE {spire:>10.2} {unit} | SPIRE/Sigil {ratio}"
-            ),
+            [sigil, spire],
+            [
+                format!("{sigil:>10.2} {unit}"),
+                format!("{spire:>10.2} {unit}"),
+            ],
+            unit,
+            advantage.ok_or("Sigil below resolution"),
         );
     }
 
-    /// A "metric | Sigil | SPIRE | ratio" row where more is better (throughput); the ratio
-    /// is Sigil/SPIRE, above 1 when Sigil is better.
+    /// A "metric | Sigil | SPIRE | who is ahead" row where more is better (throughput).
     pub fn higher_better(&mut self, what: &str, sigil: f64, spire: f64, unit: &str) {
-        let ratio = if spire > 0.0 {
-            format!("{:>7.2}", sigil / spire)
-        } else {
-            "    n/a".to_owned()
-        };
-        self.row(
+        let advantage = (spire > 0.0).then(|| sigil / spire);
+        self.versus(
             what,
-            format!(
-                "Sigil {sigil:>10.0} {unit} | SPIRE {spire:>10.0} {unit} | Sigil/SPIRE {ratio}"
-            ),
+            [sigil, spire],
+            [
+                format!("{sigil:>10.0} {unit}"),
+                format!("{spire:>10.0} {unit}"),
+            ],
+            unit,
+            advantage.ok_or("SPIRE did none"),
         );
+    }
+
+    /// A "metric | Sigil | SPIRE | who is ahead" row. The last column reads the same way
+    /// on every row, whichever way the metric points: the system ahead, and by how many
+    /// times (`advantage` is Sigil's, above 1 when Sigil is ahead; `Err` says why there
+    /// is none). The JSON row keeps both figures, the unit and `sigil_advantage`, so runs
+    /// can be compared over time.
+    pub fn versus(
+        &mut self,
+        what: &str,
+        [sigil, spire]: [f64; 2],
+        [sigil_text, spire_text]: [String; 2],
+        unit: &str,
+        advantage: Result<f64, &str>,
+    ) {
+        let ahead = match advantage {
+            Ok(a) if a > 1.0 => format!("Sigil ahead ×{a:.2}"),
+            Ok(a) if a < 1.0 && a > 0.0 => format!("SPIRE ahead ×{:.2}", 1.0 / a),
+            // Neither above nor below 1.
+            Ok(a) if a > 0.0 => "even".to_owned(),
+            Ok(_) => "n/a (Sigil did none)".to_owned(),
+            Err(why) => format!("n/a ({why})"),
+        };
+        let value = format!("Sigil {sigil_text} | SPIRE {spire_text} | {ahead}");
+        println!("{what:<62} {value}");
+        self.rows.push(serde_json::json!({
+            "what": what, "value": value, "sigil": sigil, "spire": spire, "unit": unit,
+            "sigil_advantage": advantage.ok(),
+        }));
     }
 
     /// A row summarising latencies: p50, p99 and max (JSON in microseconds).
