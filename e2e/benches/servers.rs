@@ -28,6 +28,9 @@
 //!   `--node-rate`/`--node-burst`, default 20 requests/s of up to 100 CSRs per node), since
 //!   they cap one agent and this row measures the server. The server's CPU is read over
 //!   the load window only;
+//! - while Sigil's signing load and restart are measured, SPIRE's server is stopped
+//!   (SIGSTOP, then SIGCONT): it shares the core, and its periodic entry-cache reload
+//!   would be charged to Sigil;
 //! - each server killed and started again with the identities it holds, until it serves
 //!   them (Sigil: /ready, then every entry rendered from the re-listed Pods; SPIRE: its
 //!   health check, which passes once its entry cache is built from sqlite), and its RSS
@@ -102,6 +105,36 @@ async fn footprint(pids: [u32; 2], window: Duration) -> [(f64, f64); 2] {
         );
     }
     out
+}
+
+/// SPIRE's server stopped (SIGSTOP) while Sigil's operator is measured on the core they
+/// share, and continued (SIGCONT) when this is dropped. With many entries SPIRE's server
+/// reloads its entry cache every 5 s (at 100k, a quarter of the core, and 38% of it during
+/// one Sigil restart under `perf record -C 0`), which would otherwise be charged to Sigil's
+/// signing and restart rows. Sigil's operator is idle while SPIRE is measured, so this
+/// evens the two.
+struct Paused(u32);
+
+impl Paused {
+    fn new(pid: u32) -> Self {
+        signal(pid, "STOP");
+        Self(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    let sent = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(sent, "could not send SIG{name} to spire-server (pid {pid})");
 }
 
 /// CPU time is read from /proc in 10 ms ticks.
@@ -500,7 +533,10 @@ fn main() {
         }
 
         // Node-facing signing, per core.
-        let (sigil_rate, sigil_cpu) = sigil_sign(&client, node_api, op_pid, window).await;
+        let (sigil_rate, sigil_cpu) = {
+            let _spire = Paused::new(spire_pid);
+            sigil_sign(&client, node_api, op_pid, window).await
+        };
         let (spire_rate, spire_cpu) = spire_sign(&spire, spire_pid, window).await;
         let cores = if pinned { "server on one core" } else { "not pinned" };
         report.higher_better(&format!("X509-SVIDs signed/s, node-facing API ({cores})"), sigil_rate, spire_rate, "/s");
@@ -513,6 +549,7 @@ fn main() {
         // serves every identity it held. Sigil lists the Pods from the apiserver and renders
         // them; SPIRE opens its sqlite datastore and builds its entry cache before it
         // listens, so its health check passing is the same point.
+        let spire_paused = Paused::new(spire_pid);
         drop(operator);
         let started = Instant::now();
         let (operator, health, _) = start_operator(&operator_bin, cp.kubeconfig_path(), dir.path(), server_cpu).await;
@@ -523,6 +560,7 @@ fn main() {
         .await;
         let sigil_restart = started.elapsed().as_secs_f64();
         let sigil_rss = rss_kib(operator.pid()) as f64 / 1024.0;
+        drop(spire_paused);
         drop(spire.server.take());
         let started = Instant::now();
         spire.start_server(&SpireProfile::Spiffe).await;
