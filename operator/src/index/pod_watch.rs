@@ -332,25 +332,32 @@ pub(crate) async fn list_page(
 /// # Errors
 /// A body that is not a Pod list in the encoding given.
 pub fn decode_pod_list(body: Bytes, protobuf: bool) -> kube::Result<PodPage> {
-    if protobuf {
+    let (items, resource_version, continue_token, remaining) = if protobuf {
         let list = proto::PodList::decode(unwrap_protobuf(&body)?).map_err(decode_error)?;
         let meta = list.metadata.unwrap_or_default();
-        return Ok(PodPage {
-            items: list.items.into_iter().map(WatchedPod::from).collect(),
-            resource_version: meta.resource_version.filter(|v| !v.is_empty()),
-            continue_token: meta.continue_token.filter(|v| !v.is_empty()),
-            remaining: meta.remaining_item_count,
-            protobuf,
-            bytes: body.len(),
-        });
-    }
-    let list: ObjectList<WatchedPod> =
-        serde_json::from_slice(&body).map_err(kube::Error::SerdeError)?;
+        let items = list.items.into_iter().map(WatchedPod::from).collect();
+        (
+            items,
+            meta.resource_version,
+            meta.continue_token,
+            meta.remaining_item_count,
+        )
+    } else {
+        let list: ObjectList<WatchedPod> =
+            serde_json::from_slice(&body).map_err(kube::Error::SerdeError)?;
+        let meta = list.metadata;
+        (
+            list.items,
+            meta.resource_version,
+            meta.continue_,
+            meta.remaining_item_count,
+        )
+    };
     Ok(PodPage {
-        items: list.items,
-        resource_version: list.metadata.resource_version.filter(|v| !v.is_empty()),
-        continue_token: list.metadata.continue_.filter(|v| !v.is_empty()),
-        remaining: list.metadata.remaining_item_count,
+        items,
+        resource_version: resource_version.filter(|v| !v.is_empty()),
+        continue_token: continue_token.filter(|v| !v.is_empty()),
+        remaining,
         protobuf,
         bytes: body.len(),
     })
