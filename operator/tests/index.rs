@@ -616,6 +616,95 @@ async fn nothing_is_published_before_sync() {
     assert_eq!(view.len(), 1);
 }
 
+/// Every node's entries, without the revision they were published at, by entry ID.
+fn published(ix: &EntryIndex, nodes: &[&str]) -> BTreeMap<String, (String, RegistrationEntry)> {
+    let mut out = BTreeMap::new();
+    for n in nodes {
+        for e in all(ix, n) {
+            let mut e = RegistrationEntry::clone(&e);
+            e.revision = 0;
+            assert!(out.insert(e.id.clone(), (n.to_string(), e)).is_none());
+        }
+    }
+    out
+}
+
+/// Before sync the index renders as objects arrive but holds what it rendered; at sync it
+/// publishes the held entries, netted. What it publishes must be exactly what rendering
+/// the final world once publishes, whatever changed on the way.
+#[test]
+fn entries_held_before_sync_net_to_a_render_of_the_final_world() {
+    let web = json!({"podSelector": {"matchLabels": {"app": "web"}}});
+    let prod_only = json!({
+        "namespaceSelector": {"matchLabels": {"env": "prod"}},
+        "spiffeIDTemplate": "spiffe://{{ .TrustDomain }}/prod/{{ .PodMeta.Name }}",
+    });
+    let final_world = |ix: &EntryIndex| {
+        ix.apply_trust_domain(trust_domain("main", "example.org"));
+        ix.apply_namespace(&namespace("prod", &[("env", "prod")]));
+        ix.apply_namespace(&namespace("dev", &[("env", "dev")]));
+        ix.apply_node(&node("n1", "node-uid-1", &[]));
+        ix.apply_node(&node("n2", "node-uid-2", &[]));
+        ix.apply_cluster_spiffe_id(&csid("web", 0, web.clone()));
+        ix.apply_pod(&pod("prod", "p1", "u1", Some("n1"), &[("app", "web")]));
+        ix.apply_pod(&pod("dev", "p3", "u3", Some("n2"), &[("app", "db")]));
+        ix.apply_pod(&pod("dev", "p4", "u4", Some("n2"), &[("app", "web")]));
+        ix.apply_pod(&pod("prod", "p5", "u5", Some("n1"), &[("app", "web")]));
+    };
+
+    // The order a restart sees: Pods before the rest, and changes while listing.
+    let held = EntryIndex::new(IndexConfig::new("c1"));
+    held.apply_pod(&pod("prod", "p1", "u1", Some("n1"), &[("app", "web")]));
+    held.apply_pod(&pod("prod", "p2", "u2", Some("n1"), &[("app", "web")]));
+    held.apply_pod(&pod("dev", "p3", "u3", Some("n2"), &[("app", "web")]));
+    held.apply_pod(&pod("dev", "p4", "u4", Some("n2"), &[("app", "db")]));
+    held.apply_pod(&pod("prod", "p5", "u5", None, &[("app", "web")]));
+    held.apply_cluster_spiffe_id(&csid("prod-only", 1, prod_only));
+    held.apply_cluster_spiffe_id(&csid("web", 0, web.clone()));
+    held.apply_namespace(&namespace("prod", &[("env", "prod")]));
+    held.apply_namespace(&namespace("dev", &[("env", "prod")]));
+    held.apply_trust_domain(trust_domain("main", "example.org"));
+    held.apply_node(&node("n1", "node-uid-1", &[]));
+    held.apply_node(&node("n2", "node-uid-2", &[]));
+    // Rendered and held by now: p2, and prod-only's entries for dev's pods.
+    held.delete_pod("prod", "p2");
+    held.apply_pod(&pod("dev", "p3", "u3", Some("n2"), &[("app", "db")]));
+    held.apply_pod(&pod("dev", "p4", "u4", Some("n2"), &[("app", "web")]));
+    held.apply_pod(&pod("prod", "p5", "u5", Some("n1"), &[("app", "web")]));
+    held.apply_namespace(&namespace("dev", &[("env", "dev")]));
+    held.delete_cluster_spiffe_id("prod-only");
+    assert!(
+        held.node("n1").is_empty() && held.node("n2").is_empty(),
+        "nothing is published before sync"
+    );
+    held.mark_synced();
+
+    let once = EntryIndex::new(IndexConfig::new("c1"));
+    final_world(&once);
+    once.mark_synced();
+
+    let nodes = ["n1", "n2"];
+    let expected = published(&once, &nodes);
+    assert_eq!(
+        expected.keys().cloned().collect::<Vec<_>>(),
+        {
+            let mut v = vec![
+                entry_id("web", "u1"),
+                entry_id("web", "u4"),
+                entry_id("web", "u5"),
+            ];
+            v.sort();
+            v
+        },
+        "the final world has web's entries for p1, p4 and p5"
+    );
+    assert_eq!(published(&held, &nodes), expected);
+    assert_eq!(
+        held.status("web").unwrap().stats,
+        once.status("web").unwrap().stats
+    );
+}
+
 #[test]
 fn trust_domain_resolution() {
     let ix = EntryIndex::new(IndexConfig::new("c1"));

@@ -284,8 +284,12 @@ impl EntryIndex {
         let mut batch = Batch::default();
         let r = f(&mut w.state, &mut batch);
         if !batch.is_empty() {
-            let rev = w.revisions.next();
-            self.publish(rev, batch);
+            if w.state.is_synced() {
+                let rev = w.revisions.next();
+                self.publish(rev, batch);
+            } else {
+                w.state.hold(batch);
+            }
         }
         self.inner.metrics.pods.set(w.state.pod_count() as i64);
         if !w.state.dirty.is_empty() {
@@ -319,7 +323,7 @@ impl EntryIndex {
             });
             let mut log = shard.log.write().unwrap_or_else(|p| p.into_inner());
             let before = log.len() as i64;
-            if log.apply(rev, &changes.removed, &changes.upserts) {
+            if log.apply(rev, &changes.removed, changes.upserts) {
                 delta += log.len() as i64 - before;
                 woken.push(shard.clone());
             }
@@ -448,8 +452,8 @@ impl EntryIndex {
         self.write(|s, b| s.set_trust_domain(name, None, b));
     }
 
-    /// Every informer has listed: render everything and publish. Before this the index
-    /// collects facts only.
+    /// Every informer has listed: publish what was rendered. Before this the index renders
+    /// as facts arrive but publishes nothing.
     pub fn mark_synced(&self) {
         self.write(|s, b| s.mark_synced(b));
         self.inner.synced.send_replace(true);

@@ -156,7 +156,7 @@ impl NodeLog {
         &mut self,
         revision: u64,
         removed: &[String],
-        upserts: &[Arc<RegistrationEntry>],
+        upserts: impl IntoIterator<Item = Arc<RegistrationEntry>>,
     ) -> bool {
         debug_assert!(revision > self.revision);
         let mut changed = false;
@@ -173,7 +173,8 @@ impl NodeLog {
             }
         }
         for entry in upserts {
-            let mut stamped = RegistrationEntry::clone(entry);
+            // Batches hand over entries no one else holds, so this clones nothing.
+            let mut stamped = Arc::unwrap_or_clone(entry);
             stamped.revision = revision;
             self.unlink(&stamped.id);
             if let Some(rev) = self.tombstone_of.remove(&stamped.id) {
@@ -329,11 +330,11 @@ mod tests {
         let mut revs = Revisions::with_epoch(7);
         let mut log = NodeLog::new(revs.current());
         let r1 = revs.next();
-        log.apply(r1, &[], &[entry("a", "/a"), entry("b", "/b")]);
+        log.apply(r1, &[], [entry("a", "/a"), entry("b", "/b")]);
         let r2 = revs.next();
-        log.apply(r2, &["a".into()], &[entry("c", "/c")]);
+        log.apply(r2, &["a".into()], [entry("c", "/c")]);
         let r3 = revs.next();
-        log.apply(r3, &[], &[entry("b", "/b2")]);
+        log.apply(r3, &[], [entry("b", "/b2")]);
 
         let full = log.changes_since(0);
         assert!(full.full);
@@ -368,7 +369,7 @@ mod tests {
         let mut revs = Revisions::with_epoch(7);
         let mut log = NodeLog::new(revs.current());
         let r1 = revs.next();
-        log.apply(r1, &[], &[entry("a", "/a")]);
+        log.apply(r1, &[], [entry("a", "/a")]);
         let other = Revisions::with_epoch(8).current() + 1;
         assert!(log.changes_since(other).full, "another epoch's revision");
         assert!(
@@ -384,9 +385,9 @@ mod tests {
         let start = log.revision();
         for i in 0..(MIN_TOMBSTONES + 10) {
             let r = revs.next();
-            log.apply(r, &[], &[entry(&format!("x{i}"), "/x")]);
+            log.apply(r, &[], [entry(&format!("x{i}"), "/x")]);
             let r = revs.next();
-            log.apply(r, &[format!("x{i}")], &[]);
+            log.apply(r, &[format!("x{i}")], []);
         }
         assert!(log.changes_since(start).full, "older than the floor");
         let recent = log.revision() - 2;
@@ -400,11 +401,11 @@ mod tests {
         let mut revs = Revisions::with_epoch(1);
         let mut log = NodeLog::new(revs.current());
         let r1 = revs.next();
-        log.apply(r1, &[], &[entry("a", "/a")]);
+        log.apply(r1, &[], [entry("a", "/a")]);
         let r2 = revs.next();
-        log.apply(r2, &["a".into()], &[]);
+        log.apply(r2, &["a".into()], []);
         let r3 = revs.next();
-        log.apply(r3, &[], &[entry("a", "/a")]);
+        log.apply(r3, &[], [entry("a", "/a")]);
         let d = log.changes_since(r1);
         assert_eq!(ids(&d), ["a"]);
         assert!(d.removed.is_empty());

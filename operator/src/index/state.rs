@@ -14,8 +14,11 @@
 //! fallback and masking are always decided with the whole picture of that pod. The
 //! result is a [`Batch`] of per-node upserts and removals, which the caller publishes.
 //!
-//! Nothing is rendered before [`State::mark_synced`]: until every informer has listed, a
-//! partial world would publish removals that are not real.
+//! Nothing is published before [`State::mark_synced`]: until every informer has listed, a
+//! partial world would publish removals that are not real. Pods are rendered as they
+//! arrive all the same, and the batches are held ([`State::hold`]) and netted: a restart
+//! renders the Pods of one LIST page while the apiserver serves the next, and
+//! `mark_synced` publishes the held entries as one batch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -58,11 +61,15 @@ impl Batch {
     }
 
     fn upsert(&mut self, node: &str, e: Arc<RegistrationEntry>) {
-        self.nodes
-            .entry(node.to_owned())
-            .or_default()
-            .upserts
-            .push(e);
+        match self.nodes.get_mut(node) {
+            Some(changes) => changes.upserts.push(e),
+            None => self
+                .nodes
+                .entry(node.to_owned())
+                .or_default()
+                .upserts
+                .push(e),
+        }
     }
 
     fn remove(&mut self, node: &str, id: String) {
@@ -181,6 +188,8 @@ pub(crate) struct State {
     order: Vec<CsidId>,
     /// ClusterSPIFFEIDs whose status may have changed since the status writer last looked.
     pub(crate) dirty: BTreeSet<String>,
+    /// Before sync: the entries rendered so far, by node and entry ID (see [`State::hold`]).
+    held: HashMap<(String, String), Arc<RegistrationEntry>>,
 }
 
 impl State {
@@ -203,6 +212,25 @@ impl State {
             csid_by_name: HashMap::new(),
             order: Vec::new(),
             dirty: BTreeSet::new(),
+            held: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Before sync, keeps what a change rendered instead of publishing it, netted as the
+    /// node logs would apply it (removals, then upserts): what is held is exactly what
+    /// publishing every batch would have left.
+    pub(crate) fn hold(&mut self, batch: Batch) {
+        for (node, changes) in batch.nodes {
+            for id in changes.removed {
+                self.held.remove(&(node.clone(), id));
+            }
+            for e in changes.upserts {
+                self.held.insert((node.clone(), e.id.clone()), e);
+            }
         }
     }
 
@@ -224,14 +252,17 @@ impl State {
             .filter_map(|&c| self.csid(c).map(|r| (c, r)))
     }
 
-    /// Renders everything once every informer has listed; from now on changes publish.
+    /// Once every informer has listed: every entry held so far goes into `batch`, and from
+    /// now on changes publish.
     pub(crate) fn mark_synced(&mut self, batch: &mut Batch) {
         if self.synced {
             return;
         }
         self.synced = true;
-        let all: Vec<PodId> = self.pod_by_key.values().copied().collect();
-        self.rerender(all, batch);
+        for ((node, _), e) in self.held.drain() {
+            batch.upsert(&node, e);
+        }
+        self.held.shrink_to_fit();
         self.dirty.extend(self.csid_by_name.keys().cloned());
     }
 
@@ -685,9 +716,6 @@ impl State {
     // ---- rendering ----
 
     fn rerender(&mut self, pods: impl IntoIterator<Item = PodId>, batch: &mut Batch) {
-        if !self.synced {
-            return;
-        }
         for id in pods {
             let Some(mut rec) = self.pods.get_mut(id as usize).and_then(Option::take) else {
                 continue;
@@ -768,14 +796,16 @@ impl State {
                 }
             }
         }
-        if let Some(n) = &node {
-            for (id, hash, e) in &new {
-                if !rec.published.iter().any(|(i, h)| i == id && h == hash) {
-                    batch.upsert(n, Arc::new(e.clone()));
-                }
+        let mut published = Vec::with_capacity(new.len());
+        for (id, hash, e) in new {
+            if let Some(n) = &node
+                && !rec.published.iter().any(|(i, h)| *i == id && *h == hash)
+            {
+                batch.upsert(n, Arc::new(e));
             }
+            published.push((id, hash));
         }
-        rec.published = new.into_iter().map(|(i, h, _)| (i, h)).collect();
+        rec.published = published;
         rec.published_on = node;
     }
 
