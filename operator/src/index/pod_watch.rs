@@ -35,6 +35,7 @@ use kube::core::{ObjectList, Request, Status};
 use kube::runtime::watcher::{Error, Event};
 use kube::{Client, Resource};
 use prost::Message;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
 
 use super::objects::{WatchedPod, WatchedPodSpec, WatchedPodStatus};
@@ -100,11 +101,11 @@ fn watcher_from(
 enum State {
     /// The next step starts a LIST from the first page.
     Relist,
-    /// Paging through a LIST; `resource_version` is set once the first page arrived.
+    /// Paging through a LIST: the Pods of the page handed out, and the next page, already
+    /// asked for (`None` before the first page and after the last).
     Listing {
-        page_size: u32,
-        continue_token: Option<String>,
         items: std::vec::IntoIter<WatchedPod>,
+        next: Option<NextPage>,
         resource_version: Option<String>,
     },
     /// Listed; the next step opens a watch from `resource_version`.
@@ -113,6 +114,26 @@ enum State {
         resource_version: String,
         stream: BoxStream<'static, kube::Result<WatchEvent<WatchedPod>>>,
     },
+}
+
+/// The next LIST page, asked for as soon as its continue token arrived: the apiserver
+/// serves it while the index renders the Pods of the page before (at 100k Pods, about
+/// 40 ms of the operator's CPU for each 5000-Pod page). A list abandoned midway (the stream
+/// dropped) aborts it.
+struct NextPage {
+    page: AbortOnDropHandle<kube::Result<PodPage>>,
+    size: u32,
+}
+
+impl NextPage {
+    fn fetch(client: &Client, size: u32, token: String) -> Self {
+        let client = client.clone();
+        let task = tokio::spawn(async move { list_page(&client, size, Some(token), true).await });
+        Self {
+            page: AbortOnDropHandle::new(task),
+            size,
+        }
+    }
 }
 
 /// One step: an event (or error) to hand out, if any, and the state after it.
@@ -125,53 +146,61 @@ async fn step(
         State::Relist => (
             Some(Ok(Event::Init)),
             State::Listing {
-                page_size: first_page,
-                continue_token: None,
                 items: Vec::new().into_iter(),
+                next: None,
                 resource_version: None,
             },
         ),
         State::Listing {
-            page_size: size,
-            continue_token,
             mut items,
+            next,
             resource_version,
         } => {
             if let Some(pod) = items.next() {
                 return (
                     Some(Ok(Event::InitApply(pod))),
                     State::Listing {
-                        page_size: size,
-                        continue_token,
                         items,
+                        next,
                         resource_version,
                     },
                 );
             }
-            let first = resource_version.is_none();
-            if let (None, Some(resource_version)) = (&continue_token, resource_version) {
-                return (
-                    Some(Ok(Event::InitDone)),
-                    State::Listed { resource_version },
-                );
-            }
-            match list_page(client, size, continue_token, true).await {
+            let (page, size) = match (next, resource_version) {
+                // A fetch that panicked or was aborted fails the list like any error.
+                (Some(next), _) => (
+                    next.page
+                        .await
+                        .unwrap_or_else(|e| Err(kube::Error::Service(e.into()))),
+                    Some(next.size),
+                ),
+                (None, Some(resource_version)) => {
+                    return (
+                        Some(Ok(Event::InitDone)),
+                        State::Listed { resource_version },
+                    );
+                }
+                (None, None) => (list_page(client, first_page, None, true).await, None),
+            };
+            match page {
                 Ok(page) if page.resource_version.is_none() && page.continue_token.is_none() => {
                     (Some(Err(Error::NoResourceVersion)), State::Relist)
                 }
-                Ok(page) => (
-                    None,
-                    State::Listing {
-                        page_size: if first {
-                            page_size(page.remaining)
-                        } else {
-                            size
+                Ok(page) => {
+                    // The first page sets the size of the others.
+                    let size = size.unwrap_or_else(|| page_size(page.remaining));
+                    let next = page
+                        .continue_token
+                        .map(|token| NextPage::fetch(client, size, token));
+                    (
+                        None,
+                        State::Listing {
+                            items: page.items.into_iter(),
+                            next,
+                            resource_version: page.resource_version,
                         },
-                        continue_token: page.continue_token,
-                        items: page.items.into_iter(),
-                        resource_version: page.resource_version,
-                    },
-                ),
+                    )
+                }
                 // Every failed page lists again from the start, as kube-runtime does: a
                 // continue token is only good for a few minutes (410 Gone after that).
                 Err(e) => (Some(Err(Error::InitialListFailed(e))), State::Relist),
