@@ -183,7 +183,10 @@ async fn feed<K, S>(
 {
     let stream = stream.default_backoff();
     futures::pin_mut!(stream);
-    let mut relist: Option<HashSet<String>> = None;
+    // During a list: the keys the index held when it began and the list has not named yet.
+    // What is left when it ends was deleted while the watch was down. The first list
+    // starts from nothing, so it keys nothing.
+    let mut unseen: HashSet<String> = HashSet::new();
     let mut listed_once = false;
     // The counters are looked up once, not per event: a lookup allocates its labels.
     let counter = |action: &str| {
@@ -198,18 +201,21 @@ async fn feed<K, S>(
     };
     let (applied, deleted, relisted) = (counter("apply"), counter("delete"), counter("relist"));
     while let Some(event) = stream.next().await {
+        // A LIST hands out thousands of events without waiting; this yields to the
+        // runtime every so often, so the next page's fetch and the Node API get to run
+        // even on one worker thread (an operator limited to one CPU has one).
+        tokio::task::coop::consume_budget().await;
         match event {
-            Ok(Event::Init) => relist = Some(HashSet::new()),
+            Ok(Event::Init) => unseen = index.keys(kind).into_iter().collect(),
             Ok(Event::InitApply(obj)) => {
                 apply(index, &obj);
-                if let Some(seen) = relist.as_mut() {
-                    seen.insert(key_of(&obj));
+                if !unseen.is_empty() {
+                    unseen.remove(&key_of(&obj));
                 }
                 applied.inc();
             }
             Ok(Event::InitDone) => {
-                let seen = relist.take().unwrap_or_default();
-                for gone in index.keys(kind).into_iter().filter(|k| !seen.contains(k)) {
+                for gone in std::mem::take(&mut unseen) {
                     delete(index, &gone);
                     deleted.inc();
                 }
@@ -238,5 +244,67 @@ async fn feed<K, S>(
                     .inc();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::index::IndexConfig;
+
+    fn node(name: &str) -> Node {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap()
+    }
+
+    /// A relist deletes what the index held and the new list lacks, and nothing else; the
+    /// events come as kube-runtime's watcher hands them out after a lost watch.
+    #[tokio::test]
+    async fn a_relist_deletes_only_what_the_new_list_lacks() {
+        let index = EntryIndex::new(IndexConfig::new("c1"));
+        let gate = SyncGate {
+            remaining: AtomicUsize::new(1),
+            index: index.clone(),
+            ready: None,
+        };
+        let events = [
+            Event::Init,
+            Event::InitApply(node("a")),
+            Event::InitApply(node("b")),
+            Event::InitDone,
+            Event::Apply(node("c")),
+            Event::Apply(node("d")),
+            Event::Delete(node("d")),
+            // The watch was lost; while it was down b was deleted and e created.
+            Event::Init,
+            Event::InitApply(node("a")),
+            Event::InitApply(node("c")),
+            Event::InitApply(node("e")),
+            Event::InitDone,
+        ];
+        feed(
+            futures::stream::iter(events.map(Ok)),
+            Kind::Node,
+            "Node",
+            &index,
+            &gate,
+            |ix, n: &Node| ix.apply_node(n),
+            |ix, key| ix.delete_node(key),
+        )
+        .await;
+        let mut keys = index.keys(Kind::Node);
+        keys.sort();
+        assert_eq!(keys, ["a", "c", "e"]);
+        assert!(index.is_synced(), "the first list marked the index synced");
+        let deleted = index
+            .metrics()
+            .events
+            .get_or_create(&EventLabels {
+                kind: "Node".into(),
+                action: "delete".into(),
+            })
+            .get();
+        assert_eq!(deleted, 2, "d by its event, b by the relist");
     }
 }
