@@ -1,0 +1,3 @@
+module sigil.dev/e2e/pause
+
+go 1.24
