@@ -1,10 +1,12 @@
 # syntax=docker/dockerfile:1
+# GENERATED from images/images.conf by `hack/images.sh dockerfile`: edit that file, then
+# regenerate. The real-node tests build the same images without Docker from the same
+# description (hack/images.sh), and `hack/images.sh check` fails when the two differ.
+#
 # The three Sigil images from one build:
 #   docker build --target sigil-operator -t sigil-operator .
 #   docker build --target sigil-agent    -t sigil-agent .
 #   docker build --target sigil-csi      -t sigil-csi .
-# (No Docker engine runs where Sigil is developed, so this file is kept simple and is
-# not built by the tests.)
 
 FROM docker.io/library/rust:1.95-bookworm AS build
 # The agent links the tss2 libraries (TPM node attestation, tss-esapi).
@@ -14,12 +16,10 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p sigil-operator -p sigil-agent -p sigil-csi -p sigil-cli \
- && mkdir -p /out/tss2 \
- && cp target/release/sigil-operator target/release/sigil-agent target/release/sigil-csi target/release/sigil /out/ \
- && cp -L /usr/lib/*-linux-gnu/libtss2-esys.so.0 /usr/lib/*-linux-gnu/libtss2-sys.so.1 \
-          /usr/lib/*-linux-gnu/libtss2-mu.so.0 /usr/lib/*-linux-gnu/libtss2-tctildr.so.0 \
-          /usr/lib/*-linux-gnu/libtss2-tcti-device.so.0 /out/tss2/
+    cargo build --release --locked --bins \
+ && mkdir -p /out/lib \
+ && cp target/release/sigil target/release/sigil-agent target/release/sigil-csi target/release/sigil-operator /out/ \
+ && cp -L /usr/lib/*-linux-gnu/libtss2-esys.so.0 /usr/lib/*-linux-gnu/libtss2-mu.so.0 /usr/lib/*-linux-gnu/libtss2-sys.so.1 /usr/lib/*-linux-gnu/libtss2-tcti-device.so.0 /usr/lib/*-linux-gnu/libtss2-tctildr.so.0 /out/lib/
 
 # The operator needs nothing from the host: non-root, read-only root filesystem (the
 # chart sets it), no shell.
@@ -30,10 +30,14 @@ ENTRYPOINT ["/sigil-operator"]
 
 # The agent runs as root with CAP_SYS_PTRACE (reading /proc/<pid>/exe of workloads) and
 # hostPID; see charts/sigil/templates/agent.yaml. The sigil CLI is included for debugging
-# (kubectl exec ... -- /sigil x509 fetch).
+# (kubectl exec ... -- /sigil x509 fetch). tss2 for the TPM (the device TCTI; libcrypto
+# comes with the base image).
 FROM gcr.io/distroless/cc-debian12 AS sigil-agent
-# tss2 for the TPM (the device TCTI; libcrypto comes with the base image).
-COPY --from=build /out/tss2/ /usr/lib/x86_64-linux-gnu/
+COPY --from=build /out/lib/libtss2-esys.so.0 /usr/lib/x86_64-linux-gnu/
+COPY --from=build /out/lib/libtss2-sys.so.1 /usr/lib/x86_64-linux-gnu/
+COPY --from=build /out/lib/libtss2-mu.so.0 /usr/lib/x86_64-linux-gnu/
+COPY --from=build /out/lib/libtss2-tctildr.so.0 /usr/lib/x86_64-linux-gnu/
+COPY --from=build /out/lib/libtss2-tcti-device.so.0 /usr/lib/x86_64-linux-gnu/
 COPY --from=build /out/sigil-agent /sigil-agent
 COPY --from=build /out/sigil /sigil
 ENTRYPOINT ["/sigil-agent"]
