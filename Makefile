@@ -20,6 +20,18 @@ test: ## Install what the tests need (cached) and run every test
 test-tools: ## Build the pinned kube-apiserver, etcd and other real test peers into the cache
 	@bash hack/test-tools.sh
 
+.PHONY: cluster
+cluster: ## A real single-node Kubernetes (kubelet, containerd) in its own network namespace: docs/real-node.md
+	@bash hack/cluster.sh up
+
+.PHONY: cluster-down
+cluster-down: ## Stop the real node and remove every trace of it (mounts, processes, netns, cgroups)
+	@bash hack/cluster.sh down
+
+.PHONY: images
+images: ## Build Sigil's images and the test images without Docker; import them when the node is up
+	@bash hack/images.sh all
+
 .PHONY: build
 build: ## Build the three binaries and the CLI (release)
 	@bash hack/test-tools.sh swtpm # Debian's libtss2 + pkg-config, which the agent links

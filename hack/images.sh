@@ -4,6 +4,7 @@
 #   hack/images.sh build [NAME...]   OCI layout tars in $SIGIL_CACHE/images (default: all);
 #                                     release images run `cargo build --release` first
 #   hack/images.sh import [NAME...]  build, then import into the real node's containerd
+#   hack/images.sh all               build every image; import them when the node is up
 #   hack/images.sh helm-args         the `helm install` flags that select these images
 #   hack/images.sh dockerfile        print the Dockerfile images.conf describes
 #   hack/images.sh check             fail if ./Dockerfile differs from that
@@ -192,6 +193,8 @@ build_one() { # name
       lib) install -D -m 644 "$(readlink -f "$LIBDIR/$a")" "$app$b/$a" ;;
       tool) install -D -m 755 "$SIGIL_BIN/static/$a" "$app$b" ;;
       host) install -D -m 755 "$a" "$app$b"; [[ $a == */busybox ]] && busybox_dest=$b ;;
+      deb) install -D -m 755 "$SIGIL_CACHE/debian/$a" "$app$b" ;;
+      dir) mkdir -p "$app$a"; chmod 1777 "$app$a" ;;
       busybox)
         [ -n "$busybox_dest" ] || die "$name: busybox before its host line"
         mkdir -p "$app$a"
@@ -228,14 +231,16 @@ build() {
   check
   if [ $release = 1 ]; then release_bins; fi
   if [ ! -x "$SIGIL_BIN/static/pause" ] || [ ! -x "$SIGIL_BIN/static/node-registrar" ] ||
-    [ ! -x "$SIGIL_BIN/static/go-spiffe-client" ] || [ ! -x /bin/busybox ]; then
+    [ ! -x "$SIGIL_BIN/static/go-spiffe-client" ] || [ ! -x /bin/busybox ] ||
+    [ ! -x "$SIGIL_CACHE/debian/nginx/usr/sbin/nginx" ]; then
     bash "$here/hack/test-tools.sh" node-helpers debian-node
   fi
   for n in "${names[@]}"; do build_one "$n"; done
 }
 
+SOCK=/run/sigil-cluster/containerd/containerd.sock
 import() {
-  local sock=/run/sigil-cluster/containerd/containerd.sock n names=("$@")
+  local sock=$SOCK n names=("$@")
   [ -S "$sock" ] || die "no cluster: run make cluster first"
   [ ${#names[@]} -gt 0 ] || mapfile -t names < <(conf_images)
   build "${names[@]}"
@@ -253,8 +258,9 @@ helm_args() {
 case ${1:-} in
   build) shift; build "$@" ;;
   import) shift; import "$@" ;;
+  all) if [ -S "$SOCK" ]; then import; else build; fi ;;
   helm-args) helm_args ;;
   dockerfile) dockerfile ;;
   check) check ;;
-  *) sed -n '2,13p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,14p' "$0" >&2; exit 2 ;;
 esac

@@ -6,7 +6,9 @@
 #   hack/test-tools.sh etcd helm  build only these
 #
 # Idempotent: each tool is stamped with its pinned version; a second run only checks
-# stamps and prints "cached". The cache lives in $SIGIL_CACHE (default
+# stamps and prints "cached". Module downloads of every tool to build start together in
+# the background (network-bound); the compiles run one at a time (CPU-bound).
+# The cache lives in $SIGIL_CACHE (default
 # ${XDG_CACHE_HOME:-~/.cache}/sigil); the repo's .tools/bin is a symlink into it.
 set -euo pipefail
 
@@ -33,42 +35,53 @@ mark() { echo "$2" >"$(stamp "$1")"; }
 
 # A throwaway module: upstream kubernetes go.mod points every staging module at ./staging,
 # so require k8s.io/kubernetes and replace each staging module with its published tag.
-build_kube_apiserver() {
-  local v=$KUBE_VERSION minor patch dir
+# Every Kubernetes binary comes from this one module and one `go build`, so they share
+# one build (kube-apiserver for the control-plane tests; the rest for the real node).
+KUBE_CMDS="kube-apiserver kubelet kube-controller-manager kube-scheduler kube-proxy kubectl"
+kube_dir() { echo "$SIGIL_CACHE/src/kube-$KUBE_VERSION"; }
+fetch_kube() {
+  local v=$KUBE_VERSION minor patch dir c
   minor=$(echo "$v" | cut -d. -f2); patch=$(echo "$v" | cut -d. -f3)
-  dir=$SIGIL_CACHE/src/kube-apiserver-$v
+  dir=$(kube_dir)
   mkdir -p "$dir"; cd "$dir"
-  go mod download -json "k8s.io/kubernetes@$v" >/dev/null
   local upstream_mod
   upstream_mod=$(go mod download -json "k8s.io/kubernetes@$v" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
   {
-    echo "module sigil.dev/tools/kube-apiserver"
+    echo "module sigil.dev/tools/kube"
     echo "go $(go env GOVERSION | sed 's/^go//; s/\.[0-9]*$//').0"
     echo "require k8s.io/kubernetes $v"
     grep -E '^\s*k8s.io/[a-z0-9-]+ => ./staging/' "$upstream_mod" | awk '{print $1}' | sort -u |
       while read -r m; do echo "replace $m => $m v0.$minor.$patch"; done
   } >go.mod
-  cat >tools.go <<'EOF'
-//go:build tools
-
-package tools
-
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
-EOF
-  go get "k8s.io/kubernetes/cmd/kube-apiserver@$v" >/dev/null
+  {
+    printf '//go:build tools\n\npackage tools\n\nimport (\n'
+    for c in $KUBE_CMDS; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$c"; done
+    printf ')\n'
+  } >tools.go
+  # shellcheck disable=SC2046
+  go get $(for c in $KUBE_CMDS; do echo "k8s.io/kubernetes/cmd/$c@$v"; done) >/dev/null
+}
+build_kube() {
+  local v=$KUBE_VERSION minor c
+  minor=$(echo "$v" | cut -d. -f2)
+  fetch_kube
   local pkg=k8s.io/component-base/version
-  go build -o "$SIGIL_BIN/kube-apiserver" \
+  # shellcheck disable=SC2046
+  go build -o "$SIGIL_BIN/" \
     -ldflags "-s -w -X $pkg.gitVersion=$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor" \
-    k8s.io/kubernetes/cmd/kube-apiserver
+    $(for c in $KUBE_CMDS; do echo "k8s.io/kubernetes/cmd/$c"; done)
 }
 
 # etcd's package main is go.etcd.io/etcd/server/v3; server/go.mod has replace lines, so
 # go install fails, but a module that merely requires it builds fine.
-build_etcd() {
+fetch_etcd() {
   local dir=$SIGIL_CACHE/src/etcd-$ETCD_VERSION
   mkdir -p "$dir"; cd "$dir"
   [ -f go.mod ] || go mod init sigil.dev/tools/etcd >/dev/null 2>&1
   go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION" >/dev/null
+}
+build_etcd() {
+  fetch_etcd
   go build -o "$SIGIL_BIN/etcd" -ldflags "-s -w" go.etcd.io/etcd/server/v3
 }
 
@@ -76,12 +89,15 @@ go_install() { # module/cmd@version [binary-name]
   GOBIN=$SIGIL_BIN go install -ldflags "-s -w" "$1"
 }
 
+# `go install -n` loads every package (downloading its module) and compiles nothing.
+fetch_csi_sanity() { GOBIN=$SIGIL_BIN go install -n "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_SANITY_VERSION" 2>/dev/null; }
 build_csi_sanity() { go_install "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$CSI_SANITY_VERSION"; }
+fetch_helm() { GOBIN=$SIGIL_BIN go install -n "helm.sh/helm/v4/cmd/helm@$HELM_VERSION" 2>/dev/null; }
 build_helm() { go_install "helm.sh/helm/v4/cmd/helm@$HELM_VERSION"; }
 
 # SPIRE's module has no version list on the proxy, so go install with a version is
 # refused; a throwaway module that requires the exact version works. cgo for sqlite.
-build_spire() {
+fetch_spire() {
   local dir=$SIGIL_CACHE/src/spire-$SPIRE_VERSION
   mkdir -p "$dir"; cd "$dir"
   [ -f go.mod ] || go mod init sigil.dev/tools/spire >/dev/null 2>&1
@@ -89,6 +105,10 @@ build_spire() {
   # upstream-authority plugin); v1.0.2 is served and builds.
   go mod edit -replace github.com/Keyfactor/ejbca-go-client-sdk=github.com/Keyfactor/ejbca-go-client-sdk@v1.0.2
   go get "github.com/spiffe/spire@$SPIRE_VERSION"
+  CGO_ENABLED=1 go build -n github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent >/dev/null 2>&1
+}
+build_spire() {
+  fetch_spire
   CGO_ENABLED=1 go build -o "$SIGIL_BIN/spire-server" -ldflags "-s -w" github.com/spiffe/spire/cmd/spire-server
   go build -o "$SIGIL_BIN/spire-agent" -ldflags "-s -w" github.com/spiffe/spire/cmd/spire-agent
 }
@@ -130,17 +150,105 @@ EOF
   chmod +x "$SIGIL_BIN/py-spiffe-client"
 }
 
+# ---- the real node (hack/cluster.sh, docs/real-node.md) ----
+
+fetch_containerd() {
+  local dir=$SIGIL_CACHE/src/containerd-$CONTAINERD_VERSION
+  mkdir -p "$dir"; cd "$dir"
+  [ -f go.mod ] || go mod init sigil.dev/tools/containerd >/dev/null 2>&1
+  go get "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
+    "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION" \
+    "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" >/dev/null
+}
+build_containerd() {
+  fetch_containerd
+  local x="-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
+  go build -o "$SIGIL_BIN/" -ldflags "$x" \
+    github.com/containerd/containerd/v2/cmd/containerd github.com/containerd/containerd/v2/cmd/ctr
+  # The shim outlives containerd restarts: static, as upstream builds it.
+  CGO_ENABLED=0 go build -o "$SIGIL_BIN/" -ldflags "$x" github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2
+}
+
+# runc with seccomp (cgo, Debian's libseccomp-dev): without it every container that asks
+# for a seccomp profile fails.
+fetch_runc() {
+  local dir=$SIGIL_CACHE/src/runc-$RUNC_VERSION
+  mkdir -p "$dir"; cd "$dir"
+  [ -f go.mod ] || go mod init sigil.dev/tools/runc >/dev/null 2>&1
+  go get "github.com/opencontainers/runc@$RUNC_VERSION" >/dev/null
+}
+build_runc() {
+  install_debian_node
+  fetch_runc
+  CGO_ENABLED=1 go build -tags seccomp -o "$SIGIL_BIN/runc" \
+    -ldflags "-s -w -X main.version=${RUNC_VERSION#v}" github.com/opencontainers/runc
+}
+
+fetch_coredns() {
+  local dir=$SIGIL_CACHE/src/coredns-$COREDNS_VERSION
+  mkdir -p "$dir"; cd "$dir"
+  [ -f go.mod ] || go mod init sigil.dev/tools/coredns >/dev/null 2>&1
+  go get "github.com/coredns/coredns@$COREDNS_VERSION" >/dev/null
+}
+build_coredns() {
+  fetch_coredns
+  go build -o "$SIGIL_BIN/coredns" -ldflags "-s -w" github.com/coredns/coredns
+}
+
+# Our own Go programs of the real node (e2e/node) and the static go-spiffe client of the
+# test images. Static ones go to $SIGIL_BIN/static (images), netns-forward to $SIGIL_BIN.
+node_helpers_src() { cat "$here"/e2e/node/*/*.go "$here"/e2e/node/*/go.mod "$here"/e2e/clients/go-spiffe/*.go "$here"/e2e/clients/go-spiffe/go.mod; }
+fetch_node_helpers() {
+  local d name
+  for d in "$here"/e2e/node/*/ "$here"/e2e/clients/go-spiffe/; do
+    name=$(basename "$d")
+    rm -rf "$SIGIL_CACHE/src/node-helpers/$name"; mkdir -p "$SIGIL_CACHE/src/node-helpers/$name"
+    cp "$d"/*.go "$d"/go.mod "$SIGIL_CACHE/src/node-helpers/$name/"
+    (cd "$SIGIL_CACHE/src/node-helpers/$name" && go mod tidy >/dev/null)
+  done
+  (cd "$SIGIL_CACHE/src/node-helpers/go-spiffe" && go get "github.com/spiffe/go-spiffe/v2@$GO_SPIFFE_VERSION" >/dev/null)
+}
+build_node_helpers() {
+  fetch_node_helpers
+  mkdir -p "$SIGIL_BIN/static"
+  local src=$SIGIL_CACHE/src/node-helpers
+  (cd "$src/netns-forward" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$SIGIL_BIN/netns-forward" .)
+  (cd "$src/pause" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$SIGIL_BIN/static/pause" .)
+  (cd "$src/node-registrar" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$SIGIL_BIN/static/node-registrar" .)
+  (cd "$src/go-spiffe" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$SIGIL_BIN/static/go-spiffe-client" .)
+}
+
+# The CNI plugins, iptables, conntrack, libseccomp (runc), busybox (test images) from
+# Debian; nginx (test images) is unpacked into the cache, not installed, so no service
+# appears on the machine.
+install_debian_node() {
+  apt_install $DEBIAN_NODE_PACKAGES
+  local root=$SIGIL_CACHE/debian/nginx
+  if [ ! -x "$root/usr/sbin/nginx" ]; then
+    local tmp; tmp=$(mktemp -d)
+    (cd "$tmp" && { apt-get download nginx >/dev/null 2>&1 ||
+      { apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null && apt-get download nginx >/dev/null; }; })
+    rm -rf "$root"; mkdir -p "$root"
+    dpkg-deb -x "$tmp"/nginx_*.deb "$root"
+    rm -rf "$tmp"
+  fi
+}
+
+apt_install() { # packages...: those not installed yet
+  local missing=() p
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  log "apt: installing ${missing[*]}"
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  # Another process may be installing packages: wait for the dpkg lock, don't fail.
+  $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
 # swtpm and the tss2 libraries from Debian (tss-esapi links libtss2-esys).
 install_debian_tpm() {
-  local missing=()
-  for p in $DEBIAN_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "apt: installing ${missing[*]}"
-    local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-    # Another process may be installing packages: wait for the dpkg lock, don't fail.
-    $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  # shellcheck disable=SC2086
+  apt_install $DEBIAN_PACKAGES
   ln -sfn "$(command -v swtpm)" "$SIGIL_BIN/swtpm"
 }
 
@@ -150,10 +258,40 @@ if [ "${1:-}" = "--one" ]; then
   "build_$2"
   exit 0
 fi
+if [ "${1:-}" = "--fetch" ]; then
+  "fetch_$2"
+  exit 0
+fi
 
+# tool_spec TOOL: "stamp-key binaries..." of a tool that is built and stamped.
+tool_spec() {
+  case $1 in
+    kube) echo "$KUBE_VERSION $KUBE_CMDS" ;;
+    etcd) echo "$ETCD_VERSION etcd" ;;
+    csi-sanity) echo "$CSI_SANITY_VERSION csi-sanity" ;;
+    helm) echo "$HELM_VERSION helm" ;;
+    spire) echo "$SPIRE_VERSION spire-server spire-agent" ;;
+    go-spiffe-client)
+      echo "$GO_SPIFFE_VERSION-$(cat "$here"/e2e/clients/go-spiffe/*.go "$here"/e2e/clients/go-spiffe/go.mod | sha256sum | cut -c1-12) go-spiffe-client" ;;
+    py-spiffe)
+      echo "$PY_SPIFFE_VERSION-$(sha256sum <"$here"/e2e/clients/py-spiffe/client.py | cut -c1-12) py-spiffe-client" ;;
+    spire-mint)
+      echo "$SPIRE_VERSION-$(sha256sum <"$here"/e2e/clients/spire-mint/main.go | cut -c1-12) spire-mint" ;;
+    containerd) echo "$CONTAINERD_VERSION containerd containerd-shim-runc-v2 ctr" ;;
+    runc) echo "$RUNC_VERSION runc" ;;
+    coredns) echo "$COREDNS_VERSION coredns" ;;
+    node-helpers)
+      echo "$GO_SPIFFE_VERSION-$(node_helpers_src | sha256sum | cut -c1-12) netns-forward static/pause static/node-registrar static/go-spiffe-client" ;;
+    *) return 1 ;;
+  esac
+}
+
+declare -A fetching=()
 build() { # tool version-key binaries...
   local t=$1 key=$2; shift 2
   if is_cached "$t" "$key" "$@"; then log "$t $key: cached"; return 0; fi
+  # Its modules were being fetched in the background: the compile starts after that.
+  [ -z "${fetching[$t]:-}" ] || wait "${fetching[$t]}" || true
   local start; start=$(date +%s)
   log "$t $key: building (first build is slow; Go caches in $SIGIL_CACHE/go are reused)"
   local out; out=$(mktemp)
@@ -169,24 +307,37 @@ build() { # tool version-key binaries...
   fi
 }
 
-want=("$@")
-[ ${#want[@]} -gt 0 ] || want=($ALL_TOOLS)
+args=("$@")
+[ ${#args[@]} -gt 0 ] || read -ra args <<<"$ALL_TOOLS"
+want=()
+for t in "${args[@]}"; do
+  # kube-apiserver is built with the other Kubernetes binaries.
+  [ "$t" = kube-apiserver ] && t=kube
+  want+=("$t")
+done
+
+# Start the downloads of every tool that is not cached, all at once.
+for t in "${want[@]}"; do
+  spec=$(tool_spec "$t") || continue
+  # shellcheck disable=SC2086
+  is_cached "$t" $spec && continue
+  declare -F "fetch_${t//-/_}" >/dev/null || continue
+  bash "$0" --fetch "${t//-/_}" >/dev/null 2>&1 &
+  fetching[$t]=$!
+done
 
 for t in "${want[@]}"; do
+  if spec=$(tool_spec "$t"); then
+    # shellcheck disable=SC2086
+    build "$t" $spec
+    continue
+  fi
   case $t in
-    kube-apiserver) build "$t" "$KUBE_VERSION" kube-apiserver ;;
-    etcd) build "$t" "$ETCD_VERSION" etcd ;;
-    csi-sanity) build "$t" "$CSI_SANITY_VERSION" csi-sanity ;;
-    helm) build "$t" "$HELM_VERSION" helm ;;
-    spire) build "$t" "$SPIRE_VERSION" spire-server spire-agent ;;
-    go-spiffe-client)
-      build "$t" "$GO_SPIFFE_VERSION-$(cat "$here"/e2e/clients/go-spiffe/*.go "$here"/e2e/clients/go-spiffe/go.mod | sha256sum | cut -c1-12)" go-spiffe-client ;;
-    py-spiffe)
-      build "$t" "$PY_SPIFFE_VERSION-$(sha256sum <"$here"/e2e/clients/py-spiffe/client.py | cut -c1-12)" py-spiffe-client ;;
-    spire-mint)
-      build "$t" "$SPIRE_VERSION-$(sha256sum <"$here"/e2e/clients/spire-mint/main.go | cut -c1-12)" spire-mint ;;
     swtpm) install_debian_tpm; log "swtpm/tss2: present" ;;
-    *) log "unknown tool $t (known: $ALL_TOOLS)"; exit 2 ;;
+    debian-node) install_debian_node; log "CNI plugins, iptables, busybox, nginx (unpacked): present" ;;
+    *) log "unknown tool $t (known: $ALL_TOOLS $NODE_TOOLS)"; exit 2 ;;
   esac
 done
+# Nothing is left downloading in the background.
+wait
 log "tools in $SIGIL_BIN"

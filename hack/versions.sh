@@ -15,7 +15,25 @@ PY_SPIFFE_VERSION=0.3.2
 # pkg-config; its bindings are pre-generated, so no libclang).
 DEBIAN_PACKAGES="swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config"
 
-ALL_TOOLS="etcd kube-apiserver csi-sanity helm spire go-spiffe-client py-spiffe swtpm"
+# The real node (hack/cluster.sh, docs/real-node.md). kubelet, kube-controller-manager,
+# kube-scheduler, kube-proxy and kubectl are KUBE_VERSION, built with kube-apiserver.
+CONTAINERD_VERSION=v2.4.2
+# With -tags seccomp (Debian's libseccomp-dev): Debian's runc 1.1.5 fails under containerd 2.4.
+RUNC_VERSION=v1.5.3
+# v1.15.0 needs go 1.26.0.
+COREDNS_VERSION=v1.15.0
+# node-registrar (e2e/node/node-registrar) stands in for kubernetes-csi's
+# node-driver-registrar, whose v2 releases the Go module proxy does not serve.
+# The CNI plugins, iptables, conntrack, busybox (test images) and nginx (test images)
+# come from Debian; nginx is only unpacked into the image cache, never installed.
+DEBIAN_NODE_PACKAGES="containernetworking-plugins iptables conntrack libseccomp-dev busybox-static"
+NODE_TOOLS="kube containerd runc coredns node-helpers debian-node"
+# Test images are imported into the node's containerd under these fully qualified
+# names (the CRI would turn local/x into docker.io/local/x and try to pull it).
+TEST_IMAGE_PREFIX=docker.io/sigil-local
+TEST_IMAGE_TAG=dev
+
+ALL_TOOLS="etcd kube csi-sanity helm spire go-spiffe-client py-spiffe swtpm"
 
 SIGIL_CACHE=${SIGIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sigil}
 SIGIL_BIN=$SIGIL_CACHE/bin
