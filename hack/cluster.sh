@@ -477,7 +477,7 @@ node_ready() {
 
 import_images() { # tar...
   local t
-  for t in "$@"; do ctr_ images import --no-unpack=false "$t" >/dev/null; done
+  for t in "$@"; do ctr_ images import "$t" 2>&1 >/dev/null | { grep -v DEPRECATION >&2 || true; }; done
 }
 
 # Bidirectional hostPath mounts (sigil-csi's) need their source on a shared mount, as `/`

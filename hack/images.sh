@@ -245,7 +245,7 @@ import() {
   [ ${#names[@]} -gt 0 ] || mapfile -t names < <(conf_images)
   build "${names[@]}"
   for n in "${names[@]}"; do
-    "$SIGIL_BIN/ctr" --address "$sock" -n k8s.io images import "$OUT/$n.tar" >/dev/null
+    "$SIGIL_BIN/ctr" --address "$sock" -n k8s.io images import "$OUT/$n.tar" 2>&1 >/dev/null | { grep -v DEPRECATION >&2 || true; }
     log "imported $(image_name "$n")"
   done
 }
