@@ -619,8 +619,26 @@ down() {
   remove_cgroups
   unshare_root
   rm -rf "$STATE" "$RUN" "$KUBELET_DIR"
+  remove_chart_hostpaths
   log "down in $(( $(date +%s) - t0 ))s"
   leftovers || true
+}
+
+# The chart's hostPath directories (DirectoryOrCreate: the kubelet creates them, and
+# nothing removes them). Removed when they hold only empty directories; anything else in
+# them (a socket, a file) is a leftover of Sigil's own, reported and kept so a test sees it.
+CHART_HOSTPATHS="/run/sigil/agent /run/sigil /var/lib/sigil-csi"
+remove_chart_hostpaths() {
+  local d
+  for d in $CHART_HOSTPATHS; do
+    [ -d "$d" ] || continue
+    if [ -z "$(find "$d" ! -type d -print -quit 2>/dev/null)" ]; then
+      find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
+    else
+      log "LEFT by Sigil: $(find "$d" ! -type d | head -5 | tr '\n' ' ')"
+    fi
+  done
+  true
 }
 
 # What would show that something was left behind.
