@@ -625,18 +625,17 @@ down() {
 }
 
 # The chart's hostPath directories (DirectoryOrCreate: the kubelet creates them, and
-# nothing removes them). Removed when they hold only empty directories; anything else in
-# them (a socket, a file) is a leftover of Sigil's own, reported and kept so a test sees it.
-CHART_HOSTPATHS="/run/sigil/agent /run/sigil /var/lib/sigil-csi"
+# nothing removes them). They go with the node, like everything its pods wrote; files in
+# them (a socket, a files-mode record) are named, since after `helm uninstall` there
+# should be none: a test of that checks before `down`.
+CHART_HOSTPATHS="/run/sigil/agent /var/lib/sigil-csi /run/sigil"
 remove_chart_hostpaths() {
-  local d
+  local d files
   for d in $CHART_HOSTPATHS; do
     [ -d "$d" ] || continue
-    if [ -z "$(find "$d" ! -type d -print -quit 2>/dev/null)" ]; then
-      find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
-    else
-      log "LEFT by Sigil: $(find "$d" ! -type d | head -5 | tr '\n' ' ')"
-    fi
+    files=$(find "$d" ! -type d 2>/dev/null | head -5 | tr '\n' ' ')
+    [ -z "$files" ] || log "removing what Sigil's pods left in $d: $files"
+    rm -rf "$d"
   done
   true
 }
@@ -648,7 +647,7 @@ leftovers() {
   if [ -e "$NETNS_PATH" ]; then log "LEFT: network namespace $NETNS"; bad=1; fi
   if ls -d /sys/fs/cgroup/*/kubepods >/dev/null 2>&1; then log "LEFT: $(ls -d /sys/fs/cgroup/*/kubepods | tr '\n' ' ')"; bad=1; fi
   if [ -n "$(cluster_pids)" ]; then log "LEFT: processes $(cluster_pids | tr '\n' ' ')"; bad=1; fi
-  for d in "$STATE" "$RUN" "$KUBELET_DIR"; do [ -e "$d" ] && { log "LEFT: $d"; bad=1; }; done
+  for d in "$STATE" "$RUN" "$KUBELET_DIR" $CHART_HOSTPATHS; do [ -e "$d" ] && { log "LEFT: $d"; bad=1; }; done
   return $bad
 }
 

@@ -236,6 +236,7 @@ build() {
     bash "$here/hack/test-tools.sh" node-helpers debian-node
   fi
   for n in "${names[@]}"; do build_one "$n"; done
+  rm -rf "$OUT/work"
 }
 
 SOCK=/run/sigil-cluster/containerd/containerd.sock
