@@ -56,14 +56,36 @@ kubectl_() { "$(bin kubectl)" --kubeconfig "$KUBECONFIG_HOST" "$@"; }
 ctr_() { "$(bin ctr)" --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }
 
 # start NAME [--host] CMD... : a detached process (own session, no terminal, output to a
-# log), inside the namespace unless --host.
+# log), inside the namespace unless --host. The kubelet and containerd are supervised, as
+# systemd does on a real node: when they exit they start again a second later (a kubelet
+# that starts while containerd restarts exits at once).
+SUPERVISED="kubelet containerd"
 start() {
   local name=$1; shift
   local ns=(nsenter --net="$NETNS_PATH" --)
   if [ "${1:-}" = --host ]; then ns=(); shift; fi
   mkdir -p "$RUN/pids" "$STATE/logs"
-  PATH="$SIGIL_BIN:$PATH" "${ns[@]}" setsid "$@" </dev/null >>"$STATE/logs/$name.log" 2>&1 &
-  echo $! >"$(pidfile "$name")"
+  case " $SUPERVISED " in
+    *" $name "*)
+      rm -f "$(pidfile "$name")"
+      PATH="$SIGIL_BIN:$PATH" "${ns[@]}" setsid bash -c '
+        pidfile=$1; shift
+        while :; do
+          "$@" &
+          echo $! >"$pidfile"
+          wait $!
+          echo "[cluster] $1 exited ($?): starting it again in 1 s"
+          sleep 1
+        done' supervise "$(pidfile "$name")" "$@" </dev/null >>"$STATE/logs/$name.log" 2>&1 &
+      echo $! >"$(pidfile "$name").supervisor"
+      local i
+      for i in $(seq 50); do [ -s "$(pidfile "$name")" ] && break; sleep 0.1; done
+      ;;
+    *)
+      PATH="$SIGIL_BIN:$PATH" "${ns[@]}" setsid "$@" </dev/null >>"$STATE/logs/$name.log" 2>&1 &
+      echo $! >"$(pidfile "$name")"
+      ;;
+  esac
 }
 
 stop_pid() { # name: TERM, then KILL after 5 s
@@ -611,7 +633,11 @@ remove_cgroups() {
 
 down() {
   local t0 t; t0=$(date +%s)
-  # The kubelet first, so it restarts nothing; then everything else.
+  # The supervisors and the kubelet first, so nothing restarts; then everything else.
+  local c
+  for c in $SUPERVISED; do
+    if alive "$c.supervisor"; then kill -KILL "$(cat "$(pidfile "$c.supervisor")")" 2>/dev/null || true; fi
+  done
   if alive kubelet; then kill -KILL "$(cat "$(pidfile kubelet)")" 2>/dev/null || true; fi
   t=$(date +%s); kill_all; [ $(( $(date +%s) - t )) -lt 5 ] || log "processes took $(( $(date +%s) - t ))s to end"
   unmount_all
@@ -659,12 +685,23 @@ status() {
   if apiserver_ready; then kubectl_ get nodes -o wide; fi
 }
 
+# restart C: a supervised component (kubelet, containerd) gets SIGTERM and its supervisor
+# starts it again, as systemd would; any other is stopped and started.
 restart() {
-  local c=$1
+  local c=$1 old i
   case " $COMPONENTS " in *" $c "*) ;; *) die "unknown component $c (known: $COMPONENTS)" ;; esac
-  stop_pid "$c"
-  "start_${c//-/_}"
-  log "$c restarted (pid $(cat "$(pidfile "$c")"))"
+  old=$(cat "$(pidfile "$c")" 2>/dev/null || true)
+  case " $SUPERVISED " in
+    *" $c "*)
+      alive "$c.supervisor" || die "$c is not running"
+      kill -TERM "$old" 2>/dev/null || true
+      for i in $(seq 150); do
+        [ "$(cat "$(pidfile "$c")" 2>/dev/null)" != "$old" ] && alive "$c" && break
+        sleep 0.1
+      done ;;
+    *) stop_pid "$c"; "start_${c//-/_}" ;;
+  esac
+  log "$c restarted (pid $old -> $(cat "$(pidfile "$c")"))"
 }
 
 case ${1:-} in
