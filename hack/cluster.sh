@@ -8,9 +8,13 @@
 #   hack/cluster.sh status    what runs
 #   hack/cluster.sh restart C restart one component (kubelet, containerd, ...)
 #   hack/cluster.sh env       print `export KUBECONFIG=...`
+#   hack/cluster.sh leftovers exit 1 and name anything a cluster left behind
+#
+# One cluster per machine (the kubelet's directory and the kubepods cgroups are global).
 #
 # Network rule: every cluster address (node, pods, Services) exists only inside the
-# network namespace $NETNS, which has no route out: no interface of it leads outside. The host reaches the API server through netns-forward on 127.0.0.1 only.
+# network namespace $NETNS, which has no route out: no interface of it leads outside.
+# The host reaches the API server through netns-forward on 127.0.0.1 only.
 # Processes enter the namespace with `nsenter --net` (`ip netns exec` would remount /sys
 # and the kubelet would find no cgroups).
 set -euo pipefail
@@ -19,9 +23,9 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=hack/versions.sh
 . "$here/hack/versions.sh"
 
-NETNS=${SIGIL_CLUSTER_NETNS:-sigil-cluster}
+NETNS=sigil-cluster
 NETNS_PATH=/var/run/netns/$NETNS
-STATE=${SIGIL_CLUSTER_STATE:-/var/lib/sigil-cluster}
+STATE=/var/lib/sigil-cluster
 RUN=/run/sigil-cluster
 KUBELET_DIR=/var/lib/kubelet
 HOST_PORT=${SIGIL_CLUSTER_PORT:-16443}
@@ -711,5 +715,5 @@ case ${1:-} in
   restart) restart "${2:?component}" ;;
   env) print_env 2>/dev/null ;;
   leftovers) leftovers ;;
-  *) sed -n '2,12p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,10p' "$0" >&2; exit 2 ;;
 esac
