@@ -715,5 +715,5 @@ case ${1:-} in
   restart) restart "${2:?component}" ;;
   env) print_env 2>/dev/null ;;
   leftovers) leftovers ;;
-  *) sed -n '2,10p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,11p' "$0" >&2; exit 2 ;;
 esac
