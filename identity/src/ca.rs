@@ -57,6 +57,14 @@ pub enum CaError {
     /// A CSR could not be used.
     #[error(transparent)]
     Csr(#[from] CsrError),
+    /// A workload SVID was asked for an ID reserved for Sigil's components.
+    #[error(
+        "{0} is reserved for Sigil's own components (paths under /sigil); a workload SVID is never signed for it"
+    )]
+    ReservedPath(String),
+    /// A component SVID was asked for an ID outside the reserved path.
+    #[error("{0} is not a component identity (paths under /sigil)")]
+    NotAComponent(String),
     /// Upstream authority problem.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
@@ -486,12 +494,41 @@ impl CertificateAuthority {
         self.sign_public_key(&csr.public_key_der, template, now)
     }
 
-    /// Signs an X509-SVID for a SubjectPublicKeyInfo.
+    /// Signs a workload X509-SVID for a SubjectPublicKeyInfo. IDs reserved for Sigil's
+    /// components ([`SpiffeId::is_reserved`]) are refused.
     pub fn sign_public_key(
         &self,
         spki_der: &[u8],
         template: &SvidTemplate<'_>,
         now: SystemTime,
+    ) -> Result<IssuedSvid, CaError> {
+        if template.spiffe_id.is_reserved() {
+            return Err(CaError::ReservedPath(template.spiffe_id.to_string()));
+        }
+        self.sign(spki_der, template, now, false)
+    }
+
+    /// Signs the X509-SVID of a Sigil component (an agent, the operator, the bundle
+    /// endpoint): an ID under the reserved path, marked with the component policy
+    /// ([`crate::x509::COMPONENT_POLICY_UUID`]) that no workload SVID carries.
+    pub fn sign_component(
+        &self,
+        spki_der: &[u8],
+        template: &SvidTemplate<'_>,
+        now: SystemTime,
+    ) -> Result<IssuedSvid, CaError> {
+        if !template.spiffe_id.is_reserved() {
+            return Err(CaError::NotAComponent(template.spiffe_id.to_string()));
+        }
+        self.sign(spki_der, template, now, true)
+    }
+
+    fn sign(
+        &self,
+        spki_der: &[u8],
+        template: &SvidTemplate<'_>,
+        now: SystemTime,
+        component: bool,
     ) -> Result<IssuedSvid, CaError> {
         if now >= self.not_after {
             return Err(CaError::Expired(rfc3339(secs(self.not_after))));
@@ -518,6 +555,9 @@ impl CertificateAuthority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         p.use_authority_key_identifier_extension = true;
+        if component {
+            p.custom_extensions.push(component_policy_extension());
+        }
         let uri = template
             .spiffe_id
             .as_str()
@@ -647,6 +687,20 @@ fn is_rsa_spki(spki_der: &[u8]) -> bool {
     x509_parser::x509::SubjectPublicKeyInfo::from_der(spki_der)
         .map(|(_, s)| s.algorithm.algorithm.to_id_string() == "1.2.840.113549.1.1.1")
         .unwrap_or(false)
+}
+
+/// A non-critical certificatePolicies extension (2.5.29.32) holding the component policy:
+/// `SEQUENCE { SEQUENCE { OBJECT IDENTIFIER 2.25.<uuid> } }`.
+fn component_policy_extension() -> rcgen::CustomExtension {
+    let oid = crate::x509::component_policy_oid();
+    let tlv = |tag: u8, body: &[u8]| {
+        // Every length here is far below 128: short-form lengths.
+        let mut v = vec![tag, body.len() as u8];
+        v.extend_from_slice(body);
+        v
+    };
+    let policy_information = tlv(0x30, &tlv(0x06, &oid));
+    rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 32], tlv(0x30, &policy_information))
 }
 
 fn random_serial() -> SerialNumber {

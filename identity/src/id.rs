@@ -21,6 +21,10 @@ pub const MAX_SPIFFE_ID_LEN: usize = 2048;
 /// Maximum length of a trust domain name.
 pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
 
+/// The path under which Sigil's components have their IDs (`/sigil/agent/...`,
+/// `/sigil/operator`, `/sigil/bundle-endpoint`). Workload SVIDs are never signed for it.
+pub const RESERVED_PATH: &str = "/sigil";
+
 const SCHEME_PREFIX: &str = "spiffe://";
 
 /// Why a string is not a valid SPIFFE ID or trust domain name.
@@ -275,6 +279,15 @@ impl SpiffeId {
     /// Whether the ID is in `td`.
     pub fn is_member_of(&self, td: &TrustDomain) -> bool {
         &self.td == td
+    }
+
+    /// Whether the path is reserved for Sigil's own components ([`RESERVED_PATH`] or
+    /// below it): agents, the operator, the bundle endpoint. No workload SVID is ever
+    /// signed for such an ID.
+    pub fn is_reserved(&self) -> bool {
+        let path = self.path();
+        path.strip_prefix(RESERVED_PATH)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
     }
 
     /// The `spiffe` crate's equivalent.

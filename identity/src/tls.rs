@@ -73,6 +73,16 @@ pub enum Authorizer {
     MemberOf(TrustDomain),
     /// Exactly this ID.
     Exact(SpiffeId),
+    /// A Sigil component (agent, operator, bundle endpoint): an ID of `trust_domain`
+    /// whose path is `path`, or starts with it when `path` ends in `/`, on an SVID that
+    /// carries the component policy ([`crate::x509::COMPONENT_POLICY_UUID`]). No workload
+    /// SVID carries it, whatever its ID.
+    Component {
+        /// The component's trust domain.
+        trust_domain: TrustDomain,
+        /// The exact path, or a prefix ending in `/`.
+        path: String,
+    },
     /// A custom rule.
     Custom(Arc<dyn Fn(&SpiffeId) -> bool + Send + Sync>),
 }
@@ -83,17 +93,29 @@ impl fmt::Debug for Authorizer {
             Authorizer::Any => f.write_str("Any"),
             Authorizer::MemberOf(td) => write!(f, "MemberOf({td})"),
             Authorizer::Exact(id) => write!(f, "Exact({id})"),
+            Authorizer::Component { trust_domain, path } => {
+                write!(f, "Component(spiffe://{trust_domain}{path})")
+            }
             Authorizer::Custom(_) => f.write_str("Custom"),
         }
     }
 }
 
 impl Authorizer {
-    fn allows(&self, id: &SpiffeId) -> bool {
+    fn allows(&self, leaf: &crate::x509::LeafInfo) -> bool {
+        let id = &leaf.spiffe_id;
         match self {
             Authorizer::Any => true,
             Authorizer::MemberOf(td) => id.is_member_of(td),
             Authorizer::Exact(want) => want == id,
+            Authorizer::Component { trust_domain, path } => {
+                let path_ok = if path.ends_with('/') {
+                    id.path().starts_with(path.as_str())
+                } else {
+                    id.path() == path
+                };
+                leaf.component && id.is_member_of(trust_domain) && path_ok
+            }
             Authorizer::Custom(f) => f(id),
         }
     }
@@ -129,9 +151,14 @@ fn verify_svid(
         }
         other_err => Error::InvalidCertificate(other(other_err.to_string())),
     })?;
-    if !authorizer.allows(&verified.spiffe_id) {
+    if !authorizer.allows(&leaf) {
+        let why = if matches!(authorizer, Authorizer::Component { .. }) && !leaf.component {
+            " (not a Sigil component's SVID)"
+        } else {
+            ""
+        };
         return Err(Error::InvalidCertificate(other(format!(
-            "SPIFFE ID {} is not authorised here",
+            "SPIFFE ID {} is not authorised here{why}",
             verified.spiffe_id
         ))));
     }

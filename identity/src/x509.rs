@@ -225,6 +225,48 @@ pub struct LeafInfo {
     pub not_after: SystemTime,
     /// Serial number, hex.
     pub serial: String,
+    /// Whether it carries Sigil's component policy ([`COMPONENT_POLICY_UUID`]), which
+    /// only the SVIDs of agents, the operator and the bundle endpoint get.
+    pub component: bool,
+}
+
+/// UUID of the certificate policy that marks the SVID of a Sigil component (agent,
+/// operator, bundle endpoint). Its OID is `2.25.<this UUID as an integer>` (ITU-T X.667:
+/// an OID made from a UUID needs no registration). The workload signing path never sets
+/// it, so no workload SVID can pass for a component, whatever its SPIFFE ID says.
+pub const COMPONENT_POLICY_UUID: u128 = 0x9064_0846_1d7c_47d4_9166_0489_9f79_61ed;
+
+/// The DER content octets (no tag, no length) of the component policy's OID.
+pub fn component_policy_oid() -> Vec<u8> {
+    // First two arcs 2.25 make one octet (2 * 40 + 25); then the UUID in base 128,
+    // most significant group first, every octet but the last with its high bit set.
+    let mut groups = Vec::new();
+    let mut v = COMPONENT_POLICY_UUID;
+    loop {
+        groups.push((v & 0x7f) as u8);
+        v >>= 7;
+        if v == 0 {
+            break;
+        }
+    }
+    let mut out = vec![2 * 40 + 25];
+    for (i, g) in groups.iter().rev().enumerate() {
+        out.push(if i + 1 < groups.len() { g | 0x80 } else { *g });
+    }
+    out
+}
+
+/// Whether `cert` lists the component policy in its certificatePolicies extension.
+fn has_component_policy(cert: &X509Certificate<'_>) -> bool {
+    let oid = component_policy_oid();
+    cert.extensions()
+        .iter()
+        .any(|ext| match ext.parsed_extension() {
+            ParsedExtension::CertificatePolicies(policies) => policies
+                .iter()
+                .any(|p| p.policy_id.as_bytes() == oid.as_slice()),
+            _ => false,
+        })
 }
 
 /// Reads the SPIFFE ID and lifetime of a leaf SVID, checking the leaf rules of the spec
@@ -272,6 +314,7 @@ fn check_leaf(cert: &X509Certificate<'_>) -> Result<LeafInfo, SvidError> {
         not_before: asn1_to_system(cert.validity().not_before.timestamp()),
         not_after: asn1_to_system(cert.validity().not_after.timestamp()),
         serial: cert.raw_serial_as_string().replace(':', ""),
+        component: has_component_policy(cert),
     })
 }
 

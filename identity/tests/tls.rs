@@ -34,17 +34,18 @@ fn svid(ca: &CertificateAuthority, id: &str) -> Arc<SwappableCert> {
     p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
     let csr = sigil_identity::x509::parse_csr(p.serialize_request(&key).unwrap().der()).unwrap();
     let sid = SpiffeId::parse(id).unwrap();
-    let issued = ca
-        .sign_csr(
-            &csr,
-            &SvidTemplate {
-                spiffe_id: &sid,
-                ttl: Duration::from_secs(600),
-                dns_names: &[],
-            },
-            SystemTime::now(),
-        )
-        .unwrap();
+    let template = SvidTemplate {
+        spiffe_id: &sid,
+        ttl: Duration::from_secs(600),
+        dns_names: &[],
+    };
+    // Sigil's own paths get component SVIDs, as the operator issues them.
+    let issued = if sid.is_reserved() {
+        ca.sign_component(&csr.public_key_der, &template, SystemTime::now())
+    } else {
+        ca.sign_csr(&csr, &template, SystemTime::now())
+    }
+    .unwrap();
     let cert = SwappableCert::new();
     cert.set(
         &issued.chain(),
@@ -236,4 +237,150 @@ async fn bundle_updates_apply_to_new_handshakes() {
     )
     .await;
     res.unwrap();
+}
+
+/// A leaf for `id` signed with the CA's own key but without the component policy: what a
+/// workload SVID with a component's path would look like, had one ever been signed.
+fn forged_without_policy(ca: &CertificateAuthority, id: &str) -> Arc<SwappableCert> {
+    let ca_key = KeyPair::from_pem(&ca.key_pkcs8_pem()).unwrap();
+    let ca_der = rustls::pki_types::CertificateDer::from(ca.certificate().to_vec());
+    let issuer = rcgen::Issuer::from_ca_cert_der(&ca_der, ca_key).unwrap();
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let leaf = p.signed_by(&key, &issuer).unwrap();
+    let cert = SwappableCert::new();
+    cert.set(
+        &[leaf.der().to_vec()],
+        &PrivateKey::from_pem(&key.serialize_pem()).unwrap(),
+    )
+    .unwrap();
+    cert
+}
+
+fn component(path: &str) -> Authorizer {
+    Authorizer::Component {
+        trust_domain: TrustDomain::new("example.org").unwrap(),
+        path: path.into(),
+    }
+}
+
+#[tokio::test]
+async fn component_authorizers_accept_component_svids_on_both_sides() {
+    let ca = ca("example.org");
+    let b = bundles(&[&ca]);
+    let (res, peer) = handshake(
+        svid(&ca, "spiffe://example.org/sigil/operator"),
+        b.clone(),
+        component("/sigil/agent/"),
+        false,
+        svid(&ca, "spiffe://example.org/sigil/agent/k8s_psat/c/n1"),
+        b,
+        component("/sigil/operator"),
+    )
+    .await;
+    res.unwrap();
+    assert_eq!(
+        peer.unwrap().as_str(),
+        "spiffe://example.org/sigil/agent/k8s_psat/c/n1"
+    );
+}
+
+#[tokio::test]
+async fn a_workload_svid_never_passes_for_an_agent_even_with_the_agents_id() {
+    let ca = ca("example.org");
+    let b = bundles(&[&ca]);
+    let forged = forged_without_policy(&ca, "spiffe://example.org/sigil/agent/k8s_psat/c/n1");
+    let (res, peer) = handshake(
+        svid(&ca, "spiffe://example.org/sigil/operator"),
+        b.clone(),
+        component("/sigil/agent/"),
+        true,
+        forged,
+        b,
+        component("/sigil/operator"),
+    )
+    .await;
+    assert!(
+        res.is_err() && peer.is_none(),
+        "a leaf without the component policy was accepted as an agent: {res:?} {peer:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_workload_svid_never_passes_for_the_operator_even_with_its_id() {
+    let ca = ca("example.org");
+    let b = bundles(&[&ca]);
+    let (res, _) = handshake(
+        forged_without_policy(&ca, "spiffe://example.org/sigil/operator"),
+        b.clone(),
+        Authorizer::Any,
+        true,
+        SwappableCert::new(),
+        b,
+        component("/sigil/operator"),
+    )
+    .await;
+    let e = res.unwrap_err();
+    assert!(e.contains("not a Sigil component"), "{e}");
+}
+
+#[test]
+fn the_ca_never_signs_a_workload_svid_for_a_reserved_path_nor_a_component_outside_it() {
+    let ca = ca("example.org");
+    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+    for id in [
+        "spiffe://example.org/sigil",
+        "spiffe://example.org/sigil/agent/k8s_psat/c/n1",
+        "spiffe://example.org/sigil/operator",
+        "spiffe://example.org/sigil/bundle-endpoint",
+    ] {
+        let sid = SpiffeId::parse(id).unwrap();
+        let t = SvidTemplate {
+            spiffe_id: &sid,
+            ttl: Duration::from_secs(60),
+            dns_names: &[],
+        };
+        let e = ca
+            .sign_public_key(&key.public_key_der(), &t, SystemTime::now())
+            .unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{id}: {e}");
+        let c = ca
+            .sign_component(&key.public_key_der(), &t, SystemTime::now())
+            .unwrap();
+        assert!(
+            sigil_identity::x509::inspect_leaf(&c.leaf)
+                .unwrap()
+                .component
+        );
+    }
+    for id in [
+        "spiffe://example.org/sigilx",
+        "spiffe://example.org/ns/sigil/sa/x",
+    ] {
+        let sid = SpiffeId::parse(id).unwrap();
+        let t = SvidTemplate {
+            spiffe_id: &sid,
+            ttl: Duration::from_secs(60),
+            dns_names: &[],
+        };
+        let w = ca
+            .sign_public_key(&key.public_key_der(), &t, SystemTime::now())
+            .unwrap();
+        assert!(
+            !sigil_identity::x509::inspect_leaf(&w.leaf)
+                .unwrap()
+                .component
+        );
+        assert!(
+            ca.sign_component(&key.public_key_der(), &t, SystemTime::now())
+                .is_err()
+        );
+    }
 }

@@ -169,14 +169,14 @@ impl NodeClient {
         {
             return Ok(c);
         }
-        let operator = self
-            .config
-            .trust_domain
-            .id(OPERATOR_PATH)
-            .map_err(|e| NodeClientError::Local(e.to_string()))?;
+        // The operator's serving SVID: its path and the component policy, which no
+        // workload SVID (even one whose ID were the operator's) carries.
         let verifier = SpiffeServerVerifier::new(
             self.bundles.clone() as Arc<dyn BundleSource>,
-            Authorizer::Exact(operator),
+            Authorizer::Component {
+                trust_domain: self.config.trust_domain.clone(),
+                path: OPERATOR_PATH.into(),
+            },
         );
         let cert = if present_svid {
             self.cert.clone()

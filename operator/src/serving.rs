@@ -100,7 +100,7 @@ fn issue(
         .ok()?;
     let issued = authority
         .x509_ca
-        .sign_public_key(
+        .sign_component(
             &key.public_key_der(),
             &SvidTemplate {
                 spiffe_id: id,

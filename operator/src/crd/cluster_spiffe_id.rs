@@ -29,6 +29,10 @@ pub const MAX_TEMPLATE_LEN: usize = 1024;
 /// Most DNS name templates, workload selector templates or federated trust domains.
 pub const MAX_LIST_ITEMS: usize = 32;
 
+/// CEL: the template's path does not start with the reserved `/sigil` (the identity index
+/// also refuses an ID that renders under it, as the CA refuses to sign one).
+pub const RESERVED_PATH_RULE: &str = r"!self.matches('^spiffe://[^/]*/sigil([/{]|$)')";
+
 /// Gives SPIFFE IDs to the pods it selects.
 ///
 /// For every pod in a namespace matching `namespaceSelector` whose labels match
@@ -106,6 +110,7 @@ pub struct ClusterSpiffeIdSpec {
     /// `status.stats.podEntryRenderFailures`.
     #[serde(rename = "spiffeIDTemplate", default = "default_spiffe_id_template")]
     #[x_kube(validation = Rule::new("self.startsWith('spiffe://')").message("spec.spiffeIDTemplate must start with spiffe://, e.g. spiffe://{{trustDomain}}/ns/{{pod.namespace}}/sa/{{pod.serviceAccountName}}"))]
+    #[x_kube(validation = Rule::new(RESERVED_PATH_RULE).message("spec.spiffeIDTemplate may not use a path under /sigil: it is reserved for Sigil's agents, operator and bundle endpoint; choose another path, e.g. spiffe://{{trustDomain}}/ns/{{pod.namespace}}/sa/{{pod.serviceAccountName}}"))]
     pub spiffe_id_template: TemplateString,
 
     /// Namespaces whose pods are considered. Absent or `{}`: every namespace (except those

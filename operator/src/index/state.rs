@@ -889,6 +889,11 @@ impl State {
                 td.trust_domain
             ));
         }
+        if spiffe_id.is_reserved() {
+            return Err(format!(
+                "spiffeIDTemplate renders {id}, whose path is reserved for Sigil's agents, operator and bundle endpoint (/sigil and below); change the template or the pod field it uses"
+            ));
+        }
         let mut selectors = vec![Selector::new("k8s", format!("pod-uid:{}", pod.uid))];
         for (i, t) in c.workload_selectors.iter().enumerate() {
             let s = t

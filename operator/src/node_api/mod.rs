@@ -51,11 +51,11 @@ pub async fn serve(
     cancel: CancellationToken,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let cert = SwappableCert::new();
-    let agent_prefix = "/sigil/agent/";
-    let td = agent_trust_domain.clone();
-    let authorizer = Authorizer::Custom(Arc::new(move |id| {
-        id.is_member_of(&td) && id.path().starts_with(agent_prefix)
-    }));
+    // Agent SVIDs only: the agent path and the component policy no workload SVID has.
+    let authorizer = Authorizer::Component {
+        trust_domain: agent_trust_domain.clone(),
+        path: "/sigil/agent/".into(),
+    };
     // Optional at the TLS layer: AttestNode is how an agent without a (valid) SVID gets one.
     let verifier = SpiffeClientVerifier::new(authorities.clone(), authorizer, true);
     let config = Arc::new(sigil_identity::tls::server_config(cert.clone(), verifier)?);

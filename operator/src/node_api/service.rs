@@ -167,6 +167,18 @@ impl NodeApi {
                 )),
             ));
         }
+        if !info.component {
+            // The TLS layer already refuses these; checked again on every call so that no
+            // path to a handler skips it.
+            return Err(self.deny(
+                rpc,
+                "not_a_component_svid",
+                Status::permission_denied(format!(
+                    "{} is a workload SVID (it lacks the Sigil component policy); only an agent SVID issued by AttestNode may call the Node API",
+                    info.spiffe_id
+                )),
+            ));
+        }
         let prefix = format!("/sigil/agent/k8s_psat/{}/", self.inner.cfg.psat.cluster);
         let ours = info.spiffe_id.trust_domain() == &self.inner.cfg.agent_trust_domain;
         let path = info.spiffe_id.path();
@@ -431,7 +443,7 @@ impl NodeApi {
             })?;
         let issued = authority
             .x509_ca
-            .sign_public_key(
+            .sign_component(
                 &public_key,
                 &SvidTemplate {
                     spiffe_id: &id,

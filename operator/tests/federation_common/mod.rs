@@ -86,17 +86,18 @@ pub fn ca(td: &TrustDomain) -> CertificateAuthority {
 
 pub fn svid(ca: &CertificateAuthority, id: &SpiffeId) -> (Vec<Vec<u8>>, PrivateKey) {
     let key = PrivateKey::generate(KeyType::EcP256).unwrap();
-    let issued = ca
-        .sign_public_key(
-            &key.public_key_der(),
-            &SvidTemplate {
-                spiffe_id: id,
-                ttl: Duration::from_secs(3600),
-                dns_names: &[],
-            },
-            SystemTime::now(),
-        )
-        .unwrap();
+    let template = SvidTemplate {
+        spiffe_id: id,
+        ttl: Duration::from_secs(3600),
+        dns_names: &[],
+    };
+    // A /sigil path is a Sigil component's (a partner Sigil's bundle endpoint).
+    let issued = if id.is_reserved() {
+        ca.sign_component(&key.public_key_der(), &template, SystemTime::now())
+    } else {
+        ca.sign_public_key(&key.public_key_der(), &template, SystemTime::now())
+    }
+    .unwrap();
     (issued.chain(), key)
 }
 
