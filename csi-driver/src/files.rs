@@ -1,5 +1,11 @@
 //! Files mode: a per-volume tmpfs holding the pod's identity, kept current by sigil-csi.
 //!
+//! The pod can never write into its volume. The tmpfs is mounted in sigil-csi's data
+//! directory (`<data_dir>/mounts/<sha256(volume_id)>`, root only), where the files are
+//! written, and the pod's target path is a read-only (nosuid, nodev, noexec) bind mount of
+//! it, whatever the volume's `readOnly` says. The writer never follows a link in it either
+//! ([`crate::writer`]).
+//!
 //! Each volume has a task that holds two Broker API streams for its pod (X509-SVIDs and
 //! JWT bundles), rewrites the files as a new `..data` generation whenever either changes
 //! (the agent rotates SVIDs 1-10% before half-life and streams them at once), and refreshes
@@ -109,6 +115,14 @@ fn record_file(data_dir: &Path, volume_id: &str) -> PathBuf {
     ))
 }
 
+/// Where a volume's tmpfs is mounted and written: in the data directory, out of the pod's
+/// reach. The pod's target path is a read-only bind mount of it.
+pub fn staging_dir(data_dir: &Path, volume_id: &str) -> PathBuf {
+    data_dir
+        .join("mounts")
+        .join(hex::encode(sha2::Sha256::digest(volume_id.as_bytes())))
+}
+
 /// A file name for an audience (anything but `[A-Za-z0-9._-]` becomes `_`).
 pub fn audience_file(audience: &str) -> String {
     let name: String = audience
@@ -132,12 +146,11 @@ impl FilesVolumes {
         mounter: Arc<dyn Mounter>,
         first_timeout: Duration,
     ) -> std::io::Result<Arc<Self>> {
-        std::fs::create_dir_all(data_dir.join("volumes"))?;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            data_dir.join("volumes"),
-            std::fs::Permissions::from_mode(0o700),
-        )?;
+        for sub in ["volumes", "mounts"] {
+            std::fs::create_dir_all(data_dir.join(sub))?;
+            std::fs::set_permissions(data_dir.join(sub), std::fs::Permissions::from_mode(0o700))?;
+        }
         Ok(Arc::new(Self {
             data_dir: data_dir.to_owned(),
             broker,
@@ -187,25 +200,45 @@ impl FilesVolumes {
         Ok(())
     }
 
-    /// Publishes a new files-mode volume: tmpfs, first files written before returning,
-    /// then kept current in the background.
+    /// Publishes a new files-mode volume: a tmpfs in the data directory with the first
+    /// files written, bind-mounted read-only on the target before returning, then kept
+    /// current in the background.
     pub async fn publish(self: &Arc<Self>, record: VolumeRecord) -> Result<(), Status> {
         let target = record.target_path.clone();
-        std::fs::create_dir_all(&target).map_err(|e| {
-            Status::internal(format!("creating target_path {}: {e}", target.display()))
-        })?;
-        let mounted_here = self
-            .mounter
-            .mount_count(&target)
-            .map_err(|e| Status::internal(format!("reading mounts: {e}")))?
-            == 0;
-        if mounted_here {
+        let staging = staging_dir(&self.data_dir, &record.volume_id);
+        let mount_count = |p: &Path| {
             self.mounter
-                .tmpfs(&target, TMPFS_BYTES, 0o755)
+                .mount_count(p)
+                .map_err(|e| Status::internal(format!("reading mounts: {e}")))
+        };
+        for dir in [&target, &staging] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Status::internal(format!("creating {}: {e}", dir.display())))?;
+        }
+        let mut staged_here = false;
+        if mount_count(&staging)? == 0 {
+            if mount_count(&target)? > 0 {
+                // A tmpfs on the target from an earlier version: stage it, don't hide it.
+                self.restage(&record).map_err(|e| {
+                    Status::internal(format!("staging the tmpfs of {}: {e}", target.display()))
+                })?;
+            } else {
+                staged_here = true;
+            }
+        }
+        if staged_here {
+            self.mounter
+                .tmpfs(&staging, TMPFS_BYTES, 0o755)
                 .map_err(|e| {
-                    Status::internal(format!("mounting a tmpfs on {}: {e}", target.display()))
+                    Status::internal(format!("mounting a tmpfs on {}: {e}", staging.display()))
                 })?;
         }
+        let undo = |vols: &Self| {
+            if staged_here {
+                let _ = vols.mounter.unmount(&staging);
+                let _ = std::fs::remove_dir(&staging);
+            }
+        };
         let first = tokio::time::timeout(self.first_timeout, self.open_and_write(&record))
             .await
             .unwrap_or_else(|_| {
@@ -217,12 +250,19 @@ impl FilesVolumes {
         let streams = match first {
             Ok(s) => s,
             Err(status) => {
-                if mounted_here {
-                    let _ = self.mounter.unmount(&target);
-                }
+                undo(self);
                 return Err(status);
             }
         };
+        if mount_count(&target)? == 0
+            && let Err(e) = self.mounter.bind_read_only(&staging, &target)
+        {
+            undo(self);
+            return Err(Status::internal(format!(
+                "bind-mounting the identity files read-only on {}: {e}",
+                target.display()
+            )));
+        }
         self.persist(&record)
             .map_err(|e| Status::internal(format!("recording volume {}: {e}", record.volume_id)))?;
         self.start(record, Some(streams));
@@ -246,7 +286,14 @@ impl FilesVolumes {
             };
             if self.mounter.mount_count(&record.target_path).unwrap_or(0) == 0 {
                 info!(volume = %record.volume_id, "recorded volume is no longer mounted; forgetting it");
+                let staging = staging_dir(&self.data_dir, &record.volume_id);
+                let _ = self.mounter.unmount(&staging);
+                let _ = std::fs::remove_dir(&staging);
                 let _ = std::fs::remove_file(e.path());
+                continue;
+            }
+            if let Err(e) = self.restage(&record) {
+                warn!(volume = %record.volume_id, error = %e, "cannot reach the volume's files to keep them current");
                 continue;
             }
             info!(volume = %record.volume_id, pod = %format!("{}/{}", record.pod.namespace, record.pod.name), "resuming a files-mode volume");
@@ -254,6 +301,23 @@ impl FilesVolumes {
             resumed += 1;
         }
         resumed
+    }
+
+    /// Makes sure a resumed volume's staging tmpfs is mounted. It is not when sigil-csi's
+    /// data directory lost its mounts (a data directory without mount propagation), or
+    /// when the volume was published by a version that mounted the tmpfs on the target
+    /// itself: then the target's tmpfs is bind-mounted writable on the staging directory,
+    /// and the target is made read-only.
+    fn restage(&self, record: &VolumeRecord) -> std::io::Result<()> {
+        let staging = staging_dir(&self.data_dir, &record.volume_id);
+        if self.mounter.mount_count(&staging)? > 0 {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&staging)?;
+        self.mounter.bind_writable(&record.target_path, &staging)?;
+        self.mounter.remount_read_only(&record.target_path)?;
+        info!(volume = %record.volume_id, "the volume's tmpfs is staged again in the data directory");
+        Ok(())
     }
 
     /// Stops keeping a volume current, unmounts it and forgets it. Missing is fine.
@@ -276,6 +340,20 @@ impl FilesVolumes {
                 return Err(Status::internal(format!(
                     "removing {}: {e}",
                     target.display()
+                )));
+            }
+        }
+        let staging = staging_dir(&self.data_dir, volume_id);
+        self.mounter
+            .unmount(&staging)
+            .map_err(|e| Status::internal(format!("unmounting {}: {e}", staging.display())))?;
+        match std::fs::remove_dir(&staging) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Status::internal(format!(
+                    "removing {}: {e}",
+                    staging.display()
                 )));
             }
         }
@@ -341,7 +419,7 @@ impl FilesVolumes {
         };
         self.refresh_jwts(record, &mut material, SystemTime::now())
             .await?;
-        write(record, &material)?;
+        write(&self.data_dir, record, &material)?;
         Ok(Streams {
             x509,
             jwt_bundles,
@@ -459,7 +537,7 @@ async fn keep_current(
             match outcome {
                 Ok(true) => {
                     let current = record.borrow().clone();
-                    if let Err(e) = write(&current, &material) {
+                    if let Err(e) = write(&vols.data_dir, &current, &material) {
                         warn!(volume = %current.volume_id, error = %e.message(), "writing identity files failed");
                     }
                 }
@@ -483,8 +561,8 @@ impl Material {
     }
 }
 
-/// Builds the files of one generation and swaps them in.
-fn write(record: &VolumeRecord, m: &Material) -> Result<(), Status> {
+/// Builds the files of one generation and swaps them in, in the volume's staging tmpfs.
+fn write(data_dir: &Path, record: &VolumeRecord, m: &Material) -> Result<(), Status> {
     let x509 = m
         .x509
         .as_ref()
@@ -561,10 +639,12 @@ fn write(record: &VolumeRecord, m: &Material) -> Result<(), Status> {
             mode: secret,
         });
     }
-    write_generation(&record.target_path, &files, record.options.fs_group).map_err(|e| {
+    let staging = staging_dir(data_dir, &record.volume_id);
+    write_generation(&staging, &files, record.options.fs_group).map_err(|e| {
         Status::internal(format!(
-            "writing identity files into {}: {e}",
-            record.target_path.display()
+            "writing identity files for {} into {}: {e}",
+            record.target_path.display(),
+            staging.display()
         ))
     })?;
     Ok(())

@@ -11,6 +11,11 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 pub trait Mounter: Send + Sync + std::fmt::Debug + 'static {
     /// Bind-mounts `source` on `target`, read-only, nosuid, nodev, noexec.
     fn bind_read_only(&self, source: &Path, target: &Path) -> std::io::Result<()>;
+    /// Bind-mounts `source` on `target` writable (nosuid, nodev, noexec), even when
+    /// `source` is a read-only mount.
+    fn bind_writable(&self, source: &Path, target: &Path) -> std::io::Result<()>;
+    /// Makes the mount on `target` read-only (nosuid, nodev, noexec).
+    fn remount_read_only(&self, target: &Path) -> std::io::Result<()>;
     /// Mounts a fresh tmpfs of `size_bytes` on `target` (nosuid, nodev, noexec) whose
     /// root has `mode`.
     fn tmpfs(&self, target: &Path, size_bytes: u64, mode: u32) -> std::io::Result<()>;
@@ -30,26 +35,22 @@ fn io(e: nix::Error) -> std::io::Error {
 
 impl Mounter for LinuxMounter {
     fn bind_read_only(&self, source: &Path, target: &Path) -> std::io::Result<()> {
+        bind(source, target, MsFlags::MS_RDONLY)
+    }
+
+    fn bind_writable(&self, source: &Path, target: &Path) -> std::io::Result<()> {
+        bind(source, target, MsFlags::empty())
+    }
+
+    fn remount_read_only(&self, target: &Path) -> std::io::Result<()> {
         mount(
-            Some(source),
+            None::<&str>,
             target,
             None::<&str>,
-            MsFlags::MS_BIND,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | SAFE,
             None::<&str>,
         )
-        .map_err(io)?;
-        // A bind mount ignores MS_RDONLY until remounted.
-        let ro = MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC;
-        if let Err(e) = mount(None::<&str>, target, None::<&str>, ro, None::<&str>) {
-            let _ = umount2(target, MntFlags::MNT_DETACH);
-            return Err(io(e));
-        }
-        Ok(())
+        .map_err(io)
     }
 
     fn tmpfs(&self, target: &Path, size_bytes: u64, mode: u32) -> std::io::Result<()> {
@@ -58,7 +59,7 @@ impl Mounter for LinuxMounter {
             Some("tmpfs"),
             target,
             Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            SAFE,
             Some(options.as_str()),
         )
         .map_err(io)
@@ -82,6 +83,30 @@ impl Mounter for LinuxMounter {
             .filter(|m| Path::new(&unescape(m)) == target)
             .count())
     }
+}
+
+/// The flags of every mount sigil-csi makes for a pod.
+const SAFE: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+/// A bind mount of `source` on `target`, remounted with `SAFE` plus `extra` (a bind mount
+/// takes the source mount's flags and ignores new ones until remounted). Undone on error.
+fn bind(source: &Path, target: &Path, extra: MsFlags) -> std::io::Result<()> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(io)?;
+    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | SAFE | extra;
+    if let Err(e) = mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
+        let _ = umount2(target, MntFlags::MNT_DETACH);
+        return Err(io(e));
+    }
+    Ok(())
 }
 
 /// The path as the kernel reports mount points (symlinks resolved where possible).

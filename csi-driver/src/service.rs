@@ -4,7 +4,11 @@
 //! NodePublishVolume validates every field first (InvalidArgument naming the field), then:
 //! - `mode: workload-api` (default): bind-mounts the agent's socket directory read-only
 //!   on the target; `readOnly: true` is required.
-//! - `mode: files`: a tmpfs with the pod's identity files ([`crate::files`]).
+//! - `mode: files`: a tmpfs with the pod's identity files ([`crate::files`]), always
+//!   read-only to the pod (whatever `readOnly` says: the pod never writes into it).
+//!   `fileMode` is capped (owner-readable, never executable or world-writable), the
+//!   files' group is the pod's fsGroup (`volume_mount_group`) when the kubelet gives it,
+//!   and audiences that would share a JWT file name are refused.
 //!
 //! Publish and unpublish are idempotent: a repeat publish of a mounted target mounts
 //! nothing new (a files volume just takes the kubelet's fresh token); unpublishing a
@@ -216,38 +220,9 @@ impl CsiService {
                     uid: get(CTX_POD_UID).ok_or_else(|| invalid(format!("volume_context[{CTX_POD_UID}] is required: set podInfoOnMount: true on the CSIDriver")))?,
                 };
                 let token = pod_token(ctx, &self.inner.config.token_audience)?;
-                let fs_group = match get("fsGroup") {
-                    Some(g) => Some(g.parse::<u32>().map_err(|_| {
-                        invalid(format!("volumeAttributes.fsGroup {g:?} is not a group ID"))
-                    })?),
-                    None => mount.volume_mount_group.parse::<u32>().ok(),
-                };
-                let file_mode = match get("fileMode") {
-                    Some(m) => {
-                        let mode = u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| invalid(format!("volumeAttributes.fileMode {m:?} is not an octal mode such as \"0440\"")))?;
-                        if mode > 0o777 || mode & 0o400 == 0 {
-                            return Err(invalid(format!(
-                                "volumeAttributes.fileMode {m:?} must be at most 0777 and readable by the owner"
-                            )));
-                        }
-                        Some(mode)
-                    }
-                    None => None,
-                };
-                let jwt_audiences: Vec<String> = get("jwtAudiences")
-                    .map(|a| {
-                        a.split(',')
-                            .map(str::trim)
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_owned)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if jwt_audiences.len() > 16 {
-                    return Err(invalid(
-                        "volumeAttributes.jwtAudiences lists more than 16 audiences",
-                    ));
-                }
+                let fs_group = fs_group(get("fsGroup"), &mount.volume_mount_group)?;
+                let file_mode = get("fileMode").map(|m| file_mode(&m)).transpose()?;
+                let jwt_audiences = jwt_audiences(get("jwtAudiences").as_deref())?;
                 if let Some(id) = get("spiffeID") {
                     sigil_identity::SpiffeId::parse(&id)
                         .map_err(|e| invalid(format!("volumeAttributes.spiffeID: {e}")))?;
@@ -339,6 +314,88 @@ impl CsiService {
             }
         }
     }
+}
+
+/// The group of the files: the CO's `volume_mount_group` (the pod's fsGroup) when it
+/// gives one; the `fsGroup` attribute may only repeat it.
+fn fs_group(attribute: Option<String>, volume_mount_group: &str) -> Result<Option<u32>, Status> {
+    let attribute = attribute
+        .map(|g| {
+            g.parse::<u32>()
+                .map_err(|_| invalid(format!("volumeAttributes.fsGroup {g:?} is not a group ID")))
+        })
+        .transpose()?;
+    if volume_mount_group.is_empty() {
+        return Ok(attribute);
+    }
+    let from_co = volume_mount_group.parse::<u32>().map_err(|_| {
+        invalid(format!(
+            "volume_capability.mount.volume_mount_group {volume_mount_group:?} is not a group ID"
+        ))
+    })?;
+    match attribute {
+        Some(a) if a != from_co => Err(invalid(format!(
+            "volumeAttributes.fsGroup {a} differs from the pod's fsGroup {from_co}; remove the attribute (the pod's securityContext.fsGroup applies)"
+        ))),
+        _ => Ok(Some(from_co)),
+    }
+}
+
+/// The `fileMode` attribute: octal, readable by the owner, never writable by others, never
+/// executable.
+fn file_mode(m: &str) -> Result<u32, Status> {
+    let mode = u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| {
+        invalid(format!(
+            "volumeAttributes.fileMode {m:?} is not an octal mode such as \"0440\""
+        ))
+    })?;
+    if mode > 0o777 || mode & 0o400 == 0 || mode & 0o111 != 0 || mode & 0o002 != 0 {
+        return Err(invalid(format!(
+            "volumeAttributes.fileMode {m:?} must be readable by the owner, not executable and not writable by others (for example \"0440\" or \"0644\")"
+        )));
+    }
+    Ok(mode)
+}
+
+/// The `jwtAudiences` attribute: at most 16, each giving its own file name.
+fn jwt_audiences(raw: Option<&str>) -> Result<Vec<String>, Status> {
+    let audiences: Vec<String> = raw
+        .map(|a| {
+            a.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    if audiences.len() > 16 {
+        return Err(invalid(
+            "volumeAttributes.jwtAudiences lists more than 16 audiences",
+        ));
+    }
+    let mut files: BTreeMap<String, &str> = BTreeMap::new();
+    for a in &audiences {
+        let file = crate::files::audience_file(a);
+        let name_len = file.rsplit('/').next().map_or(0, str::len);
+        if name_len > crate::writer::MAX_NAME_BYTES {
+            return Err(invalid(format!(
+                "volumeAttributes.jwtAudiences: audience {:?}… is too long for a file name ({} bytes at most)",
+                a.chars().take(32).collect::<String>(),
+                crate::writer::MAX_NAME_BYTES - ".token".len()
+            )));
+        }
+        if let Some(other) = files.insert(file.clone(), a) {
+            if other == a {
+                return Err(invalid(format!(
+                    "volumeAttributes.jwtAudiences lists {a:?} twice"
+                )));
+            }
+            return Err(invalid(format!(
+                "volumeAttributes.jwtAudiences {other:?} and {a:?} would both be written to {file}; keep one of them"
+            )));
+        }
+    }
+    Ok(audiences)
 }
 
 /// The token for `audience` from the kubelet's `serviceAccount.tokens` JSON.
@@ -466,5 +523,56 @@ impl pb::node_server::Node for CsiService {
             node_id: self.inner.config.node_id.clone(),
             ..Default::default()
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_modes_are_capped() {
+        for ok in ["0440", "0644", "0o600", "400"] {
+            assert!(file_mode(ok).is_ok(), "{ok}");
+        }
+        for bad in ["0666", "0755", "0500", "0046", "0040", "1777", "x"] {
+            let e = file_mode(bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(e.message().contains("fileMode"), "{bad}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn the_pods_fs_group_wins() {
+        assert_eq!(fs_group(None, "").ok(), Some(None));
+        assert_eq!(fs_group(Some("7".into()), "").ok(), Some(Some(7)));
+        assert_eq!(fs_group(None, "2000").ok(), Some(Some(2000)));
+        assert_eq!(fs_group(Some("2000".into()), "2000").ok(), Some(Some(2000)));
+        let e = fs_group(Some("0".into()), "2000").unwrap_err();
+        assert!(
+            e.message().contains("differs from the pod's fsGroup"),
+            "{e:?}"
+        );
+        assert!(fs_group(None, "wheel").is_err());
+    }
+
+    #[test]
+    fn audiences_sharing_a_file_name_are_refused() {
+        assert_eq!(
+            jwt_audiences(Some("db, https://vault.example")).ok(),
+            Some(vec!["db".to_owned(), "https://vault.example".to_owned()])
+        );
+        let e = jwt_audiences(Some("a/b,a:b")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("jwt/a_b.token"), "{e:?}");
+        assert!(
+            jwt_audiences(Some("db,db"))
+                .unwrap_err()
+                .message()
+                .contains("twice")
+        );
+        assert!(jwt_audiences(Some(&"a".repeat(300))).is_err());
+        let many = (0..17).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        assert!(jwt_audiences(Some(&many)).is_err());
     }
 }
