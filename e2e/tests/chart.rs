@@ -415,3 +415,60 @@ async fn the_operator_runs_on_the_charts_rbac() {
         w.replica.readiness.pending()
     );
 }
+
+/// The chart's hardening, over every values file: every pod runs under the runtime's
+/// seccomp profile, only the agent container holds an API token (sigil-csi and the
+/// registrar, which face pods, hold none), and only the release's agents reach the Node
+/// API port. Fails on the chart before issue #21: no seccomp profile on the DaemonSet, the
+/// default token automounted into every container, no NetworkPolicy.
+#[test]
+fn every_pod_is_confined_and_only_the_agent_holds_an_api_token() {
+    for values in values_files() {
+        let objects = render("r", "sigil-system", &values, &[]);
+        let file = values.file_name().unwrap().to_string_lossy().into_owned();
+        for o in &objects {
+            let kind = o.types.as_ref().unwrap().kind.as_str();
+            if kind != "DaemonSet" && kind != "Deployment" {
+                continue;
+            }
+            let spec = &o.data["spec"]["template"]["spec"];
+            assert_eq!(
+                spec["securityContext"]["seccompProfile"]["type"],
+                "RuntimeDefault",
+                "{file}: {kind} {} runs without the RuntimeDefault seccomp profile",
+                o.name_any()
+            );
+            if kind != "DaemonSet" {
+                continue;
+            }
+            assert_eq!(
+                spec["automountServiceAccountToken"], false,
+                "{file}: the node pod automounts its token into every container"
+            );
+            for c in spec["containers"].as_array().unwrap() {
+                let mounts = c["volumeMounts"].to_string();
+                let has_token = mounts.contains("kube-api-access");
+                assert_eq!(
+                    has_token,
+                    c["name"] == "agent",
+                    "{file}: container {} API token mount: {mounts}",
+                    c["name"]
+                );
+            }
+        }
+        let policy = objects
+            .iter()
+            .find(|o| o.types.as_ref().unwrap().kind == "NetworkPolicy")
+            .unwrap_or_else(|| panic!("{file}: no NetworkPolicy for the operator"));
+        let rules = policy.data["spec"]["ingress"].as_array().unwrap();
+        let node_api = rules
+            .iter()
+            .find(|r| r["ports"][0]["port"] == "node-api")
+            .unwrap_or_else(|| panic!("{file}: no rule for the Node API port"));
+        assert_eq!(
+            node_api["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"],
+            "agent",
+            "{file}: {node_api}"
+        );
+    }
+}
