@@ -1,13 +1,111 @@
-//! The attack suite of issue 21 played end to end against the real pieces. Each test
-//! plays the attacker and says in its doc comment what it did to the code before the fix.
-//! This one: PID reuse at accept (item 5), with the agent's accept path and real
-//! processes.
+//! The attack suite of issue 21 played end to end against the real pieces — the identity
+//! index fed by real watches on a real apiserver, the agent's accept path with real
+//! processes. Each test plays the attacker and says in its doc comment what it did to the
+//! code before the fix. Item 5: autoPopulateDNSNames, PID reuse at accept.
 #![allow(clippy::unwrap_used)]
+
+#[path = "../../operator/tests/node_api_common/mod.rs"]
+mod node_api_common;
+#[path = "../../operator/tests/trust_domain_common/mod.rs"]
+mod trust_domain_common;
 
 use std::io::BufRead as _;
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt as _;
+use kube::api::{Api, DeleteParams};
+use node_api_common::{World, create};
+use serde_json::json;
+use sigil_e2e::eventually;
+use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
+use sigil_operator::index::entry_id;
+use trust_domain_common::SETTLE;
+
+/// Attack: a pod author who may write EndpointSlices in their own namespace (a namespace
+/// admin, or a controller they compromised) lists their pod in slices labelled
+/// `kubernetes.io/service-name: api.prod` — which renders `api.prod`, the short name of
+/// Service `api` in namespace `prod` — and `payments`, a Service that does not exist. With
+/// `autoPopulateDNSNames` the operator put both names into the pod's X509-SVID, so the
+/// pod could serve TLS as another namespace's service.
+///
+/// Before the fix: the entry carried `api.prod` and `payments` (the test failed at
+/// "a dotted service-name label put api.prod into the SVID").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_slices_cannot_name_other_namespaces_or_missing_services() {
+    let w = World::start("atk-dns").await;
+    let csid = format!("{}-auto", w.tag);
+    create(
+        &Api::<ClusterSPIFFEID>::all(w.client.clone()),
+        json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": csid}, "spec": {
+            "trustDomain": w.td_object,
+            "namespaceSelector": {"matchLabels": {"sigil-test": w.tag}},
+            "podSelector": {"matchLabels": {"app": "evil"}},
+            "autoPopulateDNSNames": true,
+        }}),
+    )
+    .await;
+    let pod = w
+        .pod("evil-0", &w.node_a, "web", json!({"app": "evil"}))
+        .await;
+    let id = entry_id(&csid, &pod.uid().unwrap());
+    let view = w.index.node(&w.node_a);
+    let names = || view.entry(&id).map(|e| e.dns_names.clone());
+    eventually("the pod's entry", SETTLE, || async { names() }).await;
+
+    let services = Api::<Service>::namespaced(w.client.clone(), &w.ns);
+    let svc = |name: &str| json!({"metadata": {"name": name}, "spec": {"ports": [{"port": 443}]}});
+    create(&services, svc("web")).await;
+    let slices = Api::<EndpointSlice>::namespaced(w.client.clone(), &w.ns);
+    for (slice, service) in [
+        ("dotted-1", "api.prod"),
+        ("ghost-1", "payments"),
+        ("web-1", "web"),
+    ] {
+        create(
+            &slices,
+            json!({
+                "metadata": {"name": slice, "labels": {"kubernetes.io/service-name": service}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": ["10.9.9.9"], "targetRef": {"kind": "Pod", "namespace": w.ns, "name": "evil-0"}}],
+            }),
+        )
+        .await;
+    }
+    // The real Service's names arrive: every slice has been seen by now.
+    let ns = w.ns.clone();
+    let got = eventually("the web Service's names", SETTLE, || async {
+        names().filter(|n| n.contains(&format!("web.{ns}.svc")))
+    })
+    .await;
+    assert!(
+        !got.iter().any(|n| n.starts_with("api.prod")),
+        "a dotted service-name label put api.prod into the SVID: {got:?}"
+    );
+    assert!(
+        !got.iter().any(|n| n.starts_with("payments")),
+        "a slice naming no Service put payments into the SVID: {got:?}"
+    );
+
+    // Once the Service exists, its names follow.
+    create(&services, svc("payments")).await;
+    eventually("the payments Service's names", SETTLE, || async {
+        names().filter(|n| n.contains(&format!("payments.{ns}.svc")))
+    })
+    .await;
+    services
+        .delete("payments", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the payments names to go with the Service",
+        SETTLE,
+        || async { names().filter(|n| !n.iter().any(|d| d.starts_with("payments"))) },
+    )
+    .await;
+}
 
 /// What the attacker program does: connect to the socket, print its PID, hand the
 /// connection to a child that keeps it open, and exit — so its PID can go to another
