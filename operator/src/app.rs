@@ -404,6 +404,12 @@ async fn node_api_task(
                 .with_context(|| format!("read --tpm-ek-ca-bundle {}", path.display()))?;
             let manufacturer_cas = ManufacturerCas::from_pem(&pem)
                 .map_err(|e| anyhow::anyhow!("--tpm-ek-ca-bundle {}: {e}", path.display()))?;
+            // A CA that is not valid now signs nothing we accept; it is not a reason to
+            // stop the whole operator (the bundle is fleet data that ages), so it is said
+            // here and refused, precisely, when an EK certificate needs it.
+            for problem in manufacturer_cas.not_valid_at(std::time::SystemTime::now()) {
+                tracing::warn!(bundle = %path.display(), "--tpm-ek-ca-bundle: {problem}");
+            }
             info!(cas = manufacturer_cas.len(), "TPM node attestation enabled");
             Some(TpmConfig {
                 manufacturer_cas,
