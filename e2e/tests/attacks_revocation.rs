@@ -1,7 +1,11 @@
-//! The attack suite of issue 21 played end to end against the real pieces — the identity
-//! index fed by real watches on a real apiserver, the agent's accept path with real
-//! processes. Each test plays the attacker and says in its doc comment what it did to the
-//! code before the fix. Item 5: autoPopulateDNSNames, PID reuse at accept.
+//! The attack suite for revocation (issue 21, item 4) and three of the smaller holes
+//! (item 5: autoPopulateDNSNames, PID reuse at accept). Each test plays the attacker
+//! against the real pieces — the operator's Node API on a real apiserver, the identity
+//! index fed by real watches, the agent's accept path with real processes — and says in
+//! its doc comment what it did to the code before the fix. The TPM attacks are in
+//! operator/tests/attacks_tpm.rs (they need swtpm); the Broker API audience check is a
+//! unit test in node-agent/src/broker_api.rs (the real apiserver always checks
+//! audiences, so the attacker there is an audience-unaware TokenReview answer).
 #![allow(clippy::unwrap_used)]
 
 #[path = "../../operator/tests/node_api_common/mod.rs"]
@@ -10,19 +14,196 @@ mod node_api_common;
 mod trust_domain_common;
 
 use std::io::BufRead as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt as _;
 use kube::api::{Api, DeleteParams};
 use node_api_common::{World, create};
 use serde_json::json;
-use sigil_e2e::eventually;
+use sigil_agent::node_client::NodeClientError;
+use sigil_e2e::{eventually, unique};
+use sigil_identity::proto::node as pb;
 use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
 use sigil_operator::index::entry_id;
+use tonic::Code;
 use trust_domain_common::SETTLE;
+
+/// How soon a revocation must reach an open stream ("within seconds").
+const REVOKED_WITHIN: Duration = Duration::from_secs(3);
+
+fn status(e: &NodeClientError) -> &tonic::Status {
+    e.status()
+        .unwrap_or_else(|| panic!("not an operator answer: {e}"))
+}
+
+fn assert_refused(e: &NodeClientError, code: Code, says: &str) {
+    let s = status(e);
+    assert_eq!(s.code(), code, "{s:?}");
+    assert!(
+        s.message().contains(says),
+        "{:?} lacks {says:?}",
+        s.message()
+    );
+}
+
+/// Reads `stream` until it ends; returns how it ended (None: closed without a status) or
+/// panics when it is still open after `within`.
+async fn stream_end(
+    stream: &mut tonic::Streaming<pb::SyncEntriesResponse>,
+    within: Duration,
+    what: &str,
+) -> Option<tonic::Status> {
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(s) => return Some(s),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the entry stream is still open {within:?} after {what}"))
+}
+
+/// A fresh pod-bound token of a new agent pod on `node`, and the pod.
+async fn agent_pod(w: &World, node: &str) -> (Pod, String) {
+    let pod = w
+        .pod(
+            &unique("agent"),
+            node,
+            "sigil-agent",
+            json!({"app": "sigil-agent"}),
+        )
+        .await;
+    let token = w.token(&pod, &w.audience).await;
+    (pod, token)
+}
+
+/// Attack: the machine behind Node B is decommissioned (or stolen) and its Node deleted,
+/// but the agent — or whoever copied its SVID and key — keeps its `SyncEntries` stream
+/// open and goes on learning every identity scheduled to that node. docs/tpm.md promised
+/// "at once"; the stream was never re-authorised.
+///
+/// Before the fix: the stream stayed open until the agent SVID expired (1h); the test
+/// failed with "the entry stream is still open 3s after deleting the Node".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_node_ends_its_agents_stream_at_once() {
+    let w = World::start("atk-del").await;
+    let (_pod, token) = agent_pod(&w, &w.node_b).await;
+    let agent = w.agent_client().await;
+    agent.attest_psat(&token).await.unwrap();
+    let mut stream = agent.sync_entries(0).await.unwrap();
+    stream.message().await.unwrap().expect("the first snapshot");
+
+    Api::<Node>::all(w.client.clone())
+        .delete(&w.node_b, &DeleteParams::default())
+        .await
+        .unwrap();
+    let deleted = Instant::now();
+    let ended = stream_end(&mut stream, REVOKED_WITHIN, "deleting the Node").await;
+    let s = ended.expect("ended with a status");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("no Node with UID"), "{s:?}");
+    eprintln!(
+        "stream ended {:?} after the Node was deleted",
+        deleted.elapsed()
+    );
+
+    // Every other call is refused too, and a new stream does not open.
+    assert_refused(
+        &agent.sync_entries(0).await.unwrap_err(),
+        Code::PermissionDenied,
+        "no Node with UID",
+    );
+    assert_refused(
+        &agent.renew(&token).await.unwrap_err(),
+        Code::PermissionDenied,
+        "no Node with UID",
+    );
+    let metrics = w.metrics_text();
+    assert!(
+        metrics.contains(r#"rpc="SyncEntries",reason="unknown_node""#),
+        "{metrics}"
+    );
+}
+
+/// Attack: a thief copies the agent's SVID and private key off the node, and renews it
+/// forever with `RenewAgent` — after the agent pod is gone, or from a copy the node's owner
+/// never learns about. Renewal must prove again what attestation proved (the agent pod
+/// still runs on that Node).
+///
+/// Before the fix: `RenewAgent` needed nothing but the current SVID; the test, with the old
+/// `renew()` that sends no token, failed at its first refusal: "called
+/// `Result::unwrap_err()` on an `Ok` value: AgentSvid { … }" (renewed with no proof).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_agent_key_does_not_renew_without_a_live_agent_pod() {
+    let w = World::start("atk-renew").await;
+    let (pod, token) = agent_pod(&w, &w.node_a).await;
+    let agent = w.agent_client().await;
+    let first = agent.attest_psat(&token).await.unwrap();
+
+    // The real agent renews with a fresh token of its pod.
+    let renewed = agent.renew(&token).await.unwrap();
+    assert_eq!(renewed.spiffe_id, first.spiffe_id);
+
+    // The thief has the SVID and key, no token.
+    assert_refused(
+        &agent.renew("").await.unwrap_err(),
+        Code::PermissionDenied,
+        "needs psat_token",
+    );
+    // A valid token, but of an agent pod on another Node.
+    let (_pod_b, token_b) = agent_pod(&w, &w.node_b).await;
+    assert_refused(
+        &agent.renew(&token_b).await.unwrap_err(),
+        Code::PermissionDenied,
+        &format!("agent pod on Node {}", w.node_b),
+    );
+    // The agent pod is deleted: its token no longer passes TokenReview.
+    Api::<Pod>::namespaced(w.client.clone(), &w.ns)
+        .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    eventually("the agent pod to be gone", SETTLE, || async {
+        Api::<Pod>::namespaced(w.client.clone(), &w.ns)
+            .get_opt(&pod.name_any())
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    // Refused by TokenReview (the bound pod is gone), or, while the API server's pod
+    // cache still has it, by the operator's own read of the pod.
+    let e = agent.renew(&token).await.unwrap_err();
+    let gone_reason = match status(&e).code() {
+        Code::Unauthenticated => {
+            assert!(status(&e).message().contains("TokenReview"), "{e}");
+            "token_rejected"
+        }
+        Code::PermissionDenied => {
+            assert!(status(&e).message().contains("no longer exists"), "{e}");
+            "pod_mismatch"
+        }
+        _ => panic!("renewal with a deleted pod's token: {e}"),
+    };
+
+    let metrics = w.metrics_text();
+    for reason in [
+        "renewal_without_token",
+        "renewal_node_mismatch",
+        gone_reason,
+    ] {
+        assert!(
+            metrics.contains(&format!(r#"rpc="RenewAgent",reason="{reason}""#)),
+            "{reason} not counted:\n{metrics}"
+        );
+    }
+}
 
 /// Attack: a pod author who may write EndpointSlices in their own namespace (a namespace
 /// admin, or a controller they compromised) lists their pod in slices labelled

@@ -31,6 +31,7 @@ pub async fn tpm_world(prefix: &str, ca: &ManufacturerCa, challenge_timeout: Dur
             tpm: Some(TpmConfig {
                 manufacturer_cas: ManufacturerCas::from_pem(&ca.pem).unwrap(),
                 challenge_timeout,
+                required: false,
             }),
             ..Default::default()
         },

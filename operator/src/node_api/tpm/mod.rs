@@ -42,6 +42,9 @@ pub struct TpmConfig {
     pub manufacturer_cas: ManufacturerCas,
     /// How long the agent has to answer a challenge.
     pub challenge_timeout: Duration,
+    /// Refuse agents that attest with a service-account token alone (`--require-tpm`):
+    /// AttestNode is refused, and PSAT agent SVIDs are refused on every call.
+    pub required: bool,
 }
 
 /// Why TPM attestation failed. Each maps to a precise gRPC status and a metric label.
@@ -375,6 +378,7 @@ mod tests {
             cfg: TpmConfig {
                 manufacturer_cas: ManufacturerCas::from_pem(&ca_pem).unwrap(),
                 challenge_timeout: Duration::from_secs(5),
+                required: false,
             },
             ek_public: rsa_public(EK_ATTRS, true, &modulus),
             ak_public: rsa_public(AK_ATTRS, false, &[9; 256]),
