@@ -15,7 +15,7 @@ use sigil_operator::index::{IndexConfig, TrustDomainInfo, Verdict, explain_pod};
 
 use crate::{EXIT_NEGATIVE, Output};
 
-async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+pub(crate) async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
     let config = match kubeconfig {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p)

@@ -20,14 +20,15 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt as _;
-use kube::api::{Api, DeleteParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use node_api_common::{World, create};
 use serde_json::json;
-use sigil_agent::node_client::NodeClientError;
+use sigil_agent::node_client::{NodeClient, NodeClientError};
 use sigil_e2e::{eventually, unique};
 use sigil_identity::proto::node as pb;
 use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
 use sigil_operator::index::entry_id;
+use sigil_operator::node_api::revocation::{BAN_ANNOTATION, BAN_LABEL};
 use tonic::Code;
 use trust_domain_common::SETTLE;
 
@@ -203,6 +204,117 @@ async fn a_stolen_agent_key_does_not_renew_without_a_live_agent_pod() {
             "{reason} not counted:\n{metrics}"
         );
     }
+}
+
+/// Has the operator sign a CSR for `entry` (SPIFFE ID `id`).
+async fn sign(
+    agent: &NodeClient,
+    entry: &str,
+    id: &str,
+) -> Result<Vec<pb::SvidResult>, NodeClientError> {
+    let key =
+        sigil_identity::keys::PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap();
+    let csr = sigil_identity::x509::build_csr(&key, &sigil_identity::SpiffeId::parse(id).unwrap())
+        .unwrap();
+    agent
+        .sign(vec![pb::SvidRequest {
+            entry_id: entry.to_owned(),
+            csr,
+        }])
+        .await
+}
+
+/// Attack: an agent's key is stolen and the Node must stay (it runs other workloads, or
+/// the theft is only suspected). The administrator bans the agent with
+/// `sigil agent ban <node>`; the thief keeps streaming entries, signing workload CSRs and
+/// minting JWT-SVIDs for the node's pods, re-attests with the agent pod's token, and — root
+/// on the node, with the kubelet's credentials — removes the ban annotation.
+///
+/// Before the fix: there was no deny list; the test (banning by writing the same label and
+/// annotation) failed with "the entry stream is still open 3s after the ban", and CSR
+/// signing still worked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_banned_agent_is_cut_off_within_a_second() {
+    let w = World::start("atk-ban").await;
+    let csid = format!("{}-web", w.tag);
+    w.cluster_spiffe_id(&csid, "web").await;
+    let web = w
+        .pod("web-0", &w.node_a, "web", json!({"app": "web"}))
+        .await;
+    let entry = entry_id(&csid, &web.uid().unwrap());
+    let (_pod, token) = agent_pod(&w, &w.node_a).await;
+    let agent = w.agent_client().await;
+    agent.attest_psat(&token).await.unwrap();
+    let mut stream = agent.sync_entries(0).await.unwrap();
+    tokio::time::timeout(SETTLE, async {
+        loop {
+            let msg = stream.message().await.unwrap().unwrap();
+            if msg.upserts.iter().any(|e| e.id == entry) {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the web entry on the stream");
+    let workload_id = format!("spiffe://{}/ns/{}/sa/web", w.td, w.ns);
+    assert_eq!(
+        sign(&agent, &entry, &workload_id).await.unwrap()[0].error_code,
+        0
+    );
+
+    let outcome = sigil_cli::agent::ban(w.client.clone(), &w.node_a, "stolen in a test")
+        .await
+        .unwrap();
+    assert!(outcome.before.is_none() && outcome.after.is_some());
+    let s = stream_end(&mut stream, REVOKED_WITHIN, "the ban")
+        .await
+        .expect("ended with a status");
+    assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+    assert!(s.message().contains("stolen in a test"), "{s:?}");
+    assert!(
+        s.message()
+            .contains(&format!("sigil agent unban {}", w.node_a)),
+        "{s:?}"
+    );
+
+    // Everything else the key could do is refused, and so is attesting again.
+    for e in [
+        sign(&agent, &entry, &workload_id).await.unwrap_err(),
+        agent.mint_jwt(&entry, &["db".into()]).await.unwrap_err(),
+        agent.renew(&token).await.unwrap_err(),
+        agent.attest_psat(&token).await.unwrap_err(),
+    ] {
+        assert_refused(&e, Code::PermissionDenied, "is banned");
+    }
+
+    // Root on the node, with the kubelet's credentials, removes the annotation (which a
+    // kubelet may do on its own Node): the label still bans.
+    Api::<Node>::all(w.client.clone())
+        .patch(
+            &w.node_a,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {BAN_ANNOTATION: null}}})),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_refused(
+        &agent.attest_psat(&token).await.unwrap_err(),
+        Code::PermissionDenied,
+        BAN_LABEL,
+    );
+
+    // Unbanned: the agent attests and streams again.
+    let outcome = sigil_cli::agent::unban(w.client.clone(), &w.node_a)
+        .await
+        .unwrap();
+    assert!(outcome.before.is_some() && outcome.after.is_none());
+    eventually("attestation after the unban", SETTLE, || async {
+        agent.attest_psat(&token).await.ok()
+    })
+    .await;
+    assert!(agent.sync_entries(0).await.is_ok());
+    assert!(w.metrics_text().contains(r#"reason="agent_banned""#));
 }
 
 /// Attack: a pod author who may write EndpointSlices in their own namespace (a namespace
