@@ -102,9 +102,14 @@ pub enum Revoked {
         "this cluster requires TPM node attestation (operator flag --require-tpm): the agent of Node {node} attested with a service-account token only; run it with --tpm-tcti and enrol the Node's TPM (docs/tpm.md)"
     )]
     TpmRequired {
-        /// The Node (or what the SVID names, when not known).
+        /// The Node.
         node: String,
     },
+    /// AttestNode (a service-account token alone) where TPM attestation is required.
+    #[error(
+        "this cluster requires TPM node attestation (operator flag --require-tpm): AttestNode with a service-account token alone is refused; run the agent with --tpm-tcti and enrol its Node's TPM (docs/tpm.md)"
+    )]
+    TokenAttestationRefused,
 }
 
 impl Revoked {
@@ -114,7 +119,7 @@ impl Revoked {
             Self::NodeGone { .. } => "unknown_node",
             Self::NotEnrolled { .. } | Self::ClaimedTwice { .. } => "tpm_not_enrolled",
             Self::Banned { .. } => "agent_banned",
-            Self::TpmRequired { .. } => "tpm_required",
+            Self::TpmRequired { .. } | Self::TokenAttestationRefused => "tpm_required",
         }
     }
 

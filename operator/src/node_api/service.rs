@@ -531,12 +531,7 @@ impl pb::node_server::Node for NodeApi {
         if self.require_tpm() {
             // Refused before the token is reviewed: no TokenReview for a call that can't
             // succeed.
-            return Err(self.revoked(
-                RPC,
-                &Revoked::TpmRequired {
-                    node: "(attesting with a token)".into(),
-                },
-            ));
+            return Err(self.revoked(RPC, &Revoked::TokenAttestationRefused));
         }
         let attested = psat::attest(
             &self.inner.client,
