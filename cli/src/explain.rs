@@ -1,11 +1,11 @@
 //! `sigil explain pod`: reads the pod, its namespace and node, every ClusterSPIFFEID and
-//! TrustDomain, and the namespace's EndpointSlices from the API server, then renders with
-//! the operator's own index code ([`sigil_operator::index::explain_pod`]).
+//! TrustDomain, and the namespace's EndpointSlices and Services from the API server, then
+//! renders with the operator's own index code ([`sigil_operator::index::explain_pod`]).
 
 use std::path::Path;
 
 use anyhow::Context as _;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use serde_json::json;
@@ -15,7 +15,7 @@ use sigil_operator::index::{IndexConfig, TrustDomainInfo, Verdict, explain_pod};
 
 use crate::{EXIT_NEGATIVE, Output};
 
-async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
+pub(crate) async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
     let config = match kubeconfig {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p)
@@ -69,11 +69,19 @@ pub(crate) async fn pod(
         .iter()
         .filter_map(|o| TrustDomainInfo::from_dynamic(o).ok())
         .collect();
-    let slices = Api::<EndpointSlice>::namespaced(client, ns)
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), ns)
         .list(&ListParams::default())
         .await
         .context("list EndpointSlices")?
         .items;
+    let services: Vec<String> = Api::<Service>::namespaced(client, ns)
+        .list_metadata(&ListParams::default())
+        .await
+        .context("list Services")?
+        .items
+        .iter()
+        .map(kube::ResourceExt::name_any)
+        .collect();
     let explained = explain_pod(
         IndexConfig::new(cluster_name),
         &pod,
@@ -82,6 +90,7 @@ pub(crate) async fn pod(
         &csids,
         &tds,
         &slices,
+        &services,
     );
     let selected = explained
         .iter()

@@ -6,11 +6,14 @@
 //!   own index code.
 //! - `sigil inspect <file|token>`: decodes an X509-SVID (PEM) or a JWT-SVID, and checks it
 //!   against a bundle when given one.
+//! - `sigil agent ban|unban <node>`: the operator-side deny list for a stolen agent key
+//!   (the Node annotation `sigil.dev/agent-banned`).
 //!
 //! Exit codes: 0 success; 1 could not get an answer (agent, API server, files); 2 usage;
 //! 3 the answer is negative (an SVID or token that does not verify, a pod without an
 //! identity).
 
+pub mod agent;
 mod explain;
 mod inspect;
 mod output;
@@ -76,6 +79,42 @@ pub enum Command {
     Explain(ExplainCommand),
     /// Decode an X509-SVID (PEM file) or a JWT-SVID, and check it against a bundle.
     Inspect(inspect::InspectArgs),
+    /// Ban or unban a node's agent (a stolen agent key, a compromised node).
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+/// `sigil agent ...`
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Ban the agent of a node: the operator ends its entry stream and refuses its renewal,
+    /// attestation, CSR signing and JWT minting within about a second (label
+    /// node-restriction.kubernetes.io/sigil-agent-banned and annotation
+    /// sigil.dev/agent-banned on the Node).
+    Ban {
+        /// The Node.
+        node: String,
+        /// Why (kept in the annotation, and shown to the agent in every refusal).
+        #[arg(long, default_value = "agent key compromised")]
+        reason: String,
+        /// Kubeconfig (default: KUBECONFIG, then in-cluster).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Lift a ban: the node's agent may attest again.
+    Unban {
+        /// The Node.
+        node: String,
+        /// Kubeconfig (default: KUBECONFIG, then in-cluster).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 /// `sigil x509 ...`
@@ -203,6 +242,17 @@ pub fn main() -> i32 {
                 output,
             }) => explain::pod(&pod, kubeconfig.as_deref(), &cluster_name, output).await,
             Command::Inspect(args) => inspect::run(&args),
+            Command::Agent(AgentCommand::Ban {
+                node,
+                reason,
+                kubeconfig,
+                output,
+            }) => agent::run(true, &node, &reason, kubeconfig.as_deref(), output).await,
+            Command::Agent(AgentCommand::Unban {
+                node,
+                kubeconfig,
+                output,
+            }) => agent::run(false, &node, "", kubeconfig.as_deref(), output).await,
         }
     });
     match result {

@@ -178,6 +178,7 @@ fn tpm_values_wire_the_ca_bundle_the_device_and_the_flags() {
     assert!(
         args_of(&op["containers"][0]).contains(&"--tpm-ek-ca-bundle=/etc/sigil/tpm/ek-cas.pem")
     );
+    assert!(args_of(&op["containers"][0]).contains(&"--require-tpm"));
     assert!(op["volumes"].to_string().contains("sigil-tpm-ek-cas"));
 
     // Through a device plugin: a resource limit instead of privileged, the EK certificate
@@ -216,6 +217,17 @@ fn tpm_values_wire_the_ca_bundle_the_device_and_the_flags() {
         err.contains("tpm.agent.enabled needs tpm.ekCASecretName"),
         "{err}"
     );
+
+    // Requiring TPM with agents that don't use it would refuse every agent: refused at
+    // render time too.
+    let out = std::process::Command::new(sigil_e2e::tools::tool("helm").unwrap())
+        .args(["template", "r", chart().to_str().unwrap()])
+        .args(["--set", "tpm.required=true,tpm.ekCASecretName=cas"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tpm.required needs"), "{err}");
 }
 
 #[tokio::test]

@@ -1,8 +1,8 @@
 //! What the Workload API refuses, seen from real clients: a process in no pod, a request
 //! without the security header, a JWT-SVID for someone else's ID, and JWT-SVIDs with a
 //! bad alg, expired, or for another audience. Unix selectors tell two users in one pod
-//! apart. (A recycled PID is covered in node-agent/tests/attestation.rs: a live kernel
-//! cannot be made to reuse a PID on demand.)
+//! apart. (A recycled PID is covered in node-agent/tests/attestation.rs, and PID reuse
+//! at accept with a real kernel in e2e/tests/attacks_revocation.rs.)
 #![allow(clippy::unwrap_used)]
 
 #[path = "../../operator/tests/node_api_common/mod.rs"]

@@ -8,9 +8,11 @@
 //!
 //! Which workload: a `KubernetesObjectReference` to a pod (`pods`, core group) with its
 //! UID, proven by the pod-bound service-account token the kubelet gave the broker (gRPC
-//! metadata `authorization: Bearer <token>`): the agent TokenReviews it (with the
-//! configured audience), and requires that it is bound to exactly that pod, that the pod
-//! is on this node, and that the reference's namespace and name match. The pod's
+//! metadata `authorization: Bearer <token>`): the agent TokenReviews it with the
+//! configured audience and requires the review to confirm that audience (an
+//! audience-unaware authenticator answers with the API server's own audiences, or none,
+//! for a token never meant for sigil-csi); then that it is bound to exactly that pod,
+//! that the pod is on this node, and that the reference's namespace and name match. The pod's
 //! selectors are its `k8s:` pod selectors (no container ones). A `WorkloadPIDReference`
 //! names a local process, attested from the kernel as on the Workload API.
 //!
@@ -338,6 +340,26 @@ impl BrokerApi {
                 )),
             ));
         }
+        // As psat.rs does: a review that does not name our audience authenticated the token
+        // for something else (an audience-unaware authenticator says so with the API
+        // server's audiences, or none), e.g. the pod's own API token.
+        let audience = &self.inner.policy.token_audience;
+        if !status
+            .audiences
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|a| a == audience)
+        {
+            return Err(self.deny(
+                rpc,
+                "token_wrong_audience",
+                Status::unauthenticated(format!(
+                    "the pod token is not for audience {audience:?} (TokenReview confirmed {:?}); the CSIDriver's tokenRequests must ask for {audience:?}",
+                    status.audiences.unwrap_or_default()
+                )),
+            ));
+        }
         let extra = status.user.and_then(|u| u.extra).unwrap_or_default();
         let one = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
         if one("authentication.kubernetes.io/pod-uid").as_deref() != Some(r.uid.as_str()) {
@@ -585,4 +607,179 @@ pub async fn serve(
         .add_service(api.into_server())
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::attest::k8s::PodInfo;
+    use crate::cache::Cache;
+    use crate::node_client::{NodeClient, NodeClientConfig};
+    use sigil_identity::{TrustBundle, TrustDomain};
+    use tokio::sync::watch;
+
+    const POD_UID: &str = "0f0f0f0f-1111-2222-3333-444444444444";
+    const NODE: &str = "node-a";
+
+    /// One pod on this node.
+    #[derive(Debug)]
+    struct OnePod(Arc<PodInfo>, watch::Sender<u64>);
+
+    impl PodSource for OnePod {
+        fn pod_by_uid(&self, uid: &str) -> Option<Arc<PodInfo>> {
+            (uid == self.0.uid).then(|| self.0.clone())
+        }
+        fn subscribe(&self) -> watch::Receiver<u64> {
+            self.1.subscribe()
+        }
+        fn is_synced(&self) -> bool {
+            true
+        }
+    }
+
+    /// A TokenReview answerer that authenticates every token as bound to our pod on our
+    /// node, confirming `audiences`: what an audience-unaware authenticator behind the API
+    /// server says about a token made for someone else.
+    fn token_reviewer(audiences: serde_json::Value) -> Client {
+        let svc = tower::service_fn(move |_req: http::Request<kube::client::Body>| {
+            let body = serde_json::json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "metadata": {}, "spec": {},
+                "status": {
+                    "authenticated": true,
+                    "audiences": audiences,
+                    "user": {
+                        "username": "system:serviceaccount:prod:web",
+                        "extra": {
+                            "authentication.kubernetes.io/pod-uid": [POD_UID],
+                            "authentication.kubernetes.io/pod-name": ["web-0"],
+                            "authentication.kubernetes.io/node-name": [NODE],
+                        },
+                    },
+                },
+            });
+            async move {
+                Ok::<_, std::convert::Infallible>(http::Response::new(kube::client::Body::from(
+                    serde_json::to_vec(&body).unwrap(),
+                )))
+            }
+        });
+        Client::new(svc, "default")
+    }
+
+    fn broker(client: Client) -> BrokerApi {
+        let td: TrustDomain = "example.org".parse().unwrap();
+        let node = NodeClient::new(
+            NodeClientConfig {
+                addresses: vec!["127.0.0.1:1".into()],
+                trust_domain: td.clone(),
+                cluster: "c".into(),
+            },
+            TrustBundle::new(td),
+        )
+        .unwrap();
+        let pod = PodInfo {
+            uid: POD_UID.into(),
+            namespace: "prod".into(),
+            name: "web-0".into(),
+            service_account: Some("web".into()),
+            node_name: Some(NODE.into()),
+            labels: vec![],
+            owners: vec![],
+            images: vec![],
+            init_images: vec![],
+            containers: vec![],
+        };
+        BrokerApi::new(
+            Served {
+                cache: Cache::new(),
+                node: Arc::new(node),
+                shutdown: CancellationToken::new(),
+                open_streams: Gauge::default(),
+            },
+            BrokerPolicy {
+                uid: 0,
+                exe: None,
+                token_audience: "sigil-csi".into(),
+                node_name: NODE.into(),
+                pod_timeout: Duration::from_millis(100),
+            },
+            client,
+            Arc::new(OnePod(Arc::new(pod), watch::channel(0).0)),
+            Arc::new(WorkloadAttestor::new(
+                "/proc".into(),
+                "/etc".into(),
+                None,
+                Duration::from_secs(1),
+            )),
+            BrokerApiMetrics::default(),
+        )
+    }
+
+    fn request() -> (Request<()>, pb::KubernetesObjectReference) {
+        let mut req = Request::new(());
+        req.metadata_mut().insert(
+            "authorization",
+            "Bearer the-pods-own-api-token".parse().unwrap(),
+        );
+        let reference = pb::KubernetesObjectReference {
+            r#type: Some(pb::KubernetesObjectType {
+                group: String::new(),
+                plural: "pods".into(),
+            }),
+            key: None,
+            uid: POD_UID.into(),
+        };
+        (req, reference)
+    }
+
+    /// Attack: the broker presents a pod token that was not made for sigil-csi — the
+    /// pod's own API-server token, or one for another service — and the TokenReview
+    /// answer authenticates it without confirming our audience (an audience-unaware
+    /// authenticator answers with the API server's audiences, or none). psat.rs checks the
+    /// returned audiences; the Broker API did not.
+    ///
+    /// Before the fix: the pod was resolved and its selectors returned for a token whose
+    /// review confirmed only `https://kubernetes.default.svc` (the test failed at "a token
+    /// for another audience was accepted").
+    #[tokio::test]
+    async fn a_token_the_review_does_not_confirm_for_our_audience_is_refused() {
+        for audiences in [
+            serde_json::json!(["https://kubernetes.default.svc"]),
+            serde_json::json!([]),
+            serde_json::Value::Null,
+        ] {
+            let api = broker(token_reviewer(audiences.clone()));
+            let (req, reference) = request();
+            let result = api.pod_workload("FetchJWTSVID", &req, &reference).await;
+            let Err(status) = result else {
+                panic!("a token for another audience was accepted (review audiences {audiences})");
+            };
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+            assert!(
+                status.message().contains("not for audience \"sigil-csi\""),
+                "{status:?}"
+            );
+            let denied = api
+                .inner
+                .metrics
+                .denials
+                .get_or_create(&DenialLabels {
+                    rpc: "FetchJWTSVID".into(),
+                    reason: "token_wrong_audience".into(),
+                })
+                .get();
+            assert_eq!(denied, 1);
+        }
+        // The same answer confirming sigil-csi: the pod is resolved.
+        let api = broker(token_reviewer(serde_json::json!(["sigil-csi"])));
+        let (req, reference) = request();
+        let selectors = api
+            .pod_workload("FetchJWTSVID", &req, &reference)
+            .await
+            .unwrap();
+        assert!(selectors.iter().any(|s| s.to_string() == "k8s:ns:prod"));
+    }
 }

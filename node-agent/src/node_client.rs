@@ -361,8 +361,10 @@ impl NodeClient {
         Ok(svid)
     }
 
-    /// Renews the agent SVID over mTLS with the current one.
-    pub async fn renew(&self) -> Result<AgentSvid, NodeClientError> {
+    /// Renews a PSAT agent's SVID over mTLS with the current one, proving again with a
+    /// fresh projected token of the agent pod (`psat_token`), as the operator requires. (A
+    /// TPM agent renews by attesting again: [`Self::attest_tpm`].)
+    pub async fn renew(&self, psat_token: &str) -> Result<AgentSvid, NodeClientError> {
         const RPC: &str = "RenewAgent";
         let current = self.svid().ok_or(NodeClientError::NotAttested)?;
         let key = new_key()?;
@@ -370,7 +372,10 @@ impl NodeClient {
             .map_err(|e| NodeClientError::Local(e.to_string()))?;
         let answer = self
             .raw(true)?
-            .renew_agent(pb::RenewAgentRequest { csr })
+            .renew_agent(pb::RenewAgentRequest {
+                csr,
+                psat_token: psat_token.to_owned(),
+            })
             .await
             .map_err(status(RPC))?
             .into_inner();

@@ -2,9 +2,12 @@
 //! stream that fills the [`Cache`].
 //!
 //! - Attests with the projected service-account token, read from its file at each attempt
-//!   (the kubelet rotates it in place), and with the node's TPM when one is configured, and renews the agent SVID at half-life over mTLS.
-//!   When renewal fails (the SVID expired while the operator was away), it attests again
-//!   with a fresh token: that always works, because AttestNode needs no client certificate.
+//!   (the kubelet rotates it in place), and with the node's TPM when one is configured.
+//! - Renews the agent SVID at half-life, proving again what attestation proved: over mTLS
+//!   with a fresh token (RenewAgent), or, with a TPM, by attesting again (a fresh
+//!   credential activation). When renewal fails (the SVID expired while the operator was
+//!   away, or the operator refuses it), it attests again with a fresh token: that always
+//!   works for a node still authorised, because attestation needs no client certificate.
 //! - Keeps SyncEntries open, resuming from the last revision applied; reconnects with
 //!   backoff, moving to the next operator address each time.
 //! - The cache keeps serving whatever it holds while the operator is unreachable.
@@ -129,7 +132,13 @@ pub async fn keep_agent_svid(
             () = tokio::time::sleep(half.duration_since(now).unwrap_or_default()) => {}
         }
         loop {
-            match node.renew().await {
+            let renewed = match (tpm.as_deref(), token.read()) {
+                // The TPM proves itself again, with the pod token alongside.
+                (Some(device), Ok(t)) => node.attest_tpm(device, Some(&t)).await,
+                (None, Ok(t)) => node.renew(&t).await,
+                (_, Err(e)) => Err(e),
+            };
+            match renewed {
                 Ok(s) => {
                     info!(expires = ?s.not_after, "agent SVID renewed");
                     backoff.reset();

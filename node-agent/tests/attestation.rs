@@ -1,8 +1,9 @@
-//! A recycled PID is refused. A live kernel cannot be made to hand a PID to another
-//! process on demand, so this test stands a fake /proc in for the kernel's: the process
-//! that connected is pinned by its start time, the PID then shows another start time
-//! (what a reused PID looks like), and attestation refuses it instead of reading the
-//! newcomer's cgroups and binary.
+//! A recycled PID is refused after the peer was pinned. This test stands a fake /proc in
+//! for the kernel's: the process that connected is pinned by its start time, the PID then
+//! shows another start time (what a reused PID looks like), and attestation refuses it
+//! instead of reading the newcomer's cgroups and binary. (The real kernel handing the PID
+//! to another process between `connect()` and accept is played in
+//! e2e/tests/attacks_revocation.rs, steering the next PID through ns_last_pid.)
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;

@@ -202,6 +202,11 @@ pub struct NodeApiArgs {
     /// How long an agent has to answer a TPM credential-activation challenge (Go duration).
     #[arg(long, env = "SIGIL_TPM_CHALLENGE_TIMEOUT", default_value = "10s", value_parser = go_duration)]
     pub tpm_challenge_timeout: Duration,
+
+    /// Require TPM node attestation: refuse agents that attest with a service-account token
+    /// alone (AttestNode), and the SVIDs of such agents. Needs --tpm-ek-ca-bundle.
+    #[arg(long, env = "SIGIL_REQUIRE_TPM", requires = "tpm_ek_ca_bundle")]
+    pub require_tpm: bool,
 }
 
 /// `--log-format` values.
@@ -396,6 +401,7 @@ async fn node_api_task(
         node_burst,
         tpm_ek_ca_bundle,
         tpm_challenge_timeout,
+        require_tpm,
     } = args;
     let tpm = match tpm_ek_ca_bundle {
         None => None,
@@ -404,10 +410,21 @@ async fn node_api_task(
                 .with_context(|| format!("read --tpm-ek-ca-bundle {}", path.display()))?;
             let manufacturer_cas = ManufacturerCas::from_pem(&pem)
                 .map_err(|e| anyhow::anyhow!("--tpm-ek-ca-bundle {}: {e}", path.display()))?;
-            info!(cas = manufacturer_cas.len(), "TPM node attestation enabled");
+            // A CA that is not valid now signs nothing we accept; it is not a reason to
+            // stop the whole operator (the bundle is fleet data that ages), so it is said
+            // here and refused, precisely, when an EK certificate needs it.
+            for problem in manufacturer_cas.not_valid_at(std::time::SystemTime::now()) {
+                tracing::warn!(bundle = %path.display(), "--tpm-ek-ca-bundle: {problem}");
+            }
+            info!(
+                cas = manufacturer_cas.len(),
+                required = require_tpm,
+                "TPM node attestation enabled"
+            );
             Some(TpmConfig {
                 manufacturer_cas,
                 challenge_timeout: tpm_challenge_timeout,
+                required: require_tpm,
             })
         }
     };

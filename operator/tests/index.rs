@@ -467,6 +467,9 @@ fn dns_names_from_endpoint_slices() {
     let n1 = ix.node("n1");
     let n2 = ix.node("n2");
     let r2 = n2.revision();
+    // autoPopulateDNSNames names Services that exist (the slice's label is not enough).
+    ix.apply_service("prod", "web");
+    ix.apply_service("prod", "api");
     ix.apply_endpoint_slice(&slice("prod", "web-abc", "web", &["web-0"]));
     assert_eq!(
         n1.entry(&entry_id("auto", "u1")).unwrap().dns_names,
@@ -509,6 +512,28 @@ fn dns_names_from_endpoint_slices() {
         ]
     );
     ix.delete_endpoint_slice("prod", "api-xyz");
+    assert_eq!(
+        n2.entry(&entry_id("auto", "u2")).unwrap().dns_names,
+        ["static.example"]
+    );
+
+    // A slice whose service-name label names no Service, or one that is not a DNS-1035
+    // label (a dotted name would be another namespace's short name), adds nothing.
+    ix.apply_endpoint_slice(&slice("prod", "ghost-1", "ghost", &["web-1"]));
+    ix.apply_endpoint_slice(&slice("prod", "dotted-1", "kubernetes.default", &["web-1"]));
+    assert_eq!(
+        n2.entry(&entry_id("auto", "u2")).unwrap().dns_names,
+        ["static.example"]
+    );
+    // The Service appears: its names follow; it goes: they go.
+    ix.apply_service("prod", "ghost");
+    assert!(
+        n2.entry(&entry_id("auto", "u2"))
+            .unwrap()
+            .dns_names
+            .contains(&"ghost.prod.svc".to_owned())
+    );
+    ix.delete_service("prod", "ghost");
     assert_eq!(
         n2.entry(&entry_id("auto", "u2")).unwrap().dns_names,
         ["static.example"]

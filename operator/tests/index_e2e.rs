@@ -236,7 +236,12 @@ async fn run_publishes_entries_to_node_views_and_writes_status() {
     );
     assert!(ix.node("some-other-node").is_empty());
 
-    // An EndpointSlice listing the pod adds its Service's names.
+    // An EndpointSlice listing the pod adds its Service's names (the Service must exist).
+    create(
+        &Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), &ns),
+        json!({"metadata": {"name": "web"}, "spec": {"ports": [{"port": 443}]}}),
+    )
+    .await;
     create(
         &Api::<EndpointSlice>::namespaced(client.clone(), &ns),
         json!({

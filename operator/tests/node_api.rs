@@ -68,7 +68,7 @@ fn csr(id: &str) -> (PrivateKey, Vec<u8>) {
 #[tokio::test]
 async fn an_agent_attests_streams_its_entries_and_gets_svids_signed() {
     let w = World::start("napi").await;
-    let agent = w.attested_agent(&w.node_a).await;
+    let (agent, agent_token) = w.attested_agent_with_token(&w.node_a).await;
     let svid = agent.svid().unwrap();
     assert_eq!(
         svid.spiffe_id.to_string(),
@@ -155,8 +155,8 @@ async fn an_agent_attests_streams_its_entries_and_gets_svids_signed() {
         sigil_identity::jwt::validate_jwt_svid(&token, &set, "db", SystemTime::now()).unwrap();
     assert_eq!(jwt.spiffe_id.to_string(), workload_id);
 
-    // Renewal over mTLS.
-    let renewed = agent.renew().await.unwrap();
+    // Renewal over mTLS, proving the agent pod again with its token.
+    let renewed = agent.renew(&agent_token).await.unwrap();
     assert_eq!(renewed.spiffe_id, svid.spiffe_id);
     assert_ne!(renewed.chain[0], svid.chain[0]);
     x509::validate_x509_svid(&renewed.chain, &bundle, SystemTime::now()).unwrap();
@@ -488,7 +488,10 @@ async fn an_agent_whose_svid_expired_attests_again_with_a_fresh_token() {
     tokio::time::sleep(left + Duration::from_secs(1)).await;
 
     // The SVID has expired: mTLS calls are refused...
-    let e = agent.renew().await.unwrap_err();
+    let e = agent
+        .renew(&w.token(&agent_pod, &w.audience).await)
+        .await
+        .unwrap_err();
     assert_eq!(code(&e), Code::Unauthenticated, "{e}");
     // ...but AttestNode needs no client certificate, so a fresh token brings it back.
     let second = agent

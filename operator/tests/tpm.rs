@@ -110,10 +110,10 @@ async fn a_tpm_attests_its_node_and_the_agent_serves_that_node() {
         Ok(true),
         "node A's entry {web_id} on the TPM agent's stream"
     );
-    assert!(
-        agent.renew().await.is_ok(),
-        "a TPM agent renews like any agent"
-    );
+    // A TPM agent renews by attesting again (a fresh credential activation), not with
+    // RenewAgent (operator/tests/attacks_tpm.rs plays the stolen key).
+    let renewed = agent.attest_tpm(&tpm.device, None).await.unwrap();
+    assert_eq!(renewed.spiffe_id, svid.spiffe_id);
 
     // Replaying the accepted answer on a new exchange: each challenge has a fresh secret.
     let old = answered.lock().unwrap().clone().unwrap();

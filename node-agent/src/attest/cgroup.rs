@@ -46,9 +46,10 @@ pub enum CgroupError {
     },
 }
 
-/// Reads and parses the cgroups of `pid` under `proc_root` (normally `/proc`).
-pub fn pod_container_of(proc_root: &Path, pid: i32) -> Result<Option<PodContainer>, CgroupError> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))
+/// Reads and parses the cgroups of process `pid`, whose `/proc/<pid>` directory is
+/// `proc_dir` ([`super::peer::PeerProcess::proc_dir`]).
+pub fn pod_container_of(proc_dir: &Path, pid: i32) -> Result<Option<PodContainer>, CgroupError> {
+    let text = std::fs::read_to_string(proc_dir.join("cgroup"))
         .map_err(|source| CgroupError::Read { pid, source })?;
     parse_cgroup_file(&text).map_err(|(first, second)| CgroupError::Inconsistent {
         pid,

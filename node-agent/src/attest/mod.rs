@@ -1,7 +1,8 @@
 //! Workload attestation: who is calling the Workload API, as facts (selectors) that come
 //! from the kernel and the API server/kubelet, never from the caller.
 //!
-//! - [`peer`]: SO_PEERCRED plus PID pinning (a recycled PID is refused);
+//! - [`peer`]: SO_PEERCRED, SO_PEERPIDFD and `/proc/<pid>` pinned at accept (a recycled
+//!   PID is never read as the caller);
 //! - [`cgroup`]: `/proc/<pid>/cgroup` → pod UID and container ID;
 //! - [`k8s`]: the pod and container from an event-driven pod source → `k8s:` selectors;
 //! - [`kubelet`]: the kubelet's `/pods` as that source, where the API-server watch is not used;
@@ -95,7 +96,7 @@ impl WorkloadAttestor {
         peer.check_same_process()?;
         let mut out = Attested::default();
         out.selectors.extend(self.unix.attest(peer));
-        if let Some(pc) = cgroup::pod_container_of(&self.proc_root, peer.pid)?
+        if let Some(pc) = cgroup::pod_container_of(&peer.proc_dir(), peer.pid)?
             && let Some(source) = &self.pods
         {
             let m = k8s::find_container(

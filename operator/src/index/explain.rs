@@ -2,8 +2,8 @@
 //! same index code the operator runs, for `sigil explain pod`.
 //!
 //! A throwaway [`EntryIndex`] is fed exactly the objects that matter (the pod, its
-//! namespace and node, the ClusterSPIFFEIDs, TrustDomains and the namespace's
-//! EndpointSlices); what it renders is what the operator renders. For a ClusterSPIFFEID
+//! namespace and node, the ClusterSPIFFEIDs, TrustDomains, and the namespace's
+//! EndpointSlices and Service names); what it renders is what the operator renders. For a ClusterSPIFFEID
 //! that gives the pod no entry, the reason is the first thing that fails, in the order
 //! the index applies them.
 
@@ -70,7 +70,10 @@ fn labels_text(l: Option<&std::collections::BTreeMap<String, String>>) -> String
     }
 }
 
-/// Explains, for every ClusterSPIFFEID, what it gives `pod`.
+/// Explains, for every ClusterSPIFFEID, what it gives `pod`. `services` are the names of
+/// the Services in the pod's namespace.
+// One argument per kind of object the index reads: a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn explain_pod(
     config: IndexConfig,
     pod: &Pod,
@@ -79,6 +82,7 @@ pub fn explain_pod(
     cluster_spiffe_ids: &[ClusterSPIFFEID],
     trust_domains: &[TrustDomainInfo],
     slices: &[EndpointSlice],
+    services: &[String],
 ) -> Vec<Explanation> {
     let ignored = config.ignores(&namespace.name_any());
     let index = EntryIndex::new(config);
@@ -91,6 +95,10 @@ pub fn explain_pod(
     }
     for c in cluster_spiffe_ids {
         index.apply_cluster_spiffe_id(c);
+    }
+    let ns_name = namespace.name_any();
+    for s in services {
+        index.apply_service(&ns_name, s);
     }
     for s in slices {
         index.apply_endpoint_slice(s);

@@ -1,6 +1,6 @@
-//! The identity index: Pods × Namespaces × Nodes × EndpointSlices × ClusterSPIFFEIDs ×
-//! TrustDomains → registration entries, grouped by node, kept in memory and updated
-//! incrementally from informer events.
+//! The identity index: Pods × Namespaces × Nodes × EndpointSlices × Services ×
+//! ClusterSPIFFEIDs × TrustDomains → registration entries, grouped by node, kept in memory
+//! and updated incrementally from informer events.
 //!
 //! - [`EntryIndex`] is the shared handle (cheap to clone). Informers feed it through its
 //!   `apply_*`/`delete_*` methods ([`run`] does this from kube-runtime watchers); the Node
@@ -398,6 +398,17 @@ impl EntryIndex {
     /// An EndpointSlice was deleted.
     pub fn delete_endpoint_slice(&self, namespace: &str, name: &str) {
         self.write(|s, b| s.set_slice(namespace, name, None, b));
+    }
+
+    /// A Service exists (only its name matters: autoPopulateDNSNames names only Services
+    /// that exist in the pod's namespace).
+    pub fn apply_service(&self, namespace: &str, name: &str) {
+        self.write(|s, b| s.set_service(namespace, name, true, b));
+    }
+
+    /// A Service was deleted.
+    pub fn delete_service(&self, namespace: &str, name: &str) {
+        self.write(|s, b| s.set_service(namespace, name, false, b));
     }
 
     /// A ClusterSPIFFEID was added or changed. A change of spec re-renders the pods it

@@ -286,7 +286,11 @@ pub(crate) fn node_facts(node: &Node) -> Result<(String, NodeFacts), String> {
 }
 
 /// An EndpointSlice reduced to its Service and the pods it lists (ready or not: a pod
-/// may need its DNS names before it can become ready).
+/// may need its DNS names before it can become ready). `service` is the
+/// `kubernetes.io/service-name` label only when it is a DNS-1035 label, the only shape a
+/// Service name has: anyone who can write an EndpointSlice writes that label, and a dotted
+/// value (`api.prod`) would render another namespace's short name into the SVID. The
+/// index also requires a Service of that name to exist in the slice's namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SliceFacts {
     pub(crate) namespace: String,
@@ -311,6 +315,7 @@ pub(crate) fn slice_facts(slice: &EndpointSlice) -> Result<SliceFacts, String> {
         .labels
         .as_ref()
         .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .filter(|s| is_dns1035_label(s))
         .cloned();
     let mut pods: Vec<String> = slice
         .endpoints
@@ -507,6 +512,18 @@ impl CompiledCsid {
 /// Whether `name` is a DNS name an X509-SVID may carry: dot-separated labels of letters,
 /// digits and '-', none empty or longer than 63 or starting or ending with '-', at most 253
 /// bytes in all; a leading `*.` wildcard is allowed.
+/// A DNS-1035 label, what a Service name must be: 1–63 lowercase letters, digits and '-',
+/// starting with a letter and ending with a letter or digit (no dots).
+pub(crate) fn is_dns1035_label(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_lowercase()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+}
+
 pub(crate) fn is_dns_name(name: &str) -> bool {
     let host = name.strip_prefix("*.").unwrap_or(name);
     !host.is_empty()
@@ -534,6 +551,26 @@ mod tests {
             assert!(!is_dns_name(bad), "{bad}");
         }
         assert!(!is_dns_name(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn service_names_are_dns_1035_labels() {
+        for ok in ["web", "a", "api-v2", &"a".repeat(63)] {
+            assert!(is_dns1035_label(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "api.prod",
+            "kubernetes.default",
+            "Web",
+            "1web",
+            "web-",
+            "-web",
+            "a_b",
+            &"a".repeat(64),
+        ] {
+            assert!(!is_dns1035_label(bad), "{bad}");
+        }
     }
 
     /// A Pod as the apiserver serves it, with what the slim decoding skips.

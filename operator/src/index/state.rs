@@ -1,5 +1,5 @@
-//! The index's world: the facts of every pod, namespace, node, EndpointSlice, TrustDomain
-//! and ClusterSPIFFEID, the entries each pod currently has, and per-ClusterSPIFFEID
+//! The index's world: the facts of every pod, namespace, node, EndpointSlice, Service
+//! (its name only), TrustDomain and ClusterSPIFFEID, the entries each pod currently has, and per-ClusterSPIFFEID
 //! statistics, all updated incrementally.
 //!
 //! Every change computes the set of pods it can affect and re-renders only those:
@@ -8,7 +8,9 @@
 //!   plus those it selects now (found through the namespace → pods index);
 //! - a namespace label change: its pods, when a selection or a template depends on it;
 //! - a Node change: its pods, when a template reads node facts;
-//! - an EndpointSlice change: the pods whose set of Services changed.
+//! - an EndpointSlice change: the pods whose set of Services changed;
+//! - a Service created or deleted: the pods its EndpointSlices list (autoPopulateDNSNames
+//!   names only Services that exist).
 //!
 //! Re-rendering a pod evaluates every ClusterSPIFFEID against it (there are few), so
 //! fallback and masking are always decided with the whole picture of that pod. The
@@ -145,6 +147,7 @@ pub(crate) enum Kind {
     Namespace,
     Node,
     EndpointSlice,
+    Service,
     ClusterSpiffeId,
     TrustDomain,
 }
@@ -180,6 +183,8 @@ pub(crate) struct State {
     slices: HashMap<PodKey, SliceFacts>,
     /// Services whose EndpointSlices list a pod (name, number of slices listing it).
     pod_services: HashMap<PodKey, Vec<(Box<str>, u32)>>,
+    /// The Services that exist (namespace, name).
+    services: HashSet<PodKey>,
     trust_domains: BTreeMap<String, TrustDomainInfo>,
     csids: Vec<Option<CsidRecord>>,
     free_csids: Vec<CsidId>,
@@ -206,6 +211,7 @@ impl State {
             nodes: HashMap::new(),
             slices: HashMap::new(),
             pod_services: HashMap::new(),
+            services: HashSet::new(),
             trust_domains: BTreeMap::new(),
             csids: Vec::new(),
             free_csids: Vec::new(),
@@ -279,6 +285,11 @@ impl State {
             Kind::EndpointSlice => self
                 .slices
                 .keys()
+                .map(|(ns, n)| format!("{ns}/{n}"))
+                .collect(),
+            Kind::Service => self
+                .services
+                .iter()
                 .map(|(ns, n)| format!("{ns}/{n}"))
                 .collect(),
             Kind::ClusterSpiffeId => self.csid_by_name.keys().cloned().collect(),
@@ -515,6 +526,46 @@ impl State {
         let pods: Vec<PodId> = changed_pods
             .into_iter()
             .filter_map(|p| self.pod_by_key.get(&(namespace.to_owned(), p)).copied())
+            .collect();
+        self.rerender(pods, batch);
+    }
+
+    /// A Service was created (`exists`) or deleted: the pods its EndpointSlices list gain
+    /// or lose its DNS names.
+    pub(crate) fn set_service(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        exists: bool,
+        batch: &mut Batch,
+    ) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let changed = if exists {
+            self.services.insert(key)
+        } else {
+            self.services.remove(&key)
+        };
+        if !changed
+            || !self.live_csids().any(|(_, r)| {
+                r.active()
+                    .is_some_and(|(c, _)| c.spec.auto_populate_dns_names)
+            })
+        {
+            return;
+        }
+        let pods: Vec<PodId> = self
+            .namespace_pods
+            .get(namespace)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|&p| {
+                self.pod(p).is_some_and(|r| {
+                    self.pod_services
+                        .get(&(r.facts.namespace.clone(), r.facts.name.clone()))
+                        .is_some_and(|svcs| svcs.iter().any(|(s, _)| s.as_ref() == name))
+                })
+            })
             .collect();
         self.rerender(pods, batch);
     }
@@ -927,7 +978,12 @@ impl State {
         {
             let ns = &pod.namespace;
             let domain = &self.config.cluster_domain;
-            for (svc, _) in services {
+            // Only Services that exist in the pod's namespace: the label naming them is
+            // written by whoever writes the EndpointSlice.
+            for (svc, _) in services
+                .iter()
+                .filter(|(svc, _)| self.services.contains(&(ns.clone(), svc.to_string())))
+            {
                 for name in [
                     svc.to_string(),
                     format!("{svc}.{ns}"),

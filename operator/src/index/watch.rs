@@ -1,6 +1,7 @@
 //! The informers that feed the index: one watcher per kind (Pods, Namespaces, Nodes,
-//! EndpointSlices, ClusterSPIFFEIDs, TrustDomains), no polling. All are kube-runtime's
-//! except the Pods', which lists in protobuf (`pod_watch.rs`).
+//! EndpointSlices, Services, ClusterSPIFFEIDs, TrustDomains), no polling. All are
+//! kube-runtime's except the Pods', which lists in protobuf (`pod_watch.rs`); Services are
+//! watched as metadata only (the index needs their names).
 //!
 //! Each watcher applies its events as they arrive. After a relist (the watch was lost and
 //! listed again) objects the index holds that the new list lacks are deleted. When every
@@ -13,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::{Api, ApiResource, DynamicObject, PartialObjectMeta};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt};
@@ -42,7 +43,7 @@ pub struct RunOptions {
     pub ready: Option<ReadyHandle>,
 }
 
-/// Watches the six kinds, feeds `index`, and writes ClusterSPIFFEID status while
+/// Watches the seven kinds, feeds `index`, and writes ClusterSPIFFEID status while
 /// `leader` is true, until `cancel`. Watch errors are logged, counted and retried with
 /// backoff; this only returns on cancellation.
 pub async fn run(
@@ -55,7 +56,7 @@ pub async fn run(
     let RunOptions { status, ready } = options;
     info!("starting the identity index informers");
     let gate = Arc::new(SyncGate {
-        remaining: AtomicUsize::new(6),
+        remaining: AtomicUsize::new(7),
         index: index.clone(),
         ready,
     });
@@ -99,6 +100,20 @@ pub async fn run(
                 &gate,
                 |ix, s: &EndpointSlice| ix.apply_endpoint_slice(s),
                 |ix, key| with_namespace(key, |ns, n| ix.delete_endpoint_slice(ns, n)),
+            ),
+            feed(
+                watcher::watcher(
+                    Api::<PartialObjectMeta<Service>>::all(client.clone()),
+                    config()
+                ),
+                Kind::Service,
+                "Service",
+                &index,
+                &gate,
+                |ix, s: &PartialObjectMeta<Service>| with_namespace(&key_of(s), |ns, n| {
+                    ix.apply_service(ns, n)
+                }),
+                |ix, key| with_namespace(key, |ns, n| ix.delete_service(ns, n)),
             ),
             feed(
                 watcher::watcher(

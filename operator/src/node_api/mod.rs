@@ -8,11 +8,15 @@
 //!   node whose entries the caller may see or sign for;
 //! - a CSR is signed only if its SPIFFE ID is that of an entry authorised for the caller's
 //!   node; the SVID's TTL and DNS names come from the entry, never from the CSR;
+//! - the agent stays bound to what attestation proved (its Node's UID, or its TPM's
+//!   enrolment on a Node) and to its Node not being banned: checked on every call and
+//!   every second on open streams; renewal proves it again (module [`revocation`]);
 //! - every denial is a precise gRPC status with a reason, logged and counted.
 
 pub mod limits;
 pub mod metrics;
 pub mod psat;
+pub mod revocation;
 pub mod service;
 pub mod tpm;
 

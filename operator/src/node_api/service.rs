@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 use super::limits::NodeRateLimiter;
 use super::metrics::NodeApiMetrics;
 use super::psat::{self, PsatConfig};
+use super::revocation::{self, Binding, Revoked};
 use super::tpm::{self, TpmConfig, TpmError};
 use crate::authority::Authorities;
 use crate::federation::FederatedBundles;
@@ -78,11 +79,14 @@ impl std::fmt::Debug for Inner {
     }
 }
 
-/// An authenticated agent: its SPIFFE ID and the Node it runs on.
+/// An authenticated agent: its SPIFFE ID, what that ID is bound to, and the Node it runs
+/// on.
 #[derive(Debug, Clone)]
 struct Caller {
     node_name: String,
     cert_not_after: SystemTime,
+    spiffe_id: SpiffeId,
+    binding: Binding,
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -182,28 +186,17 @@ impl NodeApi {
         let prefix = format!("/sigil/agent/k8s_psat/{}/", self.inner.cfg.psat.cluster);
         let ours = info.spiffe_id.trust_domain() == &self.inner.cfg.agent_trust_domain;
         let path = info.spiffe_id.path();
-        let node_name = if let Some(node_uid) = path.strip_prefix(&prefix).filter(|_| ours) {
-            let node = self
-                .inner
-                .nodes
-                .find(|n| n.metadata.uid.as_deref() == Some(node_uid))
-                .ok_or_else(|| {
-                    self.deny(
-                        rpc,
-                        "unknown_node",
-                        Status::permission_denied(format!(
-                            "no Node with UID {node_uid} exists (node deleted?)"
-                        )),
-                    )
-                })?;
-            node.metadata.name.clone().unwrap_or_default()
+        let binding = if let Some(node_uid) = path.strip_prefix(&prefix).filter(|_| ours) {
+            Binding::Psat {
+                node_uid: node_uid.to_owned(),
+            }
         } else if let Some(ek_hash) = path
             .strip_prefix(tpm::AGENT_PATH_PREFIX)
             .filter(|_| ours && self.inner.cfg.tpm.is_some())
         {
-            // Looked up on every call: removing the annotation revokes the TPM's access.
-            self.tpm_node(ek_hash)
-                .map_err(|s| self.deny(rpc, "tpm_not_enrolled", s))?
+            Binding::Tpm {
+                ek_hash: ek_hash.to_owned(),
+            }
         } else {
             return Err(self.deny(
                 rpc,
@@ -214,6 +207,11 @@ impl NodeApi {
                 )),
             ));
         };
+        // Looked up on every call: deleting the Node, removing the TPM enrolment or banning
+        // the Node revokes the agent at once (module revocation).
+        let node_name = revocation::authorize(&self.inner.nodes, &binding, self.require_tpm())
+            .map(|n| n.metadata.name.clone().unwrap_or_default())
+            .map_err(|r| self.revoked(rpc, &r))?;
         if !self.inner.limiter.try_take(&node_name, 1.0) {
             return Err(self.deny(
                 rpc,
@@ -226,6 +224,8 @@ impl NodeApi {
         Ok(Caller {
             node_name,
             cert_not_after: info.not_after,
+            spiffe_id: info.spiffe_id,
+            binding,
         })
     }
 
@@ -233,31 +233,23 @@ impl NodeApi {
         self.inner.clock.now()
     }
 
+    /// Whether PSAT alone is refused (`--require-tpm`).
+    fn require_tpm(&self) -> bool {
+        self.inner.cfg.tpm.as_ref().is_some_and(|t| t.required)
+    }
+
+    /// Counts, logs and returns a revocation's status.
+    fn revoked(&self, rpc: &str, r: &Revoked) -> Status {
+        self.deny(rpc, r.metric_label(), r.to_status())
+    }
+
     /// The one Node enrolled for the TPM whose EK hashes to `ek_hash` (annotation
-    /// [`tpm::EK_ANNOTATION`]).
-    fn tpm_node(&self, ek_hash: &str) -> Result<String, Status> {
-        let nodes = self.inner.nodes.state();
-        let mut enrolled = nodes.iter().filter(|n| {
-            n.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(tpm::EK_ANNOTATION))
-                .is_some_and(|v| v.trim().eq_ignore_ascii_case(ek_hash))
-        });
-        let name = |n: &Node| n.metadata.name.clone().unwrap_or_default();
-        match (enrolled.next(), enrolled.next()) {
-            (Some(n), None) => Ok(name(n)),
-            (None, _) => Err(Status::permission_denied(format!(
-                "no Node is enrolled for the TPM with EK hash {ek_hash}: annotate its Node with {}={ek_hash}",
-                tpm::EK_ANNOTATION
-            ))),
-            (Some(a), Some(b)) => Err(Status::permission_denied(format!(
-                "Nodes {} and {} both claim the TPM with EK hash {ek_hash} ({}); remove the annotation from the wrong one",
-                name(a),
-                name(b),
-                tpm::EK_ANNOTATION
-            ))),
-        }
+    /// [`tpm::EK_ANNOTATION`]), if its agent is not banned.
+    fn tpm_node(&self, rpc: &str, ek_hash: &str) -> Result<String, Status> {
+        let node = revocation::tpm_node(&self.inner.nodes, ek_hash)
+            .and_then(|n| revocation::check_ban(&n).map(|()| n))
+            .map_err(|r| self.revoked(rpc, &r))?;
+        Ok(node.metadata.name.clone().unwrap_or_default())
     }
 
     /// One AttestNodeTpm exchange (docs/tpm.md). Every failure is counted and logged here.
@@ -313,9 +305,7 @@ impl NodeApi {
             self.now(),
         )
         .map_err(tpm_deny)?;
-        let node_name = self
-            .tpm_node(&verified.ek_hash)
-            .map_err(|s| self.deny(RPC, "tpm_not_enrolled", s))?;
+        let node_name = self.tpm_node(RPC, &verified.ek_hash)?;
         let mut selectors = verified.selectors.clone();
         selectors.push(Selector::new(
             tpm::SELECTOR_TYPE,
@@ -550,6 +540,11 @@ impl pb::node_server::Node for NodeApi {
                 Status::invalid_argument(format!("psat.token must be 1..={MAX_TOKEN_LEN} bytes")),
             ));
         }
+        if self.require_tpm() {
+            // Refused before the token is reviewed: no TokenReview for a call that can't
+            // succeed.
+            return Err(self.revoked(RPC, &Revoked::TokenAttestationRefused));
+        }
         let attested = psat::attest(
             &self.inner.client,
             &self.inner.cfg.psat,
@@ -558,6 +553,8 @@ impl pb::node_server::Node for NodeApi {
         )
         .await
         .map_err(|e| self.deny(RPC, e.metric_label(), e.to_status()))?;
+        revocation::check_ban_by_name(&self.inner.nodes, &attested.node_name)
+            .map_err(|r| self.revoked(RPC, &r))?;
         if !self.inner.limiter.try_take(&attested.node_name, 1.0) {
             return Err(self.deny(
                 RPC,
@@ -616,14 +613,56 @@ impl pb::node_server::Node for NodeApi {
     ) -> Result<Response<pb::RenewAgentResponse>, Status> {
         const RPC: &str = "RenewAgent";
         let caller = self.caller(RPC, &req)?;
-        let certs = req.peer_certs().unwrap_or_default();
-        let id = certs
-            .first()
-            .and_then(|c| x509::inspect_leaf(c.as_ref()).ok())
-            .map(|l| l.spiffe_id);
-        let Some(id) = id else {
-            return Err(Status::unauthenticated("no agent identity"));
-        };
+        let id = caller.spiffe_id.clone();
+        // Renewal proves again what attestation proved, or a stolen agent key would renew
+        // forever while its Node exists.
+        match &caller.binding {
+            Binding::Tpm { .. } => {
+                return Err(self.deny(
+                    RPC,
+                    "tpm_renewal_requires_attestation",
+                    Status::permission_denied(format!(
+                        "{id} is a TPM agent: renew by attesting again with AttestNodeTpm, so a fresh credential activation proves the TPM is still there"
+                    )),
+                ));
+            }
+            Binding::Psat { node_uid } => {
+                let token = &req.get_ref().psat_token;
+                if token.is_empty() {
+                    return Err(self.deny(
+                        RPC,
+                        "renewal_without_token",
+                        Status::permission_denied(format!(
+                            "renewing {id} needs psat_token, a fresh projected token of the agent pod (or attest again with AttestNode)"
+                        )),
+                    ));
+                }
+                if token.len() > MAX_TOKEN_LEN {
+                    return Err(self.deny(
+                        RPC,
+                        "bad_token",
+                        Status::invalid_argument(format!(
+                            "psat_token is longer than {MAX_TOKEN_LEN} bytes"
+                        )),
+                    ));
+                }
+                let cluster = self.inner.cfg.psat.cluster.clone();
+                let attested =
+                    psat::attest(&self.inner.client, &self.inner.cfg.psat, &cluster, token)
+                        .await
+                        .map_err(|e| self.deny(RPC, e.metric_label(), e.to_status()))?;
+                if &attested.node_uid != node_uid {
+                    return Err(self.deny(
+                        RPC,
+                        "renewal_node_mismatch",
+                        Status::permission_denied(format!(
+                            "psat_token is for an agent pod on Node {} (UID {}), but {id} belongs to the Node with UID {node_uid}",
+                            attested.node_name, attested.node_uid
+                        )),
+                    ));
+                }
+            }
+        }
         let (chain, not_after, _) = self.sign_agent(RPC, id.path(), &req.get_ref().csr)?;
         tracing::debug!(agent = %id, node = %caller.node_name, "agent SVID renewed");
         Ok(Response::new(pb::RenewAgentResponse {
@@ -645,6 +684,7 @@ impl pb::node_server::Node for NodeApi {
         let mut federated_rx = this.inner.federated.subscribe();
         let shutdown = this.inner.shutdown.clone();
         let cert_deadline = caller.cert_not_after;
+        let require_tpm = self.require_tpm();
         let stream = spawn_stream(move |tx| async move {
             let metrics = this.inner.metrics.clone();
             metrics.open_streams.inc();
@@ -671,6 +711,12 @@ impl pb::node_server::Node for NodeApi {
             let until_expiry = cert_deadline.duration_since(this.now()).unwrap_or_default();
             let expiry = tokio::time::sleep(until_expiry.max(Duration::from_secs(1)));
             tokio::pin!(expiry);
+            // The Node can be deleted, un-enrolled or banned while the stream is open.
+            let mut recheck = tokio::time::interval_at(
+                tokio::time::Instant::now() + revocation::REAUTHORIZE_INTERVAL,
+                revocation::REAUTHORIZE_INTERVAL,
+            );
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let mut send_bundles = false;
                 tokio::select! {
@@ -681,6 +727,20 @@ impl pb::node_server::Node for NodeApi {
                     () = &mut expiry => {
                         let _ = tx.send(Err(Status::unauthenticated("agent SVID expired; renew and reconnect"))).await;
                         return;
+                    }
+                    _ = recheck.tick() => {
+                        let verdict = revocation::reauthorize(
+                            &this.inner.nodes,
+                            &caller.node_name,
+                            &caller.binding,
+                            require_tpm,
+                        );
+                        if let Err(r) = verdict {
+                            tracing::warn!(agent = %caller.spiffe_id, node = %caller.node_name, "ending the entry stream of a revoked agent");
+                            let _ = tx.send(Err(this.revoked(RPC, &r))).await;
+                            return;
+                        }
+                        continue;
                     }
                     () = view.changed() => {}
                     r = authorities_rx.changed() => { if r.is_err() { return } send_bundles = true; }

@@ -422,6 +422,11 @@ impl World {
 
     /// An agent pod on `node` and an attested client for it.
     pub async fn attested_agent(&self, node: &str) -> NodeClient {
+        self.attested_agent_with_token(node).await.0
+    }
+
+    /// As [`World::attested_agent`], with the agent pod's token (to renew with).
+    pub async fn attested_agent_with_token(&self, node: &str) -> (NodeClient, String) {
         let pod = self
             .pod(
                 &unique("agent"),
@@ -433,7 +438,7 @@ impl World {
         let token = self.token(&pod, &self.audience).await;
         let client = self.agent_client().await;
         client.attest_psat(&token).await.unwrap();
-        client
+        (client, token)
     }
 
     /// A ClusterSPIFFEID selecting `app=<app>` pods in our namespace.

@@ -31,6 +31,7 @@ pub async fn tpm_world(prefix: &str, ca: &ManufacturerCa, challenge_timeout: Dur
             tpm: Some(TpmConfig {
                 manufacturer_cas: ManufacturerCas::from_pem(&ca.pem).unwrap(),
                 challenge_timeout,
+                required: false,
             }),
             ..Default::default()
         },
@@ -47,12 +48,18 @@ pub struct ManufacturerCa {
 
 impl ManufacturerCa {
     pub fn new(name: &str) -> Self {
+        Self::with(name, |_| {})
+    }
+
+    /// A CA whose certificate `customize` changes first (an attacker's: not a CA, expired).
+    pub fn with(name: &str, customize: impl FnOnce(&mut rcgen::CertificateParams)) -> Self {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, format!("{name} EK Root CA"));
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        customize(&mut params);
         let cert = params.self_signed(&key).unwrap();
         Self {
             pem: cert.pem(),

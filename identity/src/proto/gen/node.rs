@@ -120,6 +120,11 @@ pub struct TpmChallenge {
 pub struct RenewAgentRequest {
     #[prost(bytes = "vec", tag = "1")]
     pub csr: ::prost::alloc::vec::Vec<u8>,
+    /// Projected service-account token of the agent's pod, with the Sigil audience (as in
+    /// PsatAttestation.token). Required for PSAT agents: the operator reviews it again, and
+    /// the pod must still exist on the Node the SVID names.
+    #[prost(string, tag = "2")]
+    pub psat_token: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewAgentResponse {
@@ -388,7 +393,9 @@ pub mod node_client {
                 .insert(GrpcMethod::new("sigil.node.v1.Node", "AttestNodeTpm"));
             self.inner.streaming(req, path, codec).await
         }
-        /// Renew the agent's SVID with the current one (mTLS).
+        /// Renew the agent's SVID with the current one (mTLS), proving again what attestation
+        /// proved: a PSAT agent sends a fresh projected token of its pod. TPM agents renew by
+        /// attesting again with AttestNodeTpm (a fresh credential activation).
         pub async fn renew_agent(
             &mut self,
             request: impl tonic::IntoRequest<super::RenewAgentRequest>,
@@ -525,7 +532,9 @@ pub mod node_server {
         > {
             Err(tonic::Status::unimplemented("Not yet implemented"))
         }
-        /// Renew the agent's SVID with the current one (mTLS).
+        /// Renew the agent's SVID with the current one (mTLS), proving again what attestation
+        /// proved: a PSAT agent sends a fresh projected token of its pod. TPM agents renew by
+        /// attesting again with AttestNodeTpm (a fresh credential activation).
         async fn renew_agent(
             &self,
             request: tonic::Request<super::RenewAgentRequest>,

@@ -28,17 +28,48 @@ pub struct ManufacturerCas {
 
 impl ManufacturerCas {
     /// From a PEM bundle (manufacturer roots and the intermediates that sign EK
-    /// certificates). Every PEM block must be a certificate that parses.
+    /// certificates). Every PEM block must be a certificate that parses and is a CA
+    /// (basicConstraints CA:TRUE; keyCertSign when it has a keyUsage): an EK or other leaf
+    /// certificate in the bundle would otherwise be trusted to sign EK certificates.
+    /// Validity is not checked here ([`Self::not_valid_at`] says which are not valid now;
+    /// [`verify`] refuses an EK certificate whose only issuer in the bundle is not).
     pub fn from_pem(pem_text: &str) -> Result<Self, String> {
         let certs = sigil_identity::x509::certs_from_pem(pem_text).map_err(|e| e.to_string())?;
         for (i, der) in certs.iter().enumerate() {
-            X509Certificate::from_der(der)
+            let (_, cert) = X509Certificate::from_der(der)
                 .map_err(|e| format!("certificate {i} does not parse: {e}"))?;
+            if let Err(why) = check_ca(&cert) {
+                return Err(format!(
+                    "certificate {i} ({}) {why}: only the manufacturers' CA certificates (roots and the intermediates that issue EK certificates) belong in the bundle; remove it",
+                    cert.subject()
+                ));
+            }
         }
         if certs.is_empty() {
             return Err("no certificates in the bundle".into());
         }
         Ok(Self { certs })
+    }
+
+    /// The CA certificates that are not valid at `now`, described (subject and validity),
+    /// for the operator to warn about at start.
+    pub fn not_valid_at(&self, now: SystemTime) -> Vec<String> {
+        let Ok(at) = asn1_time(now) else {
+            return vec![];
+        };
+        self.certs
+            .iter()
+            .filter_map(|der| X509Certificate::from_der(der).ok())
+            .filter(|(_, ca)| !ca.validity().is_valid_at(at))
+            .map(|(_, ca)| {
+                format!(
+                    "CA certificate {} is not valid now (valid {} .. {}): EK certificates it issued are refused; replace it in the bundle",
+                    ca.subject(),
+                    ca.validity().not_before,
+                    ca.validity().not_after
+                )
+            })
+            .collect()
     }
 
     /// How many CA certificates are configured.
@@ -92,29 +123,46 @@ pub fn verify(
             "trailing bytes after the certificate".into(),
         ));
     }
-    let signed_by_ca = cas.certs.iter().any(|ca_der| {
-        X509Certificate::from_der(ca_der).is_ok_and(|(_, ca)| {
+    let at = asn1_time(now)?;
+    // The CAs of the bundle that signed it (each checked again to be a CA, whatever built
+    // the bundle), and whether each is valid now.
+    let issuers: Vec<(bool, String)> = cas
+        .certs
+        .iter()
+        .filter_map(|der| X509Certificate::from_der(der).ok())
+        .filter(|(_, ca)| {
             ca.subject().as_raw() == cert.issuer().as_raw()
+                && check_ca(ca).is_ok()
                 && cert.verify_signature(Some(ca.public_key())).is_ok()
         })
-    });
-    if !signed_by_ca {
+        .map(|(_, ca)| {
+            let validity = ca.validity();
+            (
+                validity.is_valid_at(at),
+                format!(
+                    "{} (valid {} .. {})",
+                    ca.subject(),
+                    validity.not_before,
+                    validity.not_after
+                ),
+            )
+        })
+        .collect();
+    if issuers.is_empty() {
         return Err(TpmError::UntrustedEkCertificate {
             issuer: cert.issuer().to_string(),
         });
     }
-    let secs = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let at = ASN1Time::from_timestamp(secs)
-        .map_err(|e| TpmError::BadEkCertificate(format!("time: {e}")))?;
     if !cert.validity().is_valid_at(at) {
         return Err(TpmError::EkCertificateNotValid(format!(
             "valid {} .. {}",
             cert.validity().not_before,
             cert.validity().not_after
         )));
+    }
+    if !issuers.iter().any(|(valid, _)| *valid) {
+        let ca = issuers.first().map(|(_, d)| d.clone()).unwrap_or_default();
+        return Err(TpmError::EkCaNotValid(ca));
     }
     describe(&cert)
 }
@@ -175,6 +223,31 @@ pub fn describe(cert: &X509Certificate<'_>) -> Result<EkCertificate, TpmError> {
         model,
         version,
     })
+}
+
+fn asn1_time(now: SystemTime) -> Result<ASN1Time, TpmError> {
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    ASN1Time::from_timestamp(secs).map_err(|e| TpmError::BadEkCertificate(format!("time: {e}")))
+}
+
+/// A certificate may sign EK certificates: basicConstraints CA:TRUE and, when it has a
+/// keyUsage, keyCertSign.
+fn check_ca(cert: &X509Certificate<'_>) -> Result<(), &'static str> {
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        Ok(_) => return Err("is not a CA certificate (basicConstraints CA:TRUE is missing)"),
+        Err(_) => return Err("has a malformed basicConstraints extension"),
+    }
+    match cert.key_usage() {
+        Ok(Some(ku)) if !ku.value.key_cert_sign() => {
+            Err("is not allowed to sign certificates (its keyUsage lacks keyCertSign)")
+        }
+        Ok(_) => Ok(()),
+        Err(_) => Err("has a malformed keyUsage extension"),
+    }
 }
 
 fn strip_zeros(b: &[u8]) -> &[u8] {

@@ -42,6 +42,9 @@ pub struct TpmConfig {
     pub manufacturer_cas: ManufacturerCas,
     /// How long the agent has to answer a challenge.
     pub challenge_timeout: Duration,
+    /// Refuse agents that attest with a service-account token alone (`--require-tpm`):
+    /// AttestNode is refused, and PSAT agent SVIDs are refused on every call.
+    pub required: bool,
 }
 
 /// Why TPM attestation failed. Each maps to a precise gRPC status and a metric label.
@@ -65,6 +68,11 @@ pub enum TpmError {
     /// Not yet valid or expired.
     #[error("EK certificate is not valid now: {0}")]
     EkCertificateNotValid(String),
+    /// The bundle CA that issued the EK certificate is not yet valid or expired.
+    #[error(
+        "the manufacturer CA that issued the EK certificate, {0}, is not valid now; update the operator's --tpm-ek-ca-bundle"
+    )]
+    EkCaNotValid(String),
     /// A public area that does not parse.
     #[error("{field}: {reason}")]
     BadPublic {
@@ -106,6 +114,7 @@ impl TpmError {
             | Self::UnsupportedEk(_) => tonic::Status::invalid_argument(m),
             Self::UntrustedEkCertificate { .. }
             | Self::EkCertificateNotValid(_)
+            | Self::EkCaNotValid(_)
             | Self::EkMismatch
             | Self::NotAnAttestationKey(_)
             | Self::WrongAnswer => tonic::Status::permission_denied(m),
@@ -121,6 +130,7 @@ impl TpmError {
             Self::BadEkCertificate(_) => "tpm_bad_ek_certificate",
             Self::UntrustedEkCertificate { .. } => "tpm_ek_untrusted",
             Self::EkCertificateNotValid(_) => "tpm_ek_not_valid",
+            Self::EkCaNotValid(_) => "tpm_ek_ca_not_valid",
             Self::BadPublic { .. } => "tpm_bad_public",
             Self::UnsupportedEk(_) => "tpm_unsupported_ek",
             Self::EkMismatch => "tpm_ek_mismatch",
@@ -368,6 +378,7 @@ mod tests {
             cfg: TpmConfig {
                 manufacturer_cas: ManufacturerCas::from_pem(&ca_pem).unwrap(),
                 challenge_timeout: Duration::from_secs(5),
+                required: false,
             },
             ek_public: rsa_public(EK_ATTRS, true, &modulus),
             ak_public: rsa_public(AK_ATTRS, false, &[9; 256]),
@@ -453,6 +464,24 @@ mod tests {
             verify_identity(&f.cfg, &f.cert, &f.ek_public, &f.ak_public, later),
             Err(TpmError::EkCertificateNotValid(_))
         ));
+
+        // The bundle: CA certificates only; an issuer that is not valid now signs nothing.
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec!["tls.example".into()]).unwrap();
+        leaf.is_ca = rcgen::IsCa::ExplicitNoCa;
+        let leaf_pem = leaf.self_signed(&leaf_key).unwrap().pem();
+        let e = ManufacturerCas::from_pem(&leaf_pem).unwrap_err();
+        assert!(e.contains("certificate 0") && e.contains("not a CA"), "{e}");
+        let mut no_sign = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        no_sign.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        no_sign.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let no_sign_pem = no_sign.self_signed(&leaf_key).unwrap().pem();
+        let e = ManufacturerCas::from_pem(&no_sign_pem).unwrap_err();
+        assert!(e.contains("keyCertSign"), "{e}");
+        assert!(f.cfg.manufacturer_cas.not_valid_at(now).is_empty());
+        // rcgen's default validity ends in 4096.
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(2_200 * 365 * 86_400);
+        assert_eq!(f.cfg.manufacturer_cas.not_valid_at(far).len(), 1);
 
         // The challenge: only its own secret, only in time. The EK's private key stands in
         // for the TPM here (credential.rs tests the blob layout).
