@@ -62,6 +62,9 @@ pub enum CaError {
         "{0} is reserved for Sigil's own components (paths under /sigil); a workload SVID is never signed for it"
     )]
     ReservedPath(String),
+    /// A leaf was asked for a trust domain's root ID (no path).
+    #[error("{0} has no path; an X509-SVID's ID must have one (X509-SVID §2)")]
+    RootId(String),
     /// A component SVID was asked for an ID outside the reserved path.
     #[error("{0} is not a component identity (paths under /sigil)")]
     NotAComponent(String),
@@ -504,6 +507,9 @@ impl CertificateAuthority {
     ) -> Result<IssuedSvid, CaError> {
         if template.spiffe_id.is_reserved() {
             return Err(CaError::ReservedPath(template.spiffe_id.to_string()));
+        }
+        if template.spiffe_id.path().is_empty() {
+            return Err(CaError::RootId(template.spiffe_id.to_string()));
         }
         self.sign(spki_der, template, now, false)
     }

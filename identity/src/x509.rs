@@ -2,12 +2,13 @@
 //!
 //! Validation here is what a relying party does: the leaf must be a proper SVID (exactly
 //! one SPIFFE ID URI SAN, not a CA, digitalSignature, no keyCertSign/cRLSign), and the
-//! chain must lead, by signatures, through CA certificates to an X.509 authority in the
-//! bundle of the leaf's trust domain, every certificate valid at `now`.
+//! chain must be a valid RFC 5280 path (rustls-webpki) through CA certificates with
+//! keyCertSign to an X.509 authority in the bundle of the leaf's trust domain.
 //! Issuance lives in [`crate::ca`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::pki_types::CertificateDer;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
@@ -46,6 +47,9 @@ pub enum SvidError {
     /// The URI SAN is not a valid SPIFFE ID.
     #[error("X509-SVID URI SAN is not a valid SPIFFE ID: {0}")]
     InvalidSpiffeId(#[from] IdError),
+    /// The leaf's SPIFFE ID has no path (a trust domain's root ID).
+    #[error("X509-SVID leaf carries {0}, a trust domain's ID; a leaf SVID's ID must have a path")]
+    RootIdInLeaf(String),
     /// The leaf is a CA certificate.
     #[error("X509-SVID leaf has basicConstraints cA=true; a leaf SVID must not be a CA")]
     LeafIsCa,
@@ -87,6 +91,19 @@ pub enum SvidError {
         /// Position in the chain.
         index: usize,
     },
+    /// A CA on the path allows fewer CAs below it than the path has (pathLenConstraint).
+    #[error("the X509-SVID chain breaks a CA's pathLenConstraint")]
+    PathLenConstraint,
+    /// A CA's name constraints exclude the SVID (URI constraints are not supported, so any
+    /// URI name constraint on the path refuses the SVID, as RFC 5280 allows).
+    #[error("the X509-SVID is outside a CA's name constraints")]
+    NameConstraint,
+    /// A certificate on the path has a critical extension the validator does not know.
+    #[error("a certificate in the X509-SVID chain has an unsupported critical extension")]
+    UnknownCriticalExtension,
+    /// Path validation failed for another reason.
+    #[error("X509-SVID chain is invalid: {0}")]
+    InvalidPath(String),
     /// No path from the leaf to an authority in the bundle.
     #[error(
         "X509-SVID chain does not lead to any X.509 authority in the bundle for {trust_domain:?}"
@@ -297,6 +314,9 @@ fn check_leaf(cert: &X509Certificate<'_>) -> Result<LeafInfo, SvidError> {
     if matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
         return Err(SvidError::LeafIsCa);
     }
+    if spiffe_id.path().is_empty() {
+        return Err(SvidError::RootIdInLeaf(spiffe_id.to_string()));
+    }
     match cert.key_usage() {
         Ok(Some(ku)) => {
             if ku.value.key_cert_sign() || ku.value.crl_sign() {
@@ -320,6 +340,12 @@ fn check_leaf(cert: &X509Certificate<'_>) -> Result<LeafInfo, SvidError> {
 
 /// Validates an X509-SVID chain (leaf first, then any intermediates) against the X.509
 /// authorities of `bundle` at time `now`.
+///
+/// Path building and the RFC 5280 checks (signatures, validity, basicConstraints and
+/// pathLenConstraint, name constraints, unknown critical extensions) are rustls-webpki's.
+/// The SPIFFE rules are checked on top: the leaf rules ([`inspect_leaf`]), the leaf's trust
+/// domain is the bundle's, every intermediate on the path is a CA with keyCertSign
+/// (X509-SVID §4.3), and an authority of the bundle must be valid at `now`.
 pub fn validate_x509_svid<C: AsRef<[u8]>>(
     chain: &[C],
     bundle: &TrustBundle,
@@ -343,50 +369,149 @@ pub fn validate_x509_svid<C: AsRef<[u8]>>(
             found: leaf.spiffe_id.trust_domain().name().to_owned(),
         });
     }
+    check_time(&certs[0], 0, now)?;
     let untrusted = || SvidError::Untrusted {
         trust_domain: bundle.trust_domain.name().to_owned(),
     };
-    let authorities = bundle
+
+    // Authorities that are CAs valid now; webpki does not look at a trust anchor's dates.
+    let anchor_ders: Vec<CertificateDer<'_>> = bundle
         .x509_authorities
         .iter()
-        .filter_map(|a| X509Certificate::from_der(a).ok().map(|(_, c)| c))
-        .collect::<Vec<_>>();
-
-    check_time(&certs[0], 0, now)?;
-    let mut current = 0usize;
-    let mut used = vec![false; certs.len()];
-    used[0] = true;
-    for _ in 0..MAX_CHAIN_LEN {
-        let cert = &certs[current];
-        // Reached an authority of the bundle?
-        if authorities.iter().any(|a| {
-            a.subject().as_raw() == cert.issuer().as_raw()
-                && is_signing_cert(a)
-                && a.validity().is_valid_at(to_asn1(now))
-                && cert.verify_signature(Some(a.public_key())).is_ok()
-        }) {
-            return Ok(VerifiedSvid {
-                spiffe_id: leaf.spiffe_id,
-                not_after: leaf.not_after,
-            });
-        }
-        // Otherwise climb to an intermediate given in the chain.
-        let next = (1..certs.len()).find(|&j| {
-            !used[j]
-                && certs[j].subject().as_raw() == cert.issuer().as_raw()
-                && cert.verify_signature(Some(certs[j].public_key())).is_ok()
-        });
-        let Some(j) = next else {
-            return Err(untrusted());
-        };
-        if !is_signing_cert(&certs[j]) {
-            return Err(SvidError::IssuerNotCa { index: j });
-        }
-        check_time(&certs[j], j, now)?;
-        used[j] = true;
-        current = j;
+        .filter(|a| {
+            X509Certificate::from_der(a)
+                .is_ok_and(|(_, c)| is_signing_cert(&c) && c.validity().is_valid_at(to_asn1(now)))
+        })
+        .map(|a| CertificateDer::from(a.as_slice()))
+        .collect();
+    // Each anchor with its own pathLenConstraint, which webpki does not apply to anchors.
+    let (anchors, anchor_path_lens): (Vec<rustls::pki_types::TrustAnchor<'_>>, Vec<Option<u32>>) =
+        anchor_ders
+            .iter()
+            .filter_map(|a| {
+                let anchor = webpki::anchor_from_trusted_cert(a).ok()?;
+                let path_len = X509Certificate::from_der(a).ok().and_then(|(_, c)| {
+                    c.basic_constraints()
+                        .ok()
+                        .flatten()
+                        .and_then(|bc| bc.value.path_len_constraint)
+                });
+                Some((anchor, path_len))
+            })
+            .unzip();
+    if anchors.is_empty() {
+        return Err(untrusted());
     }
-    Err(untrusted())
+    let leaf_der = CertificateDer::from(chain[0].as_ref());
+    let end_entity = webpki::EndEntityCert::try_from(&leaf_der).map_err(|e| match e {
+        webpki::Error::UnsupportedCriticalExtension => SvidError::UnknownCriticalExtension,
+        other => SvidError::Malformed {
+            index: 0,
+            reason: format!("{other:?}"),
+        },
+    })?;
+    let intermediates: Vec<CertificateDer<'_>> = chain[1..]
+        .iter()
+        .map(|c| CertificateDer::from(c.as_ref()))
+        .collect();
+    // What webpki does not check: a signing certificate has keyCertSign (SPIFFE), and the
+    // anchor's own pathLenConstraint (RFC 5280 leaves anchor constraints to the relying
+    // party; a root that says 0 must not have an intermediate under it).
+    let not_ca = std::cell::Cell::new(None::<usize>);
+    let anchor_path_len = std::cell::Cell::new(false);
+    let keycertsign = |path: &webpki::VerifiedPath<'_>| {
+        let below = path.intermediate_certificates().count();
+        let limit = anchors
+            .iter()
+            .position(|a| a.subject_public_key_info == path.anchor().subject_public_key_info)
+            .and_then(|i| anchor_path_lens[i]);
+        if limit.is_some_and(|l| below > l as usize) {
+            anchor_path_len.set(true);
+            return Err(webpki::Error::PathLenConstraintViolated);
+        }
+        for cert in path.intermediate_certificates() {
+            let der = cert.der();
+            let signs = X509Certificate::from_der(der.as_ref()).is_ok_and(
+                |(_, c)| matches!(c.key_usage(), Ok(Some(ku)) if ku.value.key_cert_sign()),
+            );
+            if !signs {
+                let index = chain
+                    .iter()
+                    .position(|c| c.as_ref() == der.as_ref())
+                    .unwrap_or_default();
+                not_ca.set(Some(index));
+                return Err(webpki::Error::UnknownIssuer);
+            }
+        }
+        Ok(())
+    };
+    let algorithms = rustls::crypto::ring::default_provider()
+        .signature_verification_algorithms
+        .all;
+    let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let result = end_entity.verify_for_usage(
+        algorithms,
+        &anchors,
+        &intermediates,
+        rustls::pki_types::UnixTime::since_unix_epoch(since_epoch),
+        SvidUsage,
+        None,
+        Some(&keycertsign),
+    );
+    match result {
+        Ok(_) => Ok(VerifiedSvid {
+            spiffe_id: leaf.spiffe_id,
+            not_after: leaf.not_after,
+        }),
+        Err(e) => Err(match (e, not_ca.get()) {
+            (_, Some(index)) => SvidError::IssuerNotCa { index },
+            _ if anchor_path_len.get() => SvidError::PathLenConstraint,
+            (webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. }, _) => {
+                // Name the certificate, as for the leaf.
+                (1..certs.len())
+                    .find_map(|i| check_time(&certs[i], i, now).err())
+                    .unwrap_or_else(untrusted)
+            }
+            (webpki::Error::PathLenConstraintViolated, _) => SvidError::PathLenConstraint,
+            (webpki::Error::NameConstraintViolation, _) => SvidError::NameConstraint,
+            (webpki::Error::UnsupportedCriticalExtension, _) => SvidError::UnknownCriticalExtension,
+            (webpki::Error::CaUsedAsEndEntity, _) => SvidError::LeafIsCa,
+            (webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey, _) => {
+                untrusted()
+            }
+            (other, _) => SvidError::InvalidPath(format!("{other:?}")),
+        }),
+    }
+}
+
+/// The extended key usages an X509-SVID may carry: none, or serverAuth or clientAuth among
+/// them (X509-SVID §4.4 says they SHOULD both be set when the extension is present).
+struct SvidUsage;
+
+impl webpki::ExtendedKeyUsageValidator for SvidUsage {
+    fn validate(&self, iter: webpki::KeyPurposeIdIter<'_, '_>) -> Result<(), webpki::Error> {
+        const SERVER_AUTH: &[u8] = &[0x2b, 6, 1, 5, 5, 7, 3, 1];
+        const CLIENT_AUTH: &[u8] = &[0x2b, 6, 1, 5, 5, 7, 3, 2];
+        const ANY: &[u8] = &[0x55, 0x1d, 0x25, 0x00];
+        let mut empty = true;
+        for id in iter {
+            empty = false;
+            let id = id?;
+            if [SERVER_AUTH, CLIENT_AUTH, ANY]
+                .iter()
+                .any(|oid| id == webpki::KeyPurposeId::new(oid))
+            {
+                return Ok(());
+            }
+        }
+        if empty {
+            Ok(())
+        } else {
+            // The context variant's fields are not constructible outside webpki.
+            #[allow(deprecated)]
+            Err(webpki::Error::RequiredEkuNotFound)
+        }
+    }
 }
 
 /// Whether a certificate may sign others: cA=true and keyCertSign.

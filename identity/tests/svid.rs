@@ -629,3 +629,150 @@ fn built_csrs_parse_back_and_agent_csrs_need_no_id() {
     );
     assert!(x509::parse_csr_public_key(b"garbage").is_err());
 }
+
+// RFC 5280 path validation (rustls-webpki) with the SPIFFE rules on top. Each of these
+// chains passed the hand-written path builder that checked signatures only.
+
+/// An intermediate CA under `parent`, changed by `mutate` before it is signed.
+fn raw_intermediate(parent: &RawCa, mutate: impl FnOnce(&mut CertificateParams)) -> RawCa {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name
+        .push(DnType::CommonName, "intermediate");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = ::time::OffsetDateTime::now_utc() - ::time::Duration::hours(1);
+    p.not_after = ::time::OffsetDateTime::now_utc() + ::time::Duration::days(30);
+    mutate(&mut p);
+    let issuer = Issuer::from_params(&parent.params, &parent.key);
+    let cert = p.signed_by(&key, &issuer).unwrap().der().to_vec();
+    RawCa {
+        cert,
+        key,
+        params: p,
+    }
+}
+
+fn validate_under(root: &RawCa, chain: &[Vec<u8>]) -> Result<(), SvidError> {
+    x509::validate_x509_svid(chain, &raw_bundle(root), now()).map(|_| ())
+}
+
+#[test]
+fn a_control_chain_through_an_intermediate_validates() {
+    let root = raw_ca("root");
+    let mid = raw_intermediate(&root, |_| {});
+    let leaf = raw_leaf(&mid, |_| {});
+    validate_under(&root, &[leaf, mid.cert]).unwrap();
+}
+
+#[test]
+fn a_root_with_path_len_zero_cannot_sign_an_intermediate() {
+    let mut root = raw_ca("root");
+    root.params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    root.cert = root.params.self_signed(&root.key).unwrap().der().to_vec();
+    let mid = raw_intermediate(&root, |_| {});
+    let leaf = raw_leaf(&mid, |_| {});
+    assert_eq!(
+        validate_under(&root, &[leaf, mid.cert]).unwrap_err(),
+        SvidError::PathLenConstraint
+    );
+}
+
+/// nameConstraints (critical) excluding the URI host `example.org`:
+/// `SEQUENCE { [1] { SEQUENCE { [6] "example.org" } } }`.
+fn excluding_example_org() -> rcgen::CustomExtension {
+    let host = b"example.org";
+    let mut uri = vec![0x86, host.len() as u8];
+    uri.extend_from_slice(host);
+    let mut subtree = vec![0x30, uri.len() as u8];
+    subtree.extend_from_slice(&uri);
+    let mut excluded = vec![0xa1, subtree.len() as u8];
+    excluded.extend_from_slice(&subtree);
+    let mut value = vec![0x30, excluded.len() as u8];
+    value.extend_from_slice(&excluded);
+    let mut ext = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 30], value);
+    ext.set_criticality(true);
+    ext
+}
+
+#[test]
+fn a_uri_name_constraint_excluding_the_trust_domain_refuses_the_svid() {
+    let root = raw_ca("root");
+    let mid = raw_intermediate(&root, |p| p.custom_extensions.push(excluding_example_org()));
+    let leaf = raw_leaf(&mid, |_| {});
+    assert_eq!(
+        validate_under(&root, &[leaf, mid.cert]).unwrap_err(),
+        SvidError::NameConstraint
+    );
+}
+
+#[test]
+fn an_unknown_critical_extension_refuses_the_svid() {
+    let root = raw_ca("root");
+    let mut ext =
+        rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 1], vec![0x05, 0x00]);
+    ext.set_criticality(true);
+    let leaf = raw_leaf(&root, |p| p.custom_extensions.push(ext));
+    assert_eq!(
+        validate_under(&root, &[leaf]).unwrap_err(),
+        SvidError::UnknownCriticalExtension
+    );
+    // The same extension, not critical, is ignored.
+    let ext =
+        rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 1], vec![0x05, 0x00]);
+    let leaf = raw_leaf(&root, |p| p.custom_extensions.push(ext));
+    validate_under(&root, &[leaf]).unwrap();
+}
+
+#[test]
+fn an_intermediate_ca_without_key_usage_is_not_a_signing_certificate() {
+    let root = raw_ca("root");
+    let mid = raw_intermediate(&root, |p| p.key_usages = vec![]);
+    let leaf = raw_leaf(&mid, |_| {});
+    assert_eq!(
+        validate_under(&root, &[leaf, mid.cert]).unwrap_err(),
+        SvidError::IssuerNotCa { index: 1 }
+    );
+}
+
+#[test]
+fn a_leaf_with_a_trust_domains_own_id_is_refused() {
+    let root = raw_ca("root");
+    let leaf = raw_leaf(&root, |p| {
+        p.subject_alt_names = vec![SanType::URI("spiffe://example.org".try_into().unwrap())]
+    });
+    assert!(matches!(
+        validate_under(&root, &[leaf]).unwrap_err(),
+        SvidError::RootIdInLeaf(_)
+    ));
+    let ca =
+        CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), now())
+            .unwrap();
+    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+    let id = SpiffeId::parse("spiffe://example.org").unwrap();
+    let e = ca
+        .sign_public_key(
+            &key.public_key_der(),
+            &SvidTemplate {
+                spiffe_id: &id,
+                ttl: HOUR,
+                dns_names: &[],
+            },
+            now(),
+        )
+        .unwrap_err();
+    assert!(matches!(e, CaError::RootId(_)), "{e}");
+}
+
+#[test]
+fn an_extended_key_usage_without_tls_purposes_is_refused() {
+    let root = raw_ca("root");
+    let leaf = raw_leaf(&root, |p| {
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning]
+    });
+    assert!(matches!(
+        validate_under(&root, &[leaf]).unwrap_err(),
+        SvidError::InvalidPath(_)
+    ));
+}
