@@ -940,6 +940,11 @@ impl State {
                 td.trust_domain
             ));
         }
+        if spiffe_id.path().is_empty() {
+            return Err(format!(
+                "spiffeIDTemplate renders {id}, a trust domain's own ID; a workload's SPIFFE ID must have a path (X509-SVID), e.g. spiffe://{{{{trustDomain}}}}/ns/{{{{pod.namespace}}}}/sa/{{{{pod.serviceAccountName}}}}"
+            ));
+        }
         if spiffe_id.is_reserved() {
             return Err(format!(
                 "spiffeIDTemplate renders {id}, whose path is reserved for Sigil's agents, operator and bundle endpoint (/sigil and below); change the template or the pod field it uses"
