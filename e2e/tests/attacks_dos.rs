@@ -1,0 +1,446 @@
+//! The denial-of-service attack suite (issue 21, item 3): each test plays an attacker from
+//! inside the cluster against the real operator and agent code (a real kube-apiserver,
+//! the Node API on loopback, the agent's Workload API socket, workloads as real processes
+//! in pod-shaped cgroups) and checks that what stops it stops it with a precise status,
+//! a log line and a counted reason, while everyone else keeps being served.
+//!
+//! The operator and the agent run inside this test process, so its resident set (VmRSS)
+//! is an upper bound of theirs: the memory tests read it before and after an attack and
+//! print the figures next to the chart's memory limits (256 MiB for each).
+//!
+//! Attackers on the Node API connect from other loopback addresses (127.0.0.2 and up) so
+//! per-address limits tell them from the legitimate agents on 127.0.0.1.
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../operator/tests/node_api_common/mod.rs"]
+mod node_api_common;
+#[path = "../../operator/tests/trust_domain_common/mod.rs"]
+mod trust_domain_common;
+
+mod agent_common;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_common::*;
+use http_body_util::StreamBody;
+use hyper::body::{Bytes, Frame};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use node_api_common::{CLUSTER, World};
+use serde_json::json;
+use sigil_identity::BundleSet;
+use sigil_identity::proto::node as pb;
+use sigil_identity::tls::{Authorizer, BundleSource, SharedBundles, SpiffeServerVerifier, SwappableCert};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpSocket;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+/// The chart's memory limit of the operator and of the agent (charts/sigil/values.yaml).
+const CHART_MEMORY_LIMIT_MIB: f64 = 256.0;
+
+/// VmRSS of this process (which hosts the operator and the agent), MiB.
+fn rss_mib() -> f64 {
+    sigil_e2e::process::rss_kib(std::process::id()) as f64 / 1024.0
+}
+
+/// A TLS client without a client certificate, as anyone in the cluster can make one: it
+/// checks the operator against the published bundle and presents nothing.
+async fn anonymous_tls(w: &World) -> Arc<rustls::ClientConfig> {
+    let mut set = BundleSet::new();
+    set.upsert(w.bootstrap_bundle().await);
+    let verifier = SpiffeServerVerifier::new(
+        SharedBundles::new(set) as Arc<dyn BundleSource>,
+        Authorizer::Any,
+    );
+    Arc::new(sigil_identity::tls::client_config(SwappableCert::new(), verifier).unwrap())
+}
+
+/// One TLS connection to the Node API from `from`.
+async fn connect_from(
+    tls: &Arc<rustls::ClientConfig>,
+    to: &str,
+    from: IpAddr,
+) -> std::io::Result<TlsStream<tokio::net::TcpStream>> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    let tcp = socket.connect(to.parse().unwrap()).await?;
+    let name = rustls::pki_types::ServerName::try_from("sigil-operator").unwrap();
+    TlsConnector::from(tls.clone()).connect(name, tcp).await
+}
+
+/// A gRPC channel (one connection) to the Node API from `from`, without a client
+/// certificate.
+async fn channel_from(tls: &Arc<rustls::ClientConfig>, to: &str, from: IpAddr) -> Channel {
+    let (tls, to) = (tls.clone(), to.to_owned());
+    Endpoint::from_static("http://sigil-operator")
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let (tls, to) = (tls.clone(), to.clone());
+            async move { Ok::<_, std::io::Error>(TokioIo::new(connect_from(&tls, &to, from).await?)) }
+        }))
+        .await
+        .unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// How many of the denials the operator counted carry `reason`.
+fn denials(w: &World, reason: &str) -> u64 {
+    w.metrics_text()
+        .lines()
+        .filter(|l| l.starts_with("sigil_node_api_denials_total") && l.contains(&format!("reason=\"{reason}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Whether the peer closed `stream` (EOF or error) within `wait`, reading past whatever
+/// it sent first (the server's HTTP/2 SETTINGS).
+async fn closed_within<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, wait: Duration) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// One workload that mints a JWT-SVID for a fresh audience on every call, next to a
+/// neighbour pod on the same node.
+///
+/// Attack: the agent mints every call at the operator (the cache is keyed by audience), so
+/// the node's shared Node API budget drains and the neighbour's JWT-SVIDs (and the node's
+/// X509 rotations) are refused.
+///
+/// Before the fix: all 300 fresh-audience calls were served (no per-workload limit); with
+/// the operator's production budget (20/s, burst 200 per node) the calls past 200 and the
+/// neighbour's own JWT-SVID were refused with "node ... is over its Node API rate limit".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_minting_fresh_audiences_is_stopped_and_its_neighbour_is_served() {
+    let aw = AgentWorld::start("dosjwt").await;
+    let tag = aw.w.tag.clone();
+    aw.w.cluster_spiffe_id(&format!("{tag}-greedy"), "greedy").await;
+    aw.w.cluster_spiffe_id(&format!("{tag}-web"), "web").await;
+    let greedy = aw.workload("greedy", "intruder", json!({"app": "greedy"})).await;
+    let web = aw.workload("web", "web", json!({"app": "web"})).await;
+    aw.wait_svid(&aw.id_for_sa("intruder")).await;
+    aw.wait_svid(&aw.id_for_sa("web")).await;
+    let rs = env!("CARGO_BIN_EXE_rust-spiffe-client");
+
+    let out = greedy
+        .run(rs, &["--addr", &aw.addr, "jwt-flood", "--count", "300", "--prefix", "fresh"])
+        .await;
+    let flood = json_out("the JWT flood", &out);
+    eprintln!("attacker: {flood}");
+    let served = flood["ok"].as_u64().unwrap();
+    let exhausted = flood["refused"]["ResourceExhausted"].as_u64().unwrap_or(0);
+    assert!(exhausted > 0, "the flood was never refused: {flood}");
+    assert!(served < 100, "a single workload minted {served} JWT-SVIDs: {flood}");
+    let first = flood["first_refusal"].as_str().unwrap_or_default();
+    assert!(first.contains("workload"), "the refusal names the per-workload budget: {first}");
+
+    // The neighbour still gets a JWT-SVID for a new audience, and its X509-SVID.
+    let go = tool("go-spiffe-client");
+    json_out(
+        "the neighbour's JWT-SVID",
+        &web.run(&go, &["-addr", &aw.addr, "jwt", "-audience", "after-the-flood"]).await,
+    );
+    json_out("the neighbour's X509-SVID", &web.run(&go, &["-addr", &aw.addr, "x509"]).await);
+
+    let metrics = aw.metrics().await;
+    assert!(
+        metrics.contains("rpc=\"FetchJWTSVID\",reason=\"workload_rate_limited\""),
+        "the refusals are counted:\n{metrics}"
+    );
+}
+
+/// A compromised agent asks for many signatures in one SignX509Svids call.
+///
+/// Attack: one call carries up to 1000 CSRs and costs one token of the node's budget;
+/// duplicates of one entry ID are allowed, so one authorised entry buys 1000 signatures.
+///
+/// Before the fix: all 1000 duplicate CSRs were signed in one call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compromised_agent_cannot_buy_many_signatures_with_one_call() {
+    let w = World::start("dossign").await;
+    let tag = w.tag.clone();
+    w.cluster_spiffe_id(&format!("{tag}-web"), "web").await;
+    w.pod("web", &w.node_a, "web", json!({"app": "web"})).await;
+    let agent = w.attested_agent(&w.node_a).await;
+    let web_id = sigil_identity::SpiffeId::parse(&format!("spiffe://{}/ns/{}/sa/web", w.td, w.ns)).unwrap();
+    let entry = trust_domain_common::eventually("the web entry", trust_domain_common::SETTLE, || async {
+        w.index.node(&w.node_a).entries_with_spiffe_id(&web_id).into_iter().next()
+    })
+    .await;
+    let key = sigil_identity::keys::PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap();
+    let csr = sigil_identity::x509::build_csr(&key, &entry.spiffe_id).unwrap();
+    let duplicates: Vec<_> = (0..1000)
+        .map(|_| pb::SvidRequest {
+            entry_id: entry.id.clone(),
+            csr: csr.clone(),
+        })
+        .collect();
+    let started = Instant::now();
+    let answer = agent.sign(duplicates).await;
+    eprintln!("1000 duplicate CSRs: {:?} after {:?}", answer.as_ref().map(|r| r.iter().filter(|r| r.error_code == 0).count()), started.elapsed());
+    let status = answer.map(|r| r.len()).unwrap_err();
+    let status = status.status().unwrap();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("duplicate"), "{status:?}");
+    assert!(denials(&w, "duplicate_entry") >= 1);
+}
+
+/// An unauthenticated caller sends AttestNode messages of megabytes.
+///
+/// Attack: callers without a client certificate may send 4 MiB messages; the operator
+/// buffers each whole message before looking at it, so 64 streams on one connection,
+/// each sending a message of 4 MiB less a little and then stalling, pin 256 MiB until the
+/// RPC deadline: the operator's memory limit.
+///
+/// Before the fix: the 1 MiB token was read whole and refused as InvalidArgument; the 64
+/// stalled streams got no answer and grew the operator's RSS by ~XXX MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_callers_cannot_make_the_operator_buffer_megabytes() {
+    let w = World::start("dosbig").await;
+    let tls = anonymous_tls(&w).await;
+    let from = ip("127.0.0.2");
+
+    // One message with a 1 MiB token.
+    let mut client = pb::node_client::NodeClient::new(channel_from(&tls, &w.node_api_addr, from).await)
+        .max_encoding_message_size(8 << 20);
+    let status = client
+        .attest_node(pb::AttestNodeRequest {
+            attestation: Some(pb::attest_node_request::Attestation::Psat(pb::PsatAttestation {
+                cluster: CLUSTER.into(),
+                token: "a".repeat(1 << 20),
+            })),
+            csr: vec![],
+        })
+        .await
+        .unwrap_err();
+    eprintln!("1 MiB AttestNode: {status:?}");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("client certificate"), "{status:?}");
+
+    // 64 stalled streams of almost 4 MiB each on one connection.
+    let before = rss_mib();
+    let tcp = connect_from(&tls, &w.node_api_addr, from).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, Infallible>>>>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let declared: u32 = 4 * 1024 * 1024 - 64;
+    let mut answers = Vec::new();
+    let mut feeders = Vec::new();
+    for _ in 0..64 {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let req = http::Request::post("http://sigil-operator/sigil.node.v1.Node/AttestNode")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap();
+        send.ready().await.unwrap();
+        answers.push(tokio::spawn(send.send_request(req)));
+        feeders.push(tokio::spawn(async move {
+            let mut prefix = vec![0u8];
+            prefix.extend_from_slice(&declared.to_be_bytes());
+            if tx.send(Ok(Frame::data(Bytes::from(prefix)))).await.is_err() {
+                return tx;
+            }
+            let mut sent = 0usize;
+            while sent + ZEROS.len() < declared as usize - 64 * 1024 {
+                if tx.send(Ok(Frame::data(Bytes::from_static(&ZEROS)))).await.is_err() {
+                    break;
+                }
+                sent += ZEROS.len();
+            }
+            tx // kept: the stream never ends
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during = rss_mib();
+    let mut refused = 0;
+    let mut unanswered = 0;
+    for a in answers {
+        match tokio::time::timeout(Duration::from_secs(1), a).await {
+            Ok(Ok(Ok(resp))) => {
+                let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                if code == (Code::ResourceExhausted as i32).to_string() {
+                    refused += 1;
+                }
+            }
+            _ => unanswered += 1,
+        }
+    }
+    eprintln!(
+        "64 stalled 4 MiB AttestNode streams: RSS {before:.1} MiB before, {during:.1} MiB during (+{:.1}; chart limit {CHART_MEMORY_LIMIT_MIB} MiB); {refused} refused, {unanswered} unanswered",
+        during - before
+    );
+    drop(feeders);
+    assert_eq!(refused, 64, "every stalled stream is refused at its header ({unanswered} unanswered)");
+    assert!(during - before < 32.0, "the operator buffered {:.1} MiB for unauthenticated callers", during - before);
+    assert!(during < CHART_MEMORY_LIMIT_MIB, "RSS {during:.1} MiB");
+    assert!(denials(&w, "message_too_large") >= 65);
+}
+
+/// An unauthenticated caller sends AttestNode calls with bogus tokens as fast as it can.
+///
+/// Attack: every call makes the operator send a TokenReview to the API server before any
+/// limit is checked (the per-node budget is charged only after the review, and a bogus
+/// token names no node), so one pod turns the operator into a TokenReview amplifier.
+///
+/// Before the fix: all 60 calls were answered Unauthenticated after a TokenReview each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_attestations_are_rate_limited_before_token_review() {
+    let w = World::start("dosreview").await;
+    let tls = anonymous_tls(&w).await;
+    let mut client =
+        pb::node_client::NodeClient::new(channel_from(&tls, &w.node_api_addr, ip("127.0.0.3")).await);
+    let mut codes = std::collections::BTreeMap::new();
+    for _ in 0..60 {
+        let status = client
+            .attest_node(pb::AttestNodeRequest {
+                attestation: Some(pb::attest_node_request::Attestation::Psat(pb::PsatAttestation {
+                    cluster: CLUSTER.into(),
+                    token: "eyJhbGciOiJSUzI1NiJ9.e30.bm90LWEtdG9rZW4".into(),
+                })),
+                csr: vec![],
+            })
+            .await
+            .unwrap_err();
+        *codes.entry(format!("{:?}", status.code())).or_insert(0) += 1;
+    }
+    let reviews = denials(&w, "token_rejected");
+    eprintln!("60 bogus AttestNode calls: {codes:?}; {reviews} reached TokenReview");
+    assert!(codes.get("ResourceExhausted").copied().unwrap_or(0) > 0, "{codes:?}");
+    assert!(reviews <= 20, "{reviews} TokenReviews for one caller");
+    assert!(denials(&w, "attest_rate_limited") > 0);
+    // A real agent on another address still attests and is served.
+    let agent = w.attested_agent(&w.node_a).await;
+    agent.renew().await.unwrap();
+}
+
+/// An unauthenticated caller opens hundreds of TLS connections to the Node API and holds
+/// them.
+///
+/// Attack: the listener bounds handshakes in flight but not established connections, so
+/// one pod can hold as many as the operator has file descriptors and memory.
+///
+/// Before the fix: all 300 connections stayed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_api_connections_are_capped() {
+    let w = World::start("dosconn").await;
+    let tls = anonymous_tls(&w).await;
+    let from = ip("127.0.0.4");
+    let before = rss_mib();
+    let mut held = Vec::new();
+    let mut failed = 0;
+    for _ in 0..300 {
+        match connect_from(&tls, &w.node_api_addr, from).await {
+            Ok(s) => held.push(s),
+            Err(_) => failed += 1,
+        }
+    }
+    let during = rss_mib();
+    let open = futures::future::join_all(held.iter_mut().map(|s| closed_within(s, Duration::from_millis(500))))
+        .await
+        .into_iter()
+        .filter(|closed| !closed)
+        .count();
+    eprintln!(
+        "300 connections from one address: {open} held open, {failed} failed; RSS {before:.1} → {during:.1} MiB"
+    );
+    assert!(open <= 64, "{open} connections held open by one address");
+    assert!(denials(&w, "too_many_connections") > 0 || failed > 0);
+    // A real agent still attests and signs.
+    let agent = w.attested_agent(&w.node_a).await;
+    agent.renew().await.unwrap();
+}
+
+/// One workload opens hundreds of connections to the Workload API socket and holds them.
+///
+/// Attack: the agent accepts every connection (and pins its peer, reading /proc) with no
+/// cap, so one pod can exhaust the agent's file descriptors and memory for the node.
+///
+/// Before the fix: all 600 connections stayed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_api_connections_are_capped_per_workload() {
+    let aw = AgentWorld::start("dosuds").await;
+    let tag = aw.w.tag.clone();
+    aw.w.cluster_spiffe_id(&format!("{tag}-web"), "web").await;
+    let web = aw.workload("web", "web", json!({"app": "web"})).await;
+    aw.wait_svid(&aw.id_for_sa("web")).await;
+    let before = rss_mib();
+    let mut held = Vec::new();
+    for _ in 0..600 {
+        held.push(tokio::net::UnixStream::connect(&aw.socket).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let open = futures::future::join_all(held.iter_mut().map(|s| closed_within(s, Duration::from_millis(500))))
+        .await
+        .into_iter()
+        .filter(|closed| !closed)
+        .count();
+    let during = rss_mib();
+    eprintln!("600 connections from one workload: {open} held open; RSS {before:.1} → {during:.1} MiB");
+    assert!(open <= 256, "{open} connections held open by one workload");
+    // The neighbour pod is served meanwhile.
+    let go = tool("go-spiffe-client");
+    json_out("the neighbour's X509-SVID", &web.run(&go, &["-addr", &aw.addr, "x509"]).await);
+    let metrics = aw.metrics().await;
+    assert!(metrics.contains("reason=\"too_many_connections\""), "{metrics}");
+}
+
+/// A workload sends HTTP/2 frames that announce a megabyte each and never finish them.
+///
+/// Attack: the HPACK shim in front of the Workload API buffers a whole frame (up to
+/// 1 MiB) before handing it on, although the server only allows 16 KiB frames, so 200
+/// connections pin 200 MiB in the agent.
+///
+/// Before the fix: the connections stayed open and the agent's RSS grew by ~XXX MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hpack_shim_refuses_oversized_frames_at_their_header() {
+    let aw = AgentWorld::start("dosframe").await;
+    let before = rss_mib();
+    let mut held = Vec::new();
+    static PAYLOAD: [u8; 1024 * 1024 - 1] = [0x61; 1024 * 1024 - 1];
+    let mut refused = 0;
+    for _ in 0..200 {
+        let mut s = tokio::net::UnixStream::connect(&aw.socket).await.unwrap();
+        let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        start.extend_from_slice(&[0x10, 0x00, 0x00, 0x00, 0x00, 0, 0, 0, 1]); // DATA, 1 MiB, stream 1
+        let sent = async {
+            s.write_all(&start).await?;
+            s.write_all(&PAYLOAD).await
+        };
+        match tokio::time::timeout(Duration::from_secs(2), sent).await {
+            Ok(Ok(())) => {}
+            _ => refused += 1,
+        }
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = rss_mib();
+    let open = futures::future::join_all(held.iter_mut().map(|s| closed_within(s, Duration::from_millis(300))))
+        .await
+        .into_iter()
+        .filter(|closed| !closed)
+        .count();
+    eprintln!(
+        "200 connections each with an unfinished 1 MiB frame: {open} still open, {refused} refused while sending; RSS {before:.1} → {during:.1} MiB (+{:.1}; chart limit {CHART_MEMORY_LIMIT_MIB} MiB)",
+        during - before
+    );
+    assert_eq!(open, 0, "connections with oversized frames are closed");
+    assert!(during - before < 32.0, "the agent buffered {:.1} MiB", during - before);
+}
