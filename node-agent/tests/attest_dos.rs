@@ -91,7 +91,10 @@ async fn hashing_a_big_executable_does_not_stall_the_runtime() {
         // could have changed), still off the runtime.
         let now = std::time::SystemTime::now();
         // (A running executable cannot be opened for writing; its times can be set.)
-        std::fs::File::open(&exe).unwrap().set_modified(now).unwrap();
+        std::fs::File::open(&exe)
+            .unwrap()
+            .set_modified(now)
+            .unwrap();
     }
     ticker.abort();
     child.kill().unwrap();
