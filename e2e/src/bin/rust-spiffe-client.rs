@@ -5,8 +5,9 @@
 //!   rust-spiffe-client --addr ... jwt --audience A
 //!   rust-spiffe-client --addr ... validate --audience A --token T
 //!   rust-spiffe-client --addr ... watch --updates N     (one line per X509Source update)
-//!   rust-spiffe-client --addr ... streams --count N     (hold N FetchX509SVID streams;
-//!       prints "ready", then "updated" once all N received a second SVID)
+//!   rust-spiffe-client --addr ... streams --count N [--per-connection K]
+//!       (hold N FetchX509SVID streams, K on each connection (default 1); prints "ready",
+//!       then "updated" once all N received a second SVID)
 //!   rust-spiffe-client --addr ... wait-x509 --timeout-ms T
 //!       (FetchX509SVID every 20 ms until an SVID arrives: for registration latency)
 //!   rust-spiffe-client --addr ... load --concurrency C --requests N
@@ -94,9 +95,21 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
             let count: usize = arg(&args, "--count")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(100);
+            let per_connection: usize = arg(&args, "--per-connection")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1)
+                .max(1);
             let mut held = Vec::with_capacity(count);
-            for _ in 0..count {
-                let client = WorkloadApiClient::connect_to(&addr).await?;
+            let mut shared: Option<WorkloadApiClient> = None;
+            for i in 0..count {
+                let client = match &shared {
+                    Some(c) if i % per_connection != 0 => c.clone(),
+                    _ => {
+                        let c = WorkloadApiClient::connect_to(&addr).await?;
+                        shared = Some(c.clone());
+                        c
+                    }
+                };
                 let mut stream = Box::pin(client.stream_x509_svids().await?);
                 futures::StreamExt::next(&mut stream)
                     .await
