@@ -241,6 +241,15 @@ pub struct NodeApiArgs {
     #[arg(long, env = "SIGIL_NODE_API_MAX_UNAUTHENTICATED_CONNECTIONS", default_value_t = NodeApiLimits::default().max_unauthenticated_connections)]
     pub node_api_max_unauthenticated_connections: usize,
 
+    /// Most request bytes in transit (received, not yet decoded) at once from one source
+    /// address.
+    #[arg(long, env = "SIGIL_NODE_API_MAX_REQUEST_BYTES_PER_ADDRESS", default_value_t = NodeApiLimits::default().max_request_bytes_per_address)]
+    pub node_api_max_request_bytes_per_address: usize,
+
+    /// Most request bytes in transit at once from all addresses together.
+    #[arg(long, env = "SIGIL_NODE_API_MAX_REQUEST_BYTES", default_value_t = NodeApiLimits::default().max_request_bytes)]
+    pub node_api_max_request_bytes: usize,
+
     /// Most requests without a client certificate in flight at once.
     #[arg(long, env = "SIGIL_NODE_API_MAX_UNAUTHENTICATED_REQUESTS", default_value_t = NodeApiLimits::default().max_unauthenticated_requests)]
     pub node_api_max_unauthenticated_requests: usize,
@@ -459,6 +468,8 @@ async fn node_api_task(
         node_api_max_connections_per_address,
         node_api_max_unauthenticated_connections,
         node_api_max_unauthenticated_requests,
+        node_api_max_request_bytes_per_address,
+        node_api_max_request_bytes,
         tpm_ek_ca_bundle,
         tpm_challenge_timeout,
     } = args;
@@ -520,6 +531,8 @@ async fn node_api_task(
                 max_connections_per_address: node_api_max_connections_per_address,
                 max_unauthenticated_connections: node_api_max_unauthenticated_connections,
                 max_unauthenticated_requests: node_api_max_unauthenticated_requests,
+                max_request_bytes_per_address: node_api_max_request_bytes_per_address,
+                max_request_bytes: node_api_max_request_bytes,
                 ..NodeApiLimits::default()
             },
             tpm,

@@ -14,8 +14,8 @@
 //! - a caller without a client certificate is charged per source address and in total
 //!   before the operator sends its token to TokenReview.
 //!
-//! Connection caps are enforced by [`crate::tls_listener`], message bounds for callers
-//! without a certificate by [`super::unauthenticated`].
+//! Connection caps are enforced by [`crate::tls_listener`], request bytes in transit and
+//! message bounds for callers without a certificate by [`super::request_bounds`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -64,6 +64,11 @@ pub struct NodeApiLimits {
     /// Largest message a caller without a client certificate may send (checked against
     /// the gRPC length prefix, before the message is buffered).
     pub max_unauthenticated_message: usize,
+    /// Request bytes in transit (received, not yet decoded) at once from one source
+    /// address.
+    pub max_request_bytes_per_address: usize,
+    /// Request bytes in transit at once from everyone.
+    pub max_request_bytes: usize,
 }
 
 /// Largest token accepted in AttestNode (and in AttestNodeTpm's identity message).
@@ -84,6 +89,10 @@ impl Default for NodeApiLimits {
             max_unauthenticated_requests: 128,
             // A token, a CSR and a TPM's EK certificate and keys, with room to spare.
             max_unauthenticated_message: 2 * MAX_TOKEN_LEN,
+            // An agent's largest batch (1000 CSRs) is well under 1 MiB.
+            max_request_bytes_per_address: 8 << 20,
+            // Kept well inside the chart's 256 MiB memory limit.
+            max_request_bytes: 32 << 20,
         }
     }
 }
@@ -102,6 +111,8 @@ impl NodeApiLimits {
             max_connections_per_address: 1 << 20,
             max_unauthenticated_connections: 1 << 20,
             max_unauthenticated_requests: 1 << 20,
+            max_request_bytes_per_address: 1 << 40,
+            max_request_bytes: 1 << 40,
             ..Self::default()
         }
     }

@@ -10,16 +10,16 @@
 //!   node; the SVID's TTL and DNS names come from the entry, never from the CSR;
 //! - every denial is a precise gRPC status with a reason, logged and counted;
 //! - what one caller may cost is bounded ([`limits`]): per-RPC budgets per node charged
-//!   after validation, connection caps ([`crate::tls_listener`]), and for callers without
-//!   a client certificate a small message bound before decoding ([`unauthenticated`]) and
-//!   a rate limit before TokenReview.
+//!   after validation, connection caps ([`crate::tls_listener`]), request bytes in transit
+//!   per address and in total, and for callers without a client certificate a small
+//!   message bound before decoding ([`request_bounds`]) and a rate limit before TokenReview.
 
 pub mod limits;
 pub mod metrics;
 pub mod psat;
+pub mod request_bounds;
 pub mod service;
 pub mod tpm;
-pub mod unauthenticated;
 
 pub use service::{NodeApi, NodeApiConfig};
 
@@ -100,9 +100,13 @@ pub async fn serve(
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .layer(unauthenticated::UnauthenticatedLayer::new(
-            limits.max_unauthenticated_message,
-            limits.max_unauthenticated_requests,
+        .layer(request_bounds::RequestBoundsLayer::new(
+            request_bounds::RequestBounds {
+                max_bytes_per_address: limits.max_request_bytes_per_address,
+                max_bytes: limits.max_request_bytes,
+                max_unauthenticated_message: limits.max_unauthenticated_message,
+                max_unauthenticated_requests: limits.max_unauthenticated_requests,
+            },
             metrics,
         ))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

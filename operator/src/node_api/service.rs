@@ -148,8 +148,9 @@ impl NodeApi {
     }
 
     /// The tonic service with message-size bounds (for authenticated agents; callers
-    /// without a client certificate are held to far less by
-    /// [`super::unauthenticated::UnauthenticatedLayer`] before this decodes anything).
+    /// without a client certificate are held to far less, and every caller's bytes in
+    /// transit are bounded, by [`super::request_bounds::RequestBoundsLayer`] before this
+    /// decodes anything).
     pub fn into_server(self) -> pb::node_server::NodeServer<Self> {
         pb::node_server::NodeServer::new(self)
             .max_decoding_message_size(4 * 1024 * 1024)
