@@ -349,6 +349,173 @@ async fn signing_is_charged_per_csr() {
     assert!(denials(&w, "sign_rate_limited") >= 2);
 }
 
+/// One frame of a stalled request body, as its feeder sends it.
+type StallFrame = Result<Frame<Bytes>, Infallible>;
+type StallBody = StreamBody<tokio_stream::wrappers::ReceiverStream<StallFrame>>;
+
+/// `n` requests on one HTTP/2 connection, each announcing a message of almost 4 MiB,
+/// sending all but its last 64 KiB, and never finishing.
+struct Stalled {
+    answers: Vec<tokio::task::JoinHandle<hyper::Result<http::Response<hyper::body::Incoming>>>>,
+    _feeders: Vec<tokio::task::JoinHandle<tokio::sync::mpsc::Sender<StallFrame>>>,
+}
+
+impl Stalled {
+    async fn start<S>(io: S, rpc: &str, n: usize) -> Stalled
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake::<_, StallBody>(TokioIo::new(io))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let declared: u32 = 4 * 1024 * 1024 - 64;
+        let mut answers = Vec::new();
+        let mut feeders = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let req =
+                http::Request::post(format!("http://sigil-operator/sigil.node.v1.Node/{rpc}"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(body)
+                    .unwrap();
+            send.ready().await.unwrap();
+            answers.push(tokio::spawn(send.send_request(req)));
+            feeders.push(tokio::spawn(async move {
+                let mut prefix = vec![0u8];
+                prefix.extend_from_slice(&declared.to_be_bytes());
+                if tx.send(Ok(Frame::data(Bytes::from(prefix)))).await.is_err() {
+                    return tx;
+                }
+                let mut sent = 0usize;
+                while sent + ZEROS.len() < declared as usize - 64 * 1024 {
+                    if tx
+                        .send(Ok(Frame::data(Bytes::from_static(&ZEROS))))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    sent += ZEROS.len();
+                }
+                tx // kept: the stream never ends
+            }));
+        }
+        Stalled {
+            answers,
+            _feeders: feeders,
+        }
+    }
+
+    /// How many requests were answered ResourceExhausted, and how many not at all.
+    async fn answers(self) -> (usize, usize) {
+        let (mut refused, mut unanswered) = (0, 0);
+        for a in self.answers {
+            match tokio::time::timeout(Duration::from_secs(1), a).await {
+                Ok(Ok(Ok(resp))) => {
+                    let code = resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    if code == (Code::ResourceExhausted as i32).to_string() {
+                        refused += 1;
+                    }
+                }
+                _ => unanswered += 1,
+            }
+        }
+        (refused, unanswered)
+    }
+}
+
+/// A compromised agent (it holds a valid agent SVID) starts SignX509Svids calls of almost
+/// 4 MiB each, 64 on each of 3 connections, and stalls them.
+///
+/// Attack: an authenticated caller may send 4 MiB messages, and the operator buffers each
+/// until it is whole or the RPC deadline (30 s) passes: 192 stalled calls pin 768 MiB, three
+/// times the operator's memory limit.
+///
+/// Before the fix: none of the 192 calls was refused and the operator's RSS grew from
+/// 39.3 to 792.4 MiB (+753 MiB, three times the chart's limit) in 8 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compromised_agent_cannot_make_the_operator_buffer_hundreds_of_megabytes() {
+    let w = world("dosagentmem").await;
+    // The agent's own SVID, as a compromised agent holds it: attest with its pod's token.
+    let pod = w
+        .pod(
+            "agent",
+            &w.node_a,
+            "sigil-agent",
+            json!({"app": "sigil-agent"}),
+        )
+        .await;
+    let token = w.token(&pod, &w.audience).await;
+    let key =
+        sigil_identity::keys::PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap();
+    let csr = sigil_identity::x509::build_csr(&key, &w.td.id("/agent-key").unwrap()).unwrap();
+    let anonymous = anonymous_tls(&w).await;
+    let from = ip("127.0.0.5");
+    let svid =
+        pb::node_client::NodeClient::new(channel_from(&anonymous, &w.node_api_addr, from).await)
+            .attest_node(pb::AttestNodeRequest {
+                attestation: Some(pb::attest_node_request::Attestation::Psat(
+                    pb::PsatAttestation {
+                        cluster: CLUSTER.into(),
+                        token,
+                    },
+                )),
+                csr,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let cert = SwappableCert::new();
+    cert.set(&svid.svid_chain, &key).unwrap();
+    let mut set = BundleSet::new();
+    set.upsert(w.bootstrap_bundle().await);
+    let verifier = SpiffeServerVerifier::new(
+        SharedBundles::new(set) as Arc<dyn BundleSource>,
+        Authorizer::Any,
+    );
+    let mtls = Arc::new(sigil_identity::tls::client_config(cert, verifier).unwrap());
+
+    let before = rss_mib();
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let io = connect_from(&mtls, &w.node_api_addr, from).await.unwrap();
+        stalled.push(Stalled::start(io, "SignX509Svids", 64).await);
+    }
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let during = rss_mib();
+    let (mut refused, mut unanswered) = (0, 0);
+    for s in stalled {
+        let (r, u) = s.answers().await;
+        refused += r;
+        unanswered += u;
+    }
+    eprintln!(
+        "192 stalled 4 MiB SignX509Svids calls of an agent: RSS {before:.1} MiB before, {during:.1} MiB during (+{:.1}; chart limit {CHART_MEMORY_LIMIT_MIB} MiB); {refused} refused, {unanswered} unanswered",
+        during - before
+    );
+    assert!(during < CHART_MEMORY_LIMIT_MIB, "RSS {during:.1} MiB");
+    assert!(
+        during - before < 64.0,
+        "the operator buffered {:.1} MiB for one agent",
+        during - before
+    );
+    assert!(refused > 150, "{refused} refused, {unanswered} unanswered");
+    assert!(denials(&w, "request_bytes_per_address") > 0);
+    // Other agents are served meanwhile.
+    let agent = w.attested_agent(&w.node_b).await;
+    agent.renew().await.unwrap();
+}
+
 /// An unauthenticated caller sends AttestNode messages of megabytes.
 ///
 /// Attack: callers without a client certificate may send 4 MiB messages; the operator
@@ -369,70 +536,14 @@ async fn unauthenticated_callers_cannot_make_the_operator_buffer_megabytes() {
     // 64 stalled streams of almost 4 MiB each on one connection.
     let before = rss_mib();
     let tcp = connect_from(&tls, &w.node_api_addr, from).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .handshake::<_, StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, Infallible>>>>(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-    let declared: u32 = 4 * 1024 * 1024 - 64;
-    let mut answers = Vec::new();
-    let mut feeders = Vec::new();
-    for _ in 0..64 {
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let req = http::Request::post("http://sigil-operator/sigil.node.v1.Node/AttestNode")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(body)
-            .unwrap();
-        send.ready().await.unwrap();
-        answers.push(tokio::spawn(send.send_request(req)));
-        feeders.push(tokio::spawn(async move {
-            let mut prefix = vec![0u8];
-            prefix.extend_from_slice(&declared.to_be_bytes());
-            if tx.send(Ok(Frame::data(Bytes::from(prefix)))).await.is_err() {
-                return tx;
-            }
-            let mut sent = 0usize;
-            while sent + ZEROS.len() < declared as usize - 64 * 1024 {
-                if tx
-                    .send(Ok(Frame::data(Bytes::from_static(&ZEROS))))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                sent += ZEROS.len();
-            }
-            tx // kept: the stream never ends
-        }));
-    }
+    let stalled = Stalled::start(tcp, "AttestNode", 64).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let during = rss_mib();
-    let mut refused = 0;
-    let mut unanswered = 0;
-    for a in answers {
-        match tokio::time::timeout(Duration::from_secs(1), a).await {
-            Ok(Ok(Ok(resp))) => {
-                let code = resp
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_owned();
-                if code == (Code::ResourceExhausted as i32).to_string() {
-                    refused += 1;
-                }
-            }
-            _ => unanswered += 1,
-        }
-    }
+    let (refused, unanswered) = stalled.answers().await;
     eprintln!(
         "64 stalled 4 MiB AttestNode streams: RSS {before:.1} MiB before, {during:.1} MiB during (+{:.1}; chart limit {CHART_MEMORY_LIMIT_MIB} MiB); {refused} refused, {unanswered} unanswered",
         during - before
     );
-    drop(feeders);
     assert_eq!(
         refused, 64,
         "every stalled stream is refused at its header ({unanswered} unanswered)"
