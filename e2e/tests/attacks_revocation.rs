@@ -444,7 +444,13 @@ async fn a_recycled_pid_at_accept_is_not_read_as_the_caller() {
     let path = dir.path().join("api.sock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
-    let incoming = sigil_agent::workload_api::incoming(listener, "/proc".into(), cancel.clone());
+    let caps = sigil_agent::limits::Caps::connections(
+        16,
+        16,
+        sigil_agent::workload_api::WorkloadApiMetrics::default(),
+    );
+    let incoming =
+        sigil_agent::workload_api::incoming(listener, "/proc".into(), caps, cancel.clone());
     futures::pin_mut!(incoming);
     let etc = tempfile::tempdir().unwrap();
     let attestor = sigil_agent::attest::WorkloadAttestor::new(

@@ -29,6 +29,7 @@ use crate::attest::k8s::{ApiPodSource, PodSource};
 use crate::attest::kubelet::{KubeletConfig, KubeletPodSource};
 use crate::broker_api::{self, BrokerApi, BrokerApiMetrics, BrokerPolicy};
 use crate::cache::Cache;
+use crate::limits::{self, Caps, MintBudget};
 use crate::node_client::{NodeClient, NodeClientConfig};
 use crate::rotator::{self, RotatorMetrics};
 use crate::serving::Served;
@@ -132,6 +133,48 @@ pub struct Args {
     /// Broker API flags (for sigil-csi).
     #[command(flatten)]
     pub broker: BrokerArgs,
+
+    /// What one workload may cost the agent.
+    #[command(flatten)]
+    pub limits: LimitsArgs,
+}
+
+/// What one workload may cost the agent ([`crate::limits`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitsArgs {
+    /// Most Workload API connections open at once.
+    #[arg(long, env = "SIGIL_MAX_CONNECTIONS", default_value_t = limits::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Most Workload API connections open at once from one workload (a pod, or a UID
+    /// outside pods).
+    #[arg(long, env = "SIGIL_MAX_CONNECTIONS_PER_WORKLOAD", default_value_t = limits::DEFAULT_MAX_CONNECTIONS_PER_WORKLOAD)]
+    pub max_connections_per_workload: usize,
+    /// Most Workload API streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) open at
+    /// once.
+    #[arg(long, env = "SIGIL_MAX_STREAMS", default_value_t = limits::DEFAULT_MAX_STREAMS)]
+    pub max_streams: usize,
+    /// Most Workload API streams open at once for one workload.
+    #[arg(long, env = "SIGIL_MAX_STREAMS_PER_WORKLOAD", default_value_t = limits::DEFAULT_MAX_STREAMS_PER_WORKLOAD)]
+    pub max_streams_per_workload: usize,
+    /// Sustained JWT-SVIDs minted per second for one workload (cached ones are free).
+    #[arg(long, env = "SIGIL_JWT_MINT_RATE_PER_WORKLOAD", default_value_t = limits::DEFAULT_MINT_RATE)]
+    pub jwt_mint_rate_per_workload: f64,
+    /// Burst of JWT-SVIDs minted for one workload.
+    #[arg(long, env = "SIGIL_JWT_MINT_BURST_PER_WORKLOAD", default_value_t = limits::DEFAULT_MINT_BURST)]
+    pub jwt_mint_burst_per_workload: f64,
+}
+
+impl Default for LimitsArgs {
+    fn default() -> Self {
+        Self {
+            max_connections: limits::DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_workload: limits::DEFAULT_MAX_CONNECTIONS_PER_WORKLOAD,
+            max_streams: limits::DEFAULT_MAX_STREAMS,
+            max_streams_per_workload: limits::DEFAULT_MAX_STREAMS_PER_WORKLOAD,
+            jwt_mint_rate_per_workload: limits::DEFAULT_MINT_RATE,
+            jwt_mint_burst_per_workload: limits::DEFAULT_MINT_BURST,
+        }
+    }
 }
 
 /// The Broker API sigil-csi uses.
@@ -267,6 +310,7 @@ impl Agent {
             pod_source,
             kubelet,
             broker,
+            limits,
         } = args;
         let socket_path = resolve_socket_path(socket_path)?;
         info!(node = %node_name, operators = ?operator_address, version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
@@ -330,11 +374,27 @@ impl Agent {
                 socket_path.display()
             )
         })?;
+        let mint_budget = Arc::new(MintBudget::new(
+            limits.jwt_mint_rate_per_workload,
+            limits.jwt_mint_burst_per_workload,
+        ));
+        let caps = Caps::connections(
+            limits.max_connections,
+            limits.max_connections_per_workload,
+            api_metrics.clone(),
+        );
+        let stream_caps = Caps::streams(
+            limits.max_streams,
+            limits.max_streams_per_workload,
+            api_metrics.clone(),
+        );
         let api = WorkloadApi::new(
             cache.clone(),
             attestor.clone(),
             node.clone(),
             api_metrics,
+            mint_budget.clone(),
+            stream_caps,
             cancel.clone(),
         );
         let broker_metrics = BrokerApiMetrics::default();
@@ -357,6 +417,7 @@ impl Agent {
                 node: node.clone(),
                 shutdown: cancel.clone(),
                 open_streams: Default::default(),
+                mint_budget,
             },
             BrokerPolicy {
                 uid: broker.broker_uid,
@@ -422,7 +483,7 @@ impl Agent {
             let (cancel, proc_root) = (cancel.clone(), proc_root.clone());
             async move {
                 info!(socket = %socket_path.display(), "Workload API listening");
-                if let Err(e) = workload_api::serve(listener, api, proc_root, cancel).await {
+                if let Err(e) = workload_api::serve(listener, api, proc_root, caps, cancel).await {
                     tracing::error!(error = %e, "Workload API server failed");
                 }
                 let _ = std::fs::remove_file(&socket_path);

@@ -42,6 +42,7 @@ use tracing::{info, warn};
 use crate::attest::WorkloadAttestor;
 use crate::attest::k8s::{PodSource, find_pod, pod_selectors};
 use crate::attest::peer::PeerProcess;
+use crate::limits::{Caps, WorkloadKey};
 use crate::serving::{
     JwtRefusal, ResponseStream, Served, jwt_bundles, x509_bundles, x509_response, x509_update,
 };
@@ -413,6 +414,26 @@ impl BrokerApi {
     }
 }
 
+/// Whose JWT-SVID minting budget a (validated) reference is charged to: the pod it names,
+/// or the process it names (by its pod, else its UID).
+fn budget_key(proc_root: &Path, reference: Option<&pb::WorkloadReference>) -> WorkloadKey {
+    let any = reference.and_then(|r| r.reference.as_ref());
+    match any.map(|a| (a.type_url.as_str(), a.value.as_slice())) {
+        Some((K8S_REFERENCE, v)) => pb::KubernetesObjectReference::decode(v)
+            .map(|r| WorkloadKey::Pod(r.uid))
+            .unwrap_or(WorkloadKey::Uid(u32::MAX)),
+        Some((PID_REFERENCE, v)) => pb::WorkloadPidReference::decode(v)
+            .ok()
+            .and_then(|r| {
+                let (uid, gid) = proc_ids(proc_root, r.pid)?;
+                PeerProcess::pin(r.pid, uid, gid, proc_root).ok()
+            })
+            .map(|p| WorkloadKey::of(&p))
+            .unwrap_or(WorkloadKey::Uid(u32::MAX)),
+        _ => WorkloadKey::Uid(u32::MAX),
+    }
+}
+
 fn proc_ids(proc_root: &Path, pid: i32) -> Option<(u32, u32)> {
     let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
     let field = |name: &str| -> Option<u32> {
@@ -511,10 +532,11 @@ impl pb::api_server::Api for BrokerApi {
             .workload(RPC, &req, req.get_ref().reference.as_ref())
             .await?;
         let r = req.into_inner();
+        let key = budget_key(self.inner.attestor.proc_root(), r.reference.as_ref());
         match self
             .inner
             .served
-            .jwt_svids(&selectors, &r.audience, &r.spiffe_id)
+            .jwt_svids(&key, &selectors, &r.audience, &r.spiffe_id)
             .await
         {
             Ok(svids) => Ok(Response::new(pb::FetchJwtsvidResponse {
@@ -546,6 +568,11 @@ impl pb::api_server::Api for BrokerApi {
                 RPC,
                 "spiffe_id_not_entitled",
                 Status::permission_denied(format!("the workload is not entitled to {id}")),
+            )),
+            Err(JwtRefusal::OverBudget(why)) => Err(self.deny(
+                RPC,
+                "workload_rate_limited",
+                Status::resource_exhausted(why),
             )),
             Err(JwtRefusal::Mint(s)) => Err(s),
         }
@@ -600,7 +627,14 @@ pub async fn serve(
     proc_root: PathBuf,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = incoming(listener, proc_root, cancel.clone());
+    // One client (sigil-csi, checked on every call); the caps only bound what a
+    // misbehaving one could hold.
+    let caps = Caps::connections(
+        crate::limits::DEFAULT_MAX_CONNECTIONS,
+        crate::limits::DEFAULT_MAX_CONNECTIONS,
+        Default::default(),
+    );
+    let incoming = incoming(listener, proc_root, caps, cancel.clone());
     tonic::transport::Server::builder()
         .timeout(crate::workload_api::UNARY_TIMEOUT)
         .max_concurrent_streams(Some(1024))
@@ -698,6 +732,7 @@ mod tests {
                 node: Arc::new(node),
                 shutdown: CancellationToken::new(),
                 open_streams: Gauge::default(),
+                mint_budget: Arc::new(crate::limits::MintBudget::new(1000.0, 1000.0)),
             },
             BrokerPolicy {
                 uid: 0,

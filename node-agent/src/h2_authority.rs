@@ -15,8 +15,18 @@
 //! is re-encoded, the server never sees the client's dynamic table. The write side is
 //! untouched.
 //!
-//! Bounds: a header block may grow to [`MAX_HEADER_BLOCK`]; a frame larger than
-//! [`MAX_FRAME`] ends the connection. Nothing else about the request is changed.
+//! Bounds (what a connection can make the agent hold is what h2 headers need, not what a
+//! client announces):
+//! - a frame whose header announces more than [`MAX_FRAME`] (the server's
+//!   SETTINGS_MAX_FRAME_SIZE) ends the connection at its 9-byte header, before any of its
+//!   payload is buffered;
+//! - a header block may grow to [`MAX_HEADER_BLOCK`] and decode to [`MAX_DECODED`];
+//! - request bytes of streams the client has not finished (no END_STREAM yet) may add up
+//!   to [`MAX_OPEN_REQUEST_BYTES`] on one connection: the server buffers a request until
+//!   its message is whole, so a client that starts many large requests and stalls them
+//!   would otherwise pin that memory until their deadline.
+//!
+//! Nothing else about the request is changed.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -25,19 +35,25 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The HTTP/2 client connection preface.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Largest frame payload buffered. The server advertises SETTINGS_MAX_FRAME_SIZE 16 KiB,
-/// so a conforming client never sends more; this only bounds memory before the server
-/// would refuse the frame anyway.
-pub const MAX_FRAME: usize = 1 << 20;
+/// Largest frame payload. The server advertises SETTINGS_MAX_FRAME_SIZE 16 KiB (the
+/// protocol's default, set explicitly by the Workload API server), so a conforming client
+/// never sends more, and a larger frame is refused at its header.
+pub const MAX_FRAME: usize = 16 * 1024;
 /// Largest reassembled (compressed) header block.
-pub const MAX_HEADER_BLOCK: usize = 256 * 1024;
+pub const MAX_HEADER_BLOCK: usize = 16 * 1024;
 /// Largest decoded header list (names + values), against HPACK "bombs" where a few bytes
-/// of indexed references expand to megabytes. gRPC requests carry well under 1 KiB.
-pub const MAX_DECODED: usize = 64 * 1024;
+/// of indexed references expand to megabytes. gRPC requests carry well under 1 KiB; the
+/// server's SETTINGS_MAX_HEADER_LIST_SIZE is this too.
+pub const MAX_DECODED: usize = 16 * 1024;
+/// Most request bytes of unfinished streams on one connection: one largest Workload API
+/// request (64 KiB) in transit, plus room for small ones.
+pub const MAX_OPEN_REQUEST_BYTES: usize = 80 * 1024;
 /// Frame size used for re-encoded header blocks (HTTP/2's default and minimum maximum).
 const OUT_FRAME: usize = 16_384;
 
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -68,6 +84,10 @@ pub struct Rewriter {
     pending: Option<(u32, u8, Vec<u8>, Vec<u8>)>,
     decoder: hpack::Decoder<'static>,
     encoder: hpack::Encoder<'static>,
+    /// Request bytes received on streams without END_STREAM yet, by stream.
+    open_requests: std::collections::HashMap<u32, usize>,
+    /// Their sum.
+    open_request_bytes: usize,
     /// Requests whose `:authority` was replaced.
     pub rewritten: u64,
 }
@@ -89,6 +109,8 @@ impl Default for Rewriter {
             pending: None,
             decoder: hpack::Decoder::new(),
             encoder: hpack::Encoder::new(),
+            open_requests: std::collections::HashMap::new(),
+            open_request_bytes: 0,
             rewritten: 0,
         }
     }
@@ -159,6 +181,9 @@ impl Rewriter {
                         return Err(FixError::Framing("padding longer than the frame"));
                     }
                     let fragment = body[..body.len() - pad].to_vec();
+                    if flags & END_STREAM != 0 {
+                        self.track_request(stream, 0, true)?;
+                    }
                     self.pending = Some((stream, flags, priority, fragment));
                     if flags & END_HEADERS != 0 {
                         self.finish_block(out)?;
@@ -187,12 +212,32 @@ impl Rewriter {
                             "a header block must be followed by CONTINUATION",
                         ));
                     }
+                    if kind == DATA && stream != 0 {
+                        self.track_request(stream, len, flags & END_STREAM != 0)?;
+                    } else if kind == RST_STREAM {
+                        self.track_request(stream, 0, true)?;
+                    }
                     out.extend_from_slice(&header);
                     out.extend_from_slice(&payload);
                 }
             }
         }
         self.input.drain(..pos);
+        Ok(())
+    }
+
+    /// Counts `len` request bytes on `stream`; `ended` forgets the stream.
+    fn track_request(&mut self, stream: u32, len: usize, ended: bool) -> Result<(), FixError> {
+        let before = self.open_requests.remove(&stream).unwrap_or(0);
+        if ended {
+            self.open_request_bytes -= before;
+            return Ok(());
+        }
+        self.open_request_bytes += len;
+        self.open_requests.insert(stream, before + len);
+        if self.open_request_bytes > MAX_OPEN_REQUEST_BYTES {
+            return Err(FixError::TooLarge(self.open_request_bytes));
+        }
         Ok(())
     }
 
@@ -561,6 +606,63 @@ mod tests {
             Rewriter::default().feed(&input, &mut Vec::new()),
             Err(FixError::Hpack(_))
         ));
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_at_its_header() {
+        // A DATA frame announcing 1 MiB: refused from its 9-byte header alone, so nothing
+        // of its payload is ever buffered.
+        let mut input = PREFACE.to_vec();
+        input.extend_from_slice(&[0x10, 0x00, 0x00, DATA, 0, 0, 0, 0, 1]);
+        let mut rw = Rewriter::default();
+        assert_eq!(
+            rw.feed(&input, &mut Vec::new()),
+            Err(FixError::TooLarge(1 << 20))
+        );
+        // One byte over the server's frame size is refused too; the size itself passes.
+        let mut input = PREFACE.to_vec();
+        frame(&mut input, DATA, 0, 1, &vec![0; MAX_FRAME]);
+        let mut out = Vec::new();
+        Rewriter::default().feed(&input, &mut out).unwrap();
+        let mut input = PREFACE.to_vec();
+        input.extend_from_slice(&[0x00, 0x40, 0x01, DATA, 0, 0, 0, 0, 1]);
+        assert!(Rewriter::default().feed(&input, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn unfinished_requests_are_bounded_per_connection() {
+        let mut rw = Rewriter::default();
+        let mut out = Vec::new();
+        rw.feed(PREFACE, &mut out).unwrap();
+        let chunk = vec![0; MAX_FRAME];
+        // Finished requests cost nothing however many there are.
+        for stream in (1..200u32).step_by(2) {
+            let mut f = Vec::new();
+            frame(&mut f, DATA, END_STREAM, stream, &chunk[..1000]);
+            rw.feed(&f, &mut out).unwrap();
+        }
+        // Stalled ones add up until the bound.
+        let mut refused = None;
+        for (i, stream) in (1001..2001u32).step_by(2).enumerate() {
+            let mut f = Vec::new();
+            frame(&mut f, DATA, 0, stream, &chunk);
+            if let Err(e) = rw.feed(&f, &mut out) {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        let (i, e) = refused.unwrap();
+        assert_eq!(i, MAX_OPEN_REQUEST_BYTES / MAX_FRAME, "{e}");
+        // A client reset or END_STREAM gives the bytes back.
+        let mut rw = Rewriter::default();
+        rw.feed(PREFACE, &mut out).unwrap();
+        for _ in 0..20 {
+            let mut f = Vec::new();
+            frame(&mut f, DATA, 0, 1, &chunk);
+            frame(&mut f, RST_STREAM, 0, 1, &[0, 0, 0, 8]);
+            rw.feed(&f, &mut out).unwrap();
+        }
+        assert_eq!(rw.open_request_bytes, 0);
     }
 
     #[test]

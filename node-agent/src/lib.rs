@@ -13,12 +13,14 @@
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket.
 //! - [`broker_api`]: the SPIFFE Broker API for sigil-csi, on a private socket.
 //! - [`h2_authority`]: lets gRPC C-core clients (py-spiffe) past h2's `:authority` check.
+//! - [`limits`]: what one workload may cost the agent (connections, JWT-SVID mints).
 
 pub mod app;
 pub mod attest;
 pub mod broker_api;
 pub mod cache;
 pub mod h2_authority;
+pub mod limits;
 pub mod node_client;
 pub mod rotator;
 pub mod serving;

@@ -1,6 +1,7 @@
 //! What the Workload API and the Broker API both serve, from the cache: the SVIDs and
 //! bundles of a set of selectors, as streams that follow every change, and JWT-SVIDs
-//! minted on demand (cached until half-life). The two APIs differ only in how they find
+//! minted on demand (cached until half-life; each mint charged to the calling workload's
+//! [`MintBudget`]). The two APIs differ only in how they find
 //! the selectors (a kernel-attested caller, or a pod proven by its token) and in their
 //! protobuf types; both are built from the Workload API's messages here.
 
@@ -19,6 +20,7 @@ use tonic::Status;
 use tracing::warn;
 
 use crate::cache::{Cache, HeldJwt, WorkloadView};
+use crate::limits::{MintBudget, WorkloadKey};
 use crate::node_client::NodeClient;
 
 /// How long a caller whose entries have no SVID yet waits for the first one.
@@ -38,6 +40,8 @@ pub struct Served {
     pub shutdown: CancellationToken,
     /// Open streams (a metric).
     pub open_streams: Gauge,
+    /// JWT-SVID mints per workload.
+    pub mint_budget: Arc<MintBudget>,
 }
 
 /// Where a [`Served::watch`] stream is.
@@ -92,6 +96,8 @@ pub enum JwtRefusal {
     BadId(String),
     /// The workload is not entitled to the requested ID.
     NotEntitled(String),
+    /// The workload is over its minting budget (the reason, for the status message).
+    OverBudget(String),
     /// The operator refused or is unreachable.
     Mint(Status),
 }
@@ -170,9 +176,11 @@ impl Served {
     }
 
     /// JWT-SVIDs for `audience`: one per distinct SPIFFE ID of the workload's entries, or
-    /// only `spiffe_id` when given.
+    /// only `spiffe_id` when given. Each one not in the cache is minted at the operator and
+    /// charged to `workload`'s minting budget first (after the request validated).
     pub async fn jwt_svids(
         &self,
+        workload: &WorkloadKey,
         selectors: &BTreeSet<Selector>,
         audience: &[String],
         spiffe_id: &str,
@@ -212,6 +220,9 @@ impl Served {
             let token = match self.cache.jwt(&e.id, &audience, now) {
                 Some(j) => j.token,
                 None => {
+                    if !self.mint_budget.try_take(workload) {
+                        return Err(JwtRefusal::OverBudget(self.mint_budget.refusal(workload)));
+                    }
                     let (token, expires_at) =
                         self.node.mint_jwt(&e.id, &audience).await.map_err(|err| {
                             warn!(entry = %e.id, error = %err, "minting a JWT-SVID failed");

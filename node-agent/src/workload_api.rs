@@ -11,6 +11,11 @@
 //! - Bundle maps are keyed by trust domain ID (`spiffe://td`); X.509 bundles are
 //!   concatenated DER; JWT bundles are JWK Sets holding only JWT authorities.
 //! - FetchWITSVID/FetchWITBundles answer Unimplemented.
+//! - What one workload may cost is bounded ([`crate::limits`]): connections per workload
+//!   and in total (over a cap a connection is closed at accept), JWT-SVID mints per
+//!   workload (ResourceExhausted), and the HTTP/2 bytes a connection may make the agent
+//!   hold ([`crate::h2_authority`]: frames no larger than the server allows, header blocks
+//!   no larger than h2 accepts).
 //!
 //! This module never logs key material; keys leave the agent only to the workload that is
 //! entitled to them, over its own connection.
@@ -42,6 +47,7 @@ use crate::attest::peer::{PeerError, PeerProcess};
 use crate::attest::{AttestError, WorkloadAttestor};
 use crate::cache::Cache;
 use crate::h2_authority::AuthorityFix;
+use crate::limits::{Caps, MintBudget, Slot, WorkloadKey};
 use crate::node_client::NodeClient;
 use crate::serving::{
     JwtRefusal, ResponseStream, Served, jwt_bundles, x509_bundles, x509_response, x509_update,
@@ -74,6 +80,8 @@ pub struct WorkloadApiMetrics {
     pub denials: Family<DenialLabels, Counter>,
     /// Open streams.
     pub open_streams: Gauge,
+    /// Open connections.
+    pub open_connections: Gauge,
 }
 
 impl WorkloadApiMetrics {
@@ -91,6 +99,21 @@ impl WorkloadApiMetrics {
             "Open Workload API streams",
             self.open_streams.clone(),
         );
+        r.register(
+            "open_connections",
+            "Open Workload API connections",
+            self.open_connections.clone(),
+        );
+    }
+
+    /// Counts a denial.
+    pub fn deny(&self, rpc: &str, reason: &str) {
+        self.denials
+            .get_or_create(&DenialLabels {
+                rpc: rpc.into(),
+                reason: reason.into(),
+            })
+            .inc();
     }
 }
 
@@ -104,6 +127,8 @@ pub struct PeerInfo(pub Result<Arc<PeerProcess>, Arc<PeerError>>);
 pub struct PeerStream {
     stream: AuthorityFix<UnixStream>,
     peer: PeerInfo,
+    slot: Slot,
+    refused: bool,
 }
 
 impl Connected for PeerStream {
@@ -119,7 +144,22 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &read
+            && e.kind() == std::io::ErrorKind::InvalidData
+            && !this.refused
+        {
+            // The HPACK shim refused the client's bytes (a frame or header block over
+            // its bounds, or malformed framing): the connection ends here.
+            this.refused = true;
+            this.slot.refuse(
+                "http2_refused",
+                this.peer.0.as_ref().map_or(0, |p| p.pid),
+                e.to_string(),
+            );
+        }
+        read
     }
 }
 
@@ -157,23 +197,17 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Accepted connections with their peers pinned, until `cancel`.
+/// Accepted connections with their peers pinned, until `cancel`; a connection over one of
+/// `caps` is closed at once (counted and logged there).
 pub fn incoming(
     listener: UnixListener,
     proc_root: std::path::PathBuf,
-    cancel: CancellationToken,
-) -> impl Stream<Item = std::io::Result<PeerStream>> {
-    async_stream_accept(listener, proc_root, cancel)
-}
-
-fn async_stream_accept(
-    listener: UnixListener,
-    proc_root: std::path::PathBuf,
+    caps: Arc<Caps>,
     cancel: CancellationToken,
 ) -> impl Stream<Item = std::io::Result<PeerStream>> {
     futures::stream::unfold(
-        (listener, proc_root, cancel),
-        |(listener, proc_root, cancel)| async move {
+        (listener, proc_root, caps, cancel),
+        |(listener, proc_root, caps, cancel)| async move {
             loop {
                 let accepted = tokio::select! {
                     () = cancel.cancelled() => return None,
@@ -186,11 +220,27 @@ fn async_stream_accept(
                         let peer = PeerProcess::of_stream(&stream, &proc_root)
                             .map(Arc::new)
                             .map_err(Arc::new);
+                        let (key, pid) = match &peer {
+                            Ok(p) => (WorkloadKey::of(p), p.pid),
+                            Err(_) => {
+                                let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+                                (WorkloadKey::Uid(uid), 0)
+                            }
+                        };
+                        let slot = match caps.admit(key.clone()) {
+                            Ok(slot) => slot,
+                            Err(r) => {
+                                caps.refuse(r.reason, &key, pid, r.detail);
+                                continue; // dropped: closed at once
+                            }
+                        };
                         let s = PeerStream {
                             stream: AuthorityFix::new(stream),
                             peer: PeerInfo(peer),
+                            slot,
+                            refused: false,
                         };
-                        return Some((Ok(s), (listener, proc_root, cancel)));
+                        return Some((Ok(s), (listener, proc_root, caps, cancel)));
                     }
                     Err(e) => {
                         warn!(error = %e, "Workload API accept failed");
@@ -213,21 +263,27 @@ struct Inner {
     served: Served,
     attestor: Arc<WorkloadAttestor>,
     metrics: WorkloadApiMetrics,
+    streams: Arc<Caps>,
 }
 
 /// What an attested caller is.
 struct Caller {
     selectors: BTreeSet<Selector>,
     peer: Arc<PeerProcess>,
+    /// Whom its JWT-SVID mints are charged to.
+    workload: WorkloadKey,
 }
 
 impl WorkloadApi {
-    /// Builds the service over the agent's cache; JWT-SVIDs are minted through `node`.
+    /// Builds the service over the agent's cache; JWT-SVIDs are minted through `node`,
+    /// each charged to the calling workload in `mint_budget`.
     pub fn new(
         cache: Arc<Cache>,
         attestor: Arc<WorkloadAttestor>,
         node: Arc<NodeClient>,
         metrics: WorkloadApiMetrics,
+        mint_budget: Arc<MintBudget>,
+        streams: Arc<Caps>,
         shutdown: CancellationToken,
     ) -> Self {
         let served = Served {
@@ -235,12 +291,14 @@ impl WorkloadApi {
             node,
             shutdown,
             open_streams: metrics.open_streams.clone(),
+            mint_budget,
         };
         Self {
             inner: Arc::new(Inner {
                 served,
                 attestor,
                 metrics,
+                streams,
             }),
         }
     }
@@ -325,6 +383,9 @@ impl WorkloadApi {
         };
         match self.inner.attestor.attest(&peer).await {
             Ok(a) => Ok(Caller {
+                workload: a.pod.as_ref().map_or(WorkloadKey::Uid(peer.uid), |m| {
+                    WorkloadKey::Pod(m.pod.uid.clone())
+                }),
                 selectors: a.selectors,
                 peer,
             }),
@@ -342,6 +403,24 @@ impl WorkloadApi {
         }
     }
 
+    /// A place for one more stream of `caller`, or ResourceExhausted.
+    fn stream_slot(&self, rpc: &str, caller: &Caller) -> Result<Slot, Status> {
+        self.inner
+            .streams
+            .admit(caller.workload.clone())
+            .map_err(|r| {
+                self.deny(
+                    rpc,
+                    r.reason,
+                    Status::resource_exhausted(format!(
+                        "{}; close streams you no longer read",
+                        r.detail
+                    )),
+                    Some(&caller.peer),
+                )
+            })
+    }
+
     fn no_identity(&self, rpc: &str, caller: &Caller) -> Status {
         self.deny(
             rpc,
@@ -350,6 +429,15 @@ impl WorkloadApi {
             Some(&caller.peer),
         )
     }
+}
+
+/// `stream`, holding `slot` (its place under the stream caps) for as long as it lives.
+fn holding<T: Send + 'static>(slot: Slot, stream: ResponseStream<T>) -> ResponseStream<T> {
+    use futures::StreamExt;
+    Box::pin(stream.map(move |item| {
+        let _held = &slot;
+        item
+    }))
 }
 
 fn json_to_prost(v: serde_json::Value) -> prost_types::Value {
@@ -377,6 +465,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<ResponseStream<pb::X509svidResponse>>, Status> {
         const RPC: &str = "FetchX509SVID";
         let caller = self.attest(RPC, &req).await?;
+        let slot = self.stream_slot(RPC, &caller)?;
         let view = self.inner.served.ready_view(&caller.selectors).await;
         if view.svids.is_empty() {
             return Err(self.no_identity(RPC, &caller));
@@ -387,11 +476,12 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             "serving X509-SVIDs"
         );
         let selectors = caller.selectors;
-        Ok(Response::new(
+        Ok(Response::new(holding(
+            slot,
             self.inner.served.watch(x509_response(&view), move |cache| {
                 x509_update(&cache.view_for(&selectors)).map(|v| v.map(x509_response))
             }),
-        ))
+        )))
     }
 
     async fn fetch_x509_bundles(
@@ -404,12 +494,14 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         if view.svids.is_empty() && view.pending.is_empty() {
             return Err(self.no_identity(RPC, &caller));
         }
+        let slot = self.stream_slot(RPC, &caller)?;
         let selectors = caller.selectors;
-        Ok(Response::new(
+        Ok(Response::new(holding(
+            slot,
             self.inner.served.watch(x509_bundles(&view), move |cache| {
                 Ok(Some(x509_bundles(&cache.view_for(&selectors))))
             }),
-        ))
+        )))
     }
 
     async fn fetch_jwtsvid(
@@ -422,7 +514,12 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let svids = match self
             .inner
             .served
-            .jwt_svids(&caller.selectors, &r.audience, &r.spiffe_id)
+            .jwt_svids(
+                &caller.workload,
+                &caller.selectors,
+                &r.audience,
+                &r.spiffe_id,
+            )
             .await
         {
             Ok(s) => s,
@@ -451,6 +548,14 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
                     Some(&caller.peer),
                 ));
             }
+            Err(JwtRefusal::OverBudget(why)) => {
+                return Err(self.deny(
+                    RPC,
+                    "workload_rate_limited",
+                    Status::resource_exhausted(why),
+                    Some(&caller.peer),
+                ));
+            }
             Err(JwtRefusal::Mint(status)) => return Err(status),
         };
         Ok(Response::new(pb::JwtsvidResponse { svids }))
@@ -466,12 +571,14 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         if view.svids.is_empty() && view.pending.is_empty() {
             return Err(self.no_identity(RPC, &caller));
         }
+        let slot = self.stream_slot(RPC, &caller)?;
         let selectors = caller.selectors;
-        Ok(Response::new(
+        Ok(Response::new(holding(
+            slot,
             self.inner.served.watch(jwt_bundles(&view), move |cache| {
                 Ok(Some(jwt_bundles(&cache.view_for(&selectors))))
             }),
-        ))
+        )))
     }
 
     async fn validate_jwtsvid(
@@ -547,21 +654,30 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
     }
 }
 
-/// Serves the Workload API (and gRPC reflection) on `listener` until `cancel`.
+/// Most concurrent streams on one connection (SPIFFE clients use one to three; a client
+/// that opens more waits for one to end).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+
+/// Serves the Workload API (and gRPC reflection) on `listener` until `cancel`, with
+/// connections held to `caps`.
 pub async fn serve(
     listener: UnixListener,
     api: WorkloadApi,
     proc_root: std::path::PathBuf,
+    caps: Arc<Caps>,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sigil_identity::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .ok();
-    let incoming = incoming(listener, proc_root, cancel.clone());
+    let incoming = incoming(listener, proc_root, caps, cancel.clone());
     let mut server = tonic::transport::Server::builder()
         .timeout(UNARY_TIMEOUT)
-        .max_concurrent_streams(Some(256))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // What the HPACK shim relies on: frames of at most 16 KiB, header lists h2 bounds.
+        .max_frame_size(crate::h2_authority::MAX_FRAME as u32)
+        .http2_max_header_list_size(crate::h2_authority::MAX_DECODED as u32)
         .add_service(api.into_server());
     if let Some(r) = reflection {
         server = server.add_service(r);

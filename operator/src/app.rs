@@ -25,6 +25,7 @@ use crate::federation::endpoint::{EndpointConfig, EndpointTls};
 use crate::federation::{self, FederatedBundles};
 use crate::index::{self, EntryIndex, IndexConfig, IndexMetrics, RunOptions, StatusOptions};
 use crate::leader::{LeaderConfig, LeaderElection};
+use crate::node_api::limits::{Budget, NodeApiLimits};
 use crate::node_api::metrics::NodeApiMetrics;
 use crate::node_api::psat::PsatConfig;
 use crate::node_api::tpm::{ManufacturerCas, TpmConfig};
@@ -184,13 +185,74 @@ pub struct NodeApiArgs {
     #[arg(long, env = "SIGIL_AGENT_SVID_TTL", default_value = "1h", value_parser = go_duration)]
     pub agent_svid_ttl: Duration,
 
-    /// Sustained Node API requests per second allowed from one node.
-    #[arg(long, env = "SIGIL_NODE_RATE", default_value_t = 20.0)]
+    /// Sustained agent upkeep calls (attestation once attested, RenewAgent, SyncEntries)
+    /// per second allowed from one node.
+    #[arg(long, env = "SIGIL_NODE_RATE", default_value_t = NodeApiLimits::default().agent.rate)]
     pub node_rate: f64,
 
-    /// Burst of Node API requests allowed from one node.
-    #[arg(long, env = "SIGIL_NODE_BURST", default_value_t = 200.0)]
+    /// Burst of agent upkeep calls allowed from one node.
+    #[arg(long, env = "SIGIL_NODE_BURST", default_value_t = NodeApiLimits::default().agent.burst)]
     pub node_burst: f64,
+
+    /// Sustained X509-SVIDs signed per second for one node (each CSR counts).
+    #[arg(long, env = "SIGIL_NODE_SIGN_RATE", default_value_t = NodeApiLimits::default().sign.rate)]
+    pub node_sign_rate: f64,
+
+    /// Burst of X509-SVIDs signed for one node (a restarted agent re-signs its whole node).
+    #[arg(long, env = "SIGIL_NODE_SIGN_BURST", default_value_t = NodeApiLimits::default().sign.burst)]
+    pub node_sign_burst: f64,
+
+    /// Sustained JWT-SVIDs minted per second for one node.
+    #[arg(long, env = "SIGIL_NODE_MINT_RATE", default_value_t = NodeApiLimits::default().mint.rate)]
+    pub node_mint_rate: f64,
+
+    /// Burst of JWT-SVIDs minted for one node.
+    #[arg(long, env = "SIGIL_NODE_MINT_BURST", default_value_t = NodeApiLimits::default().mint.burst)]
+    pub node_mint_burst: f64,
+
+    /// Sustained attestations per second from one source address, counted before the
+    /// token goes to TokenReview (raise it when many nodes reach the operator through one
+    /// NAT address).
+    #[arg(long, env = "SIGIL_ATTEST_RATE_PER_ADDRESS", default_value_t = NodeApiLimits::default().attest_per_address.rate)]
+    pub attest_rate_per_address: f64,
+
+    /// Burst of attestations from one source address.
+    #[arg(long, env = "SIGIL_ATTEST_BURST_PER_ADDRESS", default_value_t = NodeApiLimits::default().attest_per_address.burst)]
+    pub attest_burst_per_address: f64,
+
+    /// Sustained attestations per second from all addresses together (bounds the
+    /// TokenReviews one replica sends).
+    #[arg(long, env = "SIGIL_ATTEST_RATE", default_value_t = NodeApiLimits::default().attest_total.rate)]
+    pub attest_rate: f64,
+
+    /// Burst of attestations from all addresses together.
+    #[arg(long, env = "SIGIL_ATTEST_BURST", default_value_t = NodeApiLimits::default().attest_total.burst)]
+    pub attest_burst: f64,
+
+    /// Most Node API connections open at once (TLS handshakes included).
+    #[arg(long, env = "SIGIL_NODE_API_MAX_CONNECTIONS", default_value_t = NodeApiLimits::default().max_connections)]
+    pub node_api_max_connections: usize,
+
+    /// Most Node API connections open at once from one source address.
+    #[arg(long, env = "SIGIL_NODE_API_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = NodeApiLimits::default().max_connections_per_address)]
+    pub node_api_max_connections_per_address: usize,
+
+    /// Most Node API connections without a client certificate open at once.
+    #[arg(long, env = "SIGIL_NODE_API_MAX_UNAUTHENTICATED_CONNECTIONS", default_value_t = NodeApiLimits::default().max_unauthenticated_connections)]
+    pub node_api_max_unauthenticated_connections: usize,
+
+    /// Most request bytes in transit (received, not yet decoded) at once from one source
+    /// address.
+    #[arg(long, env = "SIGIL_NODE_API_MAX_REQUEST_BYTES_PER_ADDRESS", default_value_t = NodeApiLimits::default().max_request_bytes_per_address)]
+    pub node_api_max_request_bytes_per_address: usize,
+
+    /// Most request bytes in transit at once from all addresses together.
+    #[arg(long, env = "SIGIL_NODE_API_MAX_REQUEST_BYTES", default_value_t = NodeApiLimits::default().max_request_bytes)]
+    pub node_api_max_request_bytes: usize,
+
+    /// Most requests without a client certificate in flight at once.
+    #[arg(long, env = "SIGIL_NODE_API_MAX_UNAUTHENTICATED_REQUESTS", default_value_t = NodeApiLimits::default().max_unauthenticated_requests)]
+    pub node_api_max_unauthenticated_requests: usize,
 
     /// PEM file of the TPM manufacturer CAs (roots and the intermediates that sign EK
     /// certificates) that EK certificates must chain to; mount it from a Secret or
@@ -399,6 +461,20 @@ async fn node_api_task(
         agent_svid_ttl,
         node_rate,
         node_burst,
+        node_sign_rate,
+        node_sign_burst,
+        node_mint_rate,
+        node_mint_burst,
+        attest_rate_per_address,
+        attest_burst_per_address,
+        attest_rate,
+        attest_burst,
+        node_api_max_connections,
+        node_api_max_connections_per_address,
+        node_api_max_unauthenticated_connections,
+        node_api_max_unauthenticated_requests,
+        node_api_max_request_bytes_per_address,
+        node_api_max_request_bytes,
         tpm_ek_ca_bundle,
         tpm_challenge_timeout,
         require_tpm,
@@ -462,8 +538,20 @@ async fn node_api_task(
                 allowed_node_label_keys: agent_node_label_keys,
                 allowed_pod_label_keys: agent_pod_label_keys,
             },
-            rate_per_node: node_rate,
-            burst_per_node: node_burst,
+            limits: NodeApiLimits {
+                agent: Budget::new(node_rate, node_burst),
+                sign: Budget::new(node_sign_rate, node_sign_burst),
+                mint: Budget::new(node_mint_rate, node_mint_burst),
+                attest_per_address: Budget::new(attest_rate_per_address, attest_burst_per_address),
+                attest_total: Budget::new(attest_rate, attest_burst),
+                max_connections: node_api_max_connections,
+                max_connections_per_address: node_api_max_connections_per_address,
+                max_unauthenticated_connections: node_api_max_unauthenticated_connections,
+                max_unauthenticated_requests: node_api_max_unauthenticated_requests,
+                max_request_bytes_per_address: node_api_max_request_bytes_per_address,
+                max_request_bytes: node_api_max_request_bytes,
+                ..NodeApiLimits::default()
+            },
             tpm,
         },
         cx.client.clone(),

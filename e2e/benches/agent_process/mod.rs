@@ -78,6 +78,12 @@ pub async fn start(w: &World, agent_bin: &str) -> AgentProcess {
         ])
         .args(["--socket-path", &socket.display().to_string()])
         .args(["--health-addr", &health.to_string()])
+        // The benches hold 10k streams from one workload, each on its own connection:
+        // far past the per-workload cap a real node wants.
+        .args(["--max-connections", "1000000"])
+        .args(["--max-connections-per-workload", "1000000"])
+        .args(["--max-streams", "1000000"])
+        .args(["--max-streams-per-workload", "1000000"])
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()

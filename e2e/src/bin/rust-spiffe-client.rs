@@ -5,12 +5,17 @@
 //!   rust-spiffe-client --addr ... jwt --audience A
 //!   rust-spiffe-client --addr ... validate --audience A --token T
 //!   rust-spiffe-client --addr ... watch --updates N     (one line per X509Source update)
-//!   rust-spiffe-client --addr ... streams --count N     (hold N FetchX509SVID streams;
-//!       prints "ready", then "updated" once all N received a second SVID)
+//!   rust-spiffe-client --addr ... streams --count N [--per-connection K]
+//!       (hold N FetchX509SVID streams, K on each connection (default 1); prints "ready",
+//!       then "updated" once all N received a second SVID)
 //!   rust-spiffe-client --addr ... wait-x509 --timeout-ms T
 //!       (FetchX509SVID every 20 ms until an SVID arrives: for registration latency)
 //!   rust-spiffe-client --addr ... load --concurrency C --requests N
 //!       (C connections issuing N FetchX509SVID calls in all; prints p50/p99 in µs)
+//!   rust-spiffe-client --addr ... jwt-flood --count N --prefix P
+//!       (N FetchJWTSVID calls on one connection, each for a fresh audience P-<i>, as a
+//!       workload draining its node's minting budget would; prints how many were served
+//!       and how many refused, by gRPC code, with the first refusal)
 //!
 //! Exit status 0, or 1 with the library's error on stderr.
 
@@ -56,10 +61,17 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
         .find(|a| {
             matches!(
                 a.as_str(),
-                "x509" | "jwt" | "validate" | "watch" | "streams" | "wait-x509" | "load"
+                "x509"
+                    | "jwt"
+                    | "validate"
+                    | "watch"
+                    | "streams"
+                    | "wait-x509"
+                    | "load"
+                    | "jwt-flood"
             )
         })
-        .ok_or("command: x509|jwt|validate|watch|streams|wait-x509|load")?;
+        .ok_or("command: x509|jwt|validate|watch|streams|wait-x509|load|jwt-flood")?;
     match cmd.as_str() {
         "x509" => {
             let source = X509Source::builder().endpoint(&addr).build().await?;
@@ -83,9 +95,21 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
             let count: usize = arg(&args, "--count")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(100);
+            let per_connection: usize = arg(&args, "--per-connection")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1)
+                .max(1);
             let mut held = Vec::with_capacity(count);
-            for _ in 0..count {
-                let client = WorkloadApiClient::connect_to(&addr).await?;
+            let mut shared: Option<WorkloadApiClient> = None;
+            for i in 0..count {
+                let client = match &shared {
+                    Some(c) if i % per_connection != 0 => c.clone(),
+                    _ => {
+                        let c = WorkloadApiClient::connect_to(&addr).await?;
+                        shared = Some(c.clone());
+                        c
+                    }
+                };
                 let mut stream = Box::pin(client.stream_x509_svids().await?);
                 futures::StreamExt::next(&mut stream)
                     .await
@@ -220,6 +244,48 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
             println!(
                 "{}",
                 serde_json::json!({"spiffe_id": svid.spiffe_id().to_string(), "token": svid.token()})
+            );
+        }
+        "jwt-flood" => {
+            let count: usize = arg(&args, "--count")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100);
+            let prefix = arg(&args, "--prefix").unwrap_or_else(|| "flood".into());
+            let client = WorkloadApiClient::connect_to(&addr).await?;
+            let (mut ok, mut refused) = (0usize, std::collections::BTreeMap::new());
+            let mut first_refusal = None;
+            let started = std::time::Instant::now();
+            for i in 0..count {
+                let audience = format!("{prefix}-{i}");
+                match client.fetch_jwt_svid(&[audience.as_str()], None).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => {
+                        // The status code's name as the client library shows it.
+                        let text = format!("{e:?}");
+                        let code = [
+                            "ResourceExhausted",
+                            "PermissionDenied",
+                            "Unavailable",
+                            "InvalidArgument",
+                            "DeadlineExceeded",
+                        ]
+                        .into_iter()
+                        .find(|c| text.contains(c))
+                        .unwrap_or("Other");
+                        *refused.entry(code).or_insert(0usize) += 1;
+                        first_refusal.get_or_insert((i, text));
+                    }
+                }
+            }
+            println!(
+                "{}",
+                serde_json::json!({
+                    "ok": ok,
+                    "refused": refused,
+                    "first_refusal_at": first_refusal.as_ref().map(|f| f.0),
+                    "first_refusal": first_refusal.map(|f| f.1),
+                    "ms": started.elapsed().as_millis(),
+                })
             );
         }
         "validate" => {

@@ -120,6 +120,7 @@ impl AgentWorld {
                 broker_exe: None,
                 csi_token_audience: "sigil-csi".into(),
             },
+            limits: Default::default(),
         };
         let agent = Agent::start(args, cancel.clone()).await.unwrap();
         std::fs::set_permissions(

@@ -95,7 +95,7 @@ impl WorkloadAttestor {
     pub async fn attest(&self, peer: &PeerProcess) -> Result<Attested, AttestError> {
         peer.check_same_process()?;
         let mut out = Attested::default();
-        out.selectors.extend(self.unix.attest(peer));
+        out.selectors.extend(self.unix.attest(peer).await);
         if let Some(pc) = cgroup::pod_container_of(&peer.proc_dir(), peer.pid)?
             && let Some(source) = &self.pods
         {

@@ -37,6 +37,8 @@ pub struct NodeApiMetrics {
     pub sign_seconds: Histogram,
     /// Open SyncEntries streams.
     pub open_streams: prometheus_client::metrics::gauge::Gauge,
+    /// The listener's connections (open, refused by reason).
+    pub connections: crate::tls_listener::ListenerMetrics,
 }
 
 impl Default for NodeApiMetrics {
@@ -48,6 +50,7 @@ impl Default for NodeApiMetrics {
             jwts_minted: Counter::default(),
             sign_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             open_streams: Default::default(),
+            connections: Default::default(),
         }
     }
 }
@@ -86,6 +89,7 @@ impl NodeApiMetrics {
             "Open SyncEntries streams",
             self.open_streams.clone(),
         );
+        self.connections.register(r);
     }
 
     /// Counts a denial.

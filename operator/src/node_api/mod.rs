@@ -11,11 +11,16 @@
 //! - the agent stays bound to what attestation proved (its Node's UID, or its TPM's
 //!   enrolment on a Node) and to its Node not being banned: checked on every call and
 //!   every second on open streams; renewal proves it again (module [`revocation`]);
-//! - every denial is a precise gRPC status with a reason, logged and counted.
+//! - every denial is a precise gRPC status with a reason, logged and counted;
+//! - what one caller may cost is bounded ([`limits`]): per-RPC budgets per node charged
+//!   after validation, connection caps ([`crate::tls_listener`]), request bytes in transit
+//!   per address and in total, and for callers without a client certificate a small
+//!   message bound before decoding ([`request_bounds`]) and a rate limit before TokenReview.
 
 pub mod limits;
 pub mod metrics;
 pub mod psat;
+pub mod request_bounds;
 pub mod revocation;
 pub mod service;
 pub mod tpm;
@@ -38,6 +43,11 @@ use crate::telemetry::ReadyHandle;
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most concurrent RPCs (streams included) on one connection.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// HTTP/2 receive window of one stream: what a caller may send before the operator reads
+/// it (requests are far smaller than responses; this only paces uploads).
+pub const STREAM_WINDOW: u32 = 256 * 1024;
+/// HTTP/2 receive window of one connection.
+pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 /// Serves `api` on `listener` over TLS until `cancel`: the operator's serving SVID
 /// (kept fresh by [`crate::serving::keep_serving_svid`]), optional client certificates that must
@@ -75,10 +85,34 @@ pub async fn serve(
         ready,
         cancel.clone(),
     ));
-    let incoming = crate::tls_listener::incoming("node-api", listener, config, cancel.clone());
+    let limits = api.limits().clone();
+    let metrics = api.metrics().clone();
+    let incoming = crate::tls_listener::incoming_capped(
+        "node-api",
+        listener,
+        config,
+        crate::tls_listener::ConnectionLimits {
+            max_connections: limits.max_connections,
+            max_per_address: limits.max_connections_per_address,
+            max_unauthenticated: limits.max_unauthenticated_connections,
+        },
+        metrics.connections.clone(),
+        cancel.clone(),
+    );
     let result = tonic::transport::Server::builder()
         .timeout(RPC_TIMEOUT)
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .layer(request_bounds::RequestBoundsLayer::new(
+            request_bounds::RequestBounds {
+                max_bytes_per_address: limits.max_request_bytes_per_address,
+                max_bytes: limits.max_request_bytes,
+                max_unauthenticated_message: limits.max_unauthenticated_message,
+                max_unauthenticated_requests: limits.max_unauthenticated_requests,
+            },
+            metrics,
+        ))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(api.into_server())

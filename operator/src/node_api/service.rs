@@ -1,6 +1,7 @@
 //! The Node API gRPC service.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -16,7 +17,7 @@ use sigil_identity::{SpiffeId, TrustDomain, x509};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::limits::NodeRateLimiter;
+use super::limits::{NodeApiLimits, RateLimiter};
 use super::metrics::NodeApiMetrics;
 use super::psat::{self, PsatConfig};
 use super::revocation::{self, Binding, Revoked};
@@ -29,8 +30,7 @@ use crate::index::{EntryIndex, NodeDelta};
 pub const MAX_CSRS_PER_CALL: usize = 1000;
 /// Most audiences in one MintJwtSvid call.
 pub const MAX_AUDIENCES: usize = 32;
-/// Largest token accepted in AttestNode.
-pub const MAX_TOKEN_LEN: usize = 16 * 1024;
+pub use super::limits::MAX_TOKEN_LEN;
 /// How long AttestNodeTpm waits for the agent's first message.
 pub const TPM_FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -44,10 +44,8 @@ pub struct NodeApiConfig {
     pub agent_svid_ttl: Duration,
     /// PSAT attestation settings.
     pub psat: PsatConfig,
-    /// Sustained RPCs per second per node.
-    pub rate_per_node: f64,
-    /// Burst of RPCs per node.
-    pub burst_per_node: f64,
+    /// Rate limits, connection caps and message bounds.
+    pub limits: NodeApiLimits,
     /// TPM attestation settings; None answers AttestNodeTpm with Unimplemented.
     pub tpm: Option<TpmConfig>,
 }
@@ -65,7 +63,7 @@ struct Inner {
     entries: EntryIndex,
     nodes: Store<Node>,
     clock: SharedClock,
-    limiter: NodeRateLimiter,
+    limiters: Limiters,
     metrics: NodeApiMetrics,
     federated: Arc<FederatedBundles>,
     shutdown: CancellationToken,
@@ -78,6 +76,19 @@ impl std::fmt::Debug for Inner {
             .finish_non_exhaustive()
     }
 }
+
+/// The per-RPC budgets ([`super::limits`]).
+#[derive(Debug)]
+struct Limiters {
+    agent: RateLimiter,
+    sign: RateLimiter,
+    mint: RateLimiter,
+    attest_per_address: RateLimiter,
+    attest_total: RateLimiter,
+}
+
+/// The key of the budget all callers share.
+const EVERYONE: &str = "";
 
 /// An authenticated agent: its SPIFFE ID, what that ID is bound to, and the Node it runs
 /// on.
@@ -106,7 +117,14 @@ impl NodeApi {
         federated: Arc<FederatedBundles>,
         shutdown: CancellationToken,
     ) -> Self {
-        let limiter = NodeRateLimiter::new(cfg.rate_per_node, cfg.burst_per_node);
+        let l = &cfg.limits;
+        let limiters = Limiters {
+            agent: RateLimiter::new(l.agent),
+            sign: RateLimiter::new(l.sign),
+            mint: RateLimiter::new(l.mint),
+            attest_per_address: RateLimiter::new(l.attest_per_address),
+            attest_total: RateLimiter::new(l.attest_total),
+        };
         Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -115,7 +133,7 @@ impl NodeApi {
                 entries,
                 nodes,
                 clock,
-                limiter,
+                limiters,
                 metrics,
                 federated,
                 shutdown,
@@ -123,7 +141,20 @@ impl NodeApi {
         }
     }
 
-    /// The tonic service with message-size bounds.
+    /// The metric handles (the listener counts its refusals there too).
+    pub fn metrics(&self) -> &NodeApiMetrics {
+        &self.inner.metrics
+    }
+
+    /// The limits this service was built with.
+    pub fn limits(&self) -> &NodeApiLimits {
+        &self.inner.cfg.limits
+    }
+
+    /// The tonic service with message-size bounds (for authenticated agents; callers
+    /// without a client certificate are held to far less, and every caller's bytes in
+    /// transit are bounded, by [`super::request_bounds::RequestBoundsLayer`] before this
+    /// decodes anything).
     pub fn into_server(self) -> pb::node_server::NodeServer<Self> {
         pb::node_server::NodeServer::new(self)
             .max_decoding_message_size(4 * 1024 * 1024)
@@ -212,15 +243,6 @@ impl NodeApi {
         let node_name = revocation::authorize(&self.inner.nodes, &binding, self.require_tpm())
             .map(|n| n.metadata.name.clone().unwrap_or_default())
             .map_err(|r| self.revoked(rpc, &r))?;
-        if !self.inner.limiter.try_take(&node_name, 1.0) {
-            return Err(self.deny(
-                rpc,
-                "rate_limited",
-                Status::resource_exhausted(format!(
-                    "node {node_name} is over its Node API rate limit; retry with backoff"
-                )),
-            ));
-        }
         Ok(Caller {
             node_name,
             cert_not_after: info.not_after,
@@ -241,6 +263,56 @@ impl NodeApi {
     /// Counts, logs and returns a revocation's status.
     fn revoked(&self, rpc: &str, r: &Revoked) -> Status {
         self.deny(rpc, r.metric_label(), r.to_status())
+    }
+
+    /// Charges one token of `node`'s `budget` (a validated request about to do its work).
+    fn charge(
+        &self,
+        rpc: &str,
+        budget: &str,
+        limiter: &RateLimiter,
+        node: &str,
+    ) -> Result<(), Status> {
+        if limiter.try_take(node, 1.0) {
+            return Ok(());
+        }
+        let b = limiter.budget();
+        Err(self.deny(
+            rpc,
+            &format!("{budget}_rate_limited"),
+            Status::resource_exhausted(format!(
+                "node {node} is over its Node API {budget} budget ({} per second, bursts of {}); retry with backoff",
+                b.rate, b.burst
+            )),
+        ))
+    }
+
+    /// Admits one attestation by a caller without a client certificate, before its token
+    /// goes to TokenReview: its source address's budget, then everyone's.
+    fn admit_attestation(&self, rpc: &str, peer: Option<SocketAddr>) -> Result<(), Status> {
+        let l = &self.inner.limiters;
+        let address = peer.map(|a| a.ip().to_string()).unwrap_or_default();
+        if !l.attest_per_address.try_take(&address, 1.0) {
+            let b = l.attest_per_address.budget();
+            return Err(self.deny(
+                rpc,
+                "attest_rate_limited",
+                Status::resource_exhausted(format!(
+                    "too many attestations from {address} ({} per second, bursts of {}); retry with backoff",
+                    b.rate, b.burst
+                )),
+            ));
+        }
+        if !l.attest_total.try_take(EVERYONE, 1.0) {
+            return Err(self.deny(
+                rpc,
+                "attest_rate_limited_total",
+                Status::resource_exhausted(
+                    "this operator replica is attesting as many nodes as it may (its TokenReview budget); retry with backoff",
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The one Node enrolled for the TPM whose EK hashes to `ek_hash` (annotation
@@ -335,15 +407,7 @@ impl NodeApi {
             }
             selectors.extend(attested.selectors);
         }
-        if !self.inner.limiter.try_take(&node_name, 1.0) {
-            return Err(self.deny(
-                RPC,
-                "rate_limited",
-                Status::resource_exhausted(format!(
-                    "node {node_name} is over its Node API rate limit"
-                )),
-            ));
-        }
+        self.charge(RPC, "agent", &self.inner.limiters.agent, &node_name)?;
 
         let challenge =
             tpm::Challenge::new(&verified, self.now(), cfg.challenge_timeout).map_err(tpm_deny)?;
@@ -525,6 +589,7 @@ impl pb::node_server::Node for NodeApi {
     ) -> Result<Response<pb::AttestNodeResponse>, Status> {
         const RPC: &str = "AttestNode";
         self.inner.metrics.request(RPC);
+        let peer = req.remote_addr();
         let req = req.into_inner();
         let Some(pb::attest_node_request::Attestation::Psat(p)) = req.attestation else {
             return Err(self.deny(
@@ -545,6 +610,14 @@ impl pb::node_server::Node for NodeApi {
             // succeed.
             return Err(self.revoked(RPC, &Revoked::TokenAttestationRefused));
         }
+        self.admit_attestation(RPC, peer)?;
+        x509::parse_csr_public_key(&req.csr).map_err(|e| {
+            self.deny(
+                RPC,
+                "bad_csr",
+                Status::invalid_argument(format!("agent CSR: {e}")),
+            )
+        })?;
         let attested = psat::attest(
             &self.inner.client,
             &self.inner.cfg.psat,
@@ -555,16 +628,12 @@ impl pb::node_server::Node for NodeApi {
         .map_err(|e| self.deny(RPC, e.metric_label(), e.to_status()))?;
         revocation::check_ban_by_name(&self.inner.nodes, &attested.node_name)
             .map_err(|r| self.revoked(RPC, &r))?;
-        if !self.inner.limiter.try_take(&attested.node_name, 1.0) {
-            return Err(self.deny(
-                RPC,
-                "rate_limited",
-                Status::resource_exhausted(format!(
-                    "node {} is over its Node API rate limit",
-                    attested.node_name
-                )),
-            ));
-        }
+        self.charge(
+            RPC,
+            "agent",
+            &self.inner.limiters.agent,
+            &attested.node_name,
+        )?;
         let (chain, not_after, id) = self.sign_agent(RPC, &attested.agent_path, &req.csr)?;
         let bundle = self.own_bundle();
         tracing::info!(agent = %id, node = %attested.node_name, "agent attested (psat)");
@@ -592,6 +661,7 @@ impl pb::node_server::Node for NodeApi {
                 ),
             ));
         };
+        self.admit_attestation(RPC, req.remote_addr())?;
         let mut inbound = req.into_inner();
         let this = self.clone();
         let stream = spawn_stream(move |tx| async move {
@@ -614,6 +684,13 @@ impl pb::node_server::Node for NodeApi {
         const RPC: &str = "RenewAgent";
         let caller = self.caller(RPC, &req)?;
         let id = caller.spiffe_id.clone();
+        x509::parse_csr_public_key(&req.get_ref().csr).map_err(|e| {
+            self.deny(
+                RPC,
+                "bad_csr",
+                Status::invalid_argument(format!("agent CSR: {e}")),
+            )
+        })?;
         // Renewal proves again what attestation proved, or a stolen agent key would renew
         // forever while its Node exists.
         match &caller.binding {
@@ -646,6 +723,8 @@ impl pb::node_server::Node for NodeApi {
                         )),
                     ));
                 }
+                // Charged once the request is valid, before the TokenReview it costs.
+                self.charge(RPC, "agent", &self.inner.limiters.agent, &caller.node_name)?;
                 let cluster = self.inner.cfg.psat.cluster.clone();
                 let attested =
                     psat::attest(&self.inner.client, &self.inner.cfg.psat, &cluster, token)
@@ -677,6 +756,7 @@ impl pb::node_server::Node for NodeApi {
     ) -> Result<Response<ResponseStream<pb::SyncEntriesResponse>>, Status> {
         const RPC: &str = "SyncEntries";
         let caller = self.caller(RPC, &req)?;
+        self.charge(RPC, "agent", &self.inner.limiters.agent, &caller.node_name)?;
         let known = req.get_ref().known_revision;
         let this = self.clone();
         let mut view = this.inner.entries.node(&caller.node_name);
@@ -784,27 +864,75 @@ impl pb::node_server::Node for NodeApi {
                 )),
             ));
         }
+        let mut seen = HashSet::with_capacity(requests.len());
+        if let Some(dup) = requests.iter().find(|r| !seen.insert(r.entry_id.as_str())) {
+            return Err(self.deny(
+                RPC,
+                "duplicate_entry",
+                Status::invalid_argument(format!(
+                    "duplicate entry {:?}: an entry may appear once in a call; send one CSR per entry",
+                    dup.entry_id
+                )),
+            ));
+        }
+        // Validated before charging: entries not authorised for this node are refused
+        // one by one and cost nothing; each authorised one costs a token of the node's
+        // signing budget, and those past what the budget holds are refused.
+        let view = self.inner.entries.node(&caller.node_name);
+        let authorised = requests
+            .iter()
+            .filter(|r| view.entry(&r.entry_id).is_some())
+            .count();
+        let mut granted = self
+            .inner
+            .limiters
+            .sign
+            .take_up_to(&caller.node_name, authorised);
+        let budget = self.inner.limiters.sign.budget();
+        if authorised > 0 && granted == 0 {
+            return Err(self.deny(
+                RPC,
+                "sign_rate_limited",
+                Status::resource_exhausted(format!(
+                    "node {} is over its X509 signing budget ({} CSRs per second, bursts of {}); retry with backoff",
+                    caller.node_name, budget.rate, budget.burst
+                )),
+            ));
+        }
+        if granted < authorised {
+            self.deny(
+                RPC,
+                "sign_rate_limited",
+                Status::resource_exhausted(format!(
+                    "{} of {authorised} CSRs of node {} are over its signing budget",
+                    authorised - granted,
+                    caller.node_name
+                )),
+            );
+        }
         let now = self.now();
         let mut results = Vec::with_capacity(requests.len());
         let mut cas: BTreeMap<TrustDomain, Option<Arc<crate::authority::DomainAuthority>>> =
             BTreeMap::new();
         for r in requests {
             let result = (|| -> Result<pb::SvidResult, Status> {
-                let entry = self
-                    .inner
-                    .entries
-                    .node(&caller.node_name)
-                    .entry(&r.entry_id)
-                    .ok_or_else(|| {
-                        self.deny(
-                            RPC,
-                            "entry_not_authorized",
-                            Status::permission_denied(format!(
-                                "entry {:?} is not authorised for node {}",
-                                r.entry_id, caller.node_name
-                            )),
-                        )
-                    })?;
+                let entry = view.entry(&r.entry_id).ok_or_else(|| {
+                    self.deny(
+                        RPC,
+                        "entry_not_authorized",
+                        Status::permission_denied(format!(
+                            "entry {:?} is not authorised for node {}",
+                            r.entry_id, caller.node_name
+                        )),
+                    )
+                })?;
+                if granted == 0 {
+                    return Err(Status::resource_exhausted(format!(
+                        "node {} is over its X509 signing budget ({} CSRs per second, bursts of {}); retry this entry with backoff",
+                        caller.node_name, budget.rate, budget.burst
+                    )));
+                }
+                granted -= 1;
                 let csr = x509::parse_csr(&r.csr).map_err(|e| {
                     let reason = match e {
                         x509::CsrError::MultipleUriSans(_) => "csr_multiple_uri_sans",
@@ -907,6 +1035,7 @@ impl pb::node_server::Node for NodeApi {
                     )),
                 )
             })?;
+        self.charge(RPC, "mint", &self.inner.limiters.mint, &caller.node_name)?;
         let td = entry.spiffe_id.trust_domain();
         let authority =
             self.inner.authorities.get(td).ok_or_else(|| {

@@ -17,6 +17,7 @@ use sigil_identity::clock::SystemClock;
 use sigil_identity::{TrustBundle, TrustDomain};
 use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
 use sigil_operator::index::{self, EntryIndex, IndexConfig, RunOptions, StatusOptions};
+use sigil_operator::node_api::limits::NodeApiLimits;
 use sigil_operator::node_api::metrics::NodeApiMetrics;
 use sigil_operator::node_api::psat::PsatConfig;
 use sigil_operator::node_api::{self, NodeApi, NodeApiConfig};
@@ -91,6 +92,9 @@ pub struct WorldOptions {
     pub operator_client: Option<Client>,
     /// TPM attestation settings (None: AttestNodeTpm is Unimplemented).
     pub tpm: Option<sigil_operator::node_api::tpm::TpmConfig>,
+    /// The Node API's limits (None: none a test reaches; the attack tests set the
+    /// operator's defaults).
+    pub limits: Option<NodeApiLimits>,
 }
 
 impl Default for WorldOptions {
@@ -101,6 +105,7 @@ impl Default for WorldOptions {
             namespace: None,
             operator_client: None,
             tpm: None,
+            limits: None,
         }
     }
 }
@@ -119,6 +124,7 @@ impl World {
             namespace,
             operator_client,
             tpm,
+            limits,
         } = options;
         let client = client().await;
         let op = operator_client.unwrap_or_else(|| client.clone());
@@ -229,8 +235,7 @@ impl World {
                 allowed_node_label_keys: vec!["zone".into()],
                 allowed_pod_label_keys: vec![],
             },
-            rate_per_node: 1000.0,
-            burst_per_node: 10_000.0,
+            limits: limits.unwrap_or_else(NodeApiLimits::unlimited),
             tpm,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
