@@ -318,7 +318,10 @@ impl CsiService {
 
 /// The group of the files: the CO's `volume_mount_group` (the pod's fsGroup) when it
 /// gives one; the `fsGroup` attribute may only repeat it.
-fn fs_group(attribute: Option<String>, volume_mount_group: &str) -> Result<Option<u32>, Status> {
+pub fn fs_group(
+    attribute: Option<String>,
+    volume_mount_group: &str,
+) -> Result<Option<u32>, Status> {
     let attribute = attribute
         .map(|g| {
             g.parse::<u32>()
@@ -343,7 +346,7 @@ fn fs_group(attribute: Option<String>, volume_mount_group: &str) -> Result<Optio
 
 /// The `fileMode` attribute: octal, readable by the owner, never writable by others, never
 /// executable.
-fn file_mode(m: &str) -> Result<u32, Status> {
+pub fn file_mode(m: &str) -> Result<u32, Status> {
     let mode = u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| {
         invalid(format!(
             "volumeAttributes.fileMode {m:?} is not an octal mode such as \"0440\""
@@ -358,7 +361,7 @@ fn file_mode(m: &str) -> Result<u32, Status> {
 }
 
 /// The `jwtAudiences` attribute: at most 16, each giving its own file name.
-fn jwt_audiences(raw: Option<&str>) -> Result<Vec<String>, Status> {
+pub fn jwt_audiences(raw: Option<&str>) -> Result<Vec<String>, Status> {
     let audiences: Vec<String> = raw
         .map(|a| {
             a.split(',')
