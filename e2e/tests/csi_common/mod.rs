@@ -12,10 +12,11 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use serde_json::json;
-use sigil_csi::app::{Args, LogFormatArg, run};
+use sigil_csi::app::{Args, run};
 use sigil_csi::mounter::LinuxMounter;
 use sigil_identity::proto::csi as pb;
 use sigil_identity::{TrustBundle, x509};
+use sigil_telemetry::LogFormat;
 use sigil_telemetry::Readiness;
 use tokio_util::sync::CancellationToken;
 
@@ -82,7 +83,7 @@ pub fn csi_args(aw: &AgentWorld) -> Args {
         data_dir: aw.dir.path().join("csi-data"),
         token_audience: "sigil-csi".into(),
         health_addr: "127.0.0.1:0".parse().unwrap(),
-        log_format: LogFormatArg::Json,
+        log_format: LogFormat::Json,
     }
 }
 
