@@ -589,6 +589,7 @@ impl pb::node_server::Node for CsiService {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
