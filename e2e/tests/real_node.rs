@@ -293,6 +293,26 @@ where
     }
 }
 
+/// An API call, made again (up to 5 times, 300 ms apart) when the connection failed
+/// rather than the API server answering: a kept-alive connection the server closed just as
+/// a request went out (hyper's IncompleteMessage) is no failure of what a step checks.
+async fn api<T, F, Fut>(mut f: F) -> Result<T, kube::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match f().await {
+            Err(e) if !matches!(e, kube::Error::Api(_)) && tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 fn pods(ctx: &Ctx, ns: &str) -> Api<Pod> {
     Api::namespaced(ctx.client.clone(), ns)
 }
@@ -544,9 +564,9 @@ spec:
 
 /// The agent's DaemonSet pod (agent, sigil-csi and the registrar).
 async fn agent_pod(ctx: &Ctx) -> Result<Pod> {
-    let list = pods(ctx, RELEASE_NS)
-        .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
-        .await?;
+    let api_ = pods(ctx, RELEASE_NS);
+    let lp = ListParams::default().labels("app.kubernetes.io/component=agent");
+    let list = api(|| api_.list(&lp)).await?;
     list.items
         .into_iter()
         .find(|p| p.metadata.deletion_timestamp.is_none())
@@ -706,9 +726,8 @@ async fn helm_install_with_the_chart_defaults_brings_sigil_up(ctx: Arc<Ctx>) -> 
         "    helm install → csi.sigil.dev registered: {:.1}s",
         t.elapsed().as_secs_f64()
     );
-    let driver = Api::<CSIDriver>::all(ctx.client.clone())
-        .get("csi.sigil.dev")
-        .await?;
+    let drivers = Api::<CSIDriver>::all(ctx.client.clone());
+    let driver = api(|| drivers.get("csi.sigil.dev")).await?;
     ensure!(
         driver.spec.service_account_token_in_secrets == Some(true),
         "the CSIDriver does not ask for tokens in secrets: {:?}",
@@ -730,9 +749,8 @@ async fn helm_install_with_the_chart_defaults_brings_sigil_up(ctx: Arc<Ctx>) -> 
     })
     .await?;
     // The operator's Lease names one of its pods.
-    let lease = Api::<Lease>::namespaced(ctx.client.clone(), RELEASE_NS)
-        .get("sigil-operator")
-        .await?;
+    let leases = Api::<Lease>::namespaced(ctx.client.clone(), RELEASE_NS);
+    let lease = api(|| leases.get("sigil-operator")).await?;
     let holder = lease
         .spec
         .and_then(|s| s.holder_identity)
@@ -860,18 +878,16 @@ async fn psat_uses_the_token_the_kubelet_projected_into_the_agent_pod(ctx: Arc<C
             && k8s["node"]["name"] == NODE_NAME,
         "the projected token is not bound to the agent pod and its node: {k8s}"
     );
-    let review = Api::<TokenReview>::all(ctx.client.clone())
-        .create(
-            &PostParams::default(),
-            &TokenReview {
-                spec: TokenReviewSpec {
-                    token: token.trim().to_owned(),
-                    audiences: Some(vec!["sigil-agent".into()]),
-                },
-                ..Default::default()
-            },
-        )
-        .await?;
+    let request = TokenReview {
+        spec: TokenReviewSpec {
+            token: token.trim().to_owned(),
+            audiences: Some(vec!["sigil-agent".into()]),
+        },
+        ..Default::default()
+    };
+    let reviews = Api::<TokenReview>::all(ctx.client.clone());
+    let pp = PostParams::default();
+    let review = api(|| reviews.create(&pp, &request)).await?;
     let status = review.status.unwrap_or_default();
     ensure!(
         status.authenticated == Some(true),
@@ -879,8 +895,8 @@ async fn psat_uses_the_token_the_kubelet_projected_into_the_agent_pod(ctx: Arc<C
         status.error
     );
     // The operator attested this node with it; the agent holds its node SVID.
-    let node_uid = Api::<Node>::all(ctx.client.clone())
-        .get(NODE_NAME)
+    let nodes = Api::<Node>::all(ctx.client.clone());
+    let node_uid = api(|| nodes.get(NODE_NAME))
         .await?
         .metadata
         .uid
@@ -1043,11 +1059,9 @@ async fn helm_upgrade_to_the_kubelet_pod_source_rolls_cleanly(ctx: Arc<Ctx>) -> 
             .then_some(()))
     })
     .await?;
-    for p in pods(&ctx, RELEASE_NS)
-        .list(&ListParams::default())
-        .await?
-        .items
-    {
+    let release_pods = pods(&ctx, RELEASE_NS);
+    let lp = ListParams::default();
+    for p in api(|| release_pods.list(&lp)).await?.items {
         for c in p
             .status
             .and_then(|s| s.container_statuses)
@@ -1439,9 +1453,9 @@ async fn restarts_keep_streams_served_and_files_whole(ctx: Arc<Ctx>) -> Result<(
     // 1. The DaemonSet pod: the agent and sigil-csi together.
     let agent = agent_pod(&ctx).await?;
     let since = SystemTime::now();
-    pods(&ctx, RELEASE_NS)
-        .delete(&name_of(&agent), &DeleteParams::default())
-        .await?;
+    let (release_pods, dp) = (pods(&ctx, RELEASE_NS), DeleteParams::default());
+    let agent_name = name_of(&agent);
+    api(|| release_pods.delete(&agent_name, &dp)).await?;
     until("a new agent pod", READY, || async {
         Ok((uid_of(&agent_pod(&ctx).await?) != uid_of(&agent)).then_some(()))
     })
@@ -1451,14 +1465,13 @@ async fn restarts_keep_streams_served_and_files_whole(ctx: Arc<Ctx>) -> Result<(
 
     // 2. The operator's leader, then the other replica.
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), RELEASE_NS);
-    let leader = leases
-        .get("sigil-operator")
+    let leader = api(|| leases.get("sigil-operator"))
         .await?
         .spec
         .and_then(|s| s.holder_identity)
         .ok_or_else(|| anyhow!("no operator leader"))?;
-    let replicas: Vec<String> = pods(&ctx, RELEASE_NS)
-        .list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
+    let operators = ListParams::default().labels("app.kubernetes.io/component=operator");
+    let replicas: Vec<String> = api(|| release_pods.list(&operators))
         .await?
         .items
         .iter()
@@ -1469,9 +1482,7 @@ async fn restarts_keep_streams_served_and_files_whole(ctx: Arc<Ctx>) -> Result<(
         "leader {leader} is not one of {replicas:?}"
     );
     let since = SystemTime::now();
-    pods(&ctx, RELEASE_NS)
-        .delete(&leader, &DeleteParams::default())
-        .await?;
+    api(|| release_pods.delete(&leader, &dp)).await?;
     until("a new operator leader", READY, || async {
         let h = leases
             .get("sigil-operator")
@@ -1486,9 +1497,7 @@ async fn restarts_keep_streams_served_and_files_whole(ctx: Arc<Ctx>) -> Result<(
     recovered("operator leader deleted", since, false).await?;
     let since = SystemTime::now();
     for other in replicas.iter().filter(|r| **r != leader) {
-        pods(&ctx, RELEASE_NS)
-            .delete(other, &DeleteParams::default())
-            .await?;
+        api(|| release_pods.delete(other, &dp)).await?;
     }
     sigil_ready(&ctx).await?;
     recovered("the other operator replica deleted", since, false).await?;
@@ -1622,11 +1631,9 @@ async fn helm_uninstall_leaves_no_mounts_sockets_or_hostpath_state(ctx: Arc<Ctx>
         Ok((!n.spec.drivers.iter().any(|d| d.name == "csi.sigil.dev")).then_some(()))
     })
     .await?;
+    let drivers = Api::<CSIDriver>::all(ctx.client.clone());
     ensure!(
-        Api::<CSIDriver>::all(ctx.client.clone())
-            .get_opt("csi.sigil.dev")
-            .await?
-            .is_none(),
+        api(|| drivers.get_opt("csi.sigil.dev")).await?.is_none(),
         "the CSIDriver outlived the release"
     );
     for prefix in [
