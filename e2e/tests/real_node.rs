@@ -118,7 +118,8 @@ async fn run(steps: Vec<(&'static str, Step)>) -> std::process::ExitCode {
     let started = Instant::now();
     println!(
         "\nrunning {} tests (one real node, in order)",
-        steps.len() + 1
+        // The steps, and the node's start and its going down around them.
+        steps.len() + 2
     );
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_sigil-demo"))
         .parent()
