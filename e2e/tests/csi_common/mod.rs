@@ -159,3 +159,14 @@ pub fn read_pair(dir: &Path) -> (Vec<u8>, Vec<u8>) {
 pub fn generation(dir: &Path) -> PathBuf {
     std::fs::read_link(dir.join("..data")).unwrap()
 }
+
+/// `req` as a kubelet sends it for a CSIDriver with `serviceAccountTokenInSecrets: true`
+/// (Kubernetes 1.35+): the tokens in `secrets`, not in the volume context.
+#[allow(dead_code)]
+pub fn tokens_in_secrets(mut req: pb::NodePublishVolumeRequest) -> pb::NodePublishVolumeRequest {
+    let key = "csi.storage.k8s.io/serviceAccount.tokens";
+    if let Some(tokens) = req.volume_context.remove(key) {
+        req.secrets.insert(key.to_owned(), tokens);
+    }
+    req
+}
