@@ -42,10 +42,11 @@ build: ## Build the three binaries and the CLI (release)
 	$(CARGO) build --release --locked --bins
 
 .PHONY: lint
-lint: ## clippy with warnings as errors, and rustfmt check
-	@bash hack/test-tools.sh swtpm # Debian's libtss2 + pkg-config, which the agent links
+lint: ## clippy with warnings as errors, rustfmt check, and no unused dependency
+	@bash hack/test-tools.sh swtpm cargo-machete # Debian's libtss2 + pkg-config, which the agent links
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) fmt --all --check
+	.tools/bin/cargo-machete
 
 .PHONY: codegen
 codegen: ## Regenerate the protobuf code in identity/src/proto/gen

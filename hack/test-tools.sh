@@ -209,6 +209,14 @@ fetch_node_helpers() {
   done
   (cd "$SIGIL_CACHE/src/node-helpers/go-spiffe" && go get "github.com/spiffe/go-spiffe/v2@$GO_SPIFFE_VERSION" >/dev/null)
 }
+build_cargo_machete() {
+  local root; root=$(mktemp -d)
+  CARGO_TARGET_DIR="$root/target" cargo install --locked --quiet --root "$root" \
+    cargo-machete --version "$CARGO_MACHETE_VERSION"
+  install -m 0755 "$root/bin/cargo-machete" "$SIGIL_BIN/cargo-machete"
+  rm -rf "$root"
+}
+
 build_node_helpers() {
   fetch_node_helpers
   mkdir -p "$SIGIL_BIN/static"
@@ -281,6 +289,7 @@ tool_spec() {
     containerd) echo "$CONTAINERD_VERSION containerd containerd-shim-runc-v2 ctr" ;;
     runc) echo "$RUNC_VERSION runc" ;;
     coredns) echo "$COREDNS_VERSION coredns" ;;
+    cargo-machete) echo "$CARGO_MACHETE_VERSION cargo-machete" ;;
     node-helpers)
       echo "$GO_SPIFFE_VERSION-$(node_helpers_src | sha256sum | cut -c1-12) netns-forward static/pause static/node-registrar static/go-spiffe-client" ;;
     *) return 1 ;;
@@ -339,7 +348,7 @@ for t in "${want[@]}"; do
   case $t in
     swtpm) install_debian_tpm; log "swtpm/tss2: present" ;;
     debian-node) install_debian_node; log "CNI plugins, iptables, busybox, nginx (unpacked): present" ;;
-    *) log "unknown tool $t (known: $ALL_TOOLS $NODE_TOOLS)"; exit 2 ;;
+    *) log "unknown tool $t (known: $ALL_TOOLS $NODE_TOOLS cargo-machete)"; exit 2 ;;
   esac
 done
 # Nothing is left downloading in the background.

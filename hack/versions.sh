@@ -33,6 +33,9 @@ NODE_TOOLS="kube containerd runc coredns node-helpers debian-node"
 TEST_IMAGE_PREFIX=docker.io/sigil-local
 TEST_IMAGE_TAG=dev
 
+# cargo-machete (crates.io) finds unused dependencies in `make lint`; not a test tool.
+CARGO_MACHETE_VERSION=0.9.2
+
 ALL_TOOLS="etcd kube csi-sanity helm spire go-spiffe-client py-spiffe swtpm"
 
 SIGIL_CACHE=${SIGIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sigil}
