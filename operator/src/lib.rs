@@ -25,6 +25,7 @@ pub mod federation;
 pub mod index;
 pub mod leader;
 pub mod node_api;
+pub mod reflector_pair;
 pub mod serving;
 pub mod shutdown;
 pub mod telemetry;

@@ -14,7 +14,7 @@
 //!
 //! `status.nextFetch` is the schedule, so a new leader picks it up where the old one left.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -350,11 +350,6 @@ fn describe_change(before: Option<&TrustBundle>, after: &TrustBundle, url: &str)
     }
 }
 
-fn system_roots() -> Arc<rustls::RootCertStore> {
-    static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
-    ROOTS.get_or_init(fetch::system_roots).clone()
-}
-
 impl Context {
     /// How to authenticate the endpoint now.
     async fn profile(
@@ -363,7 +358,7 @@ impl Context {
         held: Option<&TrustBundle>,
     ) -> Result<Profile, ProfileProblem> {
         match &spec.profile {
-            ProfileSpec::Web { ca: None } => Ok(Profile::Web(system_roots())),
+            ProfileSpec::Web { ca: None } => Ok(Profile::Web(fetch::system_roots())),
             ProfileSpec::Web { ca: Some(r) } => {
                 let ns = r
                     .namespace

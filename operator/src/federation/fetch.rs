@@ -316,13 +316,18 @@ fn ca_trust_domain(der: &[u8]) -> Option<TrustDomain> {
         .and_then(|td| TrustDomain::new(&td).ok())
 }
 
-/// The system's root CAs (for `https_web` without a CA bundle).
+/// The system's root CAs (for `https_web` without a CA bundle), read once per process.
 pub fn system_roots() -> Arc<rustls::RootCertStore> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    Arc::new(roots)
+    static ROOTS: std::sync::OnceLock<Arc<rustls::RootCertStore>> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            Arc::new(roots)
+        })
+        .clone()
 }
 
 /// Roots from PEM certificates.

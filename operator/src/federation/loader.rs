@@ -10,14 +10,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::spec::{self, Spec};
 use super::store::FederatedBundles;
@@ -37,8 +36,7 @@ pub(crate) async fn run(
 ) {
     let (fbs, fb_writer) = reflector::store::<FederatedBundle>();
     let fb_events = reflector::reflector(fb_writer, watcher(Api::all(client.clone()), fb_config))
-        .default_backoff()
-        .map(|e| e.map(|e| (true, matches!(e, watcher::Event::InitDone))));
+        .default_backoff();
     let (cms, cm_writer) = reflector::store::<ConfigMap>();
     let cm_config =
         watcher::Config::default().labels(&format!("{COMPONENT_LABEL}={}", spec::COMPONENT));
@@ -46,39 +44,15 @@ pub(crate) async fn run(
         cm_writer,
         watcher(Api::namespaced(client, &namespace), cm_config),
     )
-    .default_backoff()
-    .map(|e| e.map(|e| (false, matches!(e, watcher::Event::InitDone))));
-    let mut events = Box::pin(stream::select(fb_events, cm_events));
-    let (mut fb_synced, mut cm_synced) = (false, false);
+    .default_backoff();
     let mut exported: BTreeSet<String> = BTreeSet::new();
-    loop {
-        let event = tokio::select! {
-            () = cancel.cancelled() => return,
-            e = events.next() => e,
-        };
-        match event {
-            None => return,
-            Some(Err(e)) => {
-                warn!(error = %e, "FederatedBundle watch failed; retrying");
-                continue;
-            }
-            Some(Ok((is_fb, init_done))) => {
-                if init_done {
-                    if is_fb {
-                        fb_synced = true;
-                    } else {
-                        cm_synced = true;
-                    }
-                    if fb_synced
-                        && cm_synced
-                        && let Some(r) = &ready
-                    {
-                        r.set_ready();
-                    }
-                }
-            }
-        }
-        if fb_synced && cm_synced {
+    crate::reflector_pair::run(
+        "FederatedBundle",
+        fb_events,
+        cm_events,
+        ready.as_ref(),
+        &cancel,
+        || {
             let held = compute(&fbs, &cms, &namespace);
             let names: BTreeSet<String> = held.keys().map(|td| td.name().to_owned()).collect();
             for gone in exported.difference(&names) {
@@ -104,8 +78,9 @@ pub(crate) async fn run(
             }
             exported = names;
             federated.replace(held);
-        }
-    }
+        },
+    )
+    .await;
 }
 
 /// The bundle held for every usable FederatedBundle.

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -86,55 +85,23 @@ impl Loader {
         let (tds, td_writer) = reflector::store::<TrustDomainObject>();
         let td_events =
             reflector::reflector(td_writer, watcher(Api::all(client.clone()), td_config))
-                .default_backoff()
-                .map(|e| {
-                    e.map(|e| matches!(e, watcher::Event::InitDone))
-                        .map(|done| (true, done))
-                });
+                .default_backoff();
         let (secrets, secret_writer) = reflector::store::<Secret>();
         let secret_config = watcher::Config::default().labels(&format!("{COMPONENT_LABEL}=ca"));
         let secret_events = reflector::reflector(
             secret_writer,
             watcher(Api::namespaced(client, &self.namespace), secret_config),
         )
-        .default_backoff()
-        .map(|e| {
-            e.map(|e| matches!(e, watcher::Event::InitDone))
-                .map(|done| (false, done))
-        });
-        let mut events = Box::pin(stream::select(td_events, secret_events));
-        let (mut td_synced, mut secrets_synced) = (false, false);
-        loop {
-            let event = tokio::select! {
-                () = cancel.cancelled() => break,
-                e = events.next() => e,
-            };
-            match event {
-                None => break,
-                Some(Err(e)) => {
-                    warn!(error = %e, "trust domain watch failed; retrying");
-                    continue;
-                }
-                Some(Ok((is_td, init_done))) => {
-                    if init_done {
-                        if is_td {
-                            td_synced = true;
-                        } else {
-                            secrets_synced = true;
-                        }
-                        if td_synced
-                            && secrets_synced
-                            && let Some(r) = &ready
-                        {
-                            r.set_ready();
-                        }
-                    }
-                }
-            }
-            if td_synced && secrets_synced {
-                self.sync(&tds, &secrets);
-            }
-        }
+        .default_backoff();
+        crate::reflector_pair::run(
+            "trust domain",
+            td_events,
+            secret_events,
+            ready.as_ref(),
+            &cancel,
+            || self.sync(&tds, &secrets),
+        )
+        .await;
     }
 
     /// Makes the authorities match the stores.
