@@ -316,6 +316,37 @@ fn spiffe_ids_up_to_2048_bytes_parse_and_longer_ones_are_refused() {
     assert_eq!(over.len(), 2049);
     let e = SpiffeId::parse(&over).unwrap_err();
     assert!(e.to_string().contains("2048"), "{e}");
+    // Issued and validated at that length too: the CA signs it, path validation and the
+    // SPIFFE leaf rules accept it.
+    let ca = CertificateAuthority::new_self_signed(
+        &CaParams {
+            trust_domain: td("example.org"),
+            key_type: KeyType::EcP256,
+            ttl: MIN5,
+            subject: CaSubject::default(),
+        },
+        SystemTime::now(),
+    )
+    .unwrap();
+    let key = sigil_identity::keys::PrivateKey::generate(KeyType::EcP256).unwrap();
+    let issued = ca
+        .sign_public_key(
+            &key.public_key_der(),
+            &sigil_identity::ca::SvidTemplate {
+                spiffe_id: &id,
+                ttl: Duration::from_secs(60),
+                dns_names: &[],
+            },
+            SystemTime::now(),
+        )
+        .unwrap();
+    let mut chain = vec![issued.leaf];
+    chain.extend(issued.intermediates);
+    let mut bundle = TrustBundle::new(td("example.org"));
+    bundle.x509_authorities = ca.trust_anchors().to_vec();
+    let verified =
+        sigil_identity::x509::validate_x509_svid(&chain, &bundle, SystemTime::now()).unwrap();
+    assert_eq!(verified.spiffe_id.to_string().len(), 2048);
     // The trust domain alone is bounded by the URI host limit, 255 bytes.
     let long_td = format!("spiffe://{}/a", "t".repeat(256));
     assert!(SpiffeId::parse(&long_td).is_err());

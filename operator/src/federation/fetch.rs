@@ -359,6 +359,21 @@ pub fn roots_from_pem(pem: &str) -> Result<Arc<rustls::RootCertStore>, String> {
 mod tests {
     use super::*;
 
+    /// Deviation D2 of docs/conformance.md: a fetched document with no usable key is not
+    /// taken (the held bundle stays), rather than revoking every key of the trust domain.
+    #[test]
+    fn a_bundle_with_no_usable_key_is_refused_and_the_held_one_kept() {
+        let td = TrustDomain::new("partner.test").unwrap();
+        for doc in [
+            r#"{"keys": []}"#,
+            r#"{"keys": [{"use": "wit-svid", "kty": "EC"}, {"use": "x509-svid", "kty": "EC", "x5c": []}]}"#,
+        ] {
+            let e = parse(doc.as_bytes(), &td).unwrap_err();
+            assert_eq!(e.reason(), "InvalidBundle", "{doc}");
+            assert!(e.to_string().contains("holds no keys"), "{e}");
+        }
+    }
+
     /// SPIFFE_Federation.md 5.2.1.4/5.2.2.4: a redirect is followed only to a valid bundle
     /// endpoint URL, which has no userinfo; a fetch of such a URL is refused before any
     /// connection.
