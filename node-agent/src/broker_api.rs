@@ -166,7 +166,10 @@ impl BrokerApi {
             message = status.message(),
             "Broker API call denied"
         );
-        status
+        match spec_reason(reason) {
+            Some(r) => with_error_info(status, r),
+            None => status,
+        }
     }
 
     /// The broker check, then the referenced workload's selectors.
@@ -242,7 +245,7 @@ impl BrokerApi {
                         rpc,
                         "bad_reference",
                         Status::invalid_argument(format!(
-                            "WORKLOAD_REFERENCE_INVALID: pid {} is not a positive integer",
+                            "pid {} is not a positive integer",
                             r.pid
                         )),
                     ));
@@ -439,6 +442,74 @@ impl BrokerApi {
     }
 }
 
+/// The `google.rpc.ErrorInfo` reason (SPIFFE_Broker_API.md 4.8) of a denial, by its
+/// metric reason.
+fn spec_reason(reason: &str) -> Option<&'static str> {
+    match reason {
+        "no_reference" | "bad_reference" | "unsupported_reference" => {
+            Some("WORKLOAD_REFERENCE_INVALID")
+        }
+        "pid_not_found" => Some("WORKLOAD_NOT_FOUND"),
+        "no_identity" | "spiffe_id_not_entitled" => Some("WORKLOAD_NOT_ENTITLED"),
+        _ => None,
+    }
+}
+
+/// `google.rpc.ErrorInfo` (google/rpc/error_details.proto), as the Broker API's error
+/// details carry it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ErrorInfo {
+    /// One of the spec's reasons, e.g. `WORKLOAD_NOT_FOUND`.
+    #[prost(string, tag = "1")]
+    pub reason: String,
+    /// `spiffe.io`.
+    #[prost(string, tag = "2")]
+    pub domain: String,
+    /// Context (none is sent).
+    #[prost(map = "string, string", tag = "3")]
+    pub metadata: std::collections::HashMap<String, String>,
+}
+
+/// `google.rpc.Status` (google/rpc/status.proto): what the gRPC status details hold.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RpcStatus {
+    /// The gRPC code.
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    /// The message.
+    #[prost(string, tag = "2")]
+    pub message: String,
+    /// Details, each packed in an Any.
+    #[prost(message, repeated, tag = "3")]
+    pub details: Vec<prost_types::Any>,
+}
+
+/// Type URL of [`ErrorInfo`] in an Any.
+pub const ERROR_INFO_TYPE: &str = "type.googleapis.com/google.rpc.ErrorInfo";
+
+/// `status` with a `google.rpc.ErrorInfo` detail of `reason` in domain `spiffe.io`
+/// (SPIFFE_Broker_API.md 4.8, SHOULD).
+pub fn with_error_info(status: Status, reason: &str) -> Status {
+    let info = ErrorInfo {
+        reason: reason.to_owned(),
+        domain: "spiffe.io".into(),
+        metadata: Default::default(),
+    };
+    let details = RpcStatus {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        details: vec![prost_types::Any {
+            type_url: ERROR_INFO_TYPE.into(),
+            value: info.encode_to_vec(),
+        }],
+    };
+    Status::with_details(
+        status.code(),
+        status.message(),
+        bytes::Bytes::from(details.encode_to_vec()),
+    )
+}
+
 /// How often a stream for a PID reference checks that its process still lives.
 pub const PID_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -464,9 +535,10 @@ fn until_exit<T: Send + 'static>(
                     pid = process.pid,
                     "the referenced process exited; ending its stream"
                 );
-                return Item::Exited(Status::not_found(format!(
-                    "WORKLOAD_NOT_FOUND: {e}; the reference no longer names a workload"
-                )));
+                return Item::Exited(with_error_info(
+                    Status::not_found(format!("{e}; the reference no longer names a workload")),
+                    "WORKLOAD_NOT_FOUND",
+                ));
             }
         }
     });
@@ -918,6 +990,56 @@ mod tests {
         assert!(status.message().contains("web-0"), "{status:?}");
     }
 
+    /// The ErrorInfo reason a status carries in its details.
+    fn error_info(status: &Status) -> Option<ErrorInfo> {
+        let details = RpcStatus::decode(status.details()).ok()?;
+        let any = details
+            .details
+            .into_iter()
+            .find(|a| a.type_url == ERROR_INFO_TYPE)?;
+        ErrorInfo::decode(any.value.as_slice()).ok()
+    }
+
+    /// SPIFFE_Broker_API.md 4.8 (SHOULD): errors carry `google.rpc.ErrorInfo` with the
+    /// spec's reason in domain `spiffe.io`.
+    #[tokio::test]
+    async fn errors_carry_the_error_info_of_the_spec() {
+        let api = broker(token_reviewer(serde_json::json!(["sigil-csi"])));
+        let req = pid_request(());
+        for (reference, reason) in [
+            (None, "WORKLOAD_REFERENCE_INVALID"),
+            (pid_reference(-1), "WORKLOAD_REFERENCE_INVALID"),
+            (pid_reference(i32::MAX), "WORKLOAD_NOT_FOUND"),
+        ] {
+            let status = api
+                .workload("FetchJWTSVID", &req, reference.as_ref())
+                .await
+                .unwrap_err();
+            let info = error_info(&status).unwrap_or_else(|| panic!("no ErrorInfo: {status:?}"));
+            assert_eq!(
+                (info.reason.as_str(), info.domain.as_str()),
+                (reason, "spiffe.io")
+            );
+        }
+        // An existing process (this one) with no identity: PermissionDenied,
+        // WORKLOAD_NOT_ENTITLED.
+        use pb::api_server::Api as _;
+        let status = api
+            .fetch_jwtsvid(pid_request(pb::FetchJwtsvidRequest {
+                reference: pid_reference(std::process::id() as i32),
+                audience: vec!["db".into()],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert_eq!(
+            error_info(&status).map(|i| i.reason),
+            Some("WORKLOAD_NOT_ENTITLED".to_owned()),
+            "{status:?}"
+        );
+    }
+
     /// SPIFFE_Broker_API.md 3.1.3: the core group is spelled "core" in the reference.
     ///
     /// Before the fix: `group: "core"` was refused as not a pod (sigil-csi sent "").
@@ -1010,6 +1132,10 @@ mod tests {
             match next {
                 Ok(Some(Err(status))) => {
                     assert_eq!(status.code(), tonic::Code::NotFound, "{name}: {status:?}");
+                    assert_eq!(
+                        error_info(&status).map(|i| i.reason),
+                        Some("WORKLOAD_NOT_FOUND".to_owned())
+                    );
                 }
                 other => panic!("{name}: the stream ended after the process exited? {other:?}"),
             }
