@@ -513,13 +513,30 @@ pub fn with_error_info(status: Status, reason: &str) -> Status {
 /// How often a stream for a PID reference checks that its process still lives.
 pub const PID_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
-/// `stream`, ended with NotFound once `process` (a PID reference's) exits or its PID is
-/// reused (SPIFFE_Broker_API.md 4.9: no responses beyond the workload's lifetime).
+/// `stream`, whose PermissionDenied end (the workload's entries went) carries the
+/// `WORKLOAD_NOT_ENTITLED` ErrorInfo (SPIFFE_Broker_API.md 4.8).
+fn with_entitlement_info<T: Send + 'static>(stream: ResponseStream<T>) -> ResponseStream<T> {
+    use futures::StreamExt;
+    Box::pin(stream.map(|item| {
+        item.map_err(|status| {
+            if status.code() == tonic::Code::PermissionDenied && status.details().is_empty() {
+                with_error_info(status, "WORKLOAD_NOT_ENTITLED")
+            } else {
+                status
+            }
+        })
+    }))
+}
+
+/// `stream` (see [`with_entitlement_info`]), ended with NotFound once `process` (a PID
+/// reference's) exits or its PID is reused (SPIFFE_Broker_API.md 4.9: no responses beyond
+/// the workload's lifetime).
 fn until_exit<T: Send + 'static>(
     stream: ResponseStream<T>,
     process: Option<Arc<PeerProcess>>,
 ) -> ResponseStream<T> {
     use futures::StreamExt;
+    let stream = with_entitlement_info(stream);
     let Some(process) = process else {
         return stream;
     };
@@ -1032,6 +1049,55 @@ mod tests {
             }))
             .await
             .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert_eq!(
+            error_info(&status).map(|i| i.reason),
+            Some("WORKLOAD_NOT_ENTITLED".to_owned()),
+            "{status:?}"
+        );
+    }
+
+    /// SPIFFE_Broker_API.md 4.8/5.2.2: a bundle stream that ends because the workload's
+    /// entries went (PermissionDenied) carries the `WORKLOAD_NOT_ENTITLED` ErrorInfo.
+    #[tokio::test]
+    async fn a_stream_ended_by_lost_entitlement_carries_workload_not_entitled() {
+        use futures::StreamExt;
+        use pb::api_server::Api as _;
+        use sigil_identity::SpiffeId;
+        use sigil_identity::entry::RegistrationEntry;
+        let api = broker(token_reviewer(serde_json::json!(["sigil-csi"])));
+        let cache = api.inner.served.cache.clone();
+        let own: TrustDomain = "example.org".parse().unwrap();
+        cache.set_own_trust_domain(own.clone());
+        let uid = nix::unistd::getuid().as_raw();
+        cache.replace_entries(
+            vec![RegistrationEntry::new(
+                "e1",
+                SpiffeId::parse("spiffe://example.org/broker-test").unwrap(),
+                vec![Selector::new("unix", format!("uid:{uid}"))],
+            )],
+            1,
+        );
+        let mut bundle = TrustBundle::new(own);
+        bundle.x509_authorities = vec![vec![1, 2, 3]];
+        cache.set_bundles(vec![bundle], &[]);
+        let mut stream = api
+            .subscribe_to_x509_bundles(pid_request(pb::SubscribeToX509BundlesRequest {
+                reference: pid_reference(std::process::id() as i32),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+        assert!(
+            first.bundles.contains_key("spiffe://example.org"),
+            "{first:?}"
+        );
+        cache.replace_entries(vec![], 2);
+        let status = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+            Ok(Some(Err(status))) => status,
+            other => panic!("the stream went on after the entries went: {other:?}"),
+        };
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
         assert_eq!(
             error_info(&status).map(|i| i.reason),
