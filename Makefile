@@ -17,7 +17,7 @@ test: ## Install what the tests need (cached) and run every test
 	@CARGO=$(CARGO) bash hack/test.sh
 
 .PHONY: test-tools
-test-tools: ## Build the pinned kube-apiserver, etcd and other real test peers into the cache
+test-tools: ## Build the pinned test peers (kube-apiserver, etcd, ...) and the real node's tools into the cache
 	@bash hack/test-tools.sh
 
 .PHONY: cluster
@@ -27,6 +27,10 @@ cluster: ## A real single-node Kubernetes (kubelet, containerd) in its own netwo
 .PHONY: cluster-down
 cluster-down: ## Stop the real node and remove every trace of it (mounts, processes, netns, cgroups)
 	@bash hack/cluster.sh down
+
+.PHONY: cluster-demo
+cluster-demo: ## On the real node: make cluster, images, helm install, the README's example pod gets its SVID
+	@bash hack/cluster-demo.sh
 
 .PHONY: images
 images: ## Build Sigil's images and the test images without Docker; import them when the node is up

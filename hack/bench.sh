@@ -6,9 +6,11 @@
 #   hack/bench.sh node_stream     only these
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=hack/versions.sh
+. hack/versions.sh
 mkdir -p bench/out
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(index node_stream agent csi versus_spire servers)
+[ ${#benches[@]} -gt 0 ] || benches=(index node_stream agent csi versus_spire servers real_node)
 # versus_spire and servers need SPIRE and our spire-mint load generator (bench-only tool).
 bash hack/test-tools.sh etcd kube-apiserver spire spire-mint
 # The agent, versus_spire and servers benches run the real sigil-agent and sigil-operator
@@ -25,6 +27,12 @@ for b in "${benches[@]}"; do
   echo
   echo "== $b =="
   case $b in
+    real_node)
+      # The real node (docs/real-node.md): its tools, and every Sigil binary in release
+      # for the images (hack/images.sh --bin-dir target/release).
+      bash hack/test-tools.sh $NODE_TOOLS
+      cargo build --locked -q --release --bins
+      cargo bench --locked -q -p sigil-e2e --bench real_node ;;
     agent|csi|versus_spire|servers) cargo bench --locked -q -p sigil-e2e --bench "$b" ;;
     *) cargo bench --locked -q -p sigil-operator --bench "$b" ;;
   esac

@@ -9,8 +9,15 @@
 #   hack/cluster.sh restart C restart one component (kubelet, containerd, ...)
 #   hack/cluster.sh env       print `export KUBECONFIG=...`
 #   hack/cluster.sh leftovers exit 1 and name anything a cluster left behind
+#   hack/cluster.sh guard TAG (the real-node tests) wait for the cluster lock, print
+#                             "locked", then hold it until stdin closes (the test process
+#                             ended, however it ended) and take down the cluster TAG owns
 #
 # One cluster per machine (the kubelet's directory and the kubepods cgroups are global).
+# up, down and restart take the machine's cluster lock ($LOCK): while the real-node tests
+# hold it (through their guard), `make cluster` / `make cluster-down` refuse to touch
+# their node. A cluster the tests start is theirs ($RUN/owner): their guard takes it down
+# when the test process ends, and any later `up` replaces one left by a guard that died.
 #
 # Network rule: every cluster address (node, pods, Services) exists only inside the
 # network namespace $NETNS, which has no route out: no interface of it leads outside.
@@ -47,6 +54,7 @@ RUNTIME_CONFIG=certificates.k8s.io/v1beta1=true
 SANDBOX_IMAGE=$TEST_IMAGE_PREFIX/pause:$TEST_IMAGE_TAG
 
 KUBECONFIG_HOST=$STATE/kubeconfig
+LOCK=/run/sigil-cluster.lock
 CONTAINERD_SOCK=$RUN/containerd/containerd.sock
 COMPONENTS="etcd kube-apiserver netns-forward containerd kube-controller-manager kube-scheduler kubelet kube-proxy coredns"
 
@@ -80,13 +88,13 @@ start() {
           wait $!
           echo "[cluster] $1 exited ($?): starting it again in 1 s"
           sleep 1
-        done' supervise "$(pidfile "$name")" "$@" </dev/null >>"$STATE/logs/$name.log" 2>&1 &
+        done' supervise "$(pidfile "$name")" "$@" </dev/null >>"$STATE/logs/$name.log" 2>&1 9>&- &
       echo $! >"$(pidfile "$name").supervisor"
       local i
       for i in $(seq 50); do [ -s "$(pidfile "$name")" ] && break; sleep 0.1; done
       ;;
     *)
-      PATH="$SIGIL_BIN:$PATH" "${ns[@]}" setsid "$@" </dev/null >>"$STATE/logs/$name.log" 2>&1 &
+      PATH="$SIGIL_BIN:$PATH" "${ns[@]}" setsid "$@" </dev/null >>"$STATE/logs/$name.log" 2>&1 9>&- &
       echo $! >"$(pidfile "$name")"
       ;;
   esac
@@ -522,17 +530,41 @@ unshare_root() {
   fi
 }
 
+# The lock (fd 9) of this command, unless the caller holds it for us (the tests' guard).
+take_lock() {
+  [ "${SIGIL_CLUSTER_LOCKED:-}" = 1 ] && return 0
+  exec 9>"$LOCK"
+  flock -n 9 || die "the real-node tests are using the cluster (their guard holds $LOCK): wait until they end"
+  SIGIL_CLUSTER_LOCKED=1
+}
+
+# up. With SIGIL_CLUSTER_OWNER=TAG (the real-node tests), the cluster is TAG's: one that
+# `make cluster` started is not taken over (SIGIL_CLUSTER_REUSE=1 runs on it and leaves
+# it), and one another owner left behind is replaced.
 up() {
   need_tools
+  take_lock
+  local me=${SIGIL_CLUSTER_OWNER:-}
   if [ -e "$NETNS_PATH" ] || [ -d "$RUN" ] || [ -d "$STATE" ]; then
+    local owner; owner=$(cat "$RUN/owner" 2>/dev/null || true)
     if alive kube-apiserver && alive kubelet && alive containerd && apiserver_ready; then
-      log "already up"; print_env; return 0
+      if [ "$owner" = "$me" ]; then log "already up"; print_env; return 0; fi
+      if [ -z "$owner" ]; then
+        if [ "${SIGIL_CLUSTER_REUSE:-}" = 1 ]; then
+          log "running on the cluster make cluster started (SIGIL_CLUSTER_REUSE=1); it stays up"
+          print_env; return 0
+        fi
+        die "a cluster started by make cluster is running; the real-node tests start their own and remove it when they end: run make cluster-down first (or set SIGIL_CLUSTER_REUSE=1 to run them on it and keep it)"
+      fi
+      log "a cluster left by $owner, which has ended: removing it first"
+    else
+      log "leftovers of an earlier cluster: removing them first"
     fi
-    log "leftovers of an earlier cluster: removing them first"
     down
   fi
   local t0; t0=$(date +%s)
   mkdir -p "$STATE" "$RUN/pids"
+  [ -z "$me" ] || echo "$me" >"$RUN/owner"
   share_root
   setup_netns
   pki
@@ -609,9 +641,13 @@ kill_all() {
   log "still running: $pids"
 }
 
-our_mounts() { # mount points under the cluster's directories, deepest first
+# Mount points under the cluster's directories and the chart's hostPath directories
+# (sigil-csi's files-mode tmpfs mounts live in /var/lib/sigil-csi: a node torn down under
+# a running Sigil leaves them), deepest first.
+our_mounts() {
   awk '{print $5}' /proc/self/mountinfo | sed 's/\\040/ /g' |
-    grep -E "^($KUBELET_DIR|$STATE|$RUN)(/|$)" | awk '{print length, $0}' | sort -rn | cut -d' ' -f2-
+    grep -E "^($KUBELET_DIR|$STATE|$RUN|/var/lib/sigil-csi|/run/sigil)(/|$)" |
+    awk '{print length, $0}' | sort -rn | cut -d' ' -f2-
 }
 
 unmount_all() {
@@ -636,6 +672,7 @@ remove_cgroups() {
 }
 
 down() {
+  take_lock
   local t0 t; t0=$(date +%s)
   # The supervisors and the kubelet first, so nothing restarts; then everything else.
   local c
@@ -692,6 +729,7 @@ status() {
 # restart C: a supervised component (kubelet, containerd) gets SIGTERM and its supervisor
 # starts it again, as systemd would; any other is stopped and started.
 restart() {
+  take_lock
   local c=$1 old i
   case " $COMPONENTS " in *" $c "*) ;; *) die "unknown component $c (known: $COMPONENTS)" ;; esac
   old=$(cat "$(pidfile "$c")" 2>/dev/null || true)
@@ -708,6 +746,28 @@ restart() {
   log "$c restarted (pid $old -> $(cat "$(pidfile "$c")"))"
 }
 
+# guard TAG: for a test process, which starts it with stdin a pipe it never writes. Waits
+# for the lock (SIGIL_CLUSTER_LOCK_WAIT seconds, default 1800: another test run may hold
+# it), prints "locked", and holds it while the test process lives. When the pipe closes
+# (the process ended: passed, failed, panicked or killed), takes down the cluster if TAG
+# still owns it. Started in its own session, so a signal to the test's process group
+# does not reach it.
+guard() {
+  local tag=${1:?tag}
+  exec 9>"$LOCK"
+  if ! flock -w "${SIGIL_CLUSTER_LOCK_WAIT:-1800}" 9; then
+    log "guard: the cluster lock $LOCK stayed taken for ${SIGIL_CLUSTER_LOCK_WAIT:-1800}s"
+    exit 1
+  fi
+  echo locked
+  exec 1>&2
+  cat >/dev/null || true
+  if [ "$(cat "$RUN/owner" 2>/dev/null)" = "$tag" ]; then
+    log "guard: $tag has ended; taking its cluster down"
+    SIGIL_CLUSTER_LOCKED=1 down
+  fi
+}
+
 case ${1:-} in
   up) up ;;
   down) down ;;
@@ -715,5 +775,6 @@ case ${1:-} in
   restart) restart "${2:?component}" ;;
   env) print_env 2>/dev/null ;;
   leftovers) leftovers ;;
-  *) sed -n '2,11p' "$0" >&2; exit 2 ;;
+  guard) guard "${2:-}" ;;
+  *) sed -n '2,14p' "$0" >&2; exit 2 ;;
 esac

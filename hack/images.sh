@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Sigil's images without Docker, from the one description in images/images.conf.
 #
-#   hack/images.sh build [NAME...]   OCI layout tars in $SIGIL_CACHE/images (default: all);
-#                                     release images run `cargo build --release` first
-#   hack/images.sh import [NAME...]  build, then import into the real node's containerd
-#   hack/images.sh all               build every image; import them when the node is up
+#   hack/images.sh build [OPTS] [NAME...]   OCI layout tars in $SIGIL_CACHE/images (default:
+#                                     all); release images run `cargo build --release` first
+#   hack/images.sh import [OPTS] [NAME...]  build, then import into the real node's containerd
+#   hack/images.sh all [OPTS]        build every image; import them when the node is up
+#     --bin-dir DIR   take the Sigil binaries from DIR instead of building the release
+#                     profile (the real-node tests pass the debug binaries `cargo test`
+#                     built: same images, same entrypoints, paths, users and libraries;
+#                     their debug info is stripped, symbols kept)
+#     --out DIR       write the tars to DIR instead of $SIGIL_CACHE/images
 #   hack/images.sh helm-args         the `helm install` flags that select these images
 #   hack/images.sh dockerfile        print the Dockerfile images.conf describes
 #   hack/images.sh check             fail if ./Dockerfile differs from that
@@ -20,6 +25,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 CONF=$here/images/images.conf
 OUT=$SIGIL_CACHE/images
 TARGET_DIR=${CARGO_TARGET_DIR:-$here/target}
+# The Sigil binaries: the release profile's (built here), or --bin-dir's (taken as they are).
+BIN_DIR=
 CARGO=${CARGO:-cargo}
 LIBDIR=/usr/lib/x86_64-linux-gnu
 PATH_ENV=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -160,9 +167,21 @@ check_libs() { # rootfs image
   return $missing
 }
 
+# The binaries every `bin` line of these images names.
+bin_names() { # image...
+  local n
+  for n in "$@"; do conf_lines "$n"; done | awk '$1 == "bin" {print $2}' | sort -u
+}
+
 release_bins() {
   local need=0 b
-  for b in $(for n in $(conf_images release); do conf_lines "$n"; done | awk '$1 == "bin" {print $2}' | sort -u); do
+  if [ -n "$BIN_DIR" ]; then
+    for b in $(bin_names $(conf_images)); do
+      [ -x "$BIN_DIR/$b" ] || die "--bin-dir $BIN_DIR has no executable $b: build it first (cargo test --workspace --no-run builds every binary)"
+    done
+    return 0
+  fi
+  for b in $(bin_names $(conf_images)); do
     [ -x "$TARGET_DIR/release/$b" ] || need=1
   done
   if [ "${SIGIL_IMAGES_NO_CARGO:-}" = 1 ] && [ $need = 0 ]; then return 0; fi
@@ -189,7 +208,14 @@ build_one() { # name
   while read -r op a b rest; do
     case $op in
       base) ;;
-      bin) install -D -m 755 "$TARGET_DIR/release/$a" "$app$b" ;;
+      bin)
+        if [ -n "$BIN_DIR" ]; then
+          # A debug build's binary without its debug info (symbols stay, as in release).
+          mkdir -p "$(dirname "$app$b")"
+          objcopy --strip-debug "$BIN_DIR/$a" "$app$b"; chmod 755 "$app$b"
+        else
+          install -D -m 755 "$TARGET_DIR/release/$a" "$app$b"
+        fi ;;
       lib) install -D -m 644 "$(readlink -f "$LIBDIR/$a")" "$app$b/$a" ;;
       tool) install -D -m 755 "$SIGIL_BIN/static/$a" "$app$b" ;;
       host) install -D -m 755 "$a" "$app$b"; [[ $a == */busybox ]] && busybox_dest=$b ;;
@@ -226,7 +252,7 @@ build() {
   [ ${#names[@]} -gt 0 ] || mapfile -t names < <(conf_images)
   for n in "${names[@]}"; do
     [ -n "$(conf_kind "$n")" ] || die "unknown image $n (images.conf has: $(conf_images | tr '\n' ' '))"
-    [ "$(conf_kind "$n")" = release ] && release=1
+    [ -n "$(bin_names "$n")" ] && release=1
   done
   check
   if [ $release = 1 ]; then release_bins; fi
@@ -256,12 +282,22 @@ helm_args() {
     "--set csi.registrar.image=$(image_name node-registrar)"
 }
 
-case ${1:-} in
-  build) shift; build "$@" ;;
-  import) shift; import "$@" ;;
-  all) if [ -S "$SOCK" ]; then import; else build; fi ;;
+cmd=${1:-}; [ $# = 0 ] || shift
+args=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --bin-dir) BIN_DIR=$(realpath "${2:?--bin-dir DIR}"); shift 2 ;;
+    --out) OUT=$(realpath -m "${2:?--out DIR}"); shift 2 ;;
+    -*) die "unknown option $1" ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+case $cmd in
+  build) build "${args[@]}" ;;
+  import) import "${args[@]}" ;;
+  all) if [ -S "$SOCK" ]; then import "${args[@]}"; else build "${args[@]}"; fi ;;
   helm-args) helm_args ;;
   dockerfile) dockerfile ;;
   check) check ;;
-  *) sed -n '2,14p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
 esac

@@ -2,7 +2,8 @@
 # Builds the pinned, real tools the tests run against, through the Go module proxy
 # (and Debian / PyPI for the few that are not Go), into a cache outside the clone.
 #
-#   hack/test-tools.sh            build everything that is missing
+#   hack/test-tools.sh            build everything that is missing ($ALL_TOOLS and the
+#                                 real node's $NODE_TOOLS, hack/versions.sh)
 #   hack/test-tools.sh etcd helm  build only these
 #
 # Idempotent: each tool is stamped with its pinned version; a second run only checks
@@ -308,11 +309,14 @@ build() { # tool version-key binaries...
 }
 
 args=("$@")
-[ ${#args[@]} -gt 0 ] || read -ra args <<<"$ALL_TOOLS"
+# Default: every tool `make test` needs, the real node's included.
+[ ${#args[@]} -gt 0 ] || read -ra args <<<"$ALL_TOOLS $NODE_TOOLS"
 want=()
 for t in "${args[@]}"; do
   # kube-apiserver is built with the other Kubernetes binaries.
   [ "$t" = kube-apiserver ] && t=kube
+  # Once each (kube is in both lists).
+  case " ${want[*]} " in *" $t "*) continue ;; esac
   want+=("$t")
 done
 

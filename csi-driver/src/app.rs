@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use prometheus_client::registry::Registry;
 use sigil_identity::proto::csi as pb;
 use sigil_telemetry::{LogFormat, Readiness};
@@ -54,42 +54,16 @@ pub struct Args {
     #[arg(long, env = "SIGIL_HEALTH_ADDR", default_value = "0.0.0.0:9092")]
     pub health_addr: SocketAddr,
     /// Log format.
-    #[arg(long, env = "SIGIL_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Json)]
-    pub log_format: LogFormatArg,
+    #[arg(long, env = "SIGIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
 }
 
-/// `--log-format` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormatArg {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable text.
-    Text,
-}
-
-/// Parses the flags, sets up logging, and serves until a signal.
+/// Parses the flags and serves until a signal ([`sigil_telemetry::process::run`]).
 pub fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    sigil_telemetry::init_logging(match args.log_format {
-        LogFormatArg::Json => LogFormat::Json,
-        LogFormatArg::Text => LogFormat::Text,
+    sigil_telemetry::process::run(args.log_format, |readiness, cancel| {
+        run(args, Arc::new(LinuxMounter), readiness, cancel)
     })
-    .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the tokio runtime")?
-        .block_on(async {
-            let cancel = CancellationToken::new();
-            let readiness = Readiness::new();
-            let signals = sigil_telemetry::shutdown_on_signals(cancel.clone(), readiness.clone());
-            let (served, signals) = tokio::join!(
-                run(args, Arc::new(LinuxMounter), readiness, cancel),
-                signals
-            );
-            signals?;
-            served
-        })
 }
 
 /// The socket path of `--endpoint`.

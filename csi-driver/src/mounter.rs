@@ -115,16 +115,22 @@ fn canonical(p: &Path) -> PathBuf {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
+pub fn unescape(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\'
-            && i + 4 <= b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+        let octal = (b[i] == b'\\' && i + 4 <= b.len())
+            .then(|| &b[i + 1..i + 4])
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| {
+                let v = d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+                u8::try_from(v).ok()
+            });
+        if let Some(byte) = octal {
+            // `\ooo` of one byte (the kernel escapes only space, tab, newline and backslash;
+            // anything above \377 is left as written).
+            out.push(byte);
             i += 4;
         } else {
             out.push(b[i]);
@@ -137,6 +143,13 @@ fn unescape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_escape_above_one_byte_is_kept_as_written() {
+        // Found by the mountinfo fuzz target: \444 overflowed a u8 (a panic in debug).
+        assert_eq!(unescape(r"\444x"), r"\444x");
+        assert_eq!(unescape(r"\377"), "\u{fffd}");
+    }
 
     #[test]
     fn mountinfo_escapes() {

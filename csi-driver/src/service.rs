@@ -15,8 +15,10 @@
 //! target that is not there succeeds. A repeat publish that asks for something else than
 //! what is published there (the other mode, another pod, other files options) is
 //! ALREADY_EXISTS, as the CSI spec requires. Concurrent calls for one volume are
-//! serialised.
-//! Requests are never logged whole: the volume context carries the pod's token.
+//! serialised. The pod's token comes from the request's `secrets` when the kubelet puts it
+//! there (the CSIDriver's `serviceAccountTokenInSecrets: true`, Kubernetes 1.35+), else
+//! from its volume context (older kubelets). Requests are never logged whole: either field
+//! may carry the token.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -59,11 +61,20 @@ pub struct OpLabels {
     pub code: String,
 }
 
+/// Labels of the pod-token counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// Where the kubelet passed the token: `secrets` or `volume_context`.
+    pub source: String,
+}
+
 /// sigil-csi metrics.
 #[derive(Debug, Clone)]
 pub struct CsiMetrics {
     /// Operations by outcome.
     pub ops: Family<OpLabels, Counter>,
+    /// Files-mode publishes by where the kubelet passed the pod's token.
+    pub pod_tokens: Family<TokenLabels, Counter>,
     /// NodePublishVolume duration, seconds.
     pub publish_seconds: Histogram,
 }
@@ -72,6 +83,7 @@ impl Default for CsiMetrics {
     fn default() -> Self {
         Self {
             ops: Family::default(),
+            pod_tokens: Family::default(),
             publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
         }
     }
@@ -85,6 +97,11 @@ impl CsiMetrics {
             "operations",
             "NodePublishVolume/NodeUnpublishVolume by mode and outcome",
             self.ops.clone(),
+        );
+        r.register(
+            "pod_tokens",
+            "Files-mode publishes by where the kubelet passed the pod's token (secrets with serviceAccountTokenInSecrets, else volume_context)",
+            self.pod_tokens.clone(),
         );
         r.register(
             "publish_seconds",
@@ -222,7 +239,9 @@ impl CsiService {
                     name: get(CTX_POD_NAME).ok_or_else(|| invalid(format!("volume_context[{CTX_POD_NAME}] is required: set podInfoOnMount: true on the CSIDriver")))?,
                     uid: get(CTX_POD_UID).ok_or_else(|| invalid(format!("volume_context[{CTX_POD_UID}] is required: set podInfoOnMount: true on the CSIDriver")))?,
                 };
-                let token = pod_token(ctx, &self.inner.config.token_audience)?;
+                let (token, source) =
+                    pod_token(&r.secrets, ctx, &self.inner.config.token_audience)?;
+                self.count_token(source);
                 let fs_group = fs_group(get("fsGroup"), &mount.volume_mount_group)?;
                 let file_mode = get("fileMode").map(|m| file_mode(&m)).transpose()?;
                 let jwt_audiences = jwt_audiences(get("jwtAudiences").as_deref())?;
@@ -247,6 +266,16 @@ impl CsiService {
                 "volumeAttributes.mode {other:?} is not one of \"workload-api\", \"files\""
             ))),
         }
+    }
+
+    fn count_token(&self, source: TokenSource) {
+        self.inner
+            .metrics
+            .pod_tokens
+            .get_or_create(&TokenLabels {
+                source: source.label().into(),
+            })
+            .inc();
     }
 
     fn count(&self, op: &str, mode: &str, code: tonic::Code) {
@@ -366,7 +395,10 @@ fn holds_socket(target: &Path) -> bool {
 
 /// The group of the files: the CO's `volume_mount_group` (the pod's fsGroup) when it
 /// gives one; the `fsGroup` attribute may only repeat it.
-fn fs_group(attribute: Option<String>, volume_mount_group: &str) -> Result<Option<u32>, Status> {
+pub fn fs_group(
+    attribute: Option<String>,
+    volume_mount_group: &str,
+) -> Result<Option<u32>, Status> {
     let attribute = attribute
         .map(|g| {
             g.parse::<u32>()
@@ -391,7 +423,7 @@ fn fs_group(attribute: Option<String>, volume_mount_group: &str) -> Result<Optio
 
 /// The `fileMode` attribute: octal, readable by the owner, never writable by others, never
 /// executable.
-fn file_mode(m: &str) -> Result<u32, Status> {
+pub fn file_mode(m: &str) -> Result<u32, Status> {
     let mode = u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| {
         invalid(format!(
             "volumeAttributes.fileMode {m:?} is not an octal mode such as \"0440\""
@@ -406,7 +438,7 @@ fn file_mode(m: &str) -> Result<u32, Status> {
 }
 
 /// The `jwtAudiences` attribute: at most 16, each giving its own file name.
-fn jwt_audiences(raw: Option<&str>) -> Result<Vec<String>, Status> {
+pub fn jwt_audiences(raw: Option<&str>) -> Result<Vec<String>, Status> {
     let audiences: Vec<String> = raw
         .map(|a| {
             a.split(',')
@@ -446,22 +478,54 @@ fn jwt_audiences(raw: Option<&str>) -> Result<Vec<String>, Status> {
     Ok(audiences)
 }
 
-/// The token for `audience` from the kubelet's `serviceAccount.tokens` JSON.
-fn pod_token(ctx: &BTreeMap<String, String>, audience: &str) -> Result<String, Status> {
-    let raw = ctx.get(CTX_TOKENS).ok_or_else(|| {
-        invalid(format!("volume_context[{CTX_TOKENS}] is missing: the CSIDriver must request a token for audience {audience:?} (spec.tokenRequests)"))
-    })?;
+/// Where the kubelet put the pod's tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenSource {
+    /// `secrets` (the CSIDriver sets `serviceAccountTokenInSecrets: true`; Kubernetes
+    /// 1.35 and later).
+    Secrets,
+    /// `volume_context` (older kubelets, or a CSIDriver without that field).
+    VolumeContext,
+}
+
+impl TokenSource {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Secrets => "secrets",
+            Self::VolumeContext => "volume_context",
+        }
+    }
+}
+
+/// The token for `audience` from the kubelet's `serviceAccount.tokens` JSON: from the
+/// request's `secrets` when the kubelet put it there (a CSIDriver with
+/// `serviceAccountTokenInSecrets: true`), else from `volume_context`.
+fn pod_token(
+    secrets: &BTreeMap<String, String>,
+    ctx: &BTreeMap<String, String>,
+    audience: &str,
+) -> Result<(String, TokenSource), Status> {
+    let (raw, source) = match (secrets.get(CTX_TOKENS), ctx.get(CTX_TOKENS)) {
+        (Some(raw), _) => (raw, TokenSource::Secrets),
+        (None, Some(raw)) => (raw, TokenSource::VolumeContext),
+        (None, None) => {
+            return Err(invalid(format!(
+                "{CTX_TOKENS} is in neither secrets nor volume_context: the CSIDriver must request a token for audience {audience:?} (spec.tokenRequests; with serviceAccountTokenInSecrets: true the kubelet passes it in secrets)"
+            )));
+        }
+    };
+    let field = source.label();
     let tokens: BTreeMap<String, serde_json::Value> = serde_json::from_str(raw).map_err(|_| {
         invalid(format!(
-            "volume_context[{CTX_TOKENS}] is not the kubelet's token map"
+            "{field}[{CTX_TOKENS}] is not the kubelet's token map"
         ))
     })?;
     tokens
         .get(audience)
         .and_then(|t| t.get("token"))
         .and_then(serde_json::Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| invalid(format!("volume_context[{CTX_TOKENS}] has no token for audience {audience:?}; add it to the CSIDriver's spec.tokenRequests")))
+        .map(|t| (t.to_owned(), source))
+        .ok_or_else(|| invalid(format!("{field}[{CTX_TOKENS}] has no token for audience {audience:?}; add it to the CSIDriver's spec.tokenRequests")))
 }
 
 #[tonic::async_trait]
@@ -578,6 +642,45 @@ impl pb::node_server::Node for CsiService {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn tokens(audience: &str, token: &str) -> BTreeMap<String, String> {
+        let map = serde_json::json!({audience: {"token": token, "expirationTimestamp": "2099-01-01T00:00:00Z"}});
+        BTreeMap::from([(CTX_TOKENS.to_owned(), map.to_string())])
+    }
+
+    #[test]
+    fn the_pod_token_comes_from_secrets_first_then_the_volume_context() {
+        let none = BTreeMap::new();
+        let (t, source) = pod_token(&tokens("sigil-csi", "s"), &none, "sigil-csi").unwrap();
+        assert_eq!((t.as_str(), source), ("s", TokenSource::Secrets));
+        let (t, source) = pod_token(&none, &tokens("sigil-csi", "v"), "sigil-csi").unwrap();
+        assert_eq!((t.as_str(), source), ("v", TokenSource::VolumeContext));
+        // Both (a kubelet never sends both): secrets win.
+        let (t, _) = pod_token(
+            &tokens("sigil-csi", "s"),
+            &tokens("sigil-csi", "v"),
+            "sigil-csi",
+        )
+        .unwrap();
+        assert_eq!(t, "s");
+
+        let e = pod_token(&none, &none, "sigil-csi").unwrap_err();
+        assert!(
+            e.message().contains("neither secrets nor volume_context")
+                && e.message().contains("tokenRequests"),
+            "{e:?}"
+        );
+        let e = pod_token(&tokens("other", "s"), &none, "sigil-csi").unwrap_err();
+        assert!(
+            e.message().starts_with("secrets[") && e.message().contains("\"sigil-csi\""),
+            "{e:?}"
+        );
+        let bad = BTreeMap::from([(CTX_TOKENS.to_owned(), "not json".to_owned())]);
+        let e = pod_token(&bad, &none, "sigil-csi").unwrap_err();
+        assert!(e.message().contains("not the kubelet's token map"), "{e:?}");
+        // Nothing of a token is ever in an error.
+        assert!(!e.message().contains("not json"));
+    }
 
     #[test]
     fn file_modes_are_capped() {

@@ -18,8 +18,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sigil_csi::app::{Args, LogFormatArg, run};
+use sigil_csi::app::{Args, run};
 use sigil_csi::mounter::LinuxMounter;
+use sigil_telemetry::LogFormat;
 use sigil_telemetry::Readiness;
 use tokio_util::sync::CancellationToken;
 
@@ -95,7 +96,7 @@ async fn csi_sanity_passes() {
         data_dir: dir.path().join("data"),
         token_audience: "sigil-csi".into(),
         health_addr: "127.0.0.1:0".parse().unwrap(),
-        log_format: LogFormatArg::Text,
+        log_format: LogFormat::Text,
     };
     let server = tokio::spawn(run(
         args,

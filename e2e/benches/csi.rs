@@ -23,9 +23,10 @@ use hyper_util::rt::TokioIo;
 use kube::ResourceExt;
 use report::Report;
 use serde_json::json;
-use sigil_csi::app::{Args, LogFormatArg, run};
+use sigil_csi::app::{Args, run};
 use sigil_csi::mounter::LinuxMounter;
 use sigil_identity::proto::csi as pb;
+use sigil_telemetry::LogFormat;
 use sigil_telemetry::Readiness;
 use tokio_util::sync::CancellationToken;
 
@@ -63,7 +64,7 @@ fn main() {
             data_dir: aw.dir.path().join("csi-data"),
             token_audience: "sigil-csi".into(),
             health_addr: "127.0.0.1:0".parse().expect("addr"),
-            log_format: LogFormatArg::Json,
+            log_format: LogFormat::Json,
         };
         let server = tokio::spawn(run(args, Arc::new(LinuxMounter), Readiness::new(), cancel.clone()));
         while !socket.exists() {

@@ -26,12 +26,17 @@
 //! Workloads: [`pod::PodContainer`] puts real processes into pod-shaped cgroups and
 //! writes their container status the way a kubelet does.
 //!
-//! Not provided on purpose: kube-controller-manager, scheduler and kubelet. Nothing
-//! creates `default` ServiceAccounts, schedules pods or runs containers; tests create
-//! what a controller would and write pod status the way a kubelet does.
+//! A real node (kubelet, containerd, images, `helm install`): [`node::shared`], used by
+//! the one test binary `real_node`.
+//!
+//! The control plane provides, on purpose, no kube-controller-manager, scheduler or
+//! kubelet. Nothing creates `default` ServiceAccounts, schedules pods or runs containers;
+//! tests create what a controller would and write pod status the way a kubelet does. The
+//! real node ([`node`]) has all of them.
 
 mod control_plane;
 pub mod http;
+pub mod node;
 pub mod pki;
 pub mod pod;
 pub mod process;
@@ -131,7 +136,7 @@ const WATCHDOG_DEFAULT: Duration = Duration::from_secs(900);
 /// Ends this test process when it runs longer than `SIGIL_TEST_BINARY_TIMEOUT` seconds
 /// (default 900): a hung test then fails in minutes, naming itself, instead of holding CI
 /// until its overall limit. Child processes die with us (they run under pdeathsig).
-fn start_watchdog() {
+pub(crate) fn start_watchdog() {
     let limit = std::env::var("SIGIL_TEST_BINARY_TIMEOUT")
         .ok()
         .and_then(|v| v.parse().ok())

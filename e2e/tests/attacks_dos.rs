@@ -47,6 +47,10 @@ use tonic::transport::{Channel, Endpoint};
 const CHART_MEMORY_LIMIT_MIB: f64 = 256.0;
 
 /// VmRSS of this process (which hosts the operator and the agent), MiB.
+/// The tests here measure the RSS of this process and hold hundreds of connections: run
+/// one at a time, or one test's memory and sockets would count against another's.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn rss_mib() -> f64 {
     sigil_e2e::process::rss_kib(std::process::id()) as f64 / 1024.0
 }
@@ -157,6 +161,7 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, wait: Du
 /// minting a JWT-SVID: node ... is over its Node API rate limit".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_workload_minting_fresh_audiences_is_stopped_and_its_neighbour_is_served() {
+    let _serial = SERIAL.lock().await;
     let aw = AgentWorld::start_with("dosjwt", defaults()).await;
     let tag = aw.w.tag.clone();
     aw.w.cluster_spiffe_id(&format!("{tag}-greedy"), "greedy")
@@ -236,6 +241,7 @@ async fn a_workload_minting_fresh_audiences_is_stopped_and_its_neighbour_is_serv
 /// one token of the node's budget).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compromised_agent_cannot_buy_many_signatures_with_one_call() {
+    let _serial = SERIAL.lock().await;
     let w = world("dossign").await;
     let tag = w.tag.clone();
     w.cluster_spiffe_id(&format!("{tag}-web"), "web").await;
@@ -287,6 +293,7 @@ async fn a_compromised_agent_cannot_buy_many_signatures_with_one_call() {
 /// exist).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signing_is_charged_per_csr() {
+    let _serial = SERIAL.lock().await;
     let w = World::start_with(
         "dospercsr",
         WorldOptions {
@@ -445,6 +452,7 @@ impl Stalled {
 /// 39.3 to 792.4 MiB (+753 MiB, three times the chart's limit) in 8 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compromised_agent_cannot_make_the_operator_buffer_hundreds_of_megabytes() {
+    let _serial = SERIAL.lock().await;
     let w = world("dosagentmem").await;
     // The agent's own SVID, as a compromised agent holds it: attest with its pod's token.
     let pod = w
@@ -529,6 +537,7 @@ async fn a_compromised_agent_cannot_make_the_operator_buffer_hundreds_of_megabyt
 /// refused, as InvalidArgument.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_callers_cannot_make_the_operator_buffer_megabytes() {
+    let _serial = SERIAL.lock().await;
     let w = world("dosbig").await;
     let tls = anonymous_tls(&w).await;
     let from = ip("127.0.0.2");
@@ -591,6 +600,7 @@ async fn unauthenticated_callers_cannot_make_the_operator_buffer_megabytes() {
 /// (60 TokenReviews, no ResourceExhausted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_attestations_are_rate_limited_before_token_review() {
+    let _serial = SERIAL.lock().await;
     let w = world("dosreview").await;
     let tls = anonymous_tls(&w).await;
     let mut client = pb::node_client::NodeClient::new(
@@ -638,6 +648,7 @@ async fn unauthenticated_attestations_are_rate_limited_before_token_review() {
 /// Before the fix: all 300 connections stayed open (RSS +7.1 MiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_api_connections_are_capped() {
+    let _serial = SERIAL.lock().await;
     let w = world("dosconn").await;
     let tls = anonymous_tls(&w).await;
     let from = ip("127.0.0.4");
@@ -681,6 +692,7 @@ async fn node_api_connections_are_capped() {
 /// Before the fix: all 600 connections stayed open (RSS +8.9 MiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_api_connections_are_capped_per_workload() {
+    let _serial = SERIAL.lock().await;
     let aw = AgentWorld::start_with("dosuds", defaults()).await;
     let tag = aw.w.tag.clone();
     aw.w.cluster_spiffe_id(&format!("{tag}-web"), "web").await;
@@ -732,6 +744,7 @@ async fn workload_api_connections_are_capped_per_workload() {
 /// 158.7 MiB (+99.4 MiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hpack_shim_refuses_oversized_frames_at_their_header() {
+    let _serial = SERIAL.lock().await;
     let aw = AgentWorld::start_with("dosframe", defaults()).await;
     let before = rss_mib();
     let mut held = Vec::new();
@@ -785,6 +798,7 @@ async fn the_hpack_shim_refuses_oversized_frames_at_their_header() {
 /// Before the fix: all 300 streams opened (RSS +2.2 MiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_api_streams_are_capped_per_workload() {
+    let _serial = SERIAL.lock().await;
     let aw = AgentWorld::start_with("dosstreams", defaults()).await;
     let tag = aw.w.tag.clone();
     aw.w.cluster_spiffe_id(&format!("{tag}-greedy"), "greedy")

@@ -55,8 +55,10 @@ async fn files_mode_writes_rotates_and_survives_a_restart() {
         .join("volumes")
         .join("identity");
 
+    // The token in `secrets`, as the kubelet passes it for the chart's CSIDriver
+    // (serviceAccountTokenInSecrets: true).
     client
-        .node_publish_volume(publish_request(
+        .node_publish_volume(tokens_in_secrets(publish_request(
             "vol-web",
             &target,
             &web.pod,
@@ -66,7 +68,7 @@ async fn files_mode_writes_rotates_and_survives_a_restart() {
                 ("mode", "files"),
                 ("jwtAudiences", "db,https://vault.example"),
             ],
-        ))
+        )))
         .await
         .unwrap();
     assert_eq!(

@@ -19,6 +19,7 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use prometheus_client::registry::Registry;
 use sigil_identity::{TrustBundle, TrustDomain};
+use sigil_telemetry::process::{go_duration, kube_client};
 use sigil_telemetry::{LogFormat, Readiness};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -57,7 +58,7 @@ pub struct Args {
 
     /// The agent trust domain (the operator's `--agent-trust-domain`).
     #[arg(long, env = "SIGIL_TRUST_DOMAIN")]
-    pub trust_domain: String,
+    pub trust_domain: TrustDomain,
 
     /// The cluster name (the operator's `--cluster-name`).
     #[arg(long, env = "SIGIL_CLUSTER_NAME", default_value = "cluster")]
@@ -115,8 +116,8 @@ pub struct Args {
     pub health_addr: SocketAddr,
 
     /// Log format.
-    #[arg(long, env = "SIGIL_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Json)]
-    pub log_format: LogFormatArg,
+    #[arg(long, env = "SIGIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
 
     /// A kubeconfig for the pod watch (default: in-cluster configuration).
     #[arg(long, env = "KUBECONFIG")]
@@ -233,45 +234,17 @@ pub struct KubeletArgs {
     pub kubelet_token_file: PathBuf,
 }
 
-/// `--log-format` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormatArg {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable text.
-    Text,
-}
-
-fn go_duration(s: &str) -> Result<Duration, String> {
-    let d: kube::core::Duration = s
-        .parse()
-        .map_err(|e| format!("{s:?} is not a Go duration ({e}); write it like \"30s\""))?;
-    if d.is_negative() {
-        return Err(format!("{s:?} is negative"));
-    }
-    Ok(d.into())
-}
-
-/// Parses the flags, sets up logging and runs the agent until a signal.
+/// Parses the flags and runs the agent until a signal ([`sigil_telemetry::process::run`]).
 pub fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    sigil_telemetry::init_logging(match args.log_format {
-        LogFormatArg::Json => LogFormat::Json,
-        LogFormatArg::Text => LogFormat::Text,
+    sigil_telemetry::process::run(args.log_format, |readiness, cancel| async move {
+        Agent::start_with(args, readiness, cancel.clone())
+            .await?
+            .wait()
+            .await;
+        info!("sigil-agent stopped");
+        Ok(())
     })
-    .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the tokio runtime")?
-        .block_on(async {
-            let cancel = CancellationToken::new();
-            let agent = Agent::start(args, cancel.clone()).await?;
-            sigil_telemetry::shutdown_on_signals(cancel.clone(), agent.readiness.clone()).await?;
-            agent.wait().await;
-            info!("sigil-agent stopped");
-            Ok(())
-        })
 }
 
 /// A running agent.
@@ -289,8 +262,17 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts every subsystem; they run until `cancel`.
+    /// Starts every subsystem with a readiness of its own; they run until `cancel`.
     pub async fn start(args: Args, cancel: CancellationToken) -> anyhow::Result<Agent> {
+        Self::start_with(args, Readiness::new(), cancel).await
+    }
+
+    /// Starts every subsystem, reporting into `readiness`; they run until `cancel`.
+    pub async fn start_with(
+        args: Args,
+        readiness: Readiness,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<Agent> {
         let Args {
             node_name,
             operator_address,
@@ -314,9 +296,7 @@ impl Agent {
         } = args;
         let socket_path = resolve_socket_path(socket_path)?;
         info!(node = %node_name, operators = ?operator_address, version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
-        let td: TrustDomain = trust_domain
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--trust-domain {trust_domain:?}: {e}"))?;
+        let td = trust_domain;
         let bootstrap_doc = std::fs::read(&bundle_file)
             .with_context(|| format!("read the bootstrap trust bundle {} (--bundle-file; mount the TrustDomain's bundle ConfigMap)", bundle_file.display()))?;
         let bootstrap = TrustBundle::from_jwks_or_pem(td.clone(), &bootstrap_doc).map_err(|e| {
@@ -335,7 +315,6 @@ impl Agent {
         );
         let client = kube_client(kubeconfig.as_deref()).await?;
 
-        let readiness = Readiness::new();
         let mut registry = Registry::default();
         let api_metrics = WorkloadApiMetrics::default();
         api_metrics.register(&mut registry);
@@ -531,22 +510,6 @@ impl Agent {
     }
 }
 
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("read kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .with_context(|| format!("kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no Kubernetes client configuration: run in a pod, or pass --kubeconfig")?,
-    };
-    kube::Client::try_from(config).context("build the Kubernetes client")
-}
-
 /// The default socket path when neither `--socket-path` nor `SIGIL_SOCKET_PATH` is set.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/sigil/agent/api.sock";
 
@@ -564,5 +527,40 @@ pub fn resolve_socket_path(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
             ),
         },
         Err(_) => Ok(PathBuf::from(DEFAULT_SOCKET_PATH)),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::Args;
+
+    fn parse(extra: &[&str]) -> Result<Args, String> {
+        let mut argv = vec!["sigil-agent", "--node-name", "n1"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_trust_domain_flag_is_parsed_and_a_bad_one_names_the_flag() {
+        let args = parse(&["--trust-domain", "spiffe://example.org"]).unwrap();
+        assert_eq!(args.trust_domain.name(), "example.org");
+        let e = parse(&["--trust-domain", "Example.org"]).unwrap_err();
+        assert!(e.contains("--trust-domain"), "{e}");
+        let e = parse(&["--trust-domain", "spiffe://example.org/x"]).unwrap_err();
+        assert!(e.contains("--trust-domain"), "{e}");
+    }
+
+    #[test]
+    fn a_zero_or_unitless_duration_flag_is_refused_with_the_fix() {
+        let td = ["--trust-domain", "example.org"];
+        let ok = parse(&[&td[..], &["--pod-timeout", "1m30s"]].concat()).unwrap();
+        assert_eq!(ok.pod_timeout.as_secs(), 90);
+        let e = parse(&[&td[..], &["--pod-timeout", "0s"]].concat()).unwrap_err();
+        assert!(e.contains("--pod-timeout") && e.contains("zero"), "{e}");
+        let e = parse(&[&td[..], &["--pod-timeout", "30"]].concat()).unwrap_err();
+        assert!(e.contains("\"30s\""), "{e}");
     }
 }

@@ -66,7 +66,7 @@ impl WorkloadKey {
     /// The key of a connected peer, from its cgroups (a short read of
     /// `/proc/<pid>/cgroup`); a process whose cgroups cannot be read is charged by UID.
     pub fn of(peer: &PeerProcess) -> WorkloadKey {
-        match cgroup::pod_container_of(peer.proc_root(), peer.pid) {
+        match cgroup::pod_container_of(&peer.proc_dir(), peer.pid) {
             Ok(Some(pc)) => WorkloadKey::Pod(pc.pod_uid),
             _ => WorkloadKey::Uid(peer.uid),
         }

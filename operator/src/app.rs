@@ -15,12 +15,13 @@ use clap::{Parser, ValueEnum};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::WatchStreamExt as _;
 use prometheus_client::registry::Registry;
+use sigil_identity::TrustDomain;
 use sigil_identity::clock::SystemClock;
+use sigil_telemetry::process::{go_duration, kube_client};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::authority::Authorities;
-use crate::crd::trust_domain::GoDuration;
 use crate::federation::endpoint::{EndpointConfig, EndpointTls};
 use crate::federation::{self, FederatedBundles};
 use crate::index::{self, EntryIndex, IndexConfig, IndexMetrics, RunOptions, StatusOptions};
@@ -59,8 +60,8 @@ pub struct Args {
     pub health_addr: SocketAddr,
 
     /// Log format.
-    #[arg(long, env = "SIGIL_LOG_FORMAT", value_enum, default_value_t = LogFormatArg::Json)]
-    pub log_format: LogFormatArg,
+    #[arg(long, env = "SIGIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
 
     /// Only manage TrustDomains matching this label selector (lets several installations
     /// share an API server).
@@ -115,7 +116,7 @@ pub struct FederationArgs {
 
     /// Trust domain whose bundle the endpoint serves (default: --agent-trust-domain).
     #[arg(long, env = "SIGIL_BUNDLE_ENDPOINT_TRUST_DOMAIN")]
-    pub bundle_endpoint_trust_domain: Option<String>,
+    pub bundle_endpoint_trust_domain: Option<TrustDomain>,
 
     /// How the bundle endpoint authenticates itself: `https_spiffe` (an X509-SVID
     /// spiffe://<td>/sigil/bundle-endpoint) or `https_web` (--bundle-endpoint-cert-file
@@ -158,7 +159,7 @@ pub struct NodeApiArgs {
     /// Trust domain (`spec.trustDomain` of a TrustDomain) agents get their SVIDs in. The
     /// Node API is served only when this is set.
     #[arg(long, env = "SIGIL_AGENT_TRUST_DOMAIN")]
-    pub agent_trust_domain: Option<String>,
+    pub agent_trust_domain: Option<TrustDomain>,
 
     /// Address of the Node API (gRPC over TLS).
     #[arg(long, env = "SIGIL_NODE_API_ADDR", default_value = "0.0.0.0:8443")]
@@ -271,40 +272,25 @@ pub struct NodeApiArgs {
     pub require_tpm: bool,
 }
 
-/// `--log-format` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormatArg {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable text.
-    Text,
-}
-
 fn default_identity() -> String {
     std::env::var("HOSTNAME").unwrap_or_else(|_| format!("sigil-operator-{}", std::process::id()))
 }
 
-fn go_duration(s: &str) -> Result<Duration, String> {
-    GoDuration::new(s).to_std()
-}
-
-/// Parses the flags, sets up logging and runs the operator until a signal.
+/// Parses the flags and runs the operator until a signal
+/// ([`sigil_telemetry::process::run`]).
 pub fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    telemetry::init_logging(match args.log_format {
-        LogFormatArg::Json => LogFormat::Json,
-        LogFormatArg::Text => LogFormat::Text,
+    sigil_telemetry::process::run(args.log_format, |readiness, cancel| {
+        run(args, readiness, cancel)
     })
-    .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the tokio runtime")?
-        .block_on(run(args))
 }
 
-/// Runs every subsystem until the first SIGTERM/SIGINT has drained them.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+/// Runs every subsystem until `cancel` (the first SIGTERM/SIGINT) has drained them.
+pub async fn run(
+    args: Args,
+    readiness: Readiness,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let Args {
         namespace,
         pod_name,
@@ -323,8 +309,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     info!(%namespace, identity = %pod_name, version = env!("CARGO_PKG_VERSION"), "sigil-operator starting");
     let client = kube_client(kubeconfig.as_deref()).await?;
 
-    let cancel = CancellationToken::new();
-    let readiness = Readiness::new();
     let metrics = Metrics::default();
     let index_metrics = IndexMetrics::default();
     let mut registry = Registry::default();
@@ -382,7 +366,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let endpoints = endpoint_tasks(
         &federation_args,
-        node_api.agent_trust_domain.as_deref(),
+        node_api.agent_trust_domain.as_ref(),
         &authorities,
         &metrics,
         &readiness,
@@ -411,10 +395,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         readiness.clone(),
         cancel.clone(),
     );
-    let signals = telemetry::shutdown_on_signals(cancel.clone(), readiness.clone());
-    let (health, signals, (), td, (), (), node_api, endpoints) = tokio::join!(
+    let (health, (), td, (), (), node_api, endpoints) = tokio::join!(
         health,
-        signals,
         election.run(cancel.clone()),
         trust_domain::run(client.clone(), td_options, td_shared, cancel.clone()),
         federation::run(client.clone(), fed_options, fed_shared, cancel.clone()),
@@ -423,7 +405,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         endpoints,
     );
     health.context("health server")?;
-    signals.context("signal handler")?;
     td.context("TrustDomain controller")?;
     node_api.map_err(|e| anyhow::anyhow!("Node API: {e}"))?;
     endpoints.map_err(|e| anyhow::anyhow!("bundle endpoint: {e}"))?;
@@ -508,9 +489,6 @@ async fn node_api_task(
         info!("no --agent-trust-domain: the Node API is not served");
         return Ok(Box::pin(async { Ok(()) }));
     };
-    let td: sigil_identity::TrustDomain = td
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--agent-trust-domain {td:?}: {e}"))?;
     let allowed = if agent_service_accounts.is_empty() {
         vec![format!("{}:sigil-agent", cx.namespace)]
     } else {
@@ -605,7 +583,7 @@ async fn node_api_task(
 /// neither is configured). Listeners are bound here so a bad address fails at start.
 async fn endpoint_tasks(
     args: &FederationArgs,
-    agent_trust_domain: Option<&str>,
+    agent_trust_domain: Option<&TrustDomain>,
     authorities: &Arc<Authorities>,
     metrics: &Metrics,
     readiness: &Readiness,
@@ -616,12 +594,9 @@ async fn endpoint_tasks(
     }
     let td = args
         .bundle_endpoint_trust_domain
-        .as_deref()
+        .as_ref()
         .or(agent_trust_domain)
         .context("--bundle-endpoint-addr and --oidc-http-addr need --bundle-endpoint-trust-domain (or --agent-trust-domain): the trust domain whose bundle and keys they serve")?;
-    let td: sigil_identity::TrustDomain = td
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--bundle-endpoint-trust-domain {td:?}: {e}"))?;
     let mut tasks: Vec<futures::future::BoxFuture<'static, Result<(), BoxError>>> = Vec::new();
     if let Some(addr) = args.bundle_endpoint_addr {
         let tls = match args.bundle_endpoint_profile {
@@ -659,7 +634,7 @@ async fn endpoint_tasks(
             .with_context(|| format!("bind OIDC discovery to {addr} (--oidc-http-addr)"))?;
         tasks.push(Box::pin(federation::endpoint::serve_oidc_http(
             listener,
-            td,
+            td.clone(),
             authorities.clone(),
             metrics.federation.clone(),
             cancel.clone(),
@@ -671,20 +646,4 @@ async fn endpoint_tasks(
         }
         Ok(())
     }))
-}
-
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("read kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .with_context(|| format!("kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no Kubernetes client configuration: run in a pod, or pass --kubeconfig")?,
-    };
-    kube::Client::try_from(config).context("build the Kubernetes client")
 }

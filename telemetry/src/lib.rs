@@ -1,5 +1,8 @@
-//! Logs, metrics and health endpoints shared by sigil-operator, sigil-agent and sigil-csi.
+//! Logs, metrics, health endpoints and the start-up shared by sigil-operator, sigil-agent
+//! and sigil-csi.
 //!
+//! - [`process`]: how a binary starts and stops (logging, runtime, signals, Go-duration
+//!   flags, the Kubernetes client).
 //! - [`init_logging`]: JSON (or text) logs through `tracing`, filtered by `RUST_LOG`.
 //! - [`Readiness`]: named components that must each report ready (their watches have
 //!   synced, their first credential is in place) before `/ready` answers 200;
@@ -27,8 +30,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub mod process;
+
+/// Log output format (`--log-format`, `SIGIL_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
     /// One JSON object per line (the default, for log pipelines).
     #[default]

@@ -11,6 +11,11 @@
 //	go-spiffe-client -addr ... verify -audience A
 //	go-spiffe-client fetch-bundle -url URL -trust-domain TD -endpoint-id ID -bundle-file F
 //	    [-svid-file CHAIN.pem] [-token T -audience A]
+//	go-spiffe-client -addr ... watch
+//	go-spiffe-client -addr ... https-get -url URL -server-id ID [-client svid|none|self-signed:ID]
+//	go-spiffe-client first-svid [-addr ...]
+//	go-spiffe-client files-check -dir DIR [-interval 100ms]
+//	go-spiffe-client files-first -dir DIR
 //
 // verify checks what the Workload API served with go-spiffe's own validators, not the
 // agent's: every X509-SVID with x509svid.Verify against the X.509 bundles, and a freshly
@@ -20,6 +25,20 @@
 // bundle endpoint with https_spiffe (-bundle-file holds the bootstrap bundle, a SPIFFE
 // bundle or PEM), parses the bundle, and verifies the given X509-SVID chain and JWT-SVID
 // against it.
+//
+// The real node (e2e/tests/real_node.rs, e2e/benches/real_node.rs) runs these in pods:
+//   - watch holds one X.509 stream (go-spiffe reconnects on its own) and prints a JSON
+//     line per update and per error, until killed;
+//   - https-get is an mTLS client of an HTTPS server that serves SVID files (nginx): with
+//     -client svid it presents its own SVID and accepts only -server-id; with none or
+//     self-signed:ID (an attacker's certificate claiming ID) it presents no SVID and
+//     checks nothing of the server, and prints the status the server answered;
+//   - first-svid retries every 20 ms until the Workload API serves an X509-SVID and prints
+//     when the program started and when the SVID came (Unix nanoseconds);
+//   - files-check reads a files-mode volume in a loop, a generation at a time (through
+//     its ..data link), and prints a JSON line for every new certificate and for every
+//     file missing or key not matching its certificate, and a count every 5 s;
+//   - files-first is first-svid for a files-mode volume.
 //
 // serve and dial are mutual TLS through go-spiffe's spiffetls with an X509Source: the
 // server accepts one connection from any member of -allow-td (printing its address
@@ -32,15 +51,25 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
-	cx509 "crypto/x509"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"flag"
 	"fmt"
+	"io"
+	"math/big"
 	"net"
+	"net/http"
+	"net/url"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"time"
@@ -56,6 +85,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
+
+var started = time.Now()
 
 func main() {
 	addr := flag.String("addr", os.Getenv("SPIFFE_ENDPOINT_SOCKET"), "Workload API address")
@@ -74,19 +105,32 @@ func main() {
 	listen := sub.String("listen", "127.0.0.1:0", "serve: address to listen on")
 	allowTD := sub.String("allow-td", "", "serve: trust domain whose members may connect")
 	connect := sub.String("connect", "", "dial: server address")
-	serverID := sub.String("server-id", "", "dial: the server's SPIFFE ID")
-	url := sub.String("url", "", "fetch-bundle: bundle endpoint URL")
+	serverID := sub.String("server-id", "", "dial, https-get: the server's SPIFFE ID")
+	rawURL := sub.String("url", "", "https-get, fetch-bundle: the URL")
+	client := sub.String("client", "svid", "https-get: svid, none or self-signed:ID")
+	dir := sub.String("dir", "", "files-check, files-first: the volume's directory")
+	interval := sub.Duration("interval", 100*time.Millisecond, "files-check: time between reads")
 	trustDomain := sub.String("trust-domain", "", "fetch-bundle: the endpoint's trust domain")
 	endpointID := sub.String("endpoint-id", "", "fetch-bundle: the endpoint's SPIFFE ID")
 	bundleFile := sub.String("bundle-file", "", "fetch-bundle: bootstrap bundle (SPIFFE bundle or PEM)")
 	svidFile := sub.String("svid-file", "", "fetch-bundle: X509-SVID chain (PEM) to verify")
 	_ = sub.Parse(flag.Args()[1:])
 
+	// The long-running commands print as they go and never return a result.
+	switch flag.Arg(0) {
+	case "watch":
+		watch(opt)
+		return
+	case "files-check":
+		filesCheck(*dir, *interval)
+		return
+	}
+
 	var out any
 	var err error
 	switch flag.Arg(0) {
 	case "x509":
-		out, err = x509(ctx, opt)
+		out, err = fetchX509(ctx, opt)
 	case "jwt":
 		out, err = jwt(ctx, opt, *audience, *id)
 	case "validate":
@@ -100,7 +144,13 @@ func main() {
 	case "verify":
 		out, err = verify(ctx, opt, *audience)
 	case "fetch-bundle":
-		out, err = fetchBundle(ctx, *url, *trustDomain, *endpointID, *bundleFile, *svidFile, *token, *audience)
+		out, err = fetchBundle(ctx, *rawURL, *trustDomain, *endpointID, *bundleFile, *svidFile, *token, *audience)
+	case "https-get":
+		out, err = httpsGet(ctx, opt, *rawURL, *serverID, *client)
+	case "first-svid":
+		out, err = firstSVID(ctx, opt)
+	case "files-first":
+		out, err = filesFirst(ctx, *dir)
 	default:
 		err = fmt.Errorf("unknown command %q", flag.Arg(0))
 	}
@@ -115,7 +165,7 @@ func fail(err error) {
 	os.Exit(1)
 }
 
-func x509(ctx context.Context, opt workloadapi.ClientOption) (any, error) {
+func fetchX509(ctx context.Context, opt workloadapi.ClientOption) (any, error) {
 	c, err := workloadapi.FetchX509Context(ctx, opt)
 	if err != nil {
 		return nil, err
@@ -311,7 +361,7 @@ func verify(ctx context.Context, opt workloadapi.ClientOption, audience string) 
 
 // fetchBundle fetches a bundle endpoint as a foreign trust domain would and verifies
 // SVIDs of that trust domain against what it got.
-func fetchBundle(ctx context.Context, url, trustDomain, endpointID, bundleFile, svidFile, token, audience string) (any, error) {
+func fetchBundle(ctx context.Context, endpointURL, trustDomain, endpointID, bundleFile, svidFile, token, audience string) (any, error) {
 	td, err := spiffeid.TrustDomainFromString(trustDomain)
 	if err != nil {
 		return nil, err
@@ -334,7 +384,7 @@ func fetchBundle(ctx context.Context, url, trustDomain, endpointID, bundleFile, 
 	} else if bootstrap, err = spiffebundle.Parse(id.TrustDomain(), raw); err != nil {
 		return nil, err
 	}
-	b, err := federation.FetchBundle(ctx, td, url, federation.WithSPIFFEAuth(bootstrap, id))
+	b, err := federation.FetchBundle(ctx, td, endpointURL, federation.WithSPIFFEAuth(bootstrap, id))
 	if err != nil {
 		return nil, err
 	}
@@ -372,15 +422,15 @@ func fetchBundle(ctx context.Context, url, trustDomain, endpointID, bundleFile, 
 	return res, nil
 }
 
-func parseCerts(pemChain []byte) ([]*cx509.Certificate, error) {
-	var certs []*cx509.Certificate
+func parseCerts(pemChain []byte) ([]*x509.Certificate, error) {
+	var certs []*x509.Certificate
 	for {
 		var block *pem.Block
 		block, pemChain = pem.Decode(pemChain)
 		if block == nil {
 			break
 		}
-		c, err := cx509.ParseCertificate(block.Bytes)
+		c, err := x509.ParseCertificate(block.Bytes)
 		if err != nil {
 			return nil, err
 		}
@@ -390,4 +440,239 @@ func parseCerts(pemChain []byte) ([]*cx509.Certificate, error) {
 		return nil, fmt.Errorf("no certificates in the SVID file")
 	}
 	return certs, nil
+}
+
+// line prints one JSON object on its own line, with the time.
+func line(v map[string]any) {
+	v["t"] = time.Now().UTC().Format(time.RFC3339Nano)
+	_ = json.NewEncoder(os.Stdout).Encode(v)
+}
+
+type watcher struct{}
+
+func (watcher) OnX509ContextUpdate(c *workloadapi.X509Context) {
+	for _, s := range c.SVIDs {
+		sum := sha256.Sum256(s.Certificates[0].Raw)
+		line(map[string]any{"update": s.ID.String(), "leaf_sha256": hex.EncodeToString(sum[:]), "not_after": s.Certificates[0].NotAfter.UTC().Format(time.RFC3339)})
+	}
+}
+
+func (watcher) OnX509ContextWatchError(err error) {
+	line(map[string]any{"error": err.Error()})
+}
+
+// watch holds one X.509 stream until killed; go-spiffe reconnects after errors.
+func watch(opt workloadapi.ClientOption) {
+	c, err := workloadapi.New(context.Background(), opt)
+	if err != nil {
+		fail(err)
+	}
+	defer c.Close()
+	fail(c.WatchX509Context(context.Background(), watcher{}))
+}
+
+func httpsGet(ctx context.Context, opt workloadapi.ClientOption, rawURL, serverID, client string) (any, error) {
+	if _, err := url.Parse(rawURL); err != nil {
+		return nil, err
+	}
+	var cfg *tls.Config
+	own := ""
+	switch {
+	case client == "svid":
+		id, err := spiffeid.FromString(serverID)
+		if err != nil {
+			return nil, err
+		}
+		source, svid, err := ownSource(ctx, opt)
+		if err != nil {
+			return nil, err
+		}
+		defer source.Close()
+		own = svid.ID.String()
+		cfg = tlsconfig.MTLSClientConfig(source, source, tlsconfig.AuthorizeID(id))
+	case client == "none":
+		cfg = &tls.Config{InsecureSkipVerify: true} //nolint:gosec // the attacker checks nothing
+	case strings.HasPrefix(client, "self-signed:"):
+		cert, err := selfSigned(strings.TrimPrefix(client, "self-signed:"))
+		if err != nil {
+			return nil, err
+		}
+		// Sent whatever CAs the server names (a plain Certificates list would be withheld
+		// from a server that names only the trust domain's CA).
+		send := func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }
+		cfg = &tls.Config{InsecureSkipVerify: true, GetClientCertificate: send} //nolint:gosec
+	default:
+		return nil, fmt.Errorf("-client %q: use svid, none or self-signed:ID", client)
+	}
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: cfg}, Timeout: 10 * time.Second}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 64*1024))
+	peer := ""
+	if resp.TLS != nil && len(resp.TLS.PeerCertificates) > 0 {
+		if id, err := x509svid.IDFromCert(resp.TLS.PeerCertificates[0]); err == nil {
+			peer = id.String()
+		}
+	}
+	return map[string]any{"status": resp.StatusCode, "body": string(body), "own_id": own, "peer_id": peer}, nil
+}
+
+// selfSigned makes a certificate that claims id, signed by nobody the server trusts.
+func selfSigned(id string) (tls.Certificate, error) {
+	u, err := url.Parse(id)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		NotBefore:    time.Now().Add(-time.Minute),
+		NotAfter:     time.Now().Add(time.Hour),
+		URIs:         []*url.URL{u},
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+}
+
+// firstSVID asks until the Workload API serves an X509-SVID.
+func firstSVID(ctx context.Context, opt workloadapi.ClientOption) (any, error) {
+	attempts := 0
+	for {
+		attempts++
+		one, cancel := context.WithTimeout(ctx, 2*time.Second)
+		c, err := workloadapi.FetchX509Context(one, opt)
+		cancel()
+		if err == nil && len(c.SVIDs) > 0 {
+			return map[string]any{"started_unix_nano": started.UnixNano(), "svid_unix_nano": time.Now().UnixNano(), "attempts": attempts, "spiffe_id": c.SVIDs[0].ID.String()}, nil
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("no X509-SVID after %d attempts: %v", attempts, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// generation reads the identity files of the generation ..data names: the certificate
+// chain, the key and the bundle, checking the key belongs to the certificate and the
+// certificate chains to the bundle.
+func generation(dir string) (gen string, leaf *x509.Certificate, err error) {
+	gen, err = os.Readlink(filepath.Join(dir, "..data"))
+	if err != nil {
+		return "", nil, err
+	}
+	read := func(name string) ([]byte, error) { return os.ReadFile(filepath.Join(dir, gen, name)) }
+	certPEM, err := read("svid.pem")
+	if err != nil {
+		return gen, nil, err
+	}
+	keyPEM, err := read("svid_key.pem")
+	if err != nil {
+		return gen, nil, err
+	}
+	bundlePEM, err := read("bundle.pem")
+	if err != nil {
+		return gen, nil, err
+	}
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return gen, nil, fmt.Errorf("svid.pem and svid_key.pem of %s: %w", gen, err)
+	}
+	leaf, err = x509.ParseCertificate(pair.Certificate[0])
+	if err != nil {
+		return gen, nil, err
+	}
+	var chain []*x509.Certificate
+	for _, der := range pair.Certificate {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return gen, nil, err
+		}
+		chain = append(chain, c)
+	}
+	id, err := x509svid.IDFromCert(leaf)
+	if err != nil {
+		return gen, nil, err
+	}
+	bundle, err := x509bundle.Parse(id.TrustDomain(), bundlePEM)
+	if err != nil {
+		return gen, nil, fmt.Errorf("bundle.pem of %s: %w", gen, err)
+	}
+	if _, _, err := x509svid.Verify(chain, bundle); err != nil {
+		return gen, nil, fmt.Errorf("svid.pem of %s does not verify against its bundle.pem: %w", gen, err)
+	}
+	// The stable names users open must be there too.
+	for _, name := range []string{"svid.pem", "svid_key.pem", "bundle.pem"} {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			return gen, nil, err
+		}
+	}
+	return gen, leaf, nil
+}
+
+// readGeneration is generation, retried once when ..data moved while it read (a swap is
+// not a fault: the reader simply raced it).
+func readGeneration(dir string) (*x509.Certificate, error) {
+	gen, leaf, err := generation(dir)
+	if err == nil {
+		return leaf, nil
+	}
+	if now, lerr := os.Readlink(filepath.Join(dir, "..data")); lerr == nil && now != gen {
+		_, leaf, err = generation(dir)
+	}
+	return leaf, err
+}
+
+func filesCheck(dir string, interval time.Duration) {
+	var last string
+	checks, errs := 0, 0
+	tick := time.Now()
+	for {
+		leaf, err := readGeneration(dir)
+		checks++
+		if err != nil {
+			errs++
+			line(map[string]any{"error": err.Error()})
+		} else if serial := leaf.SerialNumber.Text(16); serial != last {
+			last = serial
+			id, _ := x509svid.IDFromCert(leaf)
+			line(map[string]any{"serial": serial, "spiffe_id": id.String(), "not_after": leaf.NotAfter.UTC().Format(time.RFC3339)})
+		}
+		if time.Since(tick) >= 5*time.Second {
+			tick = time.Now()
+			line(map[string]any{"checks": checks, "errors": errs})
+		}
+		time.Sleep(interval)
+	}
+}
+
+// filesFirst waits until the volume holds a valid generation.
+func filesFirst(ctx context.Context, dir string) (any, error) {
+	attempts := 0
+	for {
+		attempts++
+		leaf, err := readGeneration(dir)
+		if err == nil {
+			id, _ := x509svid.IDFromCert(leaf)
+			return map[string]any{"started_unix_nano": started.UnixNano(), "svid_unix_nano": time.Now().UnixNano(), "attempts": attempts, "spiffe_id": id.String()}, nil
+		}
+		if ctx.Err() != nil {
+			return nil, errors.Join(fmt.Errorf("no valid files after %d attempts", attempts), err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

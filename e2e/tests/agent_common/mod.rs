@@ -12,8 +12,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use serde_json::Value;
-use sigil_agent::app::{Agent, Args, LogFormatArg};
+use sigil_agent::app::{Agent, Args};
 use sigil_e2e::pod::PodContainer;
+use sigil_telemetry::LogFormat;
 use tokio_util::sync::CancellationToken;
 
 use crate::node_api_common::{CLUSTER, World, WorldOptions};
@@ -94,7 +95,7 @@ impl AgentWorld {
         let args = Args {
             node_name: w.node_a.clone(),
             operator_address: vec![w.node_api_addr.clone()],
-            trust_domain: w.td.to_string(),
+            trust_domain: w.td.clone(),
             cluster_name: CLUSTER.into(),
             token_file,
             tpm_tcti: None,
@@ -105,7 +106,7 @@ impl AgentWorld {
             etc_root: "/etc".into(),
             pod_timeout: Duration::from_secs(10),
             health_addr: "127.0.0.1:0".parse().unwrap(),
-            log_format: LogFormatArg::Json,
+            log_format: LogFormat::Json,
             kubeconfig: Some(cp.kubeconfig_path().to_owned()),
             pod_source: sigil_agent::app::PodSourceArg::Api,
             kubelet: sigil_agent::app::KubeletArgs {

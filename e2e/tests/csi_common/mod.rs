@@ -12,10 +12,11 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use serde_json::json;
-use sigil_csi::app::{Args, LogFormatArg, run};
+use sigil_csi::app::{Args, run};
 use sigil_csi::mounter::LinuxMounter;
 use sigil_identity::proto::csi as pb;
 use sigil_identity::{TrustBundle, x509};
+use sigil_telemetry::LogFormat;
 use sigil_telemetry::Readiness;
 use tokio_util::sync::CancellationToken;
 
@@ -82,7 +83,7 @@ pub fn csi_args(aw: &AgentWorld) -> Args {
         data_dir: aw.dir.path().join("csi-data"),
         token_audience: "sigil-csi".into(),
         health_addr: "127.0.0.1:0".parse().unwrap(),
-        log_format: LogFormatArg::Json,
+        log_format: LogFormat::Json,
     }
 }
 
@@ -157,4 +158,15 @@ pub fn read_pair(dir: &Path) -> (Vec<u8>, Vec<u8>) {
 
 pub fn generation(dir: &Path) -> PathBuf {
     std::fs::read_link(dir.join("..data")).unwrap()
+}
+
+/// `req` as a kubelet sends it for a CSIDriver with `serviceAccountTokenInSecrets: true`
+/// (Kubernetes 1.35+): the tokens in `secrets`, not in the volume context.
+#[allow(dead_code)]
+pub fn tokens_in_secrets(mut req: pb::NodePublishVolumeRequest) -> pb::NodePublishVolumeRequest {
+    let key = "csi.storage.k8s.io/serviceAccount.tokens";
+    if let Some(tokens) = req.volume_context.remove(key) {
+        req.secrets.insert(key.to_owned(), tokens);
+    }
+    req
 }

@@ -121,21 +121,7 @@ impl GoDuration {
 
     /// Parses the Go duration; the error says what is wrong with it.
     pub fn to_std(&self) -> Result<std::time::Duration, String> {
-        let s = self.0.trim();
-        if s.is_empty() {
-            return Err("empty duration; write it the Go way, e.g. \"1h\" or \"90m\"".into());
-        }
-        let parsed: kube::core::Duration = s.parse().map_err(|e| {
-            format!("{s:?} is not a Go duration ({e}); write it like \"1h\", \"90m\" or \"24h\"")
-        })?;
-        if parsed.is_negative() {
-            return Err(format!("{s:?} is negative; durations must be positive"));
-        }
-        let d: std::time::Duration = parsed.into();
-        if d.is_zero() {
-            return Err(format!("{s:?} is zero; durations must be positive"));
-        }
-        Ok(d)
+        sigil_telemetry::process::go_duration(&self.0)
     }
 }
 

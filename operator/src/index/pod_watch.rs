@@ -2,12 +2,11 @@
 //! in protobuf (`application/vnd.kubernetes.protobuf`, JSON still accepted).
 //!
 //! Listing every Pod is what an operator restart costs, since Kubernetes is the only
-//! datastore. Measured against kube-apiserver v1.37 with 20k Pods, the apiserver serves
-//! the protobuf pages in about 55% of the time of the JSON ones (0.19–0.23 s against
-//! 0.36–0.38 s, in 500-Pod pages) and in 60% of the bytes; prost skips the fields the
-//! index does not read (containers, volumes, conditions, managedFields) without building
-//! them. Watch events stay JSON: they come one object at
-//! a time, and kube's watch decoder handles them.
+//! datastore. The apiserver serves protobuf pages faster and in fewer bytes than JSON, and
+//! prost skips the fields the index does not read (containers, volumes, conditions,
+//! managedFields) without building them; the figures are in bench/README.md ("Reading the
+//! `servers` rows"). Watch events stay JSON: they come one object at a time, and kube's
+//! watch decoder handles them.
 //!
 //! The messages below are the subset of the published `generated.proto` files that the
 //! index reads, with the upstream field numbers (`k8s.io/api/core/v1`,
@@ -50,9 +49,8 @@ const PAGES: u64 = 20;
 /// The size of the pages after the first, from the first page's `remainingItemCount`.
 ///
 /// The apiserver's cost for each continued page grows with the number of Pods it holds,
-/// so paging 100k Pods 500 at a time is quadratic: measured on kube-apiserver v1.37 with
-/// 100k Pods, 200 protobuf pages of 500 took 3.1–5.6 s and 20 pages of 5000 took 1.2–2.3 s.
-/// So the number of pages is bounded, not their size, up to [`MAX_PAGE`] Pods a page.
+/// so paging a large list 500 at a time is quadratic. So the number of pages is bounded,
+/// not their size, up to [`MAX_PAGE`] Pods a page (bench/README.md has the figures).
 fn page_size(remaining: Option<i64>) -> u32 {
     let remaining = remaining.and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
     let wanted = remaining.div_ceil(PAGES);
