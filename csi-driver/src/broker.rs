@@ -30,7 +30,7 @@ impl PodRef {
         let r = pb::KubernetesObjectReference {
             r#type: Some(pb::KubernetesObjectType {
                 plural: "pods".into(),
-                group: String::new(),
+                group: "core".into(),
             }),
             key: Some(pb::KubernetesObjectKey {
                 namespace: self.namespace.clone(),

@@ -185,6 +185,16 @@ impl FilesVolumes {
             .is_some_and(|r| r.record.borrow().target_path == target)
     }
 
+    /// The record of `volume_id` if it is running at `target`.
+    pub fn running_at(&self, volume_id: &str, target: &Path) -> Option<VolumeRecord> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume_id)
+            .map(|r| r.record.borrow().clone())
+            .filter(|r| r.target_path == target)
+    }
+
     /// A republish of a running volume: keep the newest token (and options).
     pub fn refresh(&self, record: VolumeRecord) -> Result<(), Status> {
         self.persist(&record)

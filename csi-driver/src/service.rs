@@ -12,11 +12,13 @@
 //!
 //! Publish and unpublish are idempotent: a repeat publish of a mounted target mounts
 //! nothing new (a files volume just takes the kubelet's fresh token); unpublishing a
-//! target that is not there succeeds. Concurrent calls for one volume are serialised.
-//! The pod's token comes from the request's `secrets` when the kubelet puts it there (the
-//! CSIDriver's `serviceAccountTokenInSecrets: true`, Kubernetes 1.35+), else from its
-//! volume context (older kubelets). Requests are never logged whole: either field may carry
-//! the token.
+//! target that is not there succeeds. A repeat publish that asks for something else than
+//! what is published there (the other mode, another pod, other files options) is
+//! ALREADY_EXISTS, as the CSI spec requires. Concurrent calls for one volume are
+//! serialised. The pod's token comes from the request's `secrets` when the kubelet puts it
+//! there (the CSIDriver's `serviceAccountTokenInSecrets: true`, Kubernetes 1.35+), else
+//! from its volume context (older kubelets). Requests are never logged whole: either field
+//! may carry the token.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -301,6 +303,9 @@ impl CsiService {
                     .map_err(|e| Status::internal(format!("reading mounts: {e}")))?
                     > 0
                 {
+                    if self.inner.files.running_at(&r.volume_id, &target).is_some() {
+                        return Err(already_exists(&r.volume_id, &target, "in mode files"));
+                    }
                     return Ok("workload-api");
                 }
                 std::fs::create_dir_all(&target).map_err(|e| {
@@ -321,20 +326,42 @@ impl CsiService {
             }
             Publish::Files(record) => {
                 let pod = format!("{}/{}", record.pod.namespace, record.pod.name);
-                if self
+                let mounted = self
                     .inner
-                    .files
-                    .is_running(&record.volume_id, &record.target_path)
-                    && self
+                    .mounter
+                    .mount_count(&record.target_path)
+                    .unwrap_or(0)
+                    > 0;
+                if mounted
+                    && let Some(old) = self
                         .inner
-                        .mounter
-                        .mount_count(&record.target_path)
-                        .unwrap_or(0)
-                        > 0
+                        .files
+                        .running_at(&record.volume_id, &record.target_path)
                 {
+                    if old.pod != record.pod {
+                        return Err(already_exists(
+                            &record.volume_id,
+                            &record.target_path,
+                            &format!("for pod {}/{}", old.pod.namespace, old.pod.name),
+                        ));
+                    }
+                    if old.options != record.options {
+                        return Err(already_exists(
+                            &record.volume_id,
+                            &record.target_path,
+                            &format!("with other volumeAttributes ({:?})", old.options),
+                        ));
+                    }
                     // A republish: nothing to mount, just the kubelet's fresh token.
                     self.inner.files.refresh(record)?;
                     return Ok("files");
+                }
+                if mounted && holds_socket(&record.target_path) {
+                    return Err(already_exists(
+                        &record.volume_id,
+                        &record.target_path,
+                        "in mode workload-api",
+                    ));
                 }
                 self.inner.files.publish(record.clone()).await.inspect_err(|s| {
                     warn!(volume = %record.volume_id, %pod, code = ?s.code(), message = s.message(), "files-mode publish failed");
@@ -344,6 +371,26 @@ impl CsiService {
             }
         }
     }
+}
+
+/// ALREADY_EXISTS for a publish that differs from what is published at `target`
+/// (CSI spec, NodePublishVolume: an incompatible republish of a published volume).
+fn already_exists(volume_id: &str, target: &Path, what: &str) -> Status {
+    Status::already_exists(format!(
+        "volume {volume_id} is already published at {} {what}; unpublish it first (a pod's csi volume cannot change while it runs)",
+        target.display()
+    ))
+}
+
+/// Whether `target` holds a Unix socket: the agent's socket directory bind-mounted there
+/// by workload-api mode (a files volume holds only regular files and symlinks).
+fn holds_socket(target: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::read_dir(target).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_type().is_ok_and(|t| t.is_socket()))
+    })
 }
 
 /// The group of the files: the CO's `volume_mount_group` (the pod's fsGroup) when it

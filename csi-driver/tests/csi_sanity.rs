@@ -1,15 +1,18 @@
 //! csi-sanity (kubernetes-csi/csi-test, built by `make test-tools`) against sigil-csi with
-//! real mounts.
+//! real mounts, running every spec a node-only plugin of inline ephemeral volumes can run.
 //!
-//! Skipped by us: `[Controller Server]`, csi-test's documented way to run a node-only
-//! plugin (kubernetes-csi/csi-test#208): sigil-csi has no Controller service (inline
-//! ephemeral volumes need none) and says so in GetPluginCapabilities. csi-sanity itself
-//! then skips what needs capabilities we do not advertise (staging, stats, expansion);
-//! the summary line is printed. Also skipped by us: "should remove target path", which
-//! creates its volume with the Controller's CreateVolume before publishing it. Publishing real volumes, unpublish
-//! removing the target, and idempotency are tested with real mounts and a real agent in
-//! e2e/tests/csi.rs. Needs v5.6.0 or later (kubernetes-csi/csi-test#595: earlier versions
-//! ask a node-only plugin for controller capabilities anyway).
+//! Left out with `--ginkgo.skip` (csi-sanity would fail them, not skip them):
+//! - `[Controller Server]` (every Controller spec): sigil-csi has no Controller service
+//!   (inline ephemeral volumes need none) and says so in GetPluginCapabilities; this is
+//!   csi-test's documented way to run a node-only plugin (kubernetes-csi/csi-test#208).
+//! - "should remove target path": it creates its volume with the Controller's
+//!   CreateVolume before publishing, unconditionally. Unpublish removing the target is
+//!   tested with real mounts and a real agent in e2e/tests/csi.rs.
+//!
+//! Skipped by csi-sanity itself: each skip it reports must be one of [`JUSTIFIED_SKIPS`],
+//! which says why that is right for sigil-csi; an unexpected skip fails this test.
+//! Needs v5.6.0 or later (kubernetes-csi/csi-test#595: earlier versions ask a node-only
+//! plugin for controller capabilities anyway).
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -20,6 +23,64 @@ use sigil_csi::mounter::LinuxMounter;
 use sigil_telemetry::LogFormat;
 use sigil_telemetry::Readiness;
 use tokio_util::sync::CancellationToken;
+
+/// The reasons csi-sanity gives for the specs it skips, and why each is right here.
+const JUSTIFIED_SKIPS: &[(&str, &str)] = &[
+    (
+        "NodeStageVolume not supported",
+        "no STAGE_UNSTAGE_VOLUME: an ephemeral volume has nothing to stage; NodePublishVolume makes it whole",
+    ),
+    ("NodeUnstageVolume not supported", "as NodeStageVolume"),
+    (
+        "NodeGetVolume not supported",
+        "no GET_VOLUME_STATS: a 4 MiB tmpfs or a socket bind mount has no capacity worth reporting",
+    ),
+    (
+        "NodeExpandVolume not supported",
+        "no EXPAND_VOLUME: nothing to resize",
+    ),
+    (
+        "NodeGetVolumeHealth not supported",
+        "no VOLUME_CONDITION: the files are rewritten on every rotation; their health is the agent's",
+    ),
+    (
+        "NodeGetStorageHealth not supported",
+        "as NodeGetVolumeHealth",
+    ),
+    (
+        "Service does not have single node multi writer capability",
+        "no SINGLE_NODE_MULTI_WRITER: each pod's volume is its own and read-only",
+    ),
+    (
+        "Controller Service not provided: CreateVolume not supported",
+        "\"should work\" and \"should be idempotent\" create their volume with the Controller; publishing, republishing and unpublishing real volumes are in e2e/tests/csi.rs",
+    ),
+    (
+        "GroupControllerService not supported",
+        "no GroupController service: no volume groups or snapshots",
+    ),
+];
+
+/// (spec, csi-sanity's skip reason) of every spec csi-sanity skipped, from its `-ginkgo.v`
+/// output.
+fn skipped_specs(verbose: &str) -> Vec<(String, String)> {
+    verbose
+        .split("------------------------------")
+        .filter(|block| block.contains("S [SKIPPED]"))
+        .map(|block| {
+            let mut lines = block.lines().map(str::trim).filter(|l| !l.is_empty());
+            let title = lines.next().unwrap_or_default().to_owned();
+            let reason = block
+                .lines()
+                .map(str::trim)
+                .filter_map(|l| l.strip_prefix("[SKIPPED] "))
+                .find(|r| !r.starts_with("in ["))
+                .unwrap_or_default()
+                .to_owned();
+            (title, reason)
+        })
+        .collect()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csi_sanity_passes() {
@@ -64,6 +125,7 @@ async fn csi_sanity_passes() {
         .arg("--csi.testvolumeaccesstype=mount")
         .arg(r"--ginkgo.skip=\[Controller.Server\]|should remove target path")
         .arg("--ginkgo.no-color")
+        .arg("--ginkgo.v")
         .output()
         .await
         .unwrap();
@@ -89,6 +151,17 @@ async fn csi_sanity_passes() {
     assert!(
         passed >= 10,
         "csi-sanity passed only {passed} specs: {summary}"
+    );
+    let skipped = skipped_specs(&stdout);
+    for (spec, reason) in &skipped {
+        assert!(
+            JUSTIFIED_SKIPS.iter().any(|(r, _)| r == reason),
+            "csi-sanity skipped {spec:?} ({reason:?}); make sigil-csi pass it, or justify the skip in JUSTIFIED_SKIPS"
+        );
+    }
+    assert!(
+        skipped.iter().any(|(_, r)| r.contains("CreateVolume")),
+        "the skip list is read from csi-sanity's output: {skipped:?}"
     );
     cancel.cancel();
     server.await.unwrap().unwrap();

@@ -76,6 +76,55 @@ async fn files_mode_writes_rotates_and_survives_a_restart() {
         1,
         "a read-only bind of the staged tmpfs on the target"
     );
+    // CSI NodePublishVolume: readonly is honoured (files mode is read-only whatever the
+    // flag says: the pod never writes into it).
+    assert!(
+        std::fs::write(target.join("x"), b"").is_err(),
+        "the files mount is read-only"
+    );
+    // CSI NodePublishVolume: a republish that asks for something else than what is
+    // published at the target is ALREADY_EXISTS; the same request again is fine, and so
+    // is the readonly flag unset (the mount stays read-only).
+    for (readonly, attrs, what) in [
+        (
+            true,
+            &[("mode", "files"), ("jwtAudiences", "db")][..],
+            "other volumeAttributes",
+        ),
+        (true, &[][..], "in mode files"),
+    ] {
+        let e = client
+            .node_publish_volume(publish_request(
+                "vol-web",
+                &target,
+                &web.pod,
+                Some(&token),
+                readonly,
+                attrs,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+        assert!(e.message().contains(what), "{e:?}");
+    }
+    for readonly in [true, false] {
+        client
+            .node_publish_volume(publish_request(
+                "vol-web",
+                &target,
+                &web.pod,
+                Some(&token),
+                readonly,
+                &[
+                    ("mode", "files"),
+                    ("jwtAudiences", "db,https://vault.example"),
+                ],
+            ))
+            .await
+            .unwrap();
+    }
+    assert!(std::fs::write(target.join("x"), b"").is_err());
+    assert_eq!(LinuxMounter.mount_count(&target).unwrap(), 1);
     let (cert, key) = read_pair(&target);
     let (spiffe_id, first_leaf) = check_files(&target, &cert, &key);
     assert_eq!(spiffe_id, id);
@@ -247,6 +296,24 @@ async fn socket_mode_idempotency_and_refusals() {
             .unwrap();
     }
     assert_eq!(LinuxMounter.mount_count(&target).unwrap(), 1);
+    // CSI NodePublishVolume: the same volume and target in the other mode is
+    // ALREADY_EXISTS, and nothing is mounted over the socket.
+    let token = aw.w.token(&web.pod, "sigil-csi").await;
+    let e = client
+        .node_publish_volume(publish_request(
+            "vol-sock",
+            &target,
+            &web.pod,
+            Some(&token),
+            true,
+            &[("mode", "files")],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("workload-api"), "{e:?}");
+    assert_eq!(LinuxMounter.mount_count(&target).unwrap(), 1);
+    assert!(target.join("api.sock").exists());
     client
         .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
             volume_id: "vol-sock".into(),

@@ -56,6 +56,19 @@ async fn go_py_rust_and_spire_clients_get_the_pods_identity() {
         x["bundles"][aw.w.td.to_string()].as_u64().unwrap() >= 1,
         "{x}"
     );
+    // go-spiffe's own validators (not the agent's ValidateJWTSVID) accept what was served:
+    // every X509-SVID against the X.509 bundles, a JWT-SVID against the JWT bundles.
+    let verified = json_out(
+        "go-spiffe verify",
+        &web.run(&go, &["-addr", addr, "verify", "-audience", "db"])
+            .await,
+    );
+    assert_eq!(
+        verified["x509_verified"],
+        json!([id.as_str()]),
+        "{verified}"
+    );
+    assert_eq!(verified["jwt_verified"], id.as_str(), "{verified}");
     let j = json_out(
         "go-spiffe jwt",
         &web.run(&go, &["-addr", addr, "jwt", "-audience", "db"])

@@ -100,17 +100,34 @@ async fn refusals_are_precise() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 
-    // gRPC server reflection lists the Workload API.
+    // A wrong value is no header: only exactly `true` passes.
+    let mut wrong = tonic::Request::new(pb::X509BundlesRequest {});
+    wrong
+        .metadata_mut()
+        .insert("workload.spiffe.io", "TRUE".parse().unwrap());
+    let status = raw.fetch_x509_bundles(wrong).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    // gRPC server reflection lists the Workload API, and requires the header too.
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     let mut reflection = ServerReflectionClient::new(raw_channel);
-    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+    let request = || tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
+    let status = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request()]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let mut with_header = tonic::Request::new(tokio_stream::iter(vec![request()]));
+    with_header
+        .metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
     let mut answers = reflection
-        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .server_reflection_info(with_header)
         .await
         .unwrap()
         .into_inner();

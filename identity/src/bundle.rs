@@ -6,11 +6,19 @@
 //!
 //! Decoding rules:
 //! - `keys` must be present;
-//! - an element with an unknown `use` or `kty` is ignored (the spec's MUST);
-//! - an `x509-svid` element must carry exactly one certificate in `x5c` that is a CA;
-//! - a `jwt-svid` element must have a `kid`, unique within the bundle, and usable key
-//!   parameters;
-//! - a malformed element of a known use rejects the whole bundle, with the element's index.
+//! - an element with a missing or unknown `use` or `kty` is ignored (the spec's MUST);
+//! - an `x509-svid` element without certificates in `x5c` is ignored, and of several only
+//!   the first is read (X509-SVID.md 6.2's MUSTs); that certificate must be a CA;
+//! - a `jwt-svid` element on a curve Sigil cannot verify with is ignored (a key the
+//!   consumer cannot use); otherwise it must have a `kid`, unique within the bundle, and
+//!   usable key parameters;
+//! - a malformed element of a known use and key type rejects the whole bundle, with the
+//!   element's index (as go-spiffe does: a partner publishing garbage is told so, rather
+//!   than having part of its keys silently dropped).
+//!
+//! Encoding never publishes an element it cannot describe: an X.509 authority whose key
+//! has no JWK form is left out (and [`TrustBundle::unpublishable`] names it, so whoever
+//! made it refuses it first, as the upstream CA loader does).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -103,7 +111,7 @@ pub struct Jwk {
 }
 
 impl Jwk {
-    /// The public JWK of a SubjectPublicKeyInfo (EC P-256/P-384, Ed25519 or RSA).
+    /// The public JWK of a SubjectPublicKeyInfo (EC P-256/P-384/P-521, Ed25519 or RSA).
     pub fn from_spki(spki_der: &[u8]) -> Option<Self> {
         let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki_der).ok()?;
         let mut jwk = Jwk::default();
@@ -113,6 +121,7 @@ impl Jwk {
                 let (crv, len) = match data.len() {
                     65 => ("P-256", 32),
                     97 => ("P-384", 48),
+                    133 => ("P-521", 66),
                     _ => return None,
                 };
                 jwk.kty = "EC".into();
@@ -134,6 +143,13 @@ impl Jwk {
         }
         Some(jwk)
     }
+}
+
+/// The JWK of a DER certificate's public key, if it has one.
+fn x509_jwk(der: &[u8]) -> Option<Jwk> {
+    X509Certificate::from_der(der)
+        .ok()
+        .and_then(|(_, c)| Jwk::from_spki(c.public_key().raw))
 }
 
 fn strip_zeros(b: &[u8]) -> &[u8] {
@@ -186,14 +202,31 @@ impl TrustBundle {
         }
     }
 
-    /// Encodes the SPIFFE bundle (JWK Set) document.
+    /// The X.509 authorities that [`TrustBundle::to_jwks_json`] cannot publish (their key
+    /// has no JWK form, so the element would have no `kty`), by index and subject.
+    pub fn unpublishable(&self) -> Vec<(usize, String)> {
+        self.x509_authorities
+            .iter()
+            .enumerate()
+            .filter(|(_, der)| x509_jwk(der).is_none())
+            .map(|(i, der)| {
+                let subject = X509Certificate::from_der(der)
+                    .map(|(_, c)| c.subject().to_string())
+                    .unwrap_or_else(|_| "an unparseable certificate".into());
+                (i, subject)
+            })
+            .collect()
+    }
+
+    /// Encodes the SPIFFE bundle (JWK Set) document. An X.509 authority without a JWK
+    /// form is left out rather than published with an empty `kty` (see
+    /// [`TrustBundle::unpublishable`]).
     pub fn to_jwks_json(&self) -> String {
         let mut keys = Vec::new();
         for der in &self.x509_authorities {
-            let mut jwk = X509Certificate::from_der(der)
-                .ok()
-                .and_then(|(_, c)| Jwk::from_spki(c.public_key().raw))
-                .unwrap_or_default();
+            let Some(mut jwk) = x509_jwk(der) else {
+                continue;
+            };
             jwk.use_ = Some(USE_X509.into());
             jwk.x5c = Some(vec![STANDARD.encode(der)]);
             keys.push(serde_json::to_value(jwk).unwrap_or_default());
@@ -245,15 +278,13 @@ impl TrustBundle {
             };
             let jwk: Jwk = serde_json::from_value(raw).map_err(|e| bad(e.to_string()))?;
             if use_ == USE_X509 {
-                let x5c = jwk.x5c.as_deref().unwrap_or_default();
-                if x5c.len() != 1 {
-                    return Err(bad(format!(
-                        "x5c must hold exactly one certificate, found {}",
-                        x5c.len()
-                    )));
-                }
+                // X509-SVID.md 6.2: no certificate, ignore the element; several, only the
+                // first one counts.
+                let Some(first) = jwk.x5c.as_deref().and_then(<[String]>::first) else {
+                    continue;
+                };
                 let der = STANDARD
-                    .decode(&x5c[0])
+                    .decode(first)
                     .map_err(|e| bad(format!("x5c is not base64: {e}")))?;
                 match X509Certificate::from_der(&der) {
                     Ok(([], c)) => {
@@ -272,10 +303,18 @@ impl TrustBundle {
                     .clone()
                     .filter(|k| !k.is_empty())
                     .ok_or_else(|| bad("kid is required".into()))?;
+                if kty == "EC"
+                    && !jwk
+                        .crv
+                        .as_deref()
+                        .is_some_and(|c| crate::jwt::SUPPORTED_CURVES.contains(&c))
+                {
+                    continue; // a curve no JWT-SVID algorithm uses: a key we cannot use
+                }
                 if bundle.jwt_authorities.iter().any(|a| a.kid == kid) {
                     return Err(BundleError::DuplicateKeyId(kid));
                 }
-                crate::jwt::decoding_key(&jwk).map_err(|e| bad(e.to_string()))?;
+                crate::jwt::check_jwk(&jwk).map_err(|e| bad(e.to_string()))?;
                 bundle.jwt_authorities.push(JwtAuthority { kid, jwk });
             }
         }

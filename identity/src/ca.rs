@@ -126,6 +126,50 @@ pub enum UpstreamError {
     /// Chain does not connect.
     #[error("upstream chain is broken: {0}")]
     ChainBroken(String),
+    /// A certificate of the chain has a key Sigil can neither verify nor publish in a
+    /// SPIFFE bundle (its JWK would have no usable `kty`).
+    #[error(
+        "upstream {field} certificate {subject:?} has a {algorithm} key, which Sigil cannot verify or publish in a SPIFFE bundle; use an upstream CA whose chain uses ECDSA P-256/P-384, RSA or Ed25519 keys"
+    )]
+    UnsupportedKey {
+        /// `certificate` or `chain`.
+        field: &'static str,
+        /// The certificate's subject.
+        subject: String,
+        /// The key algorithm found.
+        algorithm: String,
+    },
+}
+
+/// Refuses a certificate whose key cannot be verified by path validation (ring) or
+/// published as a JWK: only P-256, P-384, RSA and Ed25519 keys pass.
+fn check_key_supported(
+    field: &'static str,
+    cert: &X509Certificate<'_>,
+) -> Result<(), UpstreamError> {
+    let jwk = crate::bundle::Jwk::from_spki(cert.public_key().raw);
+    let usable = jwk
+        .as_ref()
+        .is_some_and(|j| j.kty != "EC" || matches!(j.crv.as_deref(), Some("P-256" | "P-384")));
+    if usable {
+        return Ok(());
+    }
+    let algorithm = match jwk {
+        Some(j) => format!("{} {}", j.kty, j.crv.unwrap_or_default()),
+        None => {
+            let oid = cert.public_key().algorithm.algorithm.to_id_string();
+            match oid.as_str() {
+                "1.3.101.113" => "Ed448".to_owned(),
+                "1.3.101.110" | "1.3.101.111" => "X25519/X448 (not a signing key)".to_owned(),
+                _ => format!("OID {oid}"),
+            }
+        }
+    };
+    Err(UpstreamError::UnsupportedKey {
+        field,
+        subject: cert.subject().to_string(),
+        algorithm,
+    })
 }
 
 /// Subject of a CA certificate.
@@ -236,6 +280,7 @@ impl UpstreamAuthority {
                 reason: e.to_string(),
             })?
             .1;
+        check_key_supported("certificate", &parsed)?;
         if !is_signing_cert(&parsed) {
             return Err(UpstreamError::NotACa {
                 serial: parsed.raw_serial_as_string().replace(':', ""),
@@ -254,6 +299,7 @@ impl UpstreamAuthority {
                     reason: e.to_string(),
                 })?
                 .1;
+            check_key_supported("chain", &p)?;
             if is_self_signed(&p) {
                 roots.push(c)
             } else {

@@ -18,11 +18,16 @@ use crate::bundle::{BundleSet, Jwk, JwtAuthority};
 use crate::id::{IdError, SpiffeId};
 use crate::keys::{KeyError, KeyType, PrivateKey};
 
-/// Algorithms JWT-SVID.md allows (ES512 is allowed by the spec but not offered by our JWT
-/// library, so tokens using it are refused with [`JwtError::DisallowedAlg`]).
+/// Algorithms JWT-SVID.md allows, all of which validate (ES512 through the `p521` crate,
+/// the rest through jsonwebtoken).
 pub const ALLOWED_ALGS: &[&str] = &[
-    "RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "PS384", "PS512",
+    "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512",
 ];
+/// EC curves of the allowed algorithms; a bundle's `jwt-svid` key on another curve is one
+/// Sigil cannot use, and is ignored.
+pub const SUPPORTED_CURVES: &[&str] = &["P-256", "P-384", "P-521"];
+/// Leeway for `nbf` (clocks of issuer and validator differ a little).
+pub const NBF_LEEWAY: Duration = Duration::from_secs(60);
 /// Largest token accepted.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
@@ -38,7 +43,7 @@ pub enum JwtError {
     TooLong(usize),
     /// `alg` not in [`ALLOWED_ALGS`].
     #[error(
-        "alg {0:?} is not allowed for JWT-SVIDs (allowed: RS256/384/512, ES256/384, PS256/384/512)"
+        "alg {0:?} is not allowed for JWT-SVIDs (allowed: RS256/384/512, ES256/384/512, PS256/384/512)"
     )]
     DisallowedAlg(String),
     /// `typ` present but not JWT/JOSE.
@@ -70,6 +75,14 @@ pub enum JwtError {
     /// `exp` in the past.
     #[error("token expired at {0}")]
     Expired(String),
+    /// `nbf` in the future (beyond [`NBF_LEEWAY`]).
+    #[error("token is not valid before {0}")]
+    NotYetValid(String),
+    /// A `crit` header names extensions the validator must understand (RFC 7515 4.1.11).
+    #[error(
+        "crit header {0:?} names extensions this validator does not understand; JWT-SVIDs must not carry crit"
+    )]
+    CriticalHeader(String),
     /// The audience does not contain the expected value.
     #[error("audience {got:?} does not contain {expected:?}")]
     AudienceMismatch {
@@ -254,9 +267,11 @@ pub fn validate_jwt_svid(
     if !ALLOWED_ALGS.contains(&alg_name) {
         return Err(JwtError::DisallowedAlg(alg_name.to_owned()));
     }
-    let alg: Algorithm = alg_name
-        .parse()
-        .map_err(|_| JwtError::DisallowedAlg(alg_name.to_owned()))?;
+    if let Some(crit) = header.get("crit") {
+        // RFC 7515 4.1.11: a validator MUST reject a token whose crit names an extension it
+        // does not understand. Sigil understands none (JWT-SVID.md 2 allows no other header).
+        return Err(JwtError::CriticalHeader(crit.to_string()));
+    }
     if let Some(typ) = header.get("typ") {
         let t = typ.as_str().unwrap_or_default();
         if t != "JWT" && t != "JOSE" {
@@ -284,27 +299,41 @@ pub fn validate_jwt_svid(
             trust_domain: id.trust_domain().name().to_owned(),
         })?;
     // 3. Signature.
-    let key = decoding_key(&authority.jwk)?;
-    let mut v = Validation::new(alg);
-    v.validate_exp = false; // checked below against the injectable clock
-    v.validate_nbf = false;
-    v.validate_aud = false;
-    v.required_spec_claims = HashSet::new();
-    let verified =
-        jsonwebtoken::decode::<Map<String, Value>>(token, &key, &v).map_err(|e| {
-            match e.kind() {
+    let claims = if alg_name == "ES512" {
+        verify_es512(token, &authority.jwk, kid)?;
+        claims
+    } else {
+        let alg: Algorithm = alg_name
+            .parse()
+            .map_err(|_| JwtError::DisallowedAlg(alg_name.to_owned()))?;
+        let key = decoding_key(&authority.jwk)?;
+        let mut v = Validation::new(alg);
+        v.validate_exp = false; // checked below against the injectable clock
+        v.validate_nbf = false;
+        v.validate_aud = false;
+        v.required_spec_claims = HashSet::new();
+        jsonwebtoken::decode::<Map<String, Value>>(token, &key, &v)
+            .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => {
                     JwtError::BadSignature(kid.to_owned())
                 }
                 _ => JwtError::Malformed(e.to_string()),
-            }
-        })?;
-    let claims = verified.claims;
+            })?
+            .claims
+    };
     // 4. Claims.
     let exp = claims
         .get("exp")
         .and_then(Value::as_i64)
         .ok_or(JwtError::MissingClaim("exp"))?;
+    if let Some(nbf) = claims.get("nbf") {
+        let nbf = nbf
+            .as_i64()
+            .ok_or_else(|| JwtError::Malformed("nbf is not a NumericDate".into()))?;
+        if nbf > unix(now) + NBF_LEEWAY.as_secs() as i64 {
+            return Err(JwtError::NotYetValid(crate::x509::rfc3339(nbf)));
+        }
+    }
     let aud: Vec<String> = match claims.get("aud") {
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a
@@ -333,7 +362,60 @@ pub fn validate_jwt_svid(
     })
 }
 
-/// A verification key from a bundle JWK.
+/// Verifies an ES512 (ECDSA P-521, SHA-512) signature over the token's signing input.
+fn verify_es512(token: &str, jwk: &Jwk, kid: &str) -> Result<(), JwtError> {
+    use p521::ecdsa::signature::Verifier;
+    let key = p521_key(jwk)?;
+    let (input, sig) = token
+        .rsplit_once('.')
+        .ok_or_else(|| JwtError::Malformed("expected three dot-separated parts".into()))?;
+    let raw = URL_SAFE_NO_PAD
+        .decode(sig)
+        .map_err(|e| JwtError::Malformed(format!("signature is not base64url: {e}")))?;
+    let sig = p521::ecdsa::Signature::from_slice(&raw)
+        .map_err(|_| JwtError::BadSignature(kid.to_owned()))?;
+    key.verify(input.as_bytes(), &sig)
+        .map_err(|_| JwtError::BadSignature(kid.to_owned()))
+}
+
+/// The P-521 verifying key of an EC JWK.
+fn p521_key(jwk: &Jwk) -> Result<p521::ecdsa::VerifyingKey, JwtError> {
+    if jwk.kty != "EC" || jwk.crv.as_deref() != Some("P-521") {
+        return Err(JwtError::Key(format!(
+            "ES512 needs an EC P-521 key; the bundle's key is {} {:?}",
+            jwk.kty, jwk.crv
+        )));
+    }
+    let coord = |name: &str, v: Option<&str>| -> Result<Vec<u8>, JwtError> {
+        let b = URL_SAFE_NO_PAD
+            .decode(v.ok_or_else(|| JwtError::Key(format!("EC JWK lacks {name}")))?)
+            .map_err(|e| JwtError::Key(format!("EC JWK {name} is not base64url: {e}")))?;
+        if b.len() != 66 {
+            return Err(JwtError::Key(format!(
+                "P-521 JWK {name} is {} bytes; it must be 66",
+                b.len()
+            )));
+        }
+        Ok(b)
+    };
+    let mut sec1 = vec![4u8];
+    sec1.extend(coord("x", jwk.x.as_deref())?);
+    sec1.extend(coord("y", jwk.y.as_deref())?);
+    p521::ecdsa::VerifyingKey::from_sec1_bytes(&sec1)
+        .map_err(|_| JwtError::Key("the P-521 JWK is not a point on the curve".into()))
+}
+
+/// Checks a bundle JWK can verify JWT-SVIDs (its key parameters are usable).
+pub fn check_jwk(jwk: &Jwk) -> Result<(), JwtError> {
+    if jwk.kty == "EC" && jwk.crv.as_deref() == Some("P-521") {
+        p521_key(jwk).map(|_| ())
+    } else {
+        decoding_key(jwk).map(|_| ())
+    }
+}
+
+/// A verification key from a bundle JWK (P-256, P-384 or RSA; P-521 keys are read by
+/// ES512 validation itself).
 pub fn decoding_key(jwk: &Jwk) -> Result<DecodingKey, JwtError> {
     let missing = |p: &str| JwtError::Key(format!("{} JWK lacks {p}", jwk.kty));
     match jwk.kty.as_str() {
@@ -342,7 +424,7 @@ pub fn decoding_key(jwk: &Jwk) -> Result<DecodingKey, JwtError> {
                 Some("P-256") | Some("P-384") => {}
                 other => {
                     return Err(JwtError::Key(format!(
-                        "EC curve {other:?} is not supported (P-256, P-384)"
+                        "EC curve {other:?} is not supported here (P-256, P-384; P-521 is ES512's)"
                     )));
                 }
             }

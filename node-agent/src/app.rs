@@ -306,7 +306,7 @@ impl Agent {
             NodeClient::new(
                 NodeClientConfig {
                     addresses: operator_address,
-                    trust_domain: td,
+                    trust_domain: td.clone(),
                     cluster: cluster_name,
                 },
                 bootstrap,
@@ -322,6 +322,7 @@ impl Agent {
         rotator_metrics.register(&mut registry);
 
         let cache = Cache::new();
+        cache.set_own_trust_domain(td.clone());
         let pods: Arc<dyn PodSource> = match pod_source {
             PodSourceArg::Api => Arc::new(ApiPodSource::start(
                 client.clone(),

@@ -43,9 +43,7 @@ use crate::attest::WorkloadAttestor;
 use crate::attest::k8s::{PodSource, find_pod, pod_selectors};
 use crate::attest::peer::PeerProcess;
 use crate::limits::{Caps, WorkloadKey};
-use crate::serving::{
-    JwtRefusal, ResponseStream, Served, jwt_bundles, x509_bundles, x509_response, x509_update,
-};
+use crate::serving::{JwtRefusal, ResponseStream, Served, x509_response, x509_update};
 use crate::workload_api::{DenialLabels, PeerInfo, incoming};
 
 /// Type URLs of the references the agent understands.
@@ -168,7 +166,10 @@ impl BrokerApi {
             message = status.message(),
             "Broker API call denied"
         );
-        status
+        match spec_reason(reason) {
+            Some(r) => with_error_info(status, r),
+            None => status,
+        }
     }
 
     /// The broker check, then the referenced workload's selectors.
@@ -178,6 +179,17 @@ impl BrokerApi {
         req: &Request<T>,
         reference: Option<&pb::WorkloadReference>,
     ) -> Result<BTreeSet<Selector>, Status> {
+        self.referenced(rpc, req, reference).await.map(|(s, _)| s)
+    }
+
+    /// The broker check, then the referenced workload's selectors and, for a PID
+    /// reference, the process pinned (its streams end when it exits).
+    async fn referenced<T>(
+        &self,
+        rpc: &str,
+        req: &Request<T>,
+        reference: Option<&pb::WorkloadReference>,
+    ) -> Result<(BTreeSet<Selector>, Option<Arc<PeerProcess>>), Status> {
         self.inner
             .metrics
             .calls
@@ -216,7 +228,7 @@ impl BrokerApi {
                             Status::invalid_argument(format!("reference: {e}")),
                         )
                     })?;
-                self.pod_workload(rpc, req, &r).await
+                Ok((self.pod_workload(rpc, req, &r).await?, None))
             }
             PID_REFERENCE => {
                 let r = pb::WorkloadPidReference::decode(any.value.as_slice()).map_err(|e| {
@@ -226,6 +238,18 @@ impl BrokerApi {
                         Status::invalid_argument(format!("reference: {e}")),
                     )
                 })?;
+                if r.pid <= 0 {
+                    // SPIFFE_Broker_API.md 3.1.3/4.8: a PID MUST be a positive integer;
+                    // a malformed reference is InvalidArgument.
+                    return Err(self.deny(
+                        rpc,
+                        "bad_reference",
+                        Status::invalid_argument(format!(
+                            "pid {} is not a positive integer",
+                            r.pid
+                        )),
+                    ));
+                }
                 let (uid, gid) =
                     proc_ids(self.inner.attestor.proc_root(), r.pid).ok_or_else(|| {
                         self.deny(
@@ -245,7 +269,7 @@ impl BrokerApi {
                         Status::permission_denied(format!("attesting pid {}: {e}", r.pid)),
                     )
                 })?;
-                Ok(attested.selectors)
+                Ok((attested.selectors, Some(Arc::new(target))))
             }
             other => Err(self.deny(
                 rpc,
@@ -297,13 +321,17 @@ impl BrokerApi {
         req: &Request<T>,
         r: &pb::KubernetesObjectReference,
     ) -> Result<BTreeSet<Selector>, Status> {
+        // SPIFFE_Broker_API.md 3.1.3: the core group is the literal "core" (drafts before
+        // it left it empty, which is still understood).
         let kind = r.r#type.as_ref();
-        if kind.is_none_or(|t| t.plural != "pods" || !t.group.is_empty()) || r.uid.is_empty() {
+        let is_pod =
+            kind.is_some_and(|t| t.plural == "pods" && matches!(t.group.as_str(), "core" | ""));
+        if !is_pod || r.uid.is_empty() {
             return Err(self.deny(
                 rpc,
                 "bad_reference",
                 Status::invalid_argument(
-                    "reference must be a pod (plural \"pods\", core group) with its uid",
+                    "reference must be a pod (type {plural: \"pods\", group: \"core\"}) with its uid",
                 ),
             ));
         }
@@ -414,6 +442,137 @@ impl BrokerApi {
     }
 }
 
+/// The `google.rpc.ErrorInfo` reason (SPIFFE_Broker_API.md 4.8) of a denial, by its
+/// metric reason.
+fn spec_reason(reason: &str) -> Option<&'static str> {
+    match reason {
+        "no_reference" | "bad_reference" | "unsupported_reference" => {
+            Some("WORKLOAD_REFERENCE_INVALID")
+        }
+        "pid_not_found" => Some("WORKLOAD_NOT_FOUND"),
+        "no_identity" | "spiffe_id_not_entitled" => Some("WORKLOAD_NOT_ENTITLED"),
+        _ => None,
+    }
+}
+
+/// `google.rpc.ErrorInfo` (google/rpc/error_details.proto), as the Broker API's error
+/// details carry it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ErrorInfo {
+    /// One of the spec's reasons, e.g. `WORKLOAD_NOT_FOUND`.
+    #[prost(string, tag = "1")]
+    pub reason: String,
+    /// `spiffe.io`.
+    #[prost(string, tag = "2")]
+    pub domain: String,
+    /// Context (none is sent).
+    #[prost(map = "string, string", tag = "3")]
+    pub metadata: std::collections::HashMap<String, String>,
+}
+
+/// `google.rpc.Status` (google/rpc/status.proto): what the gRPC status details hold.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RpcStatus {
+    /// The gRPC code.
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    /// The message.
+    #[prost(string, tag = "2")]
+    pub message: String,
+    /// Details, each packed in an Any.
+    #[prost(message, repeated, tag = "3")]
+    pub details: Vec<prost_types::Any>,
+}
+
+/// Type URL of [`ErrorInfo`] in an Any.
+pub const ERROR_INFO_TYPE: &str = "type.googleapis.com/google.rpc.ErrorInfo";
+
+/// `status` with a `google.rpc.ErrorInfo` detail of `reason` in domain `spiffe.io`
+/// (SPIFFE_Broker_API.md 4.8, SHOULD).
+pub fn with_error_info(status: Status, reason: &str) -> Status {
+    let info = ErrorInfo {
+        reason: reason.to_owned(),
+        domain: "spiffe.io".into(),
+        metadata: Default::default(),
+    };
+    let details = RpcStatus {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        details: vec![prost_types::Any {
+            type_url: ERROR_INFO_TYPE.into(),
+            value: info.encode_to_vec(),
+        }],
+    };
+    Status::with_details(
+        status.code(),
+        status.message(),
+        bytes::Bytes::from(details.encode_to_vec()),
+    )
+}
+
+/// How often a stream for a PID reference checks that its process still lives.
+pub const PID_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// `stream`, whose PermissionDenied end (the workload's entries went) carries the
+/// `WORKLOAD_NOT_ENTITLED` ErrorInfo (SPIFFE_Broker_API.md 4.8).
+fn with_entitlement_info<T: Send + 'static>(stream: ResponseStream<T>) -> ResponseStream<T> {
+    use futures::StreamExt;
+    Box::pin(stream.map(|item| {
+        item.map_err(|status| {
+            if status.code() == tonic::Code::PermissionDenied && status.details().is_empty() {
+                with_error_info(status, "WORKLOAD_NOT_ENTITLED")
+            } else {
+                status
+            }
+        })
+    }))
+}
+
+/// `stream` (see [`with_entitlement_info`]), ended with NotFound once `process` (a PID
+/// reference's) exits or its PID is reused (SPIFFE_Broker_API.md 4.9: no responses beyond
+/// the workload's lifetime).
+fn until_exit<T: Send + 'static>(
+    stream: ResponseStream<T>,
+    process: Option<Arc<PeerProcess>>,
+) -> ResponseStream<T> {
+    use futures::StreamExt;
+    let stream = with_entitlement_info(stream);
+    let Some(process) = process else {
+        return stream;
+    };
+    enum Item<T> {
+        Data(Result<T, Status>),
+        Exited(Status),
+    }
+    let exited = futures::stream::once(async move {
+        loop {
+            tokio::time::sleep(PID_CHECK_INTERVAL).await;
+            if let Err(e) = process.check_same_process() {
+                info!(
+                    pid = process.pid,
+                    "the referenced process exited; ending its stream"
+                );
+                return Item::Exited(with_error_info(
+                    Status::not_found(format!("{e}; the reference no longer names a workload")),
+                    "WORKLOAD_NOT_FOUND",
+                ));
+            }
+        }
+    });
+    let merged = futures::stream::select(stream.map(Item::Data), exited);
+    Box::pin(merged.scan(false, |done, item| {
+        let out = match item {
+            _ if *done => None,
+            Item::Data(d) => Some(d),
+            Item::Exited(status) => {
+                *done = true;
+                Some(Err(status))
+            }
+        };
+        futures::future::ready(out)
+    }))
+}
+
 /// Whose JWT-SVID minting budget a (validated) reference is charged to: the pod it names,
 /// or the process it names (by its pod, else its UID).
 fn budget_key(proc_root: &Path, reference: Option<&pb::WorkloadReference>) -> WorkloadKey {
@@ -473,8 +632,8 @@ impl pb::api_server::Api for BrokerApi {
         req: Request<pb::SubscribeToX509svidRequest>,
     ) -> Result<Response<ResponseStream<pb::SubscribeToX509svidResponse>>, Status> {
         const RPC: &str = "SubscribeToX509SVID";
-        let selectors = self
-            .workload(RPC, &req, req.get_ref().reference.as_ref())
+        let (selectors, process) = self
+            .referenced(RPC, &req, req.get_ref().reference.as_ref())
             .await?;
         let view = self.inner.served.ready_view(&selectors).await;
         if view.svids.is_empty() {
@@ -485,12 +644,14 @@ impl pb::api_server::Api for BrokerApi {
             ));
         }
         info!(svids = view.svids.len(), "serving X509-SVIDs to the broker");
-        Ok(Response::new(self.inner.served.watch(
-            x509_svids(x509_response(&view)),
-            move |cache| {
-                x509_update(&cache.view_for(&selectors))
-                    .map(|v| v.map(|v| x509_svids(x509_response(v))))
-            },
+        Ok(Response::new(until_exit(
+            self.inner
+                .served
+                .watch(x509_svids(x509_response(&view)), move |cache| {
+                    x509_update(&cache.view_for(&selectors))
+                        .map(|v| v.map(|v| x509_svids(x509_response(v))))
+                }),
+            process,
         )))
     }
 
@@ -499,8 +660,8 @@ impl pb::api_server::Api for BrokerApi {
         req: Request<pb::SubscribeToX509BundlesRequest>,
     ) -> Result<Response<ResponseStream<pb::SubscribeToX509BundlesResponse>>, Status> {
         const RPC: &str = "SubscribeToX509Bundles";
-        let selectors = self
-            .workload(RPC, &req, req.get_ref().reference.as_ref())
+        let (selectors, process) = self
+            .referenced(RPC, &req, req.get_ref().reference.as_ref())
             .await?;
         let convert = |r: wl::X509BundlesResponse| pb::SubscribeToX509BundlesResponse {
             crl: r.crl,
@@ -514,13 +675,12 @@ impl pb::api_server::Api for BrokerApi {
                 Status::permission_denied("no identity issued"),
             ));
         }
-        Ok(Response::new(
-            self.inner
-                .served
-                .watch(convert(x509_bundles(&view)), move |cache| {
-                    Ok(Some(convert(x509_bundles(&cache.view_for(&selectors)))))
-                }),
-        ))
+        use futures::StreamExt;
+        let stream = self.inner.served.x509_bundles_stream(&view, selectors);
+        Ok(Response::new(until_exit(
+            Box::pin(stream.map(move |r| r.map(convert))),
+            process,
+        )))
     }
 
     async fn fetch_jwtsvid(
@@ -583,8 +743,8 @@ impl pb::api_server::Api for BrokerApi {
         req: Request<pb::SubscribeToJwtBundlesRequest>,
     ) -> Result<Response<ResponseStream<pb::SubscribeToJwtBundlesResponse>>, Status> {
         const RPC: &str = "SubscribeToJWTBundles";
-        let selectors = self
-            .workload(RPC, &req, req.get_ref().reference.as_ref())
+        let (selectors, process) = self
+            .referenced(RPC, &req, req.get_ref().reference.as_ref())
             .await?;
         let convert =
             |r: wl::JwtBundlesResponse| pb::SubscribeToJwtBundlesResponse { bundles: r.bundles };
@@ -596,13 +756,12 @@ impl pb::api_server::Api for BrokerApi {
                 Status::permission_denied("no identity issued"),
             ));
         }
-        Ok(Response::new(
-            self.inner
-                .served
-                .watch(convert(jwt_bundles(&view)), move |cache| {
-                    Ok(Some(convert(jwt_bundles(&cache.view_for(&selectors)))))
-                }),
-        ))
+        use futures::StreamExt;
+        let stream = self.inner.served.jwt_bundles_stream(&view, selectors);
+        Ok(Response::new(until_exit(
+            Box::pin(stream.map(move |r| r.map(convert))),
+            process,
+        )))
     }
 }
 
@@ -768,6 +927,285 @@ mod tests {
             uid: POD_UID.into(),
         };
         (req, reference)
+    }
+
+    /// A request from this test process (the configured broker: uid 0) naming `pid`.
+    fn pid_request<T>(msg: T) -> Request<T> {
+        let me = PeerProcess::pin(std::process::id() as i32, 0, 0, Path::new("/proc")).unwrap();
+        let mut req = Request::new(msg);
+        req.extensions_mut().insert(PeerInfo(Ok(Arc::new(me))));
+        req
+    }
+
+    fn pid_reference(pid: i32) -> Option<pb::WorkloadReference> {
+        Some(pb::WorkloadReference {
+            reference: Some(prost_types::Any {
+                type_url: PID_REFERENCE.into(),
+                value: pb::WorkloadPidReference { pid }.encode_to_vec(),
+            }),
+        })
+    }
+
+    /// SPIFFE_Broker_API.md 3.1.3/4.8: a PID MUST be positive; a negative or zero one is a
+    /// malformed reference, InvalidArgument (WORKLOAD_REFERENCE_INVALID).
+    ///
+    /// Before the fix: -1 was looked up as a process and answered NotFound.
+    #[tokio::test]
+    async fn a_non_positive_pid_is_invalid_argument() {
+        let api = broker(token_reviewer(serde_json::json!(["sigil-csi"])));
+        for pid in [-1, 0, i32::MIN] {
+            let reference = pid_reference(pid);
+            let req = pid_request(());
+            let status = api
+                .workload("FetchJWTSVID", &req, reference.as_ref())
+                .await
+                .unwrap_err();
+            assert_eq!(
+                status.code(),
+                tonic::Code::InvalidArgument,
+                "pid {pid}: {status:?}"
+            );
+            assert!(status.message().contains("positive"), "{status:?}");
+        }
+    }
+
+    /// SPIFFE_Broker_API.md 3.1.1/4.8: no reference or one of an unknown type is
+    /// InvalidArgument; a PID naming no process is NotFound; a pod reference whose key
+    /// names another pod than its uid is an error (PermissionDenied).
+    #[tokio::test]
+    async fn references_are_checked_with_the_codes_of_the_spec() {
+        let api = broker(token_reviewer(serde_json::json!(["sigil-csi"])));
+        let req = pid_request(());
+        let status = api.workload("FetchJWTSVID", &req, None).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        let unknown = Some(pb::WorkloadReference {
+            reference: Some(prost_types::Any {
+                type_url: "type.googleapis.com/example.Custom".into(),
+                value: vec![],
+            }),
+        });
+        let status = api
+            .workload("FetchJWTSVID", &req, unknown.as_ref())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        let status = api
+            .workload("FetchJWTSVID", &req, pid_reference(i32::MAX).as_ref())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        let (req, mut reference) = request();
+        reference.key = Some(pb::KubernetesObjectKey {
+            namespace: "prod".into(),
+            name: "someone-else".into(),
+        });
+        let status = api
+            .pod_workload("FetchJWTSVID", &req, &reference)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("web-0"), "{status:?}");
+    }
+
+    /// The ErrorInfo reason a status carries in its details.
+    fn error_info(status: &Status) -> Option<ErrorInfo> {
+        let details = RpcStatus::decode(status.details()).ok()?;
+        let any = details
+            .details
+            .into_iter()
+            .find(|a| a.type_url == ERROR_INFO_TYPE)?;
+        ErrorInfo::decode(any.value.as_slice()).ok()
+    }
+
+    /// SPIFFE_Broker_API.md 4.8 (SHOULD): errors carry `google.rpc.ErrorInfo` with the
+    /// spec's reason in domain `spiffe.io`.
+    #[tokio::test]
+    async fn errors_carry_the_error_info_of_the_spec() {
+        let api = broker(token_reviewer(serde_json::json!(["sigil-csi"])));
+        let req = pid_request(());
+        for (reference, reason) in [
+            (None, "WORKLOAD_REFERENCE_INVALID"),
+            (pid_reference(-1), "WORKLOAD_REFERENCE_INVALID"),
+            (pid_reference(i32::MAX), "WORKLOAD_NOT_FOUND"),
+        ] {
+            let status = api
+                .workload("FetchJWTSVID", &req, reference.as_ref())
+                .await
+                .unwrap_err();
+            let info = error_info(&status).unwrap_or_else(|| panic!("no ErrorInfo: {status:?}"));
+            assert_eq!(
+                (info.reason.as_str(), info.domain.as_str()),
+                (reason, "spiffe.io")
+            );
+        }
+        // An existing process (this one) with no identity: PermissionDenied,
+        // WORKLOAD_NOT_ENTITLED.
+        use pb::api_server::Api as _;
+        let status = api
+            .fetch_jwtsvid(pid_request(pb::FetchJwtsvidRequest {
+                reference: pid_reference(std::process::id() as i32),
+                audience: vec!["db".into()],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert_eq!(
+            error_info(&status).map(|i| i.reason),
+            Some("WORKLOAD_NOT_ENTITLED".to_owned()),
+            "{status:?}"
+        );
+    }
+
+    /// SPIFFE_Broker_API.md 4.8/5.2.2: a bundle stream that ends because the workload's
+    /// entries went (PermissionDenied) carries the `WORKLOAD_NOT_ENTITLED` ErrorInfo.
+    #[tokio::test]
+    async fn a_stream_ended_by_lost_entitlement_carries_workload_not_entitled() {
+        use futures::StreamExt;
+        use pb::api_server::Api as _;
+        use sigil_identity::SpiffeId;
+        use sigil_identity::entry::RegistrationEntry;
+        let api = broker(token_reviewer(serde_json::json!(["sigil-csi"])));
+        let cache = api.inner.served.cache.clone();
+        let own: TrustDomain = "example.org".parse().unwrap();
+        cache.set_own_trust_domain(own.clone());
+        let uid = nix::unistd::getuid().as_raw();
+        cache.replace_entries(
+            vec![RegistrationEntry::new(
+                "e1",
+                SpiffeId::parse("spiffe://example.org/broker-test").unwrap(),
+                vec![Selector::new("unix", format!("uid:{uid}"))],
+            )],
+            1,
+        );
+        let mut bundle = TrustBundle::new(own);
+        bundle.x509_authorities = vec![vec![1, 2, 3]];
+        cache.set_bundles(vec![bundle], &[]);
+        let mut stream = api
+            .subscribe_to_x509_bundles(pid_request(pb::SubscribeToX509BundlesRequest {
+                reference: pid_reference(std::process::id() as i32),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+        assert!(
+            first.bundles.contains_key("spiffe://example.org"),
+            "{first:?}"
+        );
+        cache.replace_entries(vec![], 2);
+        let status = match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+            Ok(Some(Err(status))) => status,
+            other => panic!("the stream went on after the entries went: {other:?}"),
+        };
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert_eq!(
+            error_info(&status).map(|i| i.reason),
+            Some("WORKLOAD_NOT_ENTITLED".to_owned()),
+            "{status:?}"
+        );
+    }
+
+    /// SPIFFE_Broker_API.md 3.1.3: the core group is spelled "core" in the reference.
+    ///
+    /// Before the fix: `group: "core"` was refused as not a pod (sigil-csi sent "").
+    #[tokio::test]
+    async fn the_core_group_is_spelled_core() {
+        let api = broker(token_reviewer(serde_json::json!(["sigil-csi"])));
+        let (req, mut reference) = request();
+        reference.r#type = Some(pb::KubernetesObjectType {
+            group: "core".into(),
+            plural: "pods".into(),
+        });
+        let selectors = api
+            .pod_workload("FetchJWTSVID", &req, &reference)
+            .await
+            .unwrap();
+        assert!(selectors.iter().any(|s| s.to_string() == "k8s:ns:prod"));
+        reference.r#type = Some(pb::KubernetesObjectType {
+            group: "apps".into(),
+            plural: "pods".into(),
+        });
+        let status = api
+            .pod_workload("FetchJWTSVID", &req, &reference)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    /// SPIFFE_Broker_API.md 4.9: once a PID reference's process exits, the server MUST
+    /// stop sending responses for it: its streams end (NotFound).
+    ///
+    /// Before the fix: the streams stayed open after the process was gone (the test
+    /// timed out at "the stream ended after the process exited").
+    #[tokio::test]
+    async fn a_pid_references_streams_end_when_the_process_exits() {
+        use futures::StreamExt;
+        use pb::api_server::Api as _;
+        use sigil_identity::SpiffeId;
+        use sigil_identity::entry::RegistrationEntry;
+        let api = broker(token_reviewer(serde_json::json!(["sigil-csi"])));
+        let td: TrustDomain = "example.org".parse().unwrap();
+        let cache = api.inner.served.cache.clone();
+        cache.replace_entries(
+            vec![RegistrationEntry::new(
+                "e1",
+                SpiffeId::parse("spiffe://example.org/root-procs").unwrap(),
+                vec![Selector::new("unix", "uid:0")],
+            )],
+            1,
+        );
+        let mut b = TrustBundle::new(td);
+        b.x509_authorities = vec![vec![1, 2, 3]];
+        cache.set_bundles(vec![b], &[]);
+        let mut child = tokio::process::Command::new("sleep")
+            .arg("60")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap() as i32;
+        let x509 = api
+            .subscribe_to_x509_bundles(pid_request(pb::SubscribeToX509BundlesRequest {
+                reference: pid_reference(pid),
+            }))
+            .await
+            .unwrap();
+        let jwt = api
+            .subscribe_to_jwt_bundles(pid_request(pb::SubscribeToJwtBundlesRequest {
+                reference: pid_reference(pid),
+            }))
+            .await
+            .unwrap();
+        let mut x509 = x509.into_inner();
+        let mut jwt = jwt.into_inner();
+        assert!(x509.next().await.unwrap().is_ok());
+        assert!(jwt.next().await.unwrap().is_ok());
+        child.kill().await.unwrap();
+        for (name, next) in [
+            (
+                "SubscribeToX509Bundles",
+                tokio::time::timeout(Duration::from_secs(5), x509.next())
+                    .await
+                    .map(|o| o.map(|r| r.map(|_| ()))),
+            ),
+            (
+                "SubscribeToJWTBundles",
+                tokio::time::timeout(Duration::from_secs(5), jwt.next())
+                    .await
+                    .map(|o| o.map(|r| r.map(|_| ()))),
+            ),
+        ] {
+            match next {
+                Ok(Some(Err(status))) => {
+                    assert_eq!(status.code(), tonic::Code::NotFound, "{name}: {status:?}");
+                    assert_eq!(
+                        error_info(&status).map(|i| i.reason),
+                        Some("WORKLOAD_NOT_FOUND".to_owned())
+                    );
+                }
+                other => panic!("{name}: the stream ended after the process exited? {other:?}"),
+            }
+        }
     }
 
     /// Attack: the broker presents a pod token that was not made for sigil-csi — the

@@ -51,6 +51,9 @@ struct State {
     jwts: HashMap<(String, Vec<String>), HeldJwt>,
     bundles: BundleSet,
     revision: u64,
+    /// The trust domain the agent itself resides in: every bundle response of a workload
+    /// with an identity carries its bundle (SPIFFE_Workload_API.md 5.2.2, 6.2.2).
+    own_trust_domain: Option<TrustDomain>,
 }
 
 /// The agent's cache, shared by every task.
@@ -76,7 +79,7 @@ pub struct WorkloadView {
     pub svids: Vec<Arc<HeldSvid>>,
     /// Matching entries without an SVID yet (being signed).
     pub pending: Vec<Arc<RegistrationEntry>>,
-    /// Bundles of the SVIDs' trust domains.
+    /// Bundles of the SVIDs' trust domains and of the agent's own trust domain.
     pub own_bundles: Vec<TrustBundle>,
     /// Bundles of the trust domains the entries federate with.
     pub federated: Vec<TrustBundle>,
@@ -119,6 +122,12 @@ impl Cache {
     /// An empty cache.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Sets the trust domain the agent resides in (see [`WorkloadView::own_bundles`]).
+    pub fn set_own_trust_domain(&self, td: TrustDomain) {
+        self.write().own_trust_domain = Some(td);
+        self.bump();
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
@@ -331,6 +340,11 @@ impl Cache {
             }
             own.insert(e.spiffe_id.trust_domain().clone());
             fed.extend(e.federates_with.iter().cloned());
+        }
+        if !own.is_empty()
+            && let Some(td) = &s.own_trust_domain
+        {
+            own.insert(td.clone());
         }
         // Stable order: by SPIFFE ID then entry ID, so the "default" SVID (the first) does
         // not jump around between updates.

@@ -175,6 +175,29 @@ impl Served {
         ))
     }
 
+    /// The X.509 bundles of `selectors`' workload: `view`'s at once, then after every
+    /// change, until its entries are gone ([`bundles_update`]).
+    pub fn x509_bundles_stream(
+        &self,
+        view: &WorkloadView,
+        selectors: BTreeSet<Selector>,
+    ) -> ResponseStream<pb::X509BundlesResponse> {
+        self.watch(x509_bundles(view), move |cache| {
+            bundles_update(&cache.view_for(&selectors), x509_bundles)
+        })
+    }
+
+    /// The JWT bundles of `selectors`' workload, as [`Served::x509_bundles_stream`].
+    pub fn jwt_bundles_stream(
+        &self,
+        view: &WorkloadView,
+        selectors: BTreeSet<Selector>,
+    ) -> ResponseStream<pb::JwtBundlesResponse> {
+        self.watch(jwt_bundles(view), move |cache| {
+            bundles_update(&cache.view_for(&selectors), jwt_bundles)
+        })
+    }
+
     /// JWT-SVIDs for `audience`: one per distinct SPIFFE ID of the workload's entries, or
     /// only `spiffe_id` when given. Each one not in the cache is minted at the operator and
     /// charged to `workload`'s minting budget first (after the request validated).
@@ -308,6 +331,23 @@ pub fn x509_response(view: &WorkloadView) -> pb::X509svidResponse {
     }
 }
 
+/// What an open bundle stream does with a new view of its workload: end with
+/// PermissionDenied once the workload's entries are gone (SPIFFE_Workload_API.md 5.2.2 and
+/// 6.2.2: a client not entitled to bundles gets PermissionDenied, as on FetchX509SVID),
+/// otherwise send `make(view)`.
+pub fn bundles_update<T>(
+    view: &WorkloadView,
+    make: impl FnOnce(&WorkloadView) -> T,
+) -> Result<Option<T>, Status> {
+    if view.svids.is_empty() && view.pending.is_empty() {
+        Err(Status::permission_denied(
+            "no identity issued (the workload's entries were removed)",
+        ))
+    } else {
+        Ok(Some(make(view)))
+    }
+}
+
 fn all_bundles(view: &WorkloadView) -> impl Iterator<Item = &TrustBundle> {
     view.own_bundles.iter().chain(view.federated.iter())
 }
@@ -377,6 +417,87 @@ mod tests {
         let gone = x509_update(&WorkloadView::default()).unwrap_err();
         assert_eq!(gone.code(), tonic::Code::PermissionDenied);
         assert!(gone.message().contains("entries were removed"));
+    }
+
+    /// SPIFFE_Workload_API.md 5.2.2/6.2.2: bundle responses carry at least the bundle of
+    /// the trust domain the agent resides in, and a client no longer entitled to bundles
+    /// gets PermissionDenied, as FetchX509SVID's does.
+    ///
+    /// Before the fix: once the entries went, both streams sent a message with an empty
+    /// bundle map and stayed open; and a workload whose SPIFFE ID is in another trust
+    /// domain got no bundle for the agent's own.
+    #[tokio::test]
+    async fn bundle_streams_carry_the_own_trust_domain_and_end_when_the_entries_go() {
+        use futures::StreamExt;
+        use sigil_identity::TrustDomain;
+        let own: TrustDomain = "example.org".parse().unwrap();
+        let other: TrustDomain = "other.org".parse().unwrap();
+        let cache = Cache::new();
+        cache.set_own_trust_domain(own.clone());
+        let selector = Selector::new("k8s", "pod-uid:u1");
+        cache.replace_entries(
+            vec![RegistrationEntry::new(
+                "e1",
+                SpiffeId::parse("spiffe://other.org/web").unwrap(),
+                vec![selector.clone()],
+            )],
+            1,
+        );
+        let mut bundles = vec![];
+        for td in [&own, &other] {
+            let mut b = TrustBundle::new(td.clone());
+            b.x509_authorities = vec![vec![1, 2, 3]];
+            bundles.push(b);
+        }
+        cache.set_bundles(bundles, &[]);
+        let node = NodeClient::new(
+            crate::node_client::NodeClientConfig {
+                addresses: vec!["127.0.0.1:1".into()],
+                trust_domain: own.clone(),
+                cluster: "c".into(),
+            },
+            TrustBundle::new(own.clone()),
+        )
+        .unwrap();
+        let served = Served {
+            cache: cache.clone(),
+            node: Arc::new(node),
+            shutdown: CancellationToken::new(),
+            open_streams: Gauge::default(),
+            mint_budget: Arc::new(MintBudget::new(10.0, 10.0)),
+        };
+        let selectors: BTreeSet<Selector> = [selector].into();
+        let view = cache.view_for(&selectors);
+        let mut x = served.x509_bundles_stream(&view, selectors.clone());
+        let mut j = served.jwt_bundles_stream(&view, selectors.clone());
+        let first = x.next().await.unwrap().unwrap();
+        let keys: Vec<_> = first.bundles.keys().cloned().collect();
+        assert_eq!(keys, ["spiffe://example.org", "spiffe://other.org"]);
+        let first = j.next().await.unwrap().unwrap();
+        assert!(
+            first.bundles.contains_key("spiffe://example.org"),
+            "{first:?}"
+        );
+
+        cache.replace_entries(vec![], 2);
+        for (name, next) in [
+            (
+                "FetchX509Bundles",
+                x.next().await.map(|r| r.map(|m| format!("{m:?}"))),
+            ),
+            (
+                "FetchJWTBundles",
+                j.next().await.map(|r| r.map(|m| format!("{m:?}"))),
+            ),
+        ] {
+            match next {
+                Some(Err(status)) => {
+                    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{name}");
+                }
+                other => panic!("{name} after the entries went: {other:?}"),
+            }
+        }
+        assert!(x.next().await.is_none() && j.next().await.is_none());
     }
 
     #[test]

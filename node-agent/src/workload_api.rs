@@ -49,9 +49,7 @@ use crate::cache::Cache;
 use crate::h2_authority::AuthorityFix;
 use crate::limits::{Caps, MintBudget, Slot, WorkloadKey};
 use crate::node_client::NodeClient;
-use crate::serving::{
-    JwtRefusal, ResponseStream, Served, jwt_bundles, x509_bundles, x509_response, x509_update,
-};
+use crate::serving::{JwtRefusal, ResponseStream, Served, x509_response, x509_update};
 
 /// The header every Workload API call must carry.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -331,29 +329,7 @@ impl WorkloadApi {
     }
 
     fn check_header<T>(&self, rpc: &str, req: &Request<T>) -> Result<(), Status> {
-        self.inner
-            .metrics
-            .calls
-            .get_or_create(&DenialLabels {
-                rpc: rpc.into(),
-                reason: String::new(),
-            })
-            .inc();
-        match req
-            .metadata()
-            .get(SECURITY_HEADER)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some("true") => Ok(()),
-            _ => Err(self.deny(
-                rpc,
-                "missing_security_header",
-                Status::invalid_argument(format!(
-                    "security header missing from request: send `{SECURITY_HEADER}: true`"
-                )),
-                None,
-            )),
-        }
+        require_security_header(&self.inner.metrics, rpc, req)
     }
 
     /// Header check, then attestation of the connected peer.
@@ -431,6 +407,41 @@ impl WorkloadApi {
     }
 }
 
+/// Counts the call, then requires `workload.spiffe.io: true` (exactly; the value is case
+/// sensitive): InvalidArgument otherwise, logged and counted.
+fn require_security_header<T>(
+    metrics: &WorkloadApiMetrics,
+    rpc: &str,
+    req: &Request<T>,
+) -> Result<(), Status> {
+    metrics
+        .calls
+        .get_or_create(&DenialLabels {
+            rpc: rpc.into(),
+            reason: String::new(),
+        })
+        .inc();
+    let value = req.metadata().get(SECURITY_HEADER).map(|v| v.to_str());
+    let (reason, message) = match value {
+        Some(Ok("true")) => return Ok(()),
+        None => (
+            "missing_security_header",
+            format!("security header missing from request: send `{SECURITY_HEADER}: true`"),
+        ),
+        Some(Ok(other)) => (
+            "bad_security_header",
+            format!("security header {SECURITY_HEADER} is {other:?}; it must be exactly \"true\""),
+        ),
+        Some(Err(_)) => (
+            "bad_security_header",
+            format!("security header {SECURITY_HEADER} is not text; it must be exactly \"true\""),
+        ),
+    };
+    metrics.deny(rpc, reason);
+    warn!(rpc, reason, message, "Workload API call denied");
+    Err(Status::invalid_argument(message))
+}
+
 /// `stream`, holding `slot` (its place under the stream caps) for as long as it lives.
 fn holding<T: Send + 'static>(slot: Slot, stream: ResponseStream<T>) -> ResponseStream<T> {
     use futures::StreamExt;
@@ -498,9 +509,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let selectors = caller.selectors;
         Ok(Response::new(holding(
             slot,
-            self.inner.served.watch(x509_bundles(&view), move |cache| {
-                Ok(Some(x509_bundles(&cache.view_for(&selectors))))
-            }),
+            self.inner.served.x509_bundles_stream(&view, selectors),
         )))
     }
 
@@ -575,9 +584,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let selectors = caller.selectors;
         Ok(Response::new(holding(
             slot,
-            self.inner.served.watch(jwt_bundles(&view), move |cache| {
-                Ok(Some(jwt_bundles(&cache.view_for(&selectors))))
-            }),
+            self.inner.served.jwt_bundles_stream(&view, selectors),
         )))
     }
 
@@ -667,10 +674,19 @@ pub async fn serve(
     caps: Arc<Caps>,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    // Every service on the endpoint requires the security header
+    // (SPIFFE_Workload_Endpoint.md 3), reflection included.
+    let metrics = api.inner.metrics.clone();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sigil_identity::proto::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .ok();
+        .ok()
+        .map(|r| {
+            tonic::service::interceptor::InterceptedService::new(r, move |req: Request<()>| {
+                require_security_header(&metrics, "ServerReflectionInfo", &req)?;
+                Ok(req)
+            })
+        });
     let incoming = incoming(listener, proc_root, caps, cancel.clone());
     let mut server = tonic::transport::Server::builder()
         .timeout(UNARY_TIMEOUT)
@@ -685,4 +701,132 @@ pub async fn serve(
     server
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::node_client::NodeClientConfig;
+    use sigil_identity::{TrustBundle, TrustDomain};
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+
+    /// SPIFFE_Workload_Endpoint.md 3: every request to the endpoint MUST carry
+    /// `workload.spiffe.io: true` (case sensitive), else InvalidArgument. That holds for
+    /// every service on the socket, gRPC reflection included, and for a wrong value.
+    ///
+    /// Before the fix: reflection answered a ListServices without the header (the test
+    /// failed at "reflection without the header").
+    #[tokio::test]
+    async fn every_service_on_the_socket_requires_the_security_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = bind(&path).unwrap();
+        let td: TrustDomain = "example.org".parse().unwrap();
+        let node = NodeClient::new(
+            NodeClientConfig {
+                addresses: vec!["127.0.0.1:1".into()],
+                trust_domain: td.clone(),
+                cluster: "c".into(),
+            },
+            TrustBundle::new(td),
+        )
+        .unwrap();
+        let metrics = WorkloadApiMetrics::default();
+        let cancel = CancellationToken::new();
+        let api = WorkloadApi::new(
+            Cache::new(),
+            Arc::new(WorkloadAttestor::new(
+                "/proc".into(),
+                "/etc".into(),
+                None,
+                Duration::from_secs(1),
+            )),
+            Arc::new(node),
+            metrics.clone(),
+            Arc::new(MintBudget::new(10.0, 10.0)),
+            Caps::streams(100, 100, metrics.clone()),
+            cancel.clone(),
+        );
+        let caps = Caps::connections(100, 100, metrics.clone());
+        let server = tokio::spawn(serve(listener, api, "/proc".into(), caps, cancel.clone()));
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+
+        let list = || tonic_reflection::pb::v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let reflect = |value: Option<&'static str>| {
+            let channel = channel.clone();
+            async move {
+                let mut req = Request::new(tokio_stream::iter(vec![list()]));
+                if let Some(v) = value {
+                    req.metadata_mut()
+                        .insert(SECURITY_HEADER, v.parse().unwrap());
+                }
+                let mut answers = ServerReflectionClient::new(channel)
+                    .server_reflection_info(req)
+                    .await?
+                    .into_inner();
+                answers.message().await.map(|m| m.is_some())
+            }
+        };
+        let fetch = |value: Option<&'static str>| {
+            let channel = channel.clone();
+            async move {
+                let mut req = Request::new(pb::X509BundlesRequest {});
+                if let Some(v) = value {
+                    req.metadata_mut()
+                        .insert(SECURITY_HEADER, v.parse().unwrap());
+                }
+                pb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
+                    .fetch_x509_bundles(req)
+                    .await
+                    .map(|_| ())
+            }
+        };
+
+        for (value, reason) in [
+            (None, "missing_security_header"),
+            (Some("TRUE"), "bad_security_header"),
+            (Some("yes"), "bad_security_header"),
+        ] {
+            let status = reflect(value).await.err().unwrap_or_else(|| {
+                panic!("reflection without the header (value {value:?}) answered")
+            });
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            assert!(status.message().contains(SECURITY_HEADER), "{status:?}");
+            let status = fetch(value).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            for rpc in ["ServerReflectionInfo", "FetchX509Bundles"] {
+                let counted = metrics
+                    .denials
+                    .get_or_create(&DenialLabels {
+                        rpc: rpc.into(),
+                        reason: reason.into(),
+                    })
+                    .get();
+                assert!(counted >= 1, "{rpc} {reason} not counted");
+            }
+        }
+        // With the header, reflection answers, and the Workload API attests the caller
+        // (this test process has no identity: PermissionDenied, not InvalidArgument).
+        assert!(reflect(Some("true")).await.unwrap());
+        let status = fetch(Some("true")).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        cancel.cancel();
+        let _ = server.await;
+    }
 }

@@ -617,8 +617,104 @@ async fn our_bundle_endpoint_and_oidc_discovery_serve_the_current_keys() {
         .unwrap_err();
     assert_eq!(e.reason(), "TLSFailed", "{e}");
 
-    // OIDC discovery at the issuer's path, over the same listener.
+    // SPIFFE_Federation.md 5.2.2.3: UTF-8 JSON with Content-Type application/json;
+    // X509-SVID.md 6.1: x509-svid entries have no kid and exactly one x5c certificate;
+    // SPIFFE_Trust_Domain_and_Bundle.md 4.2: every element has kty and use.
     let http = reqwest_like(&ours);
+    let (status, content_type, body) = http.request_typed(&format!("{url}/")).await;
+    assert_eq!(status, 200);
+    assert_eq!(content_type, "application/json");
+    let doc: Value = serde_json::from_slice(&body).unwrap();
+    for key in doc["keys"].as_array().unwrap() {
+        assert!(key["kty"].as_str().is_some_and(|k| !k.is_empty()), "{key}");
+        match key["use"].as_str() {
+            Some("x509-svid") => {
+                assert!(
+                    key.get("kid").is_none(),
+                    "x509-svid entry with a kid: {key}"
+                );
+                assert_eq!(key["x5c"].as_array().unwrap().len(), 1, "{key}");
+            }
+            Some("jwt-svid") => assert!(key["kid"].is_string(), "{key}"),
+            other => panic!("unexpected use {other:?}: {key}"),
+        }
+    }
+
+    // A foreign trust domain running go-spiffe: its federation client fetches our bundle
+    // endpoint (https_spiffe, bootstrapped with our bundle), and its own validators accept
+    // an X509-SVID and a JWT-SVID we issued, verified against the bundle it fetched.
+    let authority = w.replica.authorities.get(&w.td).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key =
+        sigil_identity::keys::PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap();
+    let id = w.td.id("/ns/prod/sa/api").unwrap();
+    let issued = authority
+        .x509_ca
+        .sign_public_key(
+            &key.public_key_der(),
+            &sigil_identity::ca::SvidTemplate {
+                spiffe_id: &id,
+                ttl: Duration::from_secs(600),
+                dns_names: &[],
+            },
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let mut chain = vec![issued.leaf.clone()];
+    chain.extend(issued.intermediates.clone());
+    let svid_file = dir.path().join("svid.pem");
+    std::fs::write(&svid_file, sigil_identity::x509::certs_to_pem(&chain)).unwrap();
+    let bundle_file = dir.path().join("bundle.json");
+    std::fs::write(&bundle_file, ours.to_jwks_json()).unwrap();
+    let token = authority
+        .jwt_key
+        .mint(
+            &id,
+            &["partner-api".into()],
+            Duration::from_secs(300),
+            std::time::SystemTime::now(),
+            None,
+        )
+        .unwrap();
+    let out = tokio::process::Command::new(sigil_e2e::tools::tool("go-spiffe-client").unwrap())
+        .args([
+            "fetch-bundle",
+            "-url",
+            &url,
+            "-trust-domain",
+            w.td.name(),
+            "-endpoint-id",
+            &w.td.id("/sigil/bundle-endpoint").unwrap().to_string(),
+            "-bundle-file",
+            bundle_file.to_str().unwrap(),
+            "-svid-file",
+            svid_file.to_str().unwrap(),
+            "-token",
+            &token,
+            "-audience",
+            "partner-api",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "go-spiffe refused our bundle endpoint or SVIDs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["trust_domain"], json!(w.td.name()));
+    assert_eq!(got["x509_verified"], json!(id.to_string()));
+    assert_eq!(got["jwt_verified"], json!(id.to_string()));
+    assert_eq!(
+        got["x509_authorities"],
+        json!(ours.x509_authorities.len()),
+        "{got}"
+    );
+    assert_eq!(got["jwt_authorities"], json!(ours.jwt_authorities.len()));
+    assert_eq!(got["sequence"], json!(ours.sequence.unwrap()));
+
+    // OIDC discovery at the issuer's path, over the same listener.
     let config: Value = serde_json::from_slice(
         &http
             .get(&format!("{url}/sigil/.well-known/openid-configuration"))
@@ -742,6 +838,12 @@ fn reqwest_like(bundle: &TrustBundle) -> SpiffeGet {
 
 impl SpiffeGet {
     async fn request(&self, url: &str) -> (u16, Vec<u8>) {
+        let (status, _, body) = self.request_typed(url).await;
+        (status, body)
+    }
+
+    /// Status, Content-Type and body of a GET.
+    async fn request_typed(&self, url: &str) -> (u16, String, Vec<u8>) {
         use http_body_util::BodyExt;
         let uri: http::Uri = url.parse().unwrap();
         let mut set = sigil_identity::BundleSet::new();
@@ -782,6 +884,12 @@ impl SpiffeGet {
             .await
             .unwrap();
         let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         let body = response
             .into_body()
             .collect()
@@ -789,7 +897,7 @@ impl SpiffeGet {
             .unwrap()
             .to_bytes()
             .to_vec();
-        (status, body)
+        (status, content_type, body)
     }
 
     async fn get(&self, url: &str) -> Vec<u8> {

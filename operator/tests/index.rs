@@ -369,6 +369,55 @@ fn the_oldest_cluster_spiffe_id_wins_a_conflict() {
     assert_eq!(ix.status("newer").unwrap().stats.entries_masked, 0);
 }
 
+/// SPIFFE_Workload_API.md 5.2.1/6.2.1: a non-empty hint MUST be unique among the SVIDs
+/// of one response. Two ClusterSPIFFEIDs giving one pod the same hint: the older keeps it,
+/// the younger's entry is issued without it, and its status says so.
+///
+/// Before the fix: both entries carried hint "internal", so one X509SVIDResponse held
+/// it twice (the test failed at "one hint per pod").
+#[test]
+fn a_hint_is_unique_per_pod_the_oldest_keeps_it_and_the_loser_is_reported() {
+    let ix = index();
+    ix.apply_pod(&pod("prod", "web-0", "u1", Some("n1"), &[]));
+    ix.apply_cluster_spiffe_id(&csid(
+        "newer",
+        30,
+        json!({"spiffeIDTemplate": "spiffe://{{trustDomain}}/b/{{pod.name}}", "hint": "internal"}),
+    ));
+    ix.apply_cluster_spiffe_id(&csid(
+        "older",
+        10,
+        json!({"spiffeIDTemplate": "spiffe://{{trustDomain}}/a/{{pod.name}}", "hint": "internal"}),
+    ));
+    let entries = all(&ix, "n1");
+    assert_eq!(entries.len(), 2, "both identities are issued");
+    let hinted: Vec<_> = entries.iter().filter(|e| e.hint == "internal").collect();
+    assert_eq!(hinted.len(), 1, "one hint per pod: {entries:?}");
+    assert_eq!(hinted[0].id, entry_id("older", "u1"));
+    let ready = |name: &str| {
+        ix.status(name)
+            .unwrap()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap()
+    };
+    let loser = ready("newer");
+    assert_eq!(loser.reason, "HintConflict");
+    assert!(
+        loser.message.contains("older") && loser.message.contains("prod/web-0"),
+        "{}",
+        loser.message
+    );
+    assert_eq!(ready("older").reason, "EntriesRendered");
+    // The older one goes: the younger gets its hint back.
+    ix.delete_cluster_spiffe_id("older");
+    let entries = all(&ix, "n1");
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].hint, "internal");
+    assert_eq!(ready("newer").reason, "EntriesRendered");
+}
+
 #[test]
 fn a_missing_label_is_a_render_failure_for_that_pod_only() {
     let ix = index();

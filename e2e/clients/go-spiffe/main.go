@@ -8,11 +8,23 @@
 //	go-spiffe-client -addr ... bundles
 //	go-spiffe-client -addr ... serve -listen 127.0.0.1:0 -allow-td TD
 //	go-spiffe-client -addr ... dial -connect HOST:PORT -server-id ID
+//	go-spiffe-client -addr ... verify -audience A
+//	go-spiffe-client fetch-bundle -url URL -trust-domain TD -endpoint-id ID -bundle-file F
+//	    [-svid-file CHAIN.pem] [-token T -audience A]
 //	go-spiffe-client -addr ... watch
 //	go-spiffe-client -addr ... https-get -url URL -server-id ID [-client svid|none|self-signed:ID]
 //	go-spiffe-client first-svid [-addr ...]
 //	go-spiffe-client files-check -dir DIR [-interval 100ms]
 //	go-spiffe-client files-first -dir DIR
+//
+// verify checks what the Workload API served with go-spiffe's own validators, not the
+// agent's: every X509-SVID with x509svid.Verify against the X.509 bundles, and a freshly
+// fetched JWT-SVID with jwtsvid.ParseAndValidate against the JWT bundles.
+//
+// fetch-bundle is a foreign trust domain's view: go-spiffe's federation client fetches a
+// bundle endpoint with https_spiffe (-bundle-file holds the bootstrap bundle, a SPIFFE
+// bundle or PEM), parses the bundle, and verifies the given X509-SVID chain and JWT-SVID
+// against it.
 //
 // The real node (e2e/tests/real_node.rs, e2e/benches/real_node.rs) runs these in pods:
 //   - watch holds one X.509 stream (go-spiffe reconnects on its own) and prints a JSON
@@ -47,6 +59,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
@@ -61,7 +74,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/federation"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
@@ -90,10 +106,14 @@ func main() {
 	allowTD := sub.String("allow-td", "", "serve: trust domain whose members may connect")
 	connect := sub.String("connect", "", "dial: server address")
 	serverID := sub.String("server-id", "", "dial, https-get: the server's SPIFFE ID")
-	rawURL := sub.String("url", "", "https-get: the URL")
+	rawURL := sub.String("url", "", "https-get, fetch-bundle: the URL")
 	client := sub.String("client", "svid", "https-get: svid, none or self-signed:ID")
 	dir := sub.String("dir", "", "files-check, files-first: the volume's directory")
 	interval := sub.Duration("interval", 100*time.Millisecond, "files-check: time between reads")
+	trustDomain := sub.String("trust-domain", "", "fetch-bundle: the endpoint's trust domain")
+	endpointID := sub.String("endpoint-id", "", "fetch-bundle: the endpoint's SPIFFE ID")
+	bundleFile := sub.String("bundle-file", "", "fetch-bundle: bootstrap bundle (SPIFFE bundle or PEM)")
+	svidFile := sub.String("svid-file", "", "fetch-bundle: X509-SVID chain (PEM) to verify")
 	_ = sub.Parse(flag.Args()[1:])
 
 	// The long-running commands print as they go and never return a result.
@@ -121,6 +141,10 @@ func main() {
 		out, err = serve(ctx, opt, *listen, *allowTD)
 	case "dial":
 		out, err = dial(ctx, opt, *connect, *serverID)
+	case "verify":
+		out, err = verify(ctx, opt, *audience)
+	case "fetch-bundle":
+		out, err = fetchBundle(ctx, *rawURL, *trustDomain, *endpointID, *bundleFile, *svidFile, *token, *audience)
 	case "https-get":
 		out, err = httpsGet(ctx, opt, *rawURL, *serverID, *client)
 	case "first-svid":
@@ -300,6 +324,122 @@ func result(conn net.Conn, own spiffeid.ID, line string) (any, error) {
 		return nil, err
 	}
 	return map[string]string{"own_id": own.String(), "peer_id": peer.String(), "got": strings.TrimSuffix(line, "\n")}, nil
+}
+
+// verify validates the served SVIDs with go-spiffe's validators and the served bundles.
+func verify(ctx context.Context, opt workloadapi.ClientOption, audience string) (any, error) {
+	c, err := workloadapi.FetchX509Context(ctx, opt)
+	if err != nil {
+		return nil, err
+	}
+	verified := []string{}
+	for _, s := range c.SVIDs {
+		id, _, err := x509svid.Verify(s.Certificates, c.Bundles)
+		if err != nil {
+			return nil, fmt.Errorf("X509-SVID %s: %w", s.ID, err)
+		}
+		verified = append(verified, id.String())
+	}
+	res := map[string]any{"x509_verified": verified}
+	if audience != "" {
+		s, err := workloadapi.FetchJWTSVID(ctx, jwtsvid.Params{Audience: audience}, opt)
+		if err != nil {
+			return nil, err
+		}
+		jb, err := workloadapi.FetchJWTBundles(ctx, opt)
+		if err != nil {
+			return nil, err
+		}
+		v, err := jwtsvid.ParseAndValidate(s.Marshal(), jb, []string{audience})
+		if err != nil {
+			return nil, fmt.Errorf("JWT-SVID %s: %w", s.ID, err)
+		}
+		res["jwt_verified"] = v.ID.String()
+	}
+	return res, nil
+}
+
+// fetchBundle fetches a bundle endpoint as a foreign trust domain would and verifies
+// SVIDs of that trust domain against what it got.
+func fetchBundle(ctx context.Context, endpointURL, trustDomain, endpointID, bundleFile, svidFile, token, audience string) (any, error) {
+	td, err := spiffeid.TrustDomainFromString(trustDomain)
+	if err != nil {
+		return nil, err
+	}
+	id, err := spiffeid.FromString(endpointID)
+	if err != nil {
+		return nil, err
+	}
+	raw, err := os.ReadFile(bundleFile)
+	if err != nil {
+		return nil, err
+	}
+	var bootstrap *spiffebundle.Bundle
+	if strings.HasPrefix(strings.TrimSpace(string(raw)), "-----BEGIN") {
+		xb, err := x509bundle.Parse(id.TrustDomain(), raw)
+		if err != nil {
+			return nil, err
+		}
+		bootstrap = spiffebundle.FromX509Bundle(xb)
+	} else if bootstrap, err = spiffebundle.Parse(id.TrustDomain(), raw); err != nil {
+		return nil, err
+	}
+	b, err := federation.FetchBundle(ctx, td, endpointURL, federation.WithSPIFFEAuth(bootstrap, id))
+	if err != nil {
+		return nil, err
+	}
+	seq, _ := b.SequenceNumber()
+	hint, _ := b.RefreshHint()
+	res := map[string]any{
+		"trust_domain":      b.TrustDomain().String(),
+		"x509_authorities":  len(b.X509Authorities()),
+		"jwt_authorities":   len(b.JWTAuthorities()),
+		"sequence":          seq,
+		"refresh_hint_secs": int64(hint.Seconds()),
+	}
+	if svidFile != "" {
+		pemChain, err := os.ReadFile(svidFile)
+		if err != nil {
+			return nil, err
+		}
+		certs, err := parseCerts(pemChain)
+		if err != nil {
+			return nil, err
+		}
+		vid, _, err := x509svid.Verify(certs, b)
+		if err != nil {
+			return nil, fmt.Errorf("X509-SVID against the fetched bundle: %w", err)
+		}
+		res["x509_verified"] = vid.String()
+	}
+	if token != "" {
+		v, err := jwtsvid.ParseAndValidate(token, jwtbundle.NewSet(b.JWTBundle()), []string{audience})
+		if err != nil {
+			return nil, fmt.Errorf("JWT-SVID against the fetched bundle: %w", err)
+		}
+		res["jwt_verified"] = v.ID.String()
+	}
+	return res, nil
+}
+
+func parseCerts(pemChain []byte) ([]*x509.Certificate, error) {
+	var certs []*x509.Certificate
+	for {
+		var block *pem.Block
+		block, pemChain = pem.Decode(pemChain)
+		if block == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, err
+		}
+		certs = append(certs, c)
+	}
+	if len(certs) == 0 {
+		return nil, fmt.Errorf("no certificates in the SVID file")
+	}
+	return certs, nil
 }
 
 // line prints one JSON object on its own line, with the time.

@@ -153,6 +153,9 @@ pub struct ClusterSpiffeIdSpec {
     pub federates_with: Vec<String>,
 
     /// Workload API hint, to tell the identities of a workload apart when it has several.
+    /// Unique among a pod's identities: when two ClusterSPIFFEIDs give one pod the same
+    /// hint, the older keeps it and the younger's entry is issued without it (its Ready
+    /// condition says `HintConflict`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(max = 256))]
     pub hint: String,
@@ -218,7 +221,9 @@ impl JsonSchema for TemplateString {
 #[serde(rename_all = "camelCase")]
 pub struct ClusterSpiffeIdStatus {
     /// `Ready`: the spec is valid, its TrustDomain is known and every selected pod's entry
-    /// rendered. Reasons: `EntriesRendered`, `RenderFailures`, `TrustDomainNotFound`,
+    /// rendered. Reasons: `EntriesRendered`, `HintConflict` (ready, but an older
+    /// ClusterSPIFFEID gives some pods an identity with the same hint, so this one's entries
+    /// are issued without it), `RenderFailures`, `TrustDomainNotFound`,
     /// `TrustDomainAmbiguous`, `InvalidSpec`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]

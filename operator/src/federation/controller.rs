@@ -168,7 +168,18 @@ pub(crate) async fn reconcile(
             ctx.metrics
                 .fetch_seconds
                 .observe(started.elapsed().as_secs_f64());
-            fetched.map_err(|e: FetchError| (e.reason(), e.to_string()))
+            fetched
+                .map_err(|e: FetchError| (e.reason(), e.to_string()))
+                .and_then(|b| match spec::older_than_held(held.as_ref(), &b) {
+                    Some((held_seq, fetched_seq)) => Err((
+                        "StaleBundle",
+                        format!(
+                            "{} served spiffe_sequence {fetched_seq}, older than the {held_seq} held; the newer bundle is kept until the endpoint serves it again",
+                            spec.url
+                        ),
+                    )),
+                    None => Ok(b),
+                })
         }
     };
     ctx.metrics

@@ -131,8 +131,22 @@ async fn fetch_following(
     )))
 }
 
+/// Whether a URL's authority carries userinfo (`user@` or `user:password@`), which
+/// SPIFFE_Federation.md forbids in bundle endpoint URLs, redirect targets included.
+pub fn has_userinfo(uri: &http::Uri) -> bool {
+    uri.authority().is_some_and(|a| a.as_str().contains('@'))
+}
+
 fn resolve(base: &str, location: &str) -> Result<String, FetchError> {
     if location.starts_with("https://") {
+        let uri: http::Uri = location
+            .parse()
+            .map_err(|e| FetchError::Redirect(format!("to {location:?}: {e}")))?;
+        if has_userinfo(&uri) {
+            return Err(FetchError::Redirect(format!(
+                "to {location:?}: a bundle endpoint URL must not include userinfo"
+            )));
+        }
         return Ok(location.to_owned());
     }
     if location.starts_with("http://") || location.contains("://") {
@@ -166,6 +180,12 @@ async fn get(url: &str, profile: &Profile) -> Result<Answer, FetchError> {
         return Err(FetchError::Url(
             url.into(),
             "the scheme must be https".into(),
+        ));
+    }
+    if has_userinfo(&uri) {
+        return Err(FetchError::Url(
+            url.into(),
+            "it must not include userinfo (user@ or user:password@)".into(),
         ));
     }
     let host = uri
@@ -337,4 +357,60 @@ pub fn roots_from_pem(pem: &str) -> Result<Arc<rustls::RootCertStore>, String> {
         roots.add(der.into()).map_err(|e| e.to_string())?;
     }
     Ok(Arc::new(roots))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Deviation D2 of docs/conformance.md: a fetched document with no usable key is not
+    /// taken (the held bundle stays), rather than revoking every key of the trust domain.
+    #[test]
+    fn a_bundle_with_no_usable_key_is_refused_and_the_held_one_kept() {
+        let td = TrustDomain::new("partner.test").unwrap();
+        for doc in [
+            r#"{"keys": []}"#,
+            r#"{"keys": [{"use": "wit-svid", "kty": "EC"}, {"use": "x509-svid", "kty": "EC", "x5c": []}]}"#,
+        ] {
+            let e = parse(doc.as_bytes(), &td).unwrap_err();
+            assert_eq!(e.reason(), "InvalidBundle", "{doc}");
+            assert!(e.to_string().contains("holds no keys"), "{e}");
+        }
+    }
+
+    /// SPIFFE_Federation.md 5.2.1.4/5.2.2.4: a redirect is followed only to a valid bundle
+    /// endpoint URL, which has no userinfo; a fetch of such a URL is refused before any
+    /// connection.
+    ///
+    /// Before the fix: `https://user:pw@evil.test/` was followed (the test failed at
+    /// "redirect with userinfo followed").
+    #[tokio::test]
+    async fn userinfo_is_refused_in_urls_and_redirects() {
+        let e = resolve(
+            "https://partner.test/bundle",
+            "https://user:pw@evil.test/bundle",
+        );
+        assert!(
+            matches!(&e, Err(FetchError::Redirect(m)) if m.contains("userinfo")),
+            "redirect with userinfo followed: {e:?}"
+        );
+        assert_eq!(
+            resolve("https://partner.test/a", "https://cdn.test/b").unwrap(),
+            "https://cdn.test/b"
+        );
+        let td = TrustDomain::new("partner.test").unwrap();
+        let e = fetch(
+            "https://user@127.0.0.1:1/bundle",
+            &Profile::Web(Arc::new(rustls::RootCertStore::empty())),
+            &td,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&e, FetchError::Url(_, m) if m.contains("userinfo")),
+            "{e:?}"
+        );
+    }
 }

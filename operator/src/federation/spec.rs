@@ -185,6 +185,11 @@ impl Spec {
         if uri.host().is_none_or(str::is_empty) {
             return Err(bad_url("has no host"));
         }
+        if fetch::has_userinfo(&uri) {
+            return Err(bad_url(
+                "includes userinfo (user@ or user:password@ before the host), which bundle endpoint URLs must not (SPIFFE_Federation.md 5.2.1.1/5.2.2.1)",
+            ));
+        }
         let profile = match spec.bundle_endpoint_profile.type_ {
             ProfileType::HttpsWeb => ProfileSpec::Web {
                 ca: spec.bundle_endpoint_profile.ca_bundle_secret_ref.clone(),
@@ -241,6 +246,23 @@ impl Spec {
 /// SHA-256 (hex) of a bootstrap bundle's text.
 pub fn bootstrap_hash(text: &str) -> String {
     hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// When `fetched` is older than the bundle held from an earlier fetch (a lower
+/// `spiffe_sequence`): the held and the fetched sequence. SPIFFE_Federation.md 4.2: the
+/// sequence orders bundles, so an older one never replaces a newer one (a stale replica or
+/// cache behind the endpoint). A bootstrap bundle is the operator's local copy and any
+/// fetch replaces it; without sequences the latest fetch wins.
+pub fn older_than_held(
+    held: Option<&(TrustBundle, Source)>,
+    fetched: &TrustBundle,
+) -> Option<(u64, u64)> {
+    match (held, fetched.sequence) {
+        (Some((h, Source::Fetched)), Some(new)) => {
+            h.sequence.filter(|&old| new < old).map(|old| (old, new))
+        }
+        _ => None,
+    }
 }
 
 /// Name of the ConfigMap holding the bundle of FederatedBundle `object`.
@@ -355,6 +377,54 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.reason(), "InvalidBootstrapBundle");
         assert!(e.to_string().contains("spec.trustDomainBundle"), "{e}");
+    }
+
+    /// SPIFFE_Federation.md 5.2.1.1/5.2.2.1: endpoint URLs MUST NOT include userinfo.
+    ///
+    /// Before the fix: the URL was accepted, and fetches went to the host with the
+    /// credentials silently dropped.
+    #[test]
+    fn userinfo_in_the_endpoint_url_is_refused() {
+        for url in [
+            "https://user@partner.test/bundle",
+            "https://user:secret@partner.test:8443/bundle",
+        ] {
+            let e = Spec::from_object(&fb(serde_json::json!({
+                "trustDomain": "partner.test",
+                "bundleEndpointURL": url,
+                "bundleEndpointProfile": {"type": "https_web"},
+            })))
+            .map(|_| ())
+            .unwrap_err();
+            assert_eq!(e.reason(), "InvalidBundleEndpointURL", "{url}");
+            assert!(e.to_string().contains("userinfo"), "{e}");
+        }
+    }
+
+    /// SPIFFE_Federation.md 4.2 (SHOULD): the sequence decides which of two bundles is
+    /// newer; an older fetched bundle never replaces a newer held one.
+    ///
+    /// Before the fix: there was no such check; the controller replaced the held bundle
+    /// with whatever the endpoint served.
+    #[test]
+    fn an_older_sequence_never_replaces_a_newer_fetched_bundle() {
+        let td = TrustDomain::new("partner.test").unwrap();
+        let with_seq = |s: Option<u64>| {
+            let mut b = TrustBundle::new(td.clone());
+            b.sequence = s;
+            b
+        };
+        let held = (with_seq(Some(7)), Source::Fetched);
+        assert_eq!(
+            older_than_held(Some(&held), &with_seq(Some(6))),
+            Some((7, 6))
+        );
+        assert_eq!(older_than_held(Some(&held), &with_seq(Some(7))), None);
+        assert_eq!(older_than_held(Some(&held), &with_seq(Some(8))), None);
+        assert_eq!(older_than_held(Some(&held), &with_seq(None)), None);
+        let bootstrap = (with_seq(Some(7)), Source::Bootstrap);
+        assert_eq!(older_than_held(Some(&bootstrap), &with_seq(Some(1))), None);
+        assert_eq!(older_than_held(None, &with_seq(Some(1))), None);
     }
 
     #[test]

@@ -94,6 +94,10 @@ enum Outcome {
     Applied,
     /// An older ClusterSPIFFEID gives the pod the same SPIFFE ID.
     Masked,
+    /// Its entry is issued without its hint: an older ClusterSPIFFEID (named) gives the
+    /// pod an identity with the same hint, and hints are unique in a Workload API response
+    /// (SPIFFE_Workload_API.md 5.2.1, 6.2.1).
+    HintTaken(String),
     /// The entry did not render.
     Failed(String),
 }
@@ -125,6 +129,8 @@ struct CsidRecord {
     observed_status: Option<ClusterSpiffeIdStatus>,
     selected: HashSet<PodId>,
     failures: BTreeMap<PodKey, String>,
+    /// Pods whose entry lost its hint to an older ClusterSPIFFEID, with that one's name.
+    hint_conflicts: BTreeMap<PodKey, String>,
     masked: u64,
     namespaces_selected: u64,
     namespaces_ignored: u64,
@@ -660,6 +666,7 @@ impl State {
                     observed_status: observed,
                     selected: HashSet::new(),
                     failures: BTreeMap::new(),
+                    hint_conflicts: BTreeMap::new(),
                     masked: 0,
                     namespaces_selected: 0,
                     namespaces_ignored: 0,
@@ -799,6 +806,9 @@ impl State {
                         Outcome::Failed(_) => {
                             r.failures.remove(&key());
                         }
+                        Outcome::HintTaken(_) => {
+                            r.hint_conflicts.remove(&key());
+                        }
                         Outcome::Masked => r.masked = r.masked.saturating_sub(1),
                         _ => {}
                     }
@@ -814,6 +824,9 @@ impl State {
                     match o {
                         Outcome::Failed(reason) => {
                             r.failures.insert(key(), reason.clone());
+                        }
+                        Outcome::HintTaken(winner) => {
+                            r.hint_conflicts.insert(key(), winner.clone());
                         }
                         Outcome::Masked => r.masked += 1,
                         _ => {}
@@ -883,6 +896,7 @@ impl State {
         let any_primary = matching.iter().any(|(_, _, c, _)| !c.spec.fallback);
         let mut outcomes = Vec::with_capacity(matching.len());
         let mut entries: Vec<RegistrationEntry> = Vec::with_capacity(1);
+        let mut hint_owners: Vec<(String, String)> = Vec::new();
         for (c, rec, compiled, td) in matching {
             let outcome = if compiled.spec.fallback && any_primary {
                 Outcome::Standby
@@ -891,9 +905,27 @@ impl State {
             } else {
                 match self.render(&rec.meta.name, compiled, td, pod, ns_labels) {
                     Ok(e) if entries.iter().any(|x| x.spiffe_id == e.spiffe_id) => Outcome::Masked,
-                    Ok(e) => {
+                    Ok(mut e) => {
+                        // The oldest ClusterSPIFFEID keeps a hint (as for SPIFFE IDs); a
+                        // younger one's entry is issued without it and reported.
+                        let taken = (!e.hint.is_empty())
+                            .then(|| hint_owners.iter().find(|(h, _)| *h == e.hint))
+                            .flatten()
+                            .map(|(_, owner)| owner.clone());
+                        let outcome = match taken {
+                            Some(owner) => {
+                                e.hint.clear();
+                                Outcome::HintTaken(owner)
+                            }
+                            None => {
+                                if !e.hint.is_empty() {
+                                    hint_owners.push((e.hint.clone(), rec.meta.name.clone()));
+                                }
+                                Outcome::Applied
+                            }
+                        };
                         entries.push(e);
-                        Outcome::Applied
+                        outcome
                     }
                     Err(reason) => Outcome::Failed(reason),
                 }
@@ -1074,6 +1106,27 @@ impl State {
                     stats.first_render_failure.clone().unwrap_or_default()
                 ),
             },
+            _ if !rec.hint_conflicts.is_empty() => {
+                let ((ns, n), owner) = rec
+                    .hint_conflicts
+                    .iter()
+                    .next()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .unwrap_or_default();
+                Readiness {
+                    ready: true,
+                    reason: "HintConflict",
+                    message: format!(
+                        "{} of {} selected pods get this identity without its hint {:?}: an older ClusterSPIFFEID gives them an identity with the same hint, and a hint must be unique among a workload's SVIDs (first: {ns}/{n}, hint kept by {owner}); change spec.hint",
+                        rec.hint_conflicts.len(),
+                        rec.selected.len(),
+                        rec.spec
+                            .as_ref()
+                            .map(|s| s.hint.as_str())
+                            .unwrap_or_default(),
+                    ),
+                }
+            }
             _ => Readiness {
                 ready: true,
                 reason: "EntriesRendered",

@@ -415,6 +415,9 @@ pub struct AuthorityState {
     pub trust_domain: TrustDomain,
     /// `spiffe_sequence` of the current bundle.
     pub sequence: u64,
+    /// `spiffe_refresh_hint` the current sequence was published with; `None` until known
+    /// (a new trust domain, or a Secret written before it was kept).
+    pub refresh_hint: Option<Duration>,
     /// X.509 CAs.
     pub x509: Ring<CertificateAuthority>,
     /// JWT keys.
@@ -434,12 +437,16 @@ pub struct Advance {
     pub jwt_error: Option<Error>,
     /// Whether the bundle's authorities changed (and the sequence was bumped).
     pub bundle_changed: bool,
+    /// Whether only the policy's refresh hint changed the bundle (the sequence was bumped
+    /// too: SPIFFE_Trust_Domain_and_Bundle.md 4.1.1, the sequence MUST change whenever the
+    /// bundle's contents do).
+    pub refresh_hint_changed: bool,
 }
 
 impl Advance {
     /// Whether the state must be persisted.
     pub fn changed(&self) -> bool {
-        !self.transitions.is_empty()
+        !self.transitions.is_empty() || self.refresh_hint_changed
     }
 }
 
@@ -449,6 +456,7 @@ impl AuthorityState {
         Self {
             trust_domain,
             sequence: 0,
+            refresh_hint: None,
             x509: Ring::default(),
             jwt: Ring::default(),
         }
@@ -584,7 +592,11 @@ impl AuthorityState {
         if !self.bundle(None).same_keys(&before) {
             self.sequence += 1;
             result.bundle_changed = true;
+        } else if self.refresh_hint.is_some_and(|h| h != policy.refresh_hint) {
+            self.sequence += 1;
+            result.refresh_hint_changed = true;
         }
+        self.refresh_hint = Some(policy.refresh_hint);
         result
     }
 }
@@ -743,6 +755,33 @@ mod tests {
         assert!(seen_activations >= 3, "activations: {seen_activations}");
         assert!(seen_drops >= 2, "drops: {seen_drops}");
         assert!(state.x509.retired.len() <= 1);
+    }
+
+    /// SPIFFE_Trust_Domain_and_Bundle.md 4.1.1: the sequence MUST change whenever the
+    /// contents of the bundle are updated, `spiffe_refresh_hint` included.
+    ///
+    /// Before the fix: changing spec.bundle.refreshHint republished the bundle with the
+    /// new hint under the old sequence (the test failed at "sequence bumped").
+    #[test]
+    fn a_changed_refresh_hint_bumps_the_sequence() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut state = AuthorityState::new(td());
+        let five = policy(serde_json::json!({"bundle": {"refreshHint": "5m"}}));
+        state.advance(t0, &five, None);
+        let seq = state.sequence;
+        let adv = state.advance(t0 + Duration::from_secs(1), &five, None);
+        assert!(
+            !adv.changed() && state.sequence == seq,
+            "same hint, same sequence"
+        );
+        let ten = policy(serde_json::json!({"bundle": {"refreshHint": "10m"}}));
+        let adv = state.advance(t0 + Duration::from_secs(2), &ten, None);
+        assert_eq!(state.sequence, seq + 1, "sequence bumped");
+        assert!(adv.changed(), "the new sequence is persisted");
+        assert_eq!(
+            state.bundle(Some(ten.refresh_hint)).refresh_hint,
+            Some(Duration::from_secs(600))
+        );
     }
 
     #[test]

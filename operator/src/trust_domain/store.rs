@@ -55,6 +55,9 @@ struct Stored {
     format: u32,
     trust_domain: String,
     sequence: u64,
+    /// `spiffe_refresh_hint` (seconds) the sequence was published with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_hint_seconds: Option<u64>,
     x509: StoredRing<StoredCa, StoredRetiredCa>,
     jwt: StoredRing<StoredJwt, StoredRetiredJwt>,
 }
@@ -169,6 +172,7 @@ pub fn to_secret_data(
         format: FORMAT,
         trust_domain: state.trust_domain.name().to_owned(),
         sequence: state.sequence,
+        refresh_hint_seconds: state.refresh_hint.map(|d| d.as_secs()),
         x509: StoredRing {
             active: state.x509.active.as_ref().map(ca),
             prepared: state.x509.prepared.as_ref().map(ca),
@@ -328,6 +332,7 @@ pub fn from_secret(
     Ok(AuthorityState {
         trust_domain: trust_domain.clone(),
         sequence: stored.sequence,
+        refresh_hint: stored.refresh_hint_seconds.map(Duration::from_secs),
         x509,
         jwt: jwt_ring,
     })
