@@ -27,8 +27,10 @@ mod metrics;
 mod node_log;
 mod objects;
 mod pod_watch;
+mod render;
 mod state;
 mod status;
+mod status_view;
 mod watch;
 
 use std::collections::{BTreeSet, HashMap};
@@ -50,7 +52,7 @@ use self::node_log::{NodeLog, Revisions};
 use self::objects::{CsidMeta, PodFacts};
 pub use self::objects::{PodFields, TrustDomainInfo, WatchedPod, WatchedPodSpec, WatchedPodStatus};
 pub use self::pod_watch::{ListTotals, PodPage, decode_pod_list, list_every_pod};
-pub use self::state::entry_id;
+pub use self::render::entry_id;
 use self::state::{Batch, Kind, State};
 pub use self::status::StatusOptions;
 pub use self::watch::{RunOptions, run};
@@ -502,7 +504,7 @@ impl EntryIndex {
         self.mark_dirty(names);
     }
 
-    fn status_view(&self, name: &str) -> Option<state::StatusView> {
+    fn status_view(&self, name: &str) -> Option<status_view::StatusView> {
         self.lock().state.status_view(name)
     }
 }

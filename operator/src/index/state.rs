@@ -26,18 +26,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-use sigil_identity::SpiffeId;
-use sigil_identity::entry::{RegistrationEntry, Selector};
+use sigil_identity::entry::RegistrationEntry;
 
 use super::IndexConfig;
-use super::objects::{
-    CompiledCsid, CsidMeta, NodeFacts, PodFacts, SliceFacts, TrustDomainInfo, is_dns_name,
-};
-use crate::crd::cluster_spiffe_id::{
-    ClusterSpiffeIdSpec, ClusterSpiffeIdStats, ClusterSpiffeIdStatus,
-};
-use crate::template::{KeyValues, RenderInput};
+use super::objects::{CompiledCsid, CsidMeta, NodeFacts, PodFacts, SliceFacts, TrustDomainInfo};
+use super::render::{self, PodWorld};
+use super::status_view::{self, StatusView};
+use crate::crd::cluster_spiffe_id::{ClusterSpiffeIdSpec, ClusterSpiffeIdStatus};
 
 pub(crate) type PodId = u32;
 type CsidId = u32;
@@ -113,7 +108,7 @@ struct PodRecord {
 
 /// How a ClusterSPIFFEID's trust domain resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum TdResolution {
+pub(super) enum TdResolution {
     Found(TrustDomainInfo),
     NotFound(String),
     NoneExist,
@@ -121,19 +116,19 @@ enum TdResolution {
 }
 
 #[derive(Debug)]
-struct CsidRecord {
-    meta: CsidMeta,
-    spec: Result<ClusterSpiffeIdSpec, String>,
-    compiled: Result<CompiledCsid, String>,
-    resolved: TdResolution,
-    observed_status: Option<ClusterSpiffeIdStatus>,
-    selected: HashSet<PodId>,
-    failures: BTreeMap<PodKey, String>,
+pub(super) struct CsidRecord {
+    pub(super) meta: CsidMeta,
+    pub(super) spec: Result<ClusterSpiffeIdSpec, String>,
+    pub(super) compiled: Result<CompiledCsid, String>,
+    pub(super) resolved: TdResolution,
+    pub(super) observed_status: Option<ClusterSpiffeIdStatus>,
+    pub(super) selected: HashSet<PodId>,
+    pub(super) failures: BTreeMap<PodKey, String>,
     /// Pods whose entry lost its hint to an older ClusterSPIFFEID, with that one's name.
-    hint_conflicts: BTreeMap<PodKey, String>,
-    masked: u64,
-    namespaces_selected: u64,
-    namespaces_ignored: u64,
+    pub(super) hint_conflicts: BTreeMap<PodKey, String>,
+    pub(super) masked: u64,
+    pub(super) namespaces_selected: u64,
+    pub(super) namespaces_ignored: u64,
 }
 
 impl CsidRecord {
@@ -156,23 +151,6 @@ pub(crate) enum Kind {
     Service,
     ClusterSpiffeId,
     TrustDomain,
-}
-
-/// The readiness condition of a ClusterSPIFFEID, without its transition time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Readiness {
-    pub(crate) ready: bool,
-    pub(crate) reason: &'static str,
-    pub(crate) message: String,
-}
-
-/// A ClusterSPIFFEID's status as the index sees it, and as it was last observed.
-#[derive(Debug, Clone)]
-pub(crate) struct StatusView {
-    pub(crate) generation: Option<i64>,
-    pub(crate) stats: ClusterSpiffeIdStats,
-    pub(crate) ready: Readiness,
-    pub(crate) observed: Option<ClusterSpiffeIdStatus>,
 }
 
 #[derive(Debug)]
@@ -935,6 +913,7 @@ impl State {
         (outcomes, entries)
     }
 
+    /// The facts rendering reads for `pod`, then [`render::entry`].
     fn render(
         &self,
         csid_name: &str,
@@ -943,206 +922,43 @@ impl State {
         pod: &PodFacts,
         ns_labels: &Labels,
     ) -> Result<RegistrationEntry, String> {
-        let node = pod.node.as_deref().and_then(|n| self.nodes.get(n));
-        let input = RenderInput {
-            trust_domain: td.trust_domain.name(),
-            cluster_name: &self.config.cluster_name,
-            cluster_domain: &self.config.cluster_domain,
-            pod_name: &pod.name,
-            pod_namespace: &pod.namespace,
-            pod_uid: &pod.uid,
-            pod_service_account: &pod.service_account,
-            pod_hostname: pod.hostname.as_deref(),
-            pod_labels: &pod.labels,
-            pod_annotations: &pod.annotations,
-            namespace_labels: Some(ns_labels),
-            node_name: pod.node.as_deref(),
-            node_uid: node.map(|n| n.uid.as_str()),
-            node_labels: node.map(|n| &n.labels as &dyn KeyValues),
-        };
-        let id = c
-            .spiffe_id
-            .render(&input)
-            .map_err(|e| format!("spiffeIDTemplate: {e}"))?;
-        let spiffe_id =
-            SpiffeId::parse(&id).map_err(|e| format!("spiffeIDTemplate renders {id:?}: {e}"))?;
-        if !spiffe_id.is_member_of(&td.trust_domain) {
-            return Err(format!(
-                "spiffeIDTemplate renders {id}, which is outside trust domain {}",
-                td.trust_domain
-            ));
-        }
-        if spiffe_id.path().is_empty() {
-            return Err(format!(
-                "spiffeIDTemplate renders {id}, a trust domain's own ID; a workload's SPIFFE ID must have a path (X509-SVID), e.g. spiffe://{{{{trustDomain}}}}/ns/{{{{pod.namespace}}}}/sa/{{{{pod.serviceAccountName}}}}"
-            ));
-        }
-        if spiffe_id.is_reserved() {
-            return Err(format!(
-                "spiffeIDTemplate renders {id}, whose path is reserved for Sigil's agents, operator and bundle endpoint (/sigil and below); change the template or the pod field it uses"
-            ));
-        }
-        let mut selectors = vec![Selector::new("k8s", format!("pod-uid:{}", pod.uid))];
-        for (i, t) in c.workload_selectors.iter().enumerate() {
-            let s = t
-                .render(&input)
-                .map_err(|e| format!("workloadSelectorTemplates[{i}]: {e}"))?;
-            let sel = Selector::parse(&s).ok_or_else(|| {
-                format!("workloadSelectorTemplates[{i}] renders {s:?}, not type:value")
-            })?;
-            if !selectors.contains(&sel) {
-                selectors.push(sel);
-            }
-        }
-        let mut dns_names: Vec<String> = Vec::new();
-        for (i, t) in c.dns_names.iter().enumerate() {
-            let name = t
-                .render(&input)
-                .map_err(|e| format!("dnsNameTemplates[{i}]: {e}"))?;
-            if !is_dns_name(&name) {
-                return Err(format!(
-                    "dnsNameTemplates[{i}] renders {name:?}, which is not a DNS name"
-                ));
-            }
-            if !dns_names.contains(&name) {
-                dns_names.push(name);
-            }
-        }
-        if c.spec.auto_populate_dns_names
-            && let Some(services) = self
-                .pod_services
+        // Only Services that exist in the pod's namespace: the label naming them is
+        // written by whoever writes the EndpointSlice.
+        let services: Vec<&str> = if c.spec.auto_populate_dns_names {
+            self.pod_services
                 .get(&(pod.namespace.clone(), pod.name.clone()))
-        {
-            let ns = &pod.namespace;
-            let domain = &self.config.cluster_domain;
-            // Only Services that exist in the pod's namespace: the label naming them is
-            // written by whoever writes the EndpointSlice.
-            for (svc, _) in services
-                .iter()
-                .filter(|(svc, _)| self.services.contains(&(ns.clone(), svc.to_string())))
-            {
-                for name in [
-                    svc.to_string(),
-                    format!("{svc}.{ns}"),
-                    format!("{svc}.{ns}.svc"),
-                    format!("{svc}.{ns}.svc.{domain}"),
-                ] {
-                    if !dns_names.contains(&name) {
-                        dns_names.push(name);
-                    }
-                }
-            }
-        }
-        Ok(RegistrationEntry {
-            id: entry_id(csid_name, &pod.uid),
-            spiffe_id,
-            selectors,
-            dns_names,
-            x509_ttl: c.ttl.unwrap_or(td.x509_ttl),
-            jwt_ttl: c.jwt_ttl.unwrap_or(td.jwt_ttl),
-            federates_with: c.federates_with.clone(),
-            hint: c.spec.hint.clone(),
-            admin: c.spec.admin,
-            downstream: c.spec.downstream,
-            revision: 0,
-        })
+                .into_iter()
+                .flatten()
+                .filter(|(svc, _)| {
+                    self.services
+                        .contains(&(pod.namespace.clone(), svc.to_string()))
+                })
+                .map(|(svc, _)| &**svc)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        render::entry(
+            csid_name,
+            c,
+            td,
+            &PodWorld {
+                pod,
+                namespace_labels: ns_labels,
+                node: pod.node.as_deref().and_then(|n| self.nodes.get(n)),
+                services,
+                cluster_name: &self.config.cluster_name,
+                cluster_domain: &self.config.cluster_domain,
+            },
+        )
     }
 
     // ---- status ----
 
+    /// ClusterSPIFFEID `name`'s status as the index sees it ([`status_view::of`]).
     pub(crate) fn status_view(&self, name: &str) -> Option<StatusView> {
         let rec = self.csid(*self.csid_by_name.get(name)?)?;
-        let stats = ClusterSpiffeIdStats {
-            namespaces_selected: rec.namespaces_selected as i64,
-            namespaces_ignored: rec.namespaces_ignored as i64,
-            pods_selected: rec.selected.len() as i64,
-            pod_entry_render_failures: rec.failures.len() as i64,
-            first_render_failure: rec
-                .failures
-                .iter()
-                .next()
-                .map(|((ns, n), why)| format!("{ns}/{n}: {why}")),
-            entries_masked: rec.masked as i64,
-        };
-        let ready = match (&rec.compiled, &rec.resolved) {
-            _ if !self.synced => Readiness {
-                ready: false,
-                reason: "Syncing",
-                message: "the operator is still listing objects".into(),
-            },
-            (Err(e), _) => Readiness {
-                ready: false,
-                reason: "InvalidSpec",
-                message: e.clone(),
-            },
-            (_, TdResolution::NotFound(td)) => Readiness {
-                ready: false,
-                reason: "TrustDomainNotFound",
-                message: format!(
-                    "TrustDomain {td:?} (spec.trustDomain) does not exist; create it or name an existing one"
-                ),
-            },
-            (_, TdResolution::NoneExist) => Readiness {
-                ready: false,
-                reason: "TrustDomainNotFound",
-                message:
-                    "no TrustDomain exists; create one (spec.trustDomain may then be left out)"
-                        .into(),
-            },
-            (_, TdResolution::Ambiguous(n)) => Readiness {
-                ready: false,
-                reason: "TrustDomainAmbiguous",
-                message: format!(
-                    "spec.trustDomain is not set and {n} TrustDomains exist; set it to the name of one"
-                ),
-            },
-            _ if !rec.failures.is_empty() => Readiness {
-                ready: false,
-                reason: "RenderFailures",
-                message: format!(
-                    "{} of {} selected pods have no entry; first: {}",
-                    rec.failures.len(),
-                    rec.selected.len(),
-                    stats.first_render_failure.clone().unwrap_or_default()
-                ),
-            },
-            _ if !rec.hint_conflicts.is_empty() => {
-                let ((ns, n), owner) = rec
-                    .hint_conflicts
-                    .iter()
-                    .next()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .unwrap_or_default();
-                Readiness {
-                    ready: true,
-                    reason: "HintConflict",
-                    message: format!(
-                        "{} of {} selected pods get this identity without its hint {:?}: an older ClusterSPIFFEID gives them an identity with the same hint, and a hint must be unique among a workload's SVIDs (first: {ns}/{n}, hint kept by {owner}); change spec.hint",
-                        rec.hint_conflicts.len(),
-                        rec.selected.len(),
-                        rec.spec
-                            .as_ref()
-                            .map(|s| s.hint.as_str())
-                            .unwrap_or_default(),
-                    ),
-                }
-            }
-            _ => Readiness {
-                ready: true,
-                reason: "EntriesRendered",
-                message: format!(
-                    "{} pods selected, {} entries masked",
-                    rec.selected.len(),
-                    rec.masked
-                ),
-            },
-        };
-        Some(StatusView {
-            generation: rec.meta.generation,
-            stats,
-            ready,
-            observed: rec.observed_status.clone(),
-        })
+        Some(status_view::of(rec, self.synced))
     }
 
     pub(crate) fn csid_names(&self) -> Vec<String> {
@@ -1169,16 +985,6 @@ fn resolve(
             }
         }
     }
-}
-
-/// The stable ID of the entry a ClusterSPIFFEID gives a pod.
-pub fn entry_id(csid: &str, pod_uid: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(b"sigil-entry/v1\0");
-    h.update(csid.as_bytes());
-    h.update(b"\0");
-    h.update(pod_uid.as_bytes());
-    hex::encode(&h.finalize()[..16])
 }
 
 fn content_hash(e: &RegistrationEntry) -> u64 {

@@ -19,7 +19,7 @@ use tracing::{debug, warn};
 
 use super::EntryIndex;
 use super::metrics::PatchLabels;
-use super::state::StatusView;
+use super::status_view::StatusView;
 use crate::crd::cluster_spiffe_id::{ClusterSPIFFEID, ClusterSpiffeIdStatus};
 
 /// How status is written.
