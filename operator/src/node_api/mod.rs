@@ -17,6 +17,8 @@
 //!   per address and in total, and for callers without a client certificate a small
 //!   message bound before decoding ([`request_bounds`]) and a rate limit before TokenReview.
 
+mod attest_tpm;
+mod convert;
 pub mod limits;
 pub mod metrics;
 pub mod psat;

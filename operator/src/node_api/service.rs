@@ -4,27 +4,27 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::Stream;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::reflector::Store;
 use sigil_identity::ca::SvidTemplate;
 use sigil_identity::clock::SharedClock;
-use sigil_identity::entry::{RegistrationEntry, Selector};
 use sigil_identity::proto::node as pb;
 use sigil_identity::{SpiffeId, TrustDomain, x509};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::convert::{delta_to_pb, sel_to_pb, unix};
 use super::limits::{NodeApiLimits, RateLimiter};
 use super::metrics::NodeApiMetrics;
 use super::psat::{self, PsatConfig};
 use super::revocation::{self, Binding, Revoked};
-use super::tpm::{self, TpmConfig, TpmError};
+use super::tpm::{self, TpmConfig};
 use crate::authority::Authorities;
 use crate::federation::FederatedBundles;
-use crate::index::{EntryIndex, NodeDelta};
+use crate::index::EntryIndex;
 
 /// Most CSRs in one SignX509Svids call.
 pub const MAX_CSRS_PER_CALL: usize = 1000;
@@ -53,20 +53,20 @@ pub struct NodeApiConfig {
 /// The Node API implementation, shared by all connections of one replica.
 #[derive(Debug, Clone)]
 pub struct NodeApi {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
-struct Inner {
-    cfg: NodeApiConfig,
-    client: kube::Client,
-    authorities: Arc<Authorities>,
-    entries: EntryIndex,
-    nodes: Store<Node>,
-    clock: SharedClock,
-    limiters: Limiters,
-    metrics: NodeApiMetrics,
-    federated: Arc<FederatedBundles>,
-    shutdown: CancellationToken,
+pub(super) struct Inner {
+    pub(super) cfg: NodeApiConfig,
+    pub(super) client: kube::Client,
+    pub(super) authorities: Arc<Authorities>,
+    pub(super) entries: EntryIndex,
+    pub(super) nodes: Store<Node>,
+    pub(super) clock: SharedClock,
+    pub(super) limiters: Limiters,
+    pub(super) metrics: NodeApiMetrics,
+    pub(super) federated: Arc<FederatedBundles>,
+    pub(super) shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Inner {
@@ -79,12 +79,12 @@ impl std::fmt::Debug for Inner {
 
 /// The per-RPC budgets ([`super::limits`]).
 #[derive(Debug)]
-struct Limiters {
-    agent: RateLimiter,
-    sign: RateLimiter,
-    mint: RateLimiter,
-    attest_per_address: RateLimiter,
-    attest_total: RateLimiter,
+pub(super) struct Limiters {
+    pub(super) agent: RateLimiter,
+    pub(super) sign: RateLimiter,
+    pub(super) mint: RateLimiter,
+    pub(super) attest_per_address: RateLimiter,
+    pub(super) attest_total: RateLimiter,
 }
 
 /// The key of the budget all callers share.
@@ -161,7 +161,7 @@ impl NodeApi {
             .max_encoding_message_size(64 * 1024 * 1024)
     }
 
-    fn deny(&self, rpc: &str, reason: &str, status: Status) -> Status {
+    pub(super) fn deny(&self, rpc: &str, reason: &str, status: Status) -> Status {
         self.inner.metrics.deny(rpc, reason);
         tracing::warn!(
             rpc,
@@ -251,7 +251,7 @@ impl NodeApi {
         })
     }
 
-    fn now(&self) -> SystemTime {
+    pub(super) fn now(&self) -> SystemTime {
         self.inner.clock.now()
     }
 
@@ -261,12 +261,12 @@ impl NodeApi {
     }
 
     /// Counts, logs and returns a revocation's status.
-    fn revoked(&self, rpc: &str, r: &Revoked) -> Status {
+    pub(super) fn revoked(&self, rpc: &str, r: &Revoked) -> Status {
         self.deny(rpc, r.metric_label(), r.to_status())
     }
 
     /// Charges one token of `node`'s `budget` (a validated request about to do its work).
-    fn charge(
+    pub(super) fn charge(
         &self,
         rpc: &str,
         budget: &str,
@@ -315,146 +315,8 @@ impl NodeApi {
         Ok(())
     }
 
-    /// The one Node enrolled for the TPM whose EK hashes to `ek_hash` (annotation
-    /// [`tpm::EK_ANNOTATION`]), if its agent is not banned.
-    fn tpm_node(&self, rpc: &str, ek_hash: &str) -> Result<String, Status> {
-        let node = revocation::tpm_node(&self.inner.nodes, ek_hash)
-            .and_then(|n| revocation::check_ban(&n).map(|()| n))
-            .map_err(|r| self.revoked(rpc, &r))?;
-        Ok(node.metadata.name.clone().unwrap_or_default())
-    }
-
-    /// One AttestNodeTpm exchange (docs/tpm.md). Every failure is counted and logged here.
-    async fn attest_tpm(
-        &self,
-        cfg: &TpmConfig,
-        inbound: &mut tonic::Streaming<pb::TpmAttestRequest>,
-        tx: &tokio::sync::mpsc::Sender<Result<pb::TpmAttestResponse, Status>>,
-    ) -> Result<(), Status> {
-        const RPC: &str = "AttestNodeTpm";
-        let tpm_deny = |e: TpmError| self.deny(RPC, e.metric_label(), e.to_status());
-        let protocol = |m: &str| tpm_deny(TpmError::Protocol(m.into()));
-        let first = match tokio::time::timeout(TPM_FIRST_MESSAGE_TIMEOUT, inbound.message()).await {
-            Err(_) => {
-                return Err(self.deny(
-                    RPC,
-                    "tpm_protocol",
-                    Status::deadline_exceeded(format!(
-                        "no identity message within {TPM_FIRST_MESSAGE_TIMEOUT:?}"
-                    )),
-                ));
-            }
-            Ok(Err(s)) => return Err(s),
-            Ok(Ok(None)) => return Err(protocol("stream closed before the identity message")),
-            Ok(Ok(Some(m))) => m,
-        };
-        let Some(pb::tpm_attest_request::Step::Identity(identity)) = first.step else {
-            return Err(protocol("the first message must carry identity"));
-        };
-        if identity.psat_token.len() > MAX_TOKEN_LEN {
-            return Err(self.deny(
-                RPC,
-                "bad_token",
-                Status::invalid_argument(format!(
-                    "identity.psat_token is longer than {MAX_TOKEN_LEN} bytes"
-                )),
-            ));
-        }
-        // Refuse a bad CSR before making the TPM work.
-        let csr = first.csr;
-        x509::parse_csr_public_key(&csr).map_err(|e| {
-            self.deny(
-                RPC,
-                "bad_csr",
-                Status::invalid_argument(format!("agent CSR (csr of the identity message): {e}")),
-            )
-        })?;
-        let verified = tpm::verify_identity(
-            cfg,
-            &identity.ek_certificate,
-            &identity.ek_public,
-            &identity.ak_public,
-            self.now(),
-        )
-        .map_err(tpm_deny)?;
-        let node_name = self.tpm_node(RPC, &verified.ek_hash)?;
-        let mut selectors = verified.selectors.clone();
-        selectors.push(Selector::new(
-            tpm::SELECTOR_TYPE,
-            format!("node_name:{node_name}"),
-        ));
-        if !identity.psat_token.is_empty() {
-            // The agent also proves which pod it runs in: that pod must be on the Node
-            // the TPM is enrolled for.
-            let cluster = self.inner.cfg.psat.cluster.clone();
-            let attested = psat::attest(
-                &self.inner.client,
-                &self.inner.cfg.psat,
-                &cluster,
-                &identity.psat_token,
-            )
-            .await
-            .map_err(|e| self.deny(RPC, e.metric_label(), e.to_status()))?;
-            if attested.node_name != node_name {
-                return Err(self.deny(
-                    RPC,
-                    "tpm_psat_node_mismatch",
-                    Status::permission_denied(format!(
-                        "the TPM is enrolled for Node {node_name} but the agent pod runs on Node {}",
-                        attested.node_name
-                    )),
-                ));
-            }
-            selectors.extend(attested.selectors);
-        }
-        self.charge(RPC, "agent", &self.inner.limiters.agent, &node_name)?;
-
-        let challenge =
-            tpm::Challenge::new(&verified, self.now(), cfg.challenge_timeout).map_err(tpm_deny)?;
-        let sent = tx
-            .send(Ok(pb::TpmAttestResponse {
-                step: Some(pb::tpm_attest_response::Step::Challenge(pb::TpmChallenge {
-                    credential_blob: challenge.credential.credential_blob.clone(),
-                    encrypted_secret: challenge.credential.encrypted_secret.clone(),
-                    deadline: unix(challenge.deadline),
-                })),
-            }))
-            .await;
-        if sent.is_err() {
-            return Ok(());
-        }
-        let answer = match tokio::time::timeout(cfg.challenge_timeout, inbound.message()).await {
-            Err(_) => return Err(tpm_deny(TpmError::DeadlineExceeded(cfg.challenge_timeout))),
-            Ok(Err(s)) => return Err(s),
-            Ok(Ok(None)) => return Err(protocol("stream closed before the activated secret")),
-            Ok(Ok(Some(m))) => m,
-        };
-        let Some(pb::tpm_attest_request::Step::ActivatedSecret(secret)) = answer.step else {
-            return Err(protocol("the second message must carry activated_secret"));
-        };
-        challenge.check(&secret, self.now()).map_err(tpm_deny)?;
-
-        let (chain, not_after, id) = self.sign_agent(RPC, &verified.agent_path, &csr)?;
-        let bundle = self.own_bundle();
-        tracing::info!(agent = %id, node = %node_name, "agent attested (tpm)");
-        let _ = tx
-            .send(Ok(pb::TpmAttestResponse {
-                step: Some(pb::tpm_attest_response::Step::Result(
-                    pb::AttestNodeResponse {
-                        svid_chain: chain,
-                        spiffe_id: id.to_string(),
-                        selectors: selectors.iter().map(sel_to_pb).collect(),
-                        bundle,
-                        expires_at: unix(not_after),
-                    },
-                )),
-            }))
-            .await;
-        Ok(())
-    }
-
     /// The agent trust domain's bundle, as the agent gets it with its SVID.
-    fn own_bundle(&self) -> Option<pb::Bundle> {
+    pub(super) fn own_bundle(&self) -> Option<pb::Bundle> {
         self.inner
             .authorities
             .get(&self.inner.cfg.agent_trust_domain)
@@ -466,7 +328,7 @@ impl NodeApi {
     }
 
     /// Signs an agent SVID for `path` in the agent trust domain from `csr_der`.
-    fn sign_agent(
+    pub(super) fn sign_agent(
         &self,
         rpc: &str,
         path: &str,
@@ -530,54 +392,6 @@ impl NodeApi {
                 sequence: b.sequence.unwrap_or(0),
             })
             .collect()
-    }
-}
-
-fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-fn entry_to_pb(e: &RegistrationEntry) -> pb::Entry {
-    pb::Entry {
-        id: e.id.clone(),
-        spiffe_id: e.spiffe_id.to_string(),
-        selectors: e.selectors.iter().map(sel_to_pb).collect(),
-        dns_names: e.dns_names.clone(),
-        x509_svid_ttl_seconds: e.x509_ttl.as_secs() as i64,
-        jwt_svid_ttl_seconds: e.jwt_ttl.as_secs() as i64,
-        federates_with: e
-            .federates_with
-            .iter()
-            .map(|t| t.name().to_owned())
-            .collect(),
-        hint: e.hint.clone(),
-        admin: e.admin,
-        downstream: e.downstream,
-        revision: e.revision,
-    }
-}
-
-fn sel_to_pb(s: &Selector) -> pb::Selector {
-    pb::Selector {
-        r#type: s.kind.clone(),
-        value: s.value.clone(),
-    }
-}
-
-/// A stream message; `bundles`, when given, is the complete set.
-fn delta_to_pb(d: NodeDelta, bundles: Option<Vec<pb::Bundle>>) -> pb::SyncEntriesResponse {
-    let bundles_complete = bundles.is_some();
-    let bundles = bundles.unwrap_or_default();
-    pb::SyncEntriesResponse {
-        full: d.full,
-        upserts: d.upserts.iter().map(|e| entry_to_pb(e)).collect(),
-        removed: d.removed,
-        bundles,
-        removed_bundles: vec![],
-        bundles_complete,
-        revision: d.revision,
     }
 }
 
