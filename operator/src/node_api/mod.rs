@@ -16,8 +16,14 @@
 //!   after validation, connection caps ([`crate::tls_listener`]), request bytes in transit
 //!   per address and in total, and for callers without a client certificate a small
 //!   message bound before decoding ([`request_bounds`]) and a rate limit before TokenReview.
+//!
+//! Where each part lives: the RPC handlers in [`service`]; the per-call authorization of
+//! an agent in `authorize.rs`; PSAT attestation in [`psat`]; the TPM exchange in
+//! `attest_tpm.rs` over the Kubernetes-free checks of [`tpm`]; protobuf conversions in
+//! `convert.rs`.
 
 mod attest_tpm;
+mod authorize;
 mod convert;
 pub mod limits;
 pub mod metrics;
