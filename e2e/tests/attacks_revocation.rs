@@ -447,10 +447,9 @@ async fn a_recycled_pid_at_accept_is_not_read_as_the_caller() {
     let caps = sigil_agent::limits::Caps::connections(
         16,
         16,
-        sigil_agent::workload_api::WorkloadApiMetrics::default(),
+        sigil_agent::transport::ApiMetrics::default(),
     );
-    let incoming =
-        sigil_agent::workload_api::incoming(listener, "/proc".into(), caps, cancel.clone());
+    let incoming = sigil_agent::transport::incoming(listener, "/proc".into(), caps, cancel.clone());
     futures::pin_mut!(incoming);
     let etc = tempfile::tempdir().unwrap();
     let attestor = sigil_agent::attest::WorkloadAttestor::new(

@@ -28,14 +28,15 @@ use tracing::info;
 use crate::attest::WorkloadAttestor;
 use crate::attest::k8s::{ApiPodSource, PodSource};
 use crate::attest::kubelet::{KubeletConfig, KubeletPodSource};
-use crate::broker_api::{self, BrokerApi, BrokerApiMetrics, BrokerPolicy};
+use crate::broker_api::{self, BrokerApi, BrokerPolicy};
 use crate::cache::Cache;
 use crate::limits::{self, Caps, MintBudget};
 use crate::node_client::{NodeClient, NodeClientConfig};
 use crate::rotator::{self, RotatorMetrics};
 use crate::serving::Served;
 use crate::sync::{self, TokenFile};
-use crate::workload_api::{self, WorkloadApi, WorkloadApiMetrics};
+use crate::transport::{self, Api, ApiMetrics};
+use crate::workload_api::{self, WorkloadApi};
 
 /// sigil-agent: attests this node to sigil-operator, keeps the identities of the pods on
 /// it, and serves the SPIFFE Workload API.
@@ -316,7 +317,7 @@ impl Agent {
         let client = kube_client(kubeconfig.as_deref()).await?;
 
         let mut registry = Registry::default();
-        let api_metrics = WorkloadApiMetrics::default();
+        let api_metrics = ApiMetrics::new(Api::Workload);
         api_metrics.register(&mut registry);
         let rotator_metrics = RotatorMetrics::default();
         rotator_metrics.register(&mut registry);
@@ -348,7 +349,7 @@ impl Agent {
             Some(pods.clone()),
             pod_timeout,
         ));
-        let listener = workload_api::bind(&socket_path).with_context(|| {
+        let listener = transport::bind_public(&socket_path).with_context(|| {
             format!(
                 "bind the Workload API socket {} (--socket-path)",
                 socket_path.display()
@@ -377,13 +378,13 @@ impl Agent {
             stream_caps,
             cancel.clone(),
         );
-        let broker_metrics = BrokerApiMetrics::default();
+        let broker_metrics = ApiMetrics::new(Api::Broker);
         broker_metrics.register(&mut registry);
         let broker_listener = if broker.broker_socket_path.as_os_str().is_empty() {
             None
         } else {
             Some(
-                broker_api::bind(&broker.broker_socket_path).with_context(|| {
+                transport::bind_private(&broker.broker_socket_path).with_context(|| {
                     format!(
                         "bind the Broker API socket {} (--broker-socket-path)",
                         broker.broker_socket_path.display()

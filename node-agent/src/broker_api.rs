@@ -26,10 +26,6 @@ use std::time::Duration;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::Client;
 use kube::api::{Api, PostParams};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use prost::Message;
 use sigil_identity::entry::Selector;
 use sigil_identity::proto::broker as pb;
@@ -37,14 +33,14 @@ use sigil_identity::proto::workload as wl;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::attest::WorkloadAttestor;
 use crate::attest::k8s::{PodSource, find_pod, pod_selectors};
 use crate::attest::peer::PeerProcess;
 use crate::limits::{Caps, WorkloadKey};
 use crate::serving::{JwtRefusal, ResponseStream, Served, x509_response, x509_update};
-use crate::workload_api::{DenialLabels, PeerInfo, incoming};
+use crate::transport::{ApiMetrics, MAX_RESPONSE, PeerInfo, UNARY_TIMEOUT, incoming};
 
 /// Type URLs of the references the agent understands.
 pub const K8S_REFERENCE: &str = "type.googleapis.com/spiffe.broker.KubernetesObjectReference";
@@ -68,35 +64,6 @@ pub struct BrokerPolicy {
     pub pod_timeout: Duration,
 }
 
-/// Broker API metrics.
-#[derive(Debug, Clone, Default)]
-pub struct BrokerApiMetrics {
-    /// Calls by RPC.
-    pub calls: Family<DenialLabels, Counter>,
-    /// Denials by RPC and reason.
-    pub denials: Family<DenialLabels, Counter>,
-    /// Open streams.
-    pub open_streams: Gauge,
-}
-
-impl BrokerApiMetrics {
-    /// Registers under `sigil_broker_api_*`.
-    pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("sigil_broker_api");
-        r.register("calls", "Broker API calls by RPC", self.calls.clone());
-        r.register(
-            "denials",
-            "Broker API calls denied, by RPC and reason",
-            self.denials.clone(),
-        );
-        r.register(
-            "open_streams",
-            "Open Broker API streams",
-            self.open_streams.clone(),
-        );
-    }
-}
-
 /// The Broker API service.
 #[derive(Debug, Clone)]
 pub struct BrokerApi {
@@ -109,7 +76,7 @@ struct Inner {
     client: Client,
     pods: Arc<dyn PodSource>,
     attestor: Arc<WorkloadAttestor>,
-    metrics: BrokerApiMetrics,
+    metrics: ApiMetrics,
 }
 
 impl std::fmt::Debug for Inner {
@@ -128,7 +95,7 @@ impl BrokerApi {
         client: Client,
         pods: Arc<dyn PodSource>,
         attestor: Arc<WorkloadAttestor>,
-        metrics: BrokerApiMetrics,
+        metrics: ApiMetrics,
     ) -> Self {
         let mut served = served;
         served.open_streams = metrics.open_streams.clone();
@@ -148,24 +115,11 @@ impl BrokerApi {
     pub fn into_server(self) -> pb::api_server::ApiServer<Self> {
         pb::api_server::ApiServer::new(self)
             .max_decoding_message_size(MAX_REQUEST)
-            .max_encoding_message_size(crate::workload_api::MAX_RESPONSE)
+            .max_encoding_message_size(MAX_RESPONSE)
     }
 
     fn deny(&self, rpc: &str, reason: &str, status: Status) -> Status {
-        self.inner
-            .metrics
-            .denials
-            .get_or_create(&DenialLabels {
-                rpc: rpc.into(),
-                reason: reason.into(),
-            })
-            .inc();
-        warn!(
-            rpc,
-            reason,
-            message = status.message(),
-            "Broker API call denied"
-        );
+        let status = self.inner.metrics.refuse(rpc, reason, status, None);
         match spec_reason(reason) {
             Some(r) => with_error_info(status, r),
             None => status,
@@ -190,14 +144,7 @@ impl BrokerApi {
         req: &Request<T>,
         reference: Option<&pb::WorkloadReference>,
     ) -> Result<(BTreeSet<Selector>, Option<Arc<PeerProcess>>), Status> {
-        self.inner
-            .metrics
-            .calls
-            .get_or_create(&DenialLabels {
-                rpc: rpc.into(),
-                reason: String::new(),
-            })
-            .inc();
+        self.inner.metrics.call(rpc);
         let peer = match req.extensions().get::<PeerInfo>().map(|i| i.0.clone()) {
             Some(Ok(p)) => p,
             _ => {
@@ -765,20 +712,6 @@ impl pb::api_server::Api for BrokerApi {
     }
 }
 
-/// Binds the Broker API socket in a private directory (0700), socket 0600.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    // A stale socket from a previous run (absent is fine too).
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
-
 /// Serves the Broker API on `listener` until `cancel`.
 pub async fn serve(
     listener: UnixListener,
@@ -791,11 +724,11 @@ pub async fn serve(
     let caps = Caps::connections(
         crate::limits::DEFAULT_MAX_CONNECTIONS,
         crate::limits::DEFAULT_MAX_CONNECTIONS,
-        Default::default(),
+        api.inner.metrics.clone(),
     );
     let incoming = incoming(listener, proc_root, caps, cancel.clone());
     tonic::transport::Server::builder()
-        .timeout(crate::workload_api::UNARY_TIMEOUT)
+        .timeout(UNARY_TIMEOUT)
         .max_concurrent_streams(Some(1024))
         .add_service(api.into_server())
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
@@ -806,10 +739,13 @@ pub async fn serve(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use prometheus_client::metrics::gauge::Gauge;
+
     use super::*;
     use crate::attest::k8s::PodInfo;
     use crate::cache::Cache;
     use crate::node_client::{NodeClient, NodeClientConfig};
+    use crate::transport::DenialLabels;
     use sigil_identity::{TrustBundle, TrustDomain};
     use tokio::sync::watch;
 
@@ -908,7 +844,7 @@ mod tests {
                 None,
                 Duration::from_secs(1),
             )),
-            BrokerApiMetrics::default(),
+            ApiMetrics::default(),
         )
     }
 

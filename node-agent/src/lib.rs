@@ -26,4 +26,5 @@ pub mod rotator;
 pub mod serving;
 pub mod sync;
 pub mod tpm;
+pub mod transport;
 pub mod workload_api;

@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::attest::cgroup;
 use crate::attest::peer::PeerProcess;
-use crate::workload_api::WorkloadApiMetrics;
+use crate::transport::ApiMetrics;
 
 /// Default sustained JWT-SVID mints per second per workload.
 pub const DEFAULT_MINT_RATE: f64 = 2.0;
@@ -139,7 +139,7 @@ pub struct Caps {
     total: Arc<Semaphore>,
     per_workload: Mutex<HashMap<WorkloadKey, usize>>,
     open: Option<Gauge>,
-    metrics: WorkloadApiMetrics,
+    metrics: ApiMetrics,
     logged: Mutex<HashMap<&'static str, (Instant, u64)>>,
 }
 
@@ -192,7 +192,7 @@ impl Caps {
     pub fn connections(
         max_total: usize,
         max_per_workload: usize,
-        metrics: WorkloadApiMetrics,
+        metrics: ApiMetrics,
     ) -> Arc<Self> {
         Self::new(
             "connections",
@@ -207,11 +207,7 @@ impl Caps {
 
     /// Streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles): at most `max_total`,
     /// `max_per_workload` for one workload.
-    pub fn streams(
-        max_total: usize,
-        max_per_workload: usize,
-        metrics: WorkloadApiMetrics,
-    ) -> Arc<Self> {
+    pub fn streams(max_total: usize, max_per_workload: usize, metrics: ApiMetrics) -> Arc<Self> {
         Self::new(
             "streams",
             ("--max-streams", "--max-streams-per-workload"),
@@ -231,7 +227,7 @@ impl Caps {
         max_total: usize,
         max_per_workload: usize,
         open: Option<Gauge>,
-        metrics: WorkloadApiMetrics,
+        metrics: ApiMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             what,
@@ -323,7 +319,7 @@ mod tests {
 
     #[test]
     fn connections_are_capped_per_workload_and_in_total() {
-        let metrics = WorkloadApiMetrics::default();
+        let metrics = ApiMetrics::default();
         let caps = Caps::connections(3, 2, metrics.clone());
         let a = WorkloadKey::Uid(1);
         let b = WorkloadKey::Pod("b".into());
@@ -348,7 +344,7 @@ mod tests {
 
     #[test]
     fn streams_are_capped_per_workload() {
-        let caps = Caps::streams(10, 1, WorkloadApiMetrics::default());
+        let caps = Caps::streams(10, 1, ApiMetrics::default());
         let a = WorkloadKey::Pod("a".into());
         let held = caps.admit(a.clone()).unwrap();
         let r = caps.admit(a.clone()).unwrap_err();

@@ -21,235 +21,27 @@
 //! entitled to them, over its own connection.
 
 use std::collections::BTreeSet;
-use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use futures::Stream;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use sigil_identity::BundleSet;
 use sigil_identity::entry::Selector;
 use sigil_identity::proto::workload as pb;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use crate::attest::peer::{PeerError, PeerProcess};
 use crate::attest::{AttestError, WorkloadAttestor};
 use crate::cache::Cache;
-use crate::h2_authority::AuthorityFix;
 use crate::limits::{Caps, MintBudget, Slot, WorkloadKey};
 use crate::node_client::NodeClient;
 use crate::serving::{JwtRefusal, ResponseStream, Served, x509_response, x509_update};
+use crate::transport::{ApiMetrics, MAX_REQUEST, MAX_RESPONSE, PeerInfo, UNARY_TIMEOUT, incoming};
 
 /// The header every Workload API call must carry.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
-/// Largest request accepted (requests are tiny; a JWT to validate is the largest).
-pub const MAX_REQUEST: usize = 64 * 1024;
-/// Largest response sent (many SVIDs with chains and bundles).
-pub const MAX_RESPONSE: usize = 16 * 1024 * 1024;
-/// Deadline of unary calls (JWT minting goes to the operator).
-pub const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Labels of a denial.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DenialLabels {
-    /// The RPC.
-    pub rpc: String,
-    /// Short reason.
-    pub reason: String,
-}
-
-/// Workload API metrics.
-#[derive(Debug, Clone, Default)]
-pub struct WorkloadApiMetrics {
-    /// Calls by RPC.
-    pub calls: Family<DenialLabels, Counter>,
-    /// Denials by RPC and reason.
-    pub denials: Family<DenialLabels, Counter>,
-    /// Open streams.
-    pub open_streams: Gauge,
-    /// Open connections.
-    pub open_connections: Gauge,
-}
-
-impl WorkloadApiMetrics {
-    /// Registers under `sigil_workload_api_*`.
-    pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("sigil_workload_api");
-        r.register("calls", "Workload API calls by RPC", self.calls.clone());
-        r.register(
-            "denials",
-            "Workload API calls denied, by RPC and reason",
-            self.denials.clone(),
-        );
-        r.register(
-            "open_streams",
-            "Open Workload API streams",
-            self.open_streams.clone(),
-        );
-        r.register(
-            "open_connections",
-            "Open Workload API connections",
-            self.open_connections.clone(),
-        );
-    }
-
-    /// Counts a denial.
-    pub fn deny(&self, rpc: &str, reason: &str) {
-        self.denials
-            .get_or_create(&DenialLabels {
-                rpc: rpc.into(),
-                reason: reason.into(),
-            })
-            .inc();
-    }
-}
-
-/// Who connected: the pinned peer process, or why it could not be identified.
-#[derive(Debug, Clone)]
-pub struct PeerInfo(pub Result<Arc<PeerProcess>, Arc<PeerError>>);
-
-/// A Unix connection with its peer identified at accept time, read through
-/// [`AuthorityFix`] so gRPC C-core clients (py-spiffe) are served.
-#[derive(Debug)]
-pub struct PeerStream {
-    stream: AuthorityFix<UnixStream>,
-    peer: PeerInfo,
-    slot: Slot,
-    refused: bool,
-}
-
-impl Connected for PeerStream {
-    type ConnectInfo = PeerInfo;
-    fn connect_info(&self) -> PeerInfo {
-        self.peer.clone()
-    }
-}
-
-impl AsyncRead for PeerStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Poll::Ready(Err(e)) = &read
-            && e.kind() == std::io::ErrorKind::InvalidData
-            && !this.refused
-        {
-            // The HPACK shim refused the client's bytes (a frame or header block over
-            // its bounds, or malformed framing): the connection ends here.
-            this.refused = true;
-            this.slot.refuse(
-                "http2_refused",
-                this.peer.0.as_ref().map_or(0, |p| p.pid),
-                e.to_string(),
-            );
-        }
-        read
-    }
-}
-
-impl AsyncWrite for PeerStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-/// Binds the Workload API socket: removes a stale socket, creates the directory, and
-/// makes the socket connectable by every local user (workloads run as any UID; who they
-/// are is decided by attestation, not by file permissions).
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => info!(path = %path.display(), "removed a stale Workload API socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let listener = UnixListener::bind(path)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
-    Ok(listener)
-}
-
-/// Accepted connections with their peers pinned, until `cancel`; a connection over one of
-/// `caps` is closed at once (counted and logged there).
-pub fn incoming(
-    listener: UnixListener,
-    proc_root: std::path::PathBuf,
-    caps: Arc<Caps>,
-    cancel: CancellationToken,
-) -> impl Stream<Item = std::io::Result<PeerStream>> {
-    futures::stream::unfold(
-        (listener, proc_root, caps, cancel),
-        |(listener, proc_root, caps, cancel)| async move {
-            loop {
-                let accepted = tokio::select! {
-                    () = cancel.cancelled() => return None,
-                    a = listener.accept() => a,
-                };
-                match accepted {
-                    Ok((stream, _)) => {
-                        // Pin the PID now: the process that connected, not whoever holds the
-                        // PID later.
-                        let peer = PeerProcess::of_stream(&stream, &proc_root)
-                            .map(Arc::new)
-                            .map_err(Arc::new);
-                        let (key, pid) = match &peer {
-                            Ok(p) => (WorkloadKey::of(p), p.pid),
-                            Err(_) => {
-                                let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
-                                (WorkloadKey::Uid(uid), 0)
-                            }
-                        };
-                        let slot = match caps.admit(key.clone()) {
-                            Ok(slot) => slot,
-                            Err(r) => {
-                                caps.refuse(r.reason, &key, pid, r.detail);
-                                continue; // dropped: closed at once
-                            }
-                        };
-                        let s = PeerStream {
-                            stream: AuthorityFix::new(stream),
-                            peer: PeerInfo(peer),
-                            slot,
-                            refused: false,
-                        };
-                        return Some((Ok(s), (listener, proc_root, caps, cancel)));
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "Workload API accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        },
-    )
-}
-
 /// The Workload API service.
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
@@ -260,7 +52,7 @@ pub struct WorkloadApi {
 struct Inner {
     served: Served,
     attestor: Arc<WorkloadAttestor>,
-    metrics: WorkloadApiMetrics,
+    metrics: ApiMetrics,
     streams: Arc<Caps>,
 }
 
@@ -279,7 +71,7 @@ impl WorkloadApi {
         cache: Arc<Cache>,
         attestor: Arc<WorkloadAttestor>,
         node: Arc<NodeClient>,
-        metrics: WorkloadApiMetrics,
+        metrics: ApiMetrics,
         mint_budget: Arc<MintBudget>,
         streams: Arc<Caps>,
         shutdown: CancellationToken,
@@ -309,23 +101,7 @@ impl WorkloadApi {
     }
 
     fn deny(&self, rpc: &str, reason: &str, status: Status, peer: Option<&PeerProcess>) -> Status {
-        self.inner
-            .metrics
-            .denials
-            .get_or_create(&DenialLabels {
-                rpc: rpc.into(),
-                reason: reason.into(),
-            })
-            .inc();
-        warn!(
-            rpc,
-            reason,
-            pid = peer.map(|p| p.pid),
-            uid = peer.map(|p| p.uid),
-            message = status.message(),
-            "Workload API call denied"
-        );
-        status
+        self.inner.metrics.refuse(rpc, reason, status, peer)
     }
 
     fn check_header<T>(&self, rpc: &str, req: &Request<T>) -> Result<(), Status> {
@@ -410,17 +186,11 @@ impl WorkloadApi {
 /// Counts the call, then requires `workload.spiffe.io: true` (exactly; the value is case
 /// sensitive): InvalidArgument otherwise, logged and counted.
 fn require_security_header<T>(
-    metrics: &WorkloadApiMetrics,
+    metrics: &ApiMetrics,
     rpc: &str,
     req: &Request<T>,
 ) -> Result<(), Status> {
-    metrics
-        .calls
-        .get_or_create(&DenialLabels {
-            rpc: rpc.into(),
-            reason: String::new(),
-        })
-        .inc();
+    metrics.call(rpc);
     let value = req.metadata().get(SECURITY_HEADER).map(|v| v.to_str());
     let (reason, message) = match value {
         Some(Ok("true")) => return Ok(()),
@@ -437,9 +207,7 @@ fn require_security_header<T>(
             format!("security header {SECURITY_HEADER} is not text; it must be exactly \"true\""),
         ),
     };
-    metrics.deny(rpc, reason);
-    warn!(rpc, reason, message, "Workload API call denied");
-    Err(Status::invalid_argument(message))
+    Err(metrics.refuse(rpc, reason, Status::invalid_argument(message), None))
 }
 
 /// `stream`, holding `slot` (its place under the stream caps) for as long as it lives.
@@ -707,8 +475,13 @@ pub async fn serve(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::time::Duration;
+
+    use tokio::net::UnixStream;
+
     use super::*;
     use crate::node_client::NodeClientConfig;
+    use crate::transport::{DenialLabels, bind_public as bind};
     use sigil_identity::{TrustBundle, TrustDomain};
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -734,7 +507,7 @@ mod tests {
             TrustBundle::new(td),
         )
         .unwrap();
-        let metrics = WorkloadApiMetrics::default();
+        let metrics = ApiMetrics::default();
         let cancel = CancellationToken::new();
         let api = WorkloadApi::new(
             Cache::new(),

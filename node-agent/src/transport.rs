@@ -1,0 +1,309 @@
+//! The agent's Unix-socket transport, shared by the Workload API and the Broker API:
+//! accepting connections with the caller's process pinned from its peer credentials
+//! ([`incoming`], [`PeerStream`], [`PeerInfo`]), the sockets' permissions ([`bind_public`],
+//! [`bind_private`]), the bounds every call on them has, and their metrics with one way to
+//! refuse a call ([`ApiMetrics::refuse`]: counted, logged, and a precise status).
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tonic::transport::server::Connected;
+use tracing::{info, warn};
+
+use crate::attest::peer::{PeerError, PeerProcess};
+use crate::h2_authority::AuthorityFix;
+use crate::limits::{Caps, Slot, WorkloadKey};
+
+/// Largest request accepted (requests are tiny; a JWT to validate is the largest).
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Largest response sent (many SVIDs with chains and bundles).
+pub const MAX_RESPONSE: usize = 16 * 1024 * 1024;
+/// Deadline of unary calls (JWT minting goes to the operator).
+pub const UNARY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which API a socket serves: the metric prefix and the name in logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Api {
+    /// The SPIFFE Workload API (`sigil_workload_api_*`).
+    #[default]
+    Workload,
+    /// The SPIFFE Broker API, for sigil-csi (`sigil_broker_api_*`).
+    Broker,
+}
+
+impl Api {
+    /// The name in logs and metric help.
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::Workload => "Workload API",
+            Api::Broker => "Broker API",
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Api::Workload => "sigil_workload_api",
+            Api::Broker => "sigil_broker_api",
+        }
+    }
+}
+
+/// Labels of a call or a denial (`reason` is empty on calls).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    /// The RPC (`connection` for a connection refused at accept).
+    pub rpc: String,
+    /// Short reason.
+    pub reason: String,
+}
+
+/// The metrics of one API's socket.
+#[derive(Debug, Clone, Default)]
+pub struct ApiMetrics {
+    api: Api,
+    /// Calls by RPC.
+    pub calls: Family<DenialLabels, Counter>,
+    /// Denials by RPC and reason.
+    pub denials: Family<DenialLabels, Counter>,
+    /// Open streams.
+    pub open_streams: Gauge,
+    /// Open connections.
+    pub open_connections: Gauge,
+}
+
+impl ApiMetrics {
+    /// Metrics of `api`'s socket.
+    pub fn new(api: Api) -> Self {
+        Self {
+            api,
+            ..Self::default()
+        }
+    }
+
+    /// Registers under `sigil_workload_api_*` or `sigil_broker_api_*`.
+    pub fn register(&self, registry: &mut Registry) {
+        let name = self.api.name();
+        let r = registry.sub_registry_with_prefix(self.api.prefix());
+        r.register("calls", format!("{name} calls by RPC"), self.calls.clone());
+        r.register(
+            "denials",
+            format!("{name} calls denied, by RPC and reason"),
+            self.denials.clone(),
+        );
+        r.register(
+            "open_streams",
+            format!("Open {name} streams"),
+            self.open_streams.clone(),
+        );
+        r.register(
+            "open_connections",
+            format!("Open {name} connections"),
+            self.open_connections.clone(),
+        );
+    }
+
+    /// Counts a call.
+    pub fn call(&self, rpc: &str) {
+        self.calls
+            .get_or_create(&DenialLabels {
+                rpc: rpc.into(),
+                reason: String::new(),
+            })
+            .inc();
+    }
+
+    /// Counts a denial.
+    pub fn deny(&self, rpc: &str, reason: &str) {
+        self.denials
+            .get_or_create(&DenialLabels {
+                rpc: rpc.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Refuses a call: counts it under `reason`, logs it with the caller's process when it
+    /// is known, and returns `status` (whose message says what to fix).
+    pub fn refuse(
+        &self,
+        rpc: &str,
+        reason: &str,
+        status: Status,
+        peer: Option<&PeerProcess>,
+    ) -> Status {
+        self.deny(rpc, reason);
+        warn!(
+            api = self.api.name(),
+            rpc,
+            reason,
+            pid = peer.map(|p| p.pid),
+            uid = peer.map(|p| p.uid),
+            message = status.message(),
+            "call denied"
+        );
+        status
+    }
+}
+
+/// Who connected: the pinned peer process, or why it could not be identified.
+#[derive(Debug, Clone)]
+pub struct PeerInfo(pub Result<Arc<PeerProcess>, Arc<PeerError>>);
+
+/// A Unix connection with its peer identified at accept time, read through
+/// [`AuthorityFix`] so gRPC C-core clients (py-spiffe) are served.
+#[derive(Debug)]
+pub struct PeerStream {
+    stream: AuthorityFix<UnixStream>,
+    peer: PeerInfo,
+    slot: Slot,
+    refused: bool,
+}
+
+impl Connected for PeerStream {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &read
+            && e.kind() == std::io::ErrorKind::InvalidData
+            && !this.refused
+        {
+            // The HPACK shim refused the client's bytes (a frame or header block over
+            // its bounds, or malformed framing): the connection ends here.
+            this.refused = true;
+            this.slot.refuse(
+                "http2_refused",
+                this.peer.0.as_ref().map_or(0, |p| p.pid),
+                e.to_string(),
+            );
+        }
+        read
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Binds a socket every local user may connect to (the Workload API's: workloads run as
+/// any UID; who they are is decided by attestation, not by file permissions), replacing
+/// a stale one.
+pub fn bind_public(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => info!(path = %path.display(), "removed a stale socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    Ok(listener)
+}
+
+/// Binds a socket only root reaches (the Broker API's: its directory 0700, the socket
+/// 0600), replacing a stale one.
+pub fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    // A stale socket from a previous run (absent is fine too).
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Accepted connections with their peers pinned, until `cancel`; a connection over one of
+/// `caps` is closed at once (counted and logged there).
+pub fn incoming(
+    listener: UnixListener,
+    proc_root: std::path::PathBuf,
+    caps: Arc<Caps>,
+    cancel: CancellationToken,
+) -> impl Stream<Item = std::io::Result<PeerStream>> {
+    futures::stream::unfold(
+        (listener, proc_root, caps, cancel),
+        |(listener, proc_root, caps, cancel)| async move {
+            loop {
+                let accepted = tokio::select! {
+                    () = cancel.cancelled() => return None,
+                    a = listener.accept() => a,
+                };
+                match accepted {
+                    Ok((stream, _)) => {
+                        // Pin the PID now: the process that connected, not whoever holds the
+                        // PID later.
+                        let peer = PeerProcess::of_stream(&stream, &proc_root)
+                            .map(Arc::new)
+                            .map_err(Arc::new);
+                        let (key, pid) = match &peer {
+                            Ok(p) => (WorkloadKey::of(p), p.pid),
+                            Err(_) => {
+                                let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+                                (WorkloadKey::Uid(uid), 0)
+                            }
+                        };
+                        let slot = match caps.admit(key.clone()) {
+                            Ok(slot) => slot,
+                            Err(r) => {
+                                caps.refuse(r.reason, &key, pid, r.detail);
+                                continue; // dropped: closed at once
+                            }
+                        };
+                        let s = PeerStream {
+                            stream: AuthorityFix::new(stream),
+                            peer: PeerInfo(peer),
+                            slot,
+                            refused: false,
+                        };
+                        return Some((Ok(s), (listener, proc_root, caps, cancel)));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        },
+    )
+}
