@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-use sigil_operator::node_api::revocation::{BAN_ANNOTATION, BAN_LABEL};
+use sigil_api::node::{BAN_ANNOTATION, BAN_LABEL};
 
 use crate::Output;
 

@@ -1,6 +1,6 @@
 //! `sigil explain pod`: reads the pod, its namespace and node, every ClusterSPIFFEID and
 //! TrustDomain, and the namespace's EndpointSlices and Services from the API server, then
-//! renders with the operator's own index code ([`sigil_operator::index::explain_pod`]).
+//! renders with the operator's own index code ([`sigil_index::explain_pod`]).
 
 use std::path::Path;
 
@@ -9,9 +9,9 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use serde_json::json;
-use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
-use sigil_operator::crd::trust_domain::TrustDomain;
-use sigil_operator::index::{IndexConfig, TrustDomainInfo, Verdict, explain_pod};
+use sigil_api::crd::cluster_spiffe_id::ClusterSPIFFEID;
+use sigil_api::crd::trust_domain::TrustDomain;
+use sigil_index::{IndexConfig, TrustDomainInfo, Verdict, explain_pod};
 
 use crate::{EXIT_NEGATIVE, Output};
 

@@ -14,9 +14,9 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, PodSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use sigil_api::crd::cluster_spiffe_id::{ClusterSPIFFEID, ClusterSpiffeIdSpec};
 use sigil_identity::TrustDomain;
-use sigil_operator::crd::cluster_spiffe_id::{ClusterSPIFFEID, ClusterSpiffeIdSpec};
-use sigil_operator::index::{EntryIndex, IndexConfig, TrustDomainInfo, entry_id};
+use sigil_index::{EntryIndex, IndexConfig, TrustDomainInfo, entry_id};
 
 mod report;
 use report::{Report, env};
@@ -298,7 +298,7 @@ fn main() {
     let mut gold = csids[1].clone();
     gold.spec
         .dns_name_templates
-        .push(sigil_operator::crd::cluster_spiffe_id::TemplateString(
+        .push(sigil_api::crd::cluster_spiffe_id::TemplateString(
             "{{pod.name}}.gold".into(),
         ));
     gold.metadata.generation = Some(2);

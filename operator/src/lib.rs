@@ -3,24 +3,26 @@
 //!
 //! Module map (one concept per module):
 //! - [`app`]: the process: flags and the subsystems it runs as one set.
-//! - [`crd`]: the CRD types, the single source of `crds/*.yaml`.
+//! - [`crd`], [`template`]: the CRD types and their template language (crate
+//!   `sigil-api`, re-exported).
 //! - [`authority`]: the signing state shared by every task of a replica.
 //! - [`conditions`]: status conditions and times, the same for every controller.
 //! - [`trust_domain`]: the CA of each TrustDomain, its rotation and bundle publication.
 //! - [`federation`]: FederatedBundles (fetching foreign bundles), the SPIFFE bundle
 //!   endpoint and OIDC discovery.
 //! - [`leader`]: leader election on a Lease; gates every write.
+//! - [`reflector_pair`]: two reflectors read as one (the CA and federation loaders).
 //! - [`telemetry`]: JSON logs, Prometheus metrics, `/live` `/ready` `/metrics`.
-//! - [`template`]: the typed `{{ field }}` template language of ClusterSPIFFEIDs.
-//! - [`index`]: the identity index: pods × ClusterSPIFFEIDs → entries per node.
+//! - [`index`]: the identity index (crate `sigil-index`, re-exported) and the informers
+//!   and status writer that connect it to the API server.
 //! - [`node_api`]: the gRPC API agents use: node attestation, entry streams, signing.
 //! - [`serving`]: the operator's own serving SVIDs (Node API, bundle endpoint).
 //! - [`tls_listener`]: TLS accept loops with handshake deadlines and bounds.
 
 pub mod app;
 pub mod authority;
+pub use sigil_api::{crd, template};
 pub mod conditions;
-pub mod crd;
 pub mod federation;
 pub mod index;
 pub mod leader;
@@ -29,6 +31,5 @@ pub mod reflector_pair;
 pub mod serving;
 pub mod shutdown;
 pub mod telemetry;
-pub mod template;
 pub mod tls_listener;
 pub mod trust_domain;

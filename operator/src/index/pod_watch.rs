@@ -37,7 +37,7 @@ use prost::Message;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
 
-use super::objects::{WatchedPod, WatchedPodSpec, WatchedPodStatus};
+use sigil_index::{WatchedPod, WatchedPodSpec, WatchedPodStatus};
 
 /// Pods in the first LIST page: kube-runtime's and client-go's page size.
 const FIRST_PAGE: u32 = 500;
@@ -606,7 +606,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::{FIRST_PAGE, MAX_PAGE, list_page, page_size, watcher_from};
-    use crate::index::objects::{PodFacts, WatchedPod};
+    use sigil_index::{PodFacts, WatchedPod};
 
     async fn client() -> Client {
         sigil_e2e::shared().await.admin().await.unwrap()

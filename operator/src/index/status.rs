@@ -1,5 +1,5 @@
-//! ClusterSPIFFEID status: what the index computed ([`build`]) and the single writer that
-//! puts it on the objects ([`write_statuses`]).
+//! ClusterSPIFFEID status: the single writer that puts what the index computed
+//! ([`sigil_index::StatusView::to_status`]) on the objects ([`write_statuses`]).
 //!
 //! The writer's queue is the index's set of dirty ClusterSPIFFEID names: bounded by the
 //! number of objects, and coalescing, so a burst of 10 000 pod events costs one patch per
@@ -10,17 +10,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::EntryIndex;
-use super::metrics::PatchLabels;
-use super::status_view::StatusView;
 use crate::crd::cluster_spiffe_id::{ClusterSPIFFEID, ClusterSpiffeIdStatus};
+use sigil_index::EntryIndex;
 
 /// How status is written.
 #[derive(Debug, Clone)]
@@ -43,36 +40,6 @@ impl Default for StatusOptions {
     }
 }
 
-pub(crate) fn now() -> Time {
-    Time(k8s_openapi::jiff::Timestamp::now())
-}
-
-/// The status to write: the index's view, with the Ready condition's transition time
-/// kept from the observed status when its value did not change.
-pub(crate) fn build(view: StatusView, now: Time) -> ClusterSpiffeIdStatus {
-    let status = if view.ready.ready { "True" } else { "False" };
-    let previous = view
-        .observed
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
-    let last_transition_time = match previous {
-        Some(c) if c.status == status => c.last_transition_time.clone(),
-        _ => now,
-    };
-    ClusterSpiffeIdStatus {
-        conditions: vec![Condition {
-            type_: "Ready".into(),
-            status: status.into(),
-            reason: view.ready.reason.into(),
-            message: view.ready.message,
-            last_transition_time,
-            observed_generation: view.generation,
-        }],
-        observed_generation: view.generation,
-        stats: view.stats,
-    }
-}
-
 /// Writes ClusterSPIFFEID status while `leader` is true, until `cancel`.
 pub(crate) async fn write_statuses(
     client: Client,
@@ -83,7 +50,7 @@ pub(crate) async fn write_statuses(
 ) {
     let api: Api<DynamicObject> =
         Api::all_with(client, &ApiResource::erase::<ClusterSPIFFEID>(&()));
-    let mut dirty = index.inner.status_dirty.subscribe();
+    let mut dirty = index.status_changes();
     tokio::select! {
         _ = cancel.cancelled() => return,
         _ = index.synced() => {}
@@ -111,7 +78,7 @@ pub(crate) async fn write_statuses(
                     continue;
                 };
                 let observed = view.observed.clone();
-                let desired = build(view, now());
+                let desired = view.to_status(sigil_index::now());
                 if observed.as_ref() == Some(&desired) || written.get(&name) == Some(&desired) {
                     count(&index, "unchanged");
                     continue;
@@ -151,14 +118,7 @@ pub(crate) async fn write_statuses(
 }
 
 fn count(index: &EntryIndex, result: &str) {
-    index
-        .inner
-        .metrics
-        .status_patches
-        .get_or_create(&PatchLabels {
-            result: result.to_owned(),
-        })
-        .inc();
+    index.count_status_patch(result);
 }
 
 async fn patch(

@@ -24,15 +24,15 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::EntryIndex;
-use super::metrics::{EventLabels, KindLabels};
-use super::objects::WatchedPod;
 use super::pod_watch;
-use super::state::Kind;
 use super::status::{StatusOptions, write_statuses};
 use crate::crd::cluster_spiffe_id::ClusterSPIFFEID;
 use crate::crd::trust_domain::TrustDomain;
 use crate::telemetry::ReadyHandle;
+use sigil_index::EntryIndex;
+use sigil_index::Kind;
+use sigil_index::WatchedPod;
+use sigil_index::{EventLabels, KindLabels};
 
 /// How [`run`] runs.
 #[derive(Debug, Clone, Default)]

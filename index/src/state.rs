@@ -28,11 +28,11 @@ use std::sync::Arc;
 
 use sigil_identity::entry::RegistrationEntry;
 
-use super::IndexConfig;
-use super::objects::{CompiledCsid, CsidMeta, NodeFacts, PodFacts, SliceFacts, TrustDomainInfo};
-use super::render::{self, PodWorld};
-use super::status_view::{self, StatusView};
-use crate::crd::cluster_spiffe_id::{ClusterSpiffeIdSpec, ClusterSpiffeIdStatus};
+use crate::IndexConfig;
+use crate::objects::{CompiledCsid, CsidMeta, NodeFacts, PodFacts, SliceFacts, TrustDomainInfo};
+use crate::render::{self, PodWorld};
+use crate::status_view::{self, StatusView};
+use sigil_api::crd::cluster_spiffe_id::{ClusterSpiffeIdSpec, ClusterSpiffeIdStatus};
 
 pub(crate) type PodId = u32;
 type CsidId = u32;
@@ -143,7 +143,7 @@ impl CsidRecord {
 
 /// Which kind of object a key belongs to (for relists).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Kind {
+pub enum Kind {
     Pod,
     Namespace,
     Node,

@@ -1,7 +1,7 @@
 //! Where a pod's SPIFFE ID is computed: one ClusterSPIFFEID's templates rendered against
 //! one pod's facts into the registration entry the pod gets.
 //!
-//! Pure: [`super::state`] decides which ClusterSPIFFEIDs apply to a pod (selection,
+//! Pure: [`crate::state`] decides which ClusterSPIFFEIDs apply to a pod (selection,
 //! fallback, masking, hints) and gathers the facts rendering reads ([`PodWorld`]); this
 //! module turns them into an entry, or into the reason there is none, which the
 //! ClusterSPIFFEID's status reports.
@@ -10,8 +10,8 @@ use sha2::{Digest, Sha256};
 use sigil_identity::SpiffeId;
 use sigil_identity::entry::{RegistrationEntry, Selector};
 
-use super::objects::{CompiledCsid, NodeFacts, PodFacts, TrustDomainInfo, is_dns_name};
-use crate::template::{KeyValues, RenderInput};
+use crate::objects::{CompiledCsid, NodeFacts, PodFacts, TrustDomainInfo, is_dns_name};
+use sigil_api::template::{KeyValues, RenderInput};
 
 /// What rendering reads about one pod besides its ClusterSPIFFEID.
 #[derive(Debug)]

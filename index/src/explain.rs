@@ -11,9 +11,9 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 
-use super::objects::{CompiledCsid, Labels, TrustDomainInfo};
-use super::{EntryIndex, IndexConfig, entry_id};
-use crate::crd::cluster_spiffe_id::ClusterSPIFFEID;
+use crate::objects::{CompiledCsid, Labels, TrustDomainInfo};
+use crate::{EntryIndex, IndexConfig, entry_id};
+use sigil_api::crd::cluster_spiffe_id::ClusterSPIFFEID;
 
 /// What one ClusterSPIFFEID does for the pod.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,25 +1,27 @@
 //! A ClusterSPIFFEID's status as the index sees it: its counts and its Ready condition,
-//! with the reason a user acts on. The status writer ([`super::status`]) compares it with
+//! with the reason a user acts on. The status writer ([`crate::status`]) compares it with
 //! what was last written and patches the difference.
 
-use super::state::{CsidRecord, TdResolution};
-use crate::crd::cluster_spiffe_id::{ClusterSpiffeIdStats, ClusterSpiffeIdStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::state::{CsidRecord, TdResolution};
+use sigil_api::crd::cluster_spiffe_id::{ClusterSpiffeIdStats, ClusterSpiffeIdStatus};
 
 /// The readiness condition of a ClusterSPIFFEID, without its transition time.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Readiness {
-    pub(crate) ready: bool,
-    pub(crate) reason: &'static str,
-    pub(crate) message: String,
+pub struct Readiness {
+    pub ready: bool,
+    pub reason: &'static str,
+    pub message: String,
 }
 
 /// A ClusterSPIFFEID's status as the index sees it, and as it was last observed.
 #[derive(Debug, Clone)]
-pub(crate) struct StatusView {
-    pub(crate) generation: Option<i64>,
-    pub(crate) stats: ClusterSpiffeIdStats,
-    pub(crate) ready: Readiness,
-    pub(crate) observed: Option<ClusterSpiffeIdStatus>,
+pub struct StatusView {
+    pub generation: Option<i64>,
+    pub stats: ClusterSpiffeIdStats,
+    pub ready: Readiness,
+    pub observed: Option<ClusterSpiffeIdStatus>,
 }
 
 /// The status of `rec`; `synced` is whether every informer has listed.
@@ -113,5 +115,39 @@ pub(super) fn of(rec: &CsidRecord, synced: bool) -> StatusView {
         stats,
         ready,
         observed: rec.observed_status.clone(),
+    }
+}
+
+/// Now, as status times are written.
+pub fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+impl StatusView {
+    /// The status to write: this view, with the Ready condition's transition time kept
+    /// from the observed status when its value did not change (else `now`).
+    pub fn to_status(self, now: Time) -> ClusterSpiffeIdStatus {
+        let view = self;
+        let status = if view.ready.ready { "True" } else { "False" };
+        let previous = view
+            .observed
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+        let last_transition_time = match previous {
+            Some(c) if c.status == status => c.last_transition_time.clone(),
+            _ => now,
+        };
+        ClusterSpiffeIdStatus {
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: status.into(),
+                reason: view.ready.reason.into(),
+                message: view.ready.message,
+                last_transition_time,
+                observed_generation: view.generation,
+            }],
+            observed_generation: view.generation,
+            stats: view.stats,
+        }
     }
 }

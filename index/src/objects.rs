@@ -16,14 +16,16 @@ use kube::core::DynamicObject;
 use serde::Deserialize;
 use sigil_identity::TrustDomain as TrustDomainName;
 
-use crate::crd::cluster_spiffe_id::{ClusterSPIFFEID, ClusterSpiffeIdSpec, ClusterSpiffeIdStatus};
-use crate::crd::trust_domain::GoDuration;
-use crate::template::{KeyValues, Source, Template};
+use sigil_api::crd::cluster_spiffe_id::{
+    ClusterSPIFFEID, ClusterSpiffeIdSpec, ClusterSpiffeIdStatus,
+};
+use sigil_api::crd::trust_domain::GoDuration;
+use sigil_api::template::{KeyValues, Source, Template};
 
 /// Labels or annotations, stored compactly (sorted by key, binary-searched): a pod's
 /// handful of labels in one allocation instead of a B-tree node with room for eleven.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) struct Labels(Box<[(Box<str>, Box<str>)]>);
+pub struct Labels(Box<[(Box<str>, Box<str>)]>);
 
 impl Labels {
     pub(crate) fn new(map: Option<&BTreeMap<String, String>>) -> Self {
@@ -108,17 +110,17 @@ pub(crate) const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// What templates and selectors may read of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct PodFacts {
-    pub(crate) namespace: String,
-    pub(crate) name: String,
-    pub(crate) uid: String,
-    pub(crate) service_account: String,
-    pub(crate) node: Option<String>,
-    pub(crate) hostname: Option<String>,
-    pub(crate) labels: Labels,
-    pub(crate) annotations: Labels,
+pub struct PodFacts {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub service_account: String,
+    pub node: Option<String>,
+    pub hostname: Option<String>,
+    pub labels: Labels,
+    pub annotations: Labels,
     /// Succeeded or Failed: it runs nothing any more and gets no entries.
-    pub(crate) terminal: bool,
+    pub terminal: bool,
 }
 
 /// The Pod fields [`PodFacts`] reads, from a full `Pod` (tests, `sigil explain`) or from
@@ -151,7 +153,8 @@ macro_rules! pod_fields {
 pod_fields!(Pod, WatchedPod);
 
 impl PodFacts {
-    pub(crate) fn new(pod: &impl PodFields) -> Result<Self, String> {
+    /// The facts of `pod`, or why it cannot be read.
+    pub fn new(pod: &impl PodFields) -> Result<Self, String> {
         let (meta, [service_account, node, hostname, phase]) = pod.fields();
         let name = meta.name.clone().ok_or("pod without metadata.name")?;
         let namespace = meta
