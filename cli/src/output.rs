@@ -4,11 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// RFC 3339, UTC, seconds.
 pub(crate) fn when(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    sigil_identity::x509::rfc3339(secs as i64)
+    sigil_identity::x509::rfc3339(sigil_identity::clock::unix_seconds(t))
 }
 
 /// "in 59m12s" / "3m ago".

@@ -9,7 +9,7 @@
 //! It owns key material; it must never log it (its `Debug` shows only public facts).
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -18,9 +18,10 @@ use rcgen::{
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
+use crate::clock::{from_unix_seconds, unix_seconds};
 use crate::id::{SpiffeId, TrustDomain};
 use crate::keys::{KeyError, KeyType, PrivateKey};
-use crate::x509::{CsrError, ParsedCsr, asn1_to_system, is_signing_cert, rfc3339};
+use crate::x509::{CsrError, ParsedCsr, is_signing_cert, rfc3339};
 
 /// Certificates are back-dated by this much to tolerate clock skew between nodes.
 pub const BACKDATE: Duration = Duration::from_secs(10);
@@ -313,7 +314,7 @@ impl UpstreamAuthority {
             return Err(UpstreamError::NoRoot);
         }
         check_chain_connects(&cert_der, &intermediates, &roots)?;
-        let not_after = asn1_to_system(parsed.validity().not_after.timestamp());
+        let not_after = from_unix_seconds(parsed.validity().not_after.timestamp());
         let issuer = Issuer::from_ca_cert_der(&cert_der.clone().into(), key.into_key_pair())
             .map_err(|e| UpstreamError::BadPem {
                 field: "certificate",
@@ -331,14 +332,14 @@ impl UpstreamAuthority {
 
     /// Checks the upstream certificate is still good for a CA of `ca_ttl` issued at `now`.
     pub fn check_lifetime(&self, now: SystemTime, ca_ttl: Duration) -> Result<(), UpstreamError> {
-        let not_after = rfc3339(secs(self.not_after));
+        let not_after = rfc3339(unix_seconds(self.not_after));
         if self.not_after <= now {
             return Err(UpstreamError::Expired { not_after });
         }
         if self.not_after < now + ca_ttl {
             return Err(UpstreamError::ExpiresTooSoon {
                 not_after,
-                needed_until: rfc3339(secs(now + ca_ttl)),
+                needed_until: rfc3339(unix_seconds(now + ca_ttl)),
                 ca_ttl_secs: ca_ttl.as_secs(),
             });
         }
@@ -431,7 +432,7 @@ impl fmt::Debug for CertificateAuthority {
             .field("trust_domain", &self.trust_domain)
             .field("serial", &self.serial)
             .field("key_type", &self.key_type)
-            .field("not_after", &rfc3339(secs(self.not_after)))
+            .field("not_after", &rfc3339(unix_seconds(self.not_after)))
             .finish_non_exhaustive()
     }
 }
@@ -509,8 +510,8 @@ impl CertificateAuthority {
         }
         let self_signed = is_self_signed(&parsed);
         let serial = parsed.raw_serial_as_string().replace(':', "");
-        let not_before = asn1_to_system(parsed.validity().not_before.timestamp());
-        let not_after = asn1_to_system(parsed.validity().not_after.timestamp());
+        let not_before = from_unix_seconds(parsed.validity().not_before.timestamp());
+        let not_after = from_unix_seconds(parsed.validity().not_after.timestamp());
         let key_type = key.key_type();
         let issuer = Issuer::from_ca_cert_der(&cert.clone().into(), key.into_key_pair())
             .map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
@@ -583,7 +584,7 @@ impl CertificateAuthority {
         component: bool,
     ) -> Result<IssuedSvid, CaError> {
         if now >= self.not_after {
-            return Err(CaError::Expired(rfc3339(secs(self.not_after))));
+            return Err(CaError::Expired(rfc3339(unix_seconds(self.not_after))));
         }
         let public_key = SubjectPublicKeyInfo::from_der(spki_der)
             .map_err(|e| CsrError::Malformed(e.to_string()))?;
@@ -621,7 +622,7 @@ impl CertificateAuthority {
                 .as_str()
                 .try_into()
                 .map_err(|_| CaError::BadDnsName(dns.clone()))?;
-            if !is_dns_name(dns) {
+            if !crate::id::is_dns_name(dns) {
                 return Err(CaError::BadDnsName(dns.clone()));
             }
             p.subject_alt_names.push(SanType::DnsName(name));
@@ -762,25 +763,7 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&b)
 }
 
-fn is_dns_name(s: &str) -> bool {
-    let s = s.strip_prefix("*.").unwrap_or(s);
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
-}
-
-pub(crate) fn secs(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 fn to_offset(t: SystemTime) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp(secs(t)).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    time::OffsetDateTime::from_unix_timestamp(unix_seconds(t))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }

@@ -52,3 +52,16 @@ impl Clock for ManualClock {
 
 /// Shared handle to a clock.
 pub type SharedClock = Arc<dyn Clock>;
+
+/// Whole seconds since the Unix epoch (0 before it): how JWT claims, the protos, CA Secrets
+/// and Kubernetes times carry an instant.
+pub fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The instant `secs` seconds after the Unix epoch (the epoch itself for a negative value).
+pub fn from_unix_seconds(secs: i64) -> SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
+}

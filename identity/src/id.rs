@@ -403,10 +403,44 @@ fn check_path(path: &str) -> Result<(), IdError> {
     Ok(())
 }
 
+/// Whether `name` is a DNS name an X509-SVID may carry as a SAN: letters, digits and
+/// hyphens in labels of 1 to 63 bytes that neither start nor end with a hyphen, at most
+/// 253 bytes in all, optionally with one leading `*.` wildcard label (counted in the 253).
+pub fn is_dns_name(name: &str) -> bool {
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    !host.is_empty()
+        && name.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// One rule for the CA and the index (they had drifted: the CA left the wildcard out
+    /// of the 253-byte limit, so it signed a name the index refused).
+    #[test]
+    fn dns_names_count_the_wildcard_in_the_253_bytes() {
+        let labels = |n: usize| vec!["a".repeat(63); n].join(".");
+        let host = format!("{}.{}", labels(3), "b".repeat(61)); // 63*3 + 3 + 61 = 253
+        assert_eq!(host.len(), 253);
+        assert!(is_dns_name(&host));
+        assert!(
+            !is_dns_name(&format!("*.{host}")),
+            "255 bytes with the wildcard"
+        );
+        assert!(is_dns_name("*.web.default.svc"));
+        for bad in ["", "*.", "-a.b", "a-.b", "a..b", "a_b.c", &"a".repeat(64)] {
+            assert!(!is_dns_name(bad), "{bad:?}");
+        }
+    }
 
     fn err(s: &str) -> IdError {
         SpiffeId::parse(s).unwrap_err()

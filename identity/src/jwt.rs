@@ -7,7 +7,9 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
+
+use crate::clock::{from_unix_seconds, unix_seconds};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -188,7 +190,7 @@ impl JwtKey {
         let mut header = Header::new(self.alg);
         header.kid = Some(self.kid.clone());
         header.typ = Some("JWT".into());
-        let iat = unix(now);
+        let iat = unix_seconds(now);
         let mut claims = Map::new();
         claims.insert("sub".into(), Value::String(id.to_string()));
         claims.insert(
@@ -330,7 +332,7 @@ pub fn validate_jwt_svid(
         let nbf = nbf
             .as_i64()
             .ok_or_else(|| JwtError::Malformed("nbf is not a NumericDate".into()))?;
-        if nbf > unix(now) + NBF_LEEWAY.as_secs() as i64 {
+        if nbf > unix_seconds(now) + NBF_LEEWAY.as_secs() as i64 {
             return Err(JwtError::NotYetValid(crate::x509::rfc3339(nbf)));
         }
     }
@@ -345,7 +347,7 @@ pub fn validate_jwt_svid(
     if aud.is_empty() {
         return Err(JwtError::MissingClaim("aud"));
     }
-    if exp <= unix(now) {
+    if exp <= unix_seconds(now) {
         return Err(JwtError::Expired(crate::x509::rfc3339(exp)));
     }
     if !aud.iter().any(|a| a == audience) {
@@ -357,7 +359,7 @@ pub fn validate_jwt_svid(
     Ok(ValidatedJwt {
         spiffe_id: id,
         audience: aud,
-        expiry: UNIX_EPOCH + Duration::from_secs(exp.max(0) as u64),
+        expiry: from_unix_seconds(exp),
         claims,
     })
 }
@@ -441,10 +443,4 @@ pub fn decoding_key(jwk: &Jwk) -> Result<DecodingKey, JwtError> {
             "key type {other:?} cannot verify JWT-SVIDs"
         ))),
     }
-}
-
-fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -6,7 +6,7 @@
 //! keyCertSign to an X.509 authority in the bundle of the leaf's trust domain.
 //! Issuance lives in [`crate::ca`].
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::CertificateDer;
 use x509_parser::certificate::X509Certificate;
@@ -331,8 +331,8 @@ fn check_leaf(cert: &X509Certificate<'_>) -> Result<LeafInfo, SvidError> {
     Ok(LeafInfo {
         spiffe_id,
         dns_names,
-        not_before: asn1_to_system(cert.validity().not_before.timestamp()),
-        not_after: asn1_to_system(cert.validity().not_after.timestamp()),
+        not_before: crate::clock::from_unix_seconds(cert.validity().not_before.timestamp()),
+        not_after: crate::clock::from_unix_seconds(cert.validity().not_after.timestamp()),
         serial: cert.raw_serial_as_string().replace(':', ""),
         component: has_component_policy(cert),
     })
@@ -558,20 +558,8 @@ fn parse(der: &[u8], index: usize) -> Result<X509Certificate<'_>, SvidError> {
 }
 
 pub(crate) fn to_asn1(t: SystemTime) -> x509_parser::time::ASN1Time {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    x509_parser::time::ASN1Time::from_timestamp(secs)
+    x509_parser::time::ASN1Time::from_timestamp(crate::clock::unix_seconds(t))
         .unwrap_or_else(|_| x509_parser::time::ASN1Time::now())
-}
-
-pub(crate) fn asn1_to_system(secs: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs as u64)
-    } else {
-        UNIX_EPOCH
-    }
 }
 
 /// RFC 3339 rendering of a Unix timestamp, for messages.
@@ -651,7 +639,7 @@ pub fn cert_summary(der: &[u8]) -> Option<(String, SystemTime, SystemTime)> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     Some((
         cert.raw_serial_as_string().replace(':', ""),
-        asn1_to_system(cert.validity().not_before.timestamp()),
-        asn1_to_system(cert.validity().not_after.timestamp()),
+        crate::clock::from_unix_seconds(cert.validity().not_before.timestamp()),
+        crate::clock::from_unix_seconds(cert.validity().not_after.timestamp()),
     ))
 }

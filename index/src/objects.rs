@@ -527,18 +527,7 @@ pub(crate) fn is_dns1035_label(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
-pub(crate) fn is_dns_name(name: &str) -> bool {
-    let host = name.strip_prefix("*.").unwrap_or(name);
-    !host.is_empty()
-        && name.len() <= 253
-        && host.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
+pub(crate) use sigil_identity::id::is_dns_name;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -8,12 +8,7 @@ use k8s_openapi::jiff::Timestamp;
 /// Longest condition message kept (the apiserver allows 32 KiB; readers want less).
 const MAX_MESSAGE: usize = 4096;
 
-/// Seconds since the Unix epoch (0 before it).
-pub fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub use sigil_identity::clock::unix_seconds as unix;
 
 /// A Kubernetes `Time` (second precision).
 pub fn k8s_time(t: SystemTime) -> Time {

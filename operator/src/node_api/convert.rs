@@ -1,18 +1,12 @@
 //! Node API protobuf messages from the index's and the identity crate's types.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use sigil_identity::entry::{RegistrationEntry, Selector};
 use sigil_identity::proto::node as pb;
 
 use crate::index::NodeDelta;
 
 /// Seconds since the Unix epoch, as the protos carry times (0 before the epoch).
-pub(super) fn unix(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+pub(super) use sigil_identity::clock::unix_seconds as unix;
 
 /// An entry as SyncEntries sends it.
 pub(super) fn entry_to_pb(e: &RegistrationEntry) -> pb::Entry {

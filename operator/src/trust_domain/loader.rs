@@ -195,11 +195,7 @@ impl Loader {
     }
 
     fn record_metrics(&self, td: &TrustDomain, state: &AuthorityState) {
-        let unix = |t: std::time::SystemTime| {
-            t.duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0)
-        };
+        let unix = sigil_identity::clock::unix_seconds;
         let label = |role: &str| CaLabels {
             trust_domain: td.name().to_owned(),
             role: role.into(),

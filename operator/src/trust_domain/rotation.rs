@@ -23,10 +23,11 @@
 //! transition is due, so the whole cycle is unit-tested with a manual clock.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use sigil_identity::bundle::JwtAuthority;
 use sigil_identity::ca::{BACKDATE, CaParams, CertificateAuthority, UpstreamAuthority};
+use sigil_identity::clock::{from_unix_seconds, unix_seconds};
 use sigil_identity::jwt::JwtKey;
 use sigil_identity::keys::KeyType;
 use sigil_identity::{TrustBundle, TrustDomain};
@@ -570,12 +571,7 @@ impl AuthorityState {
         let jwt_ttl = policy.ca_ttl;
         // JWT keys get the same (whole-second, back-dated) validity a CA minted now gets,
         // so both rings reach their transitions at the same instants.
-        let whole_now = UNIX_EPOCH
-            + Duration::from_secs(
-                now.duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-            );
+        let whole_now = from_unix_seconds(unix_seconds(now));
         let mut mint_jwt = || -> Result<JwtGeneration, Error> {
             let key = JwtKey::generate(jwt_type, whole_now + jwt_ttl).map_err(Error::JwtKey)?;
             Ok(JwtGeneration {

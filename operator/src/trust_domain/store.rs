@@ -134,9 +134,7 @@ mod zeroizing {
 }
 
 fn secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    sigil_identity::clock::unix_seconds(t) as u64
 }
 
 fn time(s: u64) -> SystemTime {

@@ -226,11 +226,8 @@ pub fn describe(cert: &X509Certificate<'_>) -> Result<EkCertificate, TpmError> {
 }
 
 fn asn1_time(now: SystemTime) -> Result<ASN1Time, TpmError> {
-    let secs = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    ASN1Time::from_timestamp(secs).map_err(|e| TpmError::BadEkCertificate(format!("time: {e}")))
+    ASN1Time::from_timestamp(sigil_identity::clock::unix_seconds(now))
+        .map_err(|e| TpmError::BadEkCertificate(format!("time: {e}")))
 }
 
 /// A certificate may sign EK certificates: basicConstraints CA:TRUE and, when it has a
