@@ -1,6 +1,7 @@
 //! The control plane's throwaway PKI: a serving CA and certificate for the apiserver, a
 //! client CA whose certificates the apiserver trusts (`O` becomes the user's groups), and
-//! the service-account token signing key.
+//! the service-account token signing key; and the enterprise PKI an upstream authority
+//! Secret holds ([`upstream_pki`]).
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -28,6 +29,61 @@ impl std::fmt::Debug for CertKey {
             .field("key_pem", &"<redacted>")
             .finish_non_exhaustive()
     }
+}
+
+/// An enterprise root and an issuing certificate under it, as PEM: what a TrustDomain's
+/// upstream authority Secret holds.
+pub struct UpstreamPki {
+    /// The enterprise root.
+    pub root_pem: String,
+    /// The issuing certificate (the upstream authority).
+    pub intermediate_pem: String,
+    /// Its PKCS#8 private key.
+    pub intermediate_key_pem: String,
+}
+
+impl std::fmt::Debug for UpstreamPki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamPki")
+            .field("intermediate_key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+/// A root valid for ten years and an issuing certificate under it, valid from two days ago
+/// until `valid_for` from now (negative: already expired). The issuing certificate is a CA
+/// (keyCertSign) when `is_ca`, else a leaf that must be refused as an upstream authority.
+pub fn upstream_pki(valid_for: time::Duration, is_ca: bool) -> Result<UpstreamPki, Error> {
+    let now = time::OffsetDateTime::now_utc();
+    let root_key = KeyPair::generate().map_err(pki_err("upstream root key"))?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn("Example Enterprise Root", None);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = now - time::Duration::days(2);
+    p.not_after = now + time::Duration::days(3650);
+    let root = p.self_signed(&root_key).map_err(pki_err("upstream root"))?;
+    let issuer = Issuer::new(p, root_key);
+    let key = KeyPair::generate().map_err(pki_err("upstream issuing key"))?;
+    let mut p = CertificateParams::default();
+    p.distinguished_name = dn("Example Enterprise Issuing CA", None);
+    if is_ca {
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    } else {
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    }
+    p.not_before = now - time::Duration::days(2);
+    p.not_after = now + valid_for;
+    let cert = p
+        .signed_by(&key, &issuer)
+        .map_err(pki_err("upstream issuing certificate"))?;
+    Ok(UpstreamPki {
+        root_pem: root.pem(),
+        intermediate_pem: cert.pem(),
+        intermediate_key_pem: key.serialize_pem(),
+    })
 }
 
 /// A CA that issues certificates.

@@ -515,30 +515,8 @@ async fn rotation_cycle_with_a_manual_clock_keeps_every_svid_verifiable() {
 
 /// Test PKI: an enterprise root and an intermediate CA under it, as PEM.
 fn enterprise_pki(valid_for: time::Duration) -> (String, String, String) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let now = time::OffsetDateTime::now_utc();
-    let root_key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name
-        .push(DnType::CommonName, "Example Enterprise Root");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p.not_before = now - time::Duration::days(1);
-    p.not_after = now + time::Duration::days(3650);
-    let root = p.self_signed(&root_key).unwrap();
-    let issuer = Issuer::new(p, root_key);
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name
-        .push(DnType::CommonName, "Example Enterprise Issuing CA");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p.not_before = now - time::Duration::days(1);
-    p.not_after = now + valid_for;
-    let cert = p.signed_by(&key, &issuer).unwrap();
-    (root.pem(), cert.pem(), key.serialize_pem())
+    let p = sigil_e2e::pki::upstream_pki(valid_for, true).unwrap();
+    (p.root_pem, p.intermediate_pem, p.intermediate_key_pem)
 }
 
 #[tokio::test]

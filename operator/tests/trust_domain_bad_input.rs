@@ -187,38 +187,11 @@ struct Pki {
 
 /// Root → issuing certificate; `is_ca` and `valid_for` shape the issuing certificate.
 fn pki(valid_for: time::Duration, is_ca: bool) -> Pki {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
-    let now = time::OffsetDateTime::now_utc();
-    let root_key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name
-        .push(DnType::CommonName, "Bad Input Root");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    p.not_before = now - time::Duration::days(2);
-    p.not_after = now + time::Duration::days(3650);
-    let root = p.self_signed(&root_key).unwrap();
-    let issuer = Issuer::new(p, root_key);
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name
-        .push(DnType::CommonName, "Bad Input Issuing");
-    if is_ca {
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    } else {
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    }
-    p.not_before = now - time::Duration::days(2);
-    p.not_after = now + valid_for;
-    let cert = p.signed_by(&key, &issuer).unwrap();
+    let p = sigil_e2e::pki::upstream_pki(valid_for, is_ca).unwrap();
     Pki {
-        root: root.pem(),
-        cert: cert.pem(),
-        key: key.serialize_pem(),
+        root: p.root_pem,
+        cert: p.intermediate_pem,
+        key: p.intermediate_key_pem,
     }
 }
 

@@ -78,49 +78,13 @@ pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use k8s_openapi::ByteString;
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    };
+    use sigil_e2e::pki::UpstreamPki;
 
     use super::*;
 
-    /// A test PKI: root → intermediate, as PEM.
-    pub(crate) struct TestPki {
-        pub root_pem: String,
-        pub intermediate_pem: String,
-        pub intermediate_key_pem: String,
-    }
-
-    pub(crate) fn pki(valid_for: time::Duration, intermediate_is_ca: bool) -> TestPki {
-        let now = time::OffsetDateTime::now_utc();
-        let root_key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::default();
-        p.distinguished_name.push(DnType::CommonName, "Test Root");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p.not_before = now - time::Duration::days(1);
-        p.not_after = now + time::Duration::days(3650);
-        let root = p.self_signed(&root_key).unwrap();
-        let issuer = Issuer::new(p, root_key);
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::default();
-        p.distinguished_name
-            .push(DnType::CommonName, "Test Intermediate");
-        if intermediate_is_ca {
-            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        } else {
-            p.is_ca = IsCa::ExplicitNoCa;
-            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        }
-        p.not_before = now - time::Duration::days(1);
-        p.not_after = now + valid_for;
-        let cert = p.signed_by(&key, &issuer).unwrap();
-        TestPki {
-            root_pem: root.pem(),
-            intermediate_pem: cert.pem(),
-            intermediate_key_pem: key.serialize_pem(),
-        }
+    /// A test PKI: root → intermediate, as PEM ([`sigil_e2e::pki::upstream_pki`]).
+    pub(crate) fn pki(valid_for: time::Duration, intermediate_is_ca: bool) -> UpstreamPki {
+        sigil_e2e::pki::upstream_pki(valid_for, intermediate_is_ca).unwrap()
     }
 
     fn secret(entries: &[(&str, &str)]) -> Secret {
