@@ -18,12 +18,8 @@
 
 mod agent_process;
 mod held_streams;
-#[path = "../../operator/tests/node_api_common/mod.rs"]
-mod node_api_common;
-#[path = "../../operator/benches/report/mod.rs"]
-mod report;
-#[path = "../../operator/tests/trust_domain_common/mod.rs"]
-mod trust_domain_common;
+use sigil_testkit::node_api as node_api_common;
+use sigil_testkit::report;
 
 use std::time::{Duration, Instant};
 

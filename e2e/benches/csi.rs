@@ -4,14 +4,9 @@
 //!
 //! Run: `make bench` (or `hack/bench.sh csi`). SIGIL_BENCH_VOLUMES (default 200).
 
-#[path = "../tests/agent_common/mod.rs"]
-mod agent_common;
-#[path = "../../operator/tests/node_api_common/mod.rs"]
-mod node_api_common;
-#[path = "../../operator/benches/report/mod.rs"]
-mod report;
-#[path = "../../operator/tests/trust_domain_common/mod.rs"]
-mod trust_domain_common;
+use sigil_testkit::agent as agent_common;
+use sigil_testkit::report;
+use sigil_testkit::trust_domain as trust_domain_common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -16,8 +16,7 @@
 //! pods per mode. Needs root, and no other cluster on the machine (docs/real-node.md).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../operator/benches/report/mod.rs"]
-mod report;
+use sigil_testkit::report;
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};

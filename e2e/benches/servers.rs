@@ -40,15 +40,10 @@
 //!
 //! Run: `hack/bench.sh servers` (part of `make bench`).
 
-#[path = "../../operator/tests/node_api_common/mod.rs"]
-mod node_api_common;
-#[path = "../../operator/benches/report/mod.rs"]
-mod report;
+use sigil_testkit::node_api as node_api_common;
+use sigil_testkit::report;
 mod sign_load;
-#[path = "../tests/spire_common/mod.rs"]
-mod spire_common;
-#[path = "../../operator/tests/trust_domain_common/mod.rs"]
-mod trust_domain_common;
+use sigil_testkit::spire as spire_common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -8,10 +8,8 @@
 //! audiences, so the attacker there is an audience-unaware TokenReview answer).
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../operator/tests/node_api_common/mod.rs"]
-mod node_api_common;
-#[path = "../../operator/tests/trust_domain_common/mod.rs"]
-mod trust_domain_common;
+use sigil_testkit::node_api as node_api_common;
+use sigil_testkit::trust_domain as trust_domain_common;
 
 use std::io::BufRead as _;
 use std::time::{Duration, Instant};

@@ -4,12 +4,9 @@
 //! TrustDomain and ClusterSPIFFEID), and the operator runs on exactly the chart's RBAC.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../operator/tests/federation_common/mod.rs"]
-mod federation_common;
-#[path = "../../operator/tests/node_api_common/mod.rs"]
-mod node_api_common;
-#[path = "../../operator/tests/trust_domain_common/mod.rs"]
-mod trust_domain_common;
+use sigil_testkit::federation as federation_common;
+use sigil_testkit::node_api as node_api_common;
+use sigil_testkit::trust_domain as trust_domain_common;
 
 use std::path::{Path, PathBuf};
 

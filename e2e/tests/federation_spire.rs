@@ -14,13 +14,11 @@
 //!   refresh interval.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../operator/tests/node_api_common/mod.rs"]
-mod node_api_common;
-#[path = "../../operator/tests/trust_domain_common/mod.rs"]
-mod trust_domain_common;
+use sigil_testkit::node_api as node_api_common;
+use sigil_testkit::trust_domain as trust_domain_common;
 
-mod agent_common;
-mod spire_common;
+use sigil_testkit::agent as agent_common;
+use sigil_testkit::spire as spire_common;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

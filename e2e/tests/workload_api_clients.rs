@@ -5,12 +5,7 @@
 //! one, and reads the bundles.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../operator/tests/node_api_common/mod.rs"]
-mod node_api_common;
-#[path = "../../operator/tests/trust_domain_common/mod.rs"]
-mod trust_domain_common;
-
-mod agent_common;
+use sigil_testkit::agent as agent_common;
 
 use agent_common::*;
 use serde_json::json;

@@ -5,12 +5,9 @@
 //! at accept with a real kernel in e2e/tests/attacks_revocation.rs.)
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../operator/tests/node_api_common/mod.rs"]
-mod node_api_common;
-#[path = "../../operator/tests/trust_domain_common/mod.rs"]
-mod trust_domain_common;
+use sigil_testkit::node_api as node_api_common;
 
-mod agent_common;
+use sigil_testkit::agent as agent_common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, SystemTime};

@@ -4,12 +4,9 @@
 //! SVIDs. When the TPM is not enrolled, or the TCTI answers nothing, the binary says so.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../operator/tests/node_api_common/mod.rs"]
-mod node_api_common;
-#[path = "../../operator/tests/tpm_common/mod.rs"]
-mod tpm_common;
-#[path = "../../operator/tests/trust_domain_common/mod.rs"]
-mod trust_domain_common;
+use sigil_testkit::node_api as node_api_common;
+use sigil_testkit::tpm as tpm_common;
+use sigil_testkit::trust_domain as trust_domain_common;
 
 use std::process::Stdio;
 use std::time::Duration;

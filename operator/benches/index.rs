@@ -18,8 +18,8 @@ use sigil_api::crd::cluster_spiffe_id::{ClusterSPIFFEID, ClusterSpiffeIdSpec};
 use sigil_identity::TrustDomain;
 use sigil_index::{EntryIndex, IndexConfig, TrustDomainInfo, entry_id};
 
-mod report;
 use report::{Report, env};
+use sigil_testkit::report;
 
 const NAMESPACES: usize = 200;
 const APPS: usize = 50;

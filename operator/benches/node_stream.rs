@@ -6,11 +6,8 @@
 //! SIGIL_BENCH_BURST (default 1000) and SIGIL_BENCH_SEQUENTIAL (default 200) set the
 //! sizes.
 
-#[path = "../tests/node_api_common/mod.rs"]
-mod node_api_common;
-mod report;
-#[path = "../tests/trust_domain_common/mod.rs"]
-mod trust_domain_common;
+use sigil_testkit::node_api as node_api_common;
+use sigil_testkit::report;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

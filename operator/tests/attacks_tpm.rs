@@ -4,9 +4,8 @@
 //! code before the fix. The other revocation attacks are in e2e/tests/attacks_revocation.rs.
 #![allow(clippy::unwrap_used)]
 
-mod node_api_common;
-mod tpm_common;
-mod trust_domain_common;
+use sigil_testkit::node_api as node_api_common;
+use sigil_testkit::tpm as tpm_common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! and exits 0.
 #![allow(clippy::unwrap_used)]
 
-mod trust_domain_common;
+use sigil_testkit::trust_domain as trust_domain_common;
 
 use std::process::{Child, Command, Stdio};
 

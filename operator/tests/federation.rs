@@ -5,9 +5,9 @@
 //! discovery are checked from the outside with our fetcher and jsonwebtoken.
 #![allow(clippy::unwrap_used)]
 
-mod federation_common;
-mod node_api_common;
-mod trust_domain_common;
+use sigil_testkit::federation as federation_common;
+use sigil_testkit::node_api as node_api_common;
+use sigil_testkit::trust_domain as trust_domain_common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,8 +4,8 @@
 //! precise status.
 #![allow(clippy::unwrap_used)]
 
-mod node_api_common;
-mod trust_domain_common;
+use sigil_testkit::node_api as node_api_common;
+use sigil_testkit::trust_domain as trust_domain_common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -4,9 +4,8 @@
 //! refusal, each with its precise status and nothing issued.
 #![allow(clippy::unwrap_used)]
 
-mod node_api_common;
-mod tpm_common;
-mod trust_domain_common;
+use sigil_testkit::tpm as tpm_common;
+use sigil_testkit::trust_domain as trust_domain_common;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

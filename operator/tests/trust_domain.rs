@@ -3,7 +3,7 @@
 //! upstream intermediate CA, and leader handover.
 #![allow(clippy::unwrap_used)]
 
-mod trust_domain_common;
+use sigil_testkit::trust_domain as trust_domain_common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};

@@ -3,7 +3,7 @@
 //! its own reason plus a Warning Event, while whatever already issues keeps issuing.
 #![allow(clippy::unwrap_used)]
 
-mod trust_domain_common;
+use sigil_testkit::trust_domain as trust_domain_common;
 
 use std::time::{Duration, SystemTime};
 

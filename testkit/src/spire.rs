@@ -2,7 +2,7 @@
 //! the federation test and the side-by-side bench: sqlite datastore, disk key manager,
 //! join-token node attestation and the unix workload attestor, driven through
 //! `spire-server` CLI calls (which use its admin API).
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

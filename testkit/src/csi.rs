@@ -1,7 +1,7 @@
 //! sigil-csi in this process against an [`AgentWorld`]: start and restart it, talk CSI to
 //! it, build NodePublishVolume requests as the kubelet sends them, and check the files a
 //! files-mode volume holds.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,8 +20,8 @@ use sigil_telemetry::LogFormat;
 use sigil_telemetry::Readiness;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent_common::AgentWorld;
-use crate::trust_domain_common::{SETTLE, eventually};
+use crate::agent::AgentWorld;
+use crate::trust_domain::{SETTLE, eventually};
 
 /// sigil-csi running in this process, restartable.
 pub struct Csi {

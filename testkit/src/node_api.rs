@@ -1,7 +1,7 @@
 //! A Node API world for tests and benches: a real apiserver (the e2e harness), an
 //! operator replica in this process (CA, identity index, Node API on a loopback port), a
 //! namespace the test owns, two Nodes, and the agent's service account and pods.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use sigil_operator::node_api::psat::PsatConfig;
 use sigil_operator::node_api::{self, NodeApi, NodeApiConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::trust_domain_common::*;
+use crate::trust_domain::*;
 
 /// A Node API server task and its stop switch.
 type RunningNodeApi = (

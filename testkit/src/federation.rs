@@ -2,7 +2,7 @@
 //! on loopback whose answers a test switches at will (good bundle, wrong SPIFFE ID, hang,
 //! huge body, garbage...). It stands in for a peer's bundle endpoint; the SPIRE interop
 //! test in e2e/ uses a real one.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

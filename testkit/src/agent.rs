@@ -2,7 +2,7 @@
 //! a sigil-agent for node A running in this process, with its projected token and
 //! bootstrap bundle in files as a DaemonSet pod would have them, and workloads as real
 //! processes in pod-shaped cgroups.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -17,8 +17,8 @@ use sigil_e2e::pod::PodContainer;
 use sigil_telemetry::LogFormat;
 use tokio_util::sync::CancellationToken;
 
-use crate::node_api_common::{CLUSTER, World, WorldOptions};
-use crate::trust_domain_common::{SETTLE, eventually};
+use crate::node_api::{CLUSTER, World, WorldOptions};
+use crate::trust_domain::{SETTLE, eventually};
 
 pub struct AgentWorld {
     pub w: World,

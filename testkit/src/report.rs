@@ -1,6 +1,5 @@
 //! Bench output: a table on stdout and the same rows as JSON in `bench/out/<name>.json`
 //! (`SIGIL_BENCH_OUT` overrides the directory), for `make bench` and for notes.
-#![allow(dead_code, unreachable_pub, missing_debug_implementations)]
 
 use std::time::Duration;
 

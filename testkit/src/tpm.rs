@@ -1,7 +1,7 @@
 //! TPM fixtures for tests: a manufacturer CA, software TPMs (swtpm) provisioned like real
 //! ones (EK certificate in NV index 0x01c00002), and the pool that starts them early.
 //! Used by operator/tests/tpm.rs and node-agent/tests/tpm_binary.rs.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::interface_types::resource_handles::{NvAuth, Provision};
 use tss_esapi::structures::{MaxNvBuffer, NvPublicBuilder, Public};
 
-use crate::node_api_common::{World, WorldOptions};
+use crate::node_api::{World, WorldOptions};
 
 /// A [`World`] whose operator accepts TPMs certified by `ca`, answering within
 /// `challenge_timeout`.

@@ -2,7 +2,7 @@
 //! process against the harness's real apiserver, polling helpers with deadlines, and
 //! object builders. Each test gets its own namespace, Lease and TrustDomain label, so tests
 //! share one control plane without seeing each other's objects.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
