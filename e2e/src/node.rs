@@ -48,10 +48,13 @@ const CONTAINERD_SOCK: &str = "/run/sigil-cluster/containerd/containerd.sock";
 /// The Sigil binaries the images hold (images.conf's `bin` lines), with the workspace
 /// directories of the crates each is built from.
 const SOURCES: [(&str, &[&str]); 4] = [
-    ("sigil-operator", &["identity", "telemetry", "operator"]),
+    (
+        "sigil-operator",
+        &["identity", "telemetry", "api", "index", "operator"],
+    ),
     ("sigil-agent", &["identity", "telemetry", "node-agent"]),
     ("sigil-csi", &["identity", "telemetry", "csi-driver"]),
-    ("sigil", &["identity", "telemetry", "operator", "cli"]),
+    ("sigil", &["identity", "telemetry", "api", "index", "cli"]),
 ];
 /// Prefix of this harness's working directories (logs, image tars).
 const DIR_PREFIX: &str = "sigil-e2e-";
