@@ -34,7 +34,7 @@ use tracing::debug;
 
 use crate::attest::peer::{PeerError, PeerProcess};
 use crate::attest::{AttestError, WorkloadAttestor};
-use crate::cache::Cache;
+use crate::cache::{Cache, WorkloadView};
 use crate::limits::{Caps, MintBudget, Slot, WorkloadKey};
 use crate::node_client::NodeClient;
 use crate::serving::{JwtRefusal, ResponseStream, Served, x509_response, x509_update};
@@ -173,6 +173,26 @@ impl WorkloadApi {
             })
     }
 
+    /// A bundle stream (FetchX509Bundles, FetchJWTBundles) for an attested caller that
+    /// has an identity, held under the stream caps.
+    async fn bundle_stream<Q, T: Send + 'static>(
+        &self,
+        rpc: &str,
+        req: &Request<Q>,
+        stream: impl FnOnce(&Served, &WorkloadView, BTreeSet<Selector>) -> ResponseStream<T>,
+    ) -> Result<Response<ResponseStream<T>>, Status> {
+        let caller = self.attest(rpc, req).await?;
+        let view = self.inner.served.cache.view_for(&caller.selectors);
+        if view.svids.is_empty() && view.pending.is_empty() {
+            return Err(self.no_identity(rpc, &caller));
+        }
+        let slot = self.stream_slot(rpc, &caller)?;
+        Ok(Response::new(holding(
+            slot,
+            stream(&self.inner.served, &view, caller.selectors),
+        )))
+    }
+
     fn no_identity(&self, rpc: &str, caller: &Caller) -> Status {
         self.deny(
             rpc,
@@ -267,18 +287,8 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<ResponseStream<pb::X509BundlesResponse>>, Status> {
-        const RPC: &str = "FetchX509Bundles";
-        let caller = self.attest(RPC, &req).await?;
-        let view = self.inner.served.cache.view_for(&caller.selectors);
-        if view.svids.is_empty() && view.pending.is_empty() {
-            return Err(self.no_identity(RPC, &caller));
-        }
-        let slot = self.stream_slot(RPC, &caller)?;
-        let selectors = caller.selectors;
-        Ok(Response::new(holding(
-            slot,
-            self.inner.served.x509_bundles_stream(&view, selectors),
-        )))
+        self.bundle_stream("FetchX509Bundles", &req, Served::x509_bundles_stream)
+            .await
     }
 
     async fn fetch_jwtsvid(
@@ -342,18 +352,8 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<ResponseStream<pb::JwtBundlesResponse>>, Status> {
-        const RPC: &str = "FetchJWTBundles";
-        let caller = self.attest(RPC, &req).await?;
-        let view = self.inner.served.cache.view_for(&caller.selectors);
-        if view.svids.is_empty() && view.pending.is_empty() {
-            return Err(self.no_identity(RPC, &caller));
-        }
-        let slot = self.stream_slot(RPC, &caller)?;
-        let selectors = caller.selectors;
-        Ok(Response::new(holding(
-            slot,
-            self.inner.served.jwt_bundles_stream(&view, selectors),
-        )))
+        self.bundle_stream("FetchJWTBundles", &req, Served::jwt_bundles_stream)
+            .await
     }
 
     async fn validate_jwtsvid(
