@@ -439,4 +439,36 @@ async fn a_workload_svid_with_an_agent_path_cannot_call_the_node_api() {
             }
         }
     }
+    // The refusal is counted where it happened: at the handshake (the TLS verifier checks
+    // the component policy) or, past it, by the per-call check. The server counts it in
+    // its connection task, which may run just after the client saw the connection close.
+    let counted = |text: &str, prefix: &str, reason: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(&format!("reason=\"{reason}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let (at_handshake, per_call) = loop {
+        let text = w.metrics_text();
+        let at_handshake = counted(
+            &text,
+            "sigil_node_api_tls_handshakes_failed_total",
+            "bad_client_certificate",
+        );
+        let per_call = counted(
+            &text,
+            "sigil_node_api_denials_total",
+            "not_a_component_svid",
+        );
+        if at_handshake + per_call >= 1 || std::time::Instant::now() > deadline {
+            break (at_handshake, per_call);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    eprintln!("refusal counted: at the handshake {at_handshake}, per call {per_call}");
+    assert!(
+        at_handshake + per_call >= 1,
+        "the refusal was not counted (handshake {at_handshake}, per call {per_call})"
+    );
 }

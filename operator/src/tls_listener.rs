@@ -71,10 +71,13 @@ pub struct ListenerMetrics {
     pub open: Gauge,
     /// Connections closed at once because a cap was reached, by reason.
     pub refused: Family<RefusalLabels, Counter>,
+    /// TLS handshakes that failed, by reason ([`handshake_failure`]).
+    pub handshakes_failed: Family<RefusalLabels, Counter>,
 }
 
 impl ListenerMetrics {
-    /// Registers `<prefix>_open_connections` and `<prefix>_connections_refused`.
+    /// Registers `<prefix>_open_connections`, `<prefix>_connections_refused` and
+    /// `<prefix>_tls_handshakes_failed`.
     pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
         registry.register(
             "open_connections",
@@ -86,6 +89,33 @@ impl ListenerMetrics {
             "Connections closed at accept because a connection cap was reached, by reason",
             self.refused.clone(),
         );
+        registry.register(
+            "tls_handshakes_failed",
+            "TLS handshakes that failed, by reason (bad_client_certificate, tls_error, io_error, timeout)",
+            self.handshakes_failed.clone(),
+        );
+    }
+
+    fn handshake_failed(&self, reason: &str) {
+        self.handshakes_failed
+            .get_or_create(&RefusalLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+}
+
+/// The reason label of a failed TLS handshake: a client certificate the verifier refused
+/// (an unknown CA, an expired or a workload SVID) is `bad_client_certificate`; any other
+/// TLS alert or protocol error `tls_error`; the connection failing under it `io_error`.
+pub fn handshake_failure(e: &std::io::Error) -> &'static str {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(_)) => "bad_client_certificate",
+        Some(_) => "tls_error",
+        None => "io_error",
     }
 }
 
@@ -360,9 +390,14 @@ pub fn incoming_capped(
                             .await;
                     }
                     Ok(Err(e)) => {
-                        tracing::info!(listener = what, %peer, error = %e, "TLS handshake refused")
+                        let reason = handshake_failure(&e);
+                        caps.metrics.handshake_failed(reason);
+                        tracing::info!(listener = what, %peer, reason, error = %e, "TLS handshake refused")
                     }
-                    Err(_) => tracing::info!(listener = what, %peer, "TLS handshake timed out"),
+                    Err(_) => {
+                        caps.metrics.handshake_failed("timeout");
+                        tracing::info!(listener = what, %peer, "TLS handshake timed out")
+                    }
                 }
             });
         }
