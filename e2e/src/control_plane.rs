@@ -26,8 +26,6 @@ const READY_WITHIN: Duration = Duration::from_secs(180);
 const CRD_WITHIN: Duration = Duration::from_secs(60);
 /// The field manager the harness applies CRDs with.
 const FIELD_MANAGER: &str = "sigil-e2e";
-/// Prefix of the working directories, so leftovers of killed runs can be found.
-const DIR_PREFIX: &str = "sigil-e2e-";
 
 /// A running etcd + kube-apiserver. Dropping it stops both and removes its files.
 #[derive(Debug)]
@@ -47,7 +45,7 @@ impl ControlPlane {
     /// Starts etcd and kube-apiserver and installs every CRD in `crds/`. Retries once on
     /// a port race with another process.
     pub async fn start() -> Result<Self, Error> {
-        remove_stale_dirs();
+        process::remove_stale_work_dirs();
         let mut last = None;
         for _ in 0..3 {
             match Self::start_once().await {
@@ -66,7 +64,7 @@ impl ControlPlane {
         let etcd_bin = tools::tool("etcd")?;
         let apiserver_bin = tools::tool("kube-apiserver")?;
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{DIR_PREFIX}{}-", std::process::id()))
+            .prefix(&process::work_dir_prefix())
             .tempdir()
             .map_err(|e| Error::io("create the control plane's directory", e))?;
         let root = dir.path();
@@ -441,24 +439,4 @@ fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
             .port();
     }
     Ok(ports)
-}
-
-/// Removes working directories left by test processes that were killed (a `static`
-/// control plane's directory is never dropped).
-fn remove_stale_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if !process::is_alive(pid) {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
 }

@@ -56,8 +56,6 @@ const SOURCES: [(&str, &[&str]); 4] = [
     ("sigil-csi", &["identity", "telemetry", "csi-driver"]),
     ("sigil", &["identity", "telemetry", "api", "index", "cli"]),
 ];
-/// Prefix of this harness's working directories (logs, image tars).
-const DIR_PREFIX: &str = "sigil-e2e-";
 
 /// The running node, shared by the tests of one binary.
 #[derive(Debug)]
@@ -107,9 +105,9 @@ impl RealNode {
             .canonicalize()
             .map_err(|e| Error::io(format!("the binaries' directory {}", bin_dir.display()), e))?;
         check_fresh(&repo, &bin_dir)?;
-        remove_stale_dirs();
+        crate::process::remove_stale_work_dirs();
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{DIR_PREFIX}{}-node-", std::process::id()))
+            .prefix(&format!("{}node-", crate::process::work_dir_prefix()))
             .tempdir()
             .map_err(|e| Error::io("create the real node's working directory", e))?;
         let owner = format!("real-node-test pid {}", std::process::id());
@@ -514,29 +512,6 @@ fn walk(dir: &Path, f: &mut impl FnMut(&Path)) {
             walk(&p, f);
         } else {
             f(&p);
-        }
-    }
-}
-
-/// Removes working directories of earlier real-node runs whose process has ended.
-fn remove_stale_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
-            continue;
-        };
-        let mut parts = rest.split('-');
-        let (Some(pid), Some("node")) = (
-            parts.next().and_then(|p| p.parse::<u32>().ok()),
-            parts.next(),
-        ) else {
-            continue;
-        };
-        if !crate::process::is_alive(pid) {
-            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }

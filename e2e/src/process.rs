@@ -168,3 +168,31 @@ pub fn cpu_time(pid: u32) -> std::time::Duration {
     // USER_HZ is 100 on Linux.
     std::time::Duration::from_millis(ticks * 10)
 }
+/// Prefix of every working directory the harness makes in `$TMPDIR` (the control
+/// plane's, the real node's): `sigil-e2e-<pid>-`, so leftovers of killed runs can be found.
+const WORK_DIR_PREFIX: &str = "sigil-e2e-";
+
+/// This process's working-directory prefix, `sigil-e2e-<pid>-`.
+pub fn work_dir_prefix() -> String {
+    format!("{WORK_DIR_PREFIX}{}-", std::process::id())
+}
+
+/// Removes the working directories of test processes that have ended (killed runs never
+/// drop theirs: a shared control plane or node lives in a `static`).
+pub fn remove_stale_work_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(WORK_DIR_PREFIX)) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !is_alive(pid) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

@@ -24,7 +24,8 @@ use super::revocation::{self, Binding, Revoked};
 use super::tpm::TpmConfig;
 use crate::authority::Authorities;
 use crate::federation::FederatedBundles;
-use crate::index::EntryIndex;
+use crate::index::{EntryIndex, NodeView};
+use sigil_identity::entry::RegistrationEntry;
 
 /// Most CSRs in one SignX509Svids call.
 pub const MAX_CSRS_PER_CALL: usize = 1000;
@@ -169,6 +170,26 @@ impl NodeApi {
     /// Whether PSAT alone is refused (`--require-tpm`).
     pub(super) fn require_tpm(&self) -> bool {
         self.inner.cfg.tpm.as_ref().is_some_and(|t| t.required)
+    }
+
+    /// Entry `entry_id` of the caller's node (`view`), or PermissionDenied: a caller signs
+    /// and mints only for entries authorised for its own node.
+    fn authorized_entry(
+        &self,
+        rpc: &str,
+        view: &NodeView,
+        entry_id: &str,
+    ) -> Result<Arc<RegistrationEntry>, Status> {
+        view.entry(entry_id).ok_or_else(|| {
+            self.deny(
+                rpc,
+                "entry_not_authorized",
+                Status::permission_denied(format!(
+                    "entry {entry_id:?} is not authorised for node {}",
+                    view.name()
+                )),
+            )
+        })
     }
 
     /// Counts, logs and returns a revocation's status.
@@ -641,16 +662,7 @@ impl pb::node_server::Node for NodeApi {
             BTreeMap::new();
         for r in requests {
             let result = (|| -> Result<pb::SvidResult, Status> {
-                let entry = view.entry(&r.entry_id).ok_or_else(|| {
-                    self.deny(
-                        RPC,
-                        "entry_not_authorized",
-                        Status::permission_denied(format!(
-                            "entry {:?} is not authorised for node {}",
-                            r.entry_id, caller.node_name
-                        )),
-                    )
-                })?;
+                let entry = self.authorized_entry(RPC, &view, &r.entry_id)?;
                 if granted == 0 {
                     return Err(Status::resource_exhausted(format!(
                         "node {} is over its X509 signing budget ({} CSRs per second, bursts of {}); retry this entry with backoff",
@@ -745,21 +757,11 @@ impl pb::node_server::Node for NodeApi {
                 )),
             ));
         }
-        let entry = self
-            .inner
-            .entries
-            .node(&caller.node_name)
-            .entry(&r.entry_id)
-            .ok_or_else(|| {
-                self.deny(
-                    RPC,
-                    "entry_not_authorized",
-                    Status::permission_denied(format!(
-                        "entry {:?} is not authorised for node {}",
-                        r.entry_id, caller.node_name
-                    )),
-                )
-            })?;
+        let entry = self.authorized_entry(
+            RPC,
+            &self.inner.entries.node(&caller.node_name),
+            &r.entry_id,
+        )?;
         self.charge(RPC, "mint", &self.inner.limiters.mint, &caller.node_name)?;
         let td = entry.spiffe_id.trust_domain();
         let authority =
