@@ -6,4 +6,5 @@
 
 pub mod crd;
 pub mod node;
+pub mod pod_certificates;
 pub mod template;

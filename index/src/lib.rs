@@ -38,7 +38,7 @@ mod render;
 mod state;
 mod status_view;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -46,7 +46,7 @@ use std::time::Instant;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::DynamicObject;
-use sigil_identity::SpiffeId;
+use sigil_identity::{SpiffeId, TrustDomain};
 use sigil_identity::entry::RegistrationEntry;
 use tokio::sync::watch as channel;
 
@@ -130,6 +130,17 @@ struct Inner {
     /// Bumped whenever some ClusterSPIFFEID's status may have changed.
     status_dirty: channel::Sender<u64>,
     metrics: IndexMetrics,
+}
+
+/// A pod and its identities, as [`EntryIndex::pod_identities`] finds them.
+#[derive(Debug, Clone)]
+pub struct PodIdentities {
+    /// What the index read of the pod.
+    pub facts: PodFacts,
+    /// UID of the pod's Node, when the index has seen that Node.
+    pub node_uid: Option<String>,
+    /// The pod's published entries, default first.
+    pub entries: Vec<Arc<RegistrationEntry>>,
 }
 
 /// The identity index. Clone it freely: clones share one index.
@@ -529,6 +540,36 @@ impl EntryIndex {
     pub fn mark_all_dirty(&self) {
         let names = self.lock().state.csid_names();
         self.mark_dirty(names);
+    }
+
+    /// Pod `namespace/name` and the entries published for it now, ordered as the Workload
+    /// API orders a workload's SVIDs (by SPIFFE ID, then entry ID: the first is the
+    /// default). `None`: the index holds no such pod.
+    ///
+    /// This is for a caller that is handed a pod's name by someone else (a
+    /// PodCertificateRequest's signer): it compares the UID, node and service account it was
+    /// given with [`PodIdentities::facts`] before trusting any of the entries.
+    pub fn pod_identities(&self, namespace: &str, name: &str) -> Option<PodIdentities> {
+        let found = self.lock().state.pod_lookup(namespace, name)?;
+        let mut entries: Vec<Arc<RegistrationEntry>> = match &found.published_on {
+            Some(node) => {
+                let view = self.node(node);
+                found.entry_ids.iter().filter_map(|id| view.entry(id)).collect()
+            }
+            None => Vec::new(),
+        };
+        entries.sort_by(|a, b| (&a.spiffe_id, &a.id).cmp(&(&b.spiffe_id, &b.id)));
+        Some(PodIdentities {
+            facts: found.facts,
+            node_uid: found.node_uid,
+            entries,
+        })
+    }
+
+    /// For each TrustDomain object (by `metadata.name`), the foreign trust domains that
+    /// its ClusterSPIFFEIDs list in `federatesWith`.
+    pub fn federations(&self) -> BTreeMap<String, BTreeSet<TrustDomain>> {
+        self.lock().state.federations()
     }
 
     /// ClusterSPIFFEID `name`'s status as the index sees it.

@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+use sigil_identity::TrustDomain as TrustDomainName;
 use sigil_identity::entry::RegistrationEntry;
 
 use crate::IndexConfig;
@@ -153,6 +154,15 @@ pub enum Kind {
     TrustDomain,
 }
 
+/// What [`State::pod_lookup`] finds.
+#[derive(Debug, Clone)]
+pub(crate) struct PodLookup {
+    pub(crate) facts: PodFacts,
+    pub(crate) node_uid: Option<String>,
+    pub(crate) published_on: Option<String>,
+    pub(crate) entry_ids: Vec<String>,
+}
+
 #[derive(Debug)]
 pub(crate) struct State {
     config: Arc<IndexConfig>,
@@ -226,6 +236,40 @@ impl State {
 
     pub(crate) fn pod_count(&self) -> usize {
         self.pod_by_key.len()
+    }
+
+    /// Pod `namespace/name` as the index holds it: its facts, the UID of its node (when the
+    /// Node is known), and the node and IDs of the entries published for it.
+    pub(crate) fn pod_lookup(&self, namespace: &str, name: &str) -> Option<PodLookup> {
+        let id = *self
+            .pod_by_key
+            .get(&(namespace.to_owned(), name.to_owned()))?;
+        let rec = self.pod(id)?;
+        Some(PodLookup {
+            facts: rec.facts.clone(),
+            node_uid: rec
+                .facts
+                .node
+                .as_deref()
+                .and_then(|n| self.nodes.get(n))
+                .map(|n| n.uid.clone()),
+            published_on: rec.published_on.clone(),
+            entry_ids: rec.published.iter().map(|(id, _)| id.clone()).collect(),
+        })
+    }
+
+    /// For each TrustDomain object (by name), the foreign trust domains its active
+    /// ClusterSPIFFEIDs federate with.
+    pub(crate) fn federations(&self) -> BTreeMap<String, BTreeSet<TrustDomainName>> {
+        let mut out: BTreeMap<String, BTreeSet<TrustDomainName>> = BTreeMap::new();
+        for (_, rec) in self.live_csids() {
+            if let Some((compiled, td)) = rec.active() {
+                out.entry(td.object_name.clone())
+                    .or_default()
+                    .extend(compiled.federates_with.iter().cloned());
+            }
+        }
+        out
     }
 
     fn csid(&self, c: CsidId) -> Option<&CsidRecord> {

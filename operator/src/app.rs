@@ -31,6 +31,7 @@ use crate::node_api::metrics::NodeApiMetrics;
 use crate::node_api::psat::PsatConfig;
 use crate::node_api::tpm::{ManufacturerCas, TpmConfig};
 use crate::node_api::{self, NodeApi, NodeApiConfig};
+use crate::pod_certificates::{self, PodCertificateMetrics, decide::KeyType};
 use crate::telemetry::{self, LogFormat, Metrics, Readiness};
 use crate::trust_domain;
 
@@ -91,6 +92,39 @@ pub struct Args {
     /// Federation flags.
     #[command(flatten)]
     pub federation: FederationArgs,
+
+    /// Pod certificate flags.
+    #[command(flatten)]
+    pub pod_certificates: PodCertificateArgs,
+}
+
+/// Flags of the pod certificate signer (`sigil.dev/<TrustDomain>`, docs/pod-certificates.md).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PodCertificateArgs {
+    /// Sign Kubernetes PodCertificateRequests for signers `sigil.dev/<TrustDomain name>`
+    /// and publish ClusterTrustBundles. Needs the RBAC the chart grants.
+    #[arg(long, env = "SIGIL_POD_CERTIFICATES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pod_certificates: bool,
+
+    /// Key types the signer certifies (comma-separated kubelet names: ECDSAP256,
+    /// ECDSAP384, ED25519, RSA3072, RSA4096). Others are denied with UnsupportedKeyType.
+    #[arg(long, env = "SIGIL_POD_CERTIFICATE_KEY_TYPES", value_delimiter = ',', default_value = "ECDSAP256,ECDSAP384,ED25519", value_parser = pod_certificate_key_type)]
+    pub pod_certificate_key_types: Vec<KeyType>,
+
+    /// How long a request waits for the operator to see its pod, the pod's node and a
+    /// ClusterSPIFFEID selecting it before it is denied (Go duration).
+    #[arg(long, env = "SIGIL_POD_CERTIFICATE_GRACE", default_value = "10s", value_parser = go_duration)]
+    pub pod_certificate_grace: Duration,
+}
+
+fn pod_certificate_key_type(s: &str) -> Result<KeyType, String> {
+    match KeyType::from_name(s) {
+        Some(KeyType::EcdsaP521) => Err("ECDSAP521 cannot be allowed: rustls and ring have no P-521 verifier, so no Sigil component or common SPIFFE library could use the certificate".into()),
+        Some(k) => Ok(k),
+        None => Err(format!(
+            "unknown key type {s:?}; use ECDSAP256, ECDSAP384, ED25519, RSA3072 or RSA4096"
+        )),
+    }
 }
 
 /// Flags of federation: fetching foreign bundles, serving ours, OIDC discovery.
@@ -305,6 +339,7 @@ pub async fn run(
         kubeconfig,
         node_api,
         federation: federation_args,
+        pod_certificates: pod_cert_args,
     } = args;
     info!(%namespace, identity = %pod_name, version = env!("CARGO_PKG_VERSION"), "sigil-operator starting");
     let client = kube_client(kubeconfig.as_deref()).await?;
@@ -360,6 +395,32 @@ pub async fn run(
         ready: Some(readiness.component("identity-index")),
     };
 
+    let pod_certs = if pod_cert_args.pod_certificates {
+        let metrics = PodCertificateMetrics::default();
+        metrics.register(&mut registry);
+        let policy = pod_certificates::decide::Policy {
+            key_types: pod_cert_args.pod_certificate_key_types.into_iter().collect(),
+            grace: pod_cert_args.pod_certificate_grace,
+        };
+        let shared = pod_certificates::Shared {
+            authorities: authorities.clone(),
+            federated: federated.clone(),
+            index: entry_index.clone(),
+            leader: leader.clone(),
+            clock: Arc::new(SystemClock),
+            metrics,
+        };
+        futures::future::Either::Left(pod_certificates::run(
+            client.clone(),
+            policy,
+            shared,
+            cancel.clone(),
+        ))
+    } else {
+        info!("--pod-certificates=false: PodCertificateRequests are not signed");
+        futures::future::Either::Right(async {})
+    };
+
     let listener = tokio::net::TcpListener::bind(health_addr)
         .await
         .with_context(|| format!("bind the health server to {health_addr} (--health-addr)"))?;
@@ -395,7 +456,7 @@ pub async fn run(
         readiness.clone(),
         cancel.clone(),
     );
-    let (health, (), td, (), (), node_api, endpoints) = tokio::join!(
+    let (health, (), td, (), (), node_api, endpoints, ()) = tokio::join!(
         health,
         election.run(cancel.clone()),
         trust_domain::run(client.clone(), td_options, td_shared, cancel.clone()),
@@ -403,6 +464,7 @@ pub async fn run(
         index::run(client, entry_index, leader, index_options, cancel.clone()),
         node_api,
         endpoints,
+        pod_certs,
     );
     health.context("health server")?;
     td.context("TrustDomain controller")?;

@@ -27,6 +27,7 @@ pub mod federation;
 pub mod index;
 pub mod leader;
 pub mod node_api;
+pub mod pod_certificates;
 pub mod reflector_pair;
 pub mod serving;
 pub mod shutdown;

@@ -1,0 +1,161 @@
+//! ClusterTrustBundles of Sigil's signers: for every loaded TrustDomain, its own bundle
+//! (`sigil.dev:<name>:bundle`), and the bundle of each foreign trust domain its
+//! ClusterSPIFFEIDs federate with (`sigil.dev:<name>:federated.<td>`), each with
+//! `spec.signerName: sigil.dev/<name>`.
+//!
+//! They follow CA rotation because they are the published bundle: a prepared CA is in it
+//! before it signs, and a retired one stays until the last SVID it signed has expired.
+//! Only the leader writes; only objects carrying Sigil's labels are changed or deleted,
+//! and each is owned by its TrustDomain, so deleting the TrustDomain collects them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::certificates::v1::{ClusterTrustBundle, ClusterTrustBundleSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::{Client, ResourceExt as _};
+use sigil_api::pod_certificates::{
+    BUNDLE_KIND_LABEL, FEDERATED_TRUST_DOMAIN_LABEL, federated_bundle_name, own_bundle_name,
+    signer_name,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::Shared;
+use crate::crd::trust_domain::{OWNER_LABEL, TrustDomain as TrustDomainObject};
+use crate::trust_domain::store::{label_value, owner_reference};
+
+/// How often the bundles are compared with what should be, besides every change.
+const RESYNC: Duration = Duration::from_secs(30);
+
+/// Publishes while this replica leads, until `cancel`.
+pub async fn run(client: Client, mut shared: Shared, cancel: CancellationToken) {
+    let mut authorities = shared.authorities.subscribe();
+    let mut federated = shared.federated.subscribe();
+    let mut index_status = shared.index.status_changes();
+    loop {
+        if *shared.leader.borrow() && shared.index.is_synced() {
+            if let Err(e) = sync(&client, &shared).await {
+                warn!(error = %e, "ClusterTrustBundles: will try again");
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = shared.leader.changed() => {}
+            _ = authorities.changed() => {}
+            _ = federated.changed() => {}
+            _ = index_status.changed() => {}
+            () = tokio::time::sleep(RESYNC) => {}
+        }
+        // Pods coming and going change the index often: look at most once a second.
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// The ClusterTrustBundles there should be, by name.
+fn desired(shared: &Shared, owners: &[TrustDomainObject]) -> BTreeMap<String, ClusterTrustBundle> {
+    let mut out = BTreeMap::new();
+    let federations = shared.index.federations();
+    for authority in shared.authorities.all() {
+        let object = &authority.object_name;
+        let Some(owner) = owners.iter().find(|o| o.name_any() == *object) else {
+            continue;
+        };
+        let bundle = |name: String, kind: &str, pem: String, federated: Option<&str>| {
+            let mut labels = BTreeMap::from([
+                (OWNER_LABEL.to_owned(), label_value(object)),
+                (BUNDLE_KIND_LABEL.to_owned(), kind.to_owned()),
+                (
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "sigil-operator".to_owned(),
+                ),
+            ]);
+            if let Some(td) = federated {
+                labels.insert(FEDERATED_TRUST_DOMAIN_LABEL.to_owned(), label_value(td));
+            }
+            ClusterTrustBundle {
+                metadata: ObjectMeta {
+                    name: Some(name),
+                    labels: Some(labels),
+                    owner_references: owner_reference(owner).map(|r| vec![r]),
+                    ..Default::default()
+                },
+                spec: ClusterTrustBundleSpec {
+                    signer_name: Some(signer_name(object)),
+                    trust_bundle: pem,
+                },
+            }
+        };
+        if !authority.bundle.x509_authorities.is_empty() {
+            let name = own_bundle_name(object);
+            out.insert(
+                name.clone(),
+                bundle(name, "own", authority.bundle.x509_pem(), None),
+            );
+        }
+        for td in federations.get(object).into_iter().flatten() {
+            if *td == authority.trust_domain {
+                continue;
+            }
+            // A bundle with no X.509 authority (JWT keys only) cannot be a
+            // ClusterTrustBundle: the API requires at least one certificate.
+            let Some(fb) = shared
+                .federated
+                .get(td)
+                .filter(|b| !b.x509_authorities.is_empty())
+            else {
+                continue;
+            };
+            let name = federated_bundle_name(object, td.name());
+            out.insert(
+                name.clone(),
+                bundle(name, "federated", fb.x509_pem(), Some(td.name())),
+            );
+        }
+    }
+    out
+}
+
+async fn sync(client: &Client, shared: &Shared) -> Result<(), kube::Error> {
+    let owners = Api::<TrustDomainObject>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let want = desired(shared, &owners);
+    let api = Api::<ClusterTrustBundle>::all(client.clone());
+    let have = api
+        .list(&ListParams::default().labels(&format!(
+            "{BUNDLE_KIND_LABEL},app.kubernetes.io/managed-by=sigil-operator"
+        )))
+        .await?
+        .items;
+    for old in &have {
+        let name = old.name_any();
+        if !want.contains_key(&name) {
+            api.delete(&name, &DeleteParams::default()).await?;
+            shared.metrics.bundle_writes.inc();
+            info!(bundle = %name, "ClusterTrustBundle deleted");
+        }
+    }
+    for (name, mut bundle) in want {
+        match have.iter().find(|h| h.name_any() == name) {
+            Some(old) if old.spec == bundle.spec && old.metadata.labels == bundle.metadata.labels => {}
+            Some(old) => {
+                bundle.metadata.resource_version = old.resource_version();
+                api.replace(&name, &PostParams::default(), &bundle).await?;
+                shared.metrics.bundle_writes.inc();
+                info!(bundle = %name, "ClusterTrustBundle updated");
+            }
+            None => {
+                api.create(&PostParams::default(), &bundle).await?;
+                shared.metrics.bundle_writes.inc();
+                info!(bundle = %name, "ClusterTrustBundle created");
+            }
+        }
+    }
+    Ok(())
+}
