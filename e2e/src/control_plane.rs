@@ -118,7 +118,11 @@ impl ControlPlane {
                 format!("--tls-cert-file={}", tls_cert.display()),
                 format!("--tls-private-key-file={}", tls_key.display()),
                 format!("--client-ca-file={}", client_ca_file.display()),
-                "--authorization-mode=RBAC".into(),
+                // As clusters run it: nodes are authorised by the Node authorizer and held
+                // to their own pods by NodeRestriction (the pod certificate tests create
+                // PodCertificateRequests as a kubelet does).
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
                 "--anonymous-auth=true".into(),
                 format!("--service-account-issuer={issuer}"),
                 format!("--service-account-signing-key-file={}", sa_key.display()),

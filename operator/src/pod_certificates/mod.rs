@@ -130,7 +130,7 @@ struct Context {
 
 #[derive(Debug, thiserror::Error)]
 enum Error {
-    #[error("write the status of PodCertificateRequest {0}: {1}")]
+    #[error("API request for {0}: {1}")]
     Write(String, #[source] kube::Error),
     #[error("sign PodCertificateRequest {0}: {1}")]
     Sign(String, String),
@@ -227,6 +227,14 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, cx: Arc<Context>) -> Result<
             debug!(request = %format!("{namespace}/{name}"), %why, "waiting");
             return Ok(Action::requeue(Duration::from_millis(500)));
         }
+        Decision::Deny { reason, .. }
+            if reason == decide::reason::UNKNOWN_SIGNER && trust_domain_exists(&cx.client, td_object).await? =>
+        {
+            // Another installation's TrustDomain (see --trust-domain-selector), or one whose
+            // CA is not ready: not ours to deny. Its status says what is wrong.
+            debug!(request = %format!("{namespace}/{name}"), trust_domain = td_object, "signer of a TrustDomain this replica does not load");
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
         Decision::Deny { reason, message } => {
             info!(request = %format!("{namespace}/{name}"), pod = %pcr.spec.pod_name, reason, %message, "pod certificate denied");
             (
@@ -285,6 +293,14 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, cx: Arc<Context>) -> Result<
         .answer_seconds
         .observe(age.as_secs_f64());
     Ok(Action::await_change())
+}
+
+async fn trust_domain_exists(client: &Client, name: &str) -> Result<bool, Error> {
+    Api::<crate::crd::trust_domain::TrustDomain>::all(client.clone())
+        .get_opt(name)
+        .await
+        .map(|o| o.is_some())
+        .map_err(|e| Error::Write(format!("TrustDomain {name}"), e))
 }
 
 /// Whether `spki` was already certified for another issued request in the namespace.
