@@ -85,6 +85,7 @@ fn main() -> std::process::ExitCode {
         the_kubelet_pod_source_attests_real_containers,
         a_pod_no_clusterspiffeid_selects_gets_permission_denied,
         nginx_serves_mtls_with_its_files_and_refuses_unselected_pods,
+        a_pod_certificate_volume_holds_an_svid_go_spiffe_verifies_and_it_rotates,
         restarts_keep_streams_served_and_files_whole,
         helm_uninstall_leaves_no_mounts_sockets_or_hostpath_state,
     ];
@@ -1331,6 +1332,103 @@ spec:
                 .contains("The SSL certificate error"),
         "a self-made certificate claiming the client's ID: {forged}"
     );
+    Ok(())
+}
+
+/// A pod with a `podCertificate` projected volume of signer `sigil.dev/default` and a
+/// `clusterTrustBundle` projection of the same signer, created with kubectl: the kubelet
+/// makes the key and the PodCertificateRequest, the operator (as the chart installs it,
+/// with the chart's RBAC) signs it, and the kubelet starts the container with the
+/// credential bundle. go-spiffe reads the file as an X509-SVID of the pod's ID and
+/// verifies it against the projected bundle. A restarted kubelet asks again with a new
+/// key (it keeps no state across restarts), and the new certificate reaches the running
+/// pod: a rotation, driven by the kubelet as at `beginRefreshAt`, without waiting the
+/// hour that is the shortest pod certificate.
+async fn a_pod_certificate_volume_holds_an_svid_go_spiffe_verifies_and_it_rotates(
+    ctx: Arc<Ctx>,
+) -> Result<()> {
+    let ns = "rn-podcert";
+    namespace(&ctx, ns, "").await?;
+    let t = Instant::now();
+    ctx.node
+        .apply(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata: {{name: app, namespace: {ns}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  restartPolicy: Never
+  containers:
+  - name: app
+    image: {image}
+    command: ["/bin/sleep", "infinity"]
+    volumeMounts: [{{name: spiffe, mountPath: /var/run/spiffe, readOnly: true}}]
+  volumes:
+  - name: spiffe
+    projected:
+      sources:
+      - podCertificate: {{signerName: sigil.dev/default, keyType: ECDSAP256, credentialBundlePath: credentialbundle.pem}}
+      - clusterTrustBundle: {{signerName: sigil.dev/default, labelSelector: {{matchLabels: {{sigil.dev/bundle: own}}}}, path: bundle.pem}}
+"#,
+            image = image("go-spiffe-client"),
+        ))
+        .await?;
+    wait_ready(&ctx, ns, "app").await?;
+    println!(
+        "    kubectl apply → pod Ready with its pod certificate: {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let check = [
+        "/go-spiffe-client",
+        "pod-cert",
+        "-svid-file",
+        "/var/run/spiffe/credentialbundle.pem",
+        "-bundle-file",
+        "/var/run/spiffe/bundle.pem",
+        "-trust-domain",
+        TD,
+    ];
+    let first = exec_json(&ctx, ns, "app", &check).await?;
+    ensure!(first["spiffe_id"] == default_id(ns, "default"), "{first}");
+    // The request: issued by Sigil, with the kubelet's timing fields.
+    let pcrs = Api::<k8s_openapi::api::certificates::v1::PodCertificateRequest>::namespaced(
+        ctx.client.clone(),
+        ns,
+    );
+    let lp = ListParams::default();
+    let issued = api(|| pcrs.list(&lp)).await?.items;
+    ensure!(
+        issued.iter().any(|p| p
+            .status
+            .as_ref()
+            .and_then(|s| s.begin_refresh_at.as_ref())
+            .is_some()),
+        "no issued PodCertificateRequest in {ns}: {issued:?}"
+    );
+
+    let t = Instant::now();
+    ctx.node.restart("kubelet").await?;
+    let second = until(
+        "a new certificate in the running pod",
+        Duration::from_secs(240),
+        || async {
+            let (ok, out, _) = exec(&ctx, ns, "app", &check).await?;
+            let v: Value = match serde_json::from_str(out.trim()) {
+                Ok(v) if ok => v,
+                _ => return Ok(None),
+            };
+            Ok((v["serial"] != first["serial"]).then_some(v))
+        },
+    )
+    .await?;
+    println!(
+        "    kubelet restart → the pod holds a new certificate: {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    ensure!(second["spiffe_id"] == default_id(ns, "default"), "{second}");
+    let in_ns = pods(&ctx, ns);
+    let pod = api(|| in_ns.get("app")).await?;
+    ensure!(pod_ready(&pod), "the pod is not Ready after the rotation: {}", pod_why(&pod));
     Ok(())
 }
 

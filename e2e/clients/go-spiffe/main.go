@@ -112,8 +112,8 @@ func main() {
 	interval := sub.Duration("interval", 100*time.Millisecond, "files-check: time between reads")
 	trustDomain := sub.String("trust-domain", "", "fetch-bundle: the endpoint's trust domain")
 	endpointID := sub.String("endpoint-id", "", "fetch-bundle: the endpoint's SPIFFE ID")
-	bundleFile := sub.String("bundle-file", "", "fetch-bundle: bootstrap bundle (SPIFFE bundle or PEM)")
-	svidFile := sub.String("svid-file", "", "fetch-bundle: X509-SVID chain (PEM) to verify")
+	bundleFile := sub.String("bundle-file", "", "fetch-bundle: bootstrap bundle (SPIFFE bundle or PEM); pod-cert: the ClusterTrustBundle projection")
+	svidFile := sub.String("svid-file", "", "fetch-bundle: X509-SVID chain (PEM) to verify; pod-cert: the credential bundle")
 	_ = sub.Parse(flag.Args()[1:])
 
 	// The long-running commands print as they go and never return a result.
@@ -151,6 +151,8 @@ func main() {
 		out, err = firstSVID(ctx, opt)
 	case "files-first":
 		out, err = filesFirst(ctx, *dir)
+	case "pod-cert":
+		out, err = podCert(*svidFile, *bundleFile, *trustDomain)
 	default:
 		err = fmt.Errorf("unknown command %q", flag.Arg(0))
 	}
@@ -658,6 +660,47 @@ func filesCheck(dir string, interval time.Duration) {
 		}
 		time.Sleep(interval)
 	}
+}
+
+// podCert reads a Kubernetes pod certificate credential bundle (the kubelet's layout:
+// the PKCS#8 key, then the chain) as an X509-SVID, and verifies it against a
+// ClusterTrustBundle projection (PEM) of the trust domain, as go-spiffe does for any SVID.
+func podCert(credentialBundle, bundleFile, trustDomain string) (any, error) {
+	raw, err := os.ReadFile(credentialBundle)
+	if err != nil {
+		return nil, err
+	}
+	// One file holds both: Parse reads the CERTIFICATE blocks as the chain and the
+	// PRIVATE KEY block as the key, and checks that they match.
+	svid, err := x509svid.Parse(raw, raw)
+	if err != nil {
+		return nil, fmt.Errorf("%s as an X509-SVID: %w", credentialBundle, err)
+	}
+	td, err := spiffeid.TrustDomainFromString(trustDomain)
+	if err != nil {
+		return nil, err
+	}
+	pemBundle, err := os.ReadFile(bundleFile)
+	if err != nil {
+		return nil, err
+	}
+	bundle, err := x509bundle.Parse(td, pemBundle)
+	if err != nil {
+		return nil, fmt.Errorf("%s as the bundle of %s: %w", bundleFile, td, err)
+	}
+	id, _, err := x509svid.Verify(svid.Certificates, bundle)
+	if err != nil {
+		return nil, fmt.Errorf("verify %s against %s: %w", credentialBundle, bundleFile, err)
+	}
+	leaf := svid.Certificates[0]
+	return map[string]any{
+		"spiffe_id":   id.String(),
+		"serial":      leaf.SerialNumber.Text(16),
+		"not_before":  leaf.NotBefore.UTC().Format(time.RFC3339),
+		"not_after":   leaf.NotAfter.UTC().Format(time.RFC3339),
+		"chain_len":   len(svid.Certificates),
+		"authorities": len(bundle.X509Authorities()),
+	}, nil
 }
 
 // filesFirst waits until the volume holds a valid generation.
