@@ -374,3 +374,112 @@ async fn requests_for_other_nodes_pods_and_replays_are_refused() {
     assert_eq!((type_.as_str(), reason.as_str()), ("Denied", "PodMismatch"), "{message}");
     assert!(message.contains("recreated"), "{message}");
 }
+
+/// A foreign trust domain a ClusterSPIFFEID federates with is published as a
+/// ClusterTrustBundle of the signer, labelled with its name; when no ClusterSPIFFEID
+/// federates with it any more, the bundle is deleted. (The FederatedBundle's endpoint is
+/// unreachable on purpose: its bootstrap bundle is what the operator holds.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_bundles_are_cluster_trust_bundles_while_a_clusterspiffeid_federates() {
+    let s = start().await;
+    let tag = s.world.tag.clone();
+    let partner = format!("partner-{tag}.example");
+    let ca = sigil_e2e::pki::Ca::new(&format!("{partner} root")).unwrap();
+    create(
+        &Api::<sigil_operator::crd::federated_bundle::FederatedBundle>::all(s.world.client.clone()),
+        json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "FederatedBundle",
+               "metadata": {"name": format!("{tag}-partner"),
+                            "labels": {sigil_testkit::trust_domain::INSTANCE_LABEL: tag}},
+               "spec": {"trustDomain": partner, "bundleEndpointURL": "https://127.0.0.1:1/bundle",
+                        "bundleEndpointProfile": {"type": "https_web"},
+                        "trustDomainBundle": ca.cert_pem}}),
+    )
+    .await;
+    let csids = Api::<ClusterSPIFFEID>::all(s.world.client.clone());
+    create(
+        &csids,
+        json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": format!("{tag}-fed")}, "spec": {
+            "trustDomain": s.world.td_object,
+            "namespaceSelector": {"matchLabels": {"sigil-test": tag}},
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "federatesWith": [partner],
+        }}),
+    )
+    .await;
+    let bundles = Api::<ClusterTrustBundle>::all(s.world.client.clone());
+    let name = format!("sigil.dev:{}:federated.{partner}", s.world.td_object);
+    let ctb = eventually("the federated ClusterTrustBundle", WITHIN, || async {
+        bundles.get_opt(&name).await.unwrap()
+    })
+    .await;
+    assert_eq!(ctb.spec.signer_name.as_deref(), Some(s.signer.as_str()));
+    assert_eq!(
+        sigil_identity::x509::certs_from_pem(&ctb.spec.trust_bundle).unwrap(),
+        sigil_identity::x509::certs_from_pem(&ca.cert_pem).unwrap()
+    );
+    let labels = ctb.labels();
+    assert_eq!(labels.get("sigil.dev/bundle").map(String::as_str), Some("federated"));
+    assert_eq!(labels.get("sigil.dev/federated-trust-domain"), Some(&partner));
+
+    csids
+        .delete(&format!("{tag}-fed"), &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the federated ClusterTrustBundle deleted", WITHIN, || async {
+        bundles.get_opt(&name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    // The signer's own bundle stays.
+    assert!(
+        bundles
+            .get_opt(&format!("sigil.dev:{}:bundle", s.world.td_object))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+/// The ClusterTrustBundle follows CA rotation: a TrustDomain whose CA lives one minute
+/// prepares the next CA at half-life, and the prepared CA is in the ClusterTrustBundle
+/// (next to the active one) before it signs anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_trust_bundle_holds_the_next_ca_before_it_signs() {
+    use sigil_testkit::trust_domain as td_common;
+    let s = start().await;
+    let tag = s.world.tag.clone();
+    let object = format!("{tag}-fast");
+    td_common::create_trust_domain(
+        &s.world.client,
+        &td_common::trust_domain(
+            &object,
+            &tag,
+            json!({"trustDomain": format!("fast-{tag}.example"), "x509SVIDTTL": "20s", "ca": {"ttl": "1m"},
+                   "bundle": {"namespaceSelector": {"matchLabels": {"sigil-test": tag}}}}),
+        ),
+    )
+    .await;
+    let bundles = Api::<ClusterTrustBundle>::all(s.world.client.clone());
+    let name = format!("sigil.dev:{object}:bundle");
+    let first = eventually("the fast TrustDomain's ClusterTrustBundle", WITHIN, || async {
+        let ctb = bundles.get_opt(&name).await.unwrap()?;
+        Some(sigil_identity::x509::certs_from_pem(&ctb.spec.trust_bundle).unwrap())
+    })
+    .await;
+    assert_eq!(first.len(), 1, "one CA before the rotation starts");
+    let td: sigil_identity::TrustDomain = format!("fast-{tag}.example").parse().unwrap();
+    let active = s.world.replica.authorities.get(&td).unwrap().x509_ca.certificate().to_vec();
+    let both = eventually("the prepared CA published", Duration::from_secs(60), || async {
+        let ctb = bundles.get_opt(&name).await.unwrap()?;
+        let certs = sigil_identity::x509::certs_from_pem(&ctb.spec.trust_bundle).unwrap();
+        (certs.len() == 2).then_some(certs)
+    })
+    .await;
+    assert!(both.contains(&active), "the active CA stays");
+    let prepared = both.into_iter().find(|c| *c != active).unwrap();
+    assert_eq!(
+        s.world.replica.authorities.get(&td).unwrap().x509_ca.certificate(),
+        active.as_slice(),
+        "the prepared CA is published while the first one still signs"
+    );
+    assert_ne!(prepared, active);
+}

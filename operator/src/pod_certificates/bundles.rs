@@ -5,8 +5,9 @@
 //!
 //! They follow CA rotation because they are the published bundle: a prepared CA is in it
 //! before it signs, and a retired one stays until the last SVID it signed has expired.
-//! Only the leader writes; only objects carrying Sigil's labels are changed or deleted,
-//! and each is owned by its TrustDomain, so deleting the TrustDomain collects them.
+//! Only the leader writes; only objects carrying Sigil's labels for a TrustDomain this
+//! replica loads are changed or deleted, and each is owned by its TrustDomain, so
+//! deleting the TrustDomain collects them.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -133,9 +134,19 @@ async fn sync(client: &Client, shared: &Shared) -> Result<(), kube::Error> {
         )))
         .await?
         .items;
+    // Only the bundles of TrustDomains this replica loads are its own to delete: another
+    // installation (--trust-domain-selector) keeps its own, and a deleted TrustDomain's
+    // bundles are collected through their owner reference.
+    let ours: std::collections::BTreeSet<String> = shared
+        .authorities
+        .all()
+        .iter()
+        .map(|a| label_value(&a.object_name))
+        .collect();
     for old in &have {
         let name = old.name_any();
-        if !want.contains_key(&name) {
+        let owned = old.labels().get(OWNER_LABEL).is_some_and(|o| ours.contains(o));
+        if owned && !want.contains_key(&name) {
             api.delete(&name, &DeleteParams::default()).await?;
             shared.metrics.bundle_writes.inc();
             info!(bundle = %name, "ClusterTrustBundle deleted");
