@@ -8,6 +8,13 @@
 //! - files mode: the same for a pod whose files-mode volume gates its container's start
 //!   (the kubelet starts the container once sigil-csi published the volume): created →
 //!   running → the files read and checked (key matches certificate, chains to the bundle);
+//! - pod certificates: the same for a pod with a `podCertificate` projected volume of
+//!   signer `sigil.dev/default` (the kubelet starts the container once the certificate is
+//!   issued): created → running → the credential bundle read and verified by go-spiffe
+//!   against the projected ClusterTrustBundle; and, from a watch on the namespace's
+//!   PodCertificateRequests in this process, pod created → request issued, and request
+//!   seen → issued (Sigil's share: the API server's timestamps have whole seconds, so both
+//!   ends are this process's clock);
 //! - memory of each Sigil pod and container as the kubelet reports it (`/metrics/resource`
 //!   through the API server's node proxy: working set), idle after the install and after
 //!   the pods.
@@ -18,10 +25,13 @@
 
 use sigil_testkit::report;
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::certificates::v1::PodCertificateRequest;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, LogParams, PostParams};
 use report::Report;
@@ -53,12 +63,14 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(20)).await; // the kubelet's stats settle
         memory(node, &mut report, "idle after the install").await;
 
-        for mode in ["socket", "files"] {
+        for mode in ["socket", "files", "podcert"] {
             let ns = format!("bench-{mode}");
             node.apply(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}}}\n")).await.expect("namespace");
             wait_default_sa(node, &ns).await;
             let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+            let requests = PcrTimes::watch(&client, &ns);
             let (mut to_running, mut to_svid, mut total) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut to_issued, mut sigil_share) = (Vec::new(), Vec::new());
             for i in 0..n {
                 let name = format!("p-{i}");
                 let pod = pod_spec(&ns, &name, mode);
@@ -77,16 +89,29 @@ fn main() {
                 let out = finished(&pods, &name).await;
                 let started = at(out["started_unix_nano"].as_i64().expect("started"));
                 let svid = at(out["svid_unix_nano"].as_i64().expect("svid"));
+                if mode == "podcert" {
+                    let (seen, issued) = requests.of(&name).await;
+                    to_issued.push(issued.duration_since(created).unwrap_or_default());
+                    sigil_share.push(issued.duration_since(seen).unwrap_or_default());
+                }
                 to_running.push(started.duration_since(created).unwrap_or_default());
                 to_svid.push(svid.duration_since(started).unwrap_or_default());
                 total.push(svid.duration_since(created).unwrap_or_default());
             }
-            let what = if mode == "socket" { "socket mode (Workload API)" } else { "files mode (the volume gates the start)" };
+            let what = match mode {
+                "socket" => "socket mode (Workload API)",
+                "files" => "files mode (the volume gates the start)",
+                _ => "pod certificate (the kubelet gates the start)",
+            };
+            if mode == "podcert" {
+                report.latencies(&format!("{what}: pod created → PodCertificateRequest issued"), to_issued);
+                report.latencies(&format!("{what}: PodCertificateRequest seen → issued (Sigil's share)"), sigil_share);
+            }
             report.latencies(&format!("{what}: pod created → container running"), to_running);
             report.latencies(&format!("{what}: container running → first SVID"), to_svid);
             report.latencies(&format!("{what}: pod created → first SVID in the container"), total);
         }
-        memory(node, &mut report, &format!("after {n} socket-mode and {n} files-mode pods")).await;
+        memory(node, &mut report, &format!("after {n} socket-mode, {n} files-mode and {n} pod-certificate pods")).await;
         report.finish();
         let t = Instant::now();
         node.down().await.expect("cluster down");
@@ -115,6 +140,27 @@ fn pod_spec(ns: &str, name: &str, mode: &str) -> Value {
             json!({"name": "id", "mountPath": "/spiffe", "readOnly": true}),
             json!({"name": "id", "csi": {"driver": "csi.sigil.dev", "readOnly": true}}),
         )
+    } else if mode == "podcert" {
+        (
+            json!([
+                "/go-spiffe-client",
+                "pod-cert",
+                "-svid-file",
+                "/var/run/spiffe/credential-bundle.private-key.pem",
+                "-bundle-file",
+                "/var/run/spiffe/example.org.spiffe-trust-bundle.pem",
+                "-trust-domain",
+                "example.org"
+            ]),
+            json!({"name": "id", "mountPath": "/var/run/spiffe", "readOnly": true}),
+            json!({"name": "id", "projected": {"sources": [
+                {"podCertificate": {"signerName": "sigil.dev/default", "keyType": "ECDSAP256",
+                                    "credentialBundlePath": "credential-bundle.private-key.pem"}},
+                {"clusterTrustBundle": {"signerName": "sigil.dev/default",
+                                        "labelSelector": {"matchLabels": {"sigil.dev/bundle": "own"}},
+                                        "path": "example.org.spiffe-trust-bundle.pem"}},
+            ]}}),
+        )
     } else {
         (
             json!([
@@ -139,6 +185,44 @@ fn pod_spec(ns: &str, name: &str, mode: &str) -> Value {
             "volumes": [volume],
         },
     })
+}
+
+/// When this process saw each pod's PodCertificateRequest first, and saw it issued.
+#[derive(Clone, Default)]
+struct PcrTimes(Arc<Mutex<HashMap<String, (SystemTime, Option<SystemTime>)>>>);
+
+impl PcrTimes {
+    fn watch(client: &kube::Client, ns: &str) -> Self {
+        use futures::StreamExt as _;
+        use kube::runtime::{WatchStreamExt as _, watcher};
+        let times = Self::default();
+        let api: Api<PodCertificateRequest> = Api::namespaced(client.clone(), ns);
+        let t = times.clone();
+        tokio::spawn(async move {
+            let stream = watcher(api, watcher::Config::default()).default_backoff().applied_objects();
+            futures::pin_mut!(stream);
+            while let Some(Ok(pcr)) = stream.next().await {
+                let now = SystemTime::now();
+                let issued = pcr.status.as_ref().and_then(|s| s.certificate_chain.as_ref()).is_some();
+                let mut map = t.0.lock().unwrap();
+                let e = map.entry(pcr.spec.pod_name.clone()).or_insert((now, None));
+                if issued && e.1.is_none() {
+                    e.1 = Some(now);
+                }
+            }
+        });
+        times
+    }
+
+    async fn of(&self, pod: &str) -> (SystemTime, SystemTime) {
+        for _ in 0..100 {
+            if let Some((seen, Some(issued))) = self.0.lock().unwrap().get(pod).copied() {
+                return (seen, issued);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no issued PodCertificateRequest seen for pod {pod}");
+    }
 }
 
 /// Waits for the pod to succeed and returns the JSON its client printed.

@@ -1367,8 +1367,8 @@ spec:
   - name: spiffe
     projected:
       sources:
-      - podCertificate: {{signerName: sigil.dev/default, keyType: ECDSAP256, credentialBundlePath: credentialbundle.pem}}
-      - clusterTrustBundle: {{signerName: sigil.dev/default, labelSelector: {{matchLabels: {{sigil.dev/bundle: own}}}}, path: bundle.pem}}
+      - podCertificate: {{signerName: sigil.dev/default, keyType: ECDSAP256, credentialBundlePath: credential-bundle.private-key.pem}}
+      - clusterTrustBundle: {{signerName: sigil.dev/default, labelSelector: {{matchLabels: {{sigil.dev/bundle: own}}}}, path: example.org.spiffe-trust-bundle.pem}}
 "#,
             image = image("go-spiffe-client"),
         ))
@@ -1382,9 +1382,9 @@ spec:
         "/go-spiffe-client",
         "pod-cert",
         "-svid-file",
-        "/var/run/spiffe/credentialbundle.pem",
+        "/var/run/spiffe/credential-bundle.private-key.pem",
         "-bundle-file",
-        "/var/run/spiffe/bundle.pem",
+        "/var/run/spiffe/example.org.spiffe-trust-bundle.pem",
         "-trust-domain",
         TD,
     ];

@@ -694,12 +694,14 @@ func podCert(credentialBundle, bundleFile, trustDomain string) (any, error) {
 	}
 	leaf := svid.Certificates[0]
 	return map[string]any{
-		"spiffe_id":   id.String(),
-		"serial":      leaf.SerialNumber.Text(16),
-		"not_before":  leaf.NotBefore.UTC().Format(time.RFC3339),
-		"not_after":   leaf.NotAfter.UTC().Format(time.RFC3339),
-		"chain_len":   len(svid.Certificates),
-		"authorities": len(bundle.X509Authorities()),
+		"started_unix_nano": started.UnixNano(),
+		"svid_unix_nano":    time.Now().UnixNano(),
+		"spiffe_id":         id.String(),
+		"serial":            leaf.SerialNumber.Text(16),
+		"not_before":        leaf.NotBefore.UTC().Format(time.RFC3339),
+		"not_after":         leaf.NotAfter.UTC().Format(time.RFC3339),
+		"chain_len":         len(svid.Certificates),
+		"authorities":       len(bundle.X509Authorities()),
 	}, nil
 }
 
