@@ -35,24 +35,41 @@ pub async fn run(client: Client, mut shared: Shared, cancel: CancellationToken) 
     let mut authorities = shared.authorities.subscribe();
     let mut federated = shared.federated.subscribe();
     let mut index_status = shared.index.status_changes();
+    let mut last_sync = None::<tokio::time::Instant>;
+    let mut federations = shared.index.federations();
     loop {
         if *shared.leader.borrow() && shared.index.is_synced() {
-            if let Err(e) = sync(&client, &shared).await {
-                warn!(error = %e, "ClusterTrustBundles: will try again");
+            match sync(&client, &shared).await {
+                Ok(()) => last_sync = Some(tokio::time::Instant::now()),
+                Err(e) => {
+                    last_sync = None;
+                    warn!(error = %e, "ClusterTrustBundles: will try again");
+                }
             }
         }
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            _ = shared.leader.changed() => {}
-            _ = authorities.changed() => {}
-            _ = federated.changed() => {}
-            _ = index_status.changed() => {}
-            () = tokio::time::sleep(RESYNC) => {}
-        }
-        // Pods coming and going change the index often: look at most once a second.
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        // Wait for a change that can matter: leadership, a CA or bundle, a federated
+        // bundle, or which trust domains ClusterSPIFFEIDs federate with. Pods coming and
+        // going change the index all the time but not the last, so the index is compared,
+        // not trusted to have changed; and a failed sync is retried after a second.
+        loop {
+            let retry = match last_sync {
+                Some(at) => at + RESYNC,
+                None => tokio::time::Instant::now() + Duration::from_secs(1),
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = shared.leader.changed() => break,
+                _ = authorities.changed() => break,
+                _ = federated.changed() => break,
+                () = tokio::time::sleep_until(retry) => break,
+                _ = index_status.changed() => {
+                    let now = shared.index.federations();
+                    if now != federations {
+                        federations = now;
+                        break;
+                    }
+                }
+            }
         }
     }
 }

@@ -52,6 +52,11 @@ pub mod reason {
     pub const UNKNOWN_HINT: &str = "UnknownHint";
 }
 
+/// The message of a `KeyReused` denial.
+pub const KEY_REUSED_MESSAGE: &str = "spec.stubPKCS10Request: this public key was already \
+     certified for another PodCertificateRequest; a replayed request is refused, and the \
+     kubelet makes a new key for every request";
+
 /// The key types the kubelet can generate (`podCertificate.keyType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum KeyType {
@@ -250,14 +255,7 @@ pub fn decide(
         Err(d) => return d,
     };
     if key_certified(&spki) {
-        return deny(
-            reason::KEY_REUSED,
-            format!(
-                "spec.stubPKCS10Request: this public key was already certified for another \
-                 PodCertificateRequest; a replayed request is refused, and the kubelet makes a \
-                 new key for every request"
-            ),
-        );
+        return deny(reason::KEY_REUSED, KEY_REUSED_MESSAGE.into());
     }
 
     let Some(pod) = pod else {

@@ -126,6 +126,53 @@ struct Context {
     shared: Shared,
     policy: Policy,
     store: Store<PodCertificateRequest>,
+    /// Keys this replica certified (SHA-256 of the SubjectPublicKeyInfo), claimed before
+    /// signing: two requests with one key never both pass, even when they are answered at
+    /// once or before the watch shows the first one issued.
+    certified: std::sync::Mutex<CertifiedKeys>,
+}
+
+/// The last [`CertifiedKeys::CAPACITY`] keys claimed, each with the UID of the request
+/// that claimed it, oldest forgotten first.
+#[derive(Default)]
+struct CertifiedKeys {
+    set: std::collections::HashMap<[u8; 32], String>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+impl CertifiedKeys {
+    /// 32 bytes each: about 3 MiB at most.
+    const CAPACITY: usize = 100_000;
+
+    fn hash(spki: &[u8]) -> [u8; 32] {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(spki).into()
+    }
+
+    /// Whether `spki` was claimed by a request other than `uid`.
+    fn claimed_by_other(&self, spki: &[u8], uid: &str) -> bool {
+        self.set.get(&Self::hash(spki)).is_some_and(|u| u != uid)
+    }
+
+    /// Claims `spki` for request `uid` just before it is signed; false when another
+    /// request claimed it. The same request may claim again (a retried signature or a
+    /// status write that lost a race).
+    fn claim(&mut self, spki: &[u8], uid: &str) -> bool {
+        let h = Self::hash(spki);
+        match self.set.get(&h) {
+            Some(u) => return u == uid,
+            None => {
+                self.set.insert(h, uid.to_owned());
+            }
+        }
+        self.order.push_back(h);
+        if self.order.len() > Self::CAPACITY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +199,7 @@ pub async fn run(client: Client, policy: Policy, shared: Shared, cancel: Cancell
         shared: shared.clone(),
         policy,
         store: controller.store(),
+        certified: std::sync::Mutex::default(),
     });
     let stop = cancel.clone();
     let signer = controller
@@ -194,6 +242,7 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, cx: Arc<Context>) -> Result<
     }
     let namespace = pcr.namespace().unwrap_or_default();
     let name = pcr.name_any();
+    let uid = pcr.uid().unwrap_or_default();
     let now = cx.shared.clock.now();
     let created = pcr
         .metadata
@@ -220,7 +269,14 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, cx: Arc<Context>) -> Result<
         authority.as_ref().map(|a| &a.trust_domain),
         pod.as_ref(),
         &cx.policy,
-        |spki| key_certified(&cx.store, &pcr, spki),
+        |spki| {
+            key_certified(&cx.store, &pcr, spki)
+                || cx
+                    .certified
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .claimed_by_other(spki, &uid)
+        },
     );
     let (status, result, reason) = match decision {
         Decision::Wait { why } => {
@@ -239,6 +295,22 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, cx: Arc<Context>) -> Result<
             info!(request = %format!("{namespace}/{name}"), pod = %pcr.spec.pod_name, reason, %message, "pod certificate denied");
             (
                 condition_status(DENIED, reason, message, now),
+                "denied",
+                reason,
+            )
+        }
+        Decision::Issue { spki, .. }
+            if !cx
+                .certified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .claim(&spki, &uid) =>
+        {
+            // Another request with this key is being answered, or was, by this replica.
+            let reason = decide::reason::KEY_REUSED;
+            info!(request = %format!("{namespace}/{name}"), reason, "pod certificate denied");
+            (
+                condition_status(DENIED, reason, decide::KEY_REUSED_MESSAGE.into(), now),
                 "denied",
                 reason,
             )
@@ -424,6 +496,23 @@ fn condition_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_claimed_once_and_the_oldest_claims_are_forgotten_first() {
+        let mut keys = CertifiedKeys::default();
+        assert!(!keys.claimed_by_other(b"k0", "b"));
+        assert!(keys.claim(b"k0", "a"));
+        assert!(keys.claimed_by_other(b"k0", "b"));
+        assert!(!keys.claimed_by_other(b"k0", "a"));
+        assert!(keys.claim(b"k0", "a"), "the same request may claim again");
+        assert!(!keys.claim(b"k0", "b"));
+        for i in 1..=CertifiedKeys::CAPACITY {
+            assert!(keys.claim(format!("k{i}").as_bytes(), "a"));
+        }
+        assert_eq!(keys.set.len(), CertifiedKeys::CAPACITY);
+        assert!(keys.claim(b"k0", "b"), "the oldest claim was forgotten");
+        assert!(!keys.claim(b"k2", "b"));
+    }
 
     #[test]
     fn refresh_comes_near_half_life_and_never_within_ten_minutes_of_either_end() {
