@@ -189,7 +189,10 @@ fn pod_spec(ns: &str, name: &str, mode: &str) -> Value {
 
 /// When this process saw each pod's PodCertificateRequest first, and saw it issued.
 #[derive(Clone, Default)]
-struct PcrTimes(Arc<Mutex<HashMap<String, (SystemTime, Option<SystemTime>)>>>);
+struct PcrTimes(Arc<Mutex<HashMap<String, SeenIssued>>>);
+
+/// When a request was first seen, and when it was seen issued.
+type SeenIssued = (SystemTime, Option<SystemTime>);
 
 impl PcrTimes {
     fn watch(client: &kube::Client, ns: &str) -> Self {
@@ -199,11 +202,17 @@ impl PcrTimes {
         let api: Api<PodCertificateRequest> = Api::namespaced(client.clone(), ns);
         let t = times.clone();
         tokio::spawn(async move {
-            let stream = watcher(api, watcher::Config::default()).default_backoff().applied_objects();
+            let stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects();
             futures::pin_mut!(stream);
             while let Some(Ok(pcr)) = stream.next().await {
                 let now = SystemTime::now();
-                let issued = pcr.status.as_ref().and_then(|s| s.certificate_chain.as_ref()).is_some();
+                let issued = pcr
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.certificate_chain.as_ref())
+                    .is_some();
                 let mut map = t.0.lock().unwrap();
                 let e = map.entry(pcr.spec.pod_name.clone()).or_insert((now, None));
                 if issued && e.1.is_none() {

@@ -158,7 +158,8 @@ impl Signer {
 
     /// Waits for the request's terminal condition: (type, reason, message, request).
     async fn answer(&self, name: &str) -> (String, String, String, PodCertificateRequest) {
-        let api = Api::<PodCertificateRequest>::namespaced(self.world.client.clone(), &self.world.ns);
+        let api =
+            Api::<PodCertificateRequest>::namespaced(self.world.client.clone(), &self.world.ns);
         eventually(&format!("an answer to {name}"), WITHIN, || async {
             let pcr = api.get(name).await.ok()?;
             let c = pcr.status.as_ref()?.conditions.as_ref()?.first()?.clone();
@@ -219,13 +220,30 @@ async fn a_node_gets_its_pods_svid_and_the_bundle_is_a_cluster_trust_bundle() {
     let spec = s.request_spec(&pod, &s.world.node_a, &key, None).await;
     let pcr = s.create_request(&kubelet, spec).await.unwrap();
     let (type_, reason, message, pcr) = s.answer(&pcr.name_any()).await;
-    assert_eq!((type_.as_str(), reason.as_str()), ("Issued", "Issued"), "{message}");
+    assert_eq!(
+        (type_.as_str(), reason.as_str()),
+        ("Issued", "Issued"),
+        "{message}"
+    );
 
     let status = pcr.status.unwrap();
-    let chain = sigil_identity::x509::certs_from_pem(status.certificate_chain.as_ref().unwrap()).unwrap();
-    let bundle = s.world.replica.authorities.get(&s.world.td).unwrap().bundle.clone();
-    let verified = sigil_identity::x509::validate_x509_svid(&chain, &bundle, SystemTime::now()).unwrap();
-    assert_eq!(verified.spiffe_id, s.spiffe_id("web"), "the default identity: first by SPIFFE ID");
+    let chain =
+        sigil_identity::x509::certs_from_pem(status.certificate_chain.as_ref().unwrap()).unwrap();
+    let bundle = s
+        .world
+        .replica
+        .authorities
+        .get(&s.world.td)
+        .unwrap()
+        .bundle
+        .clone();
+    let verified =
+        sigil_identity::x509::validate_x509_svid(&chain, &bundle, SystemTime::now()).unwrap();
+    assert_eq!(
+        verified.spiffe_id,
+        s.spiffe_id("web"),
+        "the default identity: first by SPIFFE ID"
+    );
     let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
     assert_eq!(
         leaf.public_key().raw,
@@ -237,20 +255,36 @@ async fn a_node_gets_its_pods_svid_and_the_bundle_is_a_cluster_trust_bundle() {
     let refresh = status.begin_refresh_at.unwrap().0.as_second();
     assert_eq!(nb, leaf.validity().not_before.timestamp());
     assert_eq!(na, leaf.validity().not_after.timestamp());
-    assert_eq!(na - nb, 2 * 3600 + 10, "the ClusterSPIFFEID's ttl, back-dated 10 s");
+    assert_eq!(
+        na - nb,
+        2 * 3600 + 10,
+        "the ClusterSPIFFEID's ttl, back-dated 10 s"
+    );
     let half = nb + (na - nb) / 2;
-    assert!((refresh - half).abs() <= (na - nb) / 20 + 1, "beginRefreshAt {refresh} is near half-life {half}");
+    assert!(
+        (refresh - half).abs() <= (na - nb) / 20 + 1,
+        "beginRefreshAt {refresh} is near half-life {half}"
+    );
 
     // The hint picks the other identity.
     let key2 = p256();
     let spec = s
-        .request_spec(&pod, &s.world.node_a, &key2, Some(json!({"sigil.dev/hint": "db"})))
+        .request_spec(
+            &pod,
+            &s.world.node_a,
+            &key2,
+            Some(json!({"sigil.dev/hint": "db"})),
+        )
         .await;
     let pcr = s.create_request(&kubelet, spec).await.unwrap();
     let (type_, _, message, pcr) = s.answer(&pcr.name_any()).await;
     assert_eq!(type_, "Issued", "{message}");
-    let chain = sigil_identity::x509::certs_from_pem(pcr.status.unwrap().certificate_chain.as_ref().unwrap()).unwrap();
-    let verified = sigil_identity::x509::validate_x509_svid(&chain, &bundle, SystemTime::now()).unwrap();
+    let chain = sigil_identity::x509::certs_from_pem(
+        pcr.status.unwrap().certificate_chain.as_ref().unwrap(),
+    )
+    .unwrap();
+    let verified =
+        sigil_identity::x509::validate_x509_svid(&chain, &bundle, SystemTime::now()).unwrap();
     assert_eq!(verified.spiffe_id, s.spiffe_id("zz-db-client"));
 
     // The bundle, as a ClusterTrustBundle of the signer.
@@ -283,26 +317,54 @@ async fn requests_the_signer_cannot_honour_are_denied_with_a_reason() {
     let spec = s.request_spec(&other, &s.world.node_a, &p256(), None).await;
     let pcr = s.create_request(&kubelet, spec).await.unwrap();
     let (type_, reason, message, _) = s.answer(&pcr.name_any()).await;
-    assert_eq!((type_.as_str(), reason.as_str()), ("Denied", "NoIdentity"), "{message}");
-    assert!(message.contains(&format!("sigil explain pod {}/other", s.world.ns)), "{message}");
+    assert_eq!(
+        (type_.as_str(), reason.as_str()),
+        ("Denied", "NoIdentity"),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("sigil explain pod {}/other", s.world.ns)),
+        "{message}"
+    );
 
     let web = s.pod("web", &s.world.node_a, "web").await;
     let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     let spec = s.request_spec(&web, &s.world.node_a, &ed, None).await;
     let pcr = s.create_request(&kubelet, spec).await.unwrap();
     let (type_, reason, message, _) = s.answer(&pcr.name_any()).await;
-    assert_eq!((type_.as_str(), reason.as_str()), ("Denied", "UnsupportedKeyType"), "{message}");
-    assert!(message.contains("ED25519") && message.contains("ECDSAP256"), "{message}");
+    assert_eq!(
+        (type_.as_str(), reason.as_str()),
+        ("Denied", "UnsupportedKeyType"),
+        "{message}"
+    );
+    assert!(
+        message.contains("ED25519") && message.contains("ECDSAP256"),
+        "{message}"
+    );
 
     let spec = s
-        .request_spec(&web, &s.world.node_a, &p256(), Some(json!({"example.com/team": "a"})))
+        .request_spec(
+            &web,
+            &s.world.node_a,
+            &p256(),
+            Some(json!({"example.com/team": "a"})),
+        )
         .await;
     let pcr = s.create_request(&kubelet, spec).await.unwrap();
     let (type_, reason, message, _) = s.answer(&pcr.name_any()).await;
-    assert_eq!((type_.as_str(), reason.as_str()), ("Denied", "UnsupportedUserAnnotation"), "{message}");
+    assert_eq!(
+        (type_.as_str(), reason.as_str()),
+        ("Denied", "UnsupportedUserAnnotation"),
+        "{message}"
+    );
 
     let spec = s
-        .request_spec(&web, &s.world.node_a, &p256(), Some(json!({"sigil.dev/hint": "nope"})))
+        .request_spec(
+            &web,
+            &s.world.node_a,
+            &p256(),
+            Some(json!({"sigil.dev/hint": "nope"})),
+        )
         .await;
     let pcr = s.create_request(&kubelet, spec).await.unwrap();
     let (_, reason, message, _) = s.answer(&pcr.name_any()).await;
@@ -317,7 +379,12 @@ async fn requests_the_signer_cannot_honour_are_denied_with_a_reason() {
             })
             .get()
     };
-    for reason in ["NoIdentity", "UnsupportedKeyType", "UnsupportedUserAnnotation", "UnknownHint"] {
+    for reason in [
+        "NoIdentity",
+        "UnsupportedKeyType",
+        "UnsupportedUserAnnotation",
+        "UnknownHint",
+    ] {
         assert_eq!(counted(reason), 1, "{reason} counted");
     }
 }
@@ -344,7 +411,11 @@ async fn requests_for_other_nodes_pods_and_replays_are_refused() {
     }
     let pcr = s.create_request(&admin, spec).await.unwrap();
     let (type_, reason, message, _) = s.answer(&pcr.name_any()).await;
-    assert_eq!((type_.as_str(), reason.as_str()), ("Denied", "PodMismatch"), "{message}");
+    assert_eq!(
+        (type_.as_str(), reason.as_str()),
+        ("Denied", "PodMismatch"),
+        "{message}"
+    );
     assert!(message.contains(&s.world.node_b), "{message}");
 
     // A request issued, then replayed with the same key.
@@ -355,12 +426,18 @@ async fn requests_for_other_nodes_pods_and_replays_are_refused() {
     assert_eq!(s.answer(&first.name_any()).await.0, "Issued");
     let replay = s.create_request(&kubelet_a, spec.clone()).await.unwrap();
     let (type_, reason, message, _) = s.answer(&replay.name_any()).await;
-    assert_eq!((type_.as_str(), reason.as_str()), ("Denied", "KeyReused"), "{message}");
+    assert_eq!(
+        (type_.as_str(), reason.as_str()),
+        ("Denied", "KeyReused"),
+        "{message}"
+    );
 
     // The pod is recreated under the same name: a request naming the old pod's UID is
     // refused by NodeRestriction, and denied by the signer when it gets past admission.
     let pods = Api::<Pod>::namespaced(admin.clone(), &s.world.ns);
-    pods.delete("web", &DeleteParams::default().grace_period(0)).await.unwrap();
+    pods.delete("web", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
     eventually("pod web gone", WITHIN, || async {
         pods.get_opt("web").await.unwrap().is_none().then_some(())
     })
@@ -368,10 +445,17 @@ async fn requests_for_other_nodes_pods_and_replays_are_refused() {
     let again = s.pod("web", &s.world.node_a, "web").await;
     assert_ne!(again.uid(), web.uid());
     let stale = s.request_spec(&web, &s.world.node_a, &p256(), None).await;
-    assert!(s.create_request(&kubelet_a, stale.clone()).await.is_err(), "the old UID is refused at admission");
+    assert!(
+        s.create_request(&kubelet_a, stale.clone()).await.is_err(),
+        "the old UID is refused at admission"
+    );
     let pcr = s.create_request(&admin, stale).await.unwrap();
     let (type_, reason, message, _) = s.answer(&pcr.name_any()).await;
-    assert_eq!((type_.as_str(), reason.as_str()), ("Denied", "PodMismatch"), "{message}");
+    assert_eq!(
+        (type_.as_str(), reason.as_str()),
+        ("Denied", "PodMismatch"),
+        "{message}"
+    );
     assert!(message.contains("recreated"), "{message}");
 }
 
@@ -418,16 +502,31 @@ async fn federated_bundles_are_cluster_trust_bundles_while_a_clusterspiffeid_fed
         sigil_identity::x509::certs_from_pem(&ca.cert_pem).unwrap()
     );
     let labels = ctb.labels();
-    assert_eq!(labels.get("sigil.dev/bundle").map(String::as_str), Some("federated"));
-    assert_eq!(labels.get("sigil.dev/federated-trust-domain"), Some(&partner));
+    assert_eq!(
+        labels.get("sigil.dev/bundle").map(String::as_str),
+        Some("federated")
+    );
+    assert_eq!(
+        labels.get("sigil.dev/federated-trust-domain"),
+        Some(&partner)
+    );
 
     csids
         .delete(&format!("{tag}-fed"), &DeleteParams::default())
         .await
         .unwrap();
-    eventually("the federated ClusterTrustBundle deleted", WITHIN, || async {
-        bundles.get_opt(&name).await.unwrap().is_none().then_some(())
-    })
+    eventually(
+        "the federated ClusterTrustBundle deleted",
+        WITHIN,
+        || async {
+            bundles
+                .get_opt(&name)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
     .await;
     // The signer's own bundle stays.
     assert!(
@@ -460,24 +559,46 @@ async fn the_cluster_trust_bundle_holds_the_next_ca_before_it_signs() {
     .await;
     let bundles = Api::<ClusterTrustBundle>::all(s.world.client.clone());
     let name = format!("sigil.dev:{object}:bundle");
-    let first = eventually("the fast TrustDomain's ClusterTrustBundle", WITHIN, || async {
-        let ctb = bundles.get_opt(&name).await.unwrap()?;
-        Some(sigil_identity::x509::certs_from_pem(&ctb.spec.trust_bundle).unwrap())
-    })
+    let first = eventually(
+        "the fast TrustDomain's ClusterTrustBundle",
+        WITHIN,
+        || async {
+            let ctb = bundles.get_opt(&name).await.unwrap()?;
+            Some(sigil_identity::x509::certs_from_pem(&ctb.spec.trust_bundle).unwrap())
+        },
+    )
     .await;
     assert_eq!(first.len(), 1, "one CA before the rotation starts");
     let td: sigil_identity::TrustDomain = format!("fast-{tag}.example").parse().unwrap();
-    let active = s.world.replica.authorities.get(&td).unwrap().x509_ca.certificate().to_vec();
-    let both = eventually("the prepared CA published", Duration::from_secs(60), || async {
-        let ctb = bundles.get_opt(&name).await.unwrap()?;
-        let certs = sigil_identity::x509::certs_from_pem(&ctb.spec.trust_bundle).unwrap();
-        (certs.len() == 2).then_some(certs)
-    })
+    let active = s
+        .world
+        .replica
+        .authorities
+        .get(&td)
+        .unwrap()
+        .x509_ca
+        .certificate()
+        .to_vec();
+    let both = eventually(
+        "the prepared CA published",
+        Duration::from_secs(60),
+        || async {
+            let ctb = bundles.get_opt(&name).await.unwrap()?;
+            let certs = sigil_identity::x509::certs_from_pem(&ctb.spec.trust_bundle).unwrap();
+            (certs.len() == 2).then_some(certs)
+        },
+    )
     .await;
     assert!(both.contains(&active), "the active CA stays");
     let prepared = both.into_iter().find(|c| *c != active).unwrap();
     assert_eq!(
-        s.world.replica.authorities.get(&td).unwrap().x509_ca.certificate(),
+        s.world
+            .replica
+            .authorities
+            .get(&td)
+            .unwrap()
+            .x509_ca
+            .certificate(),
         active.as_slice(),
         "the prepared CA is published while the first one still signs"
     );

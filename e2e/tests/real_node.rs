@@ -1428,7 +1428,11 @@ spec:
     ensure!(second["spiffe_id"] == default_id(ns, "default"), "{second}");
     let in_ns = pods(&ctx, ns);
     let pod = api(|| in_ns.get("app")).await?;
-    ensure!(pod_ready(&pod), "the pod is not Ready after the rotation: {}", pod_why(&pod));
+    ensure!(
+        pod_ready(&pod),
+        "the pod is not Ready after the rotation: {}",
+        pod_why(&pod)
+    );
     Ok(())
 }
 

@@ -46,8 +46,8 @@ use std::time::Instant;
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::DynamicObject;
-use sigil_identity::{SpiffeId, TrustDomain};
 use sigil_identity::entry::RegistrationEntry;
+use sigil_identity::{SpiffeId, TrustDomain};
 use tokio::sync::watch as channel;
 
 pub use self::explain::{Explanation, Verdict, explain_pod};
@@ -554,7 +554,11 @@ impl EntryIndex {
         let mut entries: Vec<Arc<RegistrationEntry>> = match &found.published_on {
             Some(node) => {
                 let view = self.node(node);
-                found.entry_ids.iter().filter_map(|id| view.entry(id)).collect()
+                found
+                    .entry_ids
+                    .iter()
+                    .filter_map(|id| view.entry(id))
+                    .collect()
             }
             None => Vec::new(),
         };

@@ -399,7 +399,10 @@ pub async fn run(
         let metrics = PodCertificateMetrics::default();
         metrics.register(&mut registry);
         let policy = pod_certificates::decide::Policy {
-            key_types: pod_cert_args.pod_certificate_key_types.into_iter().collect(),
+            key_types: pod_cert_args
+                .pod_certificate_key_types
+                .into_iter()
+                .collect(),
             grace: pod_cert_args.pod_certificate_grace,
         };
         let shared = pod_certificates::Shared {

@@ -162,7 +162,10 @@ async fn sync(client: &Client, shared: &Shared) -> Result<(), kube::Error> {
         .collect();
     for old in &have {
         let name = old.name_any();
-        let owned = old.labels().get(OWNER_LABEL).is_some_and(|o| ours.contains(o));
+        let owned = old
+            .labels()
+            .get(OWNER_LABEL)
+            .is_some_and(|o| ours.contains(o));
         if owned && !want.contains_key(&name) {
             api.delete(&name, &DeleteParams::default()).await?;
             shared.metrics.bundle_writes.inc();
@@ -171,7 +174,8 @@ async fn sync(client: &Client, shared: &Shared) -> Result<(), kube::Error> {
     }
     for (name, mut bundle) in want {
         match have.iter().find(|h| h.name_any() == name) {
-            Some(old) if old.spec == bundle.spec && old.metadata.labels == bundle.metadata.labels => {}
+            Some(old)
+                if old.spec == bundle.spec && old.metadata.labels == bundle.metadata.labels => {}
             Some(old) => {
                 bundle.metadata.resource_version = old.resource_version();
                 api.replace(&name, &PostParams::default(), &bundle).await?;

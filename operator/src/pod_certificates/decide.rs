@@ -440,6 +440,7 @@ fn check_key(csr_der: &[u8], policy: &Policy) -> Result<Vec<u8>, Decision> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use k8s_openapi::ByteString;
@@ -539,14 +540,21 @@ mod tests {
                 entry, lifetime, ..
             } => {
                 assert_eq!(entry.spiffe_id.as_str(), "spiffe://prod.example/b");
-                assert_eq!(lifetime, Duration::from_secs(5400), "maxExpirationSeconds caps");
+                assert_eq!(
+                    lifetime,
+                    Duration::from_secs(5400),
+                    "maxExpirationSeconds caps"
+                );
             }
             other => panic!("{other:?}"),
         }
         s.unverified_user_annotations = Some([(HINT_ANNOTATION.into(), "cache".into())].into());
         let (reason, message) = denied(run(&s, Some(&p), 60));
         assert_eq!(reason, reason::UNKNOWN_HINT);
-        assert!(message.contains("\"db\" (spiffe://prod.example/b)"), "{message}");
+        assert!(
+            message.contains("\"db\" (spiffe://prod.example/b)"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -587,7 +595,10 @@ mod tests {
         };
         let (reason, message) = denied(decide(&req, Some(&td), Some(&p), &policy, |_| false));
         assert_eq!(reason, reason::UNSUPPORTED_KEY_TYPE);
-        assert!(message.contains("ED25519") && message.contains("ECDSAP256"), "{message}");
+        assert!(
+            message.contains("ED25519") && message.contains("ECDSAP256"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -676,7 +687,13 @@ mod tests {
             spec: &s,
             age: Duration::from_secs(60),
         };
-        let (reason, _) = denied(decide(&req, Some(&td), Some(&p), &Policy::default(), |_| true));
+        let (reason, _) = denied(decide(
+            &req,
+            Some(&td),
+            Some(&p),
+            &Policy::default(),
+            |_| true,
+        ));
         assert_eq!(reason, reason::KEY_REUSED);
     }
 
@@ -696,7 +713,10 @@ mod tests {
         ));
         let (reason, message) = denied(decide(&req(60), None, None, &Policy::default(), |_| false));
         assert_eq!(reason, reason::UNKNOWN_SIGNER);
-        assert!(message.contains("kubectl get trustdomain nope"), "{message}");
+        assert!(
+            message.contains("kubectl get trustdomain nope"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -707,7 +727,10 @@ mod tests {
             (&rcgen::PKCS_ED25519, KeyType::Ed25519),
         ] {
             let key = rcgen::KeyPair::generate_for(alg).unwrap();
-            assert_eq!(KeyType::of_spki(rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()), Ok(want));
+            assert_eq!(
+                KeyType::of_spki(rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()),
+                Ok(want)
+            );
         }
         for k in KeyType::ALL {
             assert_eq!(KeyType::from_name(k.name()), Some(k));

@@ -256,7 +256,10 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, cx: Arc<Context>) -> Result<
         .all()
         .into_iter()
         .find(|a| a.object_name == td_object);
-    let pod = cx.shared.index.pod_identities(&namespace, &pcr.spec.pod_name);
+    let pod = cx
+        .shared
+        .index
+        .pod_identities(&namespace, &pcr.spec.pod_name);
     let req = Request {
         namespace: &namespace,
         name: &name,
@@ -284,7 +287,8 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, cx: Arc<Context>) -> Result<
             return Ok(Action::requeue(Duration::from_millis(500)));
         }
         Decision::Deny { reason, .. }
-            if reason == decide::reason::UNKNOWN_SIGNER && trust_domain_exists(&cx.client, td_object).await? =>
+            if reason == decide::reason::UNKNOWN_SIGNER
+                && trust_domain_exists(&cx.client, td_object).await? =>
         {
             // Another installation's TrustDomain (see --trust-domain-selector), or one whose
             // CA is not ready: not ours to deny. Its status says what is wrong.
@@ -320,9 +324,8 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, cx: Arc<Context>) -> Result<
             spki,
             lifetime,
         } => {
-            let authority = authority.ok_or_else(|| {
-                Error::Sign(format!("{namespace}/{name}"), "no authority".into())
-            })?;
+            let authority = authority
+                .ok_or_else(|| Error::Sign(format!("{namespace}/{name}"), "no authority".into()))?;
             match issue(&authority, &entry, &spki, lifetime, now) {
                 Ok(status) => {
                     info!(request = %format!("{namespace}/{name}"), pod = %pcr.spec.pod_name, spiffe_id = %entry.spiffe_id, "pod certificate issued");
@@ -336,14 +339,19 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, cx: Arc<Context>) -> Result<
                         reason,
                     )
                 }
-                Err(Refusal::Retry(e)) => return Err(Error::Sign(format!("{namespace}/{name}"), e)),
+                Err(Refusal::Retry(e)) => {
+                    return Err(Error::Sign(format!("{namespace}/{name}"), e));
+                }
             }
         }
     };
     let mut next = (*pcr).clone();
     next.status = Some(status);
     let api = Api::<PodCertificateRequest>::namespaced(cx.client.clone(), &namespace);
-    match api.replace_status(&name, &PostParams::default(), &next).await {
+    match api
+        .replace_status(&name, &PostParams::default(), &next)
+        .await
+    {
         Ok(_) => {}
         // Changed meanwhile (another replica answered, or the request was replaced): the
         // watch brings the new version.
@@ -360,10 +368,7 @@ async fn reconcile(pcr: Arc<PodCertificateRequest>, cx: Arc<Context>) -> Result<
             reason: reason.into(),
         })
         .inc();
-    cx.shared
-        .metrics
-        .answer_seconds
-        .observe(age.as_secs_f64());
+    cx.shared.metrics.answer_seconds.observe(age.as_secs_f64());
     Ok(Action::await_change())
 }
 
@@ -376,7 +381,11 @@ async fn trust_domain_exists(client: &Client, name: &str) -> Result<bool, Error>
 }
 
 /// Whether `spki` was already certified for another issued request in the namespace.
-fn key_certified(store: &Store<PodCertificateRequest>, pcr: &PodCertificateRequest, spki: &[u8]) -> bool {
+fn key_certified(
+    store: &Store<PodCertificateRequest>,
+    pcr: &PodCertificateRequest,
+    spki: &[u8],
+) -> bool {
     let namespace = pcr.namespace();
     store.state().iter().any(|other| {
         other.namespace() == namespace
@@ -436,20 +445,22 @@ fn issue(
     }
     let begin_refresh = refresh_at(not_before, not_after);
     let chain = sigil_identity::x509::certs_to_pem(&svid.chain());
-    Ok(k8s_openapi::api::certificates::v1::PodCertificateRequestStatus {
-        begin_refresh_at: Some(time(begin_refresh)),
-        certificate_chain: Some(chain),
-        conditions: Some(vec![Condition {
-            type_: ISSUED.into(),
-            status: "True".into(),
-            reason: "Issued".into(),
-            message: format!("X509-SVID {} issued by Sigil", entry.spiffe_id),
-            last_transition_time: time(now),
-            observed_generation: None,
-        }]),
-        not_after: Some(time(not_after)),
-        not_before: Some(time(not_before)),
-    })
+    Ok(
+        k8s_openapi::api::certificates::v1::PodCertificateRequestStatus {
+            begin_refresh_at: Some(time(begin_refresh)),
+            certificate_chain: Some(chain),
+            conditions: Some(vec![Condition {
+                type_: ISSUED.into(),
+                status: "True".into(),
+                reason: "Issued".into(),
+                message: format!("X509-SVID {} issued by Sigil", entry.spiffe_id),
+                last_transition_time: time(now),
+                observed_generation: None,
+            }]),
+            not_after: Some(time(not_after)),
+            not_before: Some(time(not_before)),
+        },
+    )
 }
 
 /// Half-life, moved by up to a twentieth of the lifetime either way so that pods started
@@ -494,6 +505,7 @@ fn condition_status(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
