@@ -185,6 +185,21 @@ enum Error {
 
 /// Runs the signer and the ClusterTrustBundle publisher until `cancel`.
 pub async fn run(client: Client, policy: Policy, shared: Shared, cancel: CancellationToken) {
+    match served(&client).await {
+        Ok(true) => {}
+        Ok(false) => {
+            warn!(
+                "pod certificates: the API server does not serve certificates.k8s.io/v1 \
+                 PodCertificateRequests and ClusterTrustBundles (Kubernetes 1.37 or later); \
+                 the signer is off. Set podCertificates.enabled=false (--pod-certificates=false) \
+                 to silence this"
+            );
+            return;
+        }
+        // Discovery failing at start is not a reason to give up for good: the watches
+        // retry, and report, on their own.
+        Err(e) => warn!(error = %e, "pod certificates: API discovery failed; starting anyway"),
+    }
     info!(
         key_types = %policy.key_types.iter().map(|k| k.name()).collect::<Vec<_>>().join(","),
         "pod certificate signer for sigil.dev/* starting"
@@ -213,6 +228,20 @@ pub async fn run(client: Client, policy: Policy, shared: Shared, cancel: Cancell
         });
     let publisher = bundles::run(client, shared, cancel);
     tokio::join!(signer, publisher);
+}
+
+/// Whether the API server serves the two resources the signer needs.
+async fn served(client: &Client) -> Result<bool, kube::Error> {
+    let resources = match client
+        .list_api_group_resources("certificates.k8s.io/v1")
+        .await
+    {
+        Ok(r) => r.resources,
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let has = |name: &str| resources.iter().any(|r| r.name == name);
+    Ok(has("podcertificaterequests") && has("clustertrustbundles"))
 }
 
 fn error_policy(_: Arc<PodCertificateRequest>, e: &Error, _: Arc<Context>) -> Action {
