@@ -139,6 +139,36 @@ pub struct Args {
     /// What one workload may cost the agent.
     #[command(flatten)]
     pub limits: LimitsArgs,
+
+    /// Envoy SDS resource names.
+    #[command(flatten)]
+    pub sds: SdsArgs,
+}
+
+/// The names of the SDS resources that are not SPIFFE IDs ([`crate::sds`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SdsArgs {
+    /// SDS name of the caller's default X509-SVID (Istio asks for `default`).
+    #[arg(long, env = "SIGIL_SDS_DEFAULT_SVID_NAME", default_value = "default")]
+    pub sds_default_svid_name: String,
+    /// SDS name of the default SVID's trust domain bundle (Istio asks for `ROOTCA`).
+    #[arg(long, env = "SIGIL_SDS_DEFAULT_BUNDLE_NAME", default_value = "ROOTCA")]
+    pub sds_default_bundle_name: String,
+    /// SDS name of every bundle of the caller as one SPIFFE certificate validator
+    /// configuration (SPIRE's `default_all_bundles_name`).
+    #[arg(long, env = "SIGIL_SDS_ALL_BUNDLES_NAME", default_value = "ALL")]
+    pub sds_all_bundles_name: String,
+}
+
+impl Default for SdsArgs {
+    fn default() -> Self {
+        let n = crate::sds::SdsNames::default();
+        Self {
+            sds_default_svid_name: n.default_svid,
+            sds_default_bundle_name: n.default_bundle,
+            sds_all_bundles_name: n.all_bundles,
+        }
+    }
 }
 
 /// What one workload may cost the agent ([`crate::limits`]).
@@ -294,7 +324,23 @@ impl Agent {
             kubelet,
             broker,
             limits,
+            sds,
         } = args;
+        let SdsArgs {
+            sds_default_svid_name,
+            sds_default_bundle_name,
+            sds_all_bundles_name,
+        } = sds;
+        for (flag, v) in [
+            ("--sds-default-svid-name", &sds_default_svid_name),
+            ("--sds-default-bundle-name", &sds_default_bundle_name),
+            ("--sds-all-bundles-name", &sds_all_bundles_name),
+        ] {
+            anyhow::ensure!(
+                !v.is_empty() && !v.starts_with("spiffe://"),
+                "{flag} {v:?}: give a name that is not empty and not a SPIFFE ID"
+            );
+        }
         let socket_path = resolve_socket_path(socket_path)?;
         info!(node = %node_name, operators = ?operator_address, version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
         let td = trust_domain;
@@ -377,7 +423,12 @@ impl Agent {
             mint_budget.clone(),
             stream_caps,
             cancel.clone(),
-        );
+        )
+        .with_sds_names(crate::sds::SdsNames {
+            default_svid: sds_default_svid_name,
+            default_bundle: sds_default_bundle_name,
+            all_bundles: sds_all_bundles_name,
+        });
         let broker_metrics = ApiMetrics::new(Api::Broker);
         broker_metrics.register(&mut registry);
         let broker_listener = if broker.broker_socket_path.as_os_str().is_empty() {

@@ -82,6 +82,8 @@ pub struct ApiMetrics {
     pub open_streams: Gauge,
     /// Open connections.
     pub open_connections: Gauge,
+    /// SDS responses a proxy rejected (NACKs).
+    pub sds_nacks: Counter,
 }
 
 impl ApiMetrics {
@@ -113,6 +115,18 @@ impl ApiMetrics {
             format!("Open {name} connections"),
             self.open_connections.clone(),
         );
+        if self.api == Api::Workload {
+            r.register(
+                "sds_nacks",
+                "SDS responses a proxy rejected (NACK)",
+                self.sds_nacks.clone(),
+            );
+        }
+    }
+
+    /// Counts a proxy's NACK of an SDS response.
+    pub fn sds_nack(&self) {
+        self.sds_nacks.inc();
     }
 
     /// Counts a call.
