@@ -236,6 +236,105 @@ async fn files_mode_writes_rotates_and_survives_a_restart() {
     csi.stop().await;
 }
 
+/// Files for proxies (`formats: istio,grpc,credential-bundle`): Istio's names, gRPC's
+/// SPIFFE trust bundle map and the single-file credential bundle hold the same identity
+/// as svid.pem / svid_key.pem, rotate with them, and are read by their real readers:
+/// gRPC-Go's file watcher certificate provider loads the chain, key and bundle map (the
+/// leaf verifying against the map's bundle of its trust domain), and the credential
+/// bundle is one PKCS#8 key then the chain. An unknown format, or formats in socket
+/// mode, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_mode_writes_the_layouts_proxies_and_grpc_read() {
+    let aw = AgentWorld::start("csiformats").await;
+    let tag = aw.w.tag.clone();
+    node_api_common::create(
+        &Api::<ClusterSPIFFEID>::all(aw.w.client.clone()),
+        json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": format!("{tag}-web")}, "spec": {
+            "trustDomain": aw.w.td_object,
+            "namespaceSelector": {"matchLabels": {"sigil-test": tag}},
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ttl": "12s",
+        }}),
+    )
+    .await;
+    let web = aw.workload("web-1", "web", json!({"app": "web"})).await;
+    let id = aw.id_for_sa("web");
+    aw.wait_svid(&id).await;
+    let token = aw.w.token(&web.pod, "sigil-csi").await;
+    let csi = Csi::start(csi_args(&aw)).await;
+    let mut client = csi.client().await;
+    let target = aw.dir.path().join("pods/web-1/volumes/proxy");
+    for (attrs, what) in [
+        (&[("mode", "files"), ("formats", "istio,envoy")][..], "formats"),
+        (&[("formats", "istio")][..], "only applies to mode: files"),
+    ] {
+        let e = client
+            .node_publish_volume(publish_request("vol-bad", &target, &web.pod, Some(&token), true, attrs))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(what), "{e:?}");
+    }
+    client
+        .node_publish_volume(publish_request(
+            "vol-proxy",
+            &target,
+            &web.pod,
+            Some(&token),
+            true,
+            &[("mode", "files"), ("formats", "istio,grpc,credential-bundle")],
+        ))
+        .await
+        .unwrap();
+    let read = |f: &str| std::fs::read(target.join(f)).unwrap();
+    let sha = |b: &[u8]| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b));
+    let mut leaves = Vec::new();
+    for round in 0..2 {
+        // One generation: read every file through one ..data link.
+        let generation = target.join(generation(&target));
+        let g = |f: &str| std::fs::read(generation.join(f)).unwrap();
+        assert_eq!(g("cert-chain.pem"), g("svid.pem"));
+        assert_eq!(g("key.pem"), g("svid_key.pem"));
+        assert_eq!(g("root-cert.pem"), g("bundle.pem"));
+        let mut bundle = g("svid_key.pem");
+        bundle.extend(g("svid.pem"));
+        assert_eq!(g("credential-bundle.pem"), bundle, "key, then chain");
+        let (spiffe_id, leaf) = check_files(&generation, &g("cert-chain.pem"), &g("key.pem"));
+        assert_eq!(spiffe_id, id);
+        let map: serde_json::Value = serde_json::from_slice(&g("spiffe-bundle-map.json")).unwrap();
+        let td = aw.w.td.to_string();
+        assert_eq!(
+            map["trust_domains"].as_object().unwrap().keys().collect::<Vec<_>>(),
+            [&td],
+            "keyed by trust domain name: {map}"
+        );
+        TrustBundle::from_jwks_json(
+            aw.w.td.clone(),
+            serde_json::to_string(&map["trust_domains"][&td]).unwrap().as_bytes(),
+        )
+        .unwrap();
+        // The real readers, as a workload process in the pod.
+        let files = json_out(
+            "gRPC's pemfile provider and the credential bundle",
+            &web.run(&tool("envoy-sds-client"), &["files", "-dir", &target.display().to_string()])
+                .await,
+        );
+        assert_eq!(files["spiffe_id"], id.as_str(), "{files}");
+        assert_eq!(files["bundle_map_tds"], json!([td]));
+        assert_eq!(files["credential_leaf_sha256"], files["leaf_sha256"]);
+        leaves.push(sha(&leaf));
+        if round == 0 {
+            // Rotation: all layouts move together.
+            let first = read("credential-bundle.pem");
+            eventually("a rotation of the files", SETTLE, || async {
+                (read("credential-bundle.pem") != first).then_some(())
+            })
+            .await;
+        }
+    }
+    assert_ne!(leaves[0], leaves[1], "rotated");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_mode_idempotency_and_refusals() {
     let aw = AgentWorld::start("csisock").await;
@@ -274,6 +373,25 @@ async fn socket_mode_idempotency_and_refusals() {
             .await,
     );
     assert_eq!(x["svids"][0]["spiffe_id"], id.as_str());
+    // Istio's name: a volume mounted at /run/secrets/workload-spiffe-uds holds `socket`
+    // (the agent's --socket-alias link), and Envoy's SDS is served through it.
+    let sds = json_out(
+        "SDS through the CSI mount's `socket`",
+        &web.run(
+            &tool("envoy-sds-client"),
+            &[
+                "-socket",
+                &target.join("socket").display().to_string(),
+                "fetch",
+                "-names",
+                "default,ROOTCA",
+                "-own-td",
+                &aw.w.td.to_string(),
+            ],
+        )
+        .await,
+    );
+    assert_eq!(sds["names"], json!(["ROOTCA", "default"]), "{sds}");
     assert!(
         std::fs::write(target.join("x"), b"").is_err(),
         "the socket mount is read-only"

@@ -158,6 +158,12 @@ pub struct SdsArgs {
     /// configuration (SPIRE's `default_all_bundles_name`).
     #[arg(long, env = "SIGIL_SDS_ALL_BUNDLES_NAME", default_value = "ALL")]
     pub sds_all_bundles_name: String,
+    /// A second name for the Workload API socket, in its directory: a relative symlink to
+    /// it. With `socket` (the default), a CSI socket-mode volume mounted at
+    /// `/run/secrets/workload-spiffe-uds` holds the `socket` that Istio's agent and its
+    /// Envoy look for. Empty: no link.
+    #[arg(long, env = "SIGIL_SOCKET_ALIAS", default_value = "socket")]
+    pub socket_alias: String,
 }
 
 impl Default for SdsArgs {
@@ -167,6 +173,7 @@ impl Default for SdsArgs {
             sds_default_svid_name: n.default_svid,
             sds_default_bundle_name: n.default_bundle,
             sds_all_bundles_name: n.all_bundles,
+            socket_alias: "socket".into(),
         }
     }
 }
@@ -330,6 +337,7 @@ impl Agent {
             sds_default_svid_name,
             sds_default_bundle_name,
             sds_all_bundles_name,
+            socket_alias,
         } = sds;
         for (flag, v) in [
             ("--sds-default-svid-name", &sds_default_svid_name),
@@ -401,6 +409,14 @@ impl Agent {
                 socket_path.display()
             )
         })?;
+        if !socket_alias.is_empty() {
+            transport::link_alias(&socket_path, &socket_alias).with_context(|| {
+                format!(
+                    "link {socket_alias:?} to the Workload API socket {} (--socket-alias)",
+                    socket_path.display()
+                )
+            })?;
+        }
         let mint_budget = Arc::new(MintBudget::new(
             limits.jwt_mint_rate_per_workload,
             limits.jwt_mint_burst_per_workload,

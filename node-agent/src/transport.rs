@@ -252,6 +252,34 @@ pub fn bind_public(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Makes `alias` (one file name) in `socket`'s directory a relative symlink to it, replacing
+/// a link left by an earlier run. Anything else under that name is left alone: an error.
+pub fn link_alias(socket: &Path, alias: &str) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    let (Some(dir), Some(target)) = (socket.parent(), socket.file_name()) else {
+        return Err(Error::new(ErrorKind::InvalidInput, "the socket path has no file name"));
+    };
+    if alias.contains('/') || alias == "." || alias == ".." || std::ffi::OsStr::new(alias) == target {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "the alias must be one file name, other than the socket's",
+        ));
+    }
+    let link = dir.join(alias);
+    match std::fs::symlink_metadata(&link) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(&link)?,
+        Ok(_) => {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{} exists and is not a link", link.display()),
+            ));
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::os::unix::fs::symlink(target, &link)
+}
+
 /// Binds a socket only root reaches (the Broker API's: its directory 0700, the socket
 /// 0600), replacing a stale one.
 pub fn bind_private(path: &Path) -> std::io::Result<UnixListener> {

@@ -19,12 +19,21 @@
 //	envoy-sds-client -socket PATH scenario -names default,ROOTCA [-extra a,b] [-quiet 1s]
 //	envoy-sds-client -socket PATH watch -names default,ROOTCA
 //	envoy-sds-client -socket PATH fetch -names a,b
+//	envoy-sds-client files -dir DIR
 //
 // scenario runs one Envoy session and prints one JSON object: the first response, that
 // nothing follows an ACK, the response to a subscription change (names + extra), that
 // nothing follows a NACK, and the response on a new stream after a reconnect.
 // watch prints one JSON line per response (ACKing each) until killed.
 // fetch calls FetchSecrets once.
+// files reads a sigil-csi files-mode volume written with formats istio, grpc and
+// credential-bundle as their readers do: gRPC-Go's own file watcher certificate provider
+// (credentials/tls/certprovider/pemfile, which proxyless gRPC's xDS file_watcher plugin
+// uses) loads cert-chain.pem + key.pem with the SPIFFE trust bundle map
+// spiffe-bundle-map.json, and the leaf must verify against the map's bundle for its trust
+// domain, as gRPC's SPIFFE verification looks it up; root-cert.pem must hold the roots;
+// credential-bundle.pem must be one PKCS#8 PRIVATE KEY block then the chain, the key
+// matching the leaf.
 //
 // Exit status 0 with JSON on stdout, or 1 with the error on stderr.
 package main
@@ -52,6 +61,7 @@ import (
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/tls/certprovider/pemfile"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/types/known/structpb"
 )
@@ -377,9 +387,105 @@ func (st *stream) next(wait time.Duration) *discoveryv3.DiscoveryResponse {
 	return nil
 }
 
+// checkFiles reads a files-mode volume's proxy formats as their readers do.
+func checkFiles(dir string) map[string]any {
+	p, err := pemfile.NewProvider(pemfile.Options{
+		CertFile:            dir + "/cert-chain.pem",
+		KeyFile:             dir + "/key.pem",
+		SPIFFEBundleMapFile: dir + "/spiffe-bundle-map.json",
+		RefreshDuration:     time.Hour,
+	})
+	if err != nil {
+		fail("pemfile provider: %v", err)
+	}
+	defer p.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	km, err := p.KeyMaterial(ctx)
+	if err != nil {
+		fail("gRPC's pemfile provider did not load the volume: %v", err)
+	}
+	if len(km.Certs) != 1 || km.SPIFFEBundleMap == nil {
+		fail("gRPC key material: %d certs, bundle map %v", len(km.Certs), km.SPIFFEBundleMap != nil)
+	}
+	leaf, err := x509.ParseCertificate(km.Certs[0].Certificate[0])
+	if err != nil || len(leaf.URIs) != 1 {
+		fail("gRPC's leaf: %v", err)
+	}
+	td := leaf.URIs[0].Host
+	b, ok := km.SPIFFEBundleMap[td]
+	if !ok {
+		fail("the bundle map has no bundle for the leaf's trust domain %q", td)
+	}
+	inter := x509.NewCertPool()
+	for _, der := range km.Certs[0].Certificate[1:] {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			fail("chain: %v", err)
+		}
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool(b.X509Authorities()), Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		fail("the leaf does not verify against the bundle map: %v", err)
+	}
+	var tds []string
+	for k := range km.SPIFFEBundleMap {
+		tds = append(tds, k)
+	}
+	sort.Strings(tds)
+	// Istio's root-cert.pem: the same roots.
+	rootPEM, err := os.ReadFile(dir + "/root-cert.pem")
+	if err != nil {
+		fail("%v", err)
+	}
+	roots, err := parseCerts(rootPEM)
+	if err != nil {
+		fail("root-cert.pem: %v", err)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool(roots), Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		fail("the leaf does not verify against root-cert.pem: %v", err)
+	}
+	// The credential bundle: a PKCS#8 key, then the chain.
+	cb, err := os.ReadFile(dir + "/credential-bundle.pem")
+	if err != nil {
+		fail("%v", err)
+	}
+	first, rest := pem.Decode(cb)
+	if first == nil || first.Type != "PRIVATE KEY" {
+		fail("credential-bundle.pem does not start with a PKCS#8 PRIVATE KEY block")
+	}
+	if _, err := x509.ParsePKCS8PrivateKey(first.Bytes); err != nil {
+		fail("credential-bundle.pem key: %v", err)
+	}
+	chain, err := parseCerts(rest)
+	if err != nil {
+		fail("credential-bundle.pem chain: %v", err)
+	}
+	if _, err := tls.X509KeyPair(rest, pem.EncodeToMemory(first)); err != nil {
+		fail("credential-bundle.pem: key does not match the chain: %v", err)
+	}
+	sum := sha256.Sum256(leaf.Raw)
+	cbSum := sha256.Sum256(chain[0].Raw)
+	return map[string]any{
+		"spiffe_id":              leaf.URIs[0].String(),
+		"leaf_sha256":            hex.EncodeToString(sum[:]),
+		"bundle_map_tds":         tds,
+		"root_cert_cas":          len(roots),
+		"credential_leaf_sha256": hex.EncodeToString(cbSum[:]),
+		"credential_chain_len":   len(chain),
+	}
+}
+
 func main() {
 	socket := flag.String("socket", "", "the agent's socket")
 	flag.Parse()
+	if flag.NArg() >= 1 && flag.Arg(0) == "files" {
+		fs := flag.NewFlagSet("files", flag.ExitOnError)
+		dir := fs.String("dir", "", "the volume")
+		_ = fs.Parse(flag.Args()[1:])
+		out(checkFiles(*dir))
+		return
+	}
 	if *socket == "" || flag.NArg() < 1 {
 		fail("usage: envoy-sds-client -socket PATH scenario|watch|fetch [flags]")
 	}
