@@ -148,7 +148,7 @@ struct Inner {
 #[derive(Debug)]
 enum Publish {
     WorkloadApi { target: PathBuf },
-    Files(VolumeRecord),
+    Files(Box<VolumeRecord>),
 }
 
 fn invalid(msg: impl Into<String>) -> Status {
@@ -257,7 +257,7 @@ impl CsiService {
                     sigil_identity::SpiffeId::parse(&id)
                         .map_err(|e| invalid(format!("volumeAttributes.spiffeID: {e}")))?;
                 }
-                Ok(Publish::Files(VolumeRecord {
+                Ok(Publish::Files(Box::new(VolumeRecord {
                     volume_id: r.volume_id.clone(),
                     target_path: target,
                     pod,
@@ -269,7 +269,7 @@ impl CsiService {
                         formats,
                     },
                     token,
-                }))
+                })))
             }
             other => Err(invalid(format!(
                 "volumeAttributes.mode {other:?} is not one of \"workload-api\", \"files\""
@@ -334,6 +334,7 @@ impl CsiService {
                 Ok("workload-api")
             }
             Publish::Files(record) => {
+                let record = *record;
                 let pod = format!("{}/{}", record.pod.namespace, record.pod.name);
                 let mounted = self
                     .inner

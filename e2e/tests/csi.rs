@@ -265,11 +265,21 @@ async fn files_mode_writes_the_layouts_proxies_and_grpc_read() {
     let mut client = csi.client().await;
     let target = aw.dir.path().join("pods/web-1/volumes/proxy");
     for (attrs, what) in [
-        (&[("mode", "files"), ("formats", "istio,envoy")][..], "formats"),
+        (
+            &[("mode", "files"), ("formats", "istio,envoy")][..],
+            "formats",
+        ),
         (&[("formats", "istio")][..], "only applies to mode: files"),
     ] {
         let e = client
-            .node_publish_volume(publish_request("vol-bad", &target, &web.pod, Some(&token), true, attrs))
+            .node_publish_volume(publish_request(
+                "vol-bad",
+                &target,
+                &web.pod,
+                Some(&token),
+                true,
+                attrs,
+            ))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
@@ -282,7 +292,10 @@ async fn files_mode_writes_the_layouts_proxies_and_grpc_read() {
             &web.pod,
             Some(&token),
             true,
-            &[("mode", "files"), ("formats", "istio,grpc,credential-bundle")],
+            &[
+                ("mode", "files"),
+                ("formats", "istio,grpc,credential-bundle"),
+            ],
         ))
         .await
         .unwrap();
@@ -304,20 +317,29 @@ async fn files_mode_writes_the_layouts_proxies_and_grpc_read() {
         let map: serde_json::Value = serde_json::from_slice(&g("spiffe-bundle-map.json")).unwrap();
         let td = aw.w.td.to_string();
         assert_eq!(
-            map["trust_domains"].as_object().unwrap().keys().collect::<Vec<_>>(),
+            map["trust_domains"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
             [&td],
             "keyed by trust domain name: {map}"
         );
         TrustBundle::from_jwks_json(
             aw.w.td.clone(),
-            serde_json::to_string(&map["trust_domains"][&td]).unwrap().as_bytes(),
+            serde_json::to_string(&map["trust_domains"][&td])
+                .unwrap()
+                .as_bytes(),
         )
         .unwrap();
         // The real readers, as a workload process in the pod.
         let files = json_out(
             "gRPC's pemfile provider and the credential bundle",
-            &web.run(&tool("envoy-sds-client"), &["files", "-dir", &target.display().to_string()])
-                .await,
+            &web.run(
+                &tool("envoy-sds-client"),
+                &["files", "-dir", &target.display().to_string()],
+            )
+            .await,
         );
         assert_eq!(files["spiffe_id"], id.as_str(), "{files}");
         assert_eq!(files["bundle_map_tds"], json!([td]));

@@ -81,8 +81,15 @@ async fn an_envoy_client_subscribes_acks_nacks_changes_and_reconnects() {
         &web.run(
             &sds,
             &[
-                "-socket", &socket, "scenario", "-names", "default,ROOTCA", "-extra", &extra,
-                "-own-td", &td,
+                "-socket",
+                &socket,
+                "scenario",
+                "-names",
+                "default,ROOTCA",
+                "-extra",
+                &extra,
+                "-own-td",
+                &td,
             ],
         )
         .await,
@@ -92,7 +99,11 @@ async fn an_envoy_client_subscribes_acks_nacks_changes_and_reconnects() {
     let default = resource(first, "default");
     assert_eq!(default["kind"], "tls_certificate");
     assert_eq!(default["spiffe_id"], web_id.as_str());
-    assert_eq!(default["leaf_sha256"], leaf_sha.as_str(), "the SVID the agent holds");
+    assert_eq!(
+        default["leaf_sha256"],
+        leaf_sha.as_str(),
+        "the SVID the agent holds"
+    );
     assert_eq!(resource(first, "ROOTCA")["kind"], "validation_context");
     assert_eq!(r["quiet_after_ack"], true);
     let changed = &r["changed"];
@@ -112,7 +123,10 @@ async fn an_envoy_client_subscribes_acks_nacks_changes_and_reconnects() {
     assert_ne!(changed["version"], first["version"]);
     assert_eq!(resource(changed, "ALL")["trust_domains"], json!([td]));
     assert_eq!(resource(changed, &web_id)["leaf_sha256"], leaf_sha.as_str());
-    assert_eq!(r["quiet_after_nack"], true, "a NACKed version is not resent");
+    assert_eq!(
+        r["quiet_after_nack"], true,
+        "a NACKed version is not resent"
+    );
     assert_eq!(r["stale_ignored"], true);
     let again = &r["reconnected"];
     assert_eq!(names(again), names(first));
@@ -124,14 +138,24 @@ async fn an_envoy_client_subscribes_acks_nacks_changes_and_reconnects() {
     // Another pod asks for web's SVID by its SPIFFE ID: nothing. Its own default is its own.
     let stolen = json_out(
         "db's FetchSecrets for web's ID",
-        &db.run(&sds, &["-socket", &socket, "fetch", "-names", &web_id, "-own-td", &td])
-            .await,
+        &db.run(
+            &sds,
+            &[
+                "-socket", &socket, "fetch", "-names", &web_id, "-own-td", &td,
+            ],
+        )
+        .await,
     );
     assert!(names(&stolen).is_empty(), "{stolen}");
     let own = json_out(
         "db's FetchSecrets default",
-        &db.run(&sds, &["-socket", &socket, "fetch", "-names", "default", "-own-td", &td])
-            .await,
+        &db.run(
+            &sds,
+            &[
+                "-socket", &socket, "fetch", "-names", "default", "-own-td", &td,
+            ],
+        )
+        .await,
     );
     assert_eq!(resource(&own, "default")["spiffe_id"], db_id.as_str());
 
@@ -148,7 +172,10 @@ async fn an_envoy_client_subscribes_acks_nacks_changes_and_reconnects() {
     // Oversized subscriptions: refused, counted.
     let many: Vec<String> = (0..65).map(|i| format!("n{i}")).collect();
     let out = web
-        .run(&sds, &["-socket", &socket, "fetch", "-names", &many.join(",")])
+        .run(
+            &sds,
+            &["-socket", &socket, "fetch", "-names", &many.join(",")],
+        )
         .await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"));
@@ -164,8 +191,14 @@ async fn an_envoy_client_subscribes_acks_nacks_changes_and_reconnects() {
     );
 
     let m = aw.metrics().await;
-    assert!(denials(&m, "FetchSecrets", "too_many_resource_names") >= 1.0, "{m}");
-    assert!(denials(&m, "StreamSecrets", "resource_name_too_long") >= 1.0, "{m}");
+    assert!(
+        denials(&m, "FetchSecrets", "too_many_resource_names") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        denials(&m, "StreamSecrets", "resource_name_too_long") >= 1.0,
+        "{m}"
+    );
     assert!(denials(&m, "FetchSecrets", "no_identity") >= 1.0, "{m}");
     assert!(
         sigil_e2e::http::metric(&m, "sigil_workload_api_sds_nacks_total").unwrap() >= 1.0,
@@ -223,15 +256,20 @@ async fn an_sds_stream_gets_each_rotated_svid_before_half_life() {
             .expect("the SDS client exited (a Secret failed its checks: see its stderr)");
         serde_json::from_str(&line).unwrap()
     };
-    let leaf = |v: &Value| resource(v, "default")["leaf_der_hex"].as_str().unwrap().to_owned();
+    let leaf = |v: &Value| {
+        resource(v, "default")["leaf_der_hex"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
     let mut current = next().await;
     let mut rotations = 0;
     while rotations < 2 {
         let update = next().await;
         assert_ne!(update["version"], current["version"]);
         if leaf(&update) != leaf(&current) {
-            let old = sigil_identity::x509::inspect_leaf(&hex::decode(leaf(&current)).unwrap())
-                .unwrap();
+            let old =
+                sigil_identity::x509::inspect_leaf(&hex::decode(leaf(&current)).unwrap()).unwrap();
             let half = old.not_before + old.not_after.duration_since(old.not_before).unwrap() / 2;
             let arrived = update["at_ms"].as_u64().unwrap() as u128;
             assert!(

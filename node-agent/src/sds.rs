@@ -366,7 +366,8 @@ impl SdsStream {
     fn charge(&mut self) -> bool {
         let now = Instant::now();
         let (tokens, at) = &mut self.budget;
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * REQUEST_RATE).min(REQUEST_BURST);
+        *tokens =
+            (*tokens + now.duration_since(*at).as_secs_f64() * REQUEST_RATE).min(REQUEST_BURST);
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
@@ -556,7 +557,11 @@ impl SecretDiscoveryService for WorkloadApi {
         }
         let slot = self.stream_slot(RPC, &caller)?;
         debug!(pid = caller.peer.pid, "serving SDS");
-        Ok(Response::new(self.sds_stream(caller, req.into_inner(), slot)))
+        Ok(Response::new(self.sds_stream(
+            caller,
+            req.into_inner(),
+            slot,
+        )))
     }
 
     async fn fetch_secrets(
@@ -605,7 +610,10 @@ mod tests {
         assert_eq!(check_request(&request(&[])).unwrap(), None);
         let many: Vec<String> = (0..=MAX_RESOURCE_NAMES).map(|i| i.to_string()).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert_eq!(check_request(&request(&many)).unwrap_err().0, "too_many_resource_names");
+        assert_eq!(
+            check_request(&request(&many)).unwrap_err().0,
+            "too_many_resource_names"
+        );
         let long = "a".repeat(MAX_RESOURCE_NAME_LEN + 1);
         let (reason, status) = check_request(&request(&[&long])).unwrap_err();
         assert_eq!(reason, "resource_name_too_long");

@@ -257,9 +257,13 @@ pub fn bind_public(path: &Path) -> std::io::Result<UnixListener> {
 pub fn link_alias(socket: &Path, alias: &str) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     let (Some(dir), Some(target)) = (socket.parent(), socket.file_name()) else {
-        return Err(Error::new(ErrorKind::InvalidInput, "the socket path has no file name"));
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "the socket path has no file name",
+        ));
     };
-    if alias.contains('/') || alias == "." || alias == ".." || std::ffi::OsStr::new(alias) == target {
+    if alias.contains('/') || alias == "." || alias == ".." || std::ffi::OsStr::new(alias) == target
+    {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             "the alias must be one file name, other than the socket's",

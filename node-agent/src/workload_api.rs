@@ -135,7 +135,11 @@ impl WorkloadApi {
 
     /// Attestation of the connected peer (without the security header check: Envoy's
     /// SDS calls do not carry it). The caller counts the call.
-    pub(crate) async fn attest_peer<T>(&self, rpc: &str, req: &Request<T>) -> Result<Caller, Status> {
+    pub(crate) async fn attest_peer<T>(
+        &self,
+        rpc: &str,
+        req: &Request<T>,
+    ) -> Result<Caller, Status> {
         let info = req.extensions().get::<PeerInfo>().cloned();
         let peer = match info.map(|i| i.0) {
             Some(Ok(p)) => p,
@@ -256,7 +260,10 @@ fn require_security_header<T>(
 }
 
 /// `stream`, holding `slot` (its place under the stream caps) for as long as it lives.
-pub(crate) fn holding<T: Send + 'static>(slot: Slot, stream: ResponseStream<T>) -> ResponseStream<T> {
+pub(crate) fn holding<T: Send + 'static>(
+    slot: Slot,
+    stream: ResponseStream<T>,
+) -> ResponseStream<T> {
     use futures::StreamExt;
     Box::pin(stream.map(move |item| {
         let _held = &slot;

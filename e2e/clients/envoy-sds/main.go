@@ -6,6 +6,7 @@
 // received, NACK with error_detail and the version it keeps, subscription changes on the
 // same stream, a reconnect sending the last accepted version with no nonce), and it
 // checks every Secret it receives as Envoy would before using it:
+//
 //   - the Any unpacks to envoy.extensions.transport_sockets.tls.v3.Secret and passes the
 //     protoc-gen-validate rules Envoy enforces (ValidateAll);
 //   - a tls_certificate's chain and key are PEM that parse, and the key matches the
@@ -16,16 +17,27 @@
 //     context of its trust domain (trusted_ca, or the SPIFFE validator's bundle for the
 //     leaf's trust domain).
 //
+// Usage:
+//
 //	envoy-sds-client -socket PATH scenario -names default,ROOTCA [-extra a,b] [-quiet 1s]
 //	envoy-sds-client -socket PATH watch -names default,ROOTCA
 //	envoy-sds-client -socket PATH fetch -names a,b
+//	envoy-sds-client -socket PATH streams -count N -names default,ROOTCA
 //	envoy-sds-client files -dir DIR
 //
 // scenario runs one Envoy session and prints one JSON object: the first response, that
 // nothing follows an ACK, the response to a subscription change (names + extra), that
-// nothing follows a NACK, and the response on a new stream after a reconnect.
+// nothing follows a NACK, that a stale request is ignored, and the response on a new
+// stream after a reconnect.
+//
 // watch prints one JSON line per response (ACKing each) until killed.
+//
 // fetch calls FetchSecrets once.
+//
+// streams (for benchmarks) holds N StreamSecrets streams, each on its own connection,
+// ACKing every response; prints "ready" once every stream has its first response, then
+// "updated" once every stream has received a second one; exits when stdin closes.
+//
 // files reads a sigil-csi files-mode volume written with formats istio, grpc and
 // credential-bundle as their readers do: gRPC-Go's own file watcher certificate provider
 // (credentials/tls/certprovider/pemfile, which proxyless gRPC's xDS file_watcher plugin
@@ -61,8 +73,8 @@ import (
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/tls/certprovider/pemfile"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/credentials/tls/certprovider/pemfile"
 	"google.golang.org/protobuf/types/known/structpb"
 )
 
@@ -496,6 +508,7 @@ func main() {
 	quiet := fs.Duration("quiet", 1500*time.Millisecond, "how long nothing must follow an ACK or a NACK (scenario)")
 	ownTD := fs.String("own-td", "", "the trust domain ROOTCA stands for")
 	wait := fs.Duration("wait", 30*time.Second, "how long to wait for a response")
+	count := fs.Int("count", 100, "streams to hold (streams)")
 	_ = fs.Parse(flag.Args()[1:])
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -516,6 +529,31 @@ func main() {
 			fail("%v", err)
 		}
 		out(r)
+
+	case "streams":
+		streams := make([]*stream, 0, *count)
+		for i := 0; i < *count; i++ {
+			st := open(ctx, dial(*socket))
+			st.send(&discoveryv3.DiscoveryRequest{Node: node(), ResourceNames: subscribed})
+			streams = append(streams, st)
+		}
+		ack := func(st *stream) {
+			resp := st.next(5 * time.Minute)
+			if resp == nil {
+				fail("a stream got no response")
+			}
+			st.send(&discoveryv3.DiscoveryRequest{VersionInfo: resp.GetVersionInfo(), ResponseNonce: resp.GetNonce(), ResourceNames: subscribed})
+		}
+		for _, st := range streams {
+			ack(st)
+		}
+		fmt.Println("ready")
+		for _, st := range streams {
+			ack(st)
+		}
+		fmt.Println("updated")
+		buf := make([]byte, 1)
+		_, _ = os.Stdin.Read(buf)
 
 	case "watch":
 		st := open(ctx, conn)
