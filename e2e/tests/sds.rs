@@ -190,7 +190,24 @@ async fn an_envoy_client_subscribes_acks_nacks_changes_and_reconnects() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A client that floods its stream with requests: its stream ends, ResourceExhausted.
+    let out = web
+        .run(
+            &sds,
+            &["-socket", &socket, "flood", "-count", "200", "-wait", "10s"],
+        )
+        .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("ResourceExhausted"),
+        "{err}"
+    );
+
     let m = aw.metrics().await;
+    assert!(
+        denials(&m, "StreamSecrets", "too_many_requests") >= 1.0,
+        "{m}"
+    );
     assert!(
         denials(&m, "FetchSecrets", "too_many_resource_names") >= 1.0,
         "{m}"

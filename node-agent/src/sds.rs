@@ -591,7 +591,138 @@ impl SecretDiscoveryService for WorkloadApi {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    use sigil_identity::entry::RegistrationEntry;
+    use sigil_identity::keys::{KeyType, PrivateKey};
+    use sigil_identity::{SpiffeId, TrustDomain};
+
     use super::*;
+    use crate::cache::HeldSvid;
+
+    fn held(id: &str) -> Arc<HeldSvid> {
+        let now = SystemTime::now();
+        Arc::new(HeldSvid {
+            entry: Arc::new(RegistrationEntry::new(
+                id,
+                SpiffeId::parse(id).unwrap(),
+                vec![Selector::new("k8s", "pod-uid:u1")],
+            )),
+            chain: vec![vec![1, 2, 3]],
+            key: PrivateKey::generate(KeyType::EcP256).unwrap(),
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+            rotate_at: now + Duration::from_secs(1800),
+        })
+    }
+
+    fn bundle(td: &str, der: u8) -> TrustBundle {
+        let mut b = TrustBundle::new(td.parse::<TrustDomain>().unwrap());
+        b.x509_authorities = vec![vec![der; 4]];
+        b
+    }
+
+    fn decoded(r: &[Any]) -> Vec<tls::Secret> {
+        r.iter()
+            .map(|a| {
+                assert_eq!(a.type_url, SECRET_TYPE_URL);
+                tls::Secret::decode(a.value.as_slice()).unwrap()
+            })
+            .collect()
+    }
+
+    fn names_of(r: &[Any]) -> Vec<String> {
+        decoded(r).into_iter().map(|s| s.name).collect()
+    }
+
+    /// What each name resolves to, with an own and a federated trust domain: `default`
+    /// and the SPIFFE IDs are certificates, `ROOTCA` the own bundle, `spiffe://<td>` each
+    /// bundle, `ALL` one SPIFFE validator with both; names the caller has nothing for (a
+    /// trust domain it does not federate with, an ID that is not its own) are absent.
+    #[test]
+    fn names_resolve_to_the_callers_own_resources_only() {
+        let view = WorkloadView {
+            svids: vec![
+                held("spiffe://a.test/web"),
+                held("spiffe://a.test/web-admin"),
+            ],
+            pending: vec![],
+            own_bundles: vec![bundle("a.test", 1)],
+            federated: vec![bundle("b.test", 2)],
+        };
+        let names = SdsNames::default();
+        let sub = |n: &[&str]| Some(n.iter().map(|s| (*s).to_owned()).collect());
+        let r = resources(
+            &view,
+            &sub(&[
+                "default",
+                "ROOTCA",
+                "ALL",
+                "spiffe://b.test",
+                "spiffe://c.test",
+                "spiffe://a.test/web-admin",
+                "spiffe://a.test/db",
+            ]),
+            &names,
+        );
+        assert_eq!(
+            names_of(&r),
+            [
+                "ALL",
+                "ROOTCA",
+                "default",
+                "spiffe://a.test/web-admin",
+                "spiffe://b.test"
+            ]
+        );
+        let secrets = decoded(&r);
+        let Some(tls::secret::Type::ValidationContext(all)) = &secrets[0].r#type else {
+            panic!("ALL is a validation context")
+        };
+        let validator = all.custom_validator_config.as_ref().unwrap();
+        assert_eq!(validator.name, SPIFFE_VALIDATOR);
+        let config = validator.typed_config.as_ref().unwrap();
+        assert_eq!(config.type_url, SPIFFE_VALIDATOR_TYPE_URL);
+        let config = tls::SpiffeCertValidatorConfig::decode(config.value.as_slice()).unwrap();
+        let tds: Vec<_> = config
+            .trust_domains
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        assert_eq!(tds, ["a.test", "b.test"], "names without spiffe://, sorted");
+        let Some(tls::secret::Type::TlsCertificate(default)) = &secrets[2].r#type else {
+            panic!("default is a certificate")
+        };
+        let key = default.private_key.as_ref().unwrap();
+        let Some(core::data_source::Specifier::InlineBytes(pem)) = &key.specifier else {
+            panic!("inline key")
+        };
+        assert!(String::from_utf8_lossy(pem).starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert!(format!("{default:?}").contains("redacted"), "{default:?}");
+
+        // A wildcard subscription: every SVID by ID, every bundle by trust domain ID.
+        let all = resources(&view, &None, &names);
+        assert_eq!(
+            names_of(&all),
+            [
+                "spiffe://a.test/web",
+                "spiffe://a.test/web-admin",
+                "spiffe://a.test",
+                "spiffe://b.test"
+            ]
+        );
+        // Nothing the caller has: nothing at all (the stream then sends no response).
+        assert!(resources(&view, &sub(&["spiffe://a.test/db"]), &names).is_empty());
+        // Equal content, equal version; a rotated key, another version.
+        let again = resources(&view, &sub(&["default"]), &names);
+        let same = resources(&view, &sub(&["default"]), &names);
+        assert_eq!(version(&digest(&again)), version(&digest(&same)));
+        let mut rotated = view.clone();
+        rotated.svids[0] = held("spiffe://a.test/web");
+        let other = resources(&rotated, &sub(&["default"]), &names);
+        assert_ne!(version(&digest(&again)), version(&digest(&other)));
+    }
 
     fn request(names: &[&str]) -> DiscoveryRequest {
         DiscoveryRequest {

@@ -23,6 +23,7 @@
 //	envoy-sds-client -socket PATH watch -names default,ROOTCA
 //	envoy-sds-client -socket PATH fetch -names a,b
 //	envoy-sds-client -socket PATH streams -count N -names default,ROOTCA
+//	envoy-sds-client -socket PATH flood -count N
 //	envoy-sds-client files -dir DIR
 //
 // scenario runs one Envoy session and prints one JSON object: the first response, that
@@ -33,6 +34,9 @@
 // watch prints one JSON line per response (ACKing each) until killed.
 //
 // fetch calls FetchSecrets once.
+//
+// flood is a misbehaving client: after its first response it sends N requests at once
+// and reports how the stream ended.
 //
 // streams (for benchmarks) holds N StreamSecrets streams, each on its own connection,
 // ACKing every response; prints "ready" once every stream has its first response, then
@@ -529,6 +533,25 @@ func main() {
 			fail("%v", err)
 		}
 		out(r)
+
+	case "flood":
+		st := open(ctx, conn)
+		st.send(&discoveryv3.DiscoveryRequest{Node: node(), ResourceNames: subscribed})
+		first := st.next(*wait)
+		if first == nil {
+			fail("no first response")
+		}
+		for i := 0; i < *count; i++ {
+			if err := st.s.Send(&discoveryv3.DiscoveryRequest{TypeUrl: secretType, VersionInfo: first.GetVersionInfo(), ResponseNonce: first.GetNonce(), ResourceNames: subscribed}); err != nil {
+				break
+			}
+		}
+		select {
+		case err := <-st.errs:
+			fail("stream ended: %v", err)
+		case <-time.After(*wait):
+			out(map[string]any{"ended": false})
+		}
 
 	case "streams":
 		streams := make([]*stream, 0, *count)
