@@ -357,6 +357,166 @@ async fn files_mode_writes_the_layouts_proxies_and_grpc_read() {
     assert_ne!(leaves[0], leaves[1], "rotated");
 }
 
+/// Two gRPC-Go workloads do mutual TLS with the files Sigil writes (`formats: grpc`):
+/// each loads its SVID, key and SPIFFE trust bundle map with gRPC's pemfile provider and
+/// verifies the other as grpc proposal A87 says (the bundle of the peer's trust domain,
+/// from the map). A client whose certificate comes from a trust domain that is not in the
+/// map is refused, and so is one claiming the web workload's own SPIFFE ID under a CA of
+/// the same trust domain name that is not the trust domain's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_workloads_do_mtls_with_the_files_and_strangers_are_refused() {
+    use tokio::io::AsyncBufReadExt;
+    let aw = AgentWorld::start("csigrpc").await;
+    let tag = aw.w.tag.clone();
+    // db's ServiceAccount, for its pod's token (the world creates `web`).
+    kube::Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(
+        aw.w.client.clone(),
+        &aw.w.ns,
+    )
+    .create(
+        &Default::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "db"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    aw.w.cluster_spiffe_id(&format!("{tag}-web"), "web").await;
+    aw.w.cluster_spiffe_id(&format!("{tag}-db"), "db").await;
+    let web = aw.workload("web-1", "web", json!({"app": "web"})).await;
+    let db = aw.workload("db-1", "db", json!({"app": "db"})).await;
+    let (web_id, db_id) = (aw.id_for_sa("web"), aw.id_for_sa("db"));
+    aw.wait_svid(&web_id).await;
+    aw.wait_svid(&db_id).await;
+    let csi = Csi::start(csi_args(&aw)).await;
+    let mut client = csi.client().await;
+    let mut targets = Vec::new();
+    for (w, name) in [(&web, "web-1"), (&db, "db-1")] {
+        let token = aw.w.token(&w.pod, "sigil-csi").await;
+        let target = aw.dir.path().join(format!("pods/{name}/volumes/grpc"));
+        client
+            .node_publish_volume(publish_request(
+                &format!("vol-{name}"),
+                &target,
+                &w.pod,
+                Some(&token),
+                true,
+                &[("mode", "files"), ("formats", "grpc")],
+            ))
+            .await
+            .unwrap();
+        targets.push(target);
+    }
+    let tool_path = tool("envoy-sds-client");
+    let mut cmd = db.container.command(&tool_path);
+    cmd.args(["grpc-serve", "-dir", &targets[1].display().to_string()])
+        .stdout(std::process::Stdio::piped());
+    let mut server = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(server.stdout.take().unwrap()).lines();
+    let mut line = async || -> serde_json::Value {
+        let l = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the gRPC server said nothing")
+            .unwrap()
+            .expect("the gRPC server exited");
+        serde_json::from_str(&l).unwrap()
+    };
+    let addr = line().await["listening"].as_str().unwrap().to_owned();
+
+    let ok = json_out(
+        "gRPC mTLS web → db",
+        &web.run(
+            &tool_path,
+            &[
+                "grpc-dial",
+                "-dir",
+                &targets[0].display().to_string(),
+                "-connect",
+                &addr,
+                "-server-id",
+                &db_id,
+            ],
+        )
+        .await,
+    );
+    assert_eq!(ok["status"], "SERVING", "{ok}");
+    assert_eq!(ok["server_id"], db_id.as_str());
+    assert_eq!(
+        line().await["peer"],
+        web_id.as_str(),
+        "the server saw web's SVID"
+    );
+
+    // Strangers: the web workload's bundle map, but a certificate from elsewhere.
+    let td = aw.w.td.to_string();
+    for (foreign_td, what) in [
+        ("evil.test", "a trust domain that is not in the bundle map"),
+        (
+            td.as_str(),
+            "a CA of the same trust domain name that is not the trust domain's",
+        ),
+    ] {
+        let foreign = sigil_testkit::federation::Foreign::new(foreign_td);
+        let path = web_id.split_once(&td).unwrap().1;
+        let (chain, key) = foreign.svid(path);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("svid.pem"), x509::certs_to_pem(&chain)).unwrap();
+        std::fs::write(
+            dir.path().join("svid_key.pem"),
+            key.to_pkcs8_pem().as_bytes(),
+        )
+        .unwrap();
+        std::fs::copy(
+            targets[0].join("spiffe-bundle-map.json"),
+            dir.path().join("spiffe-bundle-map.json"),
+        )
+        .unwrap();
+        let out = tokio::process::Command::new(&tool_path)
+            .args([
+                "grpc-dial",
+                "-dir",
+                &dir.path().display().to_string(),
+                "-connect",
+                &addr,
+                "-server-id",
+                &db_id,
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "a client with {what} was served: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The server accepted no other peer.
+    let again = json_out(
+        "gRPC mTLS web → db again",
+        &web.run(
+            &tool_path,
+            &[
+                "grpc-dial",
+                "-dir",
+                &targets[0].display().to_string(),
+                "-connect",
+                &addr,
+                "-server-id",
+                &db_id,
+            ],
+        )
+        .await,
+    );
+    assert_eq!(again["status"], "SERVING");
+    assert_eq!(
+        line().await["peer"],
+        web_id.as_str(),
+        "the next peer the server accepted is web again, no stranger in between"
+    );
+    server.kill().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_mode_idempotency_and_refusals() {
     let aw = AgentWorld::start("csisock").await;

@@ -25,6 +25,8 @@
 //	envoy-sds-client -socket PATH streams -count N -names default,ROOTCA
 //	envoy-sds-client -socket PATH flood -count N
 //	envoy-sds-client files -dir DIR
+//	envoy-sds-client grpc-serve -dir DIR [-listen 127.0.0.1:0]
+//	envoy-sds-client grpc-dial -dir DIR -connect HOST:PORT -server-id ID
 //
 // scenario runs one Envoy session and prints one JSON object: the first response, that
 // nothing follows an ACK, the response to a subscription change (names + extra), that
@@ -50,6 +52,16 @@
 // domain, as gRPC's SPIFFE verification looks it up; root-cert.pem must hold the roots;
 // credential-bundle.pem must be one PKCS#8 PRIVATE KEY block then the chain, the key
 // matching the leaf.
+//
+// grpc-serve and grpc-dial are two gRPC-Go workloads doing mutual TLS with the files of a
+// files-mode volume (formats grpc): gRPC's pemfile provider loads svid.pem, svid_key.pem
+// and spiffe-bundle-map.json at every handshake, and each side verifies the other as
+// grpc proposal A87 specifies for a SPIFFE trust bundle map: the peer's leaf must carry
+// one SPIFFE ID, the bundle of that ID's trust domain is taken from the map (a trust
+// domain missing from it is refused), and the chain must verify against it. The server
+// serves the gRPC health service and prints {"listening": ADDR}, then {"peer": ID} for
+// every client it accepts; the client checks the server's SPIFFE ID and prints the
+// health status it got.
 //
 // Exit status 0 with JSON on stdout, or 1 with the error on stderr.
 package main
@@ -77,8 +89,12 @@ import (
 	secretv3 "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/credentials/tls/certprovider"
 	"google.golang.org/grpc/credentials/tls/certprovider/pemfile"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/protobuf/types/known/structpb"
 )
 
@@ -492,9 +508,145 @@ func checkFiles(dir string) map[string]any {
 	}
 }
 
+// volumeProvider is gRPC's file watcher over a files-mode volume's SVID and bundle map.
+func volumeProvider(dir string) certprovider.Provider {
+	p, err := pemfile.NewProvider(pemfile.Options{
+		CertFile:            dir + "/svid.pem",
+		KeyFile:             dir + "/svid_key.pem",
+		SPIFFEBundleMapFile: dir + "/spiffe-bundle-map.json",
+		RefreshDuration:     time.Second,
+	})
+	if err != nil {
+		fail("pemfile provider: %v", err)
+	}
+	return p
+}
+
+func keyMaterial(p certprovider.Provider) *certprovider.KeyMaterial {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	km, err := p.KeyMaterial(ctx)
+	if err != nil {
+		fail("key material: %v", err)
+	}
+	return km
+}
+
+// verifyA87 verifies a peer's chain with the bundle map as grpc proposal A87 says, and
+// returns the peer's SPIFFE ID.
+func verifyA87(p certprovider.Provider, rawCerts [][]byte) (string, error) {
+	if len(rawCerts) == 0 {
+		return "", errors.New("the peer sent no certificate")
+	}
+	var chain []*x509.Certificate
+	for _, raw := range rawCerts {
+		c, err := x509.ParseCertificate(raw)
+		if err != nil {
+			return "", err
+		}
+		chain = append(chain, c)
+	}
+	leaf := chain[0]
+	if len(leaf.URIs) != 1 || leaf.URIs[0].Scheme != "spiffe" {
+		return "", errors.New("the peer's leaf does not carry exactly one SPIFFE ID")
+	}
+	td := leaf.URIs[0].Host
+	b, ok := keyMaterial(p).SPIFFEBundleMap[td]
+	if !ok {
+		return "", fmt.Errorf("no bundle for the peer's trust domain %q in the SPIFFE bundle map", td)
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool(b.X509Authorities()), Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
+		return "", err
+	}
+	return leaf.URIs[0].String(), nil
+}
+
+func grpcServe(dir, listen string) {
+	p := volumeProvider(dir)
+	cfg := &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		ClientAuth: tls.RequireAnyClientCert,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return &keyMaterial(p).Certs[0], nil
+		},
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			id, err := verifyA87(p, raw)
+			if err != nil {
+				return err
+			}
+			out(map[string]any{"peer": id})
+			return nil
+		},
+	}
+	lis, err := net.Listen("tcp", listen)
+	if err != nil {
+		fail("listen: %v", err)
+	}
+	s := grpc.NewServer(grpc.Creds(credentials.NewTLS(cfg)))
+	healthpb.RegisterHealthServer(s, health.NewServer())
+	out(map[string]any{"listening": lis.Addr().String()})
+	if err := s.Serve(lis); err != nil {
+		fail("serve: %v", err)
+	}
+}
+
+func grpcDial(dir, addr, serverID string) {
+	p := volumeProvider(dir)
+	var got string
+	cfg := &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		// The server is verified below against the SPIFFE bundle map, not web PKI.
+		InsecureSkipVerify: true,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return &keyMaterial(p).Certs[0], nil
+		},
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			id, err := verifyA87(p, raw)
+			if err != nil {
+				return err
+			}
+			if id != serverID {
+				return fmt.Errorf("the server is %s, not %s", id, serverID)
+			}
+			got = id
+			return nil
+		},
+	}
+	conn, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+	if err != nil {
+		fail("dial: %v", err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		fail("health check over mTLS: %v", err)
+	}
+	out(map[string]any{"status": resp.GetStatus().String(), "server_id": got})
+}
+
 func main() {
 	socket := flag.String("socket", "", "the agent's socket")
 	flag.Parse()
+	if flag.NArg() >= 1 && (flag.Arg(0) == "grpc-serve" || flag.Arg(0) == "grpc-dial") {
+		fs := flag.NewFlagSet(flag.Arg(0), flag.ExitOnError)
+		dir := fs.String("dir", "", "the files-mode volume")
+		listen := fs.String("listen", "127.0.0.1:0", "where to listen (grpc-serve)")
+		connect := fs.String("connect", "", "the server's address (grpc-dial)")
+		serverID := fs.String("server-id", "", "the server's SPIFFE ID (grpc-dial)")
+		_ = fs.Parse(flag.Args()[1:])
+		if flag.Arg(0) == "grpc-serve" {
+			grpcServe(*dir, *listen)
+		} else {
+			grpcDial(*dir, *connect, *serverID)
+		}
+		return
+	}
 	if flag.NArg() >= 1 && flag.Arg(0) == "files" {
 		fs := flag.NewFlagSet("files", flag.ExitOnError)
 		dir := fs.String("dir", "", "the volume")
