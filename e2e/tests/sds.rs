@@ -190,6 +190,19 @@ async fn an_envoy_client_subscribes_acks_nacks_changes_and_reconnects() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A long-lived proxy: 30 ACKs of 4 KiB (Envoy sends its Node on every request unless
+    // told otherwise), then a subscription change, answered on the same stream: the bytes
+    // of requests already read do not add up against the connection's bound.
+    let long = json_out(
+        "a long-lived SDS stream",
+        &web.run(
+            &sds,
+            &["-socket", &socket, "long", "-count", "30", "-pad", "4000"],
+        )
+        .await,
+    );
+    assert!(long["request_bytes"].as_u64().unwrap() > 100_000, "{long}");
+
     // A client that floods its stream with requests: its stream ends, ResourceExhausted.
     let out = web
         .run(

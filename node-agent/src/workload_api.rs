@@ -496,6 +496,10 @@ pub async fn serve(
         // What the HPACK shim relies on: frames of at most 16 KiB, header lists h2 bounds.
         .max_frame_size(crate::h2_authority::MAX_FRAME as u32)
         .http2_max_header_list_size(crate::h2_authority::MAX_DECODED as u32)
+        // What a client may send that the server has not read yet (the HPACK shim counts
+        // the rest).
+        .initial_connection_window_size(crate::h2_authority::CONNECTION_WINDOW)
+        .initial_stream_window_size(crate::h2_authority::CONNECTION_WINDOW)
         .add_service(crate::sds::server(api.clone()))
         .add_service(api.into_server());
     if let Some(r) = reflection {

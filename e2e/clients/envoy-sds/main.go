@@ -24,6 +24,7 @@
 //	envoy-sds-client -socket PATH fetch -names a,b
 //	envoy-sds-client -socket PATH streams -count N -names default,ROOTCA
 //	envoy-sds-client -socket PATH flood -count N
+//	envoy-sds-client -socket PATH long -count N -pad BYTES
 //	envoy-sds-client files -dir DIR
 //	envoy-sds-client grpc-serve -dir DIR [-listen 127.0.0.1:0]
 //	envoy-sds-client grpc-dial -dir DIR -connect HOST:PORT -server-id ID
@@ -36,6 +37,11 @@
 // watch prints one JSON line per response (ACKing each) until killed.
 //
 // fetch calls FetchSecrets once.
+//
+// long is a long-lived proxy in a hurry: after its first response it ACKs it N times,
+// each request carrying its Node with BYTES of metadata (as Envoy does unless
+// set_node_on_first_message_only), then changes its subscription and must still get an
+// answer on the same stream: a stream's past requests do not count against it.
 //
 // flood is a misbehaving client: after its first response it sends N requests at once
 // and reports how the stream ended.
@@ -95,6 +101,7 @@ import (
 	"google.golang.org/grpc/credentials/tls/certprovider/pemfile"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 )
 
@@ -664,7 +671,8 @@ func main() {
 	quiet := fs.Duration("quiet", 1500*time.Millisecond, "how long nothing must follow an ACK or a NACK (scenario)")
 	ownTD := fs.String("own-td", "", "the trust domain ROOTCA stands for")
 	wait := fs.Duration("wait", 30*time.Second, "how long to wait for a response")
-	count := fs.Int("count", 100, "streams to hold (streams)")
+	count := fs.Int("count", 100, "streams to hold (streams), requests to send (flood, long)")
+	pad := fs.Int("pad", 4000, "metadata bytes in each request's Node (long)")
 	_ = fs.Parse(flag.Args()[1:])
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -685,6 +693,28 @@ func main() {
 			fail("%v", err)
 		}
 		out(r)
+
+	case "long":
+		big := node()
+		big.Metadata.Fields["PADDING"] = structpb.NewStringValue(strings.Repeat("x", *pad))
+		st := open(ctx, conn)
+		st.send(&discoveryv3.DiscoveryRequest{Node: big, ResourceNames: subscribed})
+		first := st.next(*wait)
+		if first == nil {
+			fail("no first response")
+		}
+		sent := 0
+		for i := 0; i < *count; i++ {
+			req := &discoveryv3.DiscoveryRequest{Node: big, VersionInfo: first.GetVersionInfo(), ResponseNonce: first.GetNonce(), ResourceNames: subscribed}
+			st.send(req)
+			sent += proto.Size(req)
+		}
+		changed := append(append([]string{}, subscribed...), "spiffe://not-mine.test")
+		st.send(&discoveryv3.DiscoveryRequest{Node: big, VersionInfo: first.GetVersionInfo(), ResponseNonce: first.GetNonce(), ResourceNames: changed})
+		if m := st.next(*wait); m == nil {
+			fail("no answer to a subscription change after %d bytes of requests", sent)
+		}
+		out(map[string]any{"request_bytes": sent, "answered": true})
 
 	case "flood":
 		st := open(ctx, conn)
