@@ -188,7 +188,7 @@ pub struct LimitsArgs {
     /// outside pods).
     #[arg(long, env = "SIGIL_MAX_CONNECTIONS_PER_WORKLOAD", default_value_t = limits::DEFAULT_MAX_CONNECTIONS_PER_WORKLOAD)]
     pub max_connections_per_workload: usize,
-    /// Most Workload API streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) open at
+    /// Most Workload API streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles, SDS StreamSecrets) open at
     /// once.
     #[arg(long, env = "SIGIL_MAX_STREAMS", default_value_t = limits::DEFAULT_MAX_STREAMS)]
     pub max_streams: usize,
