@@ -36,12 +36,19 @@ use tonic_prost::{ProstDecoder, ProstEncoder};
 /// grows to the messages it carries.
 pub const ENCODE_BUFFER: usize = 1024;
 
+/// Initial decode buffer of a request or response stream. tonic's default (8 KiB) is
+/// allocated for every stream and kept while it is open; a bidirectional stream (Envoy
+/// SDS: a proxy's requests, for days) holds it for its whole life, and the buffer grows to
+/// each message's length anyway (tonic reserves a message's announced length at once).
+pub const DECODE_BUFFER: usize = 1024;
+
 /// tonic's default: a stream yields its encoded messages to the transport once this much
 /// is buffered.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
 /// prost messages over gRPC (as `tonic_prost::ProstCodec`), with a
-/// [`ENCODE_BUFFER`]-byte initial encode buffer; decoding is tonic's default.
+/// [`ENCODE_BUFFER`]-byte initial encode buffer and a [`DECODE_BUFFER`]-byte initial
+/// decode buffer.
 #[derive(Debug, Clone, Copy)]
 pub struct Codec<T, U>(PhantomData<(T, U)>);
 
@@ -66,7 +73,7 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::default())
+        ProstDecoder::new(BufferSettings::new(DECODE_BUFFER, YIELD_THRESHOLD))
     }
 }
 
