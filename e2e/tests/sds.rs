@@ -317,3 +317,76 @@ async fn an_sds_stream_gets_each_rotated_svid_before_half_life() {
     }
     child.kill().await.unwrap();
 }
+
+/// A workload whose entry federates with another trust domain gets that domain's bundle
+/// by `spiffe://<td>` and inside `ALL` (Envoy's SPIFFE validator with both trust
+/// domains); a workload without federation gets neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_bundles_reach_only_workloads_that_federate() {
+    let aw = AgentWorld::start("sdsfed").await;
+    let tag = aw.w.tag.clone();
+    let partner = sigil_testkit::federation::Foreign::new("partner.test");
+    aw.w.replica
+        .federated
+        .replace(std::collections::BTreeMap::from([(
+            partner.td.clone(),
+            partner.bundle(),
+        )]));
+    sigil_testkit::node_api::create(
+        &kube::api::Api::<sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID>::all(
+            aw.w.client.clone(),
+        ),
+        json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": format!("{tag}-fed")}, "spec": {
+            "trustDomain": aw.w.td_object,
+            "namespaceSelector": {"matchLabels": {"sigil-test": tag}},
+            "podSelector": {"matchLabels": {"app": "fed"}},
+            "federatesWith": ["partner.test"],
+        }}),
+    )
+    .await;
+    aw.w.cluster_spiffe_id(&format!("{tag}-web"), "web").await;
+    let fed = aw.workload("fed-1", "web", json!({"app": "fed"})).await;
+    aw.wait_svid(&aw.id_for_sa("web")).await;
+    let td = aw.w.td.to_string();
+    let sds = tool("envoy-sds-client");
+    let socket = aw.socket.display().to_string();
+    let wanted = "default,ALL,spiffe://partner.test";
+    let got =
+        sigil_testkit::trust_domain::eventually("the partner's bundle on SDS", SETTLE, || async {
+            let out = fed
+                .run(
+                    &sds,
+                    &[
+                        "-socket", &socket, "fetch", "-names", wanted, "-own-td", &td,
+                    ],
+                )
+                .await;
+            if !out.status.success() {
+                return None;
+            }
+            let v = json_out("fed's FetchSecrets", &out);
+            (v["names"].as_array().map(Vec::len) == Some(3)).then_some(v)
+        })
+        .await;
+    assert_eq!(
+        resource(&got, "ALL")["trust_domains"],
+        json!(["partner.test", td]),
+        "{got}"
+    );
+    assert_eq!(resource(&got, "spiffe://partner.test")["cas"], 1);
+
+    // Another pod, same service account, no federation: neither.
+    let web = aw.workload("web-1", "web", json!({"app": "web"})).await;
+    let v = json_out(
+        "web's FetchSecrets",
+        &web.run(
+            &sds,
+            &[
+                "-socket", &socket, "fetch", "-names", wanted, "-own-td", &td,
+            ],
+        )
+        .await,
+    );
+    assert_eq!(names(&v), ["ALL", "default"], "{v}");
+    assert_eq!(resource(&v, "ALL")["trust_domains"], json!([td]));
+}
