@@ -362,7 +362,8 @@ async fn files_mode_writes_the_layouts_proxies_and_grpc_read() {
 /// verifies the other as grpc proposal A87 says (the bundle of the peer's trust domain,
 /// from the map). A client whose certificate comes from a trust domain that is not in the
 /// map is refused, and so is one claiming the web workload's own SPIFFE ID under a CA of
-/// the same trust domain name that is not the trust domain's.
+/// the same trust domain name that is not the trust domain's. A client of a trust domain
+/// the server's entry federates with is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_workloads_do_mtls_with_the_files_and_strangers_are_refused() {
     use tokio::io::AsyncBufReadExt;
@@ -379,8 +380,26 @@ async fn grpc_workloads_do_mtls_with_the_files_and_strangers_are_refused() {
     )
     .await
     .unwrap();
+    // db federates with partner.test (its bundle put in the operator's store as the
+    // FederatedBundle controller would); web does not.
+    let partner = sigil_testkit::federation::Foreign::new("partner.test");
+    aw.w.replica
+        .federated
+        .replace(std::collections::BTreeMap::from([(
+            partner.td.clone(),
+            partner.bundle(),
+        )]));
     aw.w.cluster_spiffe_id(&format!("{tag}-web"), "web").await;
-    aw.w.cluster_spiffe_id(&format!("{tag}-db"), "db").await;
+    node_api_common::create(
+        &Api::<ClusterSPIFFEID>::all(aw.w.client.clone()),
+        json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": format!("{tag}-db")}, "spec": {
+            "trustDomain": aw.w.td_object,
+            "namespaceSelector": {"matchLabels": {"sigil-test": tag}},
+            "podSelector": {"matchLabels": {"app": "db"}},
+            "federatesWith": ["partner.test"],
+        }}),
+    )
+    .await;
     let web = aw.workload("web-1", "web", json!({"app": "web"})).await;
     let db = aw.workload("db-1", "db", json!({"app": "db"})).await;
     let (web_id, db_id) = (aw.id_for_sa("web"), aw.id_for_sa("db"));
@@ -491,6 +510,56 @@ async fn grpc_workloads_do_mtls_with_the_files_and_strangers_are_refused() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+    // A workload of the federated trust domain: served, once the bundle map holds it.
+    let map = targets[1].join("spiffe-bundle-map.json");
+    eventually("partner.test in db's bundle map", SETTLE, || async {
+        let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&map).ok()?).ok()?;
+        doc["trust_domains"].get("partner.test").map(|_| ())
+    })
+    .await;
+    let partner_id = "spiffe://partner.test/ns/other/sa/client";
+    let (chain, key) = partner.svid("/ns/other/sa/client");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("svid.pem"), x509::certs_to_pem(&chain)).unwrap();
+    std::fs::write(
+        dir.path().join("svid_key.pem"),
+        key.to_pkcs8_pem().as_bytes(),
+    )
+    .unwrap();
+    // Its own bundle map: its trust domain and ours (as its side of the federation).
+    let ours: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(targets[0].join("spiffe-bundle-map.json")).unwrap())
+            .unwrap();
+    let theirs = json!({"trust_domains": {
+        "partner.test": serde_json::from_str::<serde_json::Value>(&partner.bundle_json()).unwrap(),
+        td.clone(): ours["trust_domains"][&td],
+    }});
+    std::fs::write(
+        dir.path().join("spiffe-bundle-map.json"),
+        theirs.to_string(),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(&tool_path)
+        .args([
+            "grpc-dial",
+            "-dir",
+            &dir.path().display().to_string(),
+            "-connect",
+            &addr,
+            "-server-id",
+            &db_id,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let v = json_out("gRPC mTLS partner.test → db", &out);
+    assert_eq!(v["status"], "SERVING", "{v}");
+    assert_eq!(
+        line().await["peer"],
+        partner_id,
+        "db accepted the federated client"
+    );
+
     // The server accepted no other peer.
     let again = json_out(
         "gRPC mTLS web → db again",
