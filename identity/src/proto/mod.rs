@@ -304,7 +304,18 @@ impl fmt::Debug for envoy::extensions::transport_sockets::tls::v3::TlsCertificat
             .field("certificate_chain", &self.certificate_chain)
             .field(
                 "private_key",
-                &self.private_key.as_ref().map(|_| Redacted(0)),
+                &self.private_key.as_ref().map(|k| {
+                    use envoy::config::core::v3::data_source::Specifier;
+                    Redacted(match &k.specifier {
+                        Some(Specifier::InlineBytes(b)) => b.len(),
+                        Some(
+                            Specifier::InlineString(s)
+                            | Specifier::Filename(s)
+                            | Specifier::EnvironmentVariable(s),
+                        ) => s.len(),
+                        None => 0,
+                    })
+                }),
             )
             .finish()
     }
