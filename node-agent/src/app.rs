@@ -168,7 +168,7 @@ pub struct SdsArgs {
 
 impl Default for SdsArgs {
     fn default() -> Self {
-        let n = crate::sds::SdsNames::default();
+        let n = crate::sds::SdsConfig::default();
         Self {
             sds_default_svid_name: n.default_svid,
             sds_default_bundle_name: n.default_bundle,
@@ -440,10 +440,11 @@ impl Agent {
             stream_caps,
             cancel.clone(),
         )
-        .with_sds_names(crate::sds::SdsNames {
+        .with_sds_config(crate::sds::SdsConfig {
             default_svid: sds_default_svid_name,
             default_bundle: sds_default_bundle_name,
             all_bundles: sds_all_bundles_name,
+            ..Default::default()
         });
         let broker_metrics = ApiMetrics::new(Api::Broker);
         broker_metrics.register(&mut registry);

@@ -6,14 +6,14 @@
 //!   holds for their own entries. Envoy sends no `workload.spiffe.io` header, so SDS does
 //!   not ask for one (as SPIRE's agent does not).
 //! - Resources (type `envoy.extensions.transport_sockets.tls.v3.Secret`), by name:
-//!   - [`SdsNames::default_svid`] (`default`): the caller's default X509-SVID (the first,
+//!   - [`SdsConfig::default_svid`] (`default`): the caller's default X509-SVID (the first,
 //!     as on the Workload API) as a `tls_certificate` (PEM chain, PKCS#8 PEM key);
 //!   - a SPIFFE ID of one of the caller's SVIDs: that SVID;
-//!   - [`SdsNames::default_bundle`] (`ROOTCA`): the bundle of the default SVID's trust
+//!   - [`SdsConfig::default_bundle`] (`ROOTCA`): the bundle of the default SVID's trust
 //!     domain, as a `validation_context` with `trusted_ca`;
 //!   - `spiffe://<td>`: that trust domain's bundle, when the caller has it (its own, or
 //!     one its entries federate with);
-//!   - [`SdsNames::all_bundles`] (`ALL`): every bundle the caller has, as one
+//!   - [`SdsConfig::all_bundles`] (`ALL`): every bundle the caller has, as one
 //!     `validation_context` holding Envoy's SPIFFE certificate validator
 //!     (`envoy.tls.cert_validator.spiffe`, a `SPIFFECertValidatorConfig`), which checks a
 //!     peer against the bundle of the trust domain in its SPIFFE ID (SPIRE's
@@ -90,23 +90,27 @@ pub const REQUEST_BURST: f64 = 32.0;
 /// Requests per second a stream's budget refills at.
 pub const REQUEST_RATE: f64 = 2.0;
 
-/// The names of the well-known resources (the agent's `--sds-*` flags).
+/// The names of the well-known resources (the agent's `--sds-*` flags), and how long a
+/// stream may wait for its first request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SdsNames {
+pub struct SdsConfig {
     /// The caller's default X509-SVID (`default`, what Istio asks for).
     pub default_svid: String,
     /// The bundle of the default SVID's trust domain (`ROOTCA`, what Istio asks for).
     pub default_bundle: String,
     /// Every bundle of the caller, as one SPIFFE validator configuration (`ALL`).
     pub all_bundles: String,
+    /// How long a new stream may wait before its first request ([`FIRST_REQUEST_WAIT`]).
+    pub first_request_wait: Duration,
 }
 
-impl Default for SdsNames {
+impl Default for SdsConfig {
     fn default() -> Self {
         Self {
             default_svid: "default".into(),
             default_bundle: "ROOTCA".into(),
             all_bundles: "ALL".into(),
+            first_request_wait: FIRST_REQUEST_WAIT,
         }
     }
 }
@@ -241,7 +245,7 @@ fn spiffe_validator<'a>(name: &str, bundles: impl Iterator<Item = &'a TrustBundl
 /// The resources of `view` that `subscription` names, in name order (wildcard: every
 /// SVID by SPIFFE ID, then every bundle by trust domain ID). Names the caller has nothing
 /// for are left out.
-pub fn resources(view: &WorkloadView, subscription: &Subscription, names: &SdsNames) -> Vec<Any> {
+pub fn resources(view: &WorkloadView, subscription: &Subscription, names: &SdsConfig) -> Vec<Any> {
     let bundles = || view.own_bundles.iter().chain(view.federated.iter());
     let bundle_of = |td_id: &str| bundles().find(|b| b.trust_domain.id_string() == td_id);
     let Some(wanted) = subscription else {
@@ -317,7 +321,7 @@ fn current(
     served: &Served,
     selectors: &BTreeSet<Selector>,
     subscription: &Subscription,
-    names: &SdsNames,
+    names: &SdsConfig,
 ) -> Result<Option<Vec<Any>>, Status> {
     let view = served.cache.view_for(selectors);
     if view.svids.is_empty() {
@@ -493,7 +497,8 @@ impl WorkloadApi {
                         return None;
                     }
                     let shutdown = s.api.inner().served.shutdown.clone();
-                    let first_deadline = s.opened + FIRST_REQUEST_WAIT;
+                    let wait = s.api.sds.first_request_wait;
+                    let first_deadline = s.opened + wait;
                     let waiting_first = s.subscription.is_none();
                     let step = tokio::select! {
                         m = s.requests.message() => match m {
@@ -519,8 +524,7 @@ impl WorkloadApi {
                             Err(s.refuse(
                                 "no_subscription",
                                 Status::deadline_exceeded(format!(
-                                    "no DiscoveryRequest within {}s of opening the stream",
-                                    FIRST_REQUEST_WAIT.as_secs()
+                                    "no DiscoveryRequest within {wait:?} of opening the stream"
                                 )),
                             ))
                         }
@@ -651,7 +655,7 @@ mod tests {
             own_bundles: vec![bundle("a.test", 1)],
             federated: vec![bundle("b.test", 2)],
         };
-        let names = SdsNames::default();
+        let names = SdsConfig::default();
         let sub = |n: &[&str]| Some(n.iter().map(|s| (*s).to_owned()).collect());
         let r = resources(
             &view,
@@ -730,6 +734,118 @@ mod tests {
             type_url: SECRET_TYPE_URL.into(),
             ..Default::default()
         }
+    }
+
+    /// A stream that never subscribes ends with DeadlineExceeded once its first-request
+    /// wait has passed, counted; the caller is this test process, attested by its UID
+    /// through the real socket, as a workload outside any pod.
+    #[tokio::test]
+    async fn a_stream_that_never_subscribes_ends_at_its_deadline() {
+        use crate::attest::WorkloadAttestor;
+        use crate::limits::{Caps, MintBudget};
+        use crate::node_client::{NodeClient, NodeClientConfig};
+        use crate::transport::{ApiMetrics, DenialLabels, bind_public};
+        use sigil_identity::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+        use tokio_util::sync::CancellationToken;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = bind_public(&path).unwrap();
+        let td: TrustDomain = "example.org".parse().unwrap();
+        let cache = crate::cache::Cache::new();
+        let uid = nix::unistd::getuid().as_raw();
+        let entry = RegistrationEntry::new(
+            "me",
+            SpiffeId::parse("spiffe://example.org/me").unwrap(),
+            vec![Selector::new("unix", format!("uid:{uid}"))],
+        );
+        cache.replace_entries(vec![entry], 1);
+        let mut svid = Arc::try_unwrap(held("spiffe://example.org/me")).unwrap();
+        svid.entry = cache.entry("me").unwrap();
+        assert!(cache.put_svid(svid));
+        let metrics = ApiMetrics::default();
+        let cancel = CancellationToken::new();
+        let node = NodeClient::new(
+            NodeClientConfig {
+                addresses: vec!["127.0.0.1:1".into()],
+                trust_domain: td.clone(),
+                cluster: "c".into(),
+            },
+            TrustBundle::new(td),
+        )
+        .unwrap();
+        let api = WorkloadApi::new(
+            cache,
+            Arc::new(WorkloadAttestor::new(
+                "/proc".into(),
+                "/etc".into(),
+                None,
+                Duration::from_secs(1),
+            )),
+            Arc::new(node),
+            metrics.clone(),
+            Arc::new(MintBudget::new(10.0, 10.0)),
+            Caps::streams(100, 100, metrics.clone()),
+            cancel.clone(),
+        )
+        .with_sds_config(SdsConfig {
+            first_request_wait: Duration::from_millis(300),
+            ..SdsConfig::default()
+        });
+        let caps = Caps::connections(100, 100, metrics.clone());
+        let server = tokio::spawn(crate::workload_api::serve(
+            listener,
+            api,
+            "/proc".into(),
+            caps,
+            cancel.clone(),
+        ));
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        let mut client = SecretDiscoveryServiceClient::new(channel);
+        let t = Instant::now();
+        let mut responses = client
+            .stream_secrets(futures::stream::pending::<DiscoveryRequest>())
+            .await
+            .unwrap()
+            .into_inner();
+        let status = responses.message().await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        let counted = metrics
+            .denials
+            .get_or_create(&DenialLabels {
+                rpc: "StreamSecrets".into(),
+                reason: "no_subscription".into(),
+            })
+            .get();
+        assert_eq!(counted, 1);
+        // A subscribing stream of the same caller is served.
+        let mut responses = client
+            .stream_secrets(futures::StreamExt::chain(
+                futures::stream::iter(vec![request(&["default"])]),
+                futures::stream::pending(),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = responses.message().await.unwrap().unwrap();
+        assert_eq!(names_of(&first.resources), ["default"]);
+        cancel.cancel();
+        let _ = server.await;
     }
 
     #[test]

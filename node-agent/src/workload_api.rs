@@ -47,7 +47,7 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 pub struct WorkloadApi {
     inner: Arc<Inner>,
     /// What the Secret Discovery Service on the same socket calls its resources.
-    pub(crate) sds: Arc<crate::sds::SdsNames>,
+    pub(crate) sds: Arc<crate::sds::SdsConfig>,
 }
 
 #[derive(Debug)]
@@ -97,7 +97,7 @@ impl WorkloadApi {
     }
 
     /// The resource names the Secret Discovery Service answers to ([`crate::sds`]).
-    pub fn with_sds_names(mut self, names: crate::sds::SdsNames) -> Self {
+    pub fn with_sds_config(mut self, names: crate::sds::SdsConfig) -> Self {
         self.sds = Arc::new(names);
         self
     }
