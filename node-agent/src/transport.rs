@@ -353,3 +353,30 @@ pub fn incoming(
         },
     )
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// `socket` next to `api.sock` (Istio's name): a relative link, so it resolves inside
+    /// a pod's bind mount of the directory; a link left by an earlier run is replaced;
+    /// anything else under that name, and names that are not one file name, are refused.
+    #[tokio::test]
+    async fn the_socket_alias_is_a_relative_link_next_to_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let _listener = bind_public(&sock).unwrap();
+        link_alias(&sock, "socket").unwrap();
+        link_alias(&sock, "socket").unwrap();
+        let link = dir.path().join("socket");
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("api.sock"));
+        UnixStream::connect(&link).await.unwrap();
+        for bad in ["../socket", "a/b", "..", "api.sock"] {
+            assert!(link_alias(&sock, bad).is_err(), "{bad}");
+        }
+        std::fs::write(dir.path().join("plain"), b"").unwrap();
+        let e = link_alias(&sock, "plain").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+    }
+}
