@@ -135,6 +135,16 @@ build_go_spiffe_client() {
   go build -o "$SIGIL_BIN/go-spiffe-client" .
 }
 
+# Envoy SDS client fixture: our own program (e2e/clients/envoy-sds) on Envoy's generated Go
+# types (go-control-plane/envoy), standing in for Envoy, which no registry here serves.
+build_envoy_sds_client() {
+  local dir=$SIGIL_CACHE/src/envoy-sds-client-$ENVOY_GO_CONTROL_PLANE_VERSION
+  rm -rf "$dir"; mkdir -p "$dir"; cp "$here"/e2e/clients/envoy-sds/*.go "$here"/e2e/clients/envoy-sds/go.mod "$dir"/
+  cd "$dir"
+  go get "github.com/envoyproxy/go-control-plane/envoy@$ENVOY_GO_CONTROL_PLANE_VERSION" >/dev/null
+  go build -o "$SIGIL_BIN/envoy-sds-client" .
+}
+
 # py-spiffe (PyPI "spiffe") in a venv in the cache. The client script is copied into the
 # venv: the cache is shared by every clone, so the wrapper must not point into this one
 # (a clone that is later deleted left a wrapper pointing at nothing).
@@ -282,6 +292,8 @@ tool_spec() {
     spire) echo "$SPIRE_VERSION spire-server spire-agent" ;;
     go-spiffe-client)
       echo "$GO_SPIFFE_VERSION-$(cat "$here"/e2e/clients/go-spiffe/*.go "$here"/e2e/clients/go-spiffe/go.mod | sha256sum | cut -c1-12) go-spiffe-client" ;;
+    envoy-sds-client)
+      echo "$ENVOY_GO_CONTROL_PLANE_VERSION-$(cat "$here"/e2e/clients/envoy-sds/*.go "$here"/e2e/clients/envoy-sds/go.mod | sha256sum | cut -c1-12) envoy-sds-client" ;;
     py-spiffe)
       echo "$PY_SPIFFE_VERSION-$(sha256sum <"$here"/e2e/clients/py-spiffe/client.py | cut -c1-12) py-spiffe-client" ;;
     spire-mint)

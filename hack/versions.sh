@@ -10,6 +10,9 @@ HELM_VERSION=v4.3.1
 # v1.15.3 needs go >= 1.26.6; v1.14.x is refused by the proxy here.
 SPIRE_VERSION=v1.15.3
 GO_SPIFFE_VERSION=v2.8.1
+# Envoy's generated Go API, for the SDS test client (e2e/clients/envoy-sds): no Envoy
+# binary is available from any registry here. v1.40.0 needs go 1.26.
+ENVOY_GO_CONTROL_PLANE_VERSION=v1.40.0
 PY_SPIFFE_VERSION=0.3.2
 # TPM tests: swtpm, and the tss2 libraries the agent links (tss-esapi finds them with
 # pkg-config; its bindings are pre-generated, so no libclang).
@@ -36,7 +39,7 @@ TEST_IMAGE_TAG=dev
 # cargo-machete (crates.io) finds unused dependencies in `make lint`; not a test tool.
 CARGO_MACHETE_VERSION=0.9.2
 
-ALL_TOOLS="etcd kube csi-sanity helm spire go-spiffe-client py-spiffe swtpm"
+ALL_TOOLS="etcd kube csi-sanity helm spire go-spiffe-client envoy-sds-client py-spiffe swtpm"
 
 SIGIL_CACHE=${SIGIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sigil}
 SIGIL_BIN=$SIGIL_CACHE/bin

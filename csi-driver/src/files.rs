@@ -19,7 +19,20 @@
 //!
 //! Layout of a volume: `svid.pem` (leaf then intermediates), `svid_key.pem` (PKCS#8),
 //! `bundle.pem` (own trust domain), `bundle.spiffe` (JWK Set with X.509 and JWT
-//! authorities), `federated/<trust domain>.pem`, `jwt/<audience>.token`.
+//! authorities), `federated/<trust domain>.pem`, `jwt/<audience>.token`; and, for the
+//! [`Format`]s a volume asks for (`formats`), the same identity in the layouts proxies and
+//! gRPC read directly:
+//! - `istio`: `cert-chain.pem`, `key.pem`, `root-cert.pem` (istio-agent's file-mounted
+//!   credentials, `/var/run/secrets/workload-spiffe-credentials`);
+//! - `grpc`: `spiffe-bundle-map.json`, a SPIFFE trust bundle map (grpc proposal A87,
+//!   `spiffe_trust_bundle_map_file`): `{"trust_domains": {"<td>": <SPIFFE bundle>}}` for the
+//!   own and every federated trust domain, keyed by trust domain name;
+//! - `credential-bundle`: `credential-bundle.pem`, the PKCS#8 key then the chain, in one
+//!   file (the layout of Kubernetes pod certificates' `credentialBundlePath`), so a reader
+//!   never sees a key and a chain from two different rotations.
+//!
+//! Every file of a generation is swapped in at once (`..data`), so a reader of any layout
+//! sees a key and chain that belong together.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -55,6 +68,30 @@ pub struct FilesOptions {
     /// Mode of every file (`fileMode`); default 0644 for certificates and bundles, 0640
     /// for the key and JWT-SVIDs.
     pub file_mode: Option<u32>,
+    /// Extra layouts of the same identity (`formats`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub formats: Vec<Format>,
+}
+
+/// An extra layout of a files-mode volume (`volumeAttributes.formats`, comma-separated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// Istio's names: `cert-chain.pem`, `key.pem`, `root-cert.pem`.
+    Istio,
+    /// gRPC's SPIFFE trust bundle map: `spiffe-bundle-map.json`.
+    Grpc,
+    /// Key then chain in one file: `credential-bundle.pem`.
+    CredentialBundle,
+}
+
+impl Format {
+    /// Every format, by its attribute value.
+    pub const ALL: &[(&str, Format)] = &[
+        ("istio", Format::Istio),
+        ("grpc", Format::Grpc),
+        ("credential-bundle", Format::CredentialBundle),
+    ];
 }
 
 /// A published files-mode volume, as recorded on disk.
@@ -571,6 +608,38 @@ impl Material {
     }
 }
 
+/// The SPIFFE trust bundle map of grpc proposal A87: every trust domain the pod trusts
+/// (its own, `own`, and the federated ones of `x509`), keyed by trust domain name, each a
+/// SPIFFE bundle (JWK Set) with its X.509 authorities and, when the agent sent them, its
+/// JWT authorities.
+pub(crate) fn bundle_map(
+    own: &TrustBundle,
+    x509: &pb::SubscribeToX509svidResponse,
+    jwt_bundles: &BTreeMap<String, Vec<u8>>,
+) -> Result<String, Status> {
+    let mut map = serde_json::Map::new();
+    let mut put = |b: &TrustBundle| -> Result<(), Status> {
+        let doc: serde_json::Value = serde_json::from_str(&b.to_jwks_json())
+            .map_err(|e| Status::internal(format!("bundle of {}: {e}", b.trust_domain)))?;
+        map.insert(b.trust_domain.name().to_owned(), doc);
+        Ok(())
+    };
+    put(own)?;
+    for (td_id, der) in &x509.federated_bundles {
+        let td = TrustDomain::parse(td_id)
+            .map_err(|e| Status::internal(format!("federated bundle {td_id}: {e}")))?;
+        let mut b = jwt_bundles
+            .get(td_id)
+            .and_then(|jwks| TrustBundle::from_jwks_json(td.clone(), jwks).ok())
+            .unwrap_or_else(|| TrustBundle::new(td.clone()));
+        b.x509_authorities = x509::split_der_certs(der)
+            .map_err(|e| Status::internal(format!("federated bundle {td_id}: {e}")))?;
+        put(&b)?;
+    }
+    serde_json::to_string(&serde_json::json!({ "trust_domains": map }))
+        .map_err(|e| Status::internal(format!("bundle map: {e}")))
+}
+
 /// Builds the files of one generation and swaps them in, in the volume's staging tmpfs.
 fn write(data_dir: &Path, record: &VolumeRecord, m: &Material) -> Result<(), Status> {
     let x509 = m
@@ -618,7 +687,7 @@ fn write(data_dir: &Path, record: &VolumeRecord, m: &Material) -> Result<(), Sta
         },
         FileSpec {
             path: "svid_key.pem".into(),
-            content: key_pem.into_bytes(),
+            content: key_pem.as_bytes().to_vec(),
             mode: secret,
         },
         FileSpec {
@@ -641,6 +710,37 @@ fn write(data_dir: &Path, record: &VolumeRecord, m: &Material) -> Result<(), Sta
             content: x509::certs_to_pem(&certs).into_bytes(),
             mode: public,
         });
+    }
+    for format in &record.options.formats {
+        match format {
+            Format::Istio => files.extend([
+                FileSpec {
+                    path: "cert-chain.pem".into(),
+                    content: x509::certs_to_pem(&chain).into_bytes(),
+                    mode: public,
+                },
+                FileSpec {
+                    path: "key.pem".into(),
+                    content: key_pem.as_bytes().to_vec(),
+                    mode: secret,
+                },
+                FileSpec {
+                    path: "root-cert.pem".into(),
+                    content: x509::certs_to_pem(&bundle_certs).into_bytes(),
+                    mode: public,
+                },
+            ]),
+            Format::Grpc => files.push(FileSpec {
+                path: "spiffe-bundle-map.json".into(),
+                content: bundle_map(&bundle, x509, &m.jwt_bundles)?.into_bytes(),
+                mode: public,
+            }),
+            Format::CredentialBundle => files.push(FileSpec {
+                path: "credential-bundle.pem".into(),
+                content: format!("{}{}", key_pem.as_str(), x509::certs_to_pem(&chain)).into_bytes(),
+                mode: secret,
+            }),
+        }
     }
     for (audience, (token, ..)) in &m.jwts {
         files.push(FileSpec {

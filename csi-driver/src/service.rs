@@ -48,7 +48,14 @@ const CTX_TOKENS: &str = "csi.storage.k8s.io/serviceAccount.tokens";
 const CTX_EPHEMERAL: &str = "csi.storage.k8s.io/ephemeral";
 
 /// The user attributes a volume may set.
-const ATTRIBUTES: &[&str] = &["mode", "spiffeID", "jwtAudiences", "fsGroup", "fileMode"];
+const ATTRIBUTES: &[&str] = &[
+    "mode",
+    "spiffeID",
+    "jwtAudiences",
+    "fsGroup",
+    "fileMode",
+    "formats",
+];
 
 /// Labels of an operation counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -141,7 +148,7 @@ struct Inner {
 #[derive(Debug)]
 enum Publish {
     WorkloadApi { target: PathBuf },
-    Files(VolumeRecord),
+    Files(Box<VolumeRecord>),
 }
 
 fn invalid(msg: impl Into<String>) -> Status {
@@ -223,7 +230,7 @@ impl CsiService {
                         "readOnly must be true in workload-api mode (set `readOnly: true` on the csi volume)",
                     ));
                 }
-                for attr in ["spiffeID", "jwtAudiences", "fileMode"] {
+                for attr in ["spiffeID", "jwtAudiences", "fileMode", "formats"] {
                     if ctx.contains_key(attr) {
                         return Err(invalid(format!(
                             "volumeAttributes.{attr} only applies to mode: files"
@@ -245,11 +252,12 @@ impl CsiService {
                 let fs_group = fs_group(get("fsGroup"), &mount.volume_mount_group)?;
                 let file_mode = get("fileMode").map(|m| file_mode(&m)).transpose()?;
                 let jwt_audiences = jwt_audiences(get("jwtAudiences").as_deref())?;
+                let formats = formats(get("formats").as_deref())?;
                 if let Some(id) = get("spiffeID") {
                     sigil_identity::SpiffeId::parse(&id)
                         .map_err(|e| invalid(format!("volumeAttributes.spiffeID: {e}")))?;
                 }
-                Ok(Publish::Files(VolumeRecord {
+                Ok(Publish::Files(Box::new(VolumeRecord {
                     volume_id: r.volume_id.clone(),
                     target_path: target,
                     pod,
@@ -258,9 +266,10 @@ impl CsiService {
                         jwt_audiences,
                         fs_group,
                         file_mode,
+                        formats,
                     },
                     token,
-                }))
+                })))
             }
             other => Err(invalid(format!(
                 "volumeAttributes.mode {other:?} is not one of \"workload-api\", \"files\""
@@ -325,6 +334,7 @@ impl CsiService {
                 Ok("workload-api")
             }
             Publish::Files(record) => {
+                let record = *record;
                 let pod = format!("{}/{}", record.pod.namespace, record.pod.name);
                 let mounted = self
                     .inner
@@ -435,6 +445,32 @@ pub fn file_mode(m: &str) -> Result<u32, Status> {
         )));
     }
     Ok(mode)
+}
+
+/// `volumeAttributes.formats`: comma-separated names of [`crate::files::Format`]s, each
+/// at most once.
+pub fn formats(raw: Option<&str>) -> Result<Vec<crate::files::Format>, Status> {
+    let mut out = Vec::new();
+    for name in raw.unwrap_or_default().split(',').map(str::trim) {
+        if name.is_empty() {
+            continue;
+        }
+        let Some((_, f)) = crate::files::Format::ALL.iter().find(|(n, _)| *n == name) else {
+            let known: Vec<&str> = crate::files::Format::ALL.iter().map(|(n, _)| *n).collect();
+            return Err(invalid(format!(
+                "volumeAttributes.formats: {:?} is not one of {known:?}",
+                name.chars().take(32).collect::<String>()
+            )));
+        };
+        if out.contains(f) {
+            return Err(invalid(format!(
+                "volumeAttributes.formats lists {name:?} twice"
+            )));
+        }
+        out.push(*f);
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// The `jwtAudiences` attribute: at most 16, each giving its own file name.
@@ -680,6 +716,20 @@ mod tests {
         assert!(e.message().contains("not the kubelet's token map"), "{e:?}");
         // Nothing of a token is ever in an error.
         assert!(!e.message().contains("not json"));
+    }
+
+    #[test]
+    fn formats_are_known_names_each_once() {
+        use crate::files::Format;
+        assert_eq!(formats(None).unwrap(), vec![]);
+        assert_eq!(
+            formats(Some("credential-bundle, istio,grpc")).unwrap(),
+            vec![Format::Istio, Format::Grpc, Format::CredentialBundle]
+        );
+        let e = formats(Some("istio,../../etc")).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("formats"), "{e:?}");
+        assert!(formats(Some("istio,istio")).is_err());
     }
 
     #[test]

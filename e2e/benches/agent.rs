@@ -1,6 +1,8 @@
 //! sigil-agent end to end: pod object created → the SVID served to a client process in
 //! that pod, the agent's memory idle and with 10k open Workload API streams, and the time
-//! for an entry change to reach every one of those streams as a new SVID.
+//! for an entry change to reach every one of those streams as a new SVID; then the same
+//! for 10k Envoy SDS streams (`envoy-sds-client streams`: each subscribed to `default` and
+//! `ROOTCA` as an Istio sidecar is, on its own connection, ACKing every response).
 //!
 //! The operator side runs in this process (real apiserver + etcd from the e2e harness,
 //! CA, index, Node API over TLS); the agent is the real `sigil-agent` binary in its own
@@ -119,30 +121,47 @@ fn main() {
             report.row("  growth per added identity", format!("{:>8.1} KiB", (after - before) * 1024.0 / (entries_n - pods_n) as f64));
         }
 
-        // Open FetchX509SVID streams from one pod, each on its own connection, then change
-        // the pod's entry (one more DNS name): the operator re-renders it and pushes it to
-        // the node, the agent signs a new SVID and every open stream must receive it.
-        let held = held_streams::hold(keep[0].command(client), &addr, streams_n, pid, async {
-            let patch = json!({"spec": {"dnsNameTemplates": ["{{pod.name}}.{{node.labels['zone']}}", "{{pod.name}}.rotated"]}});
-            kube::Api::<sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID>::all(w.client.clone())
-                .patch(&format!("{}-bench", w.tag), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
-                .await
-                .expect("patch the ClusterSPIFFEID");
-        })
-        .await;
+        // Open streams from one pod, each on its own connection, then change the pod's
+        // entry (one more DNS name): the operator re-renders it and pushes it to the node,
+        // the agent signs a new SVID and every open stream must receive it. First
+        // FetchX509SVID streams (rust-spiffe-client), then Envoy SDS StreamSecrets streams
+        // (envoy-sds-client, `default` + `ROOTCA`, ACKing each response);
+        // SIGIL_BENCH_SDS_FIRST=1 swaps the order (the allocator keeps what the first kind
+        // freed, so the second kind's growth reads lower: run both orders to compare).
+        let sds_client = sigil_e2e::tools::tool("envoy-sds-client").expect("envoy-sds-client (make test-tools)");
+        let kinds = if env("SIGIL_BENCH_SDS_FIRST", 0) == 1 { ["SDS", "Workload API"] } else { ["Workload API", "SDS"] };
         let mib = |kib: u64| format!("{:>8.1} MiB", kib as f64 / 1024.0);
-        match held {
-            Ok(h) => {
-                report.row(&format!("{streams_n} streams opened, each with its first SVID"), format!("{:>8.2?}", h.open));
-                report.row(&format!("agent RSS with {streams_n} open streams"), mib(h.rss_open));
-                report.row("  growth per open stream", format!("{:>8.1} KiB", h.kib_per_stream()));
-                match h.fan_out {
-                    Ok(t) => report.row(&format!("entry change → new SVID delivered to all {streams_n} streams"), format!("{t:>8.2?}")),
-                    Err(e) => report.row(&format!("new SVID to all {streams_n} streams"), e),
+        for (change, kind) in kinds.into_iter().enumerate() {
+            let cmd = if kind == "SDS" {
+                let mut cmd = keep[0].command(&sds_client);
+                cmd.args(["-socket", &agent.socket.display().to_string(), "streams", "-count", &streams_n.to_string()]);
+                cmd
+            } else {
+                let mut cmd = keep[0].command(client);
+                cmd.args(["--addr", &addr, "streams", "--count", &streams_n.to_string()]);
+                cmd
+            };
+            let held = held_streams::hold_with(cmd, streams_n, pid, async {
+                let patch = json!({"spec": {"dnsNameTemplates": ["{{pod.name}}.{{node.labels['zone']}}", format!("{{{{pod.name}}}}.change{change}")]}});
+                kube::Api::<sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID>::all(w.client.clone())
+                    .patch(&format!("{}-bench", w.tag), &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+                    .await
+                    .expect("patch the ClusterSPIFFEID");
+            })
+            .await;
+            match held {
+                Ok(h) => {
+                    report.row(&format!("{streams_n} {kind} streams opened, each with its first SVID"), format!("{:>8.2?}", h.open));
+                    report.row(&format!("agent RSS with {streams_n} open {kind} streams"), mib(h.rss_open));
+                    report.row(&format!("  growth per open {kind} stream (its connection included)"), format!("{:>8.1} KiB", h.kib_per_stream()));
+                    match h.fan_out {
+                        Ok(t) => report.row(&format!("entry change → new SVID delivered to all {streams_n} {kind} streams"), format!("{t:>8.2?}")),
+                        Err(e) => report.row(&format!("new SVID to all {streams_n} {kind} streams"), e),
+                    }
+                    report.row(&format!("agent RSS after the fan-out to {streams_n} {kind} streams"), mib(h.rss_after));
                 }
-                report.row(&format!("agent RSS after the fan-out to {streams_n} streams"), mib(h.rss_after));
+                Err(e) => report.row(&format!("{streams_n} {kind} streams"), e),
             }
-            Err(e) => report.row(&format!("{streams_n} streams"), e),
         }
 
         let _ = agent.child.kill().await;

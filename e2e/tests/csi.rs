@@ -236,6 +236,356 @@ async fn files_mode_writes_rotates_and_survives_a_restart() {
     csi.stop().await;
 }
 
+/// Files for proxies (`formats: istio,grpc,credential-bundle`): Istio's names, gRPC's
+/// SPIFFE trust bundle map and the single-file credential bundle hold the same identity
+/// as svid.pem / svid_key.pem, rotate with them, and are read by their real readers:
+/// gRPC-Go's file watcher certificate provider loads the chain, key and bundle map (the
+/// leaf verifying against the map's bundle of its trust domain), and the credential
+/// bundle is one PKCS#8 key then the chain. An unknown format, or formats in socket
+/// mode, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_mode_writes_the_layouts_proxies_and_grpc_read() {
+    let aw = AgentWorld::start("csiformats").await;
+    let tag = aw.w.tag.clone();
+    node_api_common::create(
+        &Api::<ClusterSPIFFEID>::all(aw.w.client.clone()),
+        json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": format!("{tag}-web")}, "spec": {
+            "trustDomain": aw.w.td_object,
+            "namespaceSelector": {"matchLabels": {"sigil-test": tag}},
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ttl": "12s",
+        }}),
+    )
+    .await;
+    let web = aw.workload("web-1", "web", json!({"app": "web"})).await;
+    let id = aw.id_for_sa("web");
+    aw.wait_svid(&id).await;
+    let token = aw.w.token(&web.pod, "sigil-csi").await;
+    let csi = Csi::start(csi_args(&aw)).await;
+    let mut client = csi.client().await;
+    let target = aw.dir.path().join("pods/web-1/volumes/proxy");
+    for (attrs, what) in [
+        (
+            &[("mode", "files"), ("formats", "istio,envoy")][..],
+            "formats",
+        ),
+        (&[("formats", "istio")][..], "only applies to mode: files"),
+    ] {
+        let e = client
+            .node_publish_volume(publish_request(
+                "vol-bad",
+                &target,
+                &web.pod,
+                Some(&token),
+                true,
+                attrs,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(what), "{e:?}");
+    }
+    client
+        .node_publish_volume(publish_request(
+            "vol-proxy",
+            &target,
+            &web.pod,
+            Some(&token),
+            true,
+            &[
+                ("mode", "files"),
+                ("formats", "istio,grpc,credential-bundle"),
+            ],
+        ))
+        .await
+        .unwrap();
+    let read = |f: &str| std::fs::read(target.join(f)).unwrap();
+    let sha = |b: &[u8]| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b));
+    let mut leaves = Vec::new();
+    for round in 0..2 {
+        // One generation: read every file through one ..data link.
+        let generation = target.join(generation(&target));
+        let g = |f: &str| std::fs::read(generation.join(f)).unwrap();
+        assert_eq!(g("cert-chain.pem"), g("svid.pem"));
+        assert_eq!(g("key.pem"), g("svid_key.pem"));
+        assert_eq!(g("root-cert.pem"), g("bundle.pem"));
+        let mut bundle = g("svid_key.pem");
+        bundle.extend(g("svid.pem"));
+        assert_eq!(g("credential-bundle.pem"), bundle, "key, then chain");
+        let (spiffe_id, leaf) = check_files(&generation, &g("cert-chain.pem"), &g("key.pem"));
+        assert_eq!(spiffe_id, id);
+        let map: serde_json::Value = serde_json::from_slice(&g("spiffe-bundle-map.json")).unwrap();
+        let td = aw.w.td.to_string();
+        assert_eq!(
+            map["trust_domains"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .collect::<Vec<_>>(),
+            [&td],
+            "keyed by trust domain name: {map}"
+        );
+        TrustBundle::from_jwks_json(
+            aw.w.td.clone(),
+            serde_json::to_string(&map["trust_domains"][&td])
+                .unwrap()
+                .as_bytes(),
+        )
+        .unwrap();
+        // The real readers, as a workload process in the pod.
+        let files = json_out(
+            "gRPC's pemfile provider and the credential bundle",
+            &web.run(
+                &tool("envoy-sds-client"),
+                &["files", "-dir", &target.display().to_string()],
+            )
+            .await,
+        );
+        assert_eq!(files["spiffe_id"], id.as_str(), "{files}");
+        assert_eq!(files["bundle_map_tds"], json!([td]));
+        assert_eq!(files["credential_leaf_sha256"], files["leaf_sha256"]);
+        leaves.push(sha(&leaf));
+        if round == 0 {
+            // Rotation: all layouts move together.
+            let first = read("credential-bundle.pem");
+            eventually("a rotation of the files", SETTLE, || async {
+                (read("credential-bundle.pem") != first).then_some(())
+            })
+            .await;
+        }
+    }
+    assert_ne!(leaves[0], leaves[1], "rotated");
+}
+
+/// Two gRPC-Go workloads do mutual TLS with the files Sigil writes (`formats: grpc`):
+/// each loads its SVID, key and SPIFFE trust bundle map with gRPC's pemfile provider and
+/// verifies the other as grpc proposal A87 says (the bundle of the peer's trust domain,
+/// from the map). A client whose certificate comes from a trust domain that is not in the
+/// map is refused, and so is one claiming the web workload's own SPIFFE ID under a CA of
+/// the same trust domain name that is not the trust domain's. A client of a trust domain
+/// the server's entry federates with is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_workloads_do_mtls_with_the_files_and_strangers_are_refused() {
+    use tokio::io::AsyncBufReadExt;
+    let aw = AgentWorld::start("csigrpc").await;
+    let tag = aw.w.tag.clone();
+    // db's ServiceAccount, for its pod's token (the world creates `web`).
+    kube::Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(
+        aw.w.client.clone(),
+        &aw.w.ns,
+    )
+    .create(
+        &Default::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "db"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    // db federates with partner.test (its bundle put in the operator's store as the
+    // FederatedBundle controller would); web does not.
+    let partner = sigil_testkit::federation::Foreign::new("partner.test");
+    aw.w.replica
+        .federated
+        .replace(std::collections::BTreeMap::from([(
+            partner.td.clone(),
+            partner.bundle(),
+        )]));
+    aw.w.cluster_spiffe_id(&format!("{tag}-web"), "web").await;
+    node_api_common::create(
+        &Api::<ClusterSPIFFEID>::all(aw.w.client.clone()),
+        json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": format!("{tag}-db")}, "spec": {
+            "trustDomain": aw.w.td_object,
+            "namespaceSelector": {"matchLabels": {"sigil-test": tag}},
+            "podSelector": {"matchLabels": {"app": "db"}},
+            "federatesWith": ["partner.test"],
+        }}),
+    )
+    .await;
+    let web = aw.workload("web-1", "web", json!({"app": "web"})).await;
+    let db = aw.workload("db-1", "db", json!({"app": "db"})).await;
+    let (web_id, db_id) = (aw.id_for_sa("web"), aw.id_for_sa("db"));
+    aw.wait_svid(&web_id).await;
+    aw.wait_svid(&db_id).await;
+    let csi = Csi::start(csi_args(&aw)).await;
+    let mut client = csi.client().await;
+    let mut targets = Vec::new();
+    for (w, name) in [(&web, "web-1"), (&db, "db-1")] {
+        let token = aw.w.token(&w.pod, "sigil-csi").await;
+        let target = aw.dir.path().join(format!("pods/{name}/volumes/grpc"));
+        client
+            .node_publish_volume(publish_request(
+                &format!("vol-{name}"),
+                &target,
+                &w.pod,
+                Some(&token),
+                true,
+                &[("mode", "files"), ("formats", "grpc")],
+            ))
+            .await
+            .unwrap();
+        targets.push(target);
+    }
+    let tool_path = tool("envoy-sds-client");
+    let mut cmd = db.container.command(&tool_path);
+    cmd.args(["grpc-serve", "-dir", &targets[1].display().to_string()])
+        .stdout(std::process::Stdio::piped());
+    let mut server = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(server.stdout.take().unwrap()).lines();
+    let mut line = async || -> serde_json::Value {
+        let l = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the gRPC server said nothing")
+            .unwrap()
+            .expect("the gRPC server exited");
+        serde_json::from_str(&l).unwrap()
+    };
+    let addr = line().await["listening"].as_str().unwrap().to_owned();
+
+    let ok = json_out(
+        "gRPC mTLS web → db",
+        &web.run(
+            &tool_path,
+            &[
+                "grpc-dial",
+                "-dir",
+                &targets[0].display().to_string(),
+                "-connect",
+                &addr,
+                "-server-id",
+                &db_id,
+            ],
+        )
+        .await,
+    );
+    assert_eq!(ok["status"], "SERVING", "{ok}");
+    assert_eq!(ok["server_id"], db_id.as_str());
+    assert_eq!(
+        line().await["peer"],
+        web_id.as_str(),
+        "the server saw web's SVID"
+    );
+
+    // Strangers: the web workload's bundle map, but a certificate from elsewhere.
+    let td = aw.w.td.to_string();
+    for (foreign_td, what) in [
+        ("evil.test", "a trust domain that is not in the bundle map"),
+        (
+            td.as_str(),
+            "a CA of the same trust domain name that is not the trust domain's",
+        ),
+    ] {
+        let foreign = sigil_testkit::federation::Foreign::new(foreign_td);
+        let path = web_id.split_once(&td).unwrap().1;
+        let (chain, key) = foreign.svid(path);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("svid.pem"), x509::certs_to_pem(&chain)).unwrap();
+        std::fs::write(
+            dir.path().join("svid_key.pem"),
+            key.to_pkcs8_pem().as_bytes(),
+        )
+        .unwrap();
+        std::fs::copy(
+            targets[0].join("spiffe-bundle-map.json"),
+            dir.path().join("spiffe-bundle-map.json"),
+        )
+        .unwrap();
+        let out = tokio::process::Command::new(&tool_path)
+            .args([
+                "grpc-dial",
+                "-dir",
+                &dir.path().display().to_string(),
+                "-connect",
+                &addr,
+                "-server-id",
+                &db_id,
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "a client with {what} was served: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // A workload of the federated trust domain: served, once the bundle map holds it.
+    let map = targets[1].join("spiffe-bundle-map.json");
+    eventually("partner.test in db's bundle map", SETTLE, || async {
+        let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&map).ok()?).ok()?;
+        doc["trust_domains"].get("partner.test").map(|_| ())
+    })
+    .await;
+    let partner_id = "spiffe://partner.test/ns/other/sa/client";
+    let (chain, key) = partner.svid("/ns/other/sa/client");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("svid.pem"), x509::certs_to_pem(&chain)).unwrap();
+    std::fs::write(
+        dir.path().join("svid_key.pem"),
+        key.to_pkcs8_pem().as_bytes(),
+    )
+    .unwrap();
+    // Its own bundle map: its trust domain and ours (as its side of the federation).
+    let ours: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(targets[0].join("spiffe-bundle-map.json")).unwrap())
+            .unwrap();
+    let theirs = json!({"trust_domains": {
+        "partner.test": serde_json::from_str::<serde_json::Value>(&partner.bundle_json()).unwrap(),
+        td.clone(): ours["trust_domains"][&td],
+    }});
+    std::fs::write(
+        dir.path().join("spiffe-bundle-map.json"),
+        theirs.to_string(),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(&tool_path)
+        .args([
+            "grpc-dial",
+            "-dir",
+            &dir.path().display().to_string(),
+            "-connect",
+            &addr,
+            "-server-id",
+            &db_id,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let v = json_out("gRPC mTLS partner.test → db", &out);
+    assert_eq!(v["status"], "SERVING", "{v}");
+    assert_eq!(
+        line().await["peer"],
+        partner_id,
+        "db accepted the federated client"
+    );
+
+    // The server accepted no other peer.
+    let again = json_out(
+        "gRPC mTLS web → db again",
+        &web.run(
+            &tool_path,
+            &[
+                "grpc-dial",
+                "-dir",
+                &targets[0].display().to_string(),
+                "-connect",
+                &addr,
+                "-server-id",
+                &db_id,
+            ],
+        )
+        .await,
+    );
+    assert_eq!(again["status"], "SERVING");
+    assert_eq!(
+        line().await["peer"],
+        web_id.as_str(),
+        "the next peer the server accepted is web again, no stranger in between"
+    );
+    server.kill().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_mode_idempotency_and_refusals() {
     let aw = AgentWorld::start("csisock").await;
@@ -274,6 +624,25 @@ async fn socket_mode_idempotency_and_refusals() {
             .await,
     );
     assert_eq!(x["svids"][0]["spiffe_id"], id.as_str());
+    // Istio's name: a volume mounted at /run/secrets/workload-spiffe-uds holds `socket`
+    // (the agent's --socket-alias link), and Envoy's SDS is served through it.
+    let sds = json_out(
+        "SDS through the CSI mount's `socket`",
+        &web.run(
+            &tool("envoy-sds-client"),
+            &[
+                "-socket",
+                &target.join("socket").display().to_string(),
+                "fetch",
+                "-names",
+                "default,ROOTCA",
+                "-own-td",
+                &aw.w.td.to_string(),
+            ],
+        )
+        .await,
+    );
+    assert_eq!(sds["names"], json!(["ROOTCA", "default"]), "{sds}");
     assert!(
         std::fs::write(target.join("x"), b"").is_err(),
         "the socket mount is read-only"

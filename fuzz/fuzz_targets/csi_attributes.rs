@@ -1,12 +1,12 @@
 //! Files-mode volume attributes, which a pod author writes: fileMode, fsGroup (with the
-//! kubelet's volume_mount_group) and jwtAudiences. Never a panic; whatever is accepted
+//! kubelet's volume_mount_group), jwtAudiences and formats. Never a panic; whatever is accepted
 //! keeps its promises (a capped mode, distinct JWT file names of a bounded length).
 #![no_main]
 use std::collections::BTreeSet;
 
 use libfuzzer_sys::fuzz_target;
 use sigil_csi::files::audience_file;
-use sigil_csi::service::{file_mode, fs_group, jwt_audiences};
+use sigil_csi::service::{file_mode, formats, fs_group, jwt_audiences};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };
@@ -21,6 +21,10 @@ fuzz_target!(|data: &[u8]| {
     }
     if let (Ok(Some(g)), false) = (fs_group(Some(a.to_owned()), b), b.is_empty()) {
         assert_eq!(Some(g), b.parse::<u32>().ok());
+    }
+    if let Ok(f) = formats(Some(c)) {
+        let distinct: BTreeSet<_> = f.iter().collect();
+        assert!(f.len() <= 3 && distinct.len() == f.len(), "{f:?}");
     }
     if let Ok(audiences) = jwt_audiences(Some(c)) {
         assert!(audiences.len() <= 16);

@@ -41,6 +41,42 @@ const SCHEMAS: &[Schema] = &[
         prost_output: "sigil.node.v1.rs",
         committed_as: "node.rs",
     },
+    // Envoy's Secret Discovery Service (a minimal, wire-exact subset of
+    // envoyproxy/data-plane-api, under its own package names, so type URLs and gRPC
+    // paths are Envoy's). One file per protobuf package.
+    Schema {
+        proto: "envoy/service/secret/v3/sds.proto",
+        prost_output: "envoy.service.secret.v3.rs",
+        committed_as: "envoy.service.secret.v3.rs",
+    },
+    Schema {
+        proto: "envoy/service/discovery/v3/discovery.proto",
+        prost_output: "envoy.service.discovery.v3.rs",
+        committed_as: "envoy.service.discovery.v3.rs",
+    },
+    Schema {
+        proto: "envoy/extensions/transport_sockets/tls/v3/secret.proto",
+        prost_output: "envoy.extensions.transport_sockets.tls.v3.rs",
+        committed_as: "envoy.extensions.transport_sockets.tls.v3.rs",
+    },
+    Schema {
+        proto: "envoy/config/core/v3/base.proto",
+        prost_output: "envoy.config.core.v3.rs",
+        committed_as: "envoy.config.core.v3.rs",
+    },
+    Schema {
+        proto: "google/rpc/status.proto",
+        prost_output: "google.rpc.rs",
+        committed_as: "google.rpc.rs",
+    },
+];
+
+/// Schemas that share a package with one in [`SCHEMAS`] (prost-build writes one file per
+/// package): compiled too, generated into that package's file.
+const SAME_PACKAGE_PROTOS: &[&str] = &[
+    "envoy/config/core/v3/extension.proto",
+    "envoy/extensions/transport_sockets/tls/v3/common.proto",
+    "envoy/extensions/transport_sockets/tls/v3/tls_spiffe_validator_config.proto",
 ];
 
 /// The encoded `FileDescriptorSet` (our schemas plus the well-known types they import),
@@ -60,6 +96,8 @@ const REDACTED_DEBUG: &[&str] = &[
     ".sigil.node.v1.PsatAttestation",
     ".sigil.node.v1.MintJwtSvidResponse",
     ".csi.v1.NodePublishVolumeRequest",
+    ".envoy.extensions.transport_sockets.tls.v3.TlsCertificate",
+    ".envoy.service.discovery.v3.DiscoveryResponse",
 ];
 
 const DRIFT_MESSAGE: &str = "generated protobuf code drifted: run `make codegen`";
@@ -87,7 +125,12 @@ fn generate() -> BTreeMap<String, Vec<u8>> {
     // ("workload.proto") and never a path of this machine.
     compiler
         .include_imports(true)
-        .open_files(SCHEMAS.iter().map(|s| s.proto))
+        .open_files(
+            SCHEMAS
+                .iter()
+                .map(|s| s.proto)
+                .chain(SAME_PACKAGE_PROTOS.iter().copied()),
+        )
         .unwrap_or_else(|e| panic!("protox failed to compile identity/proto: {e:?}"));
 
     // Reflection descriptors: no source info (smaller, and nothing but the schema).

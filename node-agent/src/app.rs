@@ -139,6 +139,43 @@ pub struct Args {
     /// What one workload may cost the agent.
     #[command(flatten)]
     pub limits: LimitsArgs,
+
+    /// Envoy SDS resource names.
+    #[command(flatten)]
+    pub sds: SdsArgs,
+}
+
+/// The names of the SDS resources that are not SPIFFE IDs ([`crate::sds`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SdsArgs {
+    /// SDS name of the caller's default X509-SVID (Istio asks for `default`).
+    #[arg(long, env = "SIGIL_SDS_DEFAULT_SVID_NAME", default_value = "default")]
+    pub sds_default_svid_name: String,
+    /// SDS name of the default SVID's trust domain bundle (Istio asks for `ROOTCA`).
+    #[arg(long, env = "SIGIL_SDS_DEFAULT_BUNDLE_NAME", default_value = "ROOTCA")]
+    pub sds_default_bundle_name: String,
+    /// SDS name of every bundle of the caller as one SPIFFE certificate validator
+    /// configuration (SPIRE's `default_all_bundles_name`).
+    #[arg(long, env = "SIGIL_SDS_ALL_BUNDLES_NAME", default_value = "ALL")]
+    pub sds_all_bundles_name: String,
+    /// A second name for the Workload API socket, in its directory: a relative symlink to
+    /// it. With `socket` (the default), a CSI socket-mode volume mounted at
+    /// `/run/secrets/workload-spiffe-uds` holds the `socket` that Istio's agent and its
+    /// Envoy look for. Empty: no link.
+    #[arg(long, env = "SIGIL_SOCKET_ALIAS", default_value = "socket")]
+    pub socket_alias: String,
+}
+
+impl Default for SdsArgs {
+    fn default() -> Self {
+        let n = crate::sds::SdsConfig::default();
+        Self {
+            sds_default_svid_name: n.default_svid,
+            sds_default_bundle_name: n.default_bundle,
+            sds_all_bundles_name: n.all_bundles,
+            socket_alias: "socket".into(),
+        }
+    }
 }
 
 /// What one workload may cost the agent ([`crate::limits`]).
@@ -151,7 +188,7 @@ pub struct LimitsArgs {
     /// outside pods).
     #[arg(long, env = "SIGIL_MAX_CONNECTIONS_PER_WORKLOAD", default_value_t = limits::DEFAULT_MAX_CONNECTIONS_PER_WORKLOAD)]
     pub max_connections_per_workload: usize,
-    /// Most Workload API streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) open at
+    /// Most Workload API streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles, SDS StreamSecrets) open at
     /// once.
     #[arg(long, env = "SIGIL_MAX_STREAMS", default_value_t = limits::DEFAULT_MAX_STREAMS)]
     pub max_streams: usize,
@@ -294,7 +331,24 @@ impl Agent {
             kubelet,
             broker,
             limits,
+            sds,
         } = args;
+        let SdsArgs {
+            sds_default_svid_name,
+            sds_default_bundle_name,
+            sds_all_bundles_name,
+            socket_alias,
+        } = sds;
+        for (flag, v) in [
+            ("--sds-default-svid-name", &sds_default_svid_name),
+            ("--sds-default-bundle-name", &sds_default_bundle_name),
+            ("--sds-all-bundles-name", &sds_all_bundles_name),
+        ] {
+            anyhow::ensure!(
+                !v.is_empty() && !v.starts_with("spiffe://"),
+                "{flag} {v:?}: give a name that is not empty and not a SPIFFE ID"
+            );
+        }
         let socket_path = resolve_socket_path(socket_path)?;
         info!(node = %node_name, operators = ?operator_address, version = env!("CARGO_PKG_VERSION"), "sigil-agent starting");
         let td = trust_domain;
@@ -355,6 +409,14 @@ impl Agent {
                 socket_path.display()
             )
         })?;
+        if !socket_alias.is_empty() {
+            transport::link_alias(&socket_path, &socket_alias).with_context(|| {
+                format!(
+                    "link {socket_alias:?} to the Workload API socket {} (--socket-alias)",
+                    socket_path.display()
+                )
+            })?;
+        }
         let mint_budget = Arc::new(MintBudget::new(
             limits.jwt_mint_rate_per_workload,
             limits.jwt_mint_burst_per_workload,
@@ -377,7 +439,13 @@ impl Agent {
             mint_budget.clone(),
             stream_caps,
             cancel.clone(),
-        );
+        )
+        .with_sds_config(crate::sds::SdsConfig {
+            default_svid: sds_default_svid_name,
+            default_bundle: sds_default_bundle_name,
+            all_bundles: sds_all_bundles_name,
+            ..Default::default()
+        });
         let broker_metrics = ApiMetrics::new(Api::Broker);
         broker_metrics.register(&mut registry);
         let broker_listener = if broker.broker_socket_path.as_os_str().is_empty() {

@@ -24,7 +24,12 @@
 //! - request bytes of streams the client has not finished (no END_STREAM yet) may add up
 //!   to [`MAX_OPEN_REQUEST_BYTES`] on one connection: the server buffers a request until
 //!   its message is whole, so a client that starts many large requests and stalls them
-//!   would otherwise pin that memory until their deadline.
+//!   would otherwise pin that memory until their deadline. On the long-lived request
+//!   streams of [`STREAMING_PATHS`] (Envoy's SDS, where a proxy sends a request per
+//!   response for days), only the bytes of the gRPC message in transit count: a whole
+//!   message has been handed to the server, which reads them as they come; what it has
+//!   not read yet is bounded by the HTTP/2 receive window the server advertises
+//!   ([`CONNECTION_WINDOW`]).
 //!
 //! Nothing else about the request is changed.
 
@@ -48,6 +53,14 @@ pub const MAX_DECODED: usize = 16 * 1024;
 /// Most request bytes of unfinished streams on one connection: one largest Workload API
 /// request (64 KiB) in transit, plus room for small ones.
 pub const MAX_OPEN_REQUEST_BYTES: usize = 80 * 1024;
+/// Request streams that stay open while their client sends message after message: a
+/// message that is whole no longer counts against [`MAX_OPEN_REQUEST_BYTES`].
+pub const STREAMING_PATHS: &[&[u8]] =
+    &[b"/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets"];
+/// The HTTP/2 receive window the server advertises for a connection: request bytes a
+/// client may send that the server has not read yet (above [`MAX_OPEN_REQUEST_BYTES`], so
+/// that bound is reached first on other streams).
+pub const CONNECTION_WINDOW: u32 = 128 * 1024;
 /// Frame size used for re-encoded header blocks (HTTP/2's default and minimum maximum).
 const OUT_FRAME: usize = 16_384;
 
@@ -88,6 +101,8 @@ pub struct Rewriter {
     open_requests: std::collections::HashMap<u32, usize>,
     /// Their sum.
     open_request_bytes: usize,
+    /// gRPC message framing of the open [`STREAMING_PATHS`] streams.
+    framed: std::collections::HashMap<u32, Framing>,
     /// Requests whose `:authority` was replaced.
     pub rewritten: u64,
 }
@@ -111,8 +126,52 @@ impl Default for Rewriter {
             encoder: hpack::Encoder::new(),
             open_requests: std::collections::HashMap::new(),
             open_request_bytes: 0,
+            framed: std::collections::HashMap::new(),
             rewritten: 0,
         }
+    }
+}
+
+/// Where a stream is in its gRPC length-prefixed messages (a flag byte, a 4-byte length,
+/// the message).
+#[derive(Debug, Default)]
+struct Framing {
+    /// Prefix bytes of the message in transit (up to 5).
+    head: Vec<u8>,
+    /// Message bytes still to come once the prefix is whole.
+    left: usize,
+    /// Bytes of the message in transit so far, its prefix included.
+    current: usize,
+}
+
+impl Framing {
+    /// Takes a DATA frame's data; returns the bytes of the message still in transit.
+    fn feed(&mut self, mut data: &[u8]) -> usize {
+        while !data.is_empty() {
+            if self.head.len() < 5 {
+                let n = (5 - self.head.len()).min(data.len());
+                self.head.extend_from_slice(&data[..n]);
+                self.current += n;
+                data = &data[n..];
+                if self.head.len() == 5 {
+                    self.left = u32::from_be_bytes([
+                        self.head[1],
+                        self.head[2],
+                        self.head[3],
+                        self.head[4],
+                    ]) as usize;
+                }
+            } else {
+                let n = self.left.min(data.len());
+                self.left -= n;
+                self.current += n;
+                data = &data[n..];
+            }
+            if self.head.len() == 5 && self.left == 0 {
+                *self = Framing::default();
+            }
+        }
+        self.current
     }
 }
 
@@ -212,7 +271,9 @@ impl Rewriter {
                             "a header block must be followed by CONTINUATION",
                         ));
                     }
-                    if kind == DATA && stream != 0 {
+                    if kind == DATA && stream != 0 && self.framed.contains_key(&stream) {
+                        self.track_framed(stream, flags, &payload)?;
+                    } else if kind == DATA && stream != 0 {
                         self.track_request(stream, len, flags & END_STREAM != 0)?;
                     } else if kind == RST_STREAM {
                         self.track_request(stream, 0, true)?;
@@ -226,11 +287,42 @@ impl Rewriter {
         Ok(())
     }
 
+    /// A DATA frame of a [`STREAMING_PATHS`] stream: only the message in transit counts.
+    fn track_framed(&mut self, stream: u32, flags: u8, payload: &[u8]) -> Result<(), FixError> {
+        let mut data = payload;
+        if flags & PADDED != 0 {
+            let pad = usize::from(
+                *data
+                    .first()
+                    .ok_or(FixError::Framing("padding length missing"))?,
+            );
+            data = &data[1..];
+            if pad > data.len() {
+                return Err(FixError::Framing("padding longer than the frame"));
+            }
+            data = &data[..data.len() - pad];
+        }
+        let current = self.framed.entry(stream).or_default().feed(data);
+        let before = self.open_requests.remove(&stream).unwrap_or(0);
+        self.open_request_bytes -= before;
+        if flags & END_STREAM != 0 {
+            self.framed.remove(&stream);
+            return Ok(());
+        }
+        self.open_request_bytes += current;
+        self.open_requests.insert(stream, current);
+        if self.open_request_bytes > MAX_OPEN_REQUEST_BYTES {
+            return Err(FixError::TooLarge(self.open_request_bytes));
+        }
+        Ok(())
+    }
+
     /// Counts `len` request bytes on `stream`; `ended` forgets the stream.
     fn track_request(&mut self, stream: u32, len: usize, ended: bool) -> Result<(), FixError> {
         let before = self.open_requests.remove(&stream).unwrap_or(0);
         if ended {
             self.open_request_bytes -= before;
+            self.framed.remove(&stream);
             return Ok(());
         }
         self.open_request_bytes += len;
@@ -258,6 +350,12 @@ impl Rewriter {
             .map_err(|e| FixError::Hpack(format!("{e:?}")))?;
         if decoded > MAX_DECODED {
             return Err(FixError::TooLarge(decoded));
+        }
+        if headers
+            .iter()
+            .any(|(n, v)| n.as_slice() == b":path" && STREAMING_PATHS.contains(&v.as_slice()))
+        {
+            self.framed.entry(stream).or_default();
         }
         for (name, value) in &mut headers {
             if name.as_slice() == b":authority" && !valid_authority(value) {
@@ -663,6 +761,82 @@ mod tests {
             rw.feed(&f, &mut out).unwrap();
         }
         assert_eq!(rw.open_request_bytes, 0);
+    }
+
+    /// An SDS stream stays open for days with a request per response: the messages it
+    /// has finished do not add up, but a message in transit still counts, and other
+    /// streams are counted as before.
+    #[test]
+    fn on_sds_streams_only_the_message_in_transit_counts() {
+        let mut enc = hpack::Encoder::new();
+        let headers = |enc: &mut hpack::Encoder<'_>, path: &[u8]| {
+            enc.encode(vec![
+                (&b":method"[..], &b"POST"[..]),
+                (&b":scheme"[..], &b"http"[..]),
+                (&b":path"[..], path),
+                (&b":authority"[..], &b"localhost"[..]),
+            ])
+        };
+        let message = |len: usize| {
+            let mut m = vec![0u8];
+            m.extend_from_slice(&(len as u32).to_be_bytes());
+            m.extend(std::iter::repeat_n(7u8, len));
+            m
+        };
+        let mut rw = Rewriter::default();
+        let mut out = Vec::new();
+        let mut input = PREFACE.to_vec();
+        frame(
+            &mut input,
+            HEADERS,
+            END_HEADERS,
+            1,
+            &headers(&mut enc, STREAMING_PATHS[0]),
+        );
+        rw.feed(&input, &mut out).unwrap();
+        // 200 messages of 4000 bytes (800 KB), each split over two frames.
+        for _ in 0..200 {
+            let m = message(4000);
+            let (a, b) = m.split_at(1234);
+            let mut f = Vec::new();
+            frame(&mut f, DATA, 0, 1, a);
+            rw.feed(&f, &mut out).unwrap();
+            assert_eq!(rw.open_request_bytes, 1234);
+            let mut f = Vec::new();
+            frame(
+                &mut f,
+                DATA,
+                PADDED,
+                1,
+                &[&[3u8][..], b, &[0, 0, 0]].concat(),
+            );
+            rw.feed(&f, &mut out).unwrap();
+            assert_eq!(rw.open_request_bytes, 0);
+        }
+        // A message that never ends counts until the bound.
+        let m = message(MAX_OPEN_REQUEST_BYTES * 2);
+        let refused = m.chunks(MAX_FRAME).any(|c| {
+            let mut f = Vec::new();
+            frame(&mut f, DATA, 0, 1, c);
+            rw.feed(&f, &mut out).is_err()
+        });
+        assert!(refused);
+        // A Workload API stream is counted whole, as before.
+        let mut rw = Rewriter::default();
+        let mut input = PREFACE.to_vec();
+        frame(
+            &mut input,
+            HEADERS,
+            END_HEADERS,
+            1,
+            &headers(&mut enc, b"/SpiffeWorkloadAPI/FetchX509SVID"),
+        );
+        rw.feed(&input, &mut out).unwrap();
+        let mut f = Vec::new();
+        frame(&mut f, DATA, 0, 1, &message(100));
+        frame(&mut f, DATA, 0, 1, &message(100));
+        rw.feed(&f, &mut out).unwrap();
+        assert_eq!(rw.open_request_bytes, 210);
     }
 
     #[test]

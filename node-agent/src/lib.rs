@@ -11,6 +11,7 @@
 //! - [`rotator`]: pre-signing and rotating the X509-SVIDs of this node's entries.
 //! - [`serving`]: what the Workload and Broker APIs serve from the cache.
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket.
+//! - [`sds`]: Envoy's Secret Discovery Service (SDS v3) on the same socket.
 //! - [`broker_api`]: the SPIFFE Broker API for sigil-csi, on a private socket.
 //! - [`h2_authority`]: lets gRPC C-core clients (py-spiffe) past h2's `:authority` check.
 //! - [`limits`]: what one workload may cost the agent (connections, JWT-SVID mints).
@@ -23,6 +24,7 @@ pub mod h2_authority;
 pub mod limits;
 pub mod node_client;
 pub mod rotator;
+pub mod sds;
 pub mod serving;
 pub mod sync;
 pub mod tpm;

@@ -205,7 +205,7 @@ impl Caps {
         )
     }
 
-    /// Streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles): at most `max_total`,
+    /// Streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles, SDS StreamSecrets): at most `max_total`,
     /// `max_per_workload` for one workload.
     pub fn streams(max_total: usize, max_per_workload: usize, metrics: ApiMetrics) -> Arc<Self> {
         Self::new(

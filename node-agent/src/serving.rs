@@ -70,10 +70,10 @@ fn digest<T: prost::Message>(v: &T) -> [u8; 32] {
 }
 
 /// Counts one open stream in the gauge for as long as it lives.
-struct OpenStream(Gauge);
+pub(crate) struct OpenStream(Gauge);
 
 impl OpenStream {
-    fn new(g: &Gauge) -> Self {
+    pub(crate) fn new(g: &Gauge) -> Self {
         g.inc();
         Self(g.clone())
     }

@@ -82,6 +82,8 @@ pub struct ApiMetrics {
     pub open_streams: Gauge,
     /// Open connections.
     pub open_connections: Gauge,
+    /// SDS responses a proxy rejected (NACKs).
+    pub sds_nacks: Counter,
 }
 
 impl ApiMetrics {
@@ -113,6 +115,18 @@ impl ApiMetrics {
             format!("Open {name} connections"),
             self.open_connections.clone(),
         );
+        if self.api == Api::Workload {
+            r.register(
+                "sds_nacks",
+                "SDS responses a proxy rejected (NACK)",
+                self.sds_nacks.clone(),
+            );
+        }
+    }
+
+    /// Counts a proxy's NACK of an SDS response.
+    pub fn sds_nack(&self) {
+        self.sds_nacks.inc();
     }
 
     /// Counts a call.
@@ -238,6 +252,38 @@ pub fn bind_public(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Makes `alias` (one file name) in `socket`'s directory a relative symlink to it, replacing
+/// a link left by an earlier run. Anything else under that name is left alone: an error.
+pub fn link_alias(socket: &Path, alias: &str) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    let (Some(dir), Some(target)) = (socket.parent(), socket.file_name()) else {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "the socket path has no file name",
+        ));
+    };
+    if alias.contains('/') || alias == "." || alias == ".." || std::ffi::OsStr::new(alias) == target
+    {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "the alias must be one file name, other than the socket's",
+        ));
+    }
+    let link = dir.join(alias);
+    match std::fs::symlink_metadata(&link) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::remove_file(&link)?,
+        Ok(_) => {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("{} exists and is not a link", link.display()),
+            ));
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::os::unix::fs::symlink(target, &link)
+}
+
 /// Binds a socket only root reaches (the Broker API's: its directory 0700, the socket
 /// 0600), replacing a stale one.
 pub fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
@@ -306,4 +352,31 @@ pub fn incoming(
             }
         },
     )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// `socket` next to `api.sock` (Istio's name): a relative link, so it resolves inside
+    /// a pod's bind mount of the directory; a link left by an earlier run is replaced;
+    /// anything else under that name, and names that are not one file name, are refused.
+    #[tokio::test]
+    async fn the_socket_alias_is_a_relative_link_next_to_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let _listener = bind_public(&sock).unwrap();
+        link_alias(&sock, "socket").unwrap();
+        link_alias(&sock, "socket").unwrap();
+        let link = dir.path().join("socket");
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("api.sock"));
+        UnixStream::connect(&link).await.unwrap();
+        for bad in ["../socket", "a/b", "..", "api.sock"] {
+            assert!(link_alias(&sock, bad).is_err(), "{bad}");
+        }
+        std::fs::write(dir.path().join("plain"), b"").unwrap();
+        let e = link_alias(&sock, "plain").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+    }
 }

@@ -46,22 +46,24 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
     inner: Arc<Inner>,
+    /// What the Secret Discovery Service on the same socket calls its resources.
+    pub(crate) sds: Arc<crate::sds::SdsConfig>,
 }
 
 #[derive(Debug)]
-struct Inner {
-    served: Served,
+pub(crate) struct Inner {
+    pub(crate) served: Served,
     attestor: Arc<WorkloadAttestor>,
-    metrics: ApiMetrics,
+    pub(crate) metrics: ApiMetrics,
     streams: Arc<Caps>,
 }
 
 /// What an attested caller is.
-struct Caller {
-    selectors: BTreeSet<Selector>,
-    peer: Arc<PeerProcess>,
+pub(crate) struct Caller {
+    pub(crate) selectors: BTreeSet<Selector>,
+    pub(crate) peer: Arc<PeerProcess>,
     /// Whom its JWT-SVID mints are charged to.
-    workload: WorkloadKey,
+    pub(crate) workload: WorkloadKey,
 }
 
 impl WorkloadApi {
@@ -90,7 +92,18 @@ impl WorkloadApi {
                 metrics,
                 streams,
             }),
+            sds: Arc::default(),
         }
+    }
+
+    /// The resource names the Secret Discovery Service answers to ([`crate::sds`]).
+    pub fn with_sds_config(mut self, names: crate::sds::SdsConfig) -> Self {
+        self.sds = Arc::new(names);
+        self
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
     }
 
     /// The tonic service with message bounds.
@@ -100,7 +113,13 @@ impl WorkloadApi {
             .max_encoding_message_size(MAX_RESPONSE)
     }
 
-    fn deny(&self, rpc: &str, reason: &str, status: Status, peer: Option<&PeerProcess>) -> Status {
+    pub(crate) fn deny(
+        &self,
+        rpc: &str,
+        reason: &str,
+        status: Status,
+        peer: Option<&PeerProcess>,
+    ) -> Status {
         self.inner.metrics.refuse(rpc, reason, status, peer)
     }
 
@@ -111,6 +130,16 @@ impl WorkloadApi {
     /// Header check, then attestation of the connected peer.
     async fn attest<T>(&self, rpc: &str, req: &Request<T>) -> Result<Caller, Status> {
         self.check_header(rpc, req)?;
+        self.attest_peer(rpc, req).await
+    }
+
+    /// Attestation of the connected peer (without the security header check: Envoy's
+    /// SDS calls do not carry it). The caller counts the call.
+    pub(crate) async fn attest_peer<T>(
+        &self,
+        rpc: &str,
+        req: &Request<T>,
+    ) -> Result<Caller, Status> {
         let info = req.extensions().get::<PeerInfo>().cloned();
         let peer = match info.map(|i| i.0) {
             Some(Ok(p)) => p,
@@ -156,7 +185,7 @@ impl WorkloadApi {
     }
 
     /// A place for one more stream of `caller`, or ResourceExhausted.
-    fn stream_slot(&self, rpc: &str, caller: &Caller) -> Result<Slot, Status> {
+    pub(crate) fn stream_slot(&self, rpc: &str, caller: &Caller) -> Result<Slot, Status> {
         self.inner
             .streams
             .admit(caller.workload.clone())
@@ -193,7 +222,7 @@ impl WorkloadApi {
         )))
     }
 
-    fn no_identity(&self, rpc: &str, caller: &Caller) -> Status {
+    pub(crate) fn no_identity(&self, rpc: &str, caller: &Caller) -> Status {
         self.deny(
             rpc,
             "no_identity",
@@ -231,7 +260,10 @@ fn require_security_header<T>(
 }
 
 /// `stream`, holding `slot` (its place under the stream caps) for as long as it lives.
-fn holding<T: Send + 'static>(slot: Slot, stream: ResponseStream<T>) -> ResponseStream<T> {
+pub(crate) fn holding<T: Send + 'static>(
+    slot: Slot,
+    stream: ResponseStream<T>,
+) -> ResponseStream<T> {
     use futures::StreamExt;
     Box::pin(stream.map(move |item| {
         let _held = &slot;
@@ -442,8 +474,10 @@ pub async fn serve(
     caps: Arc<Caps>,
     cancel: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    // Every service on the endpoint requires the security header
-    // (SPIFFE_Workload_Endpoint.md 3), reflection included.
+    // Every SPIFFE service on the endpoint requires the security header
+    // (SPIFFE_Workload_Endpoint.md 3), reflection included. Envoy's Secret Discovery
+    // Service is the one exception: Envoy sends no such header (SPIRE exempts SDS too); its
+    // callers are attested exactly as the Workload API's are.
     let metrics = api.inner.metrics.clone();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sigil_identity::proto::FILE_DESCRIPTOR_SET)
@@ -462,6 +496,11 @@ pub async fn serve(
         // What the HPACK shim relies on: frames of at most 16 KiB, header lists h2 bounds.
         .max_frame_size(crate::h2_authority::MAX_FRAME as u32)
         .http2_max_header_list_size(crate::h2_authority::MAX_DECODED as u32)
+        // What a client may send that the server has not read yet (the HPACK shim counts
+        // the rest).
+        .initial_connection_window_size(crate::h2_authority::CONNECTION_WINDOW)
+        .initial_stream_window_size(crate::h2_authority::CONNECTION_WINDOW)
+        .add_service(crate::sds::server(api.clone()))
         .add_service(api.into_server());
     if let Some(r) = reflection {
         server = server.add_service(r);

@@ -122,6 +122,7 @@ impl AgentWorld {
                 csi_token_audience: "sigil-csi".into(),
             },
             limits: Default::default(),
+            sds: Default::default(),
         };
         let agent = Agent::start(args, cancel.clone()).await.unwrap();
         std::fs::set_permissions(

@@ -43,10 +43,21 @@ pub async fn hold(
     pid: u32,
     change: impl std::future::Future<Output = ()>,
 ) -> Result<Held, String> {
+    cmd.args(["--addr", addr, "streams", "--count", &n.to_string()]);
+    hold_with(cmd, n, pid, change).await
+}
+
+/// As [`hold`], with `cmd` already given its arguments: any client that prints a line
+/// once its `n` streams have their first message and another once each has received a
+/// second one, and exits when its stdin gets a line (`envoy-sds-client streams` for SDS).
+pub async fn hold_with(
+    mut cmd: std::process::Command,
+    n: usize,
+    pid: u32,
+    change: impl std::future::Future<Output = ()>,
+) -> Result<Held, String> {
     let rss_before = rss_kib(pid);
-    cmd.args(["--addr", addr, "streams", "--count", &n.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
     let t = Instant::now();
     let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(true)
