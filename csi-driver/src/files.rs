@@ -27,6 +27,10 @@
 //! - `grpc`: `spiffe-bundle-map.json`, a SPIFFE trust bundle map (grpc proposal A87,
 //!   `spiffe_trust_bundle_map_file`): `{"trust_domains": {"<td>": <SPIFFE bundle>}}` for the
 //!   own and every federated trust domain, keyed by trust domain name;
+//! - `spiffe-fs`: the SPIFFE filesystem delivery draft (spiffe/spiffe#376), the same files
+//!   as a Sigil pod certificate volume (docs/pod-certificates.md):
+//!   `credential-bundle.private-key.pem` (key then chain) and
+//!   `<trust domain>.spiffe-trust-bundle.pem` per trust domain;
 //! - `credential-bundle`: `credential-bundle.pem`, the PKCS#8 key then the chain, in one
 //!   file (the layout of Kubernetes pod certificates' `credentialBundlePath`), so a reader
 //!   never sees a key and a chain from two different rotations.
@@ -83,6 +87,11 @@ pub enum Format {
     Grpc,
     /// Key then chain in one file: `credential-bundle.pem`.
     CredentialBundle,
+    /// The SPIFFE filesystem delivery draft (spiffe/spiffe#376), the layout of Sigil's
+    /// pod certificates: `credential-bundle.private-key.pem` (key then chain) and
+    /// `<trust domain>.spiffe-trust-bundle.pem` for the own and every federated trust
+    /// domain.
+    SpiffeFs,
 }
 
 impl Format {
@@ -91,6 +100,7 @@ impl Format {
         ("istio", Format::Istio),
         ("grpc", Format::Grpc),
         ("credential-bundle", Format::CredentialBundle),
+        ("spiffe-fs", Format::SpiffeFs),
     ];
 }
 
@@ -640,6 +650,14 @@ pub(crate) fn bundle_map(
         .map_err(|e| Status::internal(format!("bundle map: {e}")))
 }
 
+/// The credential bundle's name in the SPIFFE filesystem delivery draft.
+pub const SPIFFE_FS_CREDENTIAL_BUNDLE: &str = "credential-bundle.private-key.pem";
+
+/// The trust bundle file of trust domain `name` in the SPIFFE filesystem delivery draft.
+pub fn spiffe_fs_trust_bundle(name: &str) -> String {
+    format!("{name}.spiffe-trust-bundle.pem")
+}
+
 /// Builds the files of one generation and swaps them in, in the volume's staging tmpfs.
 fn write(data_dir: &Path, record: &VolumeRecord, m: &Material) -> Result<(), Status> {
     let x509 = m
@@ -740,6 +758,29 @@ fn write(data_dir: &Path, record: &VolumeRecord, m: &Material) -> Result<(), Sta
                 content: format!("{}{}", key_pem.as_str(), x509::certs_to_pem(&chain)).into_bytes(),
                 mode: secret,
             }),
+            Format::SpiffeFs => {
+                files.push(FileSpec {
+                    path: SPIFFE_FS_CREDENTIAL_BUNDLE.into(),
+                    content: format!("{}{}", key_pem.as_str(), x509::certs_to_pem(&chain))
+                        .into_bytes(),
+                    mode: secret,
+                });
+                files.push(FileSpec {
+                    path: spiffe_fs_trust_bundle(td.name()),
+                    content: x509::certs_to_pem(&bundle_certs).into_bytes(),
+                    mode: public,
+                });
+                for (td_id, der) in &x509.federated_bundles {
+                    let name = td_id.strip_prefix("spiffe://").unwrap_or(td_id);
+                    let certs = x509::split_der_certs(der)
+                        .map_err(|e| Status::internal(format!("federated bundle {td_id}: {e}")))?;
+                    files.push(FileSpec {
+                        path: spiffe_fs_trust_bundle(name),
+                        content: x509::certs_to_pem(&certs).into_bytes(),
+                        mode: public,
+                    });
+                }
+            }
         }
     }
     for (audience, (token, ..)) in &m.jwts {

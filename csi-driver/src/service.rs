@@ -726,6 +726,7 @@ mod tests {
             formats(Some("credential-bundle, istio,grpc")).unwrap(),
             vec![Format::Istio, Format::Grpc, Format::CredentialBundle]
         );
+        assert_eq!(formats(Some("spiffe-fs")).unwrap(), vec![Format::SpiffeFs]);
         let e = formats(Some("istio,../../etc")).unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains("formats"), "{e:?}");

@@ -294,7 +294,7 @@ async fn files_mode_writes_the_layouts_proxies_and_grpc_read() {
             true,
             &[
                 ("mode", "files"),
-                ("formats", "istio,grpc,credential-bundle"),
+                ("formats", "istio,grpc,credential-bundle,spiffe-fs"),
             ],
         ))
         .await
@@ -312,6 +312,31 @@ async fn files_mode_writes_the_layouts_proxies_and_grpc_read() {
         let mut bundle = g("svid_key.pem");
         bundle.extend(g("svid.pem"));
         assert_eq!(g("credential-bundle.pem"), bundle, "key, then chain");
+        // The SPIFFE filesystem draft: the files of a Sigil pod certificate volume, read
+        // by the same go-spiffe code the pod certificate test runs in its pod.
+        assert_eq!(g("credential-bundle.private-key.pem"), bundle);
+        let td_file = format!("{}.spiffe-trust-bundle.pem", aw.w.td);
+        assert_eq!(g(&td_file), g("bundle.pem"));
+        let pod_cert = json_out(
+            "go-spiffe reading the spiffe-fs files as a pod certificate volume",
+            &web.run(
+                &tool("go-spiffe-client"),
+                &[
+                    "pod-cert",
+                    "-svid-file",
+                    &generation
+                        .join("credential-bundle.private-key.pem")
+                        .display()
+                        .to_string(),
+                    "-bundle-file",
+                    &generation.join(&td_file).display().to_string(),
+                    "-trust-domain",
+                    &aw.w.td.to_string(),
+                ],
+            )
+            .await,
+        );
+        assert_eq!(pod_cert["spiffe_id"], id.as_str(), "{pod_cert}");
         let (spiffe_id, leaf) = check_files(&generation, &g("cert-chain.pem"), &g("key.pem"));
         assert_eq!(spiffe_id, id);
         let map: serde_json::Value = serde_json::from_slice(&g("spiffe-bundle-map.json")).unwrap();
