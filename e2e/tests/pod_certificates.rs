@@ -156,6 +156,16 @@ impl Signer {
             .await
     }
 
+    /// Creates a request as `client` and waits for its answer (see [`Signer::answer`]).
+    async fn ask(
+        &self,
+        client: &Client,
+        spec: Value,
+    ) -> (String, String, String, PodCertificateRequest) {
+        let pcr = self.create_request(client, spec).await.unwrap();
+        self.answer(&pcr.name_any()).await
+    }
+
     /// Waits for the request's terminal condition: (type, reason, message, request).
     async fn answer(&self, name: &str) -> (String, String, String, PodCertificateRequest) {
         let api =
@@ -218,8 +228,7 @@ async fn a_node_gets_its_pods_svid_and_the_bundle_is_a_cluster_trust_bundle() {
     })
     .await;
     let spec = s.request_spec(&pod, &s.world.node_a, &key, None).await;
-    let pcr = s.create_request(&kubelet, spec).await.unwrap();
-    let (type_, reason, message, pcr) = s.answer(&pcr.name_any()).await;
+    let (type_, reason, message, pcr) = s.ask(&kubelet, spec).await;
     assert_eq!(
         (type_.as_str(), reason.as_str()),
         ("Issued", "Issued"),
@@ -276,8 +285,7 @@ async fn a_node_gets_its_pods_svid_and_the_bundle_is_a_cluster_trust_bundle() {
             Some(json!({"sigil.dev/hint": "db"})),
         )
         .await;
-    let pcr = s.create_request(&kubelet, spec).await.unwrap();
-    let (type_, _, message, pcr) = s.answer(&pcr.name_any()).await;
+    let (type_, _, message, pcr) = s.ask(&kubelet, spec).await;
     assert_eq!(type_, "Issued", "{message}");
     let chain = sigil_identity::x509::certs_from_pem(
         pcr.status.unwrap().certificate_chain.as_ref().unwrap(),
@@ -315,8 +323,7 @@ async fn requests_the_signer_cannot_honour_are_denied_with_a_reason() {
 
     let other = s.pod("other", &s.world.node_a, "other").await;
     let spec = s.request_spec(&other, &s.world.node_a, &p256(), None).await;
-    let pcr = s.create_request(&kubelet, spec).await.unwrap();
-    let (type_, reason, message, _) = s.answer(&pcr.name_any()).await;
+    let (type_, reason, message, _) = s.ask(&kubelet, spec).await;
     assert_eq!(
         (type_.as_str(), reason.as_str()),
         ("Denied", "NoIdentity"),
@@ -330,8 +337,7 @@ async fn requests_the_signer_cannot_honour_are_denied_with_a_reason() {
     let web = s.pod("web", &s.world.node_a, "web").await;
     let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     let spec = s.request_spec(&web, &s.world.node_a, &ed, None).await;
-    let pcr = s.create_request(&kubelet, spec).await.unwrap();
-    let (type_, reason, message, _) = s.answer(&pcr.name_any()).await;
+    let (type_, reason, message, _) = s.ask(&kubelet, spec).await;
     assert_eq!(
         (type_.as_str(), reason.as_str()),
         ("Denied", "UnsupportedKeyType"),
@@ -350,8 +356,7 @@ async fn requests_the_signer_cannot_honour_are_denied_with_a_reason() {
             Some(json!({"example.com/team": "a"})),
         )
         .await;
-    let pcr = s.create_request(&kubelet, spec).await.unwrap();
-    let (type_, reason, message, _) = s.answer(&pcr.name_any()).await;
+    let (type_, reason, message, _) = s.ask(&kubelet, spec).await;
     assert_eq!(
         (type_.as_str(), reason.as_str()),
         ("Denied", "UnsupportedUserAnnotation"),
@@ -366,8 +371,7 @@ async fn requests_the_signer_cannot_honour_are_denied_with_a_reason() {
             Some(json!({"sigil.dev/hint": "nope"})),
         )
         .await;
-    let pcr = s.create_request(&kubelet, spec).await.unwrap();
-    let (_, reason, message, _) = s.answer(&pcr.name_any()).await;
+    let (_, reason, message, _) = s.ask(&kubelet, spec).await;
     assert_eq!(reason, "UnknownHint", "{message}");
 
     let counted = |reason: &str| {
@@ -409,8 +413,7 @@ async fn requests_for_other_nodes_pods_and_replays_are_refused() {
         Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "NodeRestriction: {}", e.message),
         other => panic!("node a created a request for node b's pod: {other:?}"),
     }
-    let pcr = s.create_request(&admin, spec).await.unwrap();
-    let (type_, reason, message, _) = s.answer(&pcr.name_any()).await;
+    let (type_, reason, message, _) = s.ask(&admin, spec).await;
     assert_eq!(
         (type_.as_str(), reason.as_str()),
         ("Denied", "PodMismatch"),
@@ -449,8 +452,7 @@ async fn requests_for_other_nodes_pods_and_replays_are_refused() {
         s.create_request(&kubelet_a, stale.clone()).await.is_err(),
         "the old UID is refused at admission"
     );
-    let pcr = s.create_request(&admin, stale).await.unwrap();
-    let (type_, reason, message, _) = s.answer(&pcr.name_any()).await;
+    let (type_, reason, message, _) = s.ask(&admin, stale).await;
     assert_eq!(
         (type_.as_str(), reason.as_str()),
         ("Denied", "PodMismatch"),
