@@ -536,6 +536,9 @@ impl Agent {
                     tracing::error!(error = %e, "Workload API server failed");
                 }
                 let _ = std::fs::remove_file(&socket_path);
+                if !socket_alias.is_empty() {
+                    transport::unlink_alias(&socket_path, &socket_alias);
+                }
             }
         }));
         if let Some(listener) = broker_listener {

@@ -284,6 +284,18 @@ pub fn link_alias(socket: &Path, alias: &str) -> std::io::Result<()> {
     std::os::unix::fs::symlink(target, &link)
 }
 
+/// Removes the alias [`link_alias`] made, when it is still a link to `socket` (what
+/// anyone else put under that name is left alone). Called when the socket goes away.
+pub fn unlink_alias(socket: &Path, alias: &str) {
+    let (Some(dir), Some(target)) = (socket.parent(), socket.file_name()) else {
+        return;
+    };
+    let link = dir.join(alias);
+    if std::fs::read_link(&link).is_ok_and(|t| t.as_os_str() == target) {
+        let _ = std::fs::remove_file(&link);
+    }
+}
+
 /// Binds a socket only root reaches (the Broker API's: its directory 0700, the socket
 /// 0600), replacing a stale one.
 pub fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
@@ -378,5 +390,17 @@ mod tests {
         std::fs::write(dir.path().join("plain"), b"").unwrap();
         let e = link_alias(&sock, "plain").unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+
+        // When the socket goes, its alias goes; what is not our link stays.
+        unlink_alias(&sock, "plain");
+        assert!(dir.path().join("plain").exists());
+        std::os::unix::fs::symlink("elsewhere", dir.path().join("other")).unwrap();
+        unlink_alias(&sock, "other");
+        assert!(std::fs::symlink_metadata(dir.path().join("other")).is_ok());
+        unlink_alias(&sock, "socket");
+        assert!(
+            std::fs::symlink_metadata(&link).is_err(),
+            "the alias is removed"
+        );
     }
 }
