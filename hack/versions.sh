@@ -37,7 +37,7 @@ TEST_IMAGE_TAG=dev
 # cargo-machete (crates.io) finds unused dependencies in `make lint`; not a test tool.
 CARGO_MACHETE_VERSION=0.9.2
 
-ALL_TOOLS="etcd kube csi-sanity helm spire go-spiffe-client py-spiffe swtpm"
+ALL_TOOLS="etcd kube csi-sanity helm spire go-spiffe-client spire-templates py-spiffe swtpm"
 
 SIGIL_CACHE=${SIGIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sigil}
 SIGIL_BIN=$SIGIL_CACHE/bin
