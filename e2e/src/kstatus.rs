@@ -42,16 +42,15 @@ pub fn compute(obj: &Value) -> (Status, String) {
     if let (Some(generation), Some(observed)) = (
         obj["metadata"]["generation"].as_i64(),
         obj["status"]["observedGeneration"].as_i64(),
-    ) {
-        if generation != observed {
-            return (
-                Status::InProgress,
-                format!(
-                    "{} generation is {generation}, but latest observed generation is {observed}",
-                    obj["kind"].as_str().unwrap_or_default()
-                ),
-            );
-        }
+    ) && generation != observed
+    {
+        return (
+            Status::InProgress,
+            format!(
+                "{} generation is {generation}, but latest observed generation is {observed}",
+                obj["kind"].as_str().unwrap_or_default()
+            ),
+        );
     }
     for c in obj["status"]["conditions"].as_array().into_iter().flatten() {
         let message = c["message"].as_str().unwrap_or_default().to_owned();

@@ -245,7 +245,6 @@ async fn label_namespace(client: &Client, ns: &str, tag: &str) {
 /// The examples with a partner endpoint serving a real bundle, applied once and Ready.
 struct Applied {
     w: World,
-    partner: Foreign,
     _endpoint: FakeEndpoint,
     objects: Vec<Value>,
 }
@@ -268,7 +267,6 @@ async fn apply_examples(prefix: &str) -> Applied {
     }
     Applied {
         w,
-        partner,
         _endpoint: endpoint,
         objects,
     }

@@ -60,18 +60,18 @@ pub fn translate(go: &str) -> Result<Translation, Untranslatable> {
         })?;
         let mut inner = &after[..end];
         let raw = format!("{{{{{inner}}}}}");
-        if let Some(i) = inner.strip_prefix('-') {
-            if i.starts_with([' ', '\t', '\n', '\r']) {
-                text = text.trim_end();
-                inner = i;
-            }
+        if let Some(i) = inner.strip_prefix('-')
+            && i.starts_with([' ', '\t', '\n', '\r'])
+        {
+            text = text.trim_end();
+            inner = i;
         }
         trim_next = false;
-        if let Some(i) = inner.strip_suffix('-') {
-            if i.ends_with([' ', '\t', '\n', '\r']) {
-                trim_next = true;
-                inner = i;
-            }
+        if let Some(i) = inner.strip_suffix('-')
+            && i.ends_with([' ', '\t', '\n', '\r'])
+        {
+            trim_next = true;
+            inner = i;
         }
         push_text(&mut out, text)?;
         action(inner.trim(), &raw, &mut out, &mut caveats)?;
