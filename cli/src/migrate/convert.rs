@@ -25,8 +25,10 @@ pub const MIGRATED_FROM: &str = "sigil.dev/migrated-from";
 pub enum Severity {
     /// The object was not converted.
     Error,
-    /// A field was not carried, or is carried with a difference.
+    /// A field was not carried.
     Warning,
+    /// Carried, but some pods may get a different result (the message says which).
+    Differs,
     /// Carried differently, with the same effect.
     Note,
 }
@@ -172,7 +174,7 @@ fn translate(ctx: &mut Ctx, field: &str, go: &str) -> Option<String> {
     match gotemplate::translate(go) {
         Ok(Translation { template, caveats }) => {
             for c in caveats {
-                ctx.warn(field, c.0);
+                ctx.push(field, Severity::Differs, c.0);
             }
             Some(template)
         }

@@ -107,6 +107,7 @@ pub fn report(m: &Migration, output: Output) -> anyhow::Result<String> {
         let tag = match f.severity {
             Severity::Error => "not converted",
             Severity::Warning => "not carried",
+            Severity::Differs => "differs",
             Severity::Note => "note",
         };
         out.push_str(&format!(
