@@ -378,11 +378,12 @@ async fn the_examples_apply_twice_with_no_diff_no_conflict_and_report_current() 
     let (health, message) = argocd_health(&checks["ClusterSPIFFEID"], &orphan);
     assert_eq!(health, "Degraded", "{message}");
     assert!(message.starts_with("TrustDomainNotFound"), "{message}");
-    // kstatus reads no Ready condition (docs/gitops.md): Flux needs healthCheckExprs.
-    println!(
-        "a failing ClusterSPIFFEID: Argo CD {health} ({message}); kstatus {:?}",
-        kstatus::compute(&orphan).0
-    );
+    // kstatus reads no Ready condition; the Stalled condition next to it says Failed,
+    // with Ready's reason.
+    let (status, kmessage) = kstatus::compute(&orphan);
+    assert_eq!(status, Status::Failed, "{kmessage}");
+    assert!(kmessage.contains("does not exist"), "{kmessage}");
+    println!("a failing ClusterSPIFFEID: Argo CD {health} ({message}); kstatus {status:?}");
 
     let other = Foreign::new(&format!("other-{}.test", a.w.tag));
     let mut unreachable = a
@@ -406,7 +407,9 @@ async fn the_examples_apply_twice_with_no_diff_no_conflict_and_report_current() 
             && message.ends_with("(workloads keep the bundle already held)"),
         "{message}"
     );
-    println!("an unreachable FederatedBundle: Argo CD {health} ({message})");
+    let (status, _) = kstatus::compute(&unreachable);
+    assert_eq!(status, Status::Failed);
+    println!("an unreachable FederatedBundle: Argo CD {health} ({message}); kstatus {status:?}");
     for o in [&orphan, &unreachable] {
         let kind = o["kind"].as_str().unwrap();
         api_for(client, kind)
