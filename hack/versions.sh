@@ -37,7 +37,10 @@ TEST_IMAGE_TAG=dev
 # cargo-machete (crates.io) finds unused dependencies in `make lint`; not a test tool.
 CARGO_MACHETE_VERSION=0.9.2
 
-ALL_TOOLS="etcd kube csi-sanity helm spire go-spiffe-client spire-templates py-spiffe swtpm"
+ALL_TOOLS="etcd kube csi-sanity helm spire go-spiffe-client py-spiffe swtpm"
+
+# spire-templates renders spire-controller-manager's templates for `sigil migrate`'s test.
+ALL_TOOLS="$ALL_TOOLS spire-templates"
 
 SIGIL_CACHE=${SIGIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sigil}
 SIGIL_BIN=$SIGIL_CACHE/bin
