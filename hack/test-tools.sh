@@ -161,6 +161,18 @@ EOF
   chmod +x "$SIGIL_BIN/py-spiffe-client"
 }
 
+# spire-templates: renders spire-controller-manager's Go templates as it does (text/template
+# over its templateData, with the Kubernetes API types of KUBE_VERSION and the pinned
+# go-spiffe), for `sigil migrate`'s comparison test (cli/tests/migrate.rs).
+build_spire_templates() {
+  local dir=$SIGIL_CACHE/src/spire-templates
+  rm -rf "$dir"; mkdir -p "$dir"; cp "$here"/e2e/clients/spire-templates/*.go "$here"/e2e/clients/spire-templates/go.mod "$dir"/
+  cd "$dir"
+  local minor=${KUBE_VERSION#v1.}
+  go get "k8s.io/api@v0.$minor" "k8s.io/apimachinery@v0.$minor" "github.com/spiffe/go-spiffe/v2@$GO_SPIFFE_VERSION" >/dev/null
+  go build -o "$SIGIL_BIN/spire-templates" .
+}
+
 # ---- the real node (hack/cluster.sh, docs/real-node.md) ----
 
 fetch_containerd() {
@@ -298,6 +310,8 @@ tool_spec() {
       echo "$PY_SPIFFE_VERSION-$(sha256sum <"$here"/e2e/clients/py-spiffe/client.py | cut -c1-12) py-spiffe-client" ;;
     spire-mint)
       echo "$SPIRE_VERSION-$(sha256sum <"$here"/e2e/clients/spire-mint/main.go | cut -c1-12) spire-mint" ;;
+    spire-templates)
+      echo "$KUBE_VERSION-$GO_SPIFFE_VERSION-$(cat "$here"/e2e/clients/spire-templates/*.go "$here"/e2e/clients/spire-templates/go.mod | sha256sum | cut -c1-12) spire-templates" ;;
     containerd) echo "$CONTAINERD_VERSION containerd containerd-shim-runc-v2 ctr" ;;
     runc) echo "$RUNC_VERSION runc" ;;
     coredns) echo "$COREDNS_VERSION coredns" ;;

@@ -16,7 +16,8 @@ ENVOY_GO_CONTROL_PLANE_VERSION=v1.40.0
 PY_SPIFFE_VERSION=0.3.2
 # TPM tests: swtpm, and the tss2 libraries the agent links (tss-esapi finds them with
 # pkg-config; its bindings are pre-generated, so no libclang).
-DEBIAN_PACKAGES="swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config"
+# lua5.4 runs the Argo CD health checks of docs/gitops.md in e2e/tests/gitops.rs.
+DEBIAN_PACKAGES="swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config lua5.4"
 
 # The real node (hack/cluster.sh, docs/real-node.md). kubelet, kube-controller-manager,
 # kube-scheduler, kube-proxy and kubectl are KUBE_VERSION, built with kube-apiserver.
@@ -40,6 +41,9 @@ TEST_IMAGE_TAG=dev
 CARGO_MACHETE_VERSION=0.9.2
 
 ALL_TOOLS="etcd kube csi-sanity helm spire go-spiffe-client envoy-sds-client py-spiffe swtpm"
+
+# spire-templates renders spire-controller-manager's templates for `sigil migrate`'s test.
+ALL_TOOLS="$ALL_TOOLS spire-templates"
 
 SIGIL_CACHE=${SIGIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sigil}
 SIGIL_BIN=$SIGIL_CACHE/bin

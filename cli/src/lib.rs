@@ -6,6 +6,8 @@
 //!   own index code.
 //! - `sigil inspect <file|token>`: decodes an X509-SVID (PEM) or a JWT-SVID, and checks it
 //!   against a bundle when given one.
+//! - `sigil migrate <files|dirs>|--from-cluster`: spire-controller-manager objects to
+//!   Sigil's, with a report of what could not be carried ([`migrate`]).
 //! - `sigil agent ban|unban <node>`: the operator-side deny list for a stolen agent key
 //!   (the Node annotation `sigil.dev/agent-banned`).
 //!
@@ -16,6 +18,7 @@
 pub mod agent;
 mod explain;
 mod inspect;
+pub mod migrate;
 mod output;
 mod workload;
 
@@ -82,6 +85,10 @@ pub enum Command {
     /// Ban or unban a node's agent (a stolen agent key, a compromised node).
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Convert spire-controller-manager objects (ClusterSPIFFEID,
+    /// ClusterFederatedTrustDomain, ClusterStaticEntry) to Sigil's, reporting every field
+    /// that could not be carried.
+    Migrate(migrate::MigrateArgs),
 }
 
 /// `sigil agent ...`
@@ -242,6 +249,7 @@ pub fn main() -> i32 {
                 output,
             }) => explain::pod(&pod, kubeconfig.as_deref(), &cluster_name, output).await,
             Command::Inspect(args) => inspect::run(&args),
+            Command::Migrate(args) => migrate::run(&args).await,
             Command::Agent(AgentCommand::Ban {
                 node,
                 reason,

@@ -36,6 +36,7 @@
 
 mod control_plane;
 pub mod http;
+pub mod kstatus;
 pub mod node;
 pub mod pki;
 pub mod pod;

@@ -481,3 +481,314 @@ fn every_pod_is_confined_and_only_the_agent_holds_an_api_token() {
         );
     }
 }
+
+fn render_values(values: &str, set: &[&str]) -> Vec<DynamicObject> {
+    render("r", "sigil-system", &chart().join("ci").join(values), set)
+}
+
+fn object<'a>(objects: &'a [DynamicObject], kind: &str) -> Option<&'a DynamicObject> {
+    objects
+        .iter()
+        .find(|o| o.types.as_ref().unwrap().kind == kind)
+}
+
+fn pod_spec<'a>(objects: &'a [DynamicObject], kind: &str) -> &'a serde_json::Value {
+    &object(objects, kind)
+        .unwrap_or_else(|| panic!("no {kind} rendered"))
+        .data["spec"]["template"]["spec"]
+}
+
+fn container<'a>(spec: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    spec["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn names(list: &serde_json::Value) -> Vec<&str> {
+    list.as_array()
+        .map(|a| a.iter().map(|v| v["name"].as_str().unwrap()).collect())
+        .unwrap_or_default()
+}
+
+/// Every option of issue #29 (item 5) lands where it belongs, from
+/// ci/hardened-values.yaml, which `every_rendering_passes_a_server_side_dry_run` also
+/// applies (dry run) on the real apiserver; and the defaults keep what they had.
+#[test]
+fn every_chart_option_lands_where_it_belongs() {
+    let objects = render_values("hardened-values.yaml", &[]);
+    let op = pod_spec(&objects, "Deployment");
+    let node = pod_spec(&objects, "DaemonSet");
+
+    // Registry override and pull secrets, on every image and both pods.
+    for spec in [op, node] {
+        assert_eq!(spec["imagePullSecrets"], json!([{"name": "mirror-pull"}]));
+        assert_eq!(spec["priorityClassName"], "system-cluster-critical");
+        assert_eq!(spec["nodeSelector"]["kubernetes.io/os"], "linux");
+        for c in spec["containers"].as_array().unwrap() {
+            let image = c["image"].as_str().unwrap();
+            assert!(
+                image.starts_with("mirror.example.com:5000/"),
+                "{} keeps its registry: {image}",
+                c["name"]
+            );
+            assert!(
+                c["resources"]["limits"]["memory"].is_string(),
+                "container {} has no memory limit",
+                c["name"]
+            );
+        }
+    }
+    assert_eq!(
+        container(node, "node-driver-registrar")["image"],
+        "mirror.example.com:5000/sig-storage/csi-node-driver-registrar:v2.13.0"
+    );
+    assert_eq!(
+        container(op, "operator")["image"],
+        "mirror.example.com:5000/sigil-dev/sigil-operator:0.1.0"
+    );
+
+    // Scheduling, per component.
+    assert_eq!(op["nodeSelector"]["node-role.example.com/infra"], "true");
+    assert_eq!(
+        op["tolerations"][0]["key"], "node-role.example.com/infra",
+        "{op}"
+    );
+    assert_eq!(
+        op["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"],
+        "topology.kubernetes.io/zone"
+    );
+    assert_eq!(
+        node["tolerations"],
+        json!([{"key": "dedicated", "operator": "Equal", "value": "gpu", "effect": "NoSchedule"}])
+    );
+    assert_eq!(
+        node["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            [0]["matchExpressions"][0]["operator"],
+        "DoesNotExist"
+    );
+
+    // Resources of every container.
+    assert_eq!(container(op, "operator")["resources"]["limits"]["cpu"], "2");
+    assert_eq!(
+        container(node, "agent")["resources"]["limits"]["memory"],
+        "512Mi"
+    );
+    assert_eq!(
+        container(node, "csi")["resources"]["requests"]["memory"],
+        "32Mi"
+    );
+    assert_eq!(
+        container(node, "node-driver-registrar")["resources"]["limits"]["cpu"],
+        "100m"
+    );
+
+    // PodDisruptionBudget: minAvailable replaces maxUnavailable.
+    let pdb = &object(&objects, "PodDisruptionBudget").unwrap().data["spec"];
+    assert_eq!(pdb["minAvailable"], 2);
+    assert!(pdb["maxUnavailable"].is_null(), "{pdb}");
+    assert_eq!(pdb["unhealthyPodEvictionPolicy"], "AlwaysAllow");
+
+    // Pod Security Admission labels on the namespace the chart now manages.
+    let ns = object(&objects, "Namespace").expect("namespace.create renders the Namespace");
+    assert_eq!(ns.name_any(), "sigil-system");
+    let labels = ns.labels();
+    for mode in ["enforce", "audit", "warn"] {
+        assert_eq!(
+            labels
+                .get(&format!("pod-security.kubernetes.io/{mode}"))
+                .map(String::as_str),
+            Some("privileged")
+        );
+    }
+    assert_eq!(labels.get("team").map(String::as_str), Some("identity"));
+
+    // Extra env, volumes and mounts, next to (not instead of) the chart's own.
+    let operator = container(op, "operator");
+    let env = names(&operator["env"]);
+    assert_eq!(
+        env,
+        ["POD_NAME", "POD_NAMESPACE", "HTTPS_PROXY", "NO_PROXY"]
+    );
+    assert_eq!(names(&op["volumes"]), ["corporate-ca"]);
+    assert_eq!(names(&operator["volumeMounts"]), ["corporate-ca"]);
+    assert!(names(&container(node, "agent")["env"]).contains(&"RUST_BACKTRACE"));
+    assert!(names(&container(node, "csi")["env"]).contains(&"RUST_LOG"));
+    let node_volumes = names(&node["volumes"]);
+    assert!(node_volumes.contains(&"agent-scratch") && node_volumes.contains(&"csi-data"));
+    for c in ["agent", "csi"] {
+        assert!(names(&container(node, c)["volumeMounts"]).contains(&"agent-scratch"));
+    }
+
+    // The defaults: no Namespace object, no pull secrets, the operator's replicas spread
+    // over nodes, the agent node-critical, a PDB of maxUnavailable 1, images unchanged.
+    let objects = render_values("default-values.yaml", &[]);
+    assert!(object(&objects, "Namespace").is_none());
+    let op = pod_spec(&objects, "Deployment");
+    let node = pod_spec(&objects, "DaemonSet");
+    assert!(op["imagePullSecrets"].is_null() && op["priorityClassName"].is_null());
+    assert_eq!(
+        op["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+            ["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    assert!(op["volumes"].is_null(), "{}", op["volumes"]);
+    assert_eq!(node["priorityClassName"], "system-node-critical");
+    assert_eq!(node["tolerations"], json!([{"operator": "Exists"}]));
+    assert!(node["affinity"].is_null());
+    assert_eq!(
+        container(node, "node-driver-registrar")["image"],
+        "registry.k8s.io/sig-storage/csi-node-driver-registrar:v2.13.0"
+    );
+    let pdb = &object(&objects, "PodDisruptionBudget").unwrap().data["spec"];
+    assert_eq!(pdb["maxUnavailable"], 1);
+
+    // PDB off; a registry override on references with no registry host.
+    let objects = render_values(
+        "default-values.yaml",
+        &[
+            "operator.podDisruptionBudget.enabled=false",
+            "imageRegistry=localhost:5000",
+            "image.repository=sigil",
+            "csi.registrar.image=registrar:v1",
+        ],
+    );
+    assert!(object(&objects, "PodDisruptionBudget").is_none());
+    let node = pod_spec(&objects, "DaemonSet");
+    assert_eq!(
+        container(node, "agent")["image"],
+        "localhost:5000/sigil/sigil-agent:0.1.0"
+    );
+    assert_eq!(
+        container(node, "node-driver-registrar")["image"],
+        "localhost:5000/registrar:v1"
+    );
+}
+
+/// values.schema.json: a wrong value fails `helm template` (and so `helm install`) with a
+/// message naming the field, before anything reaches the cluster.
+#[test]
+fn the_schema_refuses_wrong_values_naming_the_field() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["operator.replicas=two"], "/operator/replicas"),
+        (&["image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+        (
+            &["trustDomain.x509SVIDTTL=1hour"],
+            "/trustDomain/x509SVIDTTL",
+        ),
+        (
+            &["trustDomain.ca.keyType=RSA-2048"],
+            "/trustDomain/ca/keyType",
+        ),
+        (
+            &["operater.replicas=1"],
+            "additional properties 'operater' not allowed",
+        ),
+        (
+            &["agent.tolerance[0].key=x"],
+            "additional properties 'tolerance' not allowed",
+        ),
+        (
+            &["agent.tolerations[0].operator=Maybe"],
+            "/agent/tolerations/0/operator",
+        ),
+        (&["imagePullSecrets[0]=regcred"], "/imagePullSecrets/0"),
+        (
+            &["operator.podDisruptionBudget.minAvailable=half"],
+            "/operator/podDisruptionBudget/minAvailable",
+        ),
+        (
+            &["namespace.podSecurity.enforce=strict"],
+            "/namespace/podSecurity/enforce",
+        ),
+        (
+            &["operator.extraVolumeMounts[0].name=x"],
+            "/operator/extraVolumeMounts/0",
+        ),
+        (
+            &["csi.registrar.resources.limits.memory=lots"],
+            "/csi/registrar/resources/limits/memory",
+        ),
+        (&["operator.nodeAPIPort=70000"], "/operator/nodeAPIPort"),
+    ];
+    for (set, field) in cases {
+        let mut cmd = std::process::Command::new(sigil_e2e::tools::tool("helm").unwrap());
+        cmd.args(["template", "r", chart().to_str().unwrap()]);
+        for s in *set {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{set:?} was accepted");
+        assert!(
+            err.contains("don't meet the specifications of the schema") && err.contains(field),
+            "{set:?}: the error does not name {field}:\n{err}"
+        );
+    }
+}
+
+/// The namespace labels the chart writes admit the node pod (hostPID, hostPath, a
+/// privileged sigil-csi) under Pod Security Admission on the real apiserver, while the
+/// `restricted` level refuses it, naming why; the operator's pod alone passes
+/// `restricted`.
+#[tokio::test]
+async fn pod_security_labels_admit_the_charts_pods() {
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    let cp = sigil_e2e::shared().await;
+    let admin = cp.admin().await.unwrap();
+    let discovery = Discovery::new(admin.clone()).run().await.unwrap();
+    let ns = cp.namespace("chart-psa").await.unwrap();
+    let objects = render(
+        &unique("psa"),
+        &ns,
+        &chart().join("ci").join("hardened-values.yaml"),
+        &[],
+    );
+    let namespace = object(&objects, "Namespace").unwrap();
+    apply(&admin, &discovery, namespace, &ns, false)
+        .await
+        .unwrap();
+    let pods = Api::<Pod>::namespaced(admin.clone(), &ns);
+    let dry = kube::api::PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let pod_of = |kind: &str| -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{}-pod", kind.to_lowercase()), "namespace": ns},
+            "spec": pod_spec(&objects, kind),
+        }))
+        .unwrap()
+    };
+    for kind in ["DaemonSet", "Deployment"] {
+        pods.create(&dry, &pod_of(kind))
+            .await
+            .unwrap_or_else(|e| panic!("{kind}'s pod refused under the chart's labels: {e}"));
+    }
+
+    // Restricted, as a cluster-wide default would make it: the node pod is refused.
+    let namespaces = Api::<Namespace>::all(admin.clone());
+    namespaces
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})),
+        )
+        .await
+        .unwrap();
+    let err = pods
+        .create(&dry, &pod_of("DaemonSet"))
+        .await
+        .expect_err("the node pod admitted under restricted")
+        .to_string();
+    assert!(
+        err.contains("violates PodSecurity") && err.contains("hostPID"),
+        "{err}"
+    );
+    pods.create(&dry, &pod_of("Deployment"))
+        .await
+        .unwrap_or_else(|e| panic!("the operator's pod refused under restricted: {e}"));
+}

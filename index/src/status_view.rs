@@ -137,15 +137,17 @@ impl StatusView {
             Some(c) if c.status == status => c.last_transition_time.clone(),
             _ => now,
         };
+        let ready = Condition {
+            type_: "Ready".into(),
+            status: status.into(),
+            reason: view.ready.reason.into(),
+            message: view.ready.message,
+            last_transition_time,
+            observed_generation: view.generation,
+        };
+        let stalled = sigil_api::crd::stalled(&ready);
         ClusterSpiffeIdStatus {
-            conditions: vec![Condition {
-                type_: "Ready".into(),
-                status: status.into(),
-                reason: view.ready.reason.into(),
-                message: view.ready.message,
-                last_transition_time,
-                observed_generation: view.generation,
-            }],
+            conditions: vec![ready, stalled],
             observed_generation: view.generation,
             stats: view.stats,
         }

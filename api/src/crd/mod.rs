@@ -6,6 +6,7 @@ pub mod federated_bundle;
 pub mod trust_domain;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 /// Every CRD with the file name it is written to under `crds/`.
 pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
@@ -54,5 +55,67 @@ pub fn prefixed_name(prefix: &str, object: &str) -> String {
             "{prefix}{}-{hash}",
             object[..keep].trim_end_matches(['-', '.'])
         )
+    }
+}
+
+/// Type of the condition every Sigil object carries next to `Ready` for kstatus (Flux's
+/// health check), which reads the "abnormal-true" conditions `Reconciling` and `Stalled`
+/// and not `Ready`.
+pub const STALLED: &str = "Stalled";
+
+/// The `Stalled` condition that goes with `ready`: `True` with Ready's reason and message
+/// while Ready is `False` (the object needs attention: kstatus reports it `Failed`),
+/// `False` otherwise. It flips exactly when Ready does, so it shares Ready's
+/// `lastTransitionTime`.
+pub fn stalled(ready: &Condition) -> Condition {
+    let stalled = ready.status == "False";
+    Condition {
+        type_: STALLED.to_owned(),
+        status: if stalled { "True" } else { "False" }.to_owned(),
+        reason: if stalled {
+            ready.reason.clone()
+        } else {
+            "Ready".to_owned()
+        },
+        message: if stalled {
+            ready.message.clone()
+        } else {
+            "nothing needs attention (see Ready)".to_owned()
+        },
+        observed_generation: ready.observed_generation,
+        last_transition_time: ready.last_transition_time.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+
+    #[test]
+    fn stalled_follows_ready() {
+        let ready = |status: &str| Condition {
+            type_: "Ready".into(),
+            status: status.into(),
+            reason: "TrustDomainNotFound".into(),
+            message: "create it".into(),
+            observed_generation: Some(4),
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        };
+        let s = stalled(&ready("False"));
+        assert_eq!(
+            (
+                s.type_.as_str(),
+                s.status.as_str(),
+                s.reason.as_str(),
+                s.message.as_str()
+            ),
+            ("Stalled", "True", "TrustDomainNotFound", "create it")
+        );
+        assert_eq!(s.observed_generation, Some(4));
+        assert_eq!(s.last_transition_time, ready("False").last_transition_time);
+        let s = stalled(&ready("True"));
+        assert_eq!((s.status.as_str(), s.reason.as_str()), ("False", "Ready"));
     }
 }

@@ -670,9 +670,12 @@ fn build_status(
             (ready, available)
         }
     };
+    let ready = condition(&old.conditions, READY, ready, generation, &t);
+    let stalled = sigil_api::crd::stalled(&ready);
     status.conditions = vec![
-        condition(&old.conditions, READY, ready, generation, &t),
+        ready,
         condition(&old.conditions, BUNDLE_AVAILABLE, available, generation, &t),
+        stalled,
     ];
     status
 }

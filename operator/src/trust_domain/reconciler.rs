@@ -406,9 +406,12 @@ fn build_status(
         ),
     };
     let now = k8s_time(o.now);
+    let ready = condition(&old.conditions, READY, ready, generation, &now);
+    let stalled = sigil_api::crd::stalled(&ready);
     status.conditions = vec![
-        condition(&old.conditions, READY, ready, generation, &now),
+        ready,
         condition(&old.conditions, ISSUING, issuing, generation, &now),
+        stalled,
     ];
     status
 }

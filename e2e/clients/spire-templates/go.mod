@@ -1,0 +1,3 @@
+module sigil.dev/e2e/spire-templates
+
+go 1.25
