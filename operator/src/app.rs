@@ -712,3 +712,41 @@ async fn endpoint_tasks(
         Ok(())
     }))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::{Args, KeyType};
+
+    fn parse(extra: &[&str]) -> Result<Args, String> {
+        let mut argv = vec!["sigil-operator", "--namespace", "sigil"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn pod_certificate_flags_default_to_the_safe_key_types_and_refuse_p521() {
+        let args = parse(&[]).unwrap();
+        assert!(args.pod_certificates.pod_certificates);
+        assert_eq!(
+            args.pod_certificates.pod_certificate_key_types,
+            KeyType::DEFAULT_ALLOWED.to_vec()
+        );
+        let args = parse(&[
+            "--pod-certificates=false",
+            "--pod-certificate-key-types=ECDSAP256,RSA3072",
+        ])
+        .unwrap();
+        assert!(!args.pod_certificates.pod_certificates);
+        assert_eq!(
+            args.pod_certificates.pod_certificate_key_types,
+            vec![KeyType::EcdsaP256, KeyType::Rsa3072]
+        );
+        let e = parse(&["--pod-certificate-key-types=ECDSAP521"]).unwrap_err();
+        assert!(e.contains("ECDSAP521 cannot be allowed"), "{e}");
+        let e = parse(&["--pod-certificate-key-types=RSA2048"]).unwrap_err();
+        assert!(e.contains("unknown key type"), "{e}");
+    }
+}
