@@ -697,98 +697,68 @@ fn write(data_dir: &Path, record: &VolumeRecord, m: &Material) -> Result<(), Sta
     let key_pem = pem::encode(&pem::Pem::new("PRIVATE KEY", svid.x509_svid_key.clone()));
     let public = record.options.file_mode.unwrap_or(0o644);
     let secret = record.options.file_mode.unwrap_or(0o640);
+    // Each layout below is the same few texts under other names: made once here.
+    let chain_pem = x509::certs_to_pem(&chain);
+    let bundle_pem = x509::certs_to_pem(&bundle_certs);
+    let federated = x509
+        .federated_bundles
+        .iter()
+        .map(|(td_id, der)| {
+            let name = td_id.strip_prefix("spiffe://").unwrap_or(td_id);
+            let certs = x509::split_der_certs(der)
+                .map_err(|e| Status::internal(format!("federated bundle {td_id}: {e}")))?;
+            Ok((name, x509::certs_to_pem(&certs)))
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    let public_file = |path: String, text: &str| FileSpec {
+        path,
+        content: text.as_bytes().to_vec(),
+        mode: public,
+    };
+    let secret_file = |path: String, text: &str| FileSpec {
+        path,
+        content: text.as_bytes().to_vec(),
+        mode: secret,
+    };
     let mut files = vec![
-        FileSpec {
-            path: "svid.pem".into(),
-            content: x509::certs_to_pem(&chain).into_bytes(),
-            mode: public,
-        },
-        FileSpec {
-            path: "svid_key.pem".into(),
-            content: key_pem.as_bytes().to_vec(),
-            mode: secret,
-        },
-        FileSpec {
-            path: "bundle.pem".into(),
-            content: x509::certs_to_pem(&bundle_certs).into_bytes(),
-            mode: public,
-        },
-        FileSpec {
-            path: "bundle.spiffe".into(),
-            content: bundle.to_jwks_json().into_bytes(),
-            mode: public,
-        },
+        public_file("svid.pem".into(), &chain_pem),
+        secret_file("svid_key.pem".into(), &key_pem),
+        public_file("bundle.pem".into(), &bundle_pem),
+        public_file("bundle.spiffe".into(), &bundle.to_jwks_json()),
     ];
-    for (td_id, der) in &x509.federated_bundles {
-        let name = td_id.strip_prefix("spiffe://").unwrap_or(td_id);
-        let certs = x509::split_der_certs(der)
-            .map_err(|e| Status::internal(format!("federated bundle {td_id}: {e}")))?;
-        files.push(FileSpec {
-            path: format!("federated/{name}.pem"),
-            content: x509::certs_to_pem(&certs).into_bytes(),
-            mode: public,
-        });
+    for (name, pem) in &federated {
+        files.push(public_file(format!("federated/{name}.pem"), pem));
     }
+    let credential_bundle = format!("{key_pem}{chain_pem}");
     for format in &record.options.formats {
         match format {
             Format::Istio => files.extend([
-                FileSpec {
-                    path: "cert-chain.pem".into(),
-                    content: x509::certs_to_pem(&chain).into_bytes(),
-                    mode: public,
-                },
-                FileSpec {
-                    path: "key.pem".into(),
-                    content: key_pem.as_bytes().to_vec(),
-                    mode: secret,
-                },
-                FileSpec {
-                    path: "root-cert.pem".into(),
-                    content: x509::certs_to_pem(&bundle_certs).into_bytes(),
-                    mode: public,
-                },
+                public_file("cert-chain.pem".into(), &chain_pem),
+                secret_file("key.pem".into(), &key_pem),
+                public_file("root-cert.pem".into(), &bundle_pem),
             ]),
-            Format::Grpc => files.push(FileSpec {
-                path: "spiffe-bundle-map.json".into(),
-                content: bundle_map(&bundle, x509, &m.jwt_bundles)?.into_bytes(),
-                mode: public,
-            }),
-            Format::CredentialBundle => files.push(FileSpec {
-                path: "credential-bundle.pem".into(),
-                content: format!("{}{}", key_pem.as_str(), x509::certs_to_pem(&chain)).into_bytes(),
-                mode: secret,
-            }),
+            Format::Grpc => files.push(public_file(
+                "spiffe-bundle-map.json".into(),
+                &bundle_map(&bundle, x509, &m.jwt_bundles)?,
+            )),
+            Format::CredentialBundle => files.push(secret_file(
+                "credential-bundle.pem".into(),
+                &credential_bundle,
+            )),
             Format::SpiffeFs => {
-                files.push(FileSpec {
-                    path: SPIFFE_FS_CREDENTIAL_BUNDLE.into(),
-                    content: format!("{}{}", key_pem.as_str(), x509::certs_to_pem(&chain))
-                        .into_bytes(),
-                    mode: secret,
-                });
-                files.push(FileSpec {
-                    path: spiffe_fs_trust_bundle(td.name()),
-                    content: x509::certs_to_pem(&bundle_certs).into_bytes(),
-                    mode: public,
-                });
-                for (td_id, der) in &x509.federated_bundles {
-                    let name = td_id.strip_prefix("spiffe://").unwrap_or(td_id);
-                    let certs = x509::split_der_certs(der)
-                        .map_err(|e| Status::internal(format!("federated bundle {td_id}: {e}")))?;
-                    files.push(FileSpec {
-                        path: spiffe_fs_trust_bundle(name),
-                        content: x509::certs_to_pem(&certs).into_bytes(),
-                        mode: public,
-                    });
+                files.push(secret_file(
+                    SPIFFE_FS_CREDENTIAL_BUNDLE.into(),
+                    &credential_bundle,
+                ));
+                files.push(public_file(spiffe_fs_trust_bundle(td.name()), &bundle_pem));
+                for (name, pem) in &federated {
+                    files.push(public_file(spiffe_fs_trust_bundle(name), pem));
                 }
             }
         }
     }
     for (audience, (token, ..)) in &m.jwts {
-        files.push(FileSpec {
-            path: audience_file(audience),
-            content: token.clone().into_bytes(),
-            mode: secret,
-        });
+        files.push(secret_file(audience_file(audience), token));
     }
     let staging = staging_dir(data_dir, &record.volume_id);
     write_generation(&staging, &files, record.options.fs_group).map_err(|e| {
