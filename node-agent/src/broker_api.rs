@@ -744,7 +744,7 @@ mod tests {
     use super::*;
     use crate::attest::k8s::PodInfo;
     use crate::cache::Cache;
-    use crate::node_client::{NodeClient, NodeClientConfig};
+    use crate::node_client::NodeClient;
     use crate::transport::DenialLabels;
     use sigil_identity::{TrustBundle, TrustDomain};
     use tokio::sync::watch;
@@ -800,15 +800,7 @@ mod tests {
 
     fn broker(client: Client) -> BrokerApi {
         let td: TrustDomain = "example.org".parse().unwrap();
-        let node = NodeClient::new(
-            NodeClientConfig {
-                addresses: vec!["127.0.0.1:1".into()],
-                trust_domain: td.clone(),
-                cluster: "c".into(),
-            },
-            TrustBundle::new(td),
-        )
-        .unwrap();
+        let node = NodeClient::unreachable(&td);
         let pod = PodInfo {
             uid: POD_UID.into(),
             namespace: "prod".into(),

@@ -135,6 +135,22 @@ impl NodeClient {
         })
     }
 
+    /// For unit tests of the APIs the agent serves: a client of trust domain `td` whose
+    /// operator address (port 1 on loopback) answers nothing.
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used)]
+    pub(crate) fn unreachable(td: &TrustDomain) -> Self {
+        Self::new(
+            NodeClientConfig {
+                addresses: vec!["127.0.0.1:1".into()],
+                trust_domain: td.clone(),
+                cluster: "c".into(),
+            },
+            TrustBundle::new(td.clone()),
+        )
+        .unwrap()
+    }
+
     /// The bundles the client trusts (updated from the operator's answers).
     pub fn bundles(&self) -> Arc<SharedBundles> {
         self.bundles.clone()

@@ -743,7 +743,7 @@ mod tests {
     async fn a_stream_that_never_subscribes_ends_at_its_deadline() {
         use crate::attest::WorkloadAttestor;
         use crate::limits::{Caps, MintBudget};
-        use crate::node_client::{NodeClient, NodeClientConfig};
+        use crate::node_client::NodeClient;
         use crate::transport::{ApiMetrics, DenialLabels, bind_public};
         use sigil_identity::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
         use tokio_util::sync::CancellationToken;
@@ -765,15 +765,7 @@ mod tests {
         assert!(cache.put_svid(svid));
         let metrics = ApiMetrics::default();
         let cancel = CancellationToken::new();
-        let node = NodeClient::new(
-            NodeClientConfig {
-                addresses: vec!["127.0.0.1:1".into()],
-                trust_domain: td.clone(),
-                cluster: "c".into(),
-            },
-            TrustBundle::new(td),
-        )
-        .unwrap();
+        let node = NodeClient::unreachable(&td);
         let api = WorkloadApi::new(
             cache,
             Arc::new(WorkloadAttestor::new(

@@ -450,15 +450,7 @@ mod tests {
             bundles.push(b);
         }
         cache.set_bundles(bundles, &[]);
-        let node = NodeClient::new(
-            crate::node_client::NodeClientConfig {
-                addresses: vec!["127.0.0.1:1".into()],
-                trust_domain: own.clone(),
-                cluster: "c".into(),
-            },
-            TrustBundle::new(own.clone()),
-        )
-        .unwrap();
+        let node = NodeClient::unreachable(&own);
         let served = Served {
             cache: cache.clone(),
             node: Arc::new(node),

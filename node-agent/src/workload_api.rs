@@ -519,9 +519,8 @@ mod tests {
     use tokio::net::UnixStream;
 
     use super::*;
-    use crate::node_client::NodeClientConfig;
     use crate::transport::{DenialLabels, bind_public as bind};
-    use sigil_identity::{TrustBundle, TrustDomain};
+    use sigil_identity::TrustDomain;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 
@@ -537,15 +536,7 @@ mod tests {
         let path = dir.path().join("api.sock");
         let listener = bind(&path).unwrap();
         let td: TrustDomain = "example.org".parse().unwrap();
-        let node = NodeClient::new(
-            NodeClientConfig {
-                addresses: vec!["127.0.0.1:1".into()],
-                trust_domain: td.clone(),
-                cluster: "c".into(),
-            },
-            TrustBundle::new(td),
-        )
-        .unwrap();
+        let node = NodeClient::unreachable(&td);
         let metrics = ApiMetrics::default();
         let cancel = CancellationToken::new();
         let api = WorkloadApi::new(
