@@ -398,6 +398,15 @@ fn annotations(spec: &PodCertificateRequestSpec) -> Result<Option<&str>, String>
     Ok(map.get(HINT_ANNOTATION).map(String::as_str))
 }
 
+/// The SubjectPublicKeyInfo (DER) a stub CSR carries, read without checking its
+/// signature: for comparing keys of requests that were verified when they were answered.
+pub fn stub_public_key(
+    csr_der: &[u8],
+) -> Result<&[u8], x509_parser::nom::Err<x509_parser::error::X509Error>> {
+    let (_, csr) = X509CertificationRequest::from_der(csr_der)?;
+    Ok(csr.certification_request_info.subject_pki.raw)
+}
+
 /// The key to certify, after its type is checked against the policy and the stub CSR's
 /// self-signature is verified.
 fn check_key(csr_der: &[u8], policy: &Policy) -> Result<Vec<u8>, Decision> {
@@ -407,9 +416,8 @@ fn check_key(csr_der: &[u8], policy: &Policy) -> Result<Vec<u8>, Decision> {
             format!("spec.stubPKCS10Request: {why}"),
         )
     };
-    let (_, csr) = X509CertificationRequest::from_der(csr_der)
-        .map_err(|e| invalid(format!("not a PKCS#10 request: {e}")))?;
-    let spki_der = csr.certification_request_info.subject_pki.raw;
+    let spki_der =
+        stub_public_key(csr_der).map_err(|e| invalid(format!("not a PKCS#10 request: {e}")))?;
     let allowed = || {
         policy
             .key_types

@@ -410,6 +410,8 @@ async fn trust_domain_exists(client: &Client, name: &str) -> Result<bool, Error>
 }
 
 /// Whether `spki` was already certified for another issued request in the namespace.
+/// Runs on every look at a pending request, so the issued requests' keys are only read,
+/// not verified again (they were when they were answered).
 fn key_certified(
     store: &Store<PodCertificateRequest>,
     pcr: &PodCertificateRequest,
@@ -424,8 +426,7 @@ fn key_certified(
                 .as_ref()
                 .and_then(|s| s.conditions.as_ref())
                 .is_some_and(|cs| cs.iter().any(|c| c.type_ == ISSUED))
-            && sigil_identity::x509::parse_csr_public_key(&other.spec.stub_pkc_s10_request.0)
-                .is_ok_and(|k| k == spki)
+            && decide::stub_public_key(&other.spec.stub_pkc_s10_request.0).is_ok_and(|k| k == spki)
     })
 }
 
