@@ -184,3 +184,57 @@ async fn the_agent_serves_through_a_node_api_outage_and_resumes() {
     );
     assert_eq!(x["svids"][0]["spiffe_id"], api_id.as_str());
 }
+
+/// SIGTERM (the cancel the signal handler fires): both sockets are gone at once, before
+/// the drain, so a client's retry finds the next agent's socket instead of a listener that
+/// no longer accepts; the open stream is ended by the agent rather than waited out, so the
+/// agent stops well inside its drain grace. (A drain that outlives the pod's grace period
+/// ends in SIGKILL: removing the sockets only after the drain could leave them on the
+/// node.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_removes_the_sockets_at_once_and_ends_open_streams() {
+    let mut aw = AgentWorld::start("drain").await;
+    let tag = aw.w.tag.clone();
+    aw.w.cluster_spiffe_id(&format!("{tag}-web"), "web").await;
+    let web = aw.workload("web-1", "web", json!({"app": "web"})).await;
+    aw.wait_svid(&aw.id_for_sa("web")).await;
+    let mut cmd = web
+        .container
+        .command(env!("CARGO_BIN_EXE_rust-spiffe-client"));
+    cmd.args(["--addr", &aw.addr, "watch", "--updates", "1000"])
+        .stdout(std::process::Stdio::piped());
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    next(&mut lines).await;
+    // The crate's X509Source fetches once, then opens the stream it watches.
+    sigil_e2e::eventually("the client's stream to be open", SETTLE, || async {
+        let m = aw.metrics().await;
+        (sigil_e2e::http::metric(&m, "sigil_workload_api_open_streams") == Some(1.0)).then_some(())
+    })
+    .await;
+    assert!(aw.socket.exists() && aw.broker_socket.exists());
+
+    let started = std::time::Instant::now();
+    aw.cancel.cancel();
+    sigil_e2e::eventually(
+        "both sockets to be removed",
+        Duration::from_secs(1),
+        || async { (!aw.socket.exists() && !aw.broker_socket.exists()).then_some(()) },
+    )
+    .await;
+    let removed = started.elapsed();
+    let grace = sigil_agent::supervise::DRAIN_GRACE;
+    tokio::time::timeout(grace * 2, aw.agent.wait())
+        .await
+        .expect("the agent stopped")
+        .expect("a drain is not a failure");
+    let stopped = started.elapsed();
+    println!("sockets removed after {removed:?}; agent stopped after {stopped:?}");
+    assert!(
+        stopped < grace,
+        "the open stream was ended by the agent, not waited out for the whole grace ({stopped:?})"
+    );
+}

@@ -8,7 +8,10 @@
 //! - the health server (`/live`, `/ready` once attested and the Workload API socket is up,
 //!   `/metrics`).
 //!
-//! The first SIGTERM drains (streams end, `/ready` 503) and exits 0; a second exits at once.
+//! They run as one set of named parts ([`crate::supervise`]): a part that fails or stops
+//! stops the agent, which exits non-zero naming it. The first SIGTERM removes the sockets
+//! at once (only while they are still this process's), then drains (streams end, `/ready`
+//! 503) for at most [`supervise::DRAIN_GRACE`] and exits 0; a second exits at once.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +37,7 @@ use crate::limits::{self, Caps, MintBudget};
 use crate::node_client::{NodeClient, NodeClientConfig};
 use crate::rotator::{self, RotatorMetrics};
 use crate::serving::Served;
+use crate::supervise::{self, Parts};
 use crate::sync::{self, TokenFile};
 use crate::transport::{self, Api, ApiMetrics};
 use crate::workload_api::{self, WorkloadApi};
@@ -276,10 +280,8 @@ pub struct KubeletArgs {
 pub fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     sigil_telemetry::process::run(args.log_format, |readiness, cancel| async move {
-        Agent::start_with(args, readiness, cancel.clone())
-            .await?
-            .wait()
-            .await;
+        let mut agent = Agent::start_with(args, readiness, cancel.clone()).await?;
+        agent.wait().await?;
         info!("sigil-agent stopped");
         Ok(())
     })
@@ -296,7 +298,8 @@ pub struct Agent {
     pub node: Arc<NodeClient>,
     /// The health server's address.
     pub health_addr: SocketAddr,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    parts: Parts,
+    cancel: CancellationToken,
 }
 
 impl Agent {
@@ -500,85 +503,110 @@ impl Agent {
         };
         let (attested_tx, attested_rx) = watch::channel(false);
         let attested_ready = readiness.component("node-attestation");
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(sync::keep_agent_svid(
-            node.clone(),
-            TokenFile(token_file),
-            tpm,
-            attested_tx,
-            cancel.clone(),
-        )));
-        tasks.push(tokio::spawn({
+        // Once the Workload API socket is bound, shutdown removes it (and its alias) at
+        // once, before the drain, and only while it is still ours.
+        let api_socket = transport::BoundSocket::at(&socket_path)
+            .with_context(|| format!("stat the Workload API socket {}", socket_path.display()))?;
+        let broker_socket = match &broker_listener {
+            Some(_) => Some(
+                transport::BoundSocket::at(&broker.broker_socket_path).with_context(|| {
+                    format!(
+                        "stat the Broker API socket {}",
+                        broker.broker_socket_path.display()
+                    )
+                })?,
+            ),
+            None => None,
+        };
+        let mut parts = Parts::default();
+        parts.spawn_until_cancelled(
+            "node attestation",
+            sync::keep_agent_svid(
+                node.clone(),
+                TokenFile(token_file),
+                tpm,
+                attested_tx,
+                cancel.clone(),
+            ),
+        );
+        // Ends once attested: not a part.
+        tokio::spawn({
             let mut rx = attested_rx.clone();
             async move {
                 if rx.wait_for(|a| *a).await.is_ok() {
                     attested_ready.set_ready();
                 }
             }
-        }));
-        tasks.push(tokio::spawn(sync::sync_entries(
-            node.clone(),
-            cache.clone(),
-            attested_rx,
-            cancel.clone(),
-        )));
-        tasks.push(tokio::spawn(rotator::run(
-            cache.clone(),
-            node.clone(),
-            rotator_metrics,
-            cancel.clone(),
-        )));
-        tasks.push(tokio::spawn({
+        });
+        parts.spawn_until_cancelled(
+            "entry sync",
+            sync::sync_entries(node.clone(), cache.clone(), attested_rx, cancel.clone()),
+        );
+        parts.spawn_until_cancelled(
+            "rotator",
+            rotator::run(cache.clone(), node.clone(), rotator_metrics, cancel.clone()),
+        );
+        parts.spawn("Workload API server", {
             let (cancel, proc_root) = (cancel.clone(), proc_root.clone());
             async move {
                 info!(socket = %socket_path.display(), "Workload API listening");
-                if let Err(e) = workload_api::serve(listener, api, proc_root, caps, cancel).await {
-                    tracing::error!(error = %e, "Workload API server failed");
-                }
-                let _ = std::fs::remove_file(&socket_path);
-                if !socket_alias.is_empty() {
-                    transport::unlink_alias(&socket_path, &socket_alias);
-                }
+                let removal = async {
+                    cancel.cancelled().await;
+                    if api_socket.remove() {
+                        info!(socket = %socket_path.display(), "Workload API socket removed; draining");
+                        if !socket_alias.is_empty() {
+                            transport::unlink_alias(&socket_path, &socket_alias);
+                        }
+                    }
+                };
+                let (served, ()) = tokio::join!(
+                    workload_api::serve(listener, api, proc_root, caps, cancel.clone()),
+                    removal
+                );
+                served.context("serve")
             }
-        }));
-        if let Some(listener) = broker_listener {
+        });
+        if let (Some(listener), Some(bound)) = (broker_listener, broker_socket) {
             let (cancel, proc_root, path) = (
                 cancel.clone(),
                 proc_root.clone(),
                 broker.broker_socket_path.clone(),
             );
-            tasks.push(tokio::spawn(async move {
+            parts.spawn("Broker API server", async move {
                 info!(socket = %path.display(), "Broker API listening");
-                if let Err(e) = broker_api::serve(listener, broker_api, proc_root, cancel).await {
-                    tracing::error!(error = %e, "Broker API server failed");
-                }
-                let _ = std::fs::remove_file(&path);
-            }));
+                let (served, ()) = tokio::join!(
+                    broker_api::serve(listener, broker_api, proc_root, cancel.clone()),
+                    bound.remove_on(cancel.clone())
+                );
+                served.context("serve")
+            });
         }
-        tasks.push(tokio::spawn({
+        parts.spawn("health server", {
             let (readiness, cancel) = (readiness.clone(), cancel.clone());
             async move {
-                if let Err(e) =
-                    sigil_telemetry::serve(health, Arc::new(registry), readiness, cancel).await
-                {
-                    tracing::error!(error = %e, "health server failed");
-                }
+                sigil_telemetry::serve(health, Arc::new(registry), readiness, cancel)
+                    .await
+                    .context("serve")
             }
-        }));
+        });
         Ok(Agent {
             readiness,
             cache,
             node,
             health_addr,
-            tasks,
+            parts,
+            cancel,
         })
     }
 
-    /// Waits until every subsystem has stopped (after cancellation).
-    pub async fn wait(self) {
-        for t in self.tasks {
-            let _ = t.await;
-        }
+    /// Waits until every part has stopped: after `cancel` (each gets
+    /// [`supervise::DRAIN_GRACE`] to drain), or when one of them fails, which stops the
+    /// rest and is returned naming the part ([`Parts::wait`]).
+    /// Waiting again returns at once.
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        std::mem::take(&mut self.parts)
+            .wait(&self.cancel, supervise::DRAIN_GRACE)
+            .await
     }
 }
 

@@ -26,6 +26,7 @@ pub mod node_client;
 pub mod rotator;
 pub mod sds;
 pub mod serving;
+pub mod supervise;
 pub mod sync;
 pub mod tpm;
 pub mod transport;

@@ -296,6 +296,46 @@ pub fn unlink_alias(socket: &Path, alias: &str) {
     }
 }
 
+/// A socket path this process bound, remembered by its inode, so that shutdown removes
+/// the path only while it is still this process's socket: a successor that already bound
+/// the same path (a DaemonSet update with surge) keeps its own.
+#[derive(Debug, Clone)]
+pub struct BoundSocket {
+    path: std::path::PathBuf,
+    inode: (u64, u64),
+}
+
+impl BoundSocket {
+    /// Remembers the socket now at `path` (call right after binding it).
+    pub fn at(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(BoundSocket {
+            path: path.to_owned(),
+            inode: (m.dev(), m.ino()),
+        })
+    }
+
+    /// Removes the path if it is still the socket remembered; returns whether it did.
+    pub fn remove(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.inode => std::fs::remove_file(&self.path).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// Removes the path as soon as `cancel` fires, before any drain: from then on a
+    /// client that connects gets ENOENT at once (and its retry finds the successor's
+    /// socket), not a listener that no longer accepts.
+    pub async fn remove_on(self, cancel: CancellationToken) {
+        cancel.cancelled().await;
+        if self.remove() {
+            info!(path = %self.path.display(), "socket removed");
+        }
+    }
+}
+
 /// Binds a socket only root reaches (the Broker API's: its directory 0700, the socket
 /// 0600), replacing a stale one.
 pub fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
@@ -401,6 +441,33 @@ mod tests {
         assert!(
             std::fs::symlink_metadata(&link).is_err(),
             "the alias is removed"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_removes_the_socket_at_once_but_never_a_successors() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let _old = bind_public(&sock).unwrap();
+        let ours = BoundSocket::at(&sock).unwrap();
+        // A successor bound the same path (its bind replaced ours): ours is gone, and
+        // removing "ours" must leave the successor's socket in place.
+        let _new = bind_public(&sock).unwrap();
+        assert!(!ours.remove());
+        UnixStream::connect(&sock).await.unwrap();
+
+        let theirs = BoundSocket::at(&sock).unwrap();
+        let cancel = CancellationToken::new();
+        let removal = tokio::spawn(theirs.remove_on(cancel.clone()));
+        tokio::task::yield_now().await;
+        assert!(sock.exists(), "removed only when shutdown begins");
+        cancel.cancel();
+        removal.await.unwrap();
+        assert!(!sock.exists());
+        assert_eq!(
+            UnixStream::connect(&sock).await.unwrap_err().kind(),
+            std::io::ErrorKind::NotFound,
+            "a client sees ENOENT, not a listener that no longer accepts"
         );
     }
 }
