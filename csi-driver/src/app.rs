@@ -56,6 +56,11 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "SIGIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
+    /// How long a socket-mode publish waits for the pod's X509-SVID before returning, so
+    /// the container starts with its identity ready (a Go duration; 0s: do not wait). A
+    /// pod with no identity is not held back.
+    #[arg(long, env = "SIGIL_SOCKET_PUBLISH_WAIT", default_value = "10s", value_parser = sigil_telemetry::process::go_duration)]
+    pub socket_publish_wait: Duration,
 }
 
 /// Parses the flags and serves until a signal ([`sigil_telemetry::process::run`]).
@@ -93,6 +98,7 @@ pub async fn run(
         token_audience,
         health_addr,
         log_format: _,
+        socket_publish_wait,
     } = args;
     info!(node = %node_name, version = env!("CARGO_PKG_VERSION"), "sigil-csi starting");
     let socket = endpoint_path(&endpoint)?;
@@ -109,6 +115,7 @@ pub async fn run(
             node_id: node_name,
             agent_socket_dir,
             token_audience,
+            socket_publish_wait,
         },
         mounter,
         files.clone(),

@@ -186,6 +186,11 @@ pub fn audience_file(audience: &str) -> String {
 }
 
 impl FilesVolumes {
+    /// The agent's Broker API client (socket-mode publishes wait for identities with it).
+    pub fn broker(&self) -> &BrokerClient {
+        &self.broker
+    }
+
     /// Volumes recorded under `data_dir`, served through `broker`.
     pub fn new(
         data_dir: &Path,

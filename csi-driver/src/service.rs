@@ -3,7 +3,11 @@
 //!
 //! NodePublishVolume validates every field first (InvalidArgument naming the field), then:
 //! - `mode: workload-api` (default): bind-mounts the agent's socket directory read-only
-//!   on the target; `readOnly: true` is required.
+//!   on the target; `readOnly: true` is required. When the kubelet passes the pod's token,
+//!   the publish then waits, at most `--socket-publish-wait`, until the agent holds the
+//!   pod's X509-SVID, so an application that fetches once at start finds it
+//!   ([`CsiService::wait_for_identity`]). A pod with no identity, or an agent that cannot
+//!   tell, does not hold the publish back: the socket is mounted either way.
 //! - `mode: files`: a tmpfs with the pod's identity files ([`crate::files`]), always
 //!   read-only to the pod (whatever `readOnly` says: the pod never writes into it).
 //!   `fileMode` is capped (owner-readable, never executable or world-writable), the
@@ -23,7 +27,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -37,6 +41,9 @@ use tracing::{info, warn};
 use crate::broker::PodRef;
 use crate::files::{FilesOptions, FilesVolumes, VolumeRecord};
 use crate::mounter::Mounter;
+
+/// How long a socket-mode publish retries "no identity issued" before mounting anyway.
+pub const NO_IDENTITY_GRACE: Duration = Duration::from_secs(1);
 
 /// The driver name pods use (`driver: csi.sigil.dev`).
 pub const DRIVER_NAME: &str = "csi.sigil.dev";
@@ -75,6 +82,15 @@ pub struct TokenLabels {
     pub source: String,
 }
 
+/// Labels of the socket-mode wait counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SocketWaitLabels {
+    /// `ready` (the pod's SVID was signed before the publish returned), `no_identity` (no
+    /// ClusterSPIFFEID selects the pod), `timeout` (`--socket-publish-wait` ran out) or
+    /// `error` (the agent refused or could not be reached).
+    pub outcome: String,
+}
+
 /// sigil-csi metrics.
 #[derive(Debug, Clone)]
 pub struct CsiMetrics {
@@ -84,6 +100,8 @@ pub struct CsiMetrics {
     pub pod_tokens: Family<TokenLabels, Counter>,
     /// NodePublishVolume duration, seconds.
     pub publish_seconds: Histogram,
+    /// Socket-mode publishes that waited for the pod's identity, by outcome.
+    pub socket_waits: Family<SocketWaitLabels, Counter>,
 }
 
 impl Default for CsiMetrics {
@@ -92,6 +110,7 @@ impl Default for CsiMetrics {
             ops: Family::default(),
             pod_tokens: Family::default(),
             publish_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            socket_waits: Family::default(),
         }
     }
 }
@@ -115,6 +134,11 @@ impl CsiMetrics {
             "NodePublishVolume duration",
             self.publish_seconds.clone(),
         );
+        r.register(
+            "socket_publish_waits",
+            "Socket-mode publishes that waited for the pod's X509-SVID, by outcome (ready, no_identity, timeout, error)",
+            self.socket_waits.clone(),
+        );
     }
 }
 
@@ -127,6 +151,8 @@ pub struct NodeConfig {
     pub agent_socket_dir: PathBuf,
     /// Audience of the tokens the kubelet passes (the CSIDriver's `tokenRequests`).
     pub token_audience: String,
+    /// How long a socket-mode publish waits for the pod's X509-SVID (zero: not at all).
+    pub socket_publish_wait: Duration,
 }
 
 /// The Identity and Node services.
@@ -147,7 +173,12 @@ struct Inner {
 /// A validated publish request.
 #[derive(Debug)]
 enum Publish {
-    WorkloadApi { target: PathBuf },
+    WorkloadApi {
+        target: PathBuf,
+        /// The pod and its token, when the kubelet passed them: the publish waits for the
+        /// pod's identity.
+        pod: Option<(PodRef, String)>,
+    },
     Files(Box<VolumeRecord>),
 }
 
@@ -237,7 +268,25 @@ impl CsiService {
                         )));
                     }
                 }
-                Ok(Publish::WorkloadApi { target })
+                let get = |k: &str| ctx.get(k).filter(|v| !v.is_empty()).cloned();
+                let pod = match (get(CTX_POD_NAMESPACE), get(CTX_POD_NAME), get(CTX_POD_UID)) {
+                    (Some(namespace), Some(name), Some(uid)) => {
+                        pod_token(&r.secrets, ctx, &self.inner.config.token_audience)
+                            .ok()
+                            .map(|(token, _)| {
+                                (
+                                    PodRef {
+                                        namespace,
+                                        name,
+                                        uid,
+                                    },
+                                    token,
+                                )
+                            })
+                    }
+                    _ => None,
+                };
+                Ok(Publish::WorkloadApi { target, pod })
             }
             "files" => {
                 let get = |k: &str| ctx.get(k).filter(|v| !v.is_empty()).cloned();
@@ -277,6 +326,45 @@ impl CsiService {
         }
     }
 
+    /// Waits, at most `--socket-publish-wait`, until the agent holds `pod`'s X509-SVID
+    /// (the Broker API answers a subscription once the pod's SVIDs are signed). "No
+    /// identity issued" is retried for [`NO_IDENTITY_GRACE`]: the pod's entry may reach
+    /// the agent just after the kubelet calls us, both learning of the pod's binding at
+    /// about the same time. Returns the outcome label.
+    pub async fn wait_for_identity(&self, pod: &PodRef, token: &str) -> &'static str {
+        let wait = self.inner.config.socket_publish_wait;
+        let broker = self.inner.files.broker();
+        let started = tokio::time::Instant::now();
+        let attempts = async {
+            loop {
+                let first = match broker.subscribe_x509(pod, token).await {
+                    Ok(mut stream) => stream.message().await,
+                    Err(s) => Err(s),
+                };
+                match first {
+                    Ok(Some(_)) => return "ready",
+                    Err(s)
+                        if s.code() == tonic::Code::PermissionDenied
+                            && s.message() == "no identity issued" =>
+                    {
+                        if started.elapsed() >= NO_IDENTITY_GRACE {
+                            return "no_identity";
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(None) => return "error",
+                    Err(s) => {
+                        warn!(pod = %format!("{}/{}", pod.namespace, pod.name), code = ?s.code(), message = s.message(), "the agent did not confirm the pod's identity; the socket is mounted anyway");
+                        return "error";
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(wait, attempts)
+            .await
+            .unwrap_or("timeout")
+    }
+
     fn count_token(&self, source: TokenSource) {
         self.inner
             .metrics
@@ -304,7 +392,7 @@ impl CsiService {
         let lock = self.lock_for(&r.volume_id);
         let _held = lock.lock().await;
         match publish {
-            Publish::WorkloadApi { target } => {
+            Publish::WorkloadApi { target, pod } => {
                 if self
                     .inner
                     .mounter
@@ -331,6 +419,20 @@ impl CsiService {
                         ))
                     })?;
                 info!(volume = %r.volume_id, target = %target.display(), "Workload API socket mounted");
+                if let Some((pod, token)) = pod
+                    && !self.inner.config.socket_publish_wait.is_zero()
+                {
+                    let started = Instant::now();
+                    let outcome = self.wait_for_identity(&pod, &token).await;
+                    info!(volume = %r.volume_id, pod = %format!("{}/{}", pod.namespace, pod.name), outcome, waited_ms = started.elapsed().as_millis() as u64, "waited for the pod's identity");
+                    self.inner
+                        .metrics
+                        .socket_waits
+                        .get_or_create(&SocketWaitLabels {
+                            outcome: outcome.into(),
+                        })
+                        .inc();
+                }
                 Ok("workload-api")
             }
             Publish::Files(record) => {

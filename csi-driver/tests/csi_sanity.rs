@@ -97,6 +97,7 @@ async fn csi_sanity_passes() {
         token_audience: "sigil-csi".into(),
         health_addr: "127.0.0.1:0".parse().unwrap(),
         log_format: LogFormat::Text,
+        socket_publish_wait: std::time::Duration::from_secs(10),
     };
     let server = tokio::spawn(run(
         args,

@@ -60,6 +60,7 @@ fn main() {
             token_audience: "sigil-csi".into(),
             health_addr: "127.0.0.1:0".parse().expect("addr"),
             log_format: LogFormat::Json,
+            socket_publish_wait: std::time::Duration::from_secs(10),
         };
         let server = tokio::spawn(run(args, Arc::new(LinuxMounter), Readiness::new(), cancel.clone()));
         while !socket.exists() {

@@ -281,6 +281,10 @@ async fn every_rendering_passes_a_server_side_dry_run() {
                     <sigil_agent::app::Args as clap::Parser>::try_parse_from(argv)
                         .map(|_| ())
                         .map_err(|e| e.to_string())
+                } else if image.contains("/sigil-csi:") {
+                    <sigil_csi::app::Args as clap::Parser>::try_parse_from(argv)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
                 } else {
                     continue;
                 };
@@ -290,7 +294,16 @@ async fn every_rendering_passes_a_server_side_dry_run() {
                 parsed_binaries += 1;
             }
         }
-        assert_eq!(parsed_binaries, 2, "operator and agent args checked");
+        let with_csi = objects.iter().any(|o| {
+            o.data["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["name"] == "csi"))
+        });
+        assert_eq!(
+            parsed_binaries,
+            2 + usize::from(with_csi),
+            "operator, agent (and sigil-csi) args checked"
+        );
         let mut checked = 0;
         for obj in &objects {
             let kind = obj.types.as_ref().unwrap().kind.as_str();

@@ -845,3 +845,109 @@ async fn the_broker_api_answers_only_the_configured_broker() {
     assert!(aw.metrics().await.contains("reason=\"not_the_broker\""));
     csi.stop().await;
 }
+
+/// Issue #29 item 3: a socket-mode publish with the pod's token returns only once the
+/// agent holds the pod's X509-SVID, so an application that fetches once at start (the
+/// container starts after the publish) gets its identity at the first try; a pod that no
+/// ClusterSPIFFEID selects is not held back beyond a short grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_mode_publish_waits_for_the_pods_identity() {
+    let aw = AgentWorld::start("csiwait").await;
+    let tag = aw.w.tag.clone();
+    let late = aw.workload("late-1", "web", json!({"app": "late"})).await;
+    let none = aw.workload("none-1", "web", json!({"app": "none"})).await;
+    let csi = Csi::start(csi_args(&aw)).await;
+    let mut client = csi.client().await;
+    let target = |pod: &str| {
+        aw.dir
+            .path()
+            .join("pods")
+            .join(pod)
+            .join("volumes")
+            .join("spiffe")
+    };
+
+    // No ClusterSPIFFEID selects the pod when the kubelet calls: the publish waits; the
+    // identity appears 300 ms later (entry pushed to the agent, SVID signed) and the
+    // publish returns with it in the agent's cache.
+    let token = aw.w.token(&late.pod, "sigil-csi").await;
+    let request = publish_request(
+        "vol-late",
+        &target("late-1"),
+        &late.pod,
+        Some(&token),
+        true,
+        &[],
+    );
+    let started = std::time::Instant::now();
+    let publish = tokio::spawn({
+        let mut client = client.clone();
+        async move {
+            client.node_publish_volume(request).await.unwrap();
+            started.elapsed()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !publish.is_finished(),
+        "the publish returned before the pod had an identity"
+    );
+    node_api_common::create(
+        &Api::<ClusterSPIFFEID>::all(aw.w.client.clone()),
+        json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": format!("{tag}-late")}, "spec": {
+            "trustDomain": aw.w.td_object,
+            "namespaceSelector": {"matchLabels": {"sigil-test": tag}},
+            "podSelector": {"matchLabels": {"app": "late"}},
+        }}),
+    )
+    .await;
+    let waited = publish.await.unwrap();
+    println!("socket-mode publish returned {waited:?} after the call (identity created at 300 ms)");
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(
+        waited < Duration::from_secs(10),
+        "the wait ran out: {waited:?}"
+    );
+    // The application's one fetch at start succeeds.
+    let addr = format!("unix://{}", target("late-1").join("api.sock").display());
+    let x = json_out(
+        "go-spiffe's first fetch through the fresh mount",
+        &late
+            .run(&tool("go-spiffe-client"), &["-addr", &addr, "x509"])
+            .await,
+    );
+    assert_eq!(x["svids"][0]["spiffe_id"], aw.id_for_sa("web").as_str());
+
+    // A pod with no identity: mounted after the grace, not after the full wait; its
+    // fetch is refused as before.
+    let token = aw.w.token(&none.pod, "sigil-csi").await;
+    let started = std::time::Instant::now();
+    client
+        .node_publish_volume(publish_request(
+            "vol-none",
+            &target("none-1"),
+            &none.pod,
+            Some(&token),
+            true,
+            &[],
+        ))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    println!("socket-mode publish for a pod with no identity returned after {waited:?}");
+    assert!(
+        waited >= sigil_csi::service::NO_IDENTITY_GRACE && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    assert_eq!(LinuxMounter.mount_count(&target("none-1")).unwrap(), 1);
+    let addr = format!("unix://{}", target("none-1").join("api.sock").display());
+    let out = none
+        .run(&tool("go-spiffe-client"), &["-addr", &addr, "x509"])
+        .await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no identity issued"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

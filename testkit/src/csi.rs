@@ -84,6 +84,7 @@ pub fn csi_args(aw: &AgentWorld) -> Args {
         token_audience: "sigil-csi".into(),
         health_addr: "127.0.0.1:0".parse().unwrap(),
         log_format: LogFormat::Json,
+        socket_publish_wait: std::time::Duration::from_secs(10),
     }
 }
 
