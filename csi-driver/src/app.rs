@@ -57,7 +57,7 @@ pub struct Args {
     #[arg(long, env = "SIGIL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
     /// How long a socket-mode publish waits for the pod's X509-SVID before returning, so
-    /// the container starts with its identity ready (a Go duration; 0s: do not wait). A
+    /// the container starts with its identity ready (a positive Go duration, as every duration flag). A
     /// pod with no identity is not held back.
     #[arg(long, env = "SIGIL_SOCKET_PUBLISH_WAIT", default_value = "10s", value_parser = sigil_telemetry::process::go_duration)]
     pub socket_publish_wait: Duration,
