@@ -637,6 +637,39 @@ fn every_chart_option_lands_where_it_belongs() {
 
     // The defaults: no Namespace object, no pull secrets, the operator's replicas spread
     // over nodes, the agent node-critical, a PDB of maxUnavailable 1, images unchanged.
+    // Admission warnings: the port on the container, the Service, the webhook and the
+    // NetworkPolicy rule (restricted to the control plane's block), and the timeout.
+    let vwc = &object(&objects, "ValidatingWebhookConfiguration")
+        .unwrap()
+        .data["webhooks"][0];
+    assert_eq!(vwc["timeoutSeconds"], 5);
+    assert_eq!(vwc["clientConfig"]["service"]["port"], 9444);
+    assert_eq!(vwc["failurePolicy"], "Ignore");
+    assert!(args_of(container(op, "operator")).contains(&"--admission-addr=0.0.0.0:9444"));
+    let svc = objects
+        .iter()
+        .find(|o| {
+            o.types.as_ref().unwrap().kind == "Service" && o.name_any().ends_with("-operator")
+        })
+        .unwrap();
+    assert!(
+        svc.data["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "admission" && p["port"] == 9444),
+        "{}",
+        svc.data["spec"]["ports"]
+    );
+    let policy = &object(&objects, "NetworkPolicy").unwrap().data["spec"]["ingress"];
+    let rule = policy
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["ports"][0]["port"] == "admission")
+        .unwrap();
+    assert_eq!(rule["from"], json!([{"ipBlock": {"cidr": "10.0.0.0/28"}}]));
+
     let objects = render_values("default-values.yaml", &[]);
     assert!(object(&objects, "Namespace").is_none());
     let op = pod_spec(&objects, "Deployment");
@@ -657,6 +690,21 @@ fn every_chart_option_lands_where_it_belongs() {
     );
     let pdb = &object(&objects, "PodDisruptionBudget").unwrap().data["spec"];
     assert_eq!(pdb["maxUnavailable"], 1);
+
+    // Admission off: no webhook, no flag, no port, no RBAC rule.
+    let off = render_values("default-values.yaml", &["admission.enabled=false"]);
+    assert!(object(&off, "ValidatingWebhookConfiguration").is_none());
+    let text = serde_json::to_string(&off.iter().map(|o| &o.data).collect::<Vec<_>>()).unwrap();
+    for absent in [
+        "--admission-",
+        "validatingwebhookconfigurations",
+        "\"admission\"",
+    ] {
+        assert!(
+            !text.contains(absent),
+            "{absent} rendered with admission.enabled=false"
+        );
+    }
 
     // PDB off; a registry override on references with no registry host.
     let objects = render_values(
@@ -708,6 +756,10 @@ fn the_schema_refuses_wrong_values_naming_the_field() {
             "/agent/tolerations/0/operator",
         ),
         (&["imagePullSecrets[0]=regcred"], "/imagePullSecrets/0"),
+        (
+            &["admission.timeoutSeconds=60"],
+            "/admission/timeoutSeconds",
+        ),
         (
             &["operator.podDisruptionBudget.minAvailable=half"],
             "/operator/podDisruptionBudget/minAvailable",
@@ -804,4 +856,210 @@ async fn pod_security_labels_admit_the_charts_pods() {
     pods.create(&dry, &pod_of("Deployment"))
         .await
         .unwrap_or_else(|e| panic!("the operator's pod refused under restricted: {e}"));
+}
+
+/// `kubectl create -f -` of `pod`, as the admin: its stderr (where kubectl prints the API
+/// server's warnings) on success.
+async fn kubectl_create(kubeconfig: &Path, pod: &serde_json::Value) -> String {
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = tokio::process::Command::new(sigil_e2e::tools::tool("kubectl").unwrap())
+        .args([
+            "--kubeconfig",
+            &kubeconfig.display().to_string(),
+            "create",
+            "-f",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(pod.to_string().as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "kubectl create failed: {stderr}");
+    stderr
+}
+
+/// Admission warnings, as the chart installs them: the chart's ValidatingWebhookConfiguration
+/// (its matchConditions, failurePolicy and rules, with the Service swapped for this test's
+/// loopback URL), the operator's webhook running on the chart's RBAC (it makes its Secret
+/// and writes the caBundle itself), and the real kubectl printing the API server's warning.
+#[tokio::test]
+async fn kubectl_warns_about_a_pod_with_a_sigil_volume_that_no_cluster_spiffe_id_selects() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let cp = sigil_e2e::shared().await;
+    let admin = cp.admin().await.unwrap();
+    let discovery = Discovery::new(admin.clone()).run().await.unwrap();
+    let ns = cp.namespace("chart-admission").await.unwrap();
+    let release = unique("adm");
+    let objects = render(
+        &release,
+        &ns,
+        &chart().join("ci").join("default-values.yaml"),
+        &["trustDomain.create=false", "clusterSPIFFEID.create=false"],
+    );
+    for obj in &objects {
+        let kind = obj.types.as_ref().unwrap().kind.clone();
+        if matches!(
+            kind.as_str(),
+            "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
+        ) {
+            apply(&admin, &discovery, obj, &ns, false).await.unwrap();
+        }
+    }
+    let operator = cp
+        .service_account_client(&ns, "sigil-operator")
+        .await
+        .unwrap();
+    let w = World::start_with(
+        "adm",
+        WorldOptions {
+            namespace: Some(ns.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+
+    // The operator's flags as the chart renders them, but serving on loopback.
+    let operator_args = {
+        let deployment = object(&objects, "Deployment").unwrap();
+        let spec = &deployment.data["spec"]["template"]["spec"];
+        args_of(container(spec, "operator"))
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let flag = |name: &str| {
+        operator_args
+            .iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("--{name} in {operator_args:?}"))
+            .to_owned()
+    };
+    let configuration = flag("admission-webhook-configuration");
+    let secret = flag("admission-secret");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut vwc = object(&objects, "ValidatingWebhookConfiguration")
+        .expect("the chart renders the admission webhook by default")
+        .clone();
+    assert_eq!(vwc.name_any(), configuration);
+    let hook = &mut vwc.data["webhooks"][0];
+    assert_eq!(hook["failurePolicy"], "Ignore");
+    assert_eq!(hook["clientConfig"]["service"]["path"], "/validate/pods");
+    hook["clientConfig"] = json!({"url": format!("https://127.0.0.1:{port}/validate/pods")});
+    apply(&admin, &discovery, &vwc, &ns, false).await.unwrap();
+
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let _stop = cancel.clone().drop_guard();
+    let metrics = sigil_operator::admission::AdmissionMetrics::default();
+    tokio::spawn(sigil_operator::admission::run(
+        operator,
+        ns.clone(),
+        sigil_operator::admission::AdmissionArgs {
+            admission_addr: None,
+            admission_secret: secret.clone(),
+            admission_dns_names: vec!["127.0.0.1".into()],
+            admission_webhook_configuration: configuration.clone(),
+        },
+        listener,
+        sigil_operator::admission::Webhook {
+            index: w.index.clone(),
+            metrics: metrics.clone(),
+        },
+        cancel.clone(),
+    ));
+    let vwcs =
+        Api::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>::all(
+            admin.clone(),
+        );
+    let ca = eventually("the operator to set the caBundle", SETTLE, || async {
+        let v = vwcs.get(&configuration).await.ok()?;
+        v.webhooks?.first()?.client_config.ca_bundle.clone()
+    })
+    .await;
+    let stored = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), &ns)
+        .get(&secret)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.data.unwrap()["ca.crt"].0,
+        ca.0,
+        "the caBundle is the CA in the Secret every replica reads"
+    );
+
+    let csid = format!("{}-api", w.tag);
+    w.cluster_spiffe_id(&csid, "api").await;
+    let pod = |name: &str, app: &str, driver: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": w.ns, "labels": {"app": app}},
+            "spec": {"containers": [{"name": "c", "image": "registry.invalid/none"}],
+                     "volumes": [{"name": "spiffe", "csi": {"driver": driver, "readOnly": true}}]}})
+    };
+    // The index learns of the new ClusterSPIFFEID through its watch: until it has, the
+    // nearest miss may be another one; the pods are new each time.
+    let mut attempt = 0;
+    let warning = eventually("a warning naming the ClusterSPIFFEID", SETTLE, || {
+        attempt += 1;
+        let web = pod(&format!("web-{attempt}"), "web", "csi.sigil.dev");
+        let (kubeconfig, csid) = (cp.kubeconfig_path().to_owned(), csid.clone());
+        async move {
+            let stderr = kubectl_create(&kubeconfig, &web).await;
+            stderr
+                .contains(&format!("ClusterSPIFFEID {csid}"))
+                .then_some(stderr)
+        }
+    })
+    .await;
+    println!("kubectl printed: {warning}");
+    for part in [
+        "Warning:",
+        "mounts Sigil volume \"spiffe\"",
+        "no ClusterSPIFFEID selects it",
+        "spec.podSelector does not match the pod's labels (app=web)",
+        "sigil explain pod",
+    ] {
+        assert!(warning.contains(part), "{part:?} missing: {warning}");
+    }
+    let selected =
+        kubectl_create(cp.kubeconfig_path(), &pod("api-1", "api", "csi.sigil.dev")).await;
+    assert!(!selected.contains("Warning"), "a selected pod: {selected}");
+    let other = kubectl_create(
+        cp.kubeconfig_path(),
+        &pod("other-1", "web", "csi.example.com"),
+    )
+    .await;
+    assert!(
+        !other.contains("Warning"),
+        "another driver's volume: {other}"
+    );
+
+    let mut text = String::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let count = |outcome: &str| {
+        sigil_e2e::http::metric(
+            &text,
+            &format!("sigil_admission_reviews_total{{outcome=\"{outcome}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(count("warned") >= 1.0, "{text}");
+    assert_eq!(count("selected"), 1.0, "{text}");
+    assert_eq!(
+        count("not_concerned"),
+        0.0,
+        "matchConditions kept the other driver's pod away from the webhook: {text}"
+    );
+    vwcs.delete(&configuration, &Default::default())
+        .await
+        .unwrap();
 }

@@ -1148,15 +1148,31 @@ async fn the_kubelet_pod_source_attests_real_containers(ctx: Arc<Ctx>) -> Result
 async fn a_pod_no_clusterspiffeid_selects_gets_permission_denied(ctx: Arc<Ctx>) -> Result<()> {
     let ns = "rn-denied";
     namespace(&ctx, ns, "").await?;
-    ctx.node
-        .apply(&socket_pod(
+    // kubectl prints the admission webhook's warning (through the operator's Service).
+    let manifest = std::env::temp_dir().join(format!("rn-denied-{}.yaml", std::process::id()));
+    std::fs::write(
+        &manifest,
+        socket_pod(
             ns,
             "nobody",
             "default",
             "sigil.dev/identity: none",
             r#"["/bin/sleep", "infinity"]"#,
-        ))
+        ),
+    )?;
+    let created = ctx
+        .node
+        .kubectl_output(&["apply", "-f", &manifest.display().to_string()])
         .await?;
+    let _ = std::fs::remove_file(&manifest);
+    let warning = String::from_utf8_lossy(&created.stderr);
+    ensure!(created.status.success(), "kubectl apply: {warning}");
+    ensure!(
+        warning.contains("Warning:")
+            && warning.contains("no ClusterSPIFFEID selects it")
+            && warning.contains("sigil.dev/identity=none"),
+        "kubectl printed no admission warning naming the selector: {warning:?}"
+    );
     wait_ready(&ctx, ns, "nobody").await?;
     let (ok, out, err) = exec(&ctx, ns, "nobody", &["/go-spiffe-client", "x509"]).await?;
     ensure!(!ok, "an unselected pod got an SVID: {out}");

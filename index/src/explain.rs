@@ -57,7 +57,8 @@ pub struct Explanation {
     pub verdict: Verdict,
 }
 
-fn labels_text(l: Option<&std::collections::BTreeMap<String, String>>) -> String {
+/// `k=v,k2=v2`, or "no labels", for messages.
+pub(crate) fn labels_text(l: Option<&std::collections::BTreeMap<String, String>>) -> String {
     let pairs: Vec<String> = l
         .into_iter()
         .flatten()

@@ -94,6 +94,23 @@ impl IndexConfig {
     }
 }
 
+/// What [`EntryIndex::admission`] finds for a pod about to be created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// These ClusterSPIFFEIDs select it (fallbacks included).
+    Selected(Vec<String>),
+    /// None does; the nearest (the one that failed last in the order the index checks:
+    /// spec, trust domain, `namespaceSelector`, `podSelector`) and why, when any exists.
+    NotSelected {
+        /// The nearest ClusterSPIFFEID's name, and the reason it does not select the pod.
+        nearest: Option<(String, String)>,
+    },
+    /// The namespace is one the operator never serves.
+    NamespaceIgnored,
+    /// The index cannot tell yet (not synced, or the namespace is not seen yet).
+    Unknown(String),
+}
+
 /// One node's published entries and the channel that announces their changes.
 #[derive(Debug)]
 struct NodeShard {
@@ -574,6 +591,20 @@ impl EntryIndex {
     /// its ClusterSPIFFEIDs list in `federatesWith`.
     pub fn federations(&self) -> BTreeMap<String, BTreeSet<TrustDomain>> {
         self.lock().state.federations()
+    }
+
+    /// Which ClusterSPIFFEIDs would select a pod labelled `labels` in `namespace`, asked
+    /// before the pod exists (the admission webhook's warning). Only the selectors count
+    /// here: rendering needs the pod's node, which a pod being created does not have yet.
+    pub fn admission(
+        &self,
+        namespace: &str,
+        labels: Option<&BTreeMap<String, String>>,
+    ) -> Admission {
+        let empty = BTreeMap::new();
+        self.lock()
+            .state
+            .admission(namespace, labels.unwrap_or(&empty))
     }
 
     /// ClusterSPIFFEID `name`'s status as the index sees it.

@@ -1008,6 +1008,71 @@ impl State {
     pub(crate) fn csid_names(&self) -> Vec<String> {
         self.csid_by_name.keys().cloned().collect()
     }
+
+    /// Which ClusterSPIFFEIDs would select a pod with `labels` in `namespace`, before it
+    /// exists ([`crate::Admission`]).
+    pub(crate) fn admission(&self, namespace: &str, labels: &Labels) -> crate::Admission {
+        use crate::Admission;
+        if !self.synced {
+            return Admission::Unknown("the operator is still listing objects".into());
+        }
+        if self.config.ignores(namespace) {
+            return Admission::NamespaceIgnored;
+        }
+        let Some(ns_labels) = self.namespaces.get(namespace) else {
+            return Admission::Unknown(format!("namespace {namespace} is not known yet"));
+        };
+        let mut selected = Vec::new();
+        // (closeness, name, why not): the closest ClusterSPIFFEID failed last in the order
+        // the index applies its checks.
+        let mut nearest: Option<(u8, &str, String)> = None;
+        for (_, rec) in self.live_csids() {
+            let name = rec.meta.name.as_str();
+            let miss = match (&rec.compiled, &rec.resolved) {
+                (Err(e), _) => (0, format!("its spec is invalid: {e}")),
+                (Ok(_), TdResolution::NotFound(td)) => (
+                    1,
+                    format!("its TrustDomain {td:?} (spec.trustDomain) does not exist"),
+                ),
+                (Ok(_), TdResolution::NoneExist) => (1, "no TrustDomain exists".into()),
+                (Ok(_), TdResolution::Ambiguous(n)) => (
+                    1,
+                    format!("spec.trustDomain is not set and {n} TrustDomains exist"),
+                ),
+                (Ok(c), TdResolution::Found(_)) => {
+                    if !c.namespace_selector.matches(ns_labels) {
+                        (
+                            2,
+                            format!(
+                                "spec.namespaceSelector does not match namespace {namespace} ({})",
+                                crate::explain::labels_text(Some(ns_labels))
+                            ),
+                        )
+                    } else if !c.pod_selector.matches(labels) {
+                        (
+                            3,
+                            format!(
+                                "spec.podSelector does not match the pod's labels ({})",
+                                crate::explain::labels_text(Some(labels))
+                            ),
+                        )
+                    } else {
+                        selected.push(name.to_owned());
+                        continue;
+                    }
+                }
+            };
+            if nearest.as_ref().is_none_or(|(rank, _, _)| miss.0 > *rank) {
+                nearest = Some((miss.0, name, miss.1));
+            }
+        }
+        if !selected.is_empty() {
+            return Admission::Selected(selected);
+        }
+        Admission::NotSelected {
+            nearest: nearest.map(|(_, name, why)| (name.to_owned(), why)),
+        }
+    }
 }
 
 /// Finds the TrustDomain a ClusterSPIFFEID names, or the only one when it names none.

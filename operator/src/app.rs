@@ -21,6 +21,7 @@ use sigil_telemetry::process::{go_duration, kube_client};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::admission::{self, AdmissionArgs, AdmissionMetrics};
 use crate::authority::Authorities;
 use crate::federation::endpoint::{EndpointConfig, EndpointTls};
 use crate::federation::{self, FederatedBundles};
@@ -96,6 +97,10 @@ pub struct Args {
     /// Pod certificate flags.
     #[command(flatten)]
     pub pod_certificates: PodCertificateArgs,
+
+    /// Admission webhook flags.
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
 }
 
 /// Flags of the pod certificate signer (`sigil.dev/<TrustDomain>`, docs/pod-certificates.md).
@@ -340,6 +345,7 @@ pub async fn run(
         node_api,
         federation: federation_args,
         pod_certificates: pod_cert_args,
+        admission: admission_args,
     } = args;
     info!(%namespace, identity = %pod_name, version = env!("CARGO_PKG_VERSION"), "sigil-operator starting");
     let client = kube_client(kubeconfig.as_deref()).await?;
@@ -453,13 +459,35 @@ pub async fn run(
     )
     .await?;
 
+    let admission = match admission_args.admission_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("bind the admission webhook to {addr} (--admission-addr)")
+            })?;
+            let metrics = AdmissionMetrics::default();
+            metrics.register(&mut registry);
+            futures::future::Either::Left(admission::run(
+                client.clone(),
+                namespace.clone(),
+                admission_args,
+                listener,
+                admission::Webhook {
+                    index: entry_index.clone(),
+                    metrics,
+                },
+                cancel.clone(),
+            ))
+        }
+        None => futures::future::Either::Right(async { Ok(()) }),
+    };
+
     let health = telemetry::serve(
         listener,
         Arc::new(registry),
         readiness.clone(),
         cancel.clone(),
     );
-    let (health, (), td, (), (), node_api, endpoints, ()) = tokio::join!(
+    let (health, (), td, (), (), node_api, endpoints, (), admission) = tokio::join!(
         health,
         election.run(cancel.clone()),
         trust_domain::run(client.clone(), td_options, td_shared, cancel.clone()),
@@ -468,8 +496,10 @@ pub async fn run(
         node_api,
         endpoints,
         pod_certs,
+        admission,
     );
     health.context("health server")?;
+    admission.context("admission webhook")?;
     td.context("TrustDomain controller")?;
     node_api.map_err(|e| anyhow::anyhow!("Node API: {e}"))?;
     endpoints.map_err(|e| anyhow::anyhow!("bundle endpoint: {e}"))?;

@@ -19,6 +19,7 @@
 //! - [`serving`]: the operator's own serving SVIDs (Node API, bundle endpoint).
 //! - [`tls_listener`]: TLS accept loops with handshake deadlines and bounds.
 
+pub mod admission;
 pub mod app;
 pub mod authority;
 pub use sigil_api::{crd, template};

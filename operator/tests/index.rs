@@ -967,3 +967,89 @@ fn shared_spiffe_ids_on_a_node_are_all_found() {
             .is_empty()
     );
 }
+
+#[test]
+fn admission_names_who_would_select_a_new_pod_or_the_nearest_miss_and_why() {
+    use sigil_operator::index::Admission;
+    let ix = index();
+    let labels = map(&[("app", "web")]);
+    assert_eq!(
+        ix.admission("prod", Some(&labels)),
+        Admission::NotSelected { nearest: None },
+        "no ClusterSPIFFEID at all"
+    );
+    ix.apply_cluster_spiffe_id(&csid(
+        "broken",
+        0,
+        json!({"spiffeIDTemplate": "spiffe://{{ .Bad"}),
+    ));
+    ix.apply_cluster_spiffe_id(&csid("elsewhere", 1, json!({"trustDomain": "missing"})));
+    ix.apply_cluster_spiffe_id(&csid(
+        "dev-only",
+        2,
+        json!({"namespaceSelector": {"matchLabels": {"env": "dev"}}}),
+    ));
+    ix.apply_cluster_spiffe_id(&csid(
+        "api",
+        3,
+        json!({"podSelector": {"matchLabels": {"app": "api"}}}),
+    ));
+    // The nearest is the one whose last check failed: podSelector, after namespaceSelector,
+    // the trust domain and the spec itself.
+    match ix.admission("prod", Some(&labels)) {
+        Admission::NotSelected {
+            nearest: Some((name, why)),
+        } => {
+            assert_eq!(name, "api");
+            assert!(
+                why.contains("spec.podSelector") && why.contains("app=web"),
+                "{why}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match ix.admission("prod", None) {
+        Admission::NotSelected {
+            nearest: Some((_, why)),
+        } => assert!(why.contains("no labels"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    let ix2 = index();
+    ix2.apply_cluster_spiffe_id(&csid("elsewhere", 1, json!({"trustDomain": "missing"})));
+    ix2.apply_cluster_spiffe_id(&csid(
+        "dev-only",
+        2,
+        json!({"namespaceSelector": {"matchLabels": {"env": "dev"}}}),
+    ));
+    match ix2.admission("prod", Some(&labels)) {
+        Admission::NotSelected {
+            nearest: Some((name, why)),
+        } => {
+            assert_eq!(name, "dev-only");
+            assert!(
+                why.contains("spec.namespaceSelector") && why.contains("env=prod"),
+                "{why}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Selected, fallbacks included; ignored and unknown namespaces are not guessed at.
+    ix.apply_cluster_spiffe_id(&csid("catch-all", 4, json!({"fallback": true})));
+    assert_eq!(
+        ix.admission("prod", Some(&labels)),
+        Admission::Selected(vec!["catch-all".into()])
+    );
+    assert_eq!(
+        ix.admission("kube-system", Some(&labels)),
+        Admission::NamespaceIgnored
+    );
+    assert!(matches!(
+        ix.admission("created-a-moment-ago", Some(&labels)),
+        Admission::Unknown(_)
+    ));
+    let unsynced = EntryIndex::new(IndexConfig::new("c1"));
+    assert!(matches!(
+        unsynced.admission("prod", Some(&labels)),
+        Admission::Unknown(_)
+    ));
+}
