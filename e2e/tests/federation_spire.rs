@@ -10,6 +10,8 @@
 //!   and one identified by Sigil (a process in a pod-shaped cgroup, attested by
 //!   sigil-agent) complete mutual TLS both ways with go-spiffe's spiffetls, each
 //!   verifying the other with the federated bundle its own Workload API served.
+//! - A workload moved from SPIRE to Sigil (its socket switched), and rolled back, keeps
+//!   talking to a workload still on SPIRE, which accepts members of both trust domains.
 //! - An X.509 authority prepared on the SPIRE side reaches the Sigil workload within one
 //!   refresh interval.
 #![allow(clippy::unwrap_used)]
@@ -322,6 +324,66 @@ async fn spire_and_sigil_federate_both_ways_and_their_workloads_complete_mutual_
     let server = server_result(server).await;
     assert_eq!(client["peer_id"], sigil_id.as_str());
     assert_eq!(server["peer_id"], spire_id.as_str());
+
+    // Moving a workload from SPIRE to Sigil, and back (docs/migrate-from-spire.md): a
+    // workload still on SPIRE serves members of both trust domains. The workload being
+    // moved dials it with the SVID SPIRE's Workload API gives it (before the move), then
+    // with Sigil's (after: its volume now mounts Sigil's socket), then with SPIRE's again
+    // (the rollback). Nothing on the SPIRE side changes between the three.
+    let mut serve = tokio::process::Command::new(&go);
+    serve.args([
+        "-timeout",
+        "60s",
+        "-addr",
+        &spire_addr,
+        "serve",
+        "-allow-td",
+        &format!("{spire_td},{sigil_td}"),
+        "-accept",
+        "3",
+    ]);
+    let (server, addr) = start_server(serve).await;
+    let mut moving = Vec::new();
+    for (step, socket) in [
+        ("before the move", &spire_addr),
+        ("after the move", &aw.addr),
+        ("after the rollback", &spire_addr),
+    ] {
+        let client = json_out(
+            &format!("the moving workload dials the SPIRE workload {step}"),
+            &pod.run(
+                &go,
+                &[
+                    "-addr",
+                    socket,
+                    "dial",
+                    "-connect",
+                    &addr,
+                    "-server-id",
+                    &spire_id,
+                ],
+            )
+            .await,
+        );
+        assert_eq!(client["peer_id"], spire_id.as_str(), "{step}");
+        moving.push(client["own_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        moving,
+        [spire_id.as_str(), sigil_id.as_str(), spire_id.as_str()]
+    );
+    let server = server_result(server).await;
+    let peers: Vec<&str> = server["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["peer_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        peers,
+        [spire_id.as_str(), sigil_id.as_str(), spire_id.as_str()],
+        "the SPIRE workload accepted the moving workload under each identity"
+    );
 
     // Remote rotation: SPIRE prepares its next X.509 authority (published in its bundle
     // at once); the Sigil workload sees it within one refresh interval.

@@ -6,7 +6,7 @@
 //	go-spiffe-client -addr ... jwt -audience A [-spiffe-id ID]
 //	go-spiffe-client -addr ... validate -audience A -token T
 //	go-spiffe-client -addr ... bundles
-//	go-spiffe-client -addr ... serve -listen 127.0.0.1:0 -allow-td TD
+//	go-spiffe-client -addr ... serve -listen 127.0.0.1:0 -allow-td TD[,TD2] [-accept N]
 //	go-spiffe-client -addr ... dial -connect HOST:PORT -server-id ID
 //	go-spiffe-client -addr ... verify -audience A
 //	go-spiffe-client fetch-bundle -url URL -trust-domain TD -endpoint-id ID -bundle-file F
@@ -41,8 +41,9 @@
 //   - files-first is first-svid for a files-mode volume.
 //
 // serve and dial are mutual TLS through go-spiffe's spiffetls with an X509Source: the
-// server accepts one connection from any member of -allow-td (printing its address
-// first, as {"listening": ...}), the client accepts only -server-id. Both verify the
+// server accepts -accept connections (default one; several print {"connections": [...]})
+// from any member of the -allow-td trust domains (printing its address first, as
+// {"listening": ...}), the client accepts only -server-id. Both verify the
 // peer with the bundles their own Workload API served, federated ones included.
 //
 // Exit status 0 with JSON on stdout, or 1 with the client library's error on stderr.
@@ -103,7 +104,8 @@ func main() {
 	id := sub.String("spiffe-id", "", "JWT subject to ask for")
 	token := sub.String("token", "", "JWT-SVID to validate")
 	listen := sub.String("listen", "127.0.0.1:0", "serve: address to listen on")
-	allowTD := sub.String("allow-td", "", "serve: trust domain whose members may connect")
+	allowTD := sub.String("allow-td", "", "serve: trust domains (comma-separated) whose members may connect")
+	accept := sub.Int("accept", 1, "serve: connections to accept before exiting")
 	connect := sub.String("connect", "", "dial: server address")
 	serverID := sub.String("server-id", "", "dial, https-get: the server's SPIFFE ID")
 	rawURL := sub.String("url", "", "https-get, fetch-bundle: the URL")
@@ -138,7 +140,7 @@ func main() {
 	case "bundles":
 		out, err = bundles(ctx, opt)
 	case "serve":
-		out, err = serve(ctx, opt, *listen, *allowTD)
+		out, err = serve(ctx, opt, *listen, *allowTD, *accept)
 	case "dial":
 		out, err = dial(ctx, opt, *connect, *serverID)
 	case "verify":
@@ -242,17 +244,31 @@ func bundles(ctx context.Context, opt workloadapi.ClientOption) (any, error) {
 	return res, nil
 }
 
-func serve(ctx context.Context, opt workloadapi.ClientOption, listen, allowTD string) (any, error) {
-	td, err := spiffeid.TrustDomainFromString(allowTD)
-	if err != nil {
-		return nil, err
+func serve(ctx context.Context, opt workloadapi.ClientOption, listen, allowTD string, accept int) (any, error) {
+	var tds []spiffeid.TrustDomain
+	for _, name := range strings.Split(allowTD, ",") {
+		td, err := spiffeid.TrustDomainFromString(name)
+		if err != nil {
+			return nil, err
+		}
+		tds = append(tds, td)
 	}
+	// A member of any of the trust domains (one, or several while a workload moves from
+	// one to another).
+	authorize := tlsconfig.AdaptMatcher(func(id spiffeid.ID) error {
+		for _, td := range tds {
+			if id.MemberOf(td) {
+				return nil
+			}
+		}
+		return fmt.Errorf("%s is not a member of %s", id, allowTD)
+	})
 	source, own, err := ownSource(ctx, opt)
 	if err != nil {
 		return nil, err
 	}
 	defer source.Close()
-	l, err := spiffetls.ListenWithMode(ctx, "tcp", listen, spiffetls.MTLSServerWithSource(tlsconfig.AuthorizeMemberOf(td), source))
+	l, err := spiffetls.ListenWithMode(ctx, "tcp", listen, spiffetls.MTLSServerWithSource(authorize, source))
 	if err != nil {
 		return nil, err
 	}
@@ -263,6 +279,22 @@ func serve(ctx context.Context, opt workloadapi.ClientOption, listen, allowTD st
 			_ = tl.SetDeadline(d)
 		}
 	}
+	var all []any
+	for i := 0; i < accept; i++ {
+		r, err := serveOne(l, own.ID)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, r)
+	}
+	if accept == 1 {
+		return all[0], nil
+	}
+	return map[string]any{"connections": all}, nil
+}
+
+// serveOne accepts one connection, reads the client's line and answers with ours.
+func serveOne(l net.Listener, own spiffeid.ID) (any, error) {
 	conn, err := l.Accept()
 	if err != nil {
 		return nil, err
@@ -273,10 +305,10 @@ func serve(ctx context.Context, opt workloadapi.ClientOption, listen, allowTD st
 	if err != nil {
 		return nil, err
 	}
-	if _, err := fmt.Fprintf(conn, "hello from %s\n", own.ID); err != nil {
+	if _, err := fmt.Fprintf(conn, "hello from %s\n", own); err != nil {
 		return nil, err
 	}
-	return result(conn, own.ID, line)
+	return result(conn, own, line)
 }
 
 func dial(ctx context.Context, opt workloadapi.ClientOption, connect, serverID string) (any, error) {
