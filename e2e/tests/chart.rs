@@ -1028,6 +1028,31 @@ async fn kubectl_warns_about_a_pod_with_a_sigil_volume_that_no_cluster_spiffe_id
     ] {
         assert!(warning.contains(part), "{part:?} missing: {warning}");
     }
+    // Whoever applies a Deployment or a CronJob is warned about its pod template.
+    let template = |p: serde_json::Value| json!({"metadata": {"labels": p["metadata"]["labels"]}, "spec": p["spec"]});
+    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": w.ns},
+        "spec": {"selector": {"matchLabels": {"app": "web"}},
+                 "template": template(pod("x", "web", "csi.sigil.dev"))}});
+    let said = kubectl_create(cp.kubeconfig_path(), &deployment).await;
+    assert!(
+        said.contains(&format!(
+            "deployment {}/web: its pods mount Sigil volume",
+            w.ns
+        )) && said.contains("fix the pod template's labels"),
+        "{said}"
+    );
+    let mut job_pod = template(pod("x", "web", "csi.sigil.dev"));
+    job_pod["spec"]["restartPolicy"] = "Never".into();
+    let cronjob = json!({"apiVersion": "batch/v1", "kind": "CronJob",
+        "metadata": {"name": "nightly", "namespace": w.ns},
+        "spec": {"schedule": "0 3 * * *", "jobTemplate": {"spec": {"template": job_pod}}}});
+    let said = kubectl_create(cp.kubeconfig_path(), &cronjob).await;
+    assert!(
+        said.contains(&format!("cronjob {}/nightly: its pods mount", w.ns)),
+        "{said}"
+    );
+
     let selected =
         kubectl_create(cp.kubeconfig_path(), &pod("api-1", "api", "csi.sigil.dev")).await;
     assert!(!selected.contains("Warning"), "a selected pod: {selected}");

@@ -51,10 +51,35 @@ pub fn sigil_volumes(pod: &Pod) -> Vec<&str> {
         .collect()
 }
 
+/// Where a reviewed object keeps the pod it stands for: a Pod is its own; the workload
+/// kinds hold a template (a CronJob one level further down).
+fn pod_of(kind: &str, object: &serde_json::Value) -> Option<serde_json::Value> {
+    let template = match kind {
+        "Pod" => return Some(object.clone()),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
+        | "ReplicationController" => object.pointer("/spec/template")?,
+        "CronJob" => object.pointer("/spec/jobTemplate/spec/template")?,
+        _ => return None,
+    };
+    Some(serde_json::json!({
+        "metadata": template.get("metadata").cloned().unwrap_or_default(),
+        "spec": template.get("spec").cloned().unwrap_or_default(),
+    }))
+}
+
 /// Answers one review: always allowed, with a warning when it applies. A body that is not
 /// an AdmissionReview gets an "invalid" answer without a uid, which the API server treats
-/// as a failed call (and the webhook's `failurePolicy: Ignore` admits the pod); a Pod this
-/// code cannot read is admitted without a word.
+/// as a failed call (and the webhook's `failurePolicy: Ignore` admits the object); an
+/// object this code cannot read is admitted without a word.
+///
+/// Pods are looked at when created; the workload kinds (Deployment, StatefulSet,
+/// DaemonSet, ReplicaSet, Job, CronJob, ReplicationController) when created or updated,
+/// through their pod template, so `kubectl apply` of a Deployment warns its author, not
+/// only the controller that creates its pods.
 pub fn review(index: &EntryIndex, body: &[u8]) -> (AdmissionReview<DynamicObject>, Outcome) {
     let req: AdmissionRequest<DynamicObject> = match serde_json::from_slice::<
         AdmissionReview<DynamicObject>,
@@ -72,20 +97,42 @@ pub fn review(index: &EntryIndex, body: &[u8]) -> (AdmissionReview<DynamicObject
         }
     };
     let mut resp = AdmissionResponse::from(&req);
-    let outcome = match (&req.operation, &req.object) {
-        (Operation::Create, Some(obj)) => {
-            match serde_json::to_value(obj).and_then(serde_json::from_value::<Pod>) {
-                Ok(pod) => {
+    let kind = req.kind.kind.as_str();
+    let looked_at = match req.operation {
+        Operation::Create => true,
+        Operation::Update => kind != "Pod",
+        _ => false,
+    };
+    let outcome = match (&req.object, looked_at) {
+        (Some(obj), true) => {
+            let pod = serde_json::to_value(obj)
+                .ok()
+                .and_then(|o| pod_of(kind, &o))
+                .map(serde_json::from_value::<Pod>);
+            match pod {
+                None => Outcome::NotConcerned,
+                Some(Err(_)) => Outcome::Unreadable,
+                Some(Ok(pod)) => {
                     let namespace = req
                         .namespace
                         .clone()
-                        .or_else(|| pod.metadata.namespace.clone())
+                        .or_else(|| obj.metadata.namespace.clone())
                         .unwrap_or_default();
-                    let (w, outcome) = warning(index, &namespace, &pod);
+                    let name = obj
+                        .metadata
+                        .name
+                        .clone()
+                        .or_else(|| obj.metadata.generate_name.as_ref().map(|g| format!("{g}*")))
+                        .unwrap_or_else(|| "(unnamed)".into());
+                    let subject = Subject {
+                        kind,
+                        namespace: &namespace,
+                        name: &name,
+                    };
+                    let (w, outcome) = warning(index, &subject, &pod);
                     resp.warnings = w.map(|w| vec![w]);
                     outcome
                 }
-                Err(_) => Outcome::Unreadable,
             }
         }
         _ => Outcome::NotConcerned,
@@ -93,24 +140,53 @@ pub fn review(index: &EntryIndex, body: &[u8]) -> (AdmissionReview<DynamicObject
     (resp.into_review(), outcome)
 }
 
-/// The warning for `pod` (being created in `namespace`), if it deserves one.
-pub fn warning(index: &EntryIndex, namespace: &str, pod: &Pod) -> (Option<String>, Outcome) {
+/// The object a warning is about.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    /// Its kind (`Pod`, `Deployment`...).
+    pub kind: &'a str,
+    /// Its namespace.
+    pub namespace: &'a str,
+    /// Its name (`prefix-*` for a generated one).
+    pub name: &'a str,
+}
+
+/// The warning for `pod` (the subject itself, or its pod template), if it deserves one.
+pub fn warning(index: &EntryIndex, subject: &Subject<'_>, pod: &Pod) -> (Option<String>, Outcome) {
     let volumes = sigil_volumes(pod);
     let Some(first) = volumes.first() else {
         return (None, Outcome::NotConcerned);
     };
-    let name = pod
-        .metadata
-        .name
-        .clone()
-        .or_else(|| pod.metadata.generate_name.as_ref().map(|g| format!("{g}*")))
-        .unwrap_or_else(|| "(unnamed)".into());
-    let what = format!(
-        "pod {namespace}/{name} mounts Sigil volume {first:?} ({DRIVER}) but will get no identity"
-    );
-    let explain = format!(
-        "once it exists, `sigil explain pod {namespace}/{name}` shows every ClusterSPIFFEID's verdict"
-    );
+    let Subject {
+        kind,
+        namespace,
+        name,
+    } = *subject;
+    let (what, explain) = if kind == "Pod" {
+        (
+            format!(
+                "pod {namespace}/{name} mounts Sigil volume {first:?} ({DRIVER}) but will get no identity"
+            ),
+            format!(
+                "once it exists, `sigil explain pod {namespace}/{name}` shows every ClusterSPIFFEID's verdict"
+            ),
+        )
+    } else {
+        (
+            format!(
+                "{} {namespace}/{name}: its pods mount Sigil volume {first:?} ({DRIVER}) but will get no identity",
+                kind.to_lowercase()
+            ),
+            format!(
+                "once a pod exists, `sigil explain pod {namespace}/<pod>` shows every ClusterSPIFFEID's verdict"
+            ),
+        )
+    };
+    let labels = if kind == "Pod" {
+        "the pod's labels"
+    } else {
+        "the pod template's labels"
+    };
     let text = match index.admission(namespace, pod.metadata.labels.as_ref()) {
         Admission::Selected(_) => return (None, Outcome::Selected),
         Admission::Unknown(_) => return (None, Outcome::Unknown),
@@ -118,12 +194,12 @@ pub fn warning(index: &EntryIndex, namespace: &str, pod: &Pod) -> (Option<String
             "{what}: namespace {namespace} is never served (the operator's ignored namespaces); run it in another namespace"
         ),
         Admission::NotSelected { nearest: None } => {
-            format!("{what}: no ClusterSPIFFEID exists; create one whose selectors match it")
+            format!("{what}: no ClusterSPIFFEID exists; create one whose selectors match {labels}")
         }
         Admission::NotSelected {
             nearest: Some((csid, why)),
         } => format!(
-            "{what}: no ClusterSPIFFEID selects it. Nearest: ClusterSPIFFEID {csid}, where {why}; fix the pod's labels or that selector ({explain})"
+            "{what}: no ClusterSPIFFEID selects it. Nearest: ClusterSPIFFEID {csid}, where {why}; fix {labels} or that selector ({explain})"
         ),
     };
     (Some(text), Outcome::Warned)
@@ -225,6 +301,59 @@ mod tests {
         assert_eq!(o, Outcome::NotConcerned);
         assert!(r["response"]["warnings"].is_null(), "{r}");
         let (_, o) = answer(&review_of(pod(json!({"app": "web"}), DRIVER), "UPDATE"));
+        assert_eq!(o, Outcome::NotConcerned);
+    }
+
+    fn workload(kind: &str, labels: serde_json::Value) -> serde_json::Value {
+        let p = pod(labels, DRIVER);
+        let template = json!({"metadata": p["metadata"], "spec": p["spec"]});
+        let spec = if kind == "CronJob" {
+            json!({"schedule": "* * * * *", "jobTemplate": {"spec": {"template": template}}})
+        } else {
+            json!({"selector": {}, "template": template})
+        };
+        json!({"apiVersion": "apps/v1", "kind": kind,
+               "metadata": {"name": "web", "namespace": "prod"}, "spec": spec})
+    }
+
+    fn review_of_kind(kind: &str, object: serde_json::Value, operation: &str) -> Vec<u8> {
+        let mut r: serde_json::Value =
+            serde_json::from_slice(&review_of(object, operation)).unwrap();
+        r["request"]["kind"]["kind"] = kind.into();
+        serde_json::to_vec(&r).unwrap()
+    }
+
+    #[test]
+    fn workloads_warn_through_their_pod_template_on_create_and_update() {
+        for kind in ["Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"] {
+            for op in ["CREATE", "UPDATE"] {
+                let (r, o) = answer(&review_of_kind(
+                    kind,
+                    workload(kind, json!({"app": "web"})),
+                    op,
+                ));
+                assert_eq!(o, Outcome::Warned, "{kind} {op}");
+                let w = r["response"]["warnings"][0].as_str().unwrap();
+                let subject = format!("{} prod/web: its pods mount", kind.to_lowercase());
+                assert!(
+                    w.contains(&subject)
+                        && w.contains("(app=web)")
+                        && w.contains("fix the pod template's labels"),
+                    "{w}"
+                );
+                let (_, o) = answer(&review_of_kind(
+                    kind,
+                    workload(kind, json!({"app": "api"})),
+                    op,
+                ));
+                assert_eq!(o, Outcome::Selected, "{kind} {op}");
+            }
+        }
+        let (_, o) = answer(&review_of_kind(
+            "Service",
+            json!({"metadata": {"name": "x"}}),
+            "CREATE",
+        ));
         assert_eq!(o, Outcome::NotConcerned);
     }
 
