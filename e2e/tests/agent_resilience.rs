@@ -32,6 +32,28 @@ async fn next(
     serde_json::from_str(&line).unwrap()
 }
 
+/// The Rust spiffe crate's X509Source in `workload`'s pod (`rust-spiffe-client watch`),
+/// printing one line per update: the process (killed when dropped) and its lines.
+fn watch(
+    workload: &Workload,
+    addr: &str,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+) {
+    let mut cmd = workload
+        .container
+        .command(env!("CARGO_BIN_EXE_rust-spiffe-client"));
+    cmd.args(["--addr", addr, "watch", "--updates", "1000"])
+        .stdout(std::process::Stdio::piped());
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
 fn ms(t: SystemTime) -> u128 {
     t.duration_since(UNIX_EPOCH).unwrap().as_millis()
 }
@@ -61,17 +83,7 @@ async fn streams_get_rotated_svids_before_half_life_and_new_bundles() {
     let pod = aw.workload("rot-1", "web", json!({"app": "rot"})).await;
     aw.wait_svid(&aw.id_for_sa("web")).await;
 
-    // The Rust spiffe crate's X509Source, printing one line per update.
-    let mut cmd = pod
-        .container
-        .command(env!("CARGO_BIN_EXE_rust-spiffe-client"));
-    cmd.args(["--addr", &aw.addr, "watch", "--updates", "1000"])
-        .stdout(std::process::Stdio::piped());
-    let mut child = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut lines) = watch(&pod, &aw.addr);
     let open_streams = || async {
         sigil_e2e::http::metric(&aw.metrics().await, "sigil_workload_api_open_streams")
             .expect("sigil_workload_api_open_streams")
@@ -198,16 +210,7 @@ async fn shutdown_removes_the_sockets_at_once_and_ends_open_streams() {
     aw.w.cluster_spiffe_id(&format!("{tag}-web"), "web").await;
     let web = aw.workload("web-1", "web", json!({"app": "web"})).await;
     aw.wait_svid(&aw.id_for_sa("web")).await;
-    let mut cmd = web
-        .container
-        .command(env!("CARGO_BIN_EXE_rust-spiffe-client"));
-    cmd.args(["--addr", &aw.addr, "watch", "--updates", "1000"])
-        .stdout(std::process::Stdio::piped());
-    let mut child = tokio::process::Command::from(cmd)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (_child, mut lines) = watch(&web, &aw.addr);
     next(&mut lines).await;
     // The crate's X509Source fetches once, then opens the stream it watches.
     sigil_e2e::eventually("the client's stream to be open", SETTLE, || async {

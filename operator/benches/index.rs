@@ -21,6 +21,10 @@ use sigil_index::{EntryIndex, IndexConfig, TrustDomainInfo, entry_id};
 use report::{Report, env};
 use sigil_testkit::report;
 
+// The operator's allocator (operator/src/main.rs), so the memory and times are its.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const NAMESPACES: usize = 200;
 const APPS: usize = 50;
 
