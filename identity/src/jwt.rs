@@ -199,7 +199,7 @@ enum Signer {
     /// ECDSA, through jsonwebtoken.
     Ec(EncodingKey),
     /// RSA, through ring (constant time), with the padding of the algorithm.
-    Rsa(ring::signature::RsaKeyPair),
+    Rsa(Box<ring::signature::RsaKeyPair>),
 }
 
 /// A JWT signing key with its key ID and the one algorithm it signs with.
@@ -256,10 +256,10 @@ impl JwtKey {
     ) -> Result<Self, JwtError> {
         let alg = check_pair(key.key_type(), alg)?;
         let signer = if key.key_type().is_rsa() {
-            Signer::Rsa(
+            Signer::Rsa(Box::new(
                 ring::signature::RsaKeyPair::from_pkcs8(&key.to_pkcs8_der())
                     .map_err(|e| JwtError::Key(format!("RSA key: {e}")))?,
-            )
+            ))
         } else {
             Signer::Ec(EncodingKey::from_ec_der(&key.to_pkcs8_der()))
         };
