@@ -1,15 +1,19 @@
 //! RSA end to end, against the real apiserver: a TrustDomain with an RSA-3072 CA and RS256
 //! JWT-SVIDs, a ClusterSPIFFEID with RSA-2048 workload keys, a workload (a real process in
-//! a pod-shaped cgroup) using go-spiffe, and a relying party that knows only the OIDC
-//! discovery document and its JWKS, as Azure Entra workload identity federation does.
+//! a pod-shaped cgroup) using go-spiffe, a relying party that knows only the OIDC
+//! discovery document and its JWKS, as Azure Entra workload identity federation does, and
+//! sigil-csi's files mode writing the same identity for software that reads files.
 #![allow(clippy::unwrap_used)]
 
 use sigil_testkit::agent as agent_common;
+use sigil_testkit::csi as csi_common;
 
 use agent_common::*;
+use csi_common::*;
 use serde_json::{Value, json};
 use sha2::Digest;
 use sigil_identity::keys::{KeyType, PrivateKey};
+use sigil_identity::proto::csi as pb;
 use sigil_testkit::node_api::WorldOptions;
 use tokio_util::sync::CancellationToken;
 use x509_parser::prelude::*;
@@ -26,7 +30,7 @@ fn rsa_bits(der: &[u8]) -> usize {
 /// `sha256WithRSAEncryption`: what an RSA CA signs with.
 const SHA256_WITH_RSA: &str = "1.2.840.113549.1.1.11";
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rsa_trust_domain_issues_rsa_svids_and_rs256_jwts_that_others_verify() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -170,6 +174,58 @@ async fn an_rsa_trust_domain_issues_rsa_svids_and_rs256_jwts_that_others_verify(
     )
     .unwrap();
     assert!(jsonwebtoken::decode::<Value>(&forged, &key, &validation).is_err());
+
+    // sigil-csi files mode, from the agent's Broker API: the same RSA identity as files,
+    // the key as PKCS#8, and a JWT-SVID file that validates RS256 against bundle.spiffe.
+    let csi = Csi::start(csi_args(&aw)).await;
+    let mut client = csi.client().await;
+    let target = aw.dir.path().join("pods").join("jvm-1").join("identity");
+    let pod_token = aw.w.token(&jvm.pod, "sigil-csi").await;
+    client
+        .node_publish_volume(publish_request(
+            "vol-jvm",
+            &target,
+            &jvm.pod,
+            Some(&pod_token),
+            true,
+            &[("mode", "files"), ("jwtAudiences", audience)],
+        ))
+        .await
+        .unwrap();
+    let (cert, key_pem) = read_pair(&target);
+    let (files_id, files_leaf) = check_files(&target, &cert, &key_pem);
+    assert_eq!(files_id, id);
+    assert_eq!(rsa_bits(&files_leaf), 2048);
+    let file_key = PrivateKey::from_pem(std::str::from_utf8(&key_pem).unwrap()).unwrap();
+    assert_eq!(file_key.key_type(), KeyType::Rsa2048);
+    assert!(String::from_utf8_lossy(&key_pem).starts_with("-----BEGIN PRIVATE KEY-----"));
+    let jwks = std::fs::read(target.join("bundle.spiffe")).unwrap();
+    let mut set = sigil_identity::BundleSet::new();
+    set.insert(sigil_identity::TrustBundle::from_jwks_json(aw.w.td.clone(), &jwks).unwrap())
+        .unwrap();
+    let file_jwt =
+        std::fs::read_to_string(target.join("jwt/api___AzureADTokenExchange.token")).unwrap();
+    assert_eq!(
+        jsonwebtoken::decode_header(&file_jwt).unwrap().alg,
+        jsonwebtoken::Algorithm::RS256
+    );
+    let v = sigil_identity::jwt::validate_jwt_svid(
+        &file_jwt,
+        &set,
+        audience,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    assert_eq!(v.spiffe_id.to_string(), id);
+    client
+        .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+            volume_id: "vol-jvm".into(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .unwrap();
+    assert!(!target.exists());
+    csi.stop().await;
 }
 
 fn header_for(kid: &str) -> jsonwebtoken::Header {
