@@ -114,6 +114,43 @@ async fn an_rsa_trust_domain_issues_rsa_svids_and_rs256_jwts_that_others_verify(
     let header = jsonwebtoken::decode_header(&token).unwrap();
     assert_eq!(header.alg, jsonwebtoken::Algorithm::RS256);
     let kid = header.kid.unwrap();
+    // The agent's ValidateJWTSVID accepts it, asked by go-spiffe and by the Rust spiffe
+    // crate.
+    let v = json_out(
+        "go-spiffe validate",
+        &jvm.run(
+            &go,
+            &[
+                "-addr",
+                addr,
+                "validate",
+                "-audience",
+                audience,
+                "-token",
+                &token,
+            ],
+        )
+        .await,
+    );
+    assert_eq!(v["spiffe_id"], id.as_str(), "{v}");
+    let rs = env!("CARGO_BIN_EXE_rust-spiffe-client");
+    let v = json_out(
+        "rust validate",
+        &jvm.run(
+            rs,
+            &[
+                "--addr",
+                addr,
+                "validate",
+                "--audience",
+                audience,
+                "--token",
+                &token,
+            ],
+        )
+        .await,
+    );
+    assert_eq!(v["spiffe_id"], id.as_str(), "{v}");
 
     // The relying party's view: OIDC discovery and JWKS over plain HTTP (as behind an
     // ingress), and nothing else.

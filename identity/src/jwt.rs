@@ -2,8 +2,9 @@
 //!
 //! Validation order matters: the header's `alg` is checked against the spec's allow-list
 //! before anything else is looked at, `kid` must be present and name a key in the bundle
-//! of the subject's trust domain, the signature is verified, and only then are the claims
-//! (`sub`, `aud`, `exp`) trusted and checked against the caller's audience and `now`.
+//! of the subject's trust domain (when that key's JWK names its `alg`, as Sigil's own keys
+//! do, the token's must be the same), the signature is verified, and only then are the
+//! claims (`sub`, `aud`, `exp`) trusted and checked against the caller's audience and `now`.
 
 use std::collections::HashSet;
 use std::fmt;

@@ -24,6 +24,10 @@ use crate::node_client::NodeClient;
 
 /// Most CSRs in one signing call (the operator accepts 1000).
 pub const BATCH: usize = 500;
+/// Most CSRs in one signing call for RSA entries: each key takes a few hundred
+/// milliseconds to make, so their SVIDs arrive a few at a time instead of after the whole
+/// backlog's keys.
+pub const RSA_BATCH: usize = 8;
 
 /// Rotator metrics.
 #[derive(Debug, Clone, Default)]
@@ -71,7 +75,10 @@ pub async fn run(
             .filter(|e| retry_after.get(&e.id).is_none_or(|(t, _)| *t <= now))
             .collect();
         let mut failed_batch = false;
-        for chunk in due.chunks(BATCH) {
+        // ECDSA entries first: their keys take microseconds, and must not wait behind RSA
+        // keys that take hundreds of milliseconds each.
+        let (rsa, ec): (Vec<_>, Vec<_>) = due.into_iter().partition(|e| e.key_type.is_rsa());
+        for chunk in ec.chunks(BATCH).chain(rsa.chunks(RSA_BATCH)) {
             let mut keys = Vec::with_capacity(chunk.len());
             let mut requests = Vec::with_capacity(chunk.len());
             for (e, key, csr) in make_keys(chunk.to_vec()).await {
@@ -153,7 +160,7 @@ pub async fn run(
     }
 }
 
-/// A fresh key of each entry's key type and its CSR. An RSA-2048 key takes tens of
+/// A fresh key of each entry's key type and its CSR. An RSA-2048 key takes a few hundred
 /// milliseconds to generate (a P-256 key microseconds), so a batch of them is made on the
 /// blocking pool, never on the async runtime that serves workloads.
 async fn make_keys(
