@@ -195,8 +195,9 @@ pub struct CaSpec {
     pub ttl: GoDuration,
 
     /// Key algorithm of the CA key: ECDSA-P256 (default), ECDSA-P384, Ed25519, RSA-2048,
-    /// RSA-3072 or RSA-4096 (RSA CAs sign with PKCS#1 v1.5 SHA-256). A change takes effect
-    /// with the next CA.
+    /// RSA-3072 or RSA-4096 (RSA CAs sign with PKCS#1 v1.5 SHA-256, and sign SVIDs one to
+    /// two orders of magnitude slower than ECDSA-P256). A change takes effect with the next
+    /// CA.
     #[serde(default)]
     pub key_type: CaKeyType,
 
