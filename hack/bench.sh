@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 . hack/versions.sh
 mkdir -p bench/out
 benches=("$@")
-[ ${#benches[@]} -gt 0 ] || benches=(index node_stream agent csi versus_spire servers real_node)
+[ ${#benches[@]} -gt 0 ] || benches=(index node_stream signing agent csi versus_spire servers real_node)
 # versus_spire and servers need SPIRE and our spire-mint load generator (bench-only tool).
 bash hack/test-tools.sh etcd kube-apiserver spire spire-mint
 # The agent, versus_spire and servers benches run the real sigil-agent and sigil-operator

@@ -728,6 +728,30 @@ fn every_chart_option_lands_where_it_belongs() {
     );
 }
 
+/// The RSA choices reach the TrustDomain and the ClusterSPIFFEID; by default the chart
+/// writes no JWT key type or algorithm (so setting only one never conflicts with the
+/// other) and no workload key type.
+#[test]
+fn rsa_key_types_and_the_jwt_algorithm_reach_the_objects() {
+    let objects = render_values("rsa-values.yaml", &[]);
+    let td = &object(&objects, "TrustDomain").unwrap().data["spec"];
+    assert_eq!(td["ca"]["keyType"], "RSA-3072");
+    assert_eq!(td["jwt"]["algorithm"], "RS256");
+    assert!(td["jwt"]["keyType"].is_null(), "{td}");
+    let csid = &object(&objects, "ClusterSPIFFEID").unwrap().data["spec"];
+    assert_eq!(csid["workloadKeyType"], "RSA-2048");
+
+    let objects = render_values("default-values.yaml", &[]);
+    let td = &object(&objects, "TrustDomain").unwrap().data["spec"];
+    assert_eq!(td["ca"]["keyType"], "ECDSA-P256");
+    assert!(
+        td["jwt"]["keyType"].is_null() && td["jwt"]["algorithm"].is_null(),
+        "{td}"
+    );
+    let csid = &object(&objects, "ClusterSPIFFEID").unwrap().data["spec"];
+    assert!(csid["workloadKeyType"].is_null(), "{csid}");
+}
+
 /// values.schema.json: a wrong value fails `helm template` (and so `helm install`) with a
 /// message naming the field, before anything reaches the cluster.
 #[test]
@@ -740,8 +764,16 @@ fn the_schema_refuses_wrong_values_naming_the_field() {
             "/trustDomain/x509SVIDTTL",
         ),
         (
-            &["trustDomain.ca.keyType=RSA-2048"],
+            &["trustDomain.ca.keyType=RSA-1024"],
             "/trustDomain/ca/keyType",
+        ),
+        (
+            &["trustDomain.jwt.algorithm=HS256"],
+            "/trustDomain/jwt/algorithm",
+        ),
+        (
+            &["clusterSPIFFEID.workloadKeyType=RSA-4096"],
+            "/clusterSPIFFEID/workloadKeyType",
         ),
         (
             &["operater.replicas=1"],

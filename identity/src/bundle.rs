@@ -90,6 +90,10 @@ pub struct Jwk {
     /// Key ID (required for jwt-svid).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kid: Option<String>,
+    /// The one algorithm the key is for (RFC 7517 4.4), e.g. `RS256` or `PS256`: Sigil
+    /// sets it on its JWT keys, because an RSA key alone does not say which padding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alg: Option<String>,
     /// Curve for EC / OKP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crv: Option<String>,

@@ -10,6 +10,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::id::{SpiffeId, TrustDomain};
+use crate::keys::KeyType;
 
 /// A `type:value` fact about a workload or node, e.g. `k8s:pod-uid:1234` has type `k8s`
 /// and value `pod-uid:1234`.
@@ -68,12 +69,14 @@ pub struct RegistrationEntry {
     pub downstream: bool,
     /// Revision of this entry on its node's stream (0 when not yet published).
     pub revision: u64,
+    /// Key algorithm of the X509-SVID keys the agent generates for it.
+    pub key_type: KeyType,
 }
 
 impl RegistrationEntry {
     /// An entry granting `spiffe_id` to workloads with all of `selectors`, with no DNS
     /// names or federation, an X509-SVID TTL of 1 h and a JWT-SVID TTL of 5 min (SPIRE's
-    /// defaults), revision 0.
+    /// defaults), ECDSA P-256 keys, revision 0.
     pub fn new(id: impl Into<String>, spiffe_id: SpiffeId, selectors: Vec<Selector>) -> Self {
         Self {
             id: id.into(),
@@ -87,6 +90,7 @@ impl RegistrationEntry {
             admin: false,
             downstream: false,
             revision: 0,
+            key_type: KeyType::EcP256,
         }
     }
 

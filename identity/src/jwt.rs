@@ -2,8 +2,9 @@
 //!
 //! Validation order matters: the header's `alg` is checked against the spec's allow-list
 //! before anything else is looked at, `kid` must be present and name a key in the bundle
-//! of the subject's trust domain, the signature is verified, and only then are the claims
-//! (`sub`, `aud`, `exp`) trusted and checked against the caller's audience and `now`.
+//! of the subject's trust domain (when that key's JWK names its `alg`, as Sigil's own keys
+//! do, the token's must be the same), the signature is verified, and only then are the
+//! claims (`sub`, `aud`, `exp`) trusted and checked against the caller's audience and `now`.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -99,14 +100,115 @@ pub enum JwtError {
     /// The key cannot be used.
     #[error("unusable key: {0}")]
     Key(String),
+    /// The bundle publishes the key for one algorithm and the token uses another (RFC 7517
+    /// 4.4: a key's `alg` names the one algorithm it is for).
+    #[error("key {kid:?} is published for {key_alg}; the token's alg is {token_alg}")]
+    KeyAlgMismatch {
+        /// The key ID.
+        kid: String,
+        /// The `alg` of the key in the bundle.
+        key_alg: String,
+        /// The `alg` of the token.
+        token_alg: String,
+    },
 }
 
-/// A JWT signing key with its key ID.
+/// The algorithms Sigil signs JWT-SVIDs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SigningAlg {
+    /// ECDSA P-256 with SHA-256 (the default).
+    Es256,
+    /// ECDSA P-384 with SHA-384.
+    Es384,
+    /// RSASSA-PKCS1-v1_5 with SHA-256: what Azure Entra workload identity federation and
+    /// most OIDC relying parties require.
+    Rs256,
+    /// RSASSA-PSS with SHA-256 (MGF1 SHA-256, 32-byte salt).
+    Ps256,
+}
+
+impl SigningAlg {
+    /// The JOSE name (`alg`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SigningAlg::Es256 => "ES256",
+            SigningAlg::Es384 => "ES384",
+            SigningAlg::Rs256 => "RS256",
+            SigningAlg::Ps256 => "PS256",
+        }
+    }
+
+    /// The algorithm a key of `key_type` signs with when none is chosen: ES256 for P-256,
+    /// ES384 for P-384, RS256 for RSA.
+    pub fn default_for(key_type: KeyType) -> Option<Self> {
+        match key_type {
+            KeyType::EcP256 => Some(SigningAlg::Es256),
+            KeyType::EcP384 => Some(SigningAlg::Es384),
+            t if t.is_rsa() => Some(SigningAlg::Rs256),
+            _ => None,
+        }
+    }
+
+    /// Whether a key of `key_type` can sign with this algorithm.
+    pub fn fits(self, key_type: KeyType) -> bool {
+        match self {
+            SigningAlg::Es256 => key_type == KeyType::EcP256,
+            SigningAlg::Es384 => key_type == KeyType::EcP384,
+            SigningAlg::Rs256 | SigningAlg::Ps256 => key_type.is_rsa(),
+        }
+    }
+
+    fn jose(self) -> Algorithm {
+        match self {
+            SigningAlg::Es256 => Algorithm::ES256,
+            SigningAlg::Es384 => Algorithm::ES384,
+            SigningAlg::Rs256 => Algorithm::RS256,
+            SigningAlg::Ps256 => Algorithm::PS256,
+        }
+    }
+}
+
+impl fmt::Display for SigningAlg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for SigningAlg {
+    type Err = JwtError;
+
+    fn from_str(s: &str) -> Result<Self, JwtError> {
+        [
+            SigningAlg::Es256,
+            SigningAlg::Es384,
+            SigningAlg::Rs256,
+            SigningAlg::Ps256,
+        ]
+        .into_iter()
+        .find(|a| a.name() == s)
+        .ok_or_else(|| {
+            JwtError::Key(format!(
+                "Sigil does not sign JWT-SVIDs with {s:?}; use ES256, ES384, RS256 or PS256"
+            ))
+        })
+    }
+}
+
+/// How a [`JwtKey`] makes its signatures.
+enum Signer {
+    /// ECDSA, through jsonwebtoken.
+    Ec(EncodingKey),
+    /// RSA, through ring (constant time), with the padding of the algorithm.
+    Rsa(Box<ring::signature::RsaKeyPair>),
+}
+
+/// A JWT signing key with its key ID and the one algorithm it signs with.
 pub struct JwtKey {
     kid: String,
     key: PrivateKey,
-    alg: Algorithm,
-    encoding: EncodingKey,
+    alg: SigningAlg,
+    signer: Signer,
     not_after: SystemTime,
 }
 
@@ -120,33 +222,60 @@ impl fmt::Debug for JwtKey {
 }
 
 impl JwtKey {
-    /// Generates a key with a random key ID. ECDSA P-256 (ES256) or P-384 (ES384).
+    /// Generates a key with a random key ID, signing with the default algorithm of its
+    /// type ([`SigningAlg::default_for`]): ES256, ES384 or RS256.
     pub fn generate(key_type: KeyType, not_after: SystemTime) -> Result<Self, JwtError> {
+        Self::generate_for(key_type, None, not_after)
+    }
+
+    /// Generates a key of `key_type` with a random key ID that signs with `alg` (`None`:
+    /// the type's default). RSA keys are slow to make: see [`PrivateKey::generate`].
+    pub fn generate_for(
+        key_type: KeyType,
+        alg: Option<SigningAlg>,
+        not_after: SystemTime,
+    ) -> Result<Self, JwtError> {
+        // Refuse a bad pair before spending seconds on an RSA key.
+        check_pair(key_type, alg)?;
         let key =
             PrivateKey::generate(key_type).map_err(|e: KeyError| JwtError::Key(e.to_string()))?;
         let kid = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 24]>());
-        Self::from_key(kid, key, not_after)
+        Self::from_key_for(kid, key, alg, not_after)
     }
 
-    /// Wraps an existing key (a persisted one).
+    /// Wraps an existing key (a persisted one) that signs with its type's default algorithm.
     pub fn from_key(kid: String, key: PrivateKey, not_after: SystemTime) -> Result<Self, JwtError> {
-        let alg = match key.key_type() {
-            KeyType::EcP256 => Algorithm::ES256,
-            KeyType::EcP384 => Algorithm::ES384,
-            other => {
-                return Err(JwtError::Key(format!(
-                    "{other} keys cannot sign JWT-SVIDs; use ECDSA-P256 or ECDSA-P384"
-                )));
-            }
+        Self::from_key_for(kid, key, None, not_after)
+    }
+
+    /// Wraps an existing key that signs with `alg` (`None`: its type's default).
+    pub fn from_key_for(
+        kid: String,
+        key: PrivateKey,
+        alg: Option<SigningAlg>,
+        not_after: SystemTime,
+    ) -> Result<Self, JwtError> {
+        let alg = check_pair(key.key_type(), alg)?;
+        let signer = if key.key_type().is_rsa() {
+            Signer::Rsa(Box::new(
+                ring::signature::RsaKeyPair::from_pkcs8(&key.to_pkcs8_der())
+                    .map_err(|e| JwtError::Key(format!("RSA key: {e}")))?,
+            ))
+        } else {
+            Signer::Ec(EncodingKey::from_ec_der(&key.to_pkcs8_der()))
         };
-        let encoding = EncodingKey::from_ec_der(&key.to_pkcs8_der());
         Ok(Self {
             kid,
             key,
             alg,
-            encoding,
+            signer,
             not_after,
         })
+    }
+
+    /// The algorithm this key signs with.
+    pub fn alg(&self) -> SigningAlg {
+        self.alg
     }
 
     /// Key ID.
@@ -169,6 +298,9 @@ impl JwtKey {
         let mut jwk = Jwk::from_spki(&self.key.public_key_der()).unwrap_or_default();
         jwk.kid = Some(self.kid.clone());
         jwk.use_ = Some(crate::bundle::USE_JWT.into());
+        // An RSA key's JWK alone does not say RS256 or PS256; relying parties that pick
+        // keys by alg (OIDC, Azure) and Sigil's own validation read it here.
+        jwk.alg = Some(self.alg.name().into());
         JwtAuthority {
             kid: self.kid.clone(),
             jwk,
@@ -187,7 +319,7 @@ impl JwtKey {
         if audience.is_empty() || audience.iter().any(|a| a.is_empty()) {
             return Err(JwtError::NoAudience);
         }
-        let mut header = Header::new(self.alg);
+        let mut header = Header::new(self.alg.jose());
         header.kid = Some(self.kid.clone());
         header.typ = Some("JWT".into());
         let iat = unix_seconds(now);
@@ -206,8 +338,48 @@ impl JwtKey {
         if let Some(iss) = issuer {
             claims.insert("iss".into(), Value::String(iss.into()));
         }
-        jsonwebtoken::encode(&header, &claims, &self.encoding)
-            .map_err(|e| JwtError::Key(e.to_string()))
+        match &self.signer {
+            Signer::Ec(encoding) => jsonwebtoken::encode(&header, &claims, encoding)
+                .map_err(|e| JwtError::Key(e.to_string())),
+            Signer::Rsa(pair) => {
+                let input = format!("{}.{}", b64_json(&header)?, b64_json(&claims)?);
+                let padding: &dyn ring::signature::RsaEncoding = match self.alg {
+                    SigningAlg::Ps256 => &ring::signature::RSA_PSS_SHA256,
+                    _ => &ring::signature::RSA_PKCS1_SHA256,
+                };
+                let mut sig = vec![0u8; pair.public().modulus_len()];
+                pair.sign(
+                    padding,
+                    &ring::rand::SystemRandom::new(),
+                    input.as_bytes(),
+                    &mut sig,
+                )
+                .map_err(|_| JwtError::Key("RSA signing failed".into()))?;
+                Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig)))
+            }
+        }
+    }
+}
+
+/// The base64url of `v`'s JSON (a JWS header or payload).
+fn b64_json<T: serde::Serialize>(v: &T) -> Result<String, JwtError> {
+    serde_json::to_vec(v)
+        .map(|j| URL_SAFE_NO_PAD.encode(j))
+        .map_err(|e| JwtError::Key(e.to_string()))
+}
+
+/// The algorithm a key of `key_type` signs with given the choice `alg`, or why it cannot.
+fn check_pair(key_type: KeyType, alg: Option<SigningAlg>) -> Result<SigningAlg, JwtError> {
+    match alg {
+        Some(a) if a.fits(key_type) => Ok(a),
+        Some(a) => Err(JwtError::Key(format!(
+            "a {key_type} key cannot sign {a}: ES256 needs ECDSA-P256, ES384 ECDSA-P384, RS256 and PS256 an RSA key"
+        ))),
+        None => SigningAlg::default_for(key_type).ok_or_else(|| {
+            JwtError::Key(format!(
+                "{key_type} keys cannot sign JWT-SVIDs; use ECDSA-P256, ECDSA-P384, RSA-2048, RSA-3072 or RSA-4096"
+            ))
+        }),
     }
 }
 
@@ -300,6 +472,15 @@ pub fn validate_jwt_svid(
             kid: kid.to_owned(),
             trust_domain: id.trust_domain().name().to_owned(),
         })?;
+    if let Some(key_alg) = authority.jwk.alg.as_deref()
+        && key_alg != alg_name
+    {
+        return Err(JwtError::KeyAlgMismatch {
+            kid: kid.to_owned(),
+            key_alg: key_alg.to_owned(),
+            token_alg: alg_name.to_owned(),
+        });
+    }
     // 3. Signature.
     let claims = if alg_name == "ES512" {
         verify_es512(token, &authority.jwk, kid)?;

@@ -218,6 +218,94 @@ fn minting_requires_an_audience_and_an_ec_key() {
     assert_eq!(v.claims["iss"], "https://oidc.example.org");
 }
 
+/// RS256 and PS256 JWT-SVIDs from an RSA key validate against the bundle; the bundle's
+/// JWK carries kty RSA with n, e, kid and alg; the signatures verify with an independent
+/// RSA implementation (ring) under the padding the header names; and a token whose alg
+/// differs from the key's published alg is refused.
+#[test]
+fn rsa_keys_sign_rs256_and_ps256_tokens_that_validate() {
+    use jwt::SigningAlg;
+    let id = SpiffeId::parse("spiffe://example.org/ns/a/sa/b").unwrap();
+    let now = SystemTime::now();
+    for (alg, padding) in [
+        (
+            SigningAlg::Rs256,
+            &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        ),
+        (
+            SigningAlg::Ps256,
+            &ring::signature::RSA_PSS_2048_8192_SHA256,
+        ),
+    ] {
+        let key = JwtKey::generate_for(KeyType::Rsa2048, Some(alg), now + MIN5).unwrap();
+        assert_eq!(key.alg(), alg);
+        let authority = key.authority();
+        let jwk = serde_json::to_value(&authority.jwk).unwrap();
+        assert_eq!(jwk["kty"], "RSA");
+        assert_eq!(jwk["alg"], alg.name());
+        assert_eq!(jwk["kid"], key.kid());
+        assert_eq!(jwk["use"], "jwt-svid");
+        let n = URL_SAFE_NO_PAD.decode(jwk["n"].as_str().unwrap()).unwrap();
+        let e = URL_SAFE_NO_PAD.decode(jwk["e"].as_str().unwrap()).unwrap();
+        assert_eq!(n.len(), 256, "a 2048-bit modulus without a leading zero");
+        assert_eq!(e, [1, 0, 1]);
+
+        let mut b = TrustBundle::new(td("example.org"));
+        b.jwt_authorities.push(authority);
+        // Through the SPIFFE bundle document and back, as agents and workloads read it.
+        let b =
+            TrustBundle::from_jwks_json(td("example.org"), b.to_jwks_json().as_bytes()).unwrap();
+        assert_eq!(b.jwt_authorities[0].jwk.alg.as_deref(), Some(alg.name()));
+        let mut set = BundleSet::new();
+        set.insert(b).unwrap();
+
+        let tok = key.mint(&id, &["azure".into()], MIN5, now, None).unwrap();
+        let (header, _) = jwt::peek(&tok).unwrap();
+        assert_eq!(header["alg"], alg.name());
+        let v = jwt::validate_jwt_svid(&tok, &set, "azure", now).unwrap();
+        assert_eq!(v.spiffe_id, id);
+        let (input, sig) = tok.rsplit_once('.').unwrap();
+        ring::signature::RsaPublicKeyComponents { n: &n, e: &e }
+            .verify(
+                padding,
+                input.as_bytes(),
+                &URL_SAFE_NO_PAD.decode(sig).unwrap(),
+            )
+            .unwrap_or_else(|_| panic!("{alg} signature does not verify with ring"));
+
+        // The same signature under the other RSA alg: refused for the key's alg before
+        // any signature check.
+        let other = if alg == SigningAlg::Rs256 {
+            "PS256"
+        } else {
+            "RS256"
+        };
+        let relabelled = with_header(
+            &tok,
+            serde_json::json!({"alg": other, "kid": key.kid(), "typ": "JWT"}),
+        );
+        let e = jwt::validate_jwt_svid(&relabelled, &set, "azure", now).unwrap_err();
+        assert!(matches!(e, JwtError::KeyAlgMismatch { .. }), "{e}");
+        // A tampered payload fails the signature.
+        let mut parts: Vec<&str> = tok.split('.').collect();
+        let forged_claims = URL_SAFE_NO_PAD.encode(
+            serde_json::to_vec(&serde_json::json!({"sub": "spiffe://example.org/admin", "aud": "azure", "exp": 4_000_000_000i64})).unwrap(),
+        );
+        parts[1] = &forged_claims;
+        let e = jwt::validate_jwt_svid(&parts.join("."), &set, "azure", now).unwrap_err();
+        assert!(matches!(e, JwtError::BadSignature(_)), "{e}");
+    }
+    // RSA keys default to RS256; mismatched pairs are refused with the rule.
+    let k = JwtKey::generate(KeyType::Rsa2048, now).unwrap();
+    assert_eq!(k.alg(), SigningAlg::Rs256);
+    let e = JwtKey::generate_for(KeyType::EcP256, Some(SigningAlg::Rs256), now).unwrap_err();
+    assert!(e.to_string().contains("RS256 and PS256 an RSA key"), "{e}");
+    let e = JwtKey::generate_for(KeyType::Rsa2048, Some(SigningAlg::Es256), now).unwrap_err();
+    assert!(e.to_string().contains("ES256 needs ECDSA-P256"), "{e}");
+    assert_eq!("PS256".parse::<SigningAlg>().unwrap(), SigningAlg::Ps256);
+    assert!("HS256".parse::<SigningAlg>().is_err());
+}
+
 fn sample_bundle() -> TrustBundle {
     let ca = CertificateAuthority::new_self_signed(
         &CaParams {

@@ -146,6 +146,65 @@ fn every_key_type_signs_and_validates() {
     }
 }
 
+/// An RSA-3072 CA signs an RSA-2048 workload key's CSR, built the way the agent builds it;
+/// the SVID validates, names the RSA signature algorithm and carries the RSA key, with
+/// keyEncipherment as RSA TLS 1.2 key exchange needs.
+#[test]
+fn an_rsa_ca_signs_svids_of_rsa_and_ec_workload_keys() {
+    let t = now();
+    let ca =
+        CertificateAuthority::new_self_signed(&params("example.org", KeyType::Rsa3072, HOUR), t)
+            .unwrap();
+    assert_eq!(ca.key_type(), KeyType::Rsa3072);
+    let (_, cac) = X509Certificate::from_der(ca.certificate()).unwrap();
+    match cac.public_key().parsed().unwrap() {
+        x509_parser::public_key::PublicKey::RSA(k) => assert_eq!(k.key_size(), 3072),
+        other => panic!("CA key is {other:?}"),
+    }
+    let id = SpiffeId::parse("spiffe://example.org/ns/a/sa/jvm").unwrap();
+    for workload in [KeyType::Rsa2048, KeyType::EcP256] {
+        let key = PrivateKey::generate(workload).unwrap();
+        let csr = x509::build_csr(&key, &id).unwrap();
+        let parsed = x509::parse_csr(&csr).unwrap();
+        let svid = ca
+            .sign_csr(
+                &parsed,
+                &SvidTemplate {
+                    spiffe_id: &id,
+                    ttl: HOUR,
+                    dns_names: &[],
+                },
+                t,
+            )
+            .unwrap();
+        let chain = svid.chain();
+        let verified = x509::validate_x509_svid(&chain, &bundle_of(&ca), t).unwrap();
+        assert_eq!(verified.spiffe_id, id);
+        let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
+        // sha256WithRSAEncryption
+        assert_eq!(
+            leaf.signature_algorithm.algorithm.to_id_string(),
+            "1.2.840.113549.1.1.11"
+        );
+        assert_eq!(leaf.public_key().raw, key.public_key_der().as_slice());
+        let ku = leaf.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature());
+        assert_eq!(ku.key_encipherment(), workload.is_rsa(), "{workload}");
+        // Another RSA CA's bundle does not validate it.
+        if workload == KeyType::Rsa2048 {
+            let other = CertificateAuthority::new_self_signed(
+                &params("example.org", KeyType::Rsa2048, HOUR),
+                t,
+            )
+            .unwrap();
+            assert!(x509::validate_x509_svid(&chain, &bundle_of(&other), t).is_err());
+        }
+    }
+    // The CA survives its PEM round trip (the CA Secret) as an RSA-3072 key.
+    let back = PrivateKey::from_pem(&ca.key_pkcs8_pem()).unwrap();
+    assert_eq!(back.key_type(), KeyType::Rsa3072);
+}
+
 #[test]
 fn leaf_ttl_is_clipped_to_the_ca_lifetime() {
     let t = now();

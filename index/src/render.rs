@@ -9,8 +9,10 @@
 use sha2::{Digest, Sha256};
 use sigil_identity::SpiffeId;
 use sigil_identity::entry::{RegistrationEntry, Selector};
+use sigil_identity::keys::KeyType;
 
 use crate::objects::{CompiledCsid, NodeFacts, PodFacts, TrustDomainInfo, is_dns_name};
+use sigil_api::crd::cluster_spiffe_id::WorkloadKeyType;
 use sigil_api::template::{KeyValues, RenderInput};
 
 /// What rendering reads about one pod besides its ClusterSPIFFEID.
@@ -127,6 +129,10 @@ pub(crate) fn entry(
         admin: c.spec.admin,
         downstream: c.spec.downstream,
         revision: 0,
+        key_type: match c.spec.workload_key_type {
+            WorkloadKeyType::EcdsaP256 => KeyType::EcP256,
+            WorkloadKeyType::Rsa2048 => KeyType::Rsa2048,
+        },
     })
 }
 

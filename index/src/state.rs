@@ -1108,5 +1108,6 @@ fn content_hash(e: &RegistrationEntry) -> u64 {
     e.hint.hash(&mut h);
     e.admin.hash(&mut h);
     e.downstream.hash(&mut h);
+    e.key_type.hash(&mut h);
     h.finish()
 }

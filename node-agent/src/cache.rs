@@ -382,10 +382,13 @@ impl Cache {
     }
 }
 
-/// Whether SVIDs for `new` must differ from those issued for `old` (SPIFFE ID, DNS names
-/// or TTL changed).
+/// Whether SVIDs for `new` must differ from those issued for `old` (SPIFFE ID, DNS names,
+/// TTL or key type changed).
 fn issued_differently(old: &RegistrationEntry, new: &RegistrationEntry) -> bool {
-    old.spiffe_id != new.spiffe_id || old.dns_names != new.dns_names || old.x509_ttl != new.x509_ttl
+    old.spiffe_id != new.spiffe_id
+        || old.dns_names != new.dns_names
+        || old.x509_ttl != new.x509_ttl
+        || old.key_type != new.key_type
 }
 
 /// When to replace an SVID valid from `not_before` to `not_after`: at half-life, brought

@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use sigil_identity::keys::{KeyType, PrivateKey};
+use sigil_identity::entry::RegistrationEntry;
+use sigil_identity::keys::PrivateKey;
 use sigil_identity::proto::node as pb;
 use sigil_identity::x509;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,10 @@ use crate::node_client::NodeClient;
 
 /// Most CSRs in one signing call (the operator accepts 1000).
 pub const BATCH: usize = 500;
+/// Most CSRs in one signing call for RSA entries: each key takes a few hundred
+/// milliseconds to make, so their SVIDs arrive a few at a time instead of after the whole
+/// backlog's keys.
+pub const RSA_BATCH: usize = 8;
 
 /// Rotator metrics.
 #[derive(Debug, Clone, Default)]
@@ -70,21 +75,18 @@ pub async fn run(
             .filter(|e| retry_after.get(&e.id).is_none_or(|(t, _)| *t <= now))
             .collect();
         let mut failed_batch = false;
-        for chunk in due.chunks(BATCH) {
+        // ECDSA entries first: their keys take microseconds, and must not wait behind RSA
+        // keys that take hundreds of milliseconds each.
+        let (rsa, ec): (Vec<_>, Vec<_>) = due.into_iter().partition(|e| e.key_type.is_rsa());
+        for chunk in ec.chunks(BATCH).chain(rsa.chunks(RSA_BATCH)) {
             let mut keys = Vec::with_capacity(chunk.len());
             let mut requests = Vec::with_capacity(chunk.len());
-            for e in chunk {
-                let Ok(key) = PrivateKey::generate(KeyType::EcP256) else {
-                    continue;
-                };
-                let Ok(csr) = x509::build_csr(&key, &e.spiffe_id) else {
-                    continue;
-                };
+            for (e, key, csr) in make_keys(chunk.to_vec()).await {
                 requests.push(pb::SvidRequest {
                     entry_id: e.id.clone(),
                     csr,
                 });
-                keys.push((e.clone(), key));
+                keys.push((e, key));
             }
             match node.sign(requests).await {
                 Ok(results) => {
@@ -156,6 +158,33 @@ pub async fn run(
             r = changes.changed(), if !failed_batch => if r.is_err() { return },
         }
     }
+}
+
+/// A fresh key of each entry's key type and its CSR. An RSA-2048 key takes a few hundred
+/// milliseconds to generate (a P-256 key microseconds), so a batch of them is made on the
+/// blocking pool, never on the async runtime that serves workloads.
+async fn make_keys(
+    entries: Vec<Arc<RegistrationEntry>>,
+) -> Vec<(Arc<RegistrationEntry>, PrivateKey, Vec<u8>)> {
+    let made = tokio::task::spawn_blocking(move || {
+        entries
+            .into_iter()
+            .filter_map(|e| {
+                let key = PrivateKey::generate(e.key_type)
+                    .inspect_err(|err| warn!(entry = %e.id, error = %err, "cannot generate the workload key"))
+                    .ok()?;
+                let csr = x509::build_csr(&key, &e.spiffe_id)
+                    .inspect_err(|err| warn!(entry = %e.id, error = %err, "cannot build the CSR"))
+                    .ok()?;
+                Some((e, key, csr))
+            })
+            .collect()
+    })
+    .await;
+    made.unwrap_or_else(|e| {
+        warn!(error = %e, "workload key generation failed");
+        Vec::new()
+    })
 }
 
 /// When to replace an SVID received at `now`: at its half-life with jitter

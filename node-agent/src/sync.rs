@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use sigil_identity::entry::{RegistrationEntry, Selector};
+use sigil_identity::keys::KeyType;
 use sigil_identity::proto::node as pb;
 use sigil_identity::{SpiffeId, TrustBundle, TrustDomain};
 use tokio::sync::watch;
@@ -219,6 +220,20 @@ fn entry_from_pb(e: pb::Entry) -> Option<RegistrationEntry> {
             |err| warn!(entry = %e.id, error = %err, "ignoring an entry with an invalid SPIFFE ID"),
         )
         .ok()?;
+    // Empty from an operator older than workload key types. A type this agent does not
+    // know (a newer operator's) leaves the entry out rather than issuing a key the
+    // ClusterSPIFFEID did not ask for.
+    let key_type = match e.key_type.as_str() {
+        "" => KeyType::EcP256,
+        name => name
+            .parse::<KeyType>()
+            .ok()
+            .filter(|t| *t != KeyType::Rsa)
+            .or_else(|| {
+                warn!(entry = %e.id, key_type = name, "ignoring an entry whose workload key type this agent cannot generate");
+                None
+            })?,
+    };
     Some(RegistrationEntry {
         id: e.id,
         spiffe_id,
@@ -239,6 +254,7 @@ fn entry_from_pb(e: pb::Entry) -> Option<RegistrationEntry> {
         admin: e.admin,
         downstream: e.downstream,
         revision: e.revision,
+        key_type,
     })
 }
 
@@ -288,5 +304,36 @@ pub async fn sync_entries(
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn wire(key_type: &str) -> pb::Entry {
+        pb::Entry {
+            id: "e1".into(),
+            spiffe_id: "spiffe://example.org/ns/a/sa/b".into(),
+            key_type: key_type.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_workload_key_type_comes_from_the_wire_and_defaults_to_p256() {
+        assert_eq!(entry_from_pb(wire("")).unwrap().key_type, KeyType::EcP256);
+        assert_eq!(
+            entry_from_pb(wire("ECDSA-P256")).unwrap().key_type,
+            KeyType::EcP256
+        );
+        assert_eq!(
+            entry_from_pb(wire("RSA-2048")).unwrap().key_type,
+            KeyType::Rsa2048
+        );
+        // A type this agent cannot generate: no entry, rather than a key of another type.
+        assert!(entry_from_pb(wire("RSA-1024")).is_none());
+        assert!(entry_from_pb(wire("RSA")).is_none());
     }
 }

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
 use sigil_identity::entry::RegistrationEntry;
+use sigil_identity::keys::KeyType;
 use sigil_identity::{SpiffeId, TrustDomain};
 use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
 use sigil_operator::index::{EntryIndex, IndexConfig, NodeDelta, TrustDomainInfo, entry_id};
@@ -181,7 +182,7 @@ fn every_spec_field_reaches_the_entry() {
             "dnsNameTemplates": ["{{pod.labels['app']}}.{{namespace.name}}.svc.{{clusterDomain}}", "{{pod.hostname}}"],
             "workloadSelectorTemplates": ["k8s:ns:{{pod.namespace}}", "k8s:sa:{{pod.serviceAccountName}}"],
             "ttl": "2h", "jwtTtl": "10m", "federatesWith": ["partner.org"], "hint": "web",
-            "admin": true, "downstream": true,
+            "admin": true, "downstream": true, "workloadKeyType": "RSA-2048",
         }),
     ));
     ix.apply_pod(&pod("prod", "web-0", "u1", Some("n2"), &[("app", "web")]));
@@ -202,6 +203,25 @@ fn every_spec_field_reaches_the_entry() {
     assert_eq!(e.federates_with, [TrustDomain::new("partner.org").unwrap()]);
     assert_eq!(e.hint, "web");
     assert!(e.admin && e.downstream);
+    assert_eq!(e.key_type, KeyType::Rsa2048);
+}
+
+#[test]
+fn a_change_of_workload_key_type_reaches_the_node() {
+    let ix = index();
+    ix.apply_cluster_spiffe_id(&csid("default", 0, json!({})));
+    ix.apply_pod(&pod("prod", "web-0", "u1", Some("n1"), &[]));
+    let before = all(&ix, "n1").pop().unwrap();
+    assert_eq!(before.key_type, KeyType::EcP256);
+    ix.apply_cluster_spiffe_id(&csid("default", 0, json!({"workloadKeyType": "RSA-2048"})));
+    let after = all(&ix, "n1").pop().unwrap();
+    assert_eq!(after.key_type, KeyType::Rsa2048);
+    assert!(
+        after.revision > before.revision,
+        "the changed entry is published again ({} -> {})",
+        before.revision,
+        after.revision
+    );
 }
 
 #[test]

@@ -91,6 +91,31 @@ async fn malformed_trust_domains_and_fields_are_refused_at_admission() {
     )
     .await;
     refused(&client, serde_json::json!({"trustDomain": "example.org", "jwt": {"issuer": "http://oidc.example.org"}}), "spec.jwt.issuer must be an https:// URL").await;
+    // An RSA size Sigil does not make: the message names the field and every choice.
+    refused(
+        &client,
+        serde_json::json!({"trustDomain": "example.org", "ca": {"keyType": "RSA-1024"}}),
+        r#"spec.ca.keyType: Unsupported value: "RSA-1024": supported values: "ECDSA-P256", "ECDSA-P384", "Ed25519", "RSA-2048", "RSA-3072", "RSA-4096""#,
+    )
+    .await;
+    refused(
+        &client,
+        serde_json::json!({"trustDomain": "example.org", "jwt": {"algorithm": "HS256"}}),
+        r#"spec.jwt.algorithm: Unsupported value: "HS256": supported values: "ES256", "ES384", "RS256", "PS256""#,
+    )
+    .await;
+    for (key_type, alg) in [
+        ("ECDSA-P256", "RS256"),
+        ("RSA-2048", "ES256"),
+        ("ECDSA-P256", "ES384"),
+    ] {
+        refused(
+            &client,
+            serde_json::json!({"trustDomain": "example.org", "jwt": {"keyType": key_type, "algorithm": alg}}),
+            "spec.jwt.algorithm does not fit spec.jwt.keyType: ES256 needs ECDSA-P256, ES384 needs ECDSA-P384, RS256 and PS256 need RSA-2048, RSA-3072 or RSA-4096",
+        )
+        .await;
+    }
     refused(
         &client,
         serde_json::json!({"trustDomain": "example.org", "bundle": {"configMapName": "Bad_Name"}}),
@@ -128,6 +153,20 @@ async fn malformed_trust_domains_and_fields_are_refused_at_admission() {
     assert_eq!(td.spec.x509_svid_ttl.0, "1h");
     assert_eq!(td.spec.ca.ttl.0, "24h");
     assert_eq!(td.spec.bundle.config_map_name, "sigil-trust-bundle");
+    assert_eq!((td.spec.jwt.key_type, td.spec.jwt.algorithm), (None, None));
+
+    // RSA keys and algorithms that fit are accepted.
+    let name = unique("rsa");
+    api.create(
+        &PostParams::default(),
+        &trust_domain(
+            &name,
+            "none",
+            serde_json::json!({"trustDomain": "rsa.example.org", "ca": {"keyType": "RSA-4096"}, "jwt": {"keyType": "RSA-3072", "algorithm": "PS256"}}),
+        ),
+    )
+    .await
+    .unwrap();
 }
 
 /// Starts a replica and creates a TrustDomain with an upstream Secret reference; returns

@@ -95,6 +95,9 @@ pub struct WorldOptions {
     /// The Node API's limits (None: none a test reaches; the attack tests set the
     /// operator's defaults).
     pub limits: Option<NodeApiLimits>,
+    /// More of the TrustDomain's spec (an object merged over trustDomain and bundle), e.g.
+    /// `{"ca": {"keyType": "RSA-3072"}}`; `Null` for none.
+    pub trust_domain_spec: Value,
 }
 
 impl Default for WorldOptions {
@@ -106,6 +109,7 @@ impl Default for WorldOptions {
             operator_client: None,
             tpm: None,
             limits: None,
+            trust_domain_spec: Value::Null,
         }
     }
 }
@@ -125,6 +129,7 @@ impl World {
             operator_client,
             tpm,
             limits,
+            trust_domain_spec,
         } = options;
         let client = client().await;
         let op = operator_client.unwrap_or_else(|| client.clone());
@@ -182,15 +187,11 @@ impl World {
         let replica = Replica::start(op.clone(), replica_config);
         let td_name = format!("{tag}.example.org");
         let td_object = format!("{tag}-td");
-        create_trust_domain(
-            &client,
-            &trust_domain(
-                &td_object,
-                &instance,
-                json!({"trustDomain": td_name, "bundle": {"namespaceSelector": {"matchLabels": {"sigil-test": tag}}}}),
-            ),
-        )
-        .await;
+        let mut td_spec = json!({"trustDomain": td_name, "bundle": {"namespaceSelector": {"matchLabels": {"sigil-test": tag}}}});
+        if let (Some(spec), Some(more)) = (td_spec.as_object_mut(), trust_domain_spec.as_object()) {
+            spec.extend(more.clone());
+        }
+        create_trust_domain(&client, &trust_domain(&td_object, &instance, td_spec)).await;
         wait_condition(&client, &td_object, "Ready", "True", "BundlePublished").await;
         let td: TrustDomain = td_name.parse().unwrap();
 
@@ -448,15 +449,29 @@ impl World {
 
     /// A ClusterSPIFFEID selecting `app=<app>` pods in our namespace.
     pub async fn cluster_spiffe_id(&self, name: &str, app: &str) -> ClusterSPIFFEID {
+        self.cluster_spiffe_id_with(name, app, json!({})).await
+    }
+
+    /// As [`World::cluster_spiffe_id`], with `more` merged over the spec.
+    pub async fn cluster_spiffe_id_with(
+        &self,
+        name: &str,
+        app: &str,
+        more: Value,
+    ) -> ClusterSPIFFEID {
+        let mut spec = json!({
+            "trustDomain": self.td_object,
+            "namespaceSelector": {"matchLabels": {"sigil-test": self.tag}},
+            "podSelector": {"matchLabels": {"app": app}},
+            "ttl": "20m",
+            "dnsNameTemplates": ["{{pod.name}}.{{node.labels['zone']}}"],
+        });
+        if let (Some(spec), Some(more)) = (spec.as_object_mut(), more.as_object()) {
+            spec.extend(more.clone());
+        }
         create(
             &Api::<ClusterSPIFFEID>::all(self.client.clone()),
-            json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": name}, "spec": {
-                "trustDomain": self.td_object,
-                "namespaceSelector": {"matchLabels": {"sigil-test": self.tag}},
-                "podSelector": {"matchLabels": {"app": app}},
-                "ttl": "20m",
-                "dnsNameTemplates": ["{{pod.name}}.{{node.labels['zone']}}"],
-            }}),
+            json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": name}, "spec": spec}),
         )
         .await
     }

@@ -169,6 +169,15 @@ pub struct ClusterSpiffeIdSpec {
     #[serde(default)]
     pub downstream: bool,
 
+    /// Key algorithm of the workloads' X509-SVID keys, which the agent generates on the
+    /// node: ECDSA-P256 (default) or RSA-2048 (for JVM and other stacks that need RSA). An
+    /// RSA-2048 key costs the agent hundreds of milliseconds of CPU to make, at every
+    /// rotation (a P-256 key: microseconds).
+    /// A change gives the selected workloads new SVIDs with new keys of the new type at
+    /// once (each keeps its current SVID until the new one is signed).
+    #[serde(default)]
+    pub workload_key_type: WorkloadKeyType,
+
     /// Applies to a pod only when no non-fallback ClusterSPIFFEID selects it: a catch-all
     /// identity that steps aside for specific ones.
     #[serde(default)]
@@ -181,6 +190,18 @@ pub struct ClusterSpiffeIdSpec {
     #[x_kube(validation = Rule::new("self.all(t, t.matches('^[^:]+:.+$'))").message("spec.workloadSelectorTemplates items are type:value, e.g. k8s:container-name:web"))]
     #[schemars(length(max = 32))]
     pub workload_selector_templates: Vec<TemplateString>,
+}
+
+/// Key algorithm of workload X509-SVID keys: ECDSA-P256 or RSA-2048.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum WorkloadKeyType {
+    #[default]
+    #[serde(rename = "ECDSA-P256")]
+    #[allow(missing_docs)]
+    EcdsaP256,
+    #[serde(rename = "RSA-2048")]
+    #[allow(missing_docs)]
+    Rsa2048,
 }
 
 fn default_spiffe_id_template() -> TemplateString {
@@ -283,6 +304,16 @@ mod tests {
         .unwrap();
         assert!(full.auto_populate_dns_names);
         assert_eq!(full.jwt_ttl.unwrap().to_std().unwrap().as_secs(), 600);
+        assert_eq!(spec.workload_key_type, WorkloadKeyType::EcdsaP256);
+        let rsa: ClusterSpiffeIdSpec =
+            serde_json::from_value(serde_json::json!({"workloadKeyType": "RSA-2048"})).unwrap();
+        assert_eq!(rsa.workload_key_type, WorkloadKeyType::Rsa2048);
+        assert!(
+            serde_json::from_value::<ClusterSpiffeIdSpec>(
+                serde_json::json!({"workloadKeyType": "rsa-2048"})
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -300,6 +331,11 @@ mod tests {
         ] {
             assert!(text.contains(needle), "CRD lacks {needle}");
         }
+        assert_eq!(
+            crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+                ["workloadKeyType"]["enum"],
+            serde_json::json!(["ECDSA-P256", "RSA-2048"])
+        );
         let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
         let rules = spec["spiffeIDTemplate"]["x-kubernetes-validations"]
             .as_array()

@@ -194,8 +194,10 @@ pub struct CaSpec {
     #[x_kube(validation = Rule::new("duration(self) >= duration('1m')").message("spec.ca.ttl must be at least 1m"))]
     pub ttl: GoDuration,
 
-    /// Key algorithm of the CA key: ECDSA-P256 (default), ECDSA-P384 or Ed25519. A change
-    /// takes effect with the next CA.
+    /// Key algorithm of the CA key: ECDSA-P256 (default), ECDSA-P384, Ed25519, RSA-2048,
+    /// RSA-3072 or RSA-4096 (RSA CAs sign with PKCS#1 v1.5 SHA-256, and sign SVIDs one to
+    /// two orders of magnitude slower than ECDSA-P256). A change takes effect with the next
+    /// CA.
     #[serde(default)]
     pub key_type: CaKeyType,
 
@@ -222,7 +224,7 @@ impl Default for CaSpec {
     }
 }
 
-/// Key algorithm of a CA: ECDSA-P256, ECDSA-P384 or Ed25519.
+/// Key algorithm of a CA: ECDSA-P256, ECDSA-P384, Ed25519, RSA-2048, RSA-3072 or RSA-4096.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum CaKeyType {
     #[default]
@@ -235,10 +237,19 @@ pub enum CaKeyType {
     #[serde(rename = "Ed25519")]
     #[allow(missing_docs)]
     Ed25519,
+    #[serde(rename = "RSA-2048")]
+    #[allow(missing_docs)]
+    Rsa2048,
+    #[serde(rename = "RSA-3072")]
+    #[allow(missing_docs)]
+    Rsa3072,
+    #[serde(rename = "RSA-4096")]
+    #[allow(missing_docs)]
+    Rsa4096,
 }
 
-/// Key algorithm of JWT-SVID signing keys: ECDSA-P256 (ES256) or ECDSA-P384 (ES384). The
-/// JWT-SVID specification allows no EdDSA.
+/// Key algorithm of JWT-SVID signing keys: ECDSA-P256, ECDSA-P384, RSA-2048, RSA-3072 or
+/// RSA-4096. The JWT-SVID specification allows no EdDSA.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum JwtKeyType {
     #[default]
@@ -248,7 +259,33 @@ pub enum JwtKeyType {
     #[serde(rename = "ECDSA-P384")]
     #[allow(missing_docs)]
     EcdsaP384,
+    #[serde(rename = "RSA-2048")]
+    #[allow(missing_docs)]
+    Rsa2048,
+    #[serde(rename = "RSA-3072")]
+    #[allow(missing_docs)]
+    Rsa3072,
+    #[serde(rename = "RSA-4096")]
+    #[allow(missing_docs)]
+    Rsa4096,
 }
+
+/// The JWS algorithm of JWT-SVIDs: ES256, ES384, RS256 (RSASSA-PKCS1-v1_5) or PS256
+/// (RSASSA-PSS).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JwtAlgorithm {
+    #[allow(missing_docs)]
+    ES256,
+    #[allow(missing_docs)]
+    ES384,
+    #[allow(missing_docs)]
+    RS256,
+    #[allow(missing_docs)]
+    PS256,
+}
+
+/// CEL on `spec.jwt`: the algorithm fits the key type.
+pub const JWT_ALGORITHM_FITS_KEY_RULE: &str = "!has(self.algorithm) || !has(self.keyType) || (self.algorithm == 'ES256' && self.keyType == 'ECDSA-P256') || (self.algorithm == 'ES384' && self.keyType == 'ECDSA-P384') || (self.algorithm in ['RS256', 'PS256'] && self.keyType.startsWith('RSA-'))";
 
 /// Subject distinguished name of the CA certificates. Sigil also adds a serialNumber
 /// attribute so successive CAs never share a subject.
@@ -275,11 +312,23 @@ pub struct CaSubjectSpec {
 /// JWT-SVID signing keys.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new(JWT_ALGORITHM_FITS_KEY_RULE).message("spec.jwt.algorithm does not fit spec.jwt.keyType: ES256 needs ECDSA-P256, ES384 needs ECDSA-P384, RS256 and PS256 need RSA-2048, RSA-3072 or RSA-4096; change one of them, or remove keyType to get the algorithm's default key")
+)]
 pub struct JwtSpec {
-    /// Key algorithm: ECDSA-P256 (ES256, default) or ECDSA-P384 (ES384). A change takes
-    /// effect with the next key.
-    #[serde(default)]
-    pub key_type: JwtKeyType,
+    /// Key algorithm: ECDSA-P256, ECDSA-P384, RSA-2048, RSA-3072 or RSA-4096. Default: the
+    /// algorithm's key (RSA-2048 for RS256 and PS256, ECDSA-P384 for ES384), else
+    /// ECDSA-P256. A change takes effect with the next key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_type: Option<JwtKeyType>,
+
+    /// JWS algorithm of JWT-SVIDs: ES256, ES384, RS256 or PS256. Default: the key type's
+    /// (ES256 for ECDSA-P256, ES384 for ECDSA-P384, RS256 for RSA keys). Relying parties
+    /// that accept only RS256, such as Azure Entra workload identity federation, need
+    /// RS256. The OIDC discovery document and the JWKS announce it. A change takes effect
+    /// with the next key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<JwtAlgorithm>,
 
     /// Value of the `iss` claim of JWT-SVIDs, an https URL (the OIDC issuer that serves
     /// this trust domain's discovery document). Without it JWT-SVIDs carry no `iss`.
@@ -437,6 +486,8 @@ mod tests {
         assert_eq!(spec.jwt_svid_ttl.to_std().unwrap().as_secs(), 300);
         assert_eq!(spec.ca.ttl.to_std().unwrap().as_secs(), 86400);
         assert_eq!(spec.ca.key_type, CaKeyType::EcdsaP256);
+        assert_eq!(spec.jwt.key_type, None);
+        assert_eq!(spec.jwt.algorithm, None);
         assert_eq!(spec.bundle.config_map_name, "sigil-trust-bundle");
         assert!(spec.upstream_authority.is_none());
     }
@@ -473,6 +524,9 @@ mod tests {
             "CA Expires",
             "\"shortNames\":[\"td\"]",
             "\"scope\":\"Cluster\"",
+            "\"RSA-4096\"",
+            "\"PS256\"",
+            "spec.jwt.algorithm does not fit spec.jwt.keyType",
         ] {
             assert!(crd.contains(needle), "CRD lacks {needle}");
         }

@@ -354,7 +354,12 @@ pub fn oidc_keys(authority: &DomainAuthority) -> serde_json::Value {
     serde_json::json!({ "keys": keys })
 }
 
-fn jwk_alg(jwk: &sigil_identity::bundle::Jwk) -> Option<&'static str> {
+/// The algorithm a JWT key signs with: the `alg` its JWK carries (Sigil's own keys always
+/// do: an RSA key may be RS256 or PS256), else what its curve implies.
+fn jwk_alg(jwk: &sigil_identity::bundle::Jwk) -> Option<&str> {
+    if let Some(alg) = jwk.alg.as_deref() {
+        return Some(alg);
+    }
     match (jwk.kty.as_str(), jwk.crv.as_deref()) {
         ("EC", Some("P-256")) => Some("ES256"),
         ("EC", Some("P-384")) => Some("ES384"),
@@ -427,5 +432,84 @@ async fn reload_cert_files(
                 warn!(cert = %cert_file.display(), error = %e, "bundle endpoint certificate files changed but cannot be used; keeping the previous certificate")
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use sigil_identity::TrustBundle;
+    use sigil_identity::ca::{CaParams, CaSubject, CertificateAuthority};
+    use sigil_identity::jwt::{JwtKey, SigningAlg};
+    use sigil_identity::keys::KeyType;
+
+    use super::*;
+
+    /// A trust domain whose active key signs `active` and whose prepared key `prepared`.
+    fn authority(
+        active: (KeyType, SigningAlg),
+        prepared: (KeyType, SigningAlg),
+    ) -> DomainAuthority {
+        let td = TrustDomain::new("example.org").unwrap();
+        let now = SystemTime::now();
+        let ca = CertificateAuthority::new_self_signed(
+            &CaParams {
+                trust_domain: td.clone(),
+                key_type: KeyType::EcP256,
+                ttl: Duration::from_secs(3600),
+                subject: CaSubject::default(),
+            },
+            now,
+        )
+        .unwrap();
+        let key =
+            |(t, a)| JwtKey::generate_for(t, Some(a), now + Duration::from_secs(3600)).unwrap();
+        let (active, prepared) = (key(active), key(prepared));
+        let mut bundle = TrustBundle::new(td.clone());
+        bundle.x509_authorities = vec![ca.certificate().to_vec()];
+        bundle.jwt_authorities = vec![active.authority(), prepared.authority()];
+        DomainAuthority {
+            trust_domain: td,
+            object_name: "td".into(),
+            x509_ca: Arc::new(ca),
+            jwt_key: Arc::new(active),
+            bundle,
+            x509_svid_ttl: Duration::from_secs(3600),
+            jwt_svid_ttl: Duration::from_secs(300),
+            jwt_issuer: Some("https://oidc.example.org".into()),
+        }
+    }
+
+    #[test]
+    fn discovery_and_keys_name_each_rsa_keys_algorithm() {
+        let a = authority(
+            (KeyType::Rsa2048, SigningAlg::Rs256),
+            (KeyType::Rsa2048, SigningAlg::Ps256),
+        );
+        let config = oidc_configuration("https://oidc.example.org/", &a);
+        assert_eq!(
+            config["id_token_signing_alg_values_supported"],
+            serde_json::json!(["PS256", "RS256"])
+        );
+        let keys = oidc_keys(&a);
+        let keys = keys["keys"].as_array().unwrap();
+        assert_eq!(keys.len(), 2);
+        for (k, alg) in keys.iter().zip(["RS256", "PS256"]) {
+            assert_eq!(k["kty"], "RSA");
+            assert_eq!(k["alg"], alg);
+            assert_eq!(k["use"], "sig");
+            assert!(k["n"].as_str().is_some_and(|n| n.len() > 300), "{k}");
+            assert_eq!(k["e"], "AQAB");
+            assert!(k["kid"].is_string());
+        }
+        // Today's default, unchanged: one ES256 key.
+        let a = authority(
+            (KeyType::EcP256, SigningAlg::Es256),
+            (KeyType::EcP256, SigningAlg::Es256),
+        );
+        assert_eq!(
+            oidc_configuration("https://oidc.example.org", &a)["id_token_signing_alg_values_supported"],
+            serde_json::json!(["ES256"])
+        );
     }
 }

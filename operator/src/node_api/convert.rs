@@ -26,6 +26,7 @@ pub(super) fn entry_to_pb(e: &RegistrationEntry) -> pb::Entry {
         admin: e.admin,
         downstream: e.downstream,
         revision: e.revision,
+        key_type: e.key_type.to_string(),
     }
 }
 

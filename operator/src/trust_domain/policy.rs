@@ -9,12 +9,13 @@ use kube::ResourceExt;
 use kube::core::Selector;
 use sigil_identity::TrustDomain;
 use sigil_identity::ca::{CaError, CaSubject};
+use sigil_identity::jwt::SigningAlg;
 use sigil_identity::keys::KeyType;
 
 use super::error::Error;
 use crate::crd::trust_domain::{
-    CaKeyType, GoDuration, JwtKeyType, TrustDomain as TrustDomainObject, TrustDomainSpec,
-    UpstreamSecretRef,
+    CaKeyType, GoDuration, JwtAlgorithm, JwtKeyType, JwtSpec, TrustDomain as TrustDomainObject,
+    TrustDomainSpec, UpstreamSecretRef,
 };
 
 /// What a TrustDomain asks for, validated.
@@ -38,6 +39,8 @@ pub struct Policy {
     pub activation_delay: Option<Duration>,
     /// JWT key algorithm.
     pub jwt_key_type: KeyType,
+    /// JWS algorithm of JWT-SVIDs (fits `jwt_key_type`).
+    pub jwt_alg: SigningAlg,
     /// `iss` of JWT-SVIDs.
     pub jwt_issuer: Option<String>,
     /// Upstream CA Secret, if any.
@@ -108,6 +111,11 @@ impl Policy {
                 field: "spec.bundle.namespaceSelector".into(),
                 reason: format!("{e}; use the operators In, NotIn, Exists or DoesNotExist"),
             })?;
+        let (jwt_key_type, jwt_alg) = jwt_keys(&spec.jwt).map_err(|reason| Error::InvalidSpec {
+            object: object.to_owned(),
+            field: "spec.jwt.algorithm".into(),
+            reason,
+        })?;
         Ok(Self {
             object: object.to_owned(),
             trust_domain,
@@ -118,6 +126,9 @@ impl Policy {
                 CaKeyType::EcdsaP256 => KeyType::EcP256,
                 CaKeyType::EcdsaP384 => KeyType::EcP384,
                 CaKeyType::Ed25519 => KeyType::Ed25519,
+                CaKeyType::Rsa2048 => KeyType::Rsa2048,
+                CaKeyType::Rsa3072 => KeyType::Rsa3072,
+                CaKeyType::Rsa4096 => KeyType::Rsa4096,
             },
             ca_subject: CaSubject {
                 organization: spec.ca.subject.organization.clone(),
@@ -125,10 +136,8 @@ impl Policy {
                 common_name: spec.ca.subject.common_name.clone(),
             },
             activation_delay,
-            jwt_key_type: match spec.jwt.key_type {
-                JwtKeyType::EcdsaP256 => KeyType::EcP256,
-                JwtKeyType::EcdsaP384 => KeyType::EcP384,
-            },
+            jwt_key_type,
+            jwt_alg,
             jwt_issuer: spec.jwt.issuer.clone(),
             upstream: spec
                 .upstream_authority
@@ -156,6 +165,38 @@ impl Policy {
             },
         }
     }
+}
+
+/// The JWT key type and algorithm `jwt` asks for: each defaults to what fits the other
+/// (RS256 and PS256 get RSA-2048 keys, RSA keys sign RS256), and both default to ECDSA-P256
+/// with ES256, today's behaviour. Admission refuses a pair that does not fit; this catches
+/// an object written before that rule.
+fn jwt_keys(jwt: &JwtSpec) -> Result<(KeyType, SigningAlg), String> {
+    let alg = jwt.algorithm.map(|a| match a {
+        JwtAlgorithm::ES256 => SigningAlg::Es256,
+        JwtAlgorithm::ES384 => SigningAlg::Es384,
+        JwtAlgorithm::RS256 => SigningAlg::Rs256,
+        JwtAlgorithm::PS256 => SigningAlg::Ps256,
+    });
+    let key_type = match (jwt.key_type, alg) {
+        (Some(JwtKeyType::EcdsaP256), _) | (None, None | Some(SigningAlg::Es256)) => {
+            KeyType::EcP256
+        }
+        (Some(JwtKeyType::EcdsaP384), _) | (None, Some(SigningAlg::Es384)) => KeyType::EcP384,
+        (Some(JwtKeyType::Rsa2048), _) | (None, Some(_)) => KeyType::Rsa2048,
+        (Some(JwtKeyType::Rsa3072), _) => KeyType::Rsa3072,
+        (Some(JwtKeyType::Rsa4096), _) => KeyType::Rsa4096,
+    };
+    let alg = match alg {
+        Some(a) if a.fits(key_type) => a,
+        Some(a) => {
+            return Err(format!(
+                "{a} does not fit spec.jwt.keyType {key_type}: ES256 needs ECDSA-P256, ES384 needs ECDSA-P384, RS256 and PS256 need RSA-2048, RSA-3072 or RSA-4096; change one of them, or remove keyType to get the algorithm's default key"
+            ));
+        }
+        None => SigningAlg::default_for(key_type).unwrap_or(SigningAlg::Es256),
+    };
+    Ok((key_type, alg))
 }
 
 /// The older TrustDomain that owns `obj`'s trust domain name, when `obj` is a duplicate.
@@ -238,6 +279,69 @@ mod tests {
         assert_eq!(duplicate_owner(&new, &all), Some("b-old".into()));
         assert_eq!(duplicate_owner(&old, &all), None);
         assert_eq!(duplicate_owner(&other, &all), None);
+    }
+
+    #[test]
+    fn jwt_algorithm_and_key_type_default_to_each_other() {
+        let jwt = |v: serde_json::Value| {
+            Policy::from_spec(
+                "td1",
+                &spec(serde_json::json!({"trustDomain": "example.org", "jwt": v})),
+            )
+            .map(|p| (p.jwt_key_type, p.jwt_alg))
+        };
+        assert_eq!(
+            jwt(serde_json::json!({})).unwrap(),
+            (KeyType::EcP256, SigningAlg::Es256)
+        );
+        assert_eq!(
+            jwt(serde_json::json!({"algorithm": "RS256"})).unwrap(),
+            (KeyType::Rsa2048, SigningAlg::Rs256)
+        );
+        assert_eq!(
+            jwt(serde_json::json!({"algorithm": "ES384"})).unwrap(),
+            (KeyType::EcP384, SigningAlg::Es384)
+        );
+        assert_eq!(
+            jwt(serde_json::json!({"keyType": "RSA-3072"})).unwrap(),
+            (KeyType::Rsa3072, SigningAlg::Rs256)
+        );
+        assert_eq!(
+            jwt(serde_json::json!({"keyType": "RSA-4096", "algorithm": "PS256"})).unwrap(),
+            (KeyType::Rsa4096, SigningAlg::Ps256)
+        );
+        let e =
+            jwt(serde_json::json!({"keyType": "ECDSA-P256", "algorithm": "RS256"})).unwrap_err();
+        assert_eq!(e.condition_reason(), Some("InvalidSpec"));
+        let e = e.to_string();
+        assert!(
+            e.contains("spec.jwt.algorithm") && e.contains("RS256 and PS256 need RSA-2048"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rsa_ca_key_types_map_to_their_sizes() {
+        for (name, t) in [
+            ("RSA-2048", KeyType::Rsa2048),
+            ("RSA-3072", KeyType::Rsa3072),
+            ("RSA-4096", KeyType::Rsa4096),
+        ] {
+            let p = Policy::from_spec(
+                "td1",
+                &spec(serde_json::json!({"trustDomain": "example.org", "ca": {"keyType": name}})),
+            )
+            .unwrap();
+            assert_eq!(p.ca_key_type, t);
+        }
+        // A name outside the enum never reaches the reconciler: admission and the
+        // object's decoding both refuse it.
+        assert!(
+            serde_json::from_value::<TrustDomainSpec>(
+                serde_json::json!({"trustDomain": "example.org", "ca": {"keyType": "RSA-1024"}})
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -215,7 +215,15 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
         }
     };
 
-    let advance = state.advance(now, &policy, upstream.as_ref().map(|r| r.as_ref()));
+    // Minting a CA or JWT key can take seconds (an RSA-4096 prime search): off the async
+    // runtime, which serves the Node API and the other reconciles meanwhile.
+    let for_keys = policy.clone();
+    let (state, advance, upstream) = tokio::task::spawn_blocking(move || {
+        let advance = state.advance(now, &for_keys, upstream.as_ref().map(|r| r.as_ref()));
+        (state, advance, upstream)
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
     let created_secret = existing.is_none();
     let adopt = existing.as_ref().is_some_and(|s| {
         !s.owner_references()

@@ -567,13 +567,14 @@ impl AuthorityState {
         result.x509_blocked = matches!(e, Some(None));
         result.x509_error = e.flatten();
 
-        let jwt_type: KeyType = policy.jwt_key_type;
+        let (jwt_type, jwt_alg): (KeyType, _) = (policy.jwt_key_type, policy.jwt_alg);
         let jwt_ttl = policy.ca_ttl;
         // JWT keys get the same (whole-second, back-dated) validity a CA minted now gets,
         // so both rings reach their transitions at the same instants.
         let whole_now = from_unix_seconds(unix_seconds(now));
         let mut mint_jwt = || -> Result<JwtGeneration, Error> {
-            let key = JwtKey::generate(jwt_type, whole_now + jwt_ttl).map_err(Error::JwtKey)?;
+            let key = JwtKey::generate_for(jwt_type, Some(jwt_alg), whole_now + jwt_ttl)
+                .map_err(Error::JwtKey)?;
             Ok(JwtGeneration {
                 key: Arc::new(key),
                 not_before: whole_now.checked_sub(BACKDATE).unwrap_or(whole_now),

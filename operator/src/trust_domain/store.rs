@@ -101,6 +101,10 @@ struct StoredRetiredCa {
 #[serde(rename_all = "camelCase")]
 struct StoredJwt {
     kid: String,
+    /// JWS algorithm (`RS256`, `PS256`, ...); absent in documents written before RSA keys,
+    /// whose EC keys sign with their curve's one algorithm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    alg: Option<String>,
     #[serde(with = "zeroizing")]
     private_key: Zeroizing<String>,
     not_before: u64,
@@ -161,6 +165,7 @@ pub fn to_secret_data(
     };
     let jwt = |s: &Slot<JwtGeneration>| StoredJwt {
         kid: s.key.key.kid().to_owned(),
+        alg: Some(s.key.key.alg().name().to_owned()),
         private_key: s.key.key.private_key().to_pkcs8_pem(),
         not_before: secs(s.key.not_before),
         not_after: secs(s.key.key.not_after()),
@@ -258,7 +263,13 @@ pub fn from_secret(
     let jwt = |s: &StoredJwt, role: &str| -> Result<Slot<JwtGeneration>, LoadError> {
         let bad = |what: String| err(format!("{role} JWT key {}: {what}", s.kid));
         let key = PrivateKey::from_pem(&s.private_key).map_err(|e| bad(e.to_string()))?;
-        let key = JwtKey::from_key(s.kid.clone(), key, time(s.not_after))
+        let alg = s
+            .alg
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: sigil_identity::jwt::JwtError| bad(e.to_string()))?;
+        let key = JwtKey::from_key_for(s.kid.clone(), key, alg, time(s.not_after))
             .map_err(|e| bad(e.to_string()))?;
         Ok(Slot {
             key: Arc::new(JwtGeneration {
@@ -423,6 +434,36 @@ mod tests {
             back.x509.retired[0].not_after,
             state.x509.retired[0].not_after
         );
+    }
+
+    #[test]
+    fn rsa_keys_and_the_jwt_algorithm_survive_the_secret() {
+        let spec: TrustDomainSpec = serde_json::from_value(serde_json::json!({
+            "trustDomain": "example.org",
+            "ca": {"keyType": "RSA-2048"},
+            "jwt": {"algorithm": "PS256"},
+        }))
+        .unwrap();
+        let policy = Policy::from_spec("td", &spec).unwrap();
+        let mut state = AuthorityState::new(policy.trust_domain.clone());
+        state.advance(
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            &policy,
+            None,
+        );
+        let secret = Secret {
+            data: Some(to_secret_data(&state).unwrap()),
+            ..Default::default()
+        };
+        let back = from_secret(&secret, &policy.trust_domain).unwrap();
+        assert_eq!(
+            back.x509.active.as_ref().unwrap().key.key_type(),
+            sigil_identity::keys::KeyType::Rsa2048
+        );
+        let jwt = &back.jwt.active.as_ref().unwrap().key.key;
+        assert_eq!(jwt.alg(), sigil_identity::jwt::SigningAlg::Ps256);
+        assert_eq!(jwt.authority().jwk.alg.as_deref(), Some("PS256"));
+        assert_eq!(back.bundle(None), state.bundle(None));
     }
 
     #[test]

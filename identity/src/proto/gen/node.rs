@@ -160,6 +160,10 @@ pub struct Entry {
     /// The revision at which this entry last changed on the node's stream.
     #[prost(uint64, tag = "11")]
     pub revision: u64,
+    /// Key algorithm of the X509-SVID keys the agent generates for this entry, as the CRDs
+    /// spell it: "ECDSA-P256" (also when empty, as older operators send) or "RSA-2048".
+    #[prost(string, tag = "12")]
+    pub key_type: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Bundle {
