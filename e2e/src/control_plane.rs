@@ -28,11 +28,14 @@ const CRD_WITHIN: Duration = Duration::from_secs(60);
 const FIELD_MANAGER: &str = "sigil-e2e";
 
 /// A running etcd + kube-apiserver. Dropping it stops both and removes its files.
+///
+/// Either process can be stopped and started again on the same ports and data (the fault
+/// tests: an API server outage, an etcd restart), also on the [`crate::shared`] one.
 #[derive(Debug)]
 pub struct ControlPlane {
     // Field order is drop order: the apiserver stops before etcd, the files go last.
-    apiserver: Supervised,
-    etcd: Supervised,
+    apiserver: Restartable,
+    etcd: Restartable,
     server: String,
     service_account_issuer: String,
     ca_pem: String,
@@ -70,10 +73,10 @@ impl ControlPlane {
         let root = dir.path();
 
         let [etcd_client, etcd_peer, secure] = free_ports::<3>()?;
-        let etcd = Supervised::start(
+        let etcd = Restartable::start(
             "etcd",
             &etcd_bin,
-            &[
+            vec![
                 "--name=default".into(),
                 format!("--data-dir={}", root.join("etcd").display()),
                 format!("--listen-client-urls=http://127.0.0.1:{etcd_client}"),
@@ -84,7 +87,7 @@ impl ControlPlane {
                 "--unsafe-no-fsync".into(),
                 "--log-level=warn".into(),
             ],
-            &root.join("etcd.log"),
+            root.join("etcd.log"),
         )?;
 
         let serving_ca = Ca::new("sigil-e2e serving CA")?;
@@ -106,10 +109,10 @@ impl ControlPlane {
         let server = format!("https://127.0.0.1:{secure}");
         let issuer = server.clone();
 
-        let apiserver = Supervised::start(
+        let apiserver = Restartable::start(
             "kube-apiserver",
             &apiserver_bin,
-            &[
+            vec![
                 format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
                 "--bind-address=127.0.0.1".into(),
                 "--advertise-address=127.0.0.1".into(),
@@ -136,7 +139,7 @@ impl ControlPlane {
                 "--profiling=false".into(),
                 "--v=0".into(),
             ],
-            &root.join("kube-apiserver.log"),
+            root.join("kube-apiserver.log"),
         )?;
 
         let kubeconfig = root.join("kubeconfig");
@@ -150,7 +153,7 @@ impl ControlPlane {
         )
         .map_err(|e| Error::io("write the admin kubeconfig", e))?;
 
-        let mut cp = Self {
+        let cp = Self {
             apiserver,
             etcd,
             server,
@@ -165,11 +168,11 @@ impl ControlPlane {
         Ok(cp)
     }
 
-    async fn wait_ready(&mut self) -> Result<(), Error> {
+    async fn wait_ready(&self) -> Result<(), Error> {
         let deadline = Instant::now() + READY_WITHIN;
         let admin = self.admin().await?;
         loop {
-            for p in [&mut self.etcd, &mut self.apiserver] {
+            for p in [&self.etcd, &self.apiserver] {
                 if let Some(status) = p.exited() {
                     return Err(Error::Exited {
                         status: status.to_string(),
@@ -281,9 +284,31 @@ impl ControlPlane {
         self.dir.path()
     }
 
-    /// The PIDs of etcd and kube-apiserver.
+    /// The PIDs of etcd and kube-apiserver (0 for one that is stopped).
     pub fn pids(&self) -> [u32; 2] {
         [self.etcd.pid(), self.apiserver.pid()]
+    }
+
+    /// Kills kube-apiserver (SIGKILL, as a crashed or partitioned control plane node):
+    /// every open watch and request of every client breaks, new connections are refused.
+    pub fn stop_apiserver(&self) {
+        self.apiserver.stop();
+    }
+
+    /// Starts kube-apiserver again on the same port with the same flags, and waits until
+    /// it answers `/readyz`.
+    pub async fn start_apiserver(&self) -> Result<(), Error> {
+        self.apiserver.restart()?;
+        self.wait_ready().await
+    }
+
+    /// Kills etcd (SIGKILL) and starts it again on the same ports and data directory; the
+    /// apiserver's watches and requests fail meanwhile. Returns once the apiserver answers
+    /// `/readyz` again.
+    pub async fn restart_etcd(&self) -> Result<(), Error> {
+        self.etcd.stop();
+        self.etcd.restart()?;
+        self.wait_ready().await
     }
 
     /// Signs `claims` as a service-account token with the apiserver's own signing key:
@@ -387,6 +412,74 @@ impl ControlPlane {
             .await
             .map_err(|e| Error::Kube(format!("create namespace {name}"), e))?;
         Ok(name)
+    }
+}
+
+/// A [`Supervised`] process that can be stopped and started again with the same command.
+#[derive(Debug)]
+struct Restartable {
+    name: &'static str,
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    running: std::sync::Mutex<Option<Supervised>>,
+}
+
+impl Restartable {
+    fn start(
+        name: &'static str,
+        program: &Path,
+        args: Vec<String>,
+        log: PathBuf,
+    ) -> Result<Self, Error> {
+        let p = Self {
+            name,
+            program: program.to_owned(),
+            args,
+            log,
+            running: std::sync::Mutex::new(None),
+        };
+        p.restart()?;
+        Ok(p)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Supervised>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the process unless it runs.
+    fn restart(&self) -> Result<(), Error> {
+        let mut running = self.lock();
+        if running.as_mut().is_none_or(|p| p.exited().is_some()) {
+            *running = Some(Supervised::start(
+                self.name,
+                &self.program,
+                &self.args,
+                &self.log,
+            )?);
+        }
+        Ok(())
+    }
+
+    fn stop(&self) {
+        if let Some(mut p) = self.lock().take() {
+            p.stop();
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.lock().as_ref().map_or(0, Supervised::pid)
+    }
+
+    fn exited(&self) -> Option<std::process::ExitStatus> {
+        self.lock().as_mut().and_then(Supervised::exited)
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        match self.lock().as_ref() {
+            Some(p) => p.log_tail(lines),
+            None => format!("{} is stopped", self.name),
+        }
     }
 }
 

@@ -44,8 +44,12 @@ pub struct Supervised {
 impl Supervised {
     /// Starts `program args...`, output appended to `log`.
     pub fn start(name: &str, program: &Path, args: &[String], log: &Path) -> Result<Self, Error> {
-        let out =
-            File::create(log).map_err(|e| Error::io(format!("create {}", log.display()), e))?;
+        // Appended, so a process started again (a restart test) keeps the earlier log.
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| Error::io(format!("create {}", log.display()), e))?;
         let err = out.try_clone().map_err(|e| Error::io("dup log file", e))?;
         let mut cmd = Command::new("setpriv");
         cmd.arg("--pdeathsig")

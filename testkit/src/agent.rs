@@ -30,6 +30,8 @@ pub struct AgentWorld {
     pub broker_socket: PathBuf,
     pub dir: tempfile::TempDir,
     pub cancel: CancellationToken,
+    /// What the agent was started with (a restart starts it again with the same).
+    pub args: Args,
 }
 
 impl Drop for AgentWorld {
@@ -124,7 +126,7 @@ impl AgentWorld {
             limits: Default::default(),
             sds: Default::default(),
         };
-        let agent = Agent::start(args, cancel.clone()).await.unwrap();
+        let agent = Agent::start(args.clone(), cancel.clone()).await.unwrap();
         std::fs::set_permissions(
             socket.parent().unwrap(),
             std::fs::Permissions::from_mode(0o755),
@@ -143,7 +145,33 @@ impl AgentWorld {
             broker_socket,
             dir,
             cancel,
+            args,
         }
+    }
+
+    /// Restarts the agent as a DaemonSet rollout does: SIGTERM (drain, sockets removed at
+    /// once), then a new process with the same flags, token and bundle. Returns once the
+    /// new one is Ready.
+    pub async fn restart_agent(&mut self) {
+        self.cancel.cancel();
+        tokio::time::timeout(sigil_agent::supervise::DRAIN_GRACE * 2, self.agent.wait())
+            .await
+            .expect("the agent stopped")
+            .expect("a drain is not a failure");
+        self.cancel = CancellationToken::new();
+        self.agent = Agent::start(self.args.clone(), self.cancel.clone())
+            .await
+            .unwrap();
+        std::fs::set_permissions(
+            self.socket.parent().unwrap(),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let agent = &self.agent;
+        eventually("the restarted agent to be ready", SETTLE, || async {
+            agent.readiness.is_ready().then_some(())
+        })
+        .await;
     }
 
     /// A pod on node A with a running container whose processes the test starts.

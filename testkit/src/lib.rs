@@ -10,12 +10,14 @@
 //! - [`agent`]: a sigil-agent in this process with its sockets in a temporary directory;
 //! - [`csi`]: sigil-csi beside that agent, and the kubelet's requests;
 //! - [`spire`]: the real SPIRE server and agent;
+//! - [`invariants`]: the reliability invariants, checked every second while faults run;
 //! - [`report`]: how benchmarks print and record their figures.
 #![allow(missing_debug_implementations)]
 
 pub mod agent;
 pub mod csi;
 pub mod federation;
+pub mod invariants;
 pub mod node_api;
 pub mod report;
 pub mod spire;

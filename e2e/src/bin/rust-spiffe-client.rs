@@ -16,6 +16,14 @@
 //!       (N FetchJWTSVID calls on one connection, each for a fresh audience P-<i>, as a
 //!       workload draining its node's minting budget would; prints how many were served
 //!       and how many refused, by gRPC code, with the first refusal)
+//!   rust-spiffe-client --addr ... poll --interval-ms I --timeout-ms T
+//!       (every I ms, on a new connection, one FetchX509SVID (the whole X.509 context) of
+//!       at most T ms; one line per attempt, {"ok":true,"svids":[{spiffe_id, chain_der_hex,
+//!       key_der_hex}],"bundles":{td: [authority_der_hex]}} or {"ok":false,"error":...},
+//!       each with at_ms; runs until killed: the invariant checker's probe)
+//!   rust-spiffe-client --addr ... streams --count N --reconnect
+//!       (as streams, but a stream that breaks is opened again every 50 ms until it gets
+//!       an SVID; prints {"resumed": N} once every stream has one again after a break)
 //!
 //! Exit status 0, or 1 with the library's error on stderr.
 
@@ -69,13 +77,72 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
                     | "wait-x509"
                     | "load"
                     | "jwt-flood"
+                    | "poll"
             )
         })
-        .ok_or("command: x509|jwt|validate|watch|streams|wait-x509|load|jwt-flood")?;
+        .ok_or("command: x509|jwt|validate|watch|streams|wait-x509|load|jwt-flood|poll")?;
     match cmd.as_str() {
         "x509" => {
             let source = X509Source::builder().endpoint(&addr).build().await?;
             println!("{}", leaf_line(&source)?);
+        }
+        "poll" => {
+            let every = std::time::Duration::from_millis(
+                arg(&args, "--interval-ms")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1000),
+            );
+            let timeout = std::time::Duration::from_millis(
+                arg(&args, "--timeout-ms")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(2000),
+            );
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let at_ms = now_ms();
+                let attempt = tokio::time::timeout(timeout, async {
+                    let client = WorkloadApiClient::connect_to(&addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    client.fetch_x509_context().await.map_err(|e| e.to_string())
+                });
+                let line = match attempt.await {
+                    Ok(Ok(context)) => {
+                        let svids: Vec<_> = context
+                            .svids()
+                            .iter()
+                            .map(|s| {
+                                serde_json::json!({
+                                    "spiffe_id": s.spiffe_id().to_string(),
+                                    "chain_der_hex": s.cert_chain().iter().map(|c| hex::encode(c.as_ref())).collect::<Vec<_>>(),
+                                    "key_der_hex": hex::encode(s.private_key().as_ref()),
+                                })
+                            })
+                            .collect();
+                        let bundles: serde_json::Map<String, serde_json::Value> = context
+                            .bundle_set()
+                            .iter()
+                            .map(|(td, b)| {
+                                (
+                                    td.to_string(),
+                                    b.authorities()
+                                        .iter()
+                                        .map(|c| hex::encode(c.as_ref()))
+                                        .collect(),
+                                )
+                            })
+                            .collect();
+                        serde_json::json!({"ok": true, "svids": svids, "bundles": bundles, "at_ms": at_ms})
+                    }
+                    Ok(Err(e)) => serde_json::json!({"ok": false, "error": e, "at_ms": at_ms}),
+                    Err(_) => {
+                        serde_json::json!({"ok": false, "error": "the call was not answered", "at_ms": at_ms})
+                    }
+                };
+                println!("{line}");
+            }
         }
         "watch" => {
             let n: usize = arg(&args, "--updates")
@@ -121,12 +188,34 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
                 serde_json::json!({"ready": held.len(), "at_ms": now_ms()})
             );
             // Then says "updated" once every stream has received a second SVID (a
-            // rotation or an entry change fanned out to all of them).
+            // rotation or an entry change fanned out to all of them); with --reconnect,
+            // "resumed" once every stream that broke has been opened again and has an SVID.
+            let reconnect = args.iter().any(|a| a == "--reconnect");
             let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(count.max(1));
             let mut tasks = Vec::with_capacity(count);
             for (client, mut stream) in held {
                 let tx = tx.clone();
+                let addr = addr.clone();
                 tasks.push(tokio::spawn(async move {
+                    if reconnect {
+                        while let Some(Ok(_)) = futures::StreamExt::next(&mut stream).await {}
+                        drop((stream, client));
+                        loop {
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            let Ok(client) = WorkloadApiClient::connect_to(&addr).await else {
+                                continue;
+                            };
+                            let Ok(stream) = client.stream_x509_svids().await else {
+                                continue;
+                            };
+                            let mut stream = Box::pin(stream);
+                            if let Some(Ok(_)) = futures::StreamExt::next(&mut stream).await {
+                                let _ = tx.send(()).await;
+                                let _held = (client, stream);
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                    }
                     let _client = client;
                     if let Some(Ok(_)) = futures::StreamExt::next(&mut stream).await {
                         let _ = tx.send(()).await;
@@ -135,6 +224,7 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
                     std::future::pending::<()>().await;
                 }));
             }
+            let done = if reconnect { "resumed" } else { "updated" };
             drop(tx);
             let mut stdin = tokio::task::spawn_blocking(|| {
                 let mut sink = String::new();
@@ -152,7 +242,7 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
                             if updated == count {
                                 println!(
                                     "{}",
-                                    serde_json::json!({"updated": updated, "at_ms": now_ms()})
+                                    serde_json::json!({done: updated, "at_ms": now_ms()})
                                 );
                             }
                         }
