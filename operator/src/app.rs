@@ -646,7 +646,7 @@ async fn node_api_task(
         let watch_cancel = cancel.clone();
         let watch = async move {
             use futures::StreamExt;
-            let stream = node_watch.default_backoff().applied_objects();
+            let stream = node_watch.backoff(crate::watch_backoff()).applied_objects();
             futures::pin_mut!(stream);
             loop {
                 tokio::select! {

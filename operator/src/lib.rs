@@ -35,3 +35,10 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod tls_listener;
 pub mod trust_domain;
+
+/// How every watch of the operator retries after a failure: at most 4 s apart, so the
+/// operator catches up within seconds of an API server outage's end (a replica holds a
+/// handful of watches, so the short cap costs the API server little).
+pub fn watch_backoff() -> sigil_telemetry::process::WatchBackoff {
+    sigil_telemetry::process::WatchBackoff::new(std::time::Duration::from_secs(4))
+}

@@ -5,6 +5,7 @@
 //!   own body with the [`Readiness`] and the [`CancellationToken`] a signal drains.
 //! - [`go_duration`] (feature `kube`): the `value_parser` of every duration flag.
 //! - [`kube_client`] (feature `kube`): `--kubeconfig`, else the in-cluster configuration.
+//! - [`WatchBackoff`] (feature `kube`): how every Kubernetes watch retries.
 //!
 //! Why not kubert: it brings its own admin server, log flags and client builder, which would
 //! replace [`crate::serve`]'s `/ready` (named components, drained on the first signal) and
@@ -89,6 +90,62 @@ pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result
     kube::Client::try_from(config).context("build the Kubernetes client")
 }
 
+/// How a Kubernetes watch waits between failed attempts: exponential from 250 ms, with
+/// jitter (each wait is 50-100% of the step), capped at `max`, and back to the start on
+/// any event.
+///
+/// kube-runtime's default (client-go's: 800 ms doubling to 30 s) made recovery from an API
+/// server outage slow: after a 20 s outage the watches were at 13-26 s steps, and the
+/// first watch after the API server came back ended in `410 Expired` (its watch cache
+/// starts anew), which cost one more, doubled step before the relist. A new pod then
+/// waited 45-55 s for its identity (e2e/tests/faults.rs, docs/reliability.md). A few
+/// seconds' cap keeps that within the cap of the outage's end; the jitter spreads the
+/// agents of a large cluster over it.
+#[cfg(feature = "kube")]
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    step: std::time::Duration,
+    max: std::time::Duration,
+}
+
+#[cfg(feature = "kube")]
+impl WatchBackoff {
+    /// The first wait.
+    pub const FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+
+    /// A backoff that never waits longer than `max`.
+    pub fn new(max: std::time::Duration) -> Self {
+        Self {
+            step: Self::FIRST.min(max),
+            max,
+        }
+    }
+}
+
+#[cfg(feature = "kube")]
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<std::time::Duration> {
+        use std::hash::{BuildHasher, Hasher};
+        let step = self.step;
+        self.step = (step * 2).min(self.max);
+        // Jitter without an RNG dependency: every RandomState is keyed anew.
+        let r = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let fraction = 0.5 + (r % 1000) as f64 / 2000.0;
+        Some(step.mul_f64(fraction))
+    }
+}
+
+#[cfg(feature = "kube")]
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.step = Self::FIRST.min(self.max);
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -101,6 +158,22 @@ mod tests {
             anyhow::bail!("bind failed")
         });
         assert_eq!(format!("{:#}", result.unwrap_err()), "bind failed");
+    }
+
+    #[cfg(feature = "kube")]
+    #[test]
+    fn a_watch_backoff_doubles_with_jitter_up_to_its_cap_and_resets() {
+        use kube::runtime::utils::Backoff as _;
+        use std::time::Duration;
+        let mut b = WatchBackoff::new(Duration::from_secs(4));
+        let waits: Vec<Duration> = (&mut b).take(8).collect();
+        let steps = [250u64, 500, 1000, 2000, 4000, 4000, 4000, 4000];
+        for (w, s) in waits.iter().zip(steps) {
+            let s = Duration::from_millis(s);
+            assert!(*w >= s / 2 && *w <= s, "{waits:?}");
+        }
+        b.reset();
+        assert!(b.next().unwrap() <= WatchBackoff::FIRST);
     }
 
     #[cfg(feature = "kube")]

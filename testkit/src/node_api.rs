@@ -216,7 +216,7 @@ impl World {
             writer,
             kube::runtime::watcher(Api::<Node>::all(op.clone()), Default::default()),
         )
-        .default_backoff()
+        .backoff(sigil_operator::watch_backoff())
         .applied_objects();
         tokio::spawn(async move {
             use futures::StreamExt;

@@ -240,7 +240,12 @@ impl ApiPodSource {
         let api: Api<Pod> = Api::all(client);
         let pods = Arc::new(PodsByUid::default());
         let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
-        let stream = watcher(api, cfg).default_backoff();
+        // At most 5 s between attempts, so pods created just after an API server outage
+        // are attested within seconds of its end; with the jitter, the agents of a
+        // thousand nodes retry a few hundred times a second at most meanwhile.
+        let stream = watcher(api, cfg).backoff(sigil_telemetry::process::WatchBackoff::new(
+            std::time::Duration::from_secs(5),
+        ));
         let held = pods.clone();
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);

@@ -36,7 +36,7 @@ pub(crate) async fn run(
 ) {
     let (fbs, fb_writer) = reflector::store::<FederatedBundle>();
     let fb_events = reflector::reflector(fb_writer, watcher(Api::all(client.clone()), fb_config))
-        .default_backoff();
+        .backoff(crate::watch_backoff());
     let (cms, cm_writer) = reflector::store::<ConfigMap>();
     let cm_config =
         watcher::Config::default().labels(&format!("{COMPONENT_LABEL}={}", spec::COMPONENT));
@@ -44,7 +44,7 @@ pub(crate) async fn run(
         cm_writer,
         watcher(Api::namespaced(client, &namespace), cm_config),
     )
-    .default_backoff();
+    .backoff(crate::watch_backoff());
     let mut exported: BTreeSet<String> = BTreeSet::new();
     crate::reflector_pair::run(
         "FederatedBundle",

@@ -196,7 +196,7 @@ async fn feed<K, S>(
     K: Resource + Clone + Send + 'static,
     S: Stream<Item = Result<Event<K>, watcher::Error>> + Send,
 {
-    let stream = stream.default_backoff();
+    let stream = stream.backoff(crate::watch_backoff());
     futures::pin_mut!(stream);
     // During a list: the keys the index held when it began and the list has not named yet.
     // What is left when it ends was deleted while the watch was down. The first list

@@ -85,14 +85,14 @@ impl Loader {
         let (tds, td_writer) = reflector::store::<TrustDomainObject>();
         let td_events =
             reflector::reflector(td_writer, watcher(Api::all(client.clone()), td_config))
-                .default_backoff();
+                .backoff(crate::watch_backoff());
         let (secrets, secret_writer) = reflector::store::<Secret>();
         let secret_config = watcher::Config::default().labels(&format!("{COMPONENT_LABEL}=ca"));
         let secret_events = reflector::reflector(
             secret_writer,
             watcher(Api::namespaced(client, &self.namespace), secret_config),
         )
-        .default_backoff();
+        .backoff(crate::watch_backoff());
         crate::reflector_pair::run(
             "trust domain",
             td_events,
