@@ -1,0 +1,533 @@
+//! The reliability fault suite, short versions (#27): each test injects one fault into
+//! a running system (real kube-apiserver + etcd processes, an operator replica and a
+//! sigil-agent in this process, sigil-csi with files-mode volumes, workloads as real
+//! processes in pod cgroups) while [`Invariants`] checks every workload and volume once a
+//! second, and asserts zero violations, a bound on failed fetches and a recovery bound.
+//! Each prints its figures in one `faults:` line (docs/reliability.md).
+//!
+//! TTLs are scaled down (ClusterSPIFFEID `ttl` of seconds) so that several rotations fall
+//! inside a fault of tens of seconds.
+//!
+//! The tests stop and start the control plane this binary shares, so they run one at a
+//! time ([`serial`]).
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use kube::api::Api;
+use serde_json::json;
+use sigil_identity::proto::csi as pb;
+use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
+use sigil_testkit::agent::{AgentWorld, Workload};
+use sigil_testkit::csi::{Csi, csi_args, publish_request};
+use sigil_testkit::invariants::{Expect, Invariants, Report, wait_current};
+use sigil_testkit::node_api::create;
+use sigil_testkit::trust_domain::{SETTLE, eventually};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_rust-spiffe-client");
+
+/// One fault test at a time: they stop the control plane every test here shares.
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    // RUST_LOG=warn (say) shows what the components log while the faults run.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// A running system with selected workloads and files-mode volumes under the checker.
+struct Scene {
+    aw: AgentWorld,
+    inv: Invariants,
+    workloads: Vec<Workload>,
+    /// The checker's target names (workloads, then volumes).
+    targets: Vec<String>,
+    csi: Option<Csi>,
+    volumes: Vec<(String, PathBuf)>,
+    ttl: Duration,
+}
+
+impl Scene {
+    /// `workloads` pods (label app=fault, each its own SPIFFE ID by pod name) followed by
+    /// the checker, `volumes` of them also with a files-mode volume; the X509-SVID TTL is
+    /// `ttl`.
+    async fn start(prefix: &str, ttl: Duration, workloads: usize, volumes: usize) -> Scene {
+        let aw = AgentWorld::start(prefix).await;
+        let tag = aw.w.tag.clone();
+        create(
+            &Api::<ClusterSPIFFEID>::all(aw.w.client.clone()),
+            json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": format!("{tag}-fault")}, "spec": {
+                "trustDomain": aw.w.td_object,
+                "namespaceSelector": {"matchLabels": {"sigil-test": tag}},
+                "podSelector": {"matchLabels": {"app": "fault"}},
+                "spiffeIDTemplate": "spiffe://{{trustDomain}}/ns/{{pod.namespace}}/pod/{{pod.name}}",
+                "ttl": format!("{}s", ttl.as_secs()),
+            }}),
+        )
+        .await;
+        let mut scene = Scene {
+            inv: Invariants::new(CLIENT),
+            workloads: Vec::new(),
+            targets: Vec::new(),
+            csi: None,
+            volumes: Vec::new(),
+            ttl,
+            aw,
+        };
+        for i in 0..workloads {
+            let name = format!("w{i}");
+            let w = scene
+                .aw
+                .workload(&name, "web", json!({"app": "fault"}))
+                .await;
+            let id = scene.id(&name);
+            scene.aw.wait_svid(&id).await;
+            scene
+                .inv
+                .watch_workload(&name, &w, &scene.aw.addr, Expect::one(&id, ttl));
+            scene.targets.push(name);
+            scene.workloads.push(w);
+        }
+        if volumes > 0 {
+            let csi = Csi::start(csi_args(&scene.aw)).await;
+            let mut client = csi.client().await;
+            for i in 0..volumes {
+                let pod = format!("w{i}");
+                let target = scene.aw.dir.path().join("pods").join(&pod).join("identity");
+                let token = scene.aw.w.token(&scene.workloads[i].pod, "sigil-csi").await;
+                client
+                    .node_publish_volume(publish_request(
+                        &format!("vol-{pod}"),
+                        &target,
+                        &scene.workloads[i].pod,
+                        Some(&token),
+                        true,
+                        &[("mode", "files")],
+                    ))
+                    .await
+                    .unwrap();
+                let name = format!("{pod}-files");
+                scene
+                    .inv
+                    .watch_files(&name, &target, Expect::one(&scene.id(&pod), ttl));
+                scene.targets.push(name);
+                scene.volumes.push((format!("vol-{pod}"), target));
+            }
+            scene.csi = Some(csi);
+        }
+        // Every target checked once with a good SVID before the fault.
+        let inv = &scene.inv;
+        let targets = &scene.targets;
+        eventually("every target to be checked", SETTLE, || async {
+            let r = inv.report();
+            targets
+                .iter()
+                .all(|t| r.targets.get(t).is_some_and(|t| t.current().is_some()))
+                .then_some(())
+        })
+        .await;
+        scene
+    }
+
+    /// The SPIFFE ID of pod `name`.
+    fn id(&self, name: &str) -> String {
+        format!("spiffe://{}/ns/{}/pod/{name}", self.aw.w.td, self.aw.w.ns)
+    }
+
+    /// How long after `since` until every target holds an SVID issued after `since`.
+    async fn time_until_current(&self, since: SystemTime, within: Duration) -> Duration {
+        let backdate = sigil_identity::ca::svid_backdate(self.ttl);
+        wait_current(&self.inv, &self.targets, since, backdate, within).await
+    }
+
+    /// Rotations (new leaves first seen) of every target in `[from, to)`: the fewest.
+    fn fewest_rotations(&self, from: SystemTime, to: SystemTime) -> usize {
+        let r = self.inv.report();
+        self.targets
+            .iter()
+            .map(|t| r.targets[t].leaves_between(from, to))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// A new selected pod, and the time from now until a process in it holds its SVID
+    /// (pod object → identity index → agent → Workload API), with its phases: the pod
+    /// written, the entry at the agent, the SVID in the pod.
+    async fn new_pod_ready_after(
+        &mut self,
+        name: &str,
+        labels: serde_json::Value,
+    ) -> (Duration, [Duration; 3]) {
+        let t = Instant::now();
+        let w = self.aw.workload(name, "web", labels).await;
+        let written = t.elapsed();
+        let id = self.id(name);
+        let cache = &self.aw.agent.cache;
+        eventually("the new pod's entry at the agent", SETTLE * 4, || async {
+            cache
+                .entries()
+                .iter()
+                .any(|e| e.spiffe_id.to_string() == id)
+                .then_some(())
+        })
+        .await;
+        let entry = t.elapsed();
+        let out = w
+            .run(
+                CLIENT,
+                &[
+                    "--addr",
+                    &self.aw.addr,
+                    "wait-x509",
+                    "--timeout-ms",
+                    "60000",
+                ],
+            )
+            .await;
+        let took = t.elapsed();
+        let v = sigil_testkit::agent::json_out("wait-x509 in a new pod", &out);
+        assert_eq!(v["spiffe_id"], self.id(name).as_str());
+        self.workloads.push(w);
+        (took, [written, entry, took])
+    }
+
+    /// Stops the checker, unpublishes the volumes and returns the checker's report.
+    async fn finish(mut self) -> Report {
+        let Scene {
+            inv, csi, volumes, ..
+        } = &mut self;
+        let report = std::mem::replace(inv, Invariants::new(CLIENT)).stop().await;
+        if let Some(csi) = csi.take() {
+            let mut client = csi.client().await;
+            for (id, target) in volumes.iter() {
+                client
+                    .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+                        volume_id: id.clone(),
+                        target_path: target.display().to_string(),
+                    })
+                    .await
+                    .unwrap();
+            }
+            csi.stop().await;
+        }
+        report
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// The API server killed for four SVID half-lives: every workload keeps fetching a valid
+/// SVID of its own and keeps rotating it (the operator signs with the CA it holds, the
+/// agent serves from its caches), files-mode volumes rotate too; once the API server is
+/// back, a new pod gets its identity within the recovery bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_down_for_four_half_lives() {
+    let _serial = serial().await;
+    let cp = sigil_e2e::shared().await;
+    let ttl = Duration::from_secs(10);
+    let outage = ttl * 2;
+    let mut s = Scene::start("f-apidown", ttl, 3, 1).await;
+
+    let down = SystemTime::now();
+    cp.stop_apiserver();
+    tokio::time::sleep(outage).await;
+    let rotations = s.fewest_rotations(down, SystemTime::now());
+    let ready_during = s.aw.agent.readiness.is_ready();
+    let t = Instant::now();
+    cp.start_apiserver().await.unwrap();
+    let apiserver_back = t.elapsed();
+    let (new_pod, phases) = s.new_pod_ready_after("late", json!({"app": "fault"})).await;
+    let recovery = apiserver_back + new_pod;
+    let r = s.finish().await;
+    println!(
+        "faults: api_server_down outage={} checks={} violations={} failed_fetches={} longest_failure={} rotations_during_outage(min per target)={rotations} agent_ready_during={ready_during} apiserver_ready_after={} new_pod_svid_after={} (pod written {}, entry at agent {}) recovery={}",
+        secs(outage),
+        r.checks(),
+        r.violation_count(),
+        r.failed(),
+        secs(r.longest_failure()),
+        secs(apiserver_back),
+        secs(new_pod),
+        secs(phases[0]),
+        secs(phases[1]),
+        secs(recovery),
+    );
+    r.assert_holds(Duration::ZERO);
+    assert!(
+        rotations >= 3,
+        "every workload and volume rotates while the API server is down: {rotations} rotations in {outage:?}\n{r}"
+    );
+    assert!(
+        ready_during,
+        "the agent stays Ready through an API server outage"
+    );
+    assert!(
+        new_pod < Duration::from_secs(15),
+        "a new pod's identity within 15 s of the API server's return: {new_pod:?}"
+    );
+}
+
+/// etcd killed and started again, then the API server killed and started again, with
+/// every watch of the operator and the agent open: the invariants hold throughout, and a
+/// ClusterSPIFFEID created afterwards reaches a running pod within the bound (the watches
+/// resumed, not just reconnected).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_and_api_server_restarts_with_watches_open() {
+    let _serial = serial().await;
+    let cp = sigil_e2e::shared().await;
+    let ttl = Duration::from_secs(10);
+    let mut s = Scene::start("f-restarts", ttl, 3, 1).await;
+
+    let t = Instant::now();
+    cp.restart_etcd().await.unwrap();
+    let etcd_back = t.elapsed();
+    tokio::time::sleep(ttl / 2).await;
+    let t = Instant::now();
+    cp.stop_apiserver();
+    cp.start_apiserver().await.unwrap();
+    let apiserver_back = t.elapsed();
+    tokio::time::sleep(ttl / 2).await;
+
+    // A pod no ClusterSPIFFEID selects yet, then one that selects it.
+    let late = s.aw.workload("late", "web", json!({"app": "late"})).await;
+    let tag = s.aw.w.tag.clone();
+    let t = Instant::now();
+    create(
+        &Api::<ClusterSPIFFEID>::all(s.aw.w.client.clone()),
+        json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "ClusterSPIFFEID", "metadata": {"name": format!("{tag}-late")}, "spec": {
+            "trustDomain": s.aw.w.td_object,
+            "namespaceSelector": {"matchLabels": {"sigil-test": tag}},
+            "podSelector": {"matchLabels": {"app": "late"}},
+            "spiffeIDTemplate": "spiffe://{{trustDomain}}/late/{{pod.name}}",
+            "ttl": "10s",
+        }}),
+    )
+    .await;
+    let out = late
+        .run(
+            CLIENT,
+            &["--addr", &s.aw.addr, "wait-x509", "--timeout-ms", "60000"],
+        )
+        .await;
+    let new_id = t.elapsed();
+    let v = sigil_testkit::agent::json_out("wait-x509 after the restarts", &out);
+    assert_eq!(
+        v["spiffe_id"],
+        format!("spiffe://{}/late/late", s.aw.w.td).as_str()
+    );
+    s.workloads.push(late);
+    let r = s.finish().await;
+    println!(
+        "faults: etcd_and_api_server_restarts checks={} violations={} failed_fetches={} longest_failure={} etcd_restart_ready_after={} apiserver_restart_ready_after={} new_clusterspiffeid_to_workload={}",
+        r.checks(),
+        r.violation_count(),
+        r.failed(),
+        secs(r.longest_failure()),
+        secs(etcd_back),
+        secs(apiserver_back),
+        secs(new_id),
+    );
+    r.assert_holds(Duration::ZERO);
+    assert!(
+        new_id < Duration::from_secs(10),
+        "a ClusterSPIFFEID created after the restarts reaches its pod within 10 s: {new_id:?}"
+    );
+}
+
+/// The agent cut off from the operator (the Node API stopped) for longer than an SVID
+/// half-life, starting right after a rotation: workloads keep their valid SVID (no failed
+/// fetch, nothing expired), and once the Node API is back every workload and volume holds
+/// a freshly issued SVID within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_operator_partition_longer_than_a_half_life() {
+    let _serial = serial().await;
+    let ttl = Duration::from_secs(14);
+    let partition = ttl / 2 + Duration::from_secs(1);
+    let s = Scene::start("f-partition", ttl, 3, 1).await;
+
+    // Start right after every target rotated, so what they hold outlives the partition:
+    // the point is what workloads see past half-life, not an SVID that must expire.
+    let backdate = sigil_identity::ca::svid_backdate(ttl);
+    eventually(
+        "every target to hold an SVID issued in the last 2 s",
+        ttl * 2,
+        || async {
+            let now = SystemTime::now();
+            let r = s.inv.report();
+            s.targets
+                .iter()
+                .all(|t| {
+                    r.targets[t]
+                        .current()
+                        .is_some_and(|l| l.not_before + backdate + Duration::from_secs(2) >= now)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    s.aw.w.stop_node_api().await;
+    let cut = SystemTime::now();
+    tokio::time::sleep(partition).await;
+    let rotations = s.fewest_rotations(cut, SystemTime::now());
+    let held_past_half_life = s
+        .inv
+        .report()
+        .targets
+        .values()
+        .filter_map(|t| t.current())
+        .all(|l| {
+            let half = l.not_before + (l.not_after.duration_since(l.not_before).unwrap() / 2);
+            half < SystemTime::now()
+        });
+    let healed = SystemTime::now();
+    s.aw.w.restart_node_api().await;
+    let current_after = s.time_until_current(healed, SETTLE).await;
+    let r = s.finish().await;
+    println!(
+        "faults: agent_operator_partition partition={} checks={} violations={} failed_fetches={} longest_failure={} rotations_during={rotations} all_past_half_life_at_heal={held_past_half_life} all_current_after_heal={}",
+        secs(partition),
+        r.checks(),
+        r.violation_count(),
+        r.failed(),
+        secs(r.longest_failure()),
+        secs(current_after),
+    );
+    r.assert_holds(Duration::ZERO);
+    assert_eq!(rotations, 0, "nothing can be signed during the partition");
+    assert!(
+        held_past_half_life,
+        "the partition outlasted the half-life of what the workloads held"
+    );
+    assert!(
+        current_after < Duration::from_secs(5),
+        "every target current within 5 s of the partition healing: {current_after:?}"
+    );
+}
+
+/// The agent restarted (SIGTERM, drain, a new process) under 200 open Workload API
+/// streams and files-mode volumes: every stream has an SVID again within the bound, the
+/// checker's fetches fail only while no agent listens, and the files never go missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_under_200_streams_and_files_volumes() {
+    let _serial = serial().await;
+    let ttl = Duration::from_secs(20);
+    let mut s = Scene::start("f-agentrestart", ttl, 2, 2).await;
+    // 100 streams in each of two pods (the per-workload connection limit is 128).
+    let mut holders = Vec::new();
+    for w in &s.workloads {
+        let mut cmd = w.container.command(CLIENT);
+        cmd.args([
+            "--addr",
+            &s.aw.addr,
+            "streams",
+            "--count",
+            "100",
+            "--reconnect",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+        let mut child = tokio::process::Command::from(cmd)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let ready = tokio::time::timeout(SETTLE, lines.next_line())
+            .await
+            .expect("100 streams open")
+            .unwrap()
+            .expect("the streams client exited");
+        assert!(ready.contains("\"ready\":100"), "{ready}");
+        holders.push((child, lines));
+    }
+    let open =
+        sigil_e2e::http::metric(&s.aw.metrics().await, "sigil_workload_api_open_streams").unwrap();
+    assert!(open >= 200.0, "{open} streams open");
+
+    let t = Instant::now();
+    s.aw.restart_agent().await;
+    let agent_ready = t.elapsed();
+    let mut resumed = Duration::ZERO;
+    for (_, lines) in &mut holders {
+        let line = tokio::time::timeout(SETTLE, lines.next_line())
+            .await
+            .expect("every stream resumed")
+            .unwrap()
+            .expect("the streams client exited");
+        assert!(line.contains("\"resumed\":100"), "{line}");
+        resumed = resumed.max(t.elapsed());
+    }
+    // A little longer under the checker, past a rotation of what the new agent issued.
+    tokio::time::sleep(ttl / 2).await;
+    drop(holders);
+    let r = s.finish().await;
+    println!(
+        "faults: agent_restart streams=200 volumes=2 checks={} violations={} failed_fetches={} longest_failure={} new_agent_ready_after={} all_streams_resumed_after={}",
+        r.checks(),
+        r.violation_count(),
+        r.failed(),
+        secs(r.longest_failure()),
+        secs(agent_ready),
+        secs(resumed),
+    );
+    r.assert_holds(Duration::from_secs(3));
+    assert!(
+        resumed < Duration::from_secs(10),
+        "every stream has an SVID again within 10 s of the restart: {resumed:?}"
+    );
+}
+
+/// The checker itself: what each scenario's "zero violations" rests on. Served an ID it
+/// is not entitled to, an SVID longer-lived than the TTL it expects, a volume without
+/// files and an agent that is gone, it counts each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_counts_each_kind_of_violation() {
+    let _serial = serial().await;
+    let ttl = Duration::from_secs(10);
+    let mut s = Scene::start("f-checker", ttl, 1, 0).await;
+    let w = &s.workloads[0];
+    s.inv.watch_workload(
+        "foreign",
+        w,
+        &s.aw.addr,
+        Expect::one(&s.id("someone-else"), ttl),
+    );
+    s.inv.watch_workload(
+        "short-ttl",
+        w,
+        &s.aw.addr,
+        Expect::one(&s.id("w0"), Duration::from_secs(2)),
+    );
+    let nowhere = s.aw.dir.path().join("no-volume");
+    s.inv
+        .watch_files("missing", &nowhere, Expect::one(&s.id("w0"), ttl));
+    let inv = &s.inv;
+    eventually("each kind counted", SETTLE, || async {
+        let r = inv.report();
+        ["foreign_identity", "beyond_ttl", "file_missing"]
+            .iter()
+            .all(|k| r.violations.get(k).is_some_and(|n| *n > 0))
+            .then_some(())
+    })
+    .await;
+    // The agent gone for good: fetches fail, and the failure window grows.
+    s.aw.cancel.cancel();
+    let inv = &s.inv;
+    eventually("a failure window of 2 s", SETTLE, || async {
+        (inv.target("w0").longest_failure >= Duration::from_secs(2)).then_some(())
+    })
+    .await;
+    let r = s.finish().await;
+    println!("faults: checker self-test {r}");
+    assert!(r.failed() > 0);
+    assert_eq!(
+        r.violations.keys().copied().collect::<Vec<_>>(),
+        ["beyond_ttl", "file_missing", "foreign_identity"],
+        "{r}"
+    );
+}
