@@ -56,7 +56,11 @@ impl Scene {
     /// the checker, `volumes` of them also with a files-mode volume; the X509-SVID TTL is
     /// `ttl`.
     async fn start(prefix: &str, ttl: Duration, workloads: usize, volumes: usize) -> Scene {
-        let aw = AgentWorld::start(prefix).await;
+        Self::start_in(AgentWorld::start(prefix).await, ttl, workloads, volumes).await
+    }
+
+    /// As [`Scene::start`], in `aw`.
+    async fn start_in(aw: AgentWorld, ttl: Duration, workloads: usize, volumes: usize) -> Scene {
         let tag = aw.w.tag.clone();
         create(
             &Api::<ClusterSPIFFEID>::all(aw.w.client.clone()),
@@ -479,6 +483,96 @@ async fn agent_restart_under_200_streams_and_files_volumes() {
     assert!(
         resumed < Duration::from_secs(10),
         "every stream has an SVID again within 10 s of the restart: {resumed:?}"
+    );
+}
+
+/// The leading operator replica killed (its tasks stopped where they are, the Lease not
+/// released: an in-process stand-in for SIGKILL) in the middle of a burst of 40 pods, with
+/// a second replica standing by and the agent configured with both Node API addresses:
+/// the standby takes the Lease once it expires, the agent moves to its Node API, every
+/// pod of the burst gets its identity, the new leader writes the ClusterSPIFFEID's status,
+/// and the running workloads never miss a fetch or hold an expired SVID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_in_the_middle_of_a_pod_burst() {
+    let _serial = serial().await;
+    // SIGIL_FAULT_BURST=1000 for the size (not part of make test).
+    let burst: usize = std::env::var("SIGIL_FAULT_BURST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let ttl = Duration::from_secs(10);
+    let (aw, mut standby) = AgentWorld::start_with_two_replicas("f-failover").await;
+    assert!(aw.w.replica.is_leader() && !standby.replica.is_leader());
+    let mut s = Scene::start_in(aw, ttl, 3, 1).await;
+
+    let burst_started = Instant::now();
+    let mut fetches = Vec::new();
+    let mut killed = None;
+    for i in 0..burst {
+        if i == burst / 2 {
+            s.aw.w.kill_replica().await;
+            killed = Some((Instant::now(), SystemTime::now()));
+        }
+        let name = format!("b{i}");
+        let w = s.aw.workload(&name, "web", json!({"app": "fault"})).await;
+        let mut cmd = w.container.command(CLIENT);
+        cmd.args(["--addr", &s.aw.addr, "wait-x509", "--timeout-ms", "60000"]);
+        fetches.push((name, tokio::process::Command::from(cmd).output()));
+        s.workloads.push(w);
+    }
+    let (killed, killed_at) = killed.unwrap();
+    standby.replica.wait_leader(SETTLE).await;
+    let leader_after = killed.elapsed();
+    let mut attempts = 0;
+    for (name, fetch) in fetches {
+        let out = fetch.await.unwrap();
+        let v = sigil_testkit::agent::json_out(&format!("the SVID of burst pod {name}"), &out);
+        assert_eq!(v["spiffe_id"], s.id(&name).as_str());
+        attempts += v["attempts"].as_u64().unwrap();
+    }
+    let burst_done = burst_started.elapsed();
+    // The new leader writes status: every pod of the burst is counted.
+    let csid = format!("{}-fault", s.aw.w.tag);
+    let api = Api::<ClusterSPIFFEID>::all(s.aw.w.client.clone());
+    let selected = 3 + burst as i64;
+    eventually(
+        "the new leader's status counting every pod",
+        SETTLE,
+        || async {
+            let c = api.get(&csid).await.ok()?;
+            (c.status?.stats.pods_selected == selected).then_some(())
+        },
+    )
+    .await;
+    let status_after = killed.elapsed();
+    // The running workloads rotate through the standby too.
+    s.time_until_current(killed_at, SETTLE).await;
+    let rotated_after = killed.elapsed();
+    let agent_on = s.aw.agent.node.address();
+    let r = s.finish().await;
+    println!(
+        "faults: leader_killed_mid_burst burst={burst} checks={} violations={} failed_fetches={} longest_failure={} lease_taken_over_after={} burst_completed_in={} wait_x509_attempts={attempts} status_written_after_kill={} running_workloads_rotated_via_standby_after_kill={} agent_on={agent_on}",
+        r.checks(),
+        r.violation_count(),
+        r.failed(),
+        secs(r.longest_failure()),
+        secs(leader_after),
+        secs(burst_done),
+        secs(status_after),
+        secs(rotated_after),
+    );
+    r.assert_holds(Duration::ZERO);
+    assert_eq!(
+        agent_on, standby.node_api_addr,
+        "the agent moved to the standby"
+    );
+    assert!(
+        leader_after < Duration::from_secs(5),
+        "the standby leads within 5 s (Lease 2 s): {leader_after:?}"
+    );
+    assert!(
+        burst_done < Duration::from_secs(30),
+        "every pod of the burst has its SVID within 30 s: {burst_done:?}"
     );
 }
 

@@ -17,7 +17,7 @@ use sigil_e2e::pod::PodContainer;
 use sigil_telemetry::LogFormat;
 use tokio_util::sync::CancellationToken;
 
-use crate::node_api::{CLUSTER, World, WorldOptions};
+use crate::node_api::{CLUSTER, SecondReplica, World, WorldOptions};
 use crate::trust_domain::{SETTLE, eventually};
 
 pub struct AgentWorld {
@@ -86,6 +86,20 @@ impl AgentWorld {
     /// As [`AgentWorld::start_with`], with the Broker API open only to `broker_uid`.
     pub async fn start_full(prefix: &str, options: WorldOptions, broker_uid: u32) -> AgentWorld {
         let w = World::start_with(prefix, options).await;
+        let addresses = vec![w.node_api_addr.clone()];
+        Self::start_in(w, broker_uid, addresses).await
+    }
+
+    /// Two operator replicas (the world's leads, the second stands by) and an agent
+    /// configured with both Node API addresses, as the chart configures it.
+    pub async fn start_with_two_replicas(prefix: &str) -> (AgentWorld, SecondReplica) {
+        let w = World::start(prefix).await;
+        let second = w.second_replica().await;
+        let addresses = vec![w.node_api_addr.clone(), second.node_api_addr.clone()];
+        (Self::start_in(w, 0, addresses).await, second)
+    }
+
+    async fn start_in(w: World, broker_uid: u32, operator_address: Vec<String>) -> AgentWorld {
         let cp = sigil_e2e::shared().await;
         let dir = tempfile::tempdir().unwrap();
         // Workloads run as other users too: they must reach the socket.
@@ -96,7 +110,7 @@ impl AgentWorld {
         let cancel = CancellationToken::new();
         let args = Args {
             node_name: w.node_a.clone(),
-            operator_address: vec![w.node_api_addr.clone()],
+            operator_address,
             trust_domain: w.td.clone(),
             cluster_name: CLUSTER.into(),
             token_file,

@@ -34,6 +34,15 @@ type RunningNodeApi = (
 /// The cluster name the operator runs with.
 pub const CLUSTER: &str = "e2e";
 
+/// A second operator replica of a [`World`] ([`World::second_replica`]); dropping it
+/// stops its index and Node API.
+pub struct SecondReplica {
+    pub replica: Replica,
+    pub index: EntryIndex,
+    pub node_api_addr: String,
+    _stop: tokio_util::sync::DropGuard,
+}
+
 pub struct World {
     pub client: Client,
     /// What the operator components use (the admin unless a test says otherwise).
@@ -333,6 +342,84 @@ impl World {
             },
         )
         .await;
+    }
+
+    /// A second operator replica, as the Deployment's second pod: leader election on the
+    /// same Lease (it stands by while this world's replica leads), its own CA loader,
+    /// identity index and Node API on another loopback port. Returns once its Node API
+    /// serves.
+    pub async fn second_replica(&self) -> SecondReplica {
+        let cancel = CancellationToken::new();
+        let replica = Replica::start(
+            self.operator_client.clone(),
+            ReplicaConfig::new(&self.ns, &self.tag),
+        );
+        let index = EntryIndex::new(IndexConfig::new(CLUSTER));
+        tokio::spawn(index::run(
+            self.operator_client.clone(),
+            index.clone(),
+            replica.leader.clone(),
+            RunOptions {
+                status: StatusOptions {
+                    interval: Duration::from_millis(100),
+                    ..Default::default()
+                },
+                ready: None,
+            },
+            cancel.clone(),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let node_api_addr = listener.local_addr().unwrap().to_string();
+        let api = NodeApi::new(
+            self.node_api_config.clone(),
+            self.operator_client.clone(),
+            replica.authorities.clone(),
+            index.clone(),
+            self.nodes.clone(),
+            Arc::new(SystemClock),
+            NodeApiMetrics::default(),
+            replica.federated.clone(),
+            cancel.clone(),
+        );
+        tokio::spawn(node_api::serve(
+            listener,
+            api,
+            replica.authorities.clone(),
+            self.td.clone(),
+            Duration::from_secs(3600),
+            Arc::new(SystemClock),
+            Some(replica.readiness.component("node-api")),
+            cancel.clone(),
+        ));
+        eventually(
+            "the second replica's Node API serving certificate",
+            SETTLE,
+            || async {
+                replica
+                    .readiness
+                    .pending()
+                    .iter()
+                    .all(|p| p != "node-api")
+                    .then_some(())
+            },
+        )
+        .await;
+        SecondReplica {
+            replica,
+            index,
+            node_api_addr,
+            _stop: cancel.drop_guard(),
+        }
+    }
+
+    /// Kills this world's replica as SIGKILL kills a pod: leader election, the CA and
+    /// federation loops stop where they are (the Lease is not released, so a standby
+    /// takes over only once it expires), and the index and the Node API stop (agents'
+    /// streams end and their connections are refused).
+    pub async fn kill_replica(&self) {
+        self.replica.abort();
+        self.cancel.cancel();
+        self.stop_node_api().await;
     }
 
     /// Stops the Node API (an operator outage): streams end, connections are refused.

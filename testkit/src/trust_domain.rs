@@ -167,6 +167,12 @@ impl Replica {
 
     /// Kills the replica's tasks without any cleanup, as a crashed pod.
     pub fn kill(self) {
+        self.abort();
+    }
+
+    /// As [`Replica::kill`], for a replica something else owns: its tasks stop where they
+    /// are, the Lease is not released.
+    pub fn abort(&self) {
         for t in &self.tasks {
             t.abort();
         }
