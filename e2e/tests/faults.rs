@@ -12,17 +12,20 @@
 //! time ([`serial`]).
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use kube::api::Api;
 use serde_json::json;
+use sigil_identity::clock::ManualClock;
 use sigil_identity::proto::csi as pb;
 use sigil_operator::crd::cluster_spiffe_id::ClusterSPIFFEID;
 use sigil_testkit::agent::{AgentWorld, Workload};
 use sigil_testkit::csi::{Csi, csi_args, publish_request};
 use sigil_testkit::invariants::{Expect, Invariants, Report, wait_current};
-use sigil_testkit::node_api::create;
+use sigil_testkit::node_api::{WorldOptions, create};
 use sigil_testkit::trust_domain::{SETTLE, eventually};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -148,6 +151,17 @@ impl Scene {
         wait_current(&self.inv, &self.targets, since, backdate, within).await
     }
 
+    /// The number of X.509 authorities every target's bundle holds, when they agree.
+    fn authorities_everywhere(&self) -> Option<usize> {
+        let r = self.inv.report();
+        let counts: BTreeSet<usize> = self
+            .targets
+            .iter()
+            .map(|t| r.targets[t].x509_authorities)
+            .collect();
+        (counts.len() == 1).then(|| counts.into_iter().next().unwrap_or(0))
+    }
+
     /// Rotations (new leaves first seen) of every target in `[from, to)`: the fewest.
     fn fewest_rotations(&self, from: SystemTime, to: SystemTime) -> usize {
         let r = self.inv.report();
@@ -228,19 +242,38 @@ fn secs(d: Duration) -> String {
 
 /// The API server killed for four SVID half-lives: every workload keeps fetching a valid
 /// SVID of its own and keeps rotating it (the operator signs with the CA it holds, the
-/// agent serves from its caches), files-mode volumes rotate too; once the API server is
-/// back, a new pod gets its identity within the recovery bound.
+/// agent serves from its caches), files-mode volumes rotate too; a CA prepare step that
+/// falls due during the outage waits for it (nothing is minted that cannot be persisted)
+/// and is done, and in every bundle, soon after. Once the API server is back, a new pod
+/// gets its identity within the recovery bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_down_for_four_half_lives() {
     let _serial = serial().await;
     let cp = sigil_e2e::shared().await;
     let ttl = Duration::from_secs(10);
     let outage = ttl * 2;
-    let mut s = Scene::start("f-apidown", ttl, 3, 1).await;
+    // The TrustDomain controller's clock, to make a CA prepare step due in the outage.
+    let clock = ManualClock::new(SystemTime::now());
+    let aw = AgentWorld::start_with(
+        "f-apidown",
+        WorldOptions {
+            clock: Arc::new(clock.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut s = Scene::start_in(aw, ttl, 3, 1).await;
+    assert_eq!(s.authorities_everywhere(), Some(1));
 
     let down = SystemTime::now();
     cp.stop_apiserver();
+    // Past the CA's half-life: the next CA is due. It can only be prepared once it can be
+    // persisted (Kubernetes is the datastore), so it waits for the API server; meanwhile
+    // the operator signs with the CA it holds.
+    clock.advance(Duration::from_secs(13 * 3600));
+    s.aw.w.replica.resync.trigger();
     tokio::time::sleep(outage).await;
+    let prepared_during = s.authorities_everywhere();
     let rotations = s.fewest_rotations(down, SystemTime::now());
     let ready_during = s.aw.agent.readiness.is_ready();
     let t = Instant::now();
@@ -248,9 +281,17 @@ async fn api_server_down_for_four_half_lives() {
     let apiserver_back = t.elapsed();
     let (new_pod, phases) = s.new_pod_ready_after("late", json!({"app": "fault"})).await;
     let recovery = apiserver_back + new_pod;
+    let scene = &s;
+    eventually(
+        "the CA prepared after the outage in every target's bundle",
+        SETTLE,
+        || async { (scene.authorities_everywhere() == Some(2)).then_some(()) },
+    )
+    .await;
+    let prepared_ca_after = t.elapsed();
     let r = s.finish().await;
     println!(
-        "faults: api_server_down outage={} checks={} violations={} failed_fetches={} longest_failure={} rotations_during_outage(min per target)={rotations} agent_ready_during={ready_during} apiserver_ready_after={} new_pod_svid_after={} (pod written {}, entry at agent {}) recovery={}",
+        "faults: api_server_down outage={} checks={} violations={} failed_fetches={} longest_failure={} rotations_during_outage(min per target)={rotations} agent_ready_during={ready_during} apiserver_ready_after={} new_pod_svid_after={} (pod written {}, entry at agent {}) recovery={} ca_prepare_due_in_outage: authorities_during={prepared_during:?} prepared_ca_in_every_bundle_after_return={}",
         secs(outage),
         r.checks(),
         r.violation_count(),
@@ -261,6 +302,7 @@ async fn api_server_down_for_four_half_lives() {
         secs(phases[0]),
         secs(phases[1]),
         secs(recovery),
+        secs(prepared_ca_after),
     );
     r.assert_holds(Duration::ZERO);
     assert!(
@@ -270,6 +312,15 @@ async fn api_server_down_for_four_half_lives() {
     assert!(
         ready_during,
         "the agent stays Ready through an API server outage"
+    );
+    assert_eq!(
+        prepared_during,
+        Some(1),
+        "nothing is prepared that cannot be persisted"
+    );
+    assert!(
+        prepared_ca_after < Duration::from_secs(20),
+        "the CA step due during the outage is done and in every bundle within 20 s of the API server's restart: {prepared_ca_after:?}"
     );
     assert!(
         new_pod < Duration::from_secs(15),

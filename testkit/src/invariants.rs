@@ -80,6 +80,9 @@ pub struct TargetReport {
     pub longest_failure: Duration,
     /// Distinct leaves in the order they were first seen.
     pub leaves: Vec<Leaf>,
+    /// X.509 authorities of its own trust domain in the bundle seen last (2 while a
+    /// prepared CA is published beside the active one).
+    pub x509_authorities: usize,
     /// Start of the run of failures in progress, if any.
     failing_since: Option<SystemTime>,
     last_error: Option<String>,
@@ -357,11 +360,12 @@ fn record_failure(report: &Mutex<Report>, name: &str, error: &str) {
     t.last_error = Some(error.to_owned());
 }
 
-fn record_success(report: &Mutex<Report>, name: &str, leaf: Option<Leaf>) {
+fn record_success(report: &Mutex<Report>, name: &str, leaf: Option<Leaf>, authorities: usize) {
     let now = SystemTime::now();
     let mut r = report.lock().unwrap();
     let t = r.targets.entry(name.to_owned()).or_default();
     t.checks += 1;
+    t.x509_authorities = authorities;
     if let Some(since) = t.failing_since.take() {
         t.longest_failure = t
             .longest_failure
@@ -471,6 +475,7 @@ fn check_context(report: &Mutex<Report>, name: &str, v: &serde_json::Value, expe
         return;
     }
     let mut first = None;
+    let mut authorities = 0;
     let mut clean = true;
     for s in &svids {
         let chain = hex_list(&s["chain_der_hex"]);
@@ -480,7 +485,9 @@ fn check_context(report: &Mutex<Report>, name: &str, v: &serde_json::Value, expe
             .and_then(|l| x509::inspect_leaf(l).ok())
             .and_then(|info| {
                 let td = info.spiffe_id.trust_domain().clone();
-                let pem = x509::certs_to_pem(&hex_list(&v["bundles"][td.to_string()]));
+                let certs = hex_list(&v["bundles"][td.to_string()]);
+                authorities = authorities.max(certs.len());
+                let pem = x509::certs_to_pem(&certs);
                 TrustBundle::from_x509_pem(td, &pem).ok()
             });
         match check_svid(&chain, &key, bundle.as_ref(), expect, now) {
@@ -496,10 +503,10 @@ fn check_context(report: &Mutex<Report>, name: &str, v: &serde_json::Value, expe
         }
     }
     if clean {
-        record_success(report, name, first);
+        record_success(report, name, first, authorities);
     } else {
         // Checked, and what was served is counted above as violations.
-        record_success(report, name, None);
+        record_success(report, name, None, authorities);
     }
 }
 
@@ -515,7 +522,7 @@ fn check_files(report: &Mutex<Report>, name: &str, dir: &Path, expect: &Expect) 
         if link() != before || before.is_none() {
             if before.is_none() && link().is_none() {
                 record_violation(report, name, "file_missing", "..data is missing".into());
-                record_success(report, name, None);
+                record_success(report, name, None, 0);
                 return;
             }
             continue;
@@ -536,7 +543,7 @@ fn check_files(report: &Mutex<Report>, name: &str, dir: &Path, expect: &Expect) 
                 "file_missing",
                 format!("{missing:?} in {}", dir.display()),
             );
-            record_success(report, name, None);
+            record_success(report, name, None, 0);
             return;
         }
         let (cert, key, bundle) = (cert.unwrap(), key.unwrap(), bundle.unwrap());
@@ -549,26 +556,30 @@ fn check_files(report: &Mutex<Report>, name: &str, dir: &Path, expect: &Expect) 
                 .spiffe_id
                 .trust_domain()
                 .clone();
+            let bundle_pem = &bundle;
             let bundle = TrustBundle::from_x509_pem(td, std::str::from_utf8(&bundle).ok()?).ok()?;
-            Some((chain, key.to_pkcs8_der().to_vec(), bundle))
+            let authorities = x509::certs_from_pem(std::str::from_utf8(&bundle_pem).ok()?)
+                .ok()?
+                .len();
+            Some((chain, key.to_pkcs8_der().to_vec(), bundle, authorities))
         })();
-        let Some((chain, key, bundle)) = parsed else {
+        let Some((chain, key, bundle, authorities)) = parsed else {
             record_violation(
                 report,
                 name,
                 "malformed",
                 format!("files in {} do not parse", dir.display()),
             );
-            record_success(report, name, None);
+            record_success(report, name, None, 0);
             return;
         };
         match check_svid(&chain, &key, Some(&bundle), expect, now) {
-            Ok(leaf) => record_success(report, name, Some(leaf)),
+            Ok(leaf) => record_success(report, name, Some(leaf), authorities),
             Err(bad) => {
                 for (kind, what) in bad {
                     record_violation(report, name, kind, what);
                 }
-                record_success(report, name, None);
+                record_success(report, name, None, authorities);
             }
         }
         return;
