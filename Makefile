@@ -60,6 +60,13 @@ crds: ## Regenerate crds/ from the operator's CRD types
 fuzz-smoke: ## Run every fuzz target for a short bounded time (needs the nightly toolchain)
 	@bash hack/fuzz-smoke.sh
 
+.PHONY: soak
+soak: test-tools ## The 1-hour soak (not in make test): pods churning at 5/s, CA rotation every 10 min, ClusterSPIFFEID edits, federation changes, RSS/fd slopes
+	SIGIL_SOAK_SECS=$${SIGIL_SOAK_SECS:-3600} SIGIL_SOAK_PODS_PER_SEC=$${SIGIL_SOAK_PODS_PER_SEC:-5} \
+	SIGIL_SOAK_CA_TTL=$${SIGIL_SOAK_CA_TTL:-20m} SIGIL_SOAK_EDIT_SECS=$${SIGIL_SOAK_EDIT_SECS:-60} \
+	SIGIL_SOAK_FEDERATION_SECS=$${SIGIL_SOAK_FEDERATION_SECS:-300} SIGIL_TEST_BINARY_TIMEOUT=$${SIGIL_TEST_BINARY_TIMEOUT:-5400} \
+	$(CARGO) test --locked -p sigil-e2e --test soak -- --nocapture
+
 .PHONY: bench
 bench: test-tools ## Benchmarks (not part of make test): prints a table, writes bench/out/*.json
 	@bash hack/bench.sh

@@ -83,6 +83,9 @@ pub struct TargetReport {
     /// X.509 authorities of its own trust domain in the bundle seen last (2 while a
     /// prepared CA is published beside the active one).
     pub x509_authorities: usize,
+    /// X.509 authorities of every other trust domain (federated) in the bundles seen
+    /// last, by trust domain (workloads only).
+    pub federated: BTreeMap<String, usize>,
     /// Start of the run of failures in progress, if any.
     failing_since: Option<SystemTime>,
     last_error: Option<String>,
@@ -474,6 +477,7 @@ fn check_context(report: &Mutex<Report>, name: &str, v: &serde_json::Value, expe
         record_failure(report, name, "an X.509 context without SVIDs");
         return;
     }
+    let mut own = BTreeSet::new();
     let mut first = None;
     let mut authorities = 0;
     let mut clean = true;
@@ -485,6 +489,7 @@ fn check_context(report: &Mutex<Report>, name: &str, v: &serde_json::Value, expe
             .and_then(|l| x509::inspect_leaf(l).ok())
             .and_then(|info| {
                 let td = info.spiffe_id.trust_domain().clone();
+                own.insert(td.to_string());
                 let certs = hex_list(&v["bundles"][td.to_string()]);
                 authorities = authorities.max(certs.len());
                 let pem = x509::certs_to_pem(&certs);
@@ -502,6 +507,22 @@ fn check_context(report: &Mutex<Report>, name: &str, v: &serde_json::Value, expe
             }
         }
     }
+    let federated = v["bundles"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(td, _)| !own.contains(*td))
+                .map(|(td, a)| (td.clone(), a.as_array().map_or(0, Vec::len)))
+                .collect()
+        })
+        .unwrap_or_default();
+    report
+        .lock()
+        .unwrap()
+        .targets
+        .entry(name.to_owned())
+        .or_default()
+        .federated = federated;
     if clean {
         record_success(report, name, first, authorities);
     } else {
@@ -558,7 +579,7 @@ fn check_files(report: &Mutex<Report>, name: &str, dir: &Path, expect: &Expect) 
                 .clone();
             let bundle_pem = &bundle;
             let bundle = TrustBundle::from_x509_pem(td, std::str::from_utf8(&bundle).ok()?).ok()?;
-            let authorities = x509::certs_from_pem(std::str::from_utf8(&bundle_pem).ok()?)
+            let authorities = x509::certs_from_pem(std::str::from_utf8(bundle_pem).ok()?)
                 .ok()?
                 .len();
             Some((chain, key.to_pkcs8_der().to_vec(), bundle, authorities))

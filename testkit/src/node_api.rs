@@ -107,6 +107,9 @@ pub struct WorldOptions {
     /// More of the TrustDomain's spec (an object merged over trustDomain and bundle), e.g.
     /// `{"ca": {"keyType": "RSA-3072"}}`; `Null` for none.
     pub trust_domain_spec: Value,
+    /// The TrustDomain's `spec.ca.ttl` (None: the default, 24h), e.g. `1m` for CA
+    /// rotations within a test.
+    pub ca_ttl: Option<String>,
 }
 
 impl Default for WorldOptions {
@@ -119,6 +122,7 @@ impl Default for WorldOptions {
             tpm: None,
             limits: None,
             trust_domain_spec: Value::Null,
+            ca_ttl: None,
         }
     }
 }
@@ -139,6 +143,7 @@ impl World {
             tpm,
             limits,
             trust_domain_spec,
+            ca_ttl,
         } = options;
         let client = client().await;
         let op = operator_client.unwrap_or_else(|| client.clone());
@@ -199,6 +204,9 @@ impl World {
         let mut td_spec = json!({"trustDomain": td_name, "bundle": {"namespaceSelector": {"matchLabels": {"sigil-test": tag}}}});
         if let (Some(spec), Some(more)) = (td_spec.as_object_mut(), trust_domain_spec.as_object()) {
             spec.extend(more.clone());
+        }
+        if let Some(ttl) = &ca_ttl {
+            td_spec["ca"]["ttl"] = json!(ttl);
         }
         create_trust_domain(&client, &trust_domain(&td_object, &instance, td_spec)).await;
         wait_condition(&client, &td_object, "Ready", "True", "BundlePublished").await;
