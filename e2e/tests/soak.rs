@@ -211,6 +211,20 @@ async fn soak_pods_churn_ca_rotates_ids_edited_federation_changes() {
                 });
             }
             authorities_seen.insert(inv.target("steady0").x509_authorities);
+            // A progress line every five minutes of a long run.
+            if samples[0].len() % 60 == 0 {
+                let r = inv.report();
+                let s = samples[0].last().copied().unwrap();
+                println!(
+                    "soak: at {:.0}s pods_created={created} churn_ok={churn_ok} churn_failed={churn_failed} checks={} violations={} failed_fetches={} authorities_seen={authorities_seen:?} test_process_rss={:.0}MiB fds={}",
+                    s.at,
+                    r.checks(),
+                    r.violation_count(),
+                    r.failed(),
+                    s.rss_kib / 1024.0,
+                    s.fds,
+                );
+            }
         }
         if now >= next_pod {
             next_pod += Duration::from_secs_f64(1.0 / rate);
