@@ -212,7 +212,7 @@ async fn soak_pods_churn_ca_rotates_ids_edited_federation_changes() {
             }
             authorities_seen.insert(inv.target("steady0").x509_authorities);
             // A progress line every five minutes of a long run.
-            if samples[0].len() % 60 == 0 {
+            if samples[0].len().is_multiple_of(60) {
                 let r = inv.report();
                 let s = samples[0].last().copied().unwrap();
                 println!(
