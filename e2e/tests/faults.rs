@@ -465,24 +465,39 @@ async fn agent_operator_partition_longer_than_a_half_life() {
     );
 }
 
-/// The agent restarted (SIGTERM, drain, a new process) under 200 open Workload API
-/// streams and files-mode volumes: every stream has an SVID again within the bound, the
-/// checker's fetches fail only while no agent listens, and the files never go missing.
+/// The agent and sigil-csi restarted together (as their DaemonSet pod is: SIGTERM, drain,
+/// new processes) under 200 open Workload API streams and files-mode volumes: every stream
+/// has an SVID again within the bound, the checker's fetches fail only while no agent
+/// listens, the files never go missing, and the restarted sigil-csi writes the new
+/// agent's SVIDs into the volumes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_restart_under_200_streams_and_files_volumes() {
+async fn agent_and_csi_restart_under_200_streams_and_files_volumes() {
     let _serial = serial().await;
+    // SIGIL_FAULT_STREAMS=1000 SIGIL_FAULT_VOLUMES=100 for the size.
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (streams, volumes) = (
+        env("SIGIL_FAULT_STREAMS", 200),
+        env("SIGIL_FAULT_VOLUMES", 2),
+    );
+    let holder_pods = streams.div_ceil(100);
     let ttl = Duration::from_secs(20);
-    let mut s = Scene::start("f-agentrestart", ttl, 2, 2).await;
-    // 100 streams in each of two pods (the per-workload connection limit is 128).
+    let mut s = Scene::start("f-agentrestart", ttl, holder_pods.max(volumes), volumes).await;
+    // Up to 100 streams in each pod (the per-workload connection limit is 128).
     let mut holders = Vec::new();
-    for w in &s.workloads {
+    for (i, w) in s.workloads.iter().take(holder_pods).enumerate() {
+        let count = (streams - i * 100).min(100).to_string();
         let mut cmd = w.container.command(CLIENT);
         cmd.args([
             "--addr",
             &s.aw.addr,
             "streams",
             "--count",
-            "100",
+            &count,
             "--reconnect",
         ])
         .stdin(std::process::Stdio::piped())
@@ -494,46 +509,67 @@ async fn agent_restart_under_200_streams_and_files_volumes() {
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let ready = tokio::time::timeout(SETTLE, lines.next_line())
             .await
-            .expect("100 streams open")
+            .expect("the streams open")
             .unwrap()
             .expect("the streams client exited");
-        assert!(ready.contains("\"ready\":100"), "{ready}");
-        holders.push((child, lines));
+        assert!(ready.contains(&format!("\"ready\":{count}")), "{ready}");
+        holders.push((child, lines, count));
     }
     let open =
         sigil_e2e::http::metric(&s.aw.metrics().await, "sigil_workload_api_open_streams").unwrap();
-    assert!(open >= 200.0, "{open} streams open");
+    assert!(open >= streams as f64, "{open} streams open");
 
+    let restarted = SystemTime::now();
     let t = Instant::now();
+    let csi_args = s.csi.take().unwrap().stop().await;
     s.aw.restart_agent().await;
     let agent_ready = t.elapsed();
+    s.csi = Some(Csi::start(csi_args).await);
+    let csi_ready = t.elapsed();
     let mut resumed = Duration::ZERO;
-    for (_, lines) in &mut holders {
+    for (_, lines, count) in &mut holders {
         let line = tokio::time::timeout(SETTLE, lines.next_line())
             .await
             .expect("every stream resumed")
             .unwrap()
             .expect("the streams client exited");
-        assert!(line.contains("\"resumed\":100"), "{line}");
+        assert!(line.contains(&format!("\"resumed\":{count}")), "{line}");
         resumed = resumed.max(t.elapsed());
     }
+    // The new agent signs anew (its cache was in memory), and the restarted sigil-csi
+    // picks its volumes up again and writes those SVIDs.
+    let volume_targets: Vec<String> = s
+        .targets
+        .iter()
+        .filter(|t| t.ends_with("-files"))
+        .cloned()
+        .collect();
+    let backdate = sigil_identity::ca::svid_backdate(ttl);
+    wait_current(&s.inv, &volume_targets, restarted, backdate, SETTLE).await;
+    let volumes_current = t.elapsed();
     // A little longer under the checker, past a rotation of what the new agent issued.
     tokio::time::sleep(ttl / 2).await;
     drop(holders);
     let r = s.finish().await;
     println!(
-        "faults: agent_restart streams=200 volumes=2 checks={} violations={} failed_fetches={} longest_failure={} new_agent_ready_after={} all_streams_resumed_after={}",
+        "faults: agent_and_csi_restart streams={streams} volumes={volumes} checks={} violations={} failed_fetches={} longest_failure={} new_agent_ready_after={} csi_serving_after={} all_streams_resumed_after={} volumes_written_by_new_csi_after={}",
         r.checks(),
         r.violation_count(),
         r.failed(),
         secs(r.longest_failure()),
         secs(agent_ready),
+        secs(csi_ready),
         secs(resumed),
+        secs(volumes_current),
     );
     r.assert_holds(Duration::from_secs(3));
     assert!(
         resumed < Duration::from_secs(10),
         "every stream has an SVID again within 10 s of the restart: {resumed:?}"
+    );
+    assert!(
+        volumes_current < Duration::from_secs(10),
+        "the volumes hold the new agent's SVIDs within 10 s of the restart: {volumes_current:?}"
     );
 }
 
