@@ -663,6 +663,205 @@ async fn leader_killed_in_the_middle_of_a_pod_burst() {
     );
 }
 
+/// A real sigil-operator process (the test build's binary), one of two replicas.
+struct OperatorProcess {
+    name: String,
+    process: sigil_e2e::process::Supervised,
+    node_api_addr: String,
+    health: std::net::SocketAddr,
+}
+
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Starts `name` for `w`'s TrustDomain (selected by its instance label), holding Lease
+/// `lease`, and waits until it is Ready.
+async fn operator_process(
+    w: &sigil_testkit::node_api::World,
+    name: &str,
+    lease: &str,
+    dir: &std::path::Path,
+) -> OperatorProcess {
+    let bin = std::path::Path::new(CLIENT)
+        .parent()
+        .unwrap()
+        .join("sigil-operator");
+    assert!(
+        bin.exists(),
+        "{} is not built: `cargo test --workspace` (make test) builds it, or `cargo build -p sigil-operator`",
+        bin.display()
+    );
+    let cp = sigil_e2e::shared().await;
+    let (node_api, health) = (free_addr(), free_addr());
+    let selector = format!("{}={}", sigil_testkit::trust_domain::INSTANCE_LABEL, w.tag);
+    let args: Vec<String> = vec![
+        format!("--namespace={}", w.ns),
+        format!("--pod-name={name}"),
+        format!("--lease-name={lease}"),
+        "--lease-duration=3s".into(),
+        format!("--trust-domain-selector={selector}"),
+        format!("--federated-bundle-selector={selector}"),
+        format!("--cluster-name={}", sigil_testkit::node_api::CLUSTER),
+        format!("--kubeconfig={}", cp.kubeconfig_path().display()),
+        "--retry-interval=1s".into(),
+        format!("--health-addr={health}"),
+        format!("--node-api-addr={node_api}"),
+        format!("--agent-trust-domain={}", w.td),
+        format!("--psat-audience={}", w.audience),
+        format!("--agent-service-accounts={}:sigil-agent", w.ns),
+        "--agent-node-label-keys=zone".into(),
+        "--log-format=json".into(),
+    ];
+    let mut process =
+        sigil_e2e::process::Supervised::start(name, &bin, &args, &dir.join(format!("{name}.log")))
+            .unwrap();
+    let started = Instant::now();
+    while sigil_e2e::http::get_ok(health, "/ready").await.is_none() {
+        if let Some(status) = process.exited() {
+            panic!("{name} exited ({status}): {}", process.log_tail(30));
+        }
+        assert!(
+            started.elapsed() < SETTLE,
+            "{name} not ready: {}",
+            process.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    OperatorProcess {
+        name: name.to_owned(),
+        process,
+        node_api_addr: node_api.to_string(),
+        health,
+    }
+}
+
+/// The holder of Lease `lease` in `ns`.
+async fn lease_holder(client: &kube::Client, ns: &str, lease: &str) -> Option<String> {
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), ns)
+        .get_opt(lease)
+        .await
+        .ok()
+        .flatten()?
+        .spec?
+        .holder_identity
+}
+
+/// As [`leader_killed_in_the_middle_of_a_pod_burst`], with real processes: two
+/// sigil-operator processes (the test build's binary) serve the TrustDomain, and the one
+/// holding the Lease is SIGKILLed at the burst's middle. The agent (in this process) has
+/// both Node API addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_process_sigkilled_in_the_middle_of_a_pod_burst() {
+    let _serial = serial().await;
+    let burst: usize = std::env::var("SIGIL_FAULT_BURST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let ttl = Duration::from_secs(10);
+    let w = sigil_testkit::node_api::World::start("f-sigkill").await;
+    // The world's in-process replica made the CA; the processes take over from here.
+    w.kill_replica().await;
+    let dir = tempfile::tempdir().unwrap();
+    let lease = format!("sigil-proc-{}", w.tag);
+    let mut operators = [
+        operator_process(&w, "sigil-operator-0", &lease, dir.path()).await,
+        operator_process(&w, "sigil-operator-1", &lease, dir.path()).await,
+    ];
+    let client = w.client.clone();
+    let ns = w.ns.clone();
+    let leader = eventually("a leader among the processes", SETTLE, || async {
+        lease_holder(&client, &ns, &lease).await
+    })
+    .await;
+    let addresses = operators.iter().map(|o| o.node_api_addr.clone()).collect();
+    let aw = AgentWorld::start_with_operators(w, addresses).await;
+    let mut s = Scene::start_in(aw, ttl, 3, 1).await;
+
+    let burst_started = Instant::now();
+    let mut fetches = Vec::new();
+    let mut killed = None;
+    let mut agent_was_on_leader = false;
+    for i in 0..burst {
+        if i == burst / 2 {
+            let op = operators.iter_mut().find(|o| o.name == leader).unwrap();
+            agent_was_on_leader = s.aw.agent.node.address() == op.node_api_addr;
+            op.process.stop(); // SIGKILL, reaped
+            killed = Some((Instant::now(), SystemTime::now()));
+        }
+        let name = format!("b{i}");
+        let w = s.aw.workload(&name, "web", json!({"app": "fault"})).await;
+        let mut cmd = w.container.command(CLIENT);
+        cmd.args(["--addr", &s.aw.addr, "wait-x509", "--timeout-ms", "60000"]);
+        fetches.push((name, tokio::process::Command::from(cmd).output()));
+        s.workloads.push(w);
+    }
+    let (killed, killed_at) = killed.unwrap();
+    let survivor = operators.iter().find(|o| o.name != leader).unwrap();
+    eventually("the survivor to hold the Lease", SETTLE, || async {
+        (lease_holder(&client, &ns, &lease).await.as_deref() == Some(survivor.name.as_str()))
+            .then_some(())
+    })
+    .await;
+    let leader_after = killed.elapsed();
+    let mut attempts = 0;
+    for (name, fetch) in fetches {
+        let out = fetch.await.unwrap();
+        let v = sigil_testkit::agent::json_out(&format!("the SVID of burst pod {name}"), &out);
+        assert_eq!(v["spiffe_id"], s.id(&name).as_str());
+        attempts += v["attempts"].as_u64().unwrap();
+    }
+    let burst_done = burst_started.elapsed();
+    let csid = format!("{}-fault", s.aw.w.tag);
+    let api = Api::<ClusterSPIFFEID>::all(s.aw.w.client.clone());
+    let selected = 3 + burst as i64;
+    eventually(
+        "the new leader's status counting every pod",
+        SETTLE,
+        || async {
+            let c = api.get(&csid).await.ok()?;
+            (c.status?.stats.pods_selected == selected).then_some(())
+        },
+    )
+    .await;
+    let status_after = killed.elapsed();
+    s.time_until_current(killed_at, SETTLE).await;
+    let rotated_after = killed.elapsed();
+    let agent_on = s.aw.agent.node.address();
+    assert!(
+        sigil_e2e::http::get_ok(survivor.health, "/ready")
+            .await
+            .is_some(),
+        "the survivor stays Ready"
+    );
+    let survivor_addr = survivor.node_api_addr.clone();
+    let r = s.finish().await;
+    println!(
+        "faults: leader_process_sigkilled_mid_burst burst={burst} checks={} violations={} failed_fetches={} longest_failure={} lease_taken_over_after={} (Lease 3 s) burst_completed_in={} wait_x509_attempts={attempts} status_written_after_kill={} running_workloads_rotated_via_survivor_after_kill={} agent_was_on_the_killed_leader={agent_was_on_leader}",
+        r.checks(),
+        r.violation_count(),
+        r.failed(),
+        secs(r.longest_failure()),
+        secs(leader_after),
+        secs(burst_done),
+        secs(status_after),
+        secs(rotated_after),
+    );
+    r.assert_holds(Duration::ZERO);
+    assert_eq!(agent_on, survivor_addr, "the agent moved to the survivor");
+    assert!(
+        leader_after < Duration::from_secs(8),
+        "the survivor leads within 8 s (Lease 3 s): {leader_after:?}"
+    );
+    assert!(
+        burst_done < Duration::from_secs(30),
+        "every pod of the burst has its SVID within 30 s: {burst_done:?}"
+    );
+}
+
 /// The checker itself: what each scenario's "zero violations" rests on. Served an ID it
 /// is not entitled to, an SVID longer-lived than the TTL it expects, a volume without
 /// files and an agent that is gone, it counts each.

@@ -99,6 +99,12 @@ impl AgentWorld {
         (Self::start_in(w, 0, addresses).await, second)
     }
 
+    /// An agent for `w`'s node A that talks to the Node APIs at `operator_address` (other
+    /// operator replicas than `w`'s own, e.g. real sigil-operator processes).
+    pub async fn start_with_operators(w: World, operator_address: Vec<String>) -> AgentWorld {
+        Self::start_in(w, 0, operator_address).await
+    }
+
     async fn start_in(w: World, broker_uid: u32, operator_address: Vec<String>) -> AgentWorld {
         let cp = sigil_e2e::shared().await;
         let dir = tempfile::tempdir().unwrap();
