@@ -328,6 +328,71 @@ async fn api_server_down_for_four_half_lives() {
     );
 }
 
+/// An API server outage longer than the agent's own SVID lives. Renewing an agent SVID
+/// proves the agent pod again (TokenReview), so it needs the API server; once the agent
+/// SVID has expired the operator signs nothing for that agent, and the workloads' SVIDs
+/// run out one TTL later. Scaled: agent SVID 20 s, workload SVIDs 10 s, outage 40 s. The
+/// test holds what must hold (nothing wrong while the agent SVID is valid, and everything
+/// current again soon after the API server returns) and prints how long workloads kept a
+/// valid identity (docs/reliability.md: the outage a cluster survives is the agent SVID's
+/// remaining lifetime plus the workload SVIDs').
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_outage_past_the_agent_svid_lifetime() {
+    let _serial = serial().await;
+    let cp = sigil_e2e::shared().await;
+    let ttl = Duration::from_secs(10);
+    let agent_ttl = Duration::from_secs(20);
+    let outage = Duration::from_secs(40);
+    let aw = AgentWorld::start_with(
+        "f-longout",
+        WorldOptions {
+            agent_svid_ttl: agent_ttl,
+            ..Default::default()
+        },
+    )
+    .await;
+    let s = Scene::start_in(aw, ttl, 2, 1).await;
+    let agent_svid_expires = s.aw.agent.node.svid().unwrap().not_after;
+
+    let down = SystemTime::now();
+    cp.stop_apiserver();
+    tokio::time::sleep(outage).await;
+    let during = s.inv.report();
+    let t = Instant::now();
+    cp.start_apiserver().await.unwrap();
+    let back = SystemTime::now();
+    s.time_until_current(back, SETTLE * 2).await;
+    let current_after = t.elapsed();
+    let r = s.finish().await;
+    let since_down =
+        |at: Option<SystemTime>| at.map(|a| secs(a.duration_since(down).unwrap_or_default()));
+    let agent_valid_for = agent_svid_expires.duration_since(down).unwrap_or_default();
+    println!(
+        "faults: api_server_outage_past_agent_svid outage={} agent_svid_valid_for={} after the outage began; first_violation_after={:?} first_failed_fetch_after={:?} violations_during={:?} failed_during={} current_after_return={} checks={}",
+        secs(outage),
+        secs(agent_valid_for),
+        since_down(during.first_violation_at),
+        since_down(during.first_failure_at),
+        during.violations,
+        during.failed(),
+        secs(current_after),
+        r.checks(),
+    );
+    for at in [during.first_violation_at, during.first_failure_at]
+        .into_iter()
+        .flatten()
+    {
+        assert!(
+            at >= agent_svid_expires,
+            "something went wrong while the agent SVID was still valid: {r}"
+        );
+    }
+    assert!(
+        current_after < Duration::from_secs(15),
+        "every workload and volume current within 15 s of the API server's restart: {current_after:?}"
+    );
+}
+
 /// etcd killed and started again, then the API server killed and started again, with
 /// every watch of the operator and the agent open: the invariants hold throughout, and a
 /// ClusterSPIFFEID created afterwards reaches a running pod within the bound (the watches

@@ -46,6 +46,14 @@ impl TokenFile {
     }
 }
 
+/// The longest wait between two attempts to attest or to renew the agent SVID. Both need
+/// the API server (the operator reviews the pod token), so after an API server outage
+/// every agent is retrying; a 30 s cap left agents without a valid SVID, so unable to
+/// sign anything, for up to 30 s after the API server was back (e2e/tests/faults.rs
+/// `api_server_outage_past_the_agent_svid_lifetime`: 31.7 s until workloads were current
+/// again). With the jitter, a thousand agents make a few hundred attempts a second at most.
+const AGENT_SVID_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Exponential backoff between `min` and `max`.
 #[derive(Debug, Clone, Copy)]
 struct Backoff {
@@ -80,7 +88,7 @@ async fn attest_until_ok(
     tpm: Option<&TpmDevice>,
     cancel: &CancellationToken,
 ) -> bool {
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let mut backoff = Backoff::new(Duration::from_millis(250), AGENT_SVID_RETRY_MAX);
     loop {
         let result = match (token.read(), tpm) {
             (Ok(t), None) => node.attest_psat(&t).await,
@@ -118,7 +126,7 @@ pub async fn keep_agent_svid(
         return;
     }
     attested.send_replace(true);
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut backoff = Backoff::new(Duration::from_secs(1), AGENT_SVID_RETRY_MAX);
     loop {
         let Some(svid) = node.svid() else { return };
         let now = SystemTime::now();
@@ -160,9 +168,15 @@ pub async fn keep_agent_svid(
                         }
                         break;
                     }
+                    // Never past the expiry: from then on only attesting again helps.
+                    let until_expiry = node.svid().map_or(Duration::ZERO, |s| {
+                        s.not_after
+                            .duration_since(SystemTime::now())
+                            .unwrap_or_default()
+                    });
                     tokio::select! {
                         () = cancel.cancelled() => return,
-                        () = tokio::time::sleep(backoff.step()) => {}
+                        () = tokio::time::sleep(backoff.step().min(until_expiry)) => {}
                     }
                 }
             }

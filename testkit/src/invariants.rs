@@ -114,6 +114,10 @@ pub struct Report {
     pub violations: BTreeMap<&'static str, u64>,
     /// The first few violations, described.
     pub examples: Vec<String>,
+    /// When the first violation was counted.
+    pub first_violation_at: Option<SystemTime>,
+    /// When the first fetch failed.
+    pub first_failure_at: Option<SystemTime>,
 }
 
 impl Report {
@@ -345,6 +349,7 @@ pub async fn wait_current(
 fn record_violation(report: &Mutex<Report>, name: &str, kind: &'static str, what: String) {
     let mut r = report.lock().unwrap();
     *r.violations.entry(kind).or_default() += 1;
+    r.first_violation_at.get_or_insert_with(SystemTime::now);
     if r.examples.len() < 10 {
         r.examples.push(format!("{name}: {kind}: {what}"));
     }
@@ -353,6 +358,7 @@ fn record_violation(report: &Mutex<Report>, name: &str, kind: &'static str, what
 fn record_failure(report: &Mutex<Report>, name: &str, error: &str) {
     let now = SystemTime::now();
     let mut r = report.lock().unwrap();
+    r.first_failure_at.get_or_insert(now);
     let t = r.targets.entry(name.to_owned()).or_default();
     t.checks += 1;
     t.failed += 1;
