@@ -215,14 +215,20 @@ async fn soak_pods_churn_ca_rotates_ids_edited_federation_changes() {
             if samples[0].len().is_multiple_of(60) {
                 let r = inv.report();
                 let s = samples[0].last().copied().unwrap();
+                // What the components hold, to tell a leak in them from the test's own
+                // growth: pods and entries in the index, entries in the agent's cache.
+                let index = aw.w.index.metrics();
                 println!(
-                    "soak: at {:.0}s pods_created={created} churn_ok={churn_ok} churn_failed={churn_failed} checks={} violations={} failed_fetches={} authorities_seen={authorities_seen:?} test_process_rss={:.0}MiB fds={}",
+                    "soak: at {:.0}s pods_created={created} churn_ok={churn_ok} churn_failed={churn_failed} checks={} violations={} failed_fetches={} authorities_seen={authorities_seen:?} test_process_rss={:.0}MiB fds={} index_pods={} index_entries={} agent_cache_entries={}",
                     s.at,
                     r.checks(),
                     r.violation_count(),
                     r.failed(),
                     s.rss_kib / 1024.0,
                     s.fds,
+                    index.pods.get(),
+                    index.entries.get(),
+                    aw.agent.cache.entries().len(),
                 );
             }
         }
@@ -299,6 +305,12 @@ async fn soak_pods_churn_ca_rotates_ids_edited_federation_changes() {
         let _ = pods.delete(&name, &DeleteParams::default()).await;
         drop(w);
     }
+    let held = format!(
+        "index_pods={} index_entries={} agent_cache_entries={}",
+        aw.w.index.metrics().pods.get(),
+        aw.w.index.metrics().entries.get(),
+        aw.agent.cache.entries().len()
+    );
     let agent_metrics = aw.metrics().await;
     let svids_signed = metric_sum(&agent_metrics, "sigil_agent_svids_signed_total");
     let index_events = {
@@ -347,7 +359,7 @@ async fn soak_pods_churn_ca_rotates_ids_edited_federation_changes() {
         ));
     }
     println!(
-        "soak: ran={:.0}s pods_created={created} pods_deleted={deleted} churn_svids_ok={churn_ok} churn_failed={churn_failed} churn_p50={}ms churn_p99={}ms ca_authorities_seen={authorities_seen:?} csid_edits={edits} federated_changes={federated_changes} last_federated_change_delivered_in={:.1}s svids_signed={svids_signed} index_events={index_events} checks={} violations={} failed_fetches={} longest_failure={:.1}s{resources}",
+        "soak: ran={:.0}s pods_created={created} pods_deleted={deleted} churn_svids_ok={churn_ok} churn_failed={churn_failed} churn_p50={}ms churn_p99={}ms ca_authorities_seen={authorities_seen:?} csid_edits={edits} federated_changes={federated_changes} last_federated_change_delivered_in={:.1}s svids_signed={svids_signed} index_events={index_events} checks={} violations={} failed_fetches={} longest_failure={:.1}s {held}{resources}",
         ran.as_secs_f64(),
         p(0.5),
         p(0.99),
