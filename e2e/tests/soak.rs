@@ -101,6 +101,10 @@ async fn soak_pods_churn_ca_rotates_ids_edited_federation_changes() {
     )
     .await;
     let tag = aw.w.tag.clone();
+    // Projected tokens live 10 minutes here: the kubelet's part, refreshing them (the
+    // agent's file, and the volume's through a republish), is the test's.
+    let refresh_every = Duration::from_secs(240);
+    let _token_refresher = aw.refresh_agent_token(refresh_every);
 
     // The partner trust domain, served by a bundle endpoint, federated with.
     let mut partner = Foreign::new(&format!("partner-{tag}.test"));
@@ -151,19 +155,24 @@ async fn soak_pods_churn_ca_rotates_ids_edited_federation_changes() {
     }
     let csi = Csi::start(csi_args(&aw)).await;
     let target = aw.dir.path().join("pods/steady0/identity");
-    let token = aw.w.token(&steady[0].pod, "sigil-csi").await;
-    csi.client()
-        .await
-        .node_publish_volume(publish_request(
-            "vol-steady0",
-            &target,
-            &steady[0].pod,
-            Some(&token),
-            true,
-            &[("mode", "files")],
-        ))
-        .await
-        .unwrap();
+    // NodePublishVolume as the kubelet sends it, first and at every republish
+    // (`requiresRepublish`), with a fresh token.
+    let publish = async || {
+        let token = aw.w.token(&steady[0].pod, "sigil-csi").await;
+        csi.client()
+            .await
+            .node_publish_volume(publish_request(
+                "vol-steady0",
+                &target,
+                &steady[0].pod,
+                Some(&token),
+                true,
+                &[("mode", "files")],
+            ))
+            .await
+            .unwrap();
+    };
+    publish().await;
     inv.watch_files(
         "steady0-files",
         &target,
@@ -196,6 +205,7 @@ async fn soak_pods_churn_ca_rotates_ids_edited_federation_changes() {
     let mut next_edit = started + edit_every;
     let mut next_federation = started + federation_every;
     let mut next_sample = started;
+    let mut next_republish = started + refresh_every;
     let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(aw.w.client.clone(), &aw.w.ns);
 
     while Instant::now() < until {
@@ -278,6 +288,10 @@ async fn soak_pods_churn_ca_rotates_ids_edited_federation_changes() {
                 )
                 .await
                 .unwrap();
+        }
+        if now >= next_republish {
+            next_republish += refresh_every;
+            publish().await;
         }
         if now >= next_federation {
             next_federation += federation_every;

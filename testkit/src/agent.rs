@@ -32,6 +32,8 @@ pub struct AgentWorld {
     pub cancel: CancellationToken,
     /// What the agent was started with (a restart starts it again with the same).
     pub args: Args,
+    /// The agent's DaemonSet pod (its projected token is bound to it).
+    pub agent_pod: Pod,
 }
 
 impl Drop for AgentWorld {
@@ -110,7 +112,7 @@ impl AgentWorld {
         let dir = tempfile::tempdir().unwrap();
         // Workloads run as other users too: they must reach the socket.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let (token_file, bundle_file) = w.agent_pod_files(dir.path()).await;
+        let (token_file, bundle_file, agent_pod) = w.agent_pod_files_of(dir.path()).await;
         let socket = dir.path().join("agent").join("api.sock");
         let broker_socket = dir.path().join("broker").join("broker.sock");
         let cancel = CancellationToken::new();
@@ -166,7 +168,40 @@ impl AgentWorld {
             dir,
             cancel,
             args,
+            agent_pod,
         }
+    }
+
+    /// Writes a fresh projected token (10 minutes) into the agent's token file every
+    /// `every`, as the kubelet refreshes it, until the guard is dropped: what a run longer
+    /// than a token's lifetime needs (the agent reads the file at each attestation and
+    /// renewal).
+    pub fn refresh_agent_token(&self, every: Duration) -> tokio_util::sync::DropGuard {
+        let (client, pod, audience, file) = (
+            self.w.client.clone(),
+            self.agent_pod.clone(),
+            self.w.audience.clone(),
+            self.args.token_file.clone(),
+        );
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                if let Ok(token) = sigil_e2e::pod::bound_token(&client, &pod, &audience, 600).await
+                {
+                    // Atomically, as the kubelet's projected volumes are updated.
+                    let tmp = file.with_extension("new");
+                    if std::fs::write(&tmp, token).is_ok() {
+                        let _ = std::fs::rename(&tmp, &file);
+                    }
+                }
+            }
+        });
+        stop.drop_guard()
     }
 
     /// Restarts the agent as a DaemonSet rollout does: SIGTERM (drain, sockets removed at

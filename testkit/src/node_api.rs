@@ -477,6 +477,15 @@ impl World {
         &self,
         dir: &std::path::Path,
     ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let (token, bundle, _) = self.agent_pod_files_of(dir).await;
+        (token, bundle)
+    }
+
+    /// As [`World::agent_pod_files`], with the agent pod (to refresh its token).
+    pub async fn agent_pod_files_of(
+        &self,
+        dir: &std::path::Path,
+    ) -> (std::path::PathBuf, std::path::PathBuf, Pod) {
         let pod = self
             .pod(
                 &unique("sigil-agent"),
@@ -489,7 +498,7 @@ impl World {
         std::fs::write(&token, self.token(&pod, &self.audience).await).unwrap();
         let bundle = dir.join("bundle.spiffe");
         std::fs::write(&bundle, self.bootstrap_bundle().await.to_jwks_json()).unwrap();
-        (token, bundle)
+        (token, bundle, pod)
     }
 
     /// A Node API client as the agent builds it.
