@@ -207,6 +207,10 @@ async fn soak_pods_churn_ca_rotates_ids_edited_federation_changes() {
     let mut next_sample = started;
     let mut next_republish = started + refresh_every;
     let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(aw.w.client.clone(), &aw.w.ns);
+    let gone_now = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
 
     while Instant::now() < until {
         let now = Instant::now();
@@ -272,7 +276,10 @@ async fn soak_pods_churn_ca_rotates_ids_edited_federation_changes() {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-            pods.delete(&name, &DeleteParams::default()).await.unwrap();
+            // Gone at once, as the kubelet's final delete (grace 0) removes it once its
+            // containers stopped; with the default grace the Pod would stay Terminating
+            // forever here (no kubelet), and the index and agent would keep it.
+            pods.delete(&name, &gone_now).await.unwrap();
             drop(w);
             deleted += 1;
         }
@@ -316,7 +323,7 @@ async fn soak_pods_churn_ca_rotates_ids_edited_federation_changes() {
     let federated_delivered_in = t.elapsed();
     for (_, _, name, w, fetch) in churn.drain(..) {
         let _ = fetch.await;
-        let _ = pods.delete(&name, &DeleteParams::default()).await;
+        let _ = pods.delete(&name, &gone_now).await;
         drop(w);
     }
     let held = format!(
