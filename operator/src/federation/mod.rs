@@ -142,7 +142,8 @@ async fn run_controller(
         Api::<ConfigMap>::namespaced(client.clone(), &options.namespace),
         watcher::Config::default().labels(&format!("{COMPONENT_LABEL}={}", spec::COMPONENT)),
     )
-    .with_config(kcontroller::Config::default().debounce(Duration::from_millis(100)));
+    .with_config(kcontroller::Config::default().debounce(Duration::from_millis(100)))
+    .trigger_backoff(crate::watch_backoff());
     let store = controller.store();
     let leader_gained = WatchStream::new(shared.leader.clone())
         .filter(|l| futures::future::ready(*l))

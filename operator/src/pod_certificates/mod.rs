@@ -208,7 +208,8 @@ pub async fn run(client: Client, policy: Policy, shared: Shared, cancel: Cancell
         Api::<PodCertificateRequest>::all(client.clone()),
         watcher::Config::default(),
     )
-    .with_config(kube::runtime::controller::Config::default().concurrency(4));
+    .with_config(kube::runtime::controller::Config::default().concurrency(4))
+    .trigger_backoff(crate::watch_backoff());
     let cx = Arc::new(Context {
         client: client.clone(),
         shared: shared.clone(),

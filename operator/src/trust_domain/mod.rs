@@ -176,7 +176,11 @@ async fn run_controller(
             Api::<ConfigMap>::all(client.clone()),
             watcher::Config::default().labels(&format!("{COMPONENT_LABEL}=bundle")),
         )
-        .with_config(controller::Config::default().debounce(Duration::from_millis(100)));
+        .with_config(controller::Config::default().debounce(Duration::from_millis(100)))
+        // Every trigger (the watches, a leadership gained, a resync) goes through this one
+        // backoff: with kube-runtime's 30 s default, a CA step due during an API server
+        // outage waited up to 30 s more after the leadership came back.
+        .trigger_backoff(crate::watch_backoff());
     let store = controller.store();
     // A namespace appearing, or gaining or losing labels, may change where bundles go.
     let every_trust_domain = {
