@@ -218,6 +218,44 @@ impl Scene {
     }
 
     /// Stops the checker, unpublishes the volumes and returns the checker's report.
+    /// A pod burst's outcome: every pod's fetch (`fetches`, one `wait-x509` per pod)
+    /// returned that pod's own SVID, then the (new) leader's ClusterSPIFFEID status counts
+    /// every pod, the scene's three workloads and the burst's. Returns the fetch attempts
+    /// in all, when the burst was done (from `started`), and when the status was (from
+    /// `killed`).
+    async fn burst_outcome<F>(
+        &self,
+        fetches: Vec<(String, F)>,
+        burst: usize,
+        started: Instant,
+        killed: Instant,
+    ) -> (u64, Duration, Duration)
+    where
+        F: std::future::Future<Output = std::io::Result<std::process::Output>>,
+    {
+        let mut attempts = 0;
+        for (name, fetch) in fetches {
+            let out = fetch.await.unwrap();
+            let v = sigil_testkit::agent::json_out(&format!("the SVID of burst pod {name}"), &out);
+            assert_eq!(v["spiffe_id"], self.id(&name).as_str());
+            attempts += v["attempts"].as_u64().unwrap();
+        }
+        let burst_done = started.elapsed();
+        let csid = format!("{}-fault", self.aw.w.tag);
+        let api = Api::<ClusterSPIFFEID>::all(self.aw.w.client.clone());
+        let selected = 3 + burst as i64;
+        eventually(
+            "the new leader's status counting every pod",
+            SETTLE,
+            || async {
+                let c = api.get(&csid).await.ok()?;
+                (c.status?.stats.pods_selected == selected).then_some(())
+            },
+        )
+        .await;
+        (attempts, burst_done, killed.elapsed())
+    }
+
     async fn finish(mut self) -> Report {
         let Scene {
             inv, csi, volumes, ..
@@ -679,28 +717,8 @@ async fn leader_killed_in_the_middle_of_a_pod_burst() {
     let (killed, killed_at) = killed.unwrap();
     standby.replica.wait_leader(SETTLE).await;
     let leader_after = killed.elapsed();
-    let mut attempts = 0;
-    for (name, fetch) in fetches {
-        let out = fetch.await.unwrap();
-        let v = sigil_testkit::agent::json_out(&format!("the SVID of burst pod {name}"), &out);
-        assert_eq!(v["spiffe_id"], s.id(&name).as_str());
-        attempts += v["attempts"].as_u64().unwrap();
-    }
-    let burst_done = burst_started.elapsed();
-    // The new leader writes status: every pod of the burst is counted.
-    let csid = format!("{}-fault", s.aw.w.tag);
-    let api = Api::<ClusterSPIFFEID>::all(s.aw.w.client.clone());
-    let selected = 3 + burst as i64;
-    eventually(
-        "the new leader's status counting every pod",
-        SETTLE,
-        || async {
-            let c = api.get(&csid).await.ok()?;
-            (c.status?.stats.pods_selected == selected).then_some(())
-        },
-    )
-    .await;
-    let status_after = killed.elapsed();
+    let (attempts, burst_done, status_after) =
+        s.burst_outcome(fetches, burst, burst_started, killed).await;
     // The running workloads rotate through the standby too.
     s.time_until_current(killed_at, SETTLE).await;
     let rotated_after = killed.elapsed();
@@ -880,27 +898,8 @@ async fn leader_process_sigkilled_in_the_middle_of_a_pod_burst() {
     })
     .await;
     let leader_after = killed.elapsed();
-    let mut attempts = 0;
-    for (name, fetch) in fetches {
-        let out = fetch.await.unwrap();
-        let v = sigil_testkit::agent::json_out(&format!("the SVID of burst pod {name}"), &out);
-        assert_eq!(v["spiffe_id"], s.id(&name).as_str());
-        attempts += v["attempts"].as_u64().unwrap();
-    }
-    let burst_done = burst_started.elapsed();
-    let csid = format!("{}-fault", s.aw.w.tag);
-    let api = Api::<ClusterSPIFFEID>::all(s.aw.w.client.clone());
-    let selected = 3 + burst as i64;
-    eventually(
-        "the new leader's status counting every pod",
-        SETTLE,
-        || async {
-            let c = api.get(&csid).await.ok()?;
-            (c.status?.stats.pods_selected == selected).then_some(())
-        },
-    )
-    .await;
-    let status_after = killed.elapsed();
+    let (attempts, burst_done, status_after) =
+        s.burst_outcome(fetches, burst, burst_started, killed).await;
     s.time_until_current(killed_at, SETTLE).await;
     let rotated_after = killed.elapsed();
     let agent_on = s.aw.agent.node.address();
