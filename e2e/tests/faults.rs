@@ -218,24 +218,45 @@ impl Scene {
     }
 
     /// Stops the checker, unpublishes the volumes and returns the checker's report.
+    /// Pod `i` of a burst: a workload the checker follows, with a process in it that
+    /// waits for its SVID (`wait-x509`); its name and that process.
+    async fn burst_pod(&mut self, i: usize) -> (String, tokio::process::Child) {
+        let name = format!("b{i}");
+        let w = self
+            .aw
+            .workload(&name, "web", json!({"app": "fault"}))
+            .await;
+        let mut cmd = w.container.command(CLIENT);
+        cmd.args([
+            "--addr",
+            &self.aw.addr,
+            "wait-x509",
+            "--timeout-ms",
+            "60000",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        let fetch = tokio::process::Command::from(cmd).spawn().unwrap();
+        self.workloads.push(w);
+        (name, fetch)
+    }
+
     /// A pod burst's outcome: every pod's fetch (`fetches`, one `wait-x509` per pod)
     /// returned that pod's own SVID, then the (new) leader's ClusterSPIFFEID status counts
     /// every pod, the scene's three workloads and the burst's. Returns the fetch attempts
     /// in all, when the burst was done (from `started`), and when the status was (from
     /// `killed`).
-    async fn burst_outcome<F>(
+    async fn burst_outcome(
         &self,
-        fetches: Vec<(String, F)>,
+        fetches: Vec<(String, tokio::process::Child)>,
         burst: usize,
         started: Instant,
         killed: Instant,
-    ) -> (u64, Duration, Duration)
-    where
-        F: std::future::Future<Output = std::io::Result<std::process::Output>>,
-    {
+    ) -> (u64, Duration, Duration) {
         let mut attempts = 0;
         for (name, fetch) in fetches {
-            let out = fetch.await.unwrap();
+            let out = fetch.wait_with_output().await.unwrap();
             let v = sigil_testkit::agent::json_out(&format!("the SVID of burst pod {name}"), &out);
             assert_eq!(v["spiffe_id"], self.id(&name).as_str());
             attempts += v["attempts"].as_u64().unwrap();
@@ -276,6 +297,15 @@ impl Scene {
         }
         report
     }
+}
+
+/// Pods in a burst: `SIGIL_FAULT_BURST`, default 40 (1000 is the size, not part of
+/// make test).
+fn burst_size() -> usize {
+    std::env::var("SIGIL_FAULT_BURST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40)
 }
 
 fn secs(d: Duration) -> String {
@@ -689,11 +719,7 @@ async fn agent_and_csi_restart_under_200_streams_and_files_volumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_in_the_middle_of_a_pod_burst() {
     let _serial = serial().await;
-    // SIGIL_FAULT_BURST=1000 for the size (not part of make test).
-    let burst: usize = std::env::var("SIGIL_FAULT_BURST")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
+    let burst = burst_size();
     let ttl = Duration::from_secs(10);
     let (aw, mut standby) = AgentWorld::start_with_two_replicas("f-failover").await;
     assert!(aw.w.replica.is_leader() && !standby.replica.is_leader());
@@ -707,12 +733,7 @@ async fn leader_killed_in_the_middle_of_a_pod_burst() {
             s.aw.w.kill_replica().await;
             killed = Some((Instant::now(), SystemTime::now()));
         }
-        let name = format!("b{i}");
-        let w = s.aw.workload(&name, "web", json!({"app": "fault"})).await;
-        let mut cmd = w.container.command(CLIENT);
-        cmd.args(["--addr", &s.aw.addr, "wait-x509", "--timeout-ms", "60000"]);
-        fetches.push((name, tokio::process::Command::from(cmd).output()));
-        s.workloads.push(w);
+        fetches.push(s.burst_pod(i).await);
     }
     let (killed, killed_at) = killed.unwrap();
     standby.replica.wait_leader(SETTLE).await;
@@ -848,10 +869,7 @@ async fn lease_holder(client: &kube::Client, ns: &str, lease: &str) -> Option<St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_process_sigkilled_in_the_middle_of_a_pod_burst() {
     let _serial = serial().await;
-    let burst: usize = std::env::var("SIGIL_FAULT_BURST")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
+    let burst = burst_size();
     let ttl = Duration::from_secs(10);
     let w = sigil_testkit::node_api::World::start("f-sigkill").await;
     // The world's in-process replica made the CA; the processes take over from here.
@@ -883,12 +901,7 @@ async fn leader_process_sigkilled_in_the_middle_of_a_pod_burst() {
             op.process.stop(); // SIGKILL, reaped
             killed = Some((Instant::now(), SystemTime::now()));
         }
-        let name = format!("b{i}");
-        let w = s.aw.workload(&name, "web", json!({"app": "fault"})).await;
-        let mut cmd = w.container.command(CLIENT);
-        cmd.args(["--addr", &s.aw.addr, "wait-x509", "--timeout-ms", "60000"]);
-        fetches.push((name, tokio::process::Command::from(cmd).output()));
-        s.workloads.push(w);
+        fetches.push(s.burst_pod(i).await);
     }
     let (killed, killed_at) = killed.unwrap();
     let survivor = operators.iter().find(|o| o.name != leader).unwrap();

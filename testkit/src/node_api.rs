@@ -213,20 +213,7 @@ impl World {
         let td: TrustDomain = td_name.parse().unwrap();
 
         let cancel = CancellationToken::new();
-        let index = EntryIndex::new(IndexConfig::new(CLUSTER));
-        tokio::spawn(index::run(
-            op.clone(),
-            index.clone(),
-            replica.leader.clone(),
-            RunOptions {
-                status: StatusOptions {
-                    interval: Duration::from_millis(100),
-                    ..Default::default()
-                },
-                ready: None,
-            },
-            cancel.clone(),
-        ));
+        let index = spawn_index(op.clone(), &replica, cancel.clone());
 
         let (store, writer) = kube::runtime::reflector::store::<Node>();
         let watch = kube::runtime::reflector(
@@ -362,20 +349,7 @@ impl World {
             self.operator_client.clone(),
             ReplicaConfig::new(&self.ns, &self.tag),
         );
-        let index = EntryIndex::new(IndexConfig::new(CLUSTER));
-        tokio::spawn(index::run(
-            self.operator_client.clone(),
-            index.clone(),
-            replica.leader.clone(),
-            RunOptions {
-                status: StatusOptions {
-                    interval: Duration::from_millis(100),
-                    ..Default::default()
-                },
-                ready: None,
-            },
-            cancel.clone(),
-        ));
+        let index = spawn_index(self.operator_client.clone(), &replica, cancel.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let node_api_addr = listener.local_addr().unwrap().to_string();
         let api = NodeApi::new(
@@ -615,4 +589,24 @@ impl World {
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         out
     }
+}
+
+/// A replica's identity index, watching through `client` until `cancel`, writing status
+/// while `replica` leads (every 100 ms, so tests see it soon).
+fn spawn_index(client: Client, replica: &Replica, cancel: CancellationToken) -> EntryIndex {
+    let index = EntryIndex::new(IndexConfig::new(CLUSTER));
+    tokio::spawn(index::run(
+        client,
+        index.clone(),
+        replica.leader.clone(),
+        RunOptions {
+            status: StatusOptions {
+                interval: Duration::from_millis(100),
+                ..Default::default()
+            },
+            ready: None,
+        },
+        cancel,
+    ));
+    index
 }
