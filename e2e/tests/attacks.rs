@@ -377,7 +377,7 @@ async fn a_workload_svid_with_an_agent_path_cannot_call_the_node_api() {
         node_api_common::CLUSTER,
         w.node_a_uid
     );
-    let ca_key = rcgen::KeyPair::from_pem(&ca.key_pkcs8_pem()).unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(&ca.key_pkcs8_pem().unwrap()).unwrap();
     let ca_der = rustls::pki_types::CertificateDer::from(ca.certificate().to_vec());
     let issuer = rcgen::Issuer::from_ca_cert_der(&ca_der, ca_key).unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();

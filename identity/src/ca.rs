@@ -20,6 +20,7 @@ use x509_parser::prelude::FromDer;
 
 use crate::clock::{from_unix_seconds, unix_seconds};
 use crate::id::{SpiffeId, TrustDomain};
+use crate::key_manager::AuthorityKey;
 use crate::keys::{KeyError, KeyType, PrivateKey};
 use crate::x509::{CsrError, ParsedCsr, is_signing_cert, rfc3339};
 
@@ -414,7 +415,7 @@ fn check_chain_connects(
 /// The signing authority of one trust domain.
 pub struct CertificateAuthority {
     trust_domain: TrustDomain,
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Issuer<'static, AuthorityKey>,
     key_type: KeyType,
     cert: Vec<u8>,
     /// Certificates sent after a leaf: empty for a self-signed root.
@@ -438,13 +439,22 @@ impl fmt::Debug for CertificateAuthority {
 }
 
 impl CertificateAuthority {
-    /// Creates a new self-signed root CA.
+    /// Creates a new self-signed root CA with a new software key.
     pub fn new_self_signed(params: &CaParams, now: SystemTime) -> Result<Self, CaError> {
         let key = PrivateKey::generate(params.key_type)?;
+        Self::new_self_signed_with(params, key.into(), now)
+    }
+
+    /// Creates a new self-signed root CA signing with `key` (of `params.key_type`).
+    pub fn new_self_signed_with(
+        params: &CaParams,
+        key: AuthorityKey,
+        now: SystemTime,
+    ) -> Result<Self, CaError> {
         let cert_params = ca_cert_params(params, now, now + params.ttl)?;
         let cert = cert_params
-            .self_signed(key.key_pair())
-            .map_err(|e| CaError::Build(e.to_string()))?;
+            .self_signed(&key)
+            .map_err(|e| build_error(e, &key))?;
         let der = cert.der().to_vec();
         Self::assemble(
             params.trust_domain.clone(),
@@ -462,11 +472,21 @@ impl CertificateAuthority {
         upstream: &UpstreamAuthority,
         now: SystemTime,
     ) -> Result<Self, CaError> {
-        upstream.check_lifetime(now, params.ttl)?;
         let key = PrivateKey::generate(params.key_type)?;
+        Self::new_under_upstream_with(params, upstream, key.into(), now)
+    }
+
+    /// Creates a new CA signed by `upstream` for `key` (of `params.key_type`).
+    pub fn new_under_upstream_with(
+        params: &CaParams,
+        upstream: &UpstreamAuthority,
+        key: AuthorityKey,
+        now: SystemTime,
+    ) -> Result<Self, CaError> {
+        upstream.check_lifetime(now, params.ttl)?;
         let cert_params = ca_cert_params(params, now, now + params.ttl)?;
         let cert = cert_params
-            .signed_by(key.key_pair(), &upstream.issuer)
+            .signed_by(&key, &upstream.issuer)
             .map_err(|e| CaError::Build(e.to_string()))?;
         let der = cert.der().to_vec();
         Self::assemble(
@@ -485,14 +505,14 @@ impl CertificateAuthority {
         cert: Vec<u8>,
         chain_above: Vec<Vec<u8>>,
         trust_anchors: Vec<Vec<u8>>,
-        key: PrivateKey,
+        key: impl Into<AuthorityKey>,
     ) -> Result<Self, CaError> {
-        Self::assemble(trust_domain, key, cert, chain_above, trust_anchors)
+        Self::assemble(trust_domain, key.into(), cert, chain_above, trust_anchors)
     }
 
     fn assemble(
         trust_domain: TrustDomain,
-        key: PrivateKey,
+        key: AuthorityKey,
         cert: Vec<u8>,
         chain_above: Vec<Vec<u8>>,
         trust_anchors: Vec<Vec<u8>>,
@@ -513,7 +533,7 @@ impl CertificateAuthority {
         let not_before = from_unix_seconds(parsed.validity().not_before.timestamp());
         let not_after = from_unix_seconds(parsed.validity().not_after.timestamp());
         let key_type = key.key_type();
-        let issuer = Issuer::from_ca_cert_der(&cert.clone().into(), key.into_key_pair())
+        let issuer = Issuer::from_ca_cert_der(&cert.clone().into(), key)
             .map_err(|e| CaError::InvalidCertificate(e.to_string()))?;
         let mut leaf_intermediates = Vec::new();
         if !self_signed {
@@ -629,7 +649,7 @@ impl CertificateAuthority {
         }
         let cert = p
             .signed_by(&public_key, &self.issuer)
-            .map_err(|e| CaError::Build(e.to_string()))?;
+            .map_err(|e| build_error(e, self.issuer.key()))?;
         Ok(IssuedSvid {
             leaf: cert.der().to_vec(),
             intermediates: self.leaf_intermediates.clone(),
@@ -679,9 +699,27 @@ impl CertificateAuthority {
     }
 
     /// PKCS#8 PEM of the CA key, for persisting into the CA Secret (the one place a CA key
-    /// may go). Wiped on drop.
-    pub fn key_pkcs8_pem(&self) -> zeroize::Zeroizing<String> {
-        zeroize::Zeroizing::new(self.issuer.key().serialize_pem())
+    /// may go). Wiped on drop. `None` when the key lives in a key manager (an HSM): then
+    /// only [`AuthorityKey::reference`] is persisted.
+    pub fn key_pkcs8_pem(&self) -> Option<zeroize::Zeroizing<String>> {
+        self.issuer.key().software().map(PrivateKey::to_pkcs8_pem)
+    }
+
+    /// The key this CA signs with.
+    pub fn key(&self) -> &AuthorityKey {
+        self.issuer.key()
+    }
+}
+
+/// A certificate that could not be built; for an external key, says why it did not sign.
+fn build_error(e: rcgen::Error, key: &AuthorityKey) -> CaError {
+    match (e, key) {
+        (rcgen::Error::RemoteKeyError, AuthorityKey::External(k)) => CaError::Build(format!(
+            "key {} could not sign: {}",
+            k.key().reference(),
+            k.last_error().unwrap_or_else(|| "no reason given".into())
+        )),
+        (e, _) => CaError::Build(e.to_string()),
     }
 }
 

@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 
 use crate::bundle::{BundleSet, Jwk, JwtAuthority};
 use crate::id::{IdError, SpiffeId};
+use crate::key_manager::{AuthorityKey, ExternalKey, SignScheme};
 use crate::keys::{KeyError, KeyType, PrivateKey};
 
 /// Algorithms JWT-SVID.md allows, all of which validate (ES512 through the `p521` crate,
@@ -202,12 +203,14 @@ enum Signer {
     Ec(Box<ring::signature::EcdsaKeyPair>),
     /// RSA (constant time), with the padding of the algorithm.
     Rsa(Box<ring::signature::RsaKeyPair>),
+    /// A key manager's key (an HSM): it signs; the key never comes here.
+    External(std::sync::Arc<dyn ExternalKey>),
 }
 
 /// A JWT signing key with its key ID and the one algorithm it signs with.
 pub struct JwtKey {
     kid: String,
-    key: PrivateKey,
+    key: AuthorityKey,
     alg: SigningAlg,
     signer: Signer,
     not_after: SystemTime,
@@ -249,15 +252,40 @@ impl JwtKey {
         Self::from_key_for(kid, key, None, not_after)
     }
 
-    /// Wraps an existing key that signs with `alg` (`None`: its type's default).
-    pub fn from_key_for(
-        kid: String,
-        key: PrivateKey,
+    /// Wraps a key a key manager made or found, with a new random key ID.
+    pub fn with_new_kid(
+        key: AuthorityKey,
         alg: Option<SigningAlg>,
         not_after: SystemTime,
     ) -> Result<Self, JwtError> {
+        let kid = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 24]>());
+        Self::from_key_for(kid, key, alg, not_after)
+    }
+
+    /// Wraps an existing key that signs with `alg` (`None`: its type's default).
+    pub fn from_key_for(
+        kid: String,
+        key: impl Into<AuthorityKey>,
+        alg: Option<SigningAlg>,
+        not_after: SystemTime,
+    ) -> Result<Self, JwtError> {
+        let key = key.into();
         let alg = check_pair(key.key_type(), alg)?;
-        let signer = if key.key_type().is_rsa() {
+        let signer = match &key {
+            AuthorityKey::External(k) => Signer::External(k.key().clone()),
+            AuthorityKey::Software(software) => Self::software_signer(software, alg)?,
+        };
+        Ok(Self {
+            kid,
+            key,
+            alg,
+            signer,
+            not_after,
+        })
+    }
+
+    fn software_signer(key: &PrivateKey, alg: SigningAlg) -> Result<Signer, JwtError> {
+        Ok(if key.key_type().is_rsa() {
             Signer::Rsa(Box::new(
                 ring::signature::RsaKeyPair::from_pkcs8(&key.to_pkcs8_der())
                     .map_err(|e| JwtError::Key(format!("RSA key: {e}")))?,
@@ -275,13 +303,6 @@ impl JwtKey {
                 )
                 .map_err(|e| JwtError::Key(format!("ECDSA key: {e}")))?,
             ))
-        };
-        Ok(Self {
-            kid,
-            key,
-            alg,
-            signer,
-            not_after,
         })
     }
 
@@ -295,8 +316,9 @@ impl JwtKey {
         &self.kid
     }
 
-    /// The private key (for persisting into the CA Secret).
-    pub fn private_key(&self) -> &PrivateKey {
+    /// The signing key (a software one is persisted into the CA Secret; an external one
+    /// by its reference).
+    pub fn key(&self) -> &AuthorityKey {
         &self.key
     }
 
@@ -371,6 +393,18 @@ impl JwtKey {
                     &mut sig,
                 )
                 .map_err(|_| JwtError::Key("RSA signing failed".into()))?;
+                Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig)))
+            }
+            Signer::External(key) => {
+                let scheme = match self.alg {
+                    SigningAlg::Es384 => SignScheme::EcdsaP384Sha384,
+                    SigningAlg::Rs256 => SignScheme::RsaPkcs1Sha256,
+                    SigningAlg::Ps256 => SignScheme::RsaPssSha256,
+                    SigningAlg::Es256 => SignScheme::EcdsaP256Sha256,
+                };
+                let sig = key
+                    .sign(scheme, input.as_bytes())
+                    .map_err(|e| JwtError::Key(format!("key {}: {e}", key.reference())))?;
                 Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig)))
             }
         }

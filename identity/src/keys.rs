@@ -145,6 +145,9 @@ pub enum KeyError {
         "private key is not a PKCS#8, SEC1 or PKCS#1 key of a supported type (ECDSA P-256/P-384, Ed25519, RSA): {0}"
     )]
     Parse(String),
+    /// A key manager (an HSM, a KMS) could not be reached, or refused an operation.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// A private key. `Debug` prints only its type and public key fingerprint.

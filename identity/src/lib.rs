@@ -3,6 +3,7 @@
 //!
 //! - [`id`]: SPIFFE IDs and trust domains, validated strictly (SPIFFE-ID.md).
 //! - [`keys`]: private keys, redacted in `Debug`, wiped when serialised copies drop.
+//! - [`key_manager`]: where authority keys live (software, or an HSM behind a trait).
 //! - [`ca`]: the X.509 signing authority (self-signed root, or under an upstream CA).
 //! - [`x509`]: X509-SVID and CSR parsing and validation (X509-SVID.md).
 //! - [`jwt`]: JWT-SVID minting and validation (JWT-SVID.md).
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod entry;
 pub mod id;
 pub mod jwt;
+pub mod key_manager;
 pub mod keys;
 pub mod proto;
 pub mod tls;

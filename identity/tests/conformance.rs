@@ -150,7 +150,7 @@ fn token_with(key: &JwtKey, header_extra: serde_json::Value, claims: serde_json:
     );
     let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
         &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-        &key.private_key().to_pkcs8_der(),
+        &key.key().software().unwrap().to_pkcs8_der(),
         &ring::rand::SystemRandom::new(),
     )
     .unwrap();

@@ -201,7 +201,7 @@ fn an_rsa_ca_signs_svids_of_rsa_and_ec_workload_keys() {
         }
     }
     // The CA survives its PEM round trip (the CA Secret) as an RSA-3072 key.
-    let back = PrivateKey::from_pem(&ca.key_pkcs8_pem()).unwrap();
+    let back = PrivateKey::from_pem(&ca.key_pkcs8_pem().unwrap()).unwrap();
     assert_eq!(back.key_type(), KeyType::Rsa3072);
 }
 
@@ -527,7 +527,7 @@ fn persisted_ca_reloads_and_checks_its_key() {
     let ca =
         CertificateAuthority::new_self_signed(&params("example.org", KeyType::EcP256, HOUR), t)
             .unwrap();
-    let key = PrivateKey::from_pem(&ca.key_pkcs8_pem()).unwrap();
+    let key = PrivateKey::from_pem(&ca.key_pkcs8_pem().unwrap()).unwrap();
     let again = CertificateAuthority::load(
         td("example.org"),
         ca.certificate().to_vec(),

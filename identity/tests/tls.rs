@@ -242,7 +242,7 @@ async fn bundle_updates_apply_to_new_handshakes() {
 /// A leaf for `id` signed with the CA's own key but without the component policy: what a
 /// workload SVID with a component's path would look like, had one ever been signed.
 fn forged_without_policy(ca: &CertificateAuthority, id: &str) -> Arc<SwappableCert> {
-    let ca_key = KeyPair::from_pem(&ca.key_pkcs8_pem()).unwrap();
+    let ca_key = KeyPair::from_pem(&ca.key_pkcs8_pem().unwrap()).unwrap();
     let ca_der = rustls::pki_types::CertificateDer::from(ca.certificate().to_vec());
     let issuer = rcgen::Issuer::from_ca_cert_der(&ca_der, ca_key).unwrap();
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
