@@ -101,6 +101,10 @@ pub struct Args {
     /// Admission webhook flags.
     #[command(flatten)]
     pub admission: AdmissionArgs,
+
+    /// Key manager flags (where CA and JWT keys live).
+    #[command(flatten)]
+    pub keys: crate::keys::KeyManagerArgs,
 }
 
 /// Flags of the pod certificate signer (`sigil.dev/<TrustDomain>`, docs/pod-certificates.md).
@@ -346,8 +350,13 @@ pub async fn run(
         federation: federation_args,
         pod_certificates: pod_cert_args,
         admission: admission_args,
+        keys,
     } = args;
     info!(%namespace, identity = %pod_name, version = env!("CARGO_PKG_VERSION"), "sigil-operator starting");
+    // Opening an HSM loads its module and logs in: a blocking call, and a clear error at
+    // start when it is unreachable.
+    let keys = tokio::task::spawn_blocking(move || keys.open()).await??;
+    info!(key_manager = ?keys, "key manager ready");
     let client = kube_client(kubeconfig.as_deref()).await?;
 
     let metrics = Metrics::default();
@@ -367,6 +376,7 @@ pub async fn run(
     td_options.instance = Some(pod_name.clone());
     td_options.selector = trust_domain_selector;
     td_options.retry_interval = retry_interval;
+    td_options.keys = keys;
     let td_shared = trust_domain::Shared {
         authorities: authorities.clone(),
         clock: Arc::new(SystemClock),

@@ -10,6 +10,7 @@
 //! - [`trust_domain`]: the CA of each TrustDomain, its rotation and bundle publication.
 //! - [`federation`]: FederatedBundles (fetching foreign bundles), the SPIFFE bundle
 //!   endpoint and OIDC discovery.
+//! - [`keys`]: where CA and JWT keys live: the CA Secret, or a PKCS#11 HSM.
 //! - [`leader`]: leader election on a Lease; gates every write.
 //! - [`reflector_pair`]: two reflectors read as one (the CA and federation loaders).
 //! - [`telemetry`]: JSON logs, Prometheus metrics, `/live` `/ready` `/metrics`.
@@ -26,6 +27,7 @@ pub use sigil_api::{crd, template};
 pub mod conditions;
 pub mod federation;
 pub mod index;
+pub mod keys;
 pub mod leader;
 pub mod node_api;
 pub mod pod_certificates;

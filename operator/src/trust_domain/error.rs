@@ -117,6 +117,19 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The CA Secret names keys the key manager cannot give now (an HSM unreachable, or
+    /// not holding them). Nothing is minted: a new root would change the trust domain.
+    #[error(
+        "TrustDomain {object}: the {key_manager} key manager cannot give the keys its CA Secret names ({reason}); Sigil mints nothing and tries again. Check that the HSM is reachable and that --pkcs11-token-label names the token the keys were made in (docs/hsm.md)"
+    )]
+    KeysUnavailable {
+        /// The TrustDomain's name.
+        object: String,
+        /// The operator's key manager.
+        key_manager: String,
+        /// Why.
+        reason: String,
+    },
     /// A ConfigMap of the bundle's name exists and is not Sigil's.
     #[error(
         "TrustDomain {object}: ConfigMap {name} already exists in namespace(s) {namespaces} and was not written by Sigil for this TrustDomain, so it was left alone; delete it there or set spec.bundle.configMapName to another name"
@@ -177,6 +190,7 @@ impl Error {
                 _ => "upstream_invalid",
             },
             Error::CaSecretInvalid { .. } => "ca_secret_invalid",
+            Error::KeysUnavailable { .. } => "keys_unavailable",
             Error::BundleConfigMapConflict { .. } => "bundle_configmap_conflict",
             Error::Ca { .. } => "ca",
             Error::JwtKey(_) => "jwt_key",
@@ -206,6 +220,7 @@ impl Error {
                 _ => "UpstreamInvalid",
             },
             Error::CaSecretInvalid { .. } => "CASecretInvalid",
+            Error::KeysUnavailable { .. } => "KeysUnavailable",
             Error::BundleConfigMapConflict { .. } => "BundleConfigMapConflict",
             Error::Ca { .. } => "CACreationFailed",
             Error::JwtKey(_) => "JWTKeyCreationFailed",

@@ -53,6 +53,7 @@ pub(crate) struct Loader {
     namespace: String,
     authorities: Arc<Authorities>,
     metrics: TrustDomainMetrics,
+    keys: crate::keys::Keys,
     loaded: BTreeMap<String, Loaded>,
 }
 
@@ -61,11 +62,13 @@ impl Loader {
         namespace: &str,
         authorities: Arc<Authorities>,
         metrics: TrustDomainMetrics,
+        keys: crate::keys::Keys,
     ) -> Self {
         Self {
             namespace: namespace.to_owned(),
             authorities,
             metrics,
+            keys,
             loaded: BTreeMap::new(),
         }
     }
@@ -132,7 +135,7 @@ impl Loader {
             {
                 continue;
             }
-            match store::from_secret(&secret, &policy.trust_domain) {
+            match store::from_secret(&secret, &policy.trust_domain, &*self.keys) {
                 Ok(state) => {
                     let Some(authority) = domain_authority(&policy, &state) else {
                         debug!(trust_domain = %policy.trust_domain, "CA Secret has no active CA yet");

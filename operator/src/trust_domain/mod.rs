@@ -82,6 +82,8 @@ pub struct Options {
     /// How soon a TrustDomain with a problem (e.g. a broken upstream Secret) is looked at
     /// again.
     pub retry_interval: Duration,
+    /// Where CA and JWT keys are made and kept (default: software, in the CA Secret).
+    pub keys: crate::keys::Keys,
 }
 
 impl Options {
@@ -93,6 +95,7 @@ impl Options {
             instance: None,
             selector: None,
             retry_interval: Duration::from_secs(30),
+            keys: crate::keys::Keys::default(),
         }
     }
 }
@@ -145,6 +148,7 @@ pub async fn run(
         &options.namespace,
         shared.authorities.clone(),
         shared.metrics.clone(),
+        options.keys.clone(),
     );
     let load = loader.run(
         client.clone(),
@@ -214,6 +218,7 @@ async fn run_controller(
         recorder,
         store,
         retry: options.retry_interval,
+        keys: options.keys.clone(),
     });
     let run = controller
         .watches(

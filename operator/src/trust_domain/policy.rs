@@ -17,6 +17,7 @@ use crate::crd::trust_domain::{
     CaKeyType, GoDuration, JwtAlgorithm, JwtKeyType, JwtSpec, TrustDomain as TrustDomainObject,
     TrustDomainSpec, UpstreamSecretRef,
 };
+use crate::keys::Keys;
 
 /// What a TrustDomain asks for, validated.
 #[derive(Debug, Clone)]
@@ -51,6 +52,9 @@ pub struct Policy {
     pub namespace_selector: Option<Selector>,
     /// `spiffe_refresh_hint`.
     pub refresh_hint: Duration,
+    /// Where new CA and JWT keys are made, and stored ones found (the operator's
+    /// `--key-manager`; software unless [`Policy::with_keys`] says otherwise).
+    pub keys: Keys,
 }
 
 impl Policy {
@@ -146,7 +150,14 @@ impl Policy {
             config_map_name: spec.bundle.config_map_name.clone(),
             namespace_selector,
             refresh_hint: duration("spec.bundle.refreshHint", &spec.bundle.refresh_hint)?,
+            keys: Keys::default(),
         })
+    }
+
+    /// The same policy, making and finding keys with `keys`.
+    pub fn with_keys(mut self, keys: Keys) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// Wraps a CA creation error with this object's context; upstream problems keep their

@@ -40,6 +40,7 @@ use super::upstream;
 use crate::conditions::{condition, k8s_time, unix};
 use crate::crd::trust_domain::{CaStatus, TrustDomain as TrustDomainObject, TrustDomainStatus};
 use crate::telemetry::{ErrorLabels, RotationLabels, TrustDomainMetrics};
+use sigil_identity::key_manager::KeyReference;
 
 /// Longest requeue: even with nothing due, look again this often.
 const MAX_REQUEUE: Duration = Duration::from_secs(3600);
@@ -61,6 +62,7 @@ pub(crate) struct Context {
     pub(crate) recorder: Recorder,
     pub(crate) store: Store<TrustDomainObject>,
     pub(crate) retry: Duration,
+    pub(crate) keys: crate::keys::Keys,
 }
 
 /// The controller's reconcile function.
@@ -113,7 +115,7 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
     let now = ctx.clock.now();
 
     let mut policy = match Policy::from_spec(&object, &obj.spec) {
-        Ok(p) => p,
+        Ok(p) => p.with_keys(ctx.keys.clone()),
         Err(problem) => {
             ctx.finish(
                 obj,
@@ -155,30 +157,44 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let secret_name = ca_secret_name(&object);
     let existing = secrets.get_opt(&secret_name).await?;
-    let mut state = match &existing {
-        None => AuthorityState::new(policy.trust_domain.clone()),
-        Some(s) => match store::from_secret(s, &policy.trust_domain) {
-            Ok(state) => state,
-            Err(e) => {
-                let problem = Error::CaSecretInvalid {
+    let loaded = match existing.clone() {
+        None => Ok(AuthorityState::new(policy.trust_domain.clone())),
+        // An HSM's keys are looked up in the token: a blocking call.
+        Some(s) => {
+            let (td, keys) = (policy.trust_domain.clone(), policy.keys.clone());
+            tokio::task::spawn_blocking(move || store::from_secret(&s, &td, &*keys))
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        }
+    };
+    let mut state = match loaded {
+        Ok(state) => state,
+        Err(e) => {
+            let problem = match e {
+                store::LoadFailure::Invalid(e) => Error::CaSecretInvalid {
                     object: object.clone(),
                     namespace: ctx.namespace.clone(),
                     name: secret_name,
                     reason: e.0,
-                };
-                ctx.finish(
-                    obj,
-                    Outcome {
-                        state: None,
-                        problems: vec![problem],
-                        published: None,
-                        now,
-                    },
-                )
-                .await?;
-                return Ok(Action::requeue(ctx.retry));
-            }
-        },
+                },
+                store::LoadFailure::KeysUnavailable(e) => Error::KeysUnavailable {
+                    object: object.clone(),
+                    key_manager: ctx.keys.name().to_owned(),
+                    reason: e.0,
+                },
+            };
+            ctx.finish(
+                obj,
+                Outcome {
+                    state: None,
+                    problems: vec![problem],
+                    published: None,
+                    now,
+                },
+            )
+            .await?;
+            return Ok(Action::requeue(ctx.retry));
+        }
     };
     if existing.is_some()
         && state.x509.active.is_none()
@@ -218,6 +234,7 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
     // Minting a CA or JWT key can take seconds (an RSA-4096 prime search): off the async
     // runtime, which serves the Node API and the other reconciles meanwhile.
     let for_keys = policy.clone();
+    let held_before = store::key_references(&state);
     let (state, advance, upstream) = tokio::task::spawn_blocking(move || {
         let advance = state.advance(now, &for_keys, upstream.as_ref().map(|r| r.as_ref()));
         (state, advance, upstream)
@@ -233,6 +250,12 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
     // A new trust domain without an X.509 CA (its upstream is broken) persists nothing:
     // there is nothing to keep yet.
     let worth_persisting = existing.is_some() || state.x509.active.is_some();
+    let held_after = store::key_references(&state);
+    if !worth_persisting {
+        // Nothing is written, so keys minted now (a JWT key beside a broken upstream)
+        // would be orphans in a key manager.
+        destroy_keys(&policy, held_after.difference(&held_before).cloned()).await;
+    }
     if (advance.changed() || adopt) && worth_persisting {
         let mut desired =
             store::new_secret(obj, &ctx.namespace, &state).map_err(|e| Error::Serialize {
@@ -249,14 +272,20 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
             }
         };
         match written {
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                return Err(Error::Conflict(format!(
-                    "Secret {}/{secret_name}",
-                    ctx.namespace
-                )));
+            Ok(_) => {
+                // Retired keys are gone from the Secret: a key manager drops them too.
+                destroy_keys(&policy, held_before.difference(&held_after).cloned()).await;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // Keys minted for a state that was not written would be orphans.
+                destroy_keys(&policy, held_after.difference(&held_before).cloned()).await;
+                return Err(match e {
+                    kube::Error::Api(s) if s.code == 409 => {
+                        Error::Conflict(format!("Secret {}/{secret_name}", ctx.namespace))
+                    }
+                    e => e.into(),
+                });
+            }
         }
         if adopt {
             info!(trust_domain_object = %object, secret = %secret_name, "adopted existing CA Secret");
@@ -321,6 +350,26 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
     Ok(Action::requeue(
         after.clamp(Duration::from_secs(1), MAX_REQUEUE),
     ))
+}
+
+/// Destroys keys no stored state names any more (a key manager's; software keys have no
+/// references). A failure is logged: the key is then only an unused object in the HSM.
+async fn destroy_keys(policy: &Policy, refs: impl Iterator<Item = KeyReference>) {
+    let refs: Vec<_> = refs.collect();
+    if refs.is_empty() {
+        return;
+    }
+    let keys = policy.keys.clone();
+    let object = policy.object.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for r in refs {
+            match keys.destroy(&r) {
+                Ok(()) => info!(trust_domain_object = %object, key = %r, "destroyed a key no CA or JWT generation uses"),
+                Err(e) => warn!(trust_domain_object = %object, key = %r, error = %e, "cannot destroy an unused key"),
+            }
+        }
+    })
+    .await;
 }
 
 fn ca_status<K: Generation>(k: &K) -> CaStatus {

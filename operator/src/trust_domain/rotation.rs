@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 use sigil_identity::bundle::JwtAuthority;
 use sigil_identity::ca::{BACKDATE, CaParams, CertificateAuthority, UpstreamAuthority};
 use sigil_identity::clock::{from_unix_seconds, unix_seconds};
-use sigil_identity::jwt::JwtKey;
+use sigil_identity::jwt::{JwtError, JwtKey};
 use sigil_identity::keys::KeyType;
 use sigil_identity::{TrustBundle, TrustDomain};
 
@@ -551,14 +551,28 @@ impl AuthorityState {
             subject: policy.ca_subject.clone(),
         };
         // `Err(None)`: blocked by the broken upstream, which the caller reports.
+        let ca_label = format!("sigil-ca:{}", self.trust_domain.name());
         let mut mint_ca = || -> Result<CertificateAuthority, Option<Error>> {
-            match upstream {
-                None => CertificateAuthority::new_self_signed(&params, now)
-                    .map_err(|e| Some(policy.ca_error(e))),
-                Some(Ok(u)) => CertificateAuthority::new_under_upstream(&params, u, now)
-                    .map_err(|e| Some(policy.ca_error(e))),
-                Some(Err(_)) => Err(None),
+            if matches!(upstream, Some(Err(_))) {
+                return Err(None);
             }
+            let key = policy
+                .keys
+                .generate(params.key_type, &ca_label)
+                .map_err(|e| Some(policy.ca_error(e.into())))?;
+            let made = match upstream {
+                Some(Ok(u)) => {
+                    CertificateAuthority::new_under_upstream_with(&params, u, key.clone(), now)
+                }
+                _ => CertificateAuthority::new_self_signed_with(&params, key.clone(), now),
+            };
+            made.map_err(|e| {
+                // The key will never be used: do not leave it in the key manager.
+                if let Some(r) = key.reference() {
+                    let _ = policy.keys.destroy(r);
+                }
+                Some(policy.ca_error(e))
+            })
         };
         let (t, e) = self
             .x509
@@ -572,8 +586,18 @@ impl AuthorityState {
         // JWT keys get the same (whole-second, back-dated) validity a CA minted now gets,
         // so both rings reach their transitions at the same instants.
         let whole_now = from_unix_seconds(unix_seconds(now));
+        let jwt_label = format!("sigil-jwt:{}", self.trust_domain.name());
         let mut mint_jwt = || -> Result<JwtGeneration, Error> {
-            let key = JwtKey::generate_for(jwt_type, Some(jwt_alg), whole_now + jwt_ttl)
+            let key = policy
+                .keys
+                .generate(jwt_type, &jwt_label)
+                .map_err(|e| Error::JwtKey(JwtError::Key(e.to_string())))?;
+            let key = JwtKey::with_new_kid(key.clone(), Some(jwt_alg), whole_now + jwt_ttl)
+                .inspect_err(|_| {
+                    if let Some(r) = key.reference() {
+                        let _ = policy.keys.destroy(r);
+                    }
+                })
                 .map_err(Error::JwtKey)?;
             Ok(JwtGeneration {
                 key: Arc::new(key),

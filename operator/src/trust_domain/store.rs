@@ -23,6 +23,7 @@ use sigil_identity::TrustDomain;
 use sigil_identity::bundle::{Jwk, JwtAuthority};
 use sigil_identity::ca::CertificateAuthority;
 use sigil_identity::jwt::JwtKey;
+use sigil_identity::key_manager::{AuthorityKey, KeyManager, KeyReference};
 use sigil_identity::keys::PrivateKey;
 use sigil_identity::x509::{certs_from_pem, certs_to_pem};
 use zeroize::Zeroizing;
@@ -44,6 +45,23 @@ pub fn ca_secret_name(object: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct LoadError(pub String);
+
+/// A CA Secret whose keys the key manager cannot give (an HSM that is unreachable, or
+/// does not hold them): the Secret itself may be fine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct KeysUnavailable(pub String);
+
+/// Why [`from_secret`] failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadFailure {
+    /// The Secret's content is wrong.
+    #[error(transparent)]
+    Invalid(#[from] LoadError),
+    /// Its keys cannot be had from the key manager.
+    #[error(transparent)]
+    KeysUnavailable(#[from] KeysUnavailable),
+}
 
 fn err(what: impl Into<String>) -> LoadError {
     LoadError(what.into())
@@ -83,9 +101,12 @@ struct StoredCa {
     chain: String,
     /// PEM of the bundle anchors.
     trust_anchors: String,
-    /// PKCS#8 PEM.
-    #[serde(with = "zeroizing")]
+    /// PKCS#8 PEM of a software key; empty when the key lives in a key manager.
+    #[serde(default, with = "zeroizing", skip_serializing_if = "is_empty")]
     private_key: Zeroizing<String>,
+    /// Where the key lives when a key manager (an HSM) holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_ref: Option<KeyReference>,
     /// Unix seconds.
     published_at: u64,
 }
@@ -105,8 +126,12 @@ struct StoredJwt {
     /// whose EC keys sign with their curve's one algorithm.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     alg: Option<String>,
-    #[serde(with = "zeroizing")]
+    /// PKCS#8 PEM of a software key; empty when the key lives in a key manager.
+    #[serde(default, with = "zeroizing", skip_serializing_if = "is_empty")]
     private_key: Zeroizing<String>,
+    /// Where the key lives when a key manager (an HSM) holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_ref: Option<KeyReference>,
     not_before: u64,
     not_after: u64,
     published_at: u64,
@@ -137,6 +162,52 @@ mod zeroizing {
     }
 }
 
+fn is_empty(s: &Zeroizing<String>) -> bool {
+    s.is_empty()
+}
+
+/// What the Secret keeps of a key: its PKCS#8 PEM (software) or its reference (HSM).
+fn persisted(key: &AuthorityKey) -> (Zeroizing<String>, Option<KeyReference>) {
+    match key {
+        AuthorityKey::Software(k) => (k.to_pkcs8_pem(), None),
+        AuthorityKey::External(_) => (Zeroizing::new(String::new()), key.reference().cloned()),
+    }
+}
+
+/// The key a stored slot names: from its PEM, or from the key manager.
+fn restore(
+    private_key: &str,
+    key_ref: Option<&KeyReference>,
+    keys: &dyn KeyManager,
+    role: &str,
+) -> Result<AuthorityKey, LoadFailure> {
+    let bad = |what: String| LoadFailure::Invalid(err(format!("{role}: {what}")));
+    match (key_ref, private_key.is_empty()) {
+        (Some(r), true) => keys
+            .load(r)
+            .map_err(|e| KeysUnavailable(format!("{role}: {e}")).into()),
+        (None, false) => PrivateKey::from_pem(private_key)
+            .map(AuthorityKey::from)
+            .map_err(|e| bad(e.to_string())),
+        (Some(_), false) => Err(bad("holds both a private key and a key reference".into())),
+        (None, true) => Err(bad("holds neither a private key nor a key reference".into())),
+    }
+}
+
+/// Every key reference `state` holds (its active and prepared keys: retired ones keep no
+/// key). Keys a key manager holds that are no longer in this set may be destroyed.
+pub fn key_references(state: &AuthorityState) -> std::collections::BTreeSet<KeyReference> {
+    let x509 = [&state.x509.active, &state.x509.prepared]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.key.key().reference().cloned());
+    let jwt = [&state.jwt.active, &state.jwt.prepared]
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.key.key.key().reference().cloned());
+    x509.chain(jwt).collect()
+}
+
 fn secs(t: SystemTime) -> u64 {
     sigil_identity::clock::unix_seconds(t) as u64
 }
@@ -160,13 +231,15 @@ pub fn to_secret_data(
                 .collect::<Vec<_>>(),
         ),
         trust_anchors: certs_to_pem(s.key.trust_anchors()),
-        private_key: s.key.key_pkcs8_pem(),
+        private_key: persisted(s.key.key()).0,
+        key_ref: persisted(s.key.key()).1,
         published_at: secs(s.published_at),
     };
     let jwt = |s: &Slot<JwtGeneration>| StoredJwt {
         kid: s.key.key.kid().to_owned(),
         alg: Some(s.key.key.alg().name().to_owned()),
-        private_key: s.key.key.private_key().to_pkcs8_pem(),
+        private_key: persisted(s.key.key.key()).0,
+        key_ref: persisted(s.key.key.key()).1,
         not_before: secs(s.key.not_before),
         not_after: secs(s.key.key.not_after()),
         published_at: secs(s.published_at),
@@ -217,7 +290,8 @@ pub fn to_secret_data(
 pub fn from_secret(
     secret: &Secret,
     trust_domain: &TrustDomain,
-) -> Result<AuthorityState, LoadError> {
+    keys: &dyn KeyManager,
+) -> Result<AuthorityState, LoadFailure> {
     let raw = secret
         .data
         .as_ref()
@@ -232,16 +306,18 @@ pub fn from_secret(
         return Err(err(format!(
             "state format {} is not supported by this version (expected {FORMAT})",
             stored.format
-        )));
+        ))
+        .into());
     }
     if stored.trust_domain != trust_domain.name() {
         return Err(err(format!(
             "it holds keys of trust domain {:?}, not {:?}",
             stored.trust_domain,
             trust_domain.name()
-        )));
+        ))
+        .into());
     }
-    let ca = |s: &StoredCa, role: &str| -> Result<Slot<CertificateAuthority>, LoadError> {
+    let ca = |s: &StoredCa, role: &str| -> Result<Slot<CertificateAuthority>, LoadFailure> {
         let bad = |what: String| err(format!("{role} CA: {what}"));
         let cert = certs_from_pem(&s.certificate)
             .map_err(|e| bad(e.to_string()))?
@@ -252,7 +328,12 @@ pub fn from_secret(
             certs_from_pem(&s.chain).map_err(|e| bad(e.to_string()))?
         };
         let anchors = certs_from_pem(&s.trust_anchors).map_err(|e| bad(e.to_string()))?;
-        let key = PrivateKey::from_pem(&s.private_key).map_err(|e| bad(e.to_string()))?;
+        let key = restore(
+            &s.private_key,
+            s.key_ref.as_ref(),
+            keys,
+            &format!("{role} CA"),
+        )?;
         let ca = CertificateAuthority::load(trust_domain.clone(), cert, chain, anchors, key)
             .map_err(|e| bad(e.to_string()))?;
         Ok(Slot {
@@ -260,9 +341,14 @@ pub fn from_secret(
             published_at: time(s.published_at),
         })
     };
-    let jwt = |s: &StoredJwt, role: &str| -> Result<Slot<JwtGeneration>, LoadError> {
+    let jwt = |s: &StoredJwt, role: &str| -> Result<Slot<JwtGeneration>, LoadFailure> {
         let bad = |what: String| err(format!("{role} JWT key {}: {what}", s.kid));
-        let key = PrivateKey::from_pem(&s.private_key).map_err(|e| bad(e.to_string()))?;
+        let key = restore(
+            &s.private_key,
+            s.key_ref.as_ref(),
+            keys,
+            &format!("{role} JWT key {}", s.kid),
+        )?;
         let alg = s
             .alg
             .as_deref()
@@ -399,6 +485,7 @@ mod tests {
     use super::*;
     use crate::crd::trust_domain::TrustDomainSpec;
     use crate::trust_domain::policy::Policy;
+    use sigil_identity::key_manager::SoftwareKeys;
 
     #[test]
     fn round_trip_keeps_every_generation_and_the_sequence() {
@@ -419,7 +506,7 @@ mod tests {
             data: Some(to_secret_data(&state).unwrap()),
             ..Default::default()
         };
-        let back = from_secret(&secret, &policy.trust_domain).unwrap();
+        let back = from_secret(&secret, &policy.trust_domain, &*policy.keys).unwrap();
         assert_eq!(back.sequence, state.sequence);
         assert_eq!(back.bundle(None), state.bundle(None));
         assert_eq!(
@@ -455,7 +542,7 @@ mod tests {
             data: Some(to_secret_data(&state).unwrap()),
             ..Default::default()
         };
-        let back = from_secret(&secret, &policy.trust_domain).unwrap();
+        let back = from_secret(&secret, &policy.trust_domain, &*policy.keys).unwrap();
         assert_eq!(
             back.x509.active.as_ref().unwrap().key.key_type(),
             sigil_identity::keys::KeyType::Rsa2048
@@ -464,6 +551,52 @@ mod tests {
         assert_eq!(jwt.alg(), sigil_identity::jwt::SigningAlg::Ps256);
         assert_eq!(jwt.authority().jwk.alg.as_deref(), Some("PS256"));
         assert_eq!(back.bundle(None), state.bundle(None));
+    }
+
+    #[test]
+    fn a_key_reference_the_key_manager_cannot_resolve_is_keys_unavailable_not_invalid() {
+        let spec: TrustDomainSpec =
+            serde_json::from_value(serde_json::json!({"trustDomain": "example.org"})).unwrap();
+        let policy = Policy::from_spec("td", &spec).unwrap();
+        let mut state = AuthorityState::new(policy.trust_domain.clone());
+        state.advance(
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            &policy,
+            None,
+        );
+        let data = to_secret_data(&state).unwrap();
+        // The document as the pkcs11 key manager writes it: a reference, no key.
+        let mut doc: serde_json::Value = serde_json::from_slice(&data[STATE_KEY].0).unwrap();
+        let active = &mut doc["x509"]["active"];
+        active.as_object_mut().unwrap().remove("privateKey");
+        active["keyRef"] = serde_json::json!({"manager": "pkcs11", "id": "00ff"});
+        let secret = Secret {
+            data: Some(BTreeMap::from([(
+                STATE_KEY.to_owned(),
+                ByteString(serde_json::to_vec(&doc).unwrap()),
+            )])),
+            ..Default::default()
+        };
+        match from_secret(&secret, &policy.trust_domain, &SoftwareKeys).unwrap_err() {
+            LoadFailure::KeysUnavailable(e) => assert!(
+                e.0.contains("active CA") && e.0.contains("--key-manager pkcs11"),
+                "{e}"
+            ),
+            other => panic!("{other}"),
+        }
+        // Both a key and a reference: the document is wrong.
+        doc["x509"]["active"]["privateKey"] = serde_json::json!("x");
+        let secret = Secret {
+            data: Some(BTreeMap::from([(
+                STATE_KEY.to_owned(),
+                ByteString(serde_json::to_vec(&doc).unwrap()),
+            )])),
+            ..Default::default()
+        };
+        assert!(matches!(
+            from_secret(&secret, &policy.trust_domain, &SoftwareKeys),
+            Err(LoadFailure::Invalid(_))
+        ));
     }
 
     #[test]
@@ -476,9 +609,9 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            from_secret(&secret, &td)
+            from_secret(&secret, &td, &SoftwareKeys)
                 .unwrap_err()
-                .0
+                .to_string()
                 .contains("other.org")
         );
         let corrupt = Secret {
@@ -489,15 +622,15 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            from_secret(&corrupt, &td)
+            from_secret(&corrupt, &td, &SoftwareKeys)
                 .unwrap_err()
-                .0
+                .to_string()
                 .contains("not a Sigil state document")
         );
         assert!(
-            from_secret(&Secret::default(), &td)
+            from_secret(&Secret::default(), &td, &SoftwareKeys)
                 .unwrap_err()
-                .0
+                .to_string()
                 .contains("missing")
         );
     }
