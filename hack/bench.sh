@@ -12,7 +12,9 @@ mkdir -p bench/out
 benches=("$@")
 [ ${#benches[@]} -gt 0 ] || benches=(index node_stream signing agent csi versus_spire servers real_node)
 # versus_spire and servers need SPIRE and our spire-mint load generator (bench-only tool).
-bash hack/test-tools.sh etcd kube-apiserver spire spire-mint
+# swtpm installs the Debian packages: libtss2 (linked by the agent) and softhsm2 (the
+# signing bench's PKCS#11 rows).
+bash hack/test-tools.sh etcd kube-apiserver spire spire-mint swtpm
 # The agent, versus_spire and servers benches run the real sigil-agent and sigil-operator
 # binaries, built here in release mode.
 cargo build --locked -q --release -p sigil-agent -p sigil-operator

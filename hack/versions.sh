@@ -17,7 +17,10 @@ PY_SPIFFE_VERSION=0.3.2
 # TPM tests: swtpm, and the tss2 libraries the agent links (tss-esapi finds them with
 # pkg-config; its bindings are pre-generated, so no libclang).
 # lua5.4 runs the Argo CD health checks of docs/gitops.md in e2e/tests/gitops.rs.
-DEBIAN_PACKAGES="swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config lua5.4"
+# softhsm2 is the PKCS#11 HSM of the key manager's test and bench (e2e/tests/hsm.rs,
+# operator/benches/signing.rs): its module, /usr/lib/softhsm/libsofthsm2.so, and
+# softhsm2-util.
+DEBIAN_PACKAGES="swtpm swtpm-tools libtss2-dev tpm2-tools pkg-config lua5.4 softhsm2"
 
 # The real node (hack/cluster.sh, docs/real-node.md). kubelet, kube-controller-manager,
 # kube-scheduler, kube-proxy and kubectl are KUBE_VERSION, built with kube-apiserver.

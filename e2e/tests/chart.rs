@@ -145,6 +145,75 @@ fn args_of(container: &serde_json::Value) -> Vec<&str> {
 }
 
 #[test]
+fn hsm_values_pass_the_module_the_token_and_the_pin_as_a_mounted_file() {
+    let ci = chart().join("ci");
+    let operator_of = |objects: &[DynamicObject]| {
+        objects
+            .iter()
+            .find(|o| o.types.as_ref().unwrap().kind == "Deployment")
+            .unwrap()
+            .data["spec"]["template"]["spec"]
+            .clone()
+    };
+    // Software keys by default: no PKCS#11 flag, no PIN volume.
+    let op = operator_of(&render(
+        "r",
+        "sigil-system",
+        &ci.join("default-values.yaml"),
+        &[],
+    ));
+    assert!(!op.to_string().contains("pkcs11"));
+
+    let op = operator_of(&render(
+        "r",
+        "sigil-system",
+        &ci.join("hsm-values.yaml"),
+        &[],
+    ));
+    let container = &op["containers"][0];
+    let args = args_of(container);
+    for flag in [
+        "--key-manager=pkcs11",
+        "--pkcs11-module=/opt/hsm/lib/libpkcs11.so",
+        "--pkcs11-token-label=sigil",
+        "--pkcs11-pin-file=/etc/sigil/pkcs11/pin",
+    ] {
+        assert!(args.contains(&flag), "{flag} in {args:?}");
+    }
+    let pin = op["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "pkcs11-pin")
+        .expect("the PIN volume");
+    assert_eq!(pin["secret"]["secretName"], "sigil-hsm-pin");
+    assert_eq!(
+        pin["secret"]["items"][0],
+        json!({"key": "pin", "path": "pin"})
+    );
+    let mounts = container["volumeMounts"].to_string();
+    assert!(
+        mounts.contains("/etc/sigil/pkcs11") && mounts.contains("/opt/hsm"),
+        "{mounts}"
+    );
+    // The PIN is never an environment variable.
+    assert!(!container["env"].to_string().to_lowercase().contains("pin"));
+
+    // pkcs11 without its module, token or PIN Secret is refused with the fix.
+    let out = std::process::Command::new(sigil_e2e::tools::tool("helm").unwrap())
+        .args(["template", "r", chart().to_str().unwrap()])
+        .args(["--set", "operator.keyManager.type=pkcs11"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("operator.keyManager.pkcs11.module") && err.contains("docs/hsm.md"),
+        "{err}"
+    );
+}
+
+#[test]
 fn tpm_values_wire_the_ca_bundle_the_device_and_the_flags() {
     let ci = chart().join("ci");
     // Off by default: no TPM flag, no device, the agent keeps its two capabilities only.
@@ -809,6 +878,10 @@ fn the_schema_refuses_wrong_values_naming_the_field() {
             "/csi/registrar/resources/limits/memory",
         ),
         (&["operator.nodeAPIPort=70000"], "/operator/nodeAPIPort"),
+        (
+            &["operator.keyManager.type=vault"],
+            "/operator/keyManager/type",
+        ),
     ];
     for (set, field) in cases {
         let mut cmd = std::process::Command::new(sigil_e2e::tools::tool("helm").unwrap());

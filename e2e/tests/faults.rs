@@ -26,10 +26,19 @@ use sigil_testkit::agent::{AgentWorld, Workload};
 use sigil_testkit::csi::{Csi, csi_args, publish_request};
 use sigil_testkit::invariants::{Expect, Invariants, Report, wait_current};
 use sigil_testkit::node_api::{WorldOptions, create};
+use sigil_testkit::operator_process::{lease_holder, operator_process};
 use sigil_testkit::trust_domain::{SETTLE, eventually};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_rust-spiffe-client");
+
+/// The test build's sigil-operator, beside the test's client binary.
+fn operator_bin() -> std::path::PathBuf {
+    std::path::Path::new(CLIENT)
+        .parent()
+        .unwrap()
+        .join("sigil-operator")
+}
 
 /// The longest failure window the pod-burst scenarios accept (see
 /// `leader_killed_in_the_middle_of_a_pod_burst`).
@@ -775,93 +784,6 @@ async fn leader_killed_in_the_middle_of_a_pod_burst() {
     );
 }
 
-/// A real sigil-operator process (the test build's binary), one of two replicas.
-struct OperatorProcess {
-    name: String,
-    process: sigil_e2e::process::Supervised,
-    node_api_addr: String,
-    health: std::net::SocketAddr,
-}
-
-fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// Starts `name` for `w`'s TrustDomain (selected by its instance label), holding Lease
-/// `lease`, and waits until it is Ready.
-async fn operator_process(
-    w: &sigil_testkit::node_api::World,
-    name: &str,
-    lease: &str,
-    dir: &std::path::Path,
-) -> OperatorProcess {
-    let bin = std::path::Path::new(CLIENT)
-        .parent()
-        .unwrap()
-        .join("sigil-operator");
-    assert!(
-        bin.exists(),
-        "{} is not built: `cargo test --workspace` (make test) builds it, or `cargo build -p sigil-operator`",
-        bin.display()
-    );
-    let cp = sigil_e2e::shared().await;
-    let (node_api, health) = (free_addr(), free_addr());
-    let selector = format!("{}={}", sigil_testkit::trust_domain::INSTANCE_LABEL, w.tag);
-    let args: Vec<String> = vec![
-        format!("--namespace={}", w.ns),
-        format!("--pod-name={name}"),
-        format!("--lease-name={lease}"),
-        "--lease-duration=3s".into(),
-        format!("--trust-domain-selector={selector}"),
-        format!("--federated-bundle-selector={selector}"),
-        format!("--cluster-name={}", sigil_testkit::node_api::CLUSTER),
-        format!("--kubeconfig={}", cp.kubeconfig_path().display()),
-        "--retry-interval=1s".into(),
-        format!("--health-addr={health}"),
-        format!("--node-api-addr={node_api}"),
-        format!("--agent-trust-domain={}", w.td),
-        format!("--psat-audience={}", w.audience),
-        format!("--agent-service-accounts={}:sigil-agent", w.ns),
-        "--agent-node-label-keys=zone".into(),
-        "--log-format=json".into(),
-    ];
-    let mut process =
-        sigil_e2e::process::Supervised::start(name, &bin, &args, &dir.join(format!("{name}.log")))
-            .unwrap();
-    let started = Instant::now();
-    while sigil_e2e::http::get_ok(health, "/ready").await.is_none() {
-        if let Some(status) = process.exited() {
-            panic!("{name} exited ({status}): {}", process.log_tail(30));
-        }
-        assert!(
-            started.elapsed() < SETTLE,
-            "{name} not ready: {}",
-            process.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    OperatorProcess {
-        name: name.to_owned(),
-        process,
-        node_api_addr: node_api.to_string(),
-        health,
-    }
-}
-
-/// The holder of Lease `lease` in `ns`.
-async fn lease_holder(client: &kube::Client, ns: &str, lease: &str) -> Option<String> {
-    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(client.clone(), ns)
-        .get_opt(lease)
-        .await
-        .ok()
-        .flatten()?
-        .spec?
-        .holder_identity
-}
-
 /// As [`leader_killed_in_the_middle_of_a_pod_burst`], with real processes: two
 /// sigil-operator processes (the test build's binary) serve the TrustDomain, and the one
 /// holding the Lease is SIGKILLed at the burst's middle. The agent (in this process) has
@@ -877,8 +799,24 @@ async fn leader_process_sigkilled_in_the_middle_of_a_pod_burst() {
     let dir = tempfile::tempdir().unwrap();
     let lease = format!("sigil-proc-{}", w.tag);
     let mut operators = [
-        operator_process(&w, "sigil-operator-0", &lease, dir.path()).await,
-        operator_process(&w, "sigil-operator-1", &lease, dir.path()).await,
+        operator_process(
+            &w,
+            &operator_bin(),
+            "sigil-operator-0",
+            &lease,
+            dir.path(),
+            &[],
+        )
+        .await,
+        operator_process(
+            &w,
+            &operator_bin(),
+            "sigil-operator-1",
+            &lease,
+            dir.path(),
+            &[],
+        )
+        .await,
     ];
     let client = w.client.clone();
     let ns = w.ns.clone();

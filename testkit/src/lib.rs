@@ -6,6 +6,8 @@
 //! - [`node_api`]: an operator replica with the identity index and the Node API on
 //!   loopback, two Nodes, the agent's service account and pods;
 //! - [`federation`]: bundle endpoints and FederatedBundles;
+//! - [`operator_process`]: real sigil-operator processes serving a world's TrustDomain;
+//! - [`hsm`]: a SoftHSM2 token, the PKCS#11 HSM of the key manager tests;
 //! - [`tpm`]: swtpm-backed TPMs enrolled on Nodes;
 //! - [`agent`]: a sigil-agent in this process with its sockets in a temporary directory;
 //! - [`csi`]: sigil-csi beside that agent, and the kubelet's requests;
@@ -17,8 +19,10 @@
 pub mod agent;
 pub mod csi;
 pub mod federation;
+pub mod hsm;
 pub mod invariants;
 pub mod node_api;
+pub mod operator_process;
 pub mod report;
 pub mod spire;
 pub mod tpm;

@@ -110,6 +110,9 @@ pub struct WorldOptions {
     /// The TrustDomain's `spec.ca.ttl` (None: the default, 24h), e.g. `1m` for CA
     /// rotations within a test.
     pub ca_ttl: Option<String>,
+    /// Where the operator keeps CA and JWT keys (default: software, in the CA Secret),
+    /// e.g. a PKCS#11 token.
+    pub keys: sigil_operator::keys::Keys,
 }
 
 impl Default for WorldOptions {
@@ -123,6 +126,7 @@ impl Default for WorldOptions {
             limits: None,
             trust_domain_spec: Value::Null,
             ca_ttl: None,
+            keys: Default::default(),
         }
     }
 }
@@ -144,6 +148,7 @@ impl World {
             limits,
             trust_domain_spec,
             ca_ttl,
+            keys,
         } = options;
         let client = client().await;
         let op = operator_client.unwrap_or_else(|| client.clone());
@@ -198,6 +203,7 @@ impl World {
 
         let mut replica_config = ReplicaConfig::new(&ns, &instance);
         replica_config.clock = clock;
+        replica_config.keys = keys;
         let replica = Replica::start(op.clone(), replica_config);
         let td_name = format!("{tag}.example.org");
         let td_object = format!("{tag}-td");

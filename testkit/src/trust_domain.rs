@@ -68,6 +68,8 @@ pub struct ReplicaConfig {
     pub lease: String,
     pub lease_duration: Duration,
     pub clock: SharedClock,
+    /// Where CA and JWT keys live (default: software, in the CA Secret).
+    pub keys: sigil_operator::keys::Keys,
 }
 
 impl ReplicaConfig {
@@ -79,6 +81,7 @@ impl ReplicaConfig {
             lease: format!("sigil-{instance}"),
             lease_duration: Duration::from_secs(2),
             clock: Arc::new(sigil_identity::clock::SystemClock),
+            keys: Default::default(),
         }
     }
 }
@@ -99,6 +102,7 @@ impl Replica {
         options.selector = Some(format!("{INSTANCE_LABEL}={}", c.instance));
         options.instance = Some(c.identity.clone());
         options.retry_interval = Duration::from_secs(1);
+        options.keys = c.keys.clone();
         let federated = sigil_operator::federation::FederatedBundles::new();
         let mut fed_options = sigil_operator::federation::Options::new(&c.namespace);
         fed_options.selector = options.selector.clone();
