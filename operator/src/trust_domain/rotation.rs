@@ -423,6 +423,30 @@ pub struct AuthorityState {
     pub x509: Ring<CertificateAuthority>,
     /// JWT keys.
     pub jwt: Ring<JwtGeneration>,
+    /// The CSR key of a CA that an upstream is asked to sign (cert-manager), until it is
+    /// signed and becomes a prepared or active CA.
+    pub pending_request: Option<PendingRequest>,
+}
+
+/// A CertificateRequest sent for the next CA, and the key whose CSR it carries. The key
+/// lives only here and in the CA Secret.
+#[derive(Clone)]
+pub struct PendingRequest {
+    /// Name of the CertificateRequest (in the operator's namespace).
+    pub name: String,
+    /// PKCS#8 PEM of the key the CSR was made with. Wiped on drop.
+    pub private_key: zeroize::Zeroizing<String>,
+    /// When it was sent.
+    pub requested_at: SystemTime,
+}
+
+impl std::fmt::Debug for PendingRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingRequest")
+            .field("name", &self.name)
+            .field("requested_at", &self.requested_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The result of [`AuthorityState::advance`].
@@ -460,6 +484,7 @@ impl AuthorityState {
             refresh_hint: None,
             x509: Ring::default(),
             jwt: Ring::default(),
+            pending_request: None,
         }
     }
 
@@ -507,9 +532,26 @@ impl AuthorityState {
             activation_delay: policy.activation_delay,
         };
         let x509_replace = |ca: &CertificateAuthority| ca_must_be_replaced(ca, upstream);
+        self.next_due_with(schedule, &x509_replace)
+    }
+
+    /// When the next transition of either ring is due, for a trust domain whose CAs are
+    /// signed from a CSR ([`CaSource::Requested`]).
+    pub fn next_due_requested(&self, policy: &Policy) -> Option<SystemTime> {
+        let schedule = Schedule {
+            activation_delay: policy.activation_delay,
+        };
+        self.next_due_with(schedule, &requested_ca_must_be_replaced)
+    }
+
+    fn next_due_with(
+        &self,
+        schedule: Schedule,
+        x509_replace: &dyn Fn(&CertificateAuthority) -> bool,
+    ) -> Option<SystemTime> {
         let jwt_replace = |_: &JwtGeneration| false;
         [
-            self.x509.next_due(schedule, &x509_replace),
+            self.x509.next_due(schedule, x509_replace),
             self.jwt.next_due(schedule, &jwt_replace),
         ]
         .into_iter()
@@ -528,21 +570,62 @@ impl AuthorityState {
         policy: &Policy,
         upstream: Option<Result<&UpstreamAuthority, &Error>>,
     ) -> Advance {
+        let source = match upstream {
+            None => CaSource::SelfSigned,
+            Some(u) => CaSource::Upstream(u),
+        };
+        self.advance_with(now, policy, source)
+    }
+
+    /// Whether advancing the X.509 ring to `now` needs a new CA (to activate at once or to
+    /// prepare), for an upstream that signs asynchronously: the request is only sent
+    /// when this says so. `must_replace` as in [`Ring::advance`].
+    pub fn needs_new_ca(
+        &self,
+        now: SystemTime,
+        policy: &Policy,
+        must_replace: &dyn Fn(&CertificateAuthority) -> bool,
+    ) -> bool {
+        let schedule = Schedule {
+            activation_delay: policy.activation_delay,
+        };
+        let mut ring = self.x509.clone();
+        let mut asked = false;
+        let mut mint = || -> Result<CertificateAuthority, ()> {
+            asked = true;
+            Err(())
+        };
+        let _ = ring.advance(KeyKind::X509, now, schedule, must_replace, &mut mint);
+        asked
+    }
+
+    /// [`AuthorityState::advance`] with any [`CaSource`].
+    pub fn advance_with(
+        &mut self,
+        now: SystemTime,
+        policy: &Policy,
+        source: CaSource<'_>,
+    ) -> Advance {
         let before = self.bundle(None);
         let schedule = Schedule {
             activation_delay: policy.activation_delay,
         };
         let mut result = Advance::default();
 
-        let usable_upstream = match upstream {
-            Some(Ok(u)) => Some(u),
-            _ => None,
+        let (usable_upstream, upstream_broken) = match &source {
+            CaSource::Upstream(Ok(u)) => (Some(*u), false),
+            CaSource::Upstream(Err(_)) => (None, true),
+            _ => (None, false),
         };
-        let upstream_broken = matches!(upstream, Some(Err(_)));
+        let signed_by_request = matches!(source, CaSource::Requested(_));
         // Only judge "does this CA fit" against a usable configuration: a broken upstream
         // must not retire a CA that still works.
         let x509_replace = |ca: &CertificateAuthority| {
-            !upstream_broken && ca_must_be_replaced(ca, usable_upstream)
+            if signed_by_request {
+                requested_ca_must_be_replaced(ca)
+            } else {
+                !upstream_broken && ca_must_be_replaced(ca, usable_upstream)
+            }
         };
         let params = CaParams {
             trust_domain: self.trust_domain.clone(),
@@ -550,14 +633,24 @@ impl AuthorityState {
             ttl: policy.ca_ttl,
             subject: policy.ca_subject.clone(),
         };
-        // `Err(None)`: blocked by the broken upstream, which the caller reports.
+        let mut requested = match source {
+            CaSource::Requested(ca) => ca,
+            _ => None,
+        };
+        // `Err(None)`: blocked by the broken upstream or a request that is not signed yet,
+        // which the caller reports.
+        let kind = source_kind(usable_upstream, upstream_broken, signed_by_request);
         let mut mint_ca = || -> Result<CertificateAuthority, Option<Error>> {
-            match upstream {
-                None => CertificateAuthority::new_self_signed(&params, now)
+            match kind {
+                SourceKind::SelfSigned => CertificateAuthority::new_self_signed(&params, now)
                     .map_err(|e| Some(policy.ca_error(e))),
-                Some(Ok(u)) => CertificateAuthority::new_under_upstream(&params, u, now)
-                    .map_err(|e| Some(policy.ca_error(e))),
-                Some(Err(_)) => Err(None),
+                SourceKind::Upstream => match usable_upstream {
+                    Some(u) => CertificateAuthority::new_under_upstream(&params, u, now)
+                        .map_err(|e| Some(policy.ca_error(e))),
+                    None => Err(None),
+                },
+                SourceKind::Blocked => Err(None),
+                SourceKind::Requested => requested.take().ok_or(None),
             }
         };
         let (t, e) = self
@@ -596,6 +689,44 @@ impl AuthorityState {
         self.refresh_hint = Some(policy.refresh_hint);
         result
     }
+}
+
+/// Where a new X.509 CA comes from in [`AuthorityState::advance_with`].
+#[derive(Debug)]
+pub enum CaSource<'a> {
+    /// Minted here as a self-signed root.
+    SelfSigned,
+    /// Minted here under an upstream CA whose key Sigil holds; `Err` when that upstream
+    /// is configured but broken (nothing new is minted, the active CA keeps signing).
+    Upstream(Result<&'a UpstreamAuthority, &'a Error>),
+    /// Signed elsewhere from Sigil's CSR (cert-manager): the CA whose request was just
+    /// signed, or `None` while none is (nothing new is installed, the active CA keeps
+    /// signing).
+    Requested(Option<CertificateAuthority>),
+}
+
+#[derive(Clone, Copy)]
+enum SourceKind {
+    SelfSigned,
+    Upstream,
+    Blocked,
+    Requested,
+}
+
+fn source_kind(usable: Option<&UpstreamAuthority>, broken: bool, requested: bool) -> SourceKind {
+    match (usable, broken, requested) {
+        (_, _, true) => SourceKind::Requested,
+        (_, true, _) => SourceKind::Blocked,
+        (Some(_), _, _) => SourceKind::Upstream,
+        (None, false, false) => SourceKind::SelfSigned,
+    }
+}
+
+/// Whether a CA no longer fits a configuration whose CAs are signed from a CSR: only a
+/// self-signed root does (the trust domain moved to an upstream). The upstream's root is
+/// known only once it signs, so a change of issuer takes effect at the next rotation.
+pub fn requested_ca_must_be_replaced(ca: &CertificateAuthority) -> bool {
+    ca.trust_anchors() == [ca.certificate().to_vec()]
 }
 
 /// Whether a CA no longer fits the configuration: a self-signed root when an upstream is

@@ -27,7 +27,9 @@ use sigil_identity::keys::PrivateKey;
 use sigil_identity::x509::{certs_from_pem, certs_to_pem};
 use zeroize::Zeroizing;
 
-use super::rotation::{AuthorityState, JwtGeneration, Retired, Ring, Slot, X509Public};
+use super::rotation::{
+    AuthorityState, JwtGeneration, PendingRequest, Retired, Ring, Slot, X509Public,
+};
 use crate::crd::trust_domain::{COMPONENT_LABEL, OWNER_LABEL, TrustDomain as TrustDomainObject};
 
 /// The Secret entry holding the state document.
@@ -60,6 +62,21 @@ struct Stored {
     refresh_hint_seconds: Option<u64>,
     x509: StoredRing<StoredCa, StoredRetiredCa>,
     jwt: StoredRing<StoredJwt, StoredRetiredJwt>,
+    /// The key of a CA an upstream is asked to sign (cert-manager), and its request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_request: Option<StoredPendingRequest>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredPendingRequest {
+    /// CertificateRequest name.
+    name: String,
+    /// PKCS#8 PEM of the CSR's key.
+    #[serde(with = "zeroizing")]
+    private_key: Zeroizing<String>,
+    /// Unix seconds.
+    requested_at: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -204,6 +221,14 @@ pub fn to_secret_data(
                 })
                 .collect(),
         },
+        pending_request: state
+            .pending_request
+            .as_ref()
+            .map(|p| StoredPendingRequest {
+                name: p.name.clone(),
+                private_key: p.private_key.clone(),
+                requested_at: secs(p.requested_at),
+            }),
     };
     let json = Zeroizing::new(serde_json::to_vec(&stored)?);
     Ok(BTreeMap::from([(
@@ -344,6 +369,11 @@ pub fn from_secret(
         refresh_hint: stored.refresh_hint_seconds.map(Duration::from_secs),
         x509,
         jwt: jwt_ring,
+        pending_request: stored.pending_request.map(|p| PendingRequest {
+            name: p.name,
+            private_key: p.private_key,
+            requested_at: time(p.requested_at),
+        }),
     })
 }
 
