@@ -1049,4 +1049,111 @@ mod tests {
         // JWT keys do not depend on the upstream and still rotate.
         assert!(state.jwt.prepared.is_some());
     }
+
+    /// A CA signed by an upstream from Sigil's CSR, as cert-manager would return it.
+    fn requested_ca(
+        policy: &Policy,
+        root: &(Vec<u8>, rcgen::Issuer<'static, rcgen::KeyPair>),
+        now: SystemTime,
+    ) -> CertificateAuthority {
+        let params = CaParams {
+            trust_domain: td(),
+            key_type: KeyType::EcP256,
+            ttl: policy.ca_ttl,
+            subject: Default::default(),
+        };
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let pem = CertificateAuthority::csr_pem(&params, &key, now).unwrap();
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(&pem).unwrap();
+        csr.params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        csr.params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let start = sigil_identity::clock::unix_seconds(now);
+        csr.params.not_before = time::OffsetDateTime::from_unix_timestamp(start).unwrap();
+        csr.params.not_after =
+            time::OffsetDateTime::from_unix_timestamp(start + policy.ca_ttl.as_secs() as i64)
+                .unwrap();
+        let cert = csr.signed_by(&root.1).unwrap().der().to_vec();
+        CertificateAuthority::from_signed_chain(td(), key, vec![cert], vec![root.0.clone()])
+            .unwrap()
+    }
+
+    /// With an upstream that signs asynchronously, a new CA is asked for exactly when the
+    /// rotation needs one, installed only once signed, and a request that is not signed
+    /// yet never stops the active CA from signing.
+    #[test]
+    fn requested_cas_rotate_like_minted_ones_and_never_block_the_active_one() {
+        let policy = policy(serde_json::json!({"ca": {"ttl": "6h"}}));
+        let root_key = rcgen::KeyPair::generate().unwrap();
+        let mut rp = rcgen::CertificateParams::default();
+        rp.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        rp.distinguished_name
+            .push(rcgen::DnType::CommonName, "Root");
+        rp.not_before = time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        rp.not_after = time::OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap();
+        let root_der = rp.self_signed(&root_key).unwrap().der().to_vec();
+        let root = (root_der.clone(), rcgen::Issuer::new(rp, root_key));
+        let fits = requested_ca_must_be_replaced;
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut state = AuthorityState::new(td());
+
+        // Nothing signed yet: a CA is needed, none is made up.
+        assert!(state.needs_new_ca(t0, &policy, &fits));
+        let adv = state.advance_with(t0, &policy, CaSource::Requested(None));
+        assert!(state.x509.active.is_none() && adv.x509_error.is_none());
+        assert!(
+            state.jwt.active.is_some(),
+            "JWT keys do not wait for the upstream"
+        );
+
+        // Signed: it becomes the active CA; the bundle publishes the upstream root.
+        let first = requested_ca(&policy, &root, t0);
+        let first_serial = first.serial().to_owned();
+        state.advance_with(t0, &policy, CaSource::Requested(Some(first)));
+        assert_eq!(state.signing_ca(t0).unwrap().serial(), first_serial);
+        assert_eq!(state.bundle(None).x509_authorities, vec![root_der.clone()]);
+        assert!(!state.needs_new_ca(t0 + HOUR, &policy, &fits));
+        assert_eq!(
+            state.x509.prepare_at(),
+            Some(t0 + 3 * HOUR),
+            "the next request is due at half-life"
+        );
+        let due = state.next_due_requested(&policy).unwrap();
+        assert!(due <= t0 + 3 * HOUR && due > t0 + 2 * HOUR, "{due:?}");
+
+        // Half-life: the next one is needed; while it is not signed the active CA signs.
+        let half = t0 + 3 * HOUR;
+        assert!(state.needs_new_ca(half, &policy, &fits));
+        let adv = state.advance_with(half, &policy, CaSource::Requested(None));
+        assert!(adv.transitions.iter().all(|t| !matches!(
+            t,
+            Transition::Prepared {
+                kind: KeyKind::X509,
+                ..
+            }
+        )));
+        assert_eq!(state.signing_ca(half).unwrap().serial(), first_serial);
+
+        // Signed later: prepared, then active after the activation delay (ttl/3).
+        let later = half + HOUR / 2;
+        let second = requested_ca(&policy, &root, later);
+        let second_serial = second.serial().to_owned();
+        let adv = state.advance_with(later, &policy, CaSource::Requested(Some(second)));
+        assert!(adv.transitions.contains(&Transition::Prepared {
+            kind: KeyKind::X509,
+            id: second_serial.clone()
+        }));
+        assert!(!state.needs_new_ca(later, &policy, &fits));
+        assert_eq!(state.signing_ca(later).unwrap().serial(), first_serial);
+        let activation = later + 2 * HOUR;
+        state.advance_with(activation, &policy, CaSource::Requested(None));
+        assert_eq!(
+            state.signing_ca(activation).unwrap().serial(),
+            second_serial
+        );
+
+        // A self-signed CA is replaced when the trust domain moves to a requested one.
+        let mut plain = AuthorityState::new(td());
+        plain.advance(t0, &policy, None);
+        assert!(plain.needs_new_ca(t0, &policy, &fits));
+    }
 }

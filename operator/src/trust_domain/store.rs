@@ -431,6 +431,44 @@ mod tests {
     use crate::trust_domain::policy::Policy;
 
     #[test]
+    fn a_pending_request_and_its_key_survive_a_round_trip() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut state = AuthorityState::new(td.clone());
+        let key = PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap();
+        state.pending_request = Some(PendingRequest {
+            name: "sigil-ca-td-0123456789".into(),
+            private_key: key.to_pkcs8_pem(),
+            requested_at: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        });
+        let secret = Secret {
+            data: Some(to_secret_data(&state).unwrap()),
+            ..Default::default()
+        };
+        let back = from_secret(&secret, &td).unwrap();
+        let pending = back.pending_request.unwrap();
+        assert_eq!(pending.name, "sigil-ca-td-0123456789");
+        assert_eq!(
+            PrivateKey::from_pem(&pending.private_key)
+                .unwrap()
+                .fingerprint(),
+            key.fingerprint()
+        );
+        assert_eq!(
+            pending.requested_at,
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+        );
+        assert!(
+            !format!("{pending:?}").contains("PRIVATE"),
+            "Debug never shows the key"
+        );
+        // Without one, the document is what it always was.
+        let plain = AuthorityState::new(td);
+        let data = to_secret_data(&plain).unwrap();
+        let text = String::from_utf8(data[STATE_KEY].0.clone()).unwrap();
+        assert!(!text.contains("pendingRequest"), "{text}");
+    }
+
+    #[test]
     fn round_trip_keeps_every_generation_and_the_sequence() {
         let spec: TrustDomainSpec =
             serde_json::from_value(serde_json::json!({"trustDomain": "example.org"})).unwrap();
