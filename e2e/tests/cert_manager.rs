@@ -283,7 +283,7 @@ async fn cert_manager_signs_sigils_ca_and_explains_pending_and_denied_requests()
 
     let replica = Replica::start(sa_client.clone(), ReplicaConfig::new(&ns, &instance));
     let approving = start_cert_manager(
-        "issuers,clusterissuers,certificaterequests-approver,certificaterequests-issuer-ca",
+        "issuers,clusterissuers,certificaterequests-approver,certificaterequests-issuer-ca,certificaterequests-issuer-selfsigned",
         &pki_ns,
     )
     .await;
@@ -422,6 +422,57 @@ async fn cert_manager_signs_sigils_ca_and_explains_pending_and_denied_requests()
     );
     assert!(has(&td, "Ready", "False", "CertificateRequestPending"));
     assert!(has(&td, "Issuing", "False", "CertificateRequestPending"));
+
+    // Failed: a selfSigned issuer signs only with a key handed to it in a Secret, which
+    // Sigil never does; cert-manager fails the request and the condition carries why.
+    let self_signed = unique("self-signed");
+    create_dynamic(
+        &admin,
+        None,
+        GroupVersionKind::gvk("cert-manager.io", "v1", "ClusterIssuer"),
+        serde_json::json!({
+            "apiVersion": "cert-manager.io/v1", "kind": "ClusterIssuer",
+            "metadata": {"name": self_signed},
+            "spec": {"selfSigned": {}},
+        }),
+    )
+    .await;
+    let failing = unique("td");
+    create_trust_domain(
+        &admin,
+        &trust_domain(
+            &failing,
+            &instance,
+            serde_json::json!({
+                "trustDomain": "cm-failing.example.org",
+                "upstreamAuthority": {"certManager": {"issuerRef": {"name": self_signed, "kind": "ClusterIssuer"}}},
+                "bundle": {"namespaceSelector": {"matchLabels": {"sigil-bundle": "none"}}},
+            }),
+        ),
+    )
+    .await;
+    let td = wait_condition(
+        &admin,
+        &failing,
+        CERTIFICATE_REQUEST,
+        "False",
+        "CertificateRequestFailed",
+    )
+    .await;
+    let (_, _, message) = condition(&td, CERTIFICATE_REQUEST).unwrap();
+    println!("failed: {message}");
+    let failed_cr = requests_of(&admin, &ns, &failing).await.remove(0);
+    assert_eq!(
+        cr_condition(&failed_cr, "Ready"),
+        Some(("False".into(), "Failed".into()))
+    );
+    assert!(
+        message.contains(&failed_cr.name_any())
+            && message.contains(&format!("ClusterIssuer {self_signed}"))
+            && message.contains("cert-manager.io/private-key-secret-name"),
+        "{message}"
+    );
+    assert!(has(&td, "Ready", "False", "CertificateRequestFailed"));
 
     // ---- 2. Rotation: before the 1-minute CA expires, Sigil requests the next one,
     // cert-manager signs it, and it takes over.
