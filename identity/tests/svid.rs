@@ -876,10 +876,10 @@ fn a_csr_signed_by_an_upstream_becomes_a_ca() {
         vec![root.cert.clone()],
     )
     .unwrap();
-    assert_eq!(ca.trust_anchors(), [root.cert.clone()]);
+    assert_eq!(ca.trust_anchors(), std::slice::from_ref(&root.cert));
     assert_eq!(
         ca.leaf_intermediates(),
-        [signed.clone()],
+        std::slice::from_ref(&signed),
         "a copy of the root in the chain is dropped"
     );
     let chain = issue(&ca, "spiffe://example.org/w", HOUR / 2, &[], t);

@@ -168,7 +168,7 @@ pub fn classify(status: &RequestStatus) -> RequestState {
 #[derive(Debug, Default)]
 pub struct RequestReport {
     /// The CA just signed, to install as the next generation.
-    pub ca: Option<CertificateAuthority>,
+    pub ca: Option<Box<CertificateAuthority>>,
     /// The `CertificateRequest` condition (`None`: keep the current one).
     pub condition: Option<(bool, String, String)>,
     /// A problem for condition Ready.
@@ -188,7 +188,8 @@ fn issuer_words(cm: &CertManagerUpstream) -> String {
     )
 }
 
-/// Moves the trust domain's CertificateRequest along: sends one when the rotation needs a
+/// Moves the trust domain's CertificateRequest along (`spec.upstreamAuthority.certManager`
+/// of `policy`; nothing without it): sends one when the rotation needs a
 /// new CA and none is pending, reads the pending one, and hands over its CA once signed.
 /// The caller installs [`RequestReport::ca`] through the rotation and persists `state`
 /// when [`RequestReport::changed`].
@@ -197,12 +198,14 @@ pub async fn drive(
     namespace: &str,
     obj: &TrustDomainObject,
     policy: &Policy,
-    cm: &CertManagerUpstream,
     state: &mut AuthorityState,
     now: SystemTime,
     retry: Duration,
 ) -> Result<RequestReport, Error> {
     let object = obj.name_any();
+    let Some(cm) = policy.cert_manager.as_ref() else {
+        return Ok(RequestReport::default());
+    };
     let api: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), namespace, &certificate_request_resource());
     let mut report = RequestReport::default();
@@ -261,7 +264,7 @@ pub async fn drive(
                             Ok(ca) => {
                                 report.condition = Some(issued_condition(&who, cm, &ca));
                                 info!(trust_domain_object = %object, request = %pending.name, serial = %ca.serial(), "CertificateRequest signed; installing the CA");
-                                report.ca = Some(ca);
+                                report.ca = Some(Box::new(ca));
                                 state.pending_request = None;
                                 report.changed = true;
                             }

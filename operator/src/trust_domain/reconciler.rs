@@ -225,13 +225,12 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
     // With a cert-manager upstream, the CA comes from a CertificateRequest: send or read
     // it first; a signed one is installed by the rotation below.
     let mut request = match &policy.cert_manager {
-        Some(cm) => Some(
+        Some(_) => Some(
             cert_manager::drive(
                 &ctx.client,
                 &ctx.namespace,
                 obj,
                 &policy,
-                cm,
                 &mut state,
                 now,
                 ctx.retry,
@@ -240,6 +239,8 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
         ),
         None => None,
     };
+    // No longer signed through cert-manager: a key kept for a request is of no use.
+    let dropped_request = policy.cert_manager.is_none() && state.pending_request.take().is_some();
     let requested_ca = request.as_mut().map(|r| r.ca.take());
 
     // Minting a CA or JWT key can take seconds (an RSA-4096 prime search): off the async
@@ -266,7 +267,7 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
     // there is nothing to keep yet.
     let worth_persisting =
         existing.is_some() || state.x509.active.is_some() || state.pending_request.is_some();
-    let request_changed = request.as_ref().is_some_and(|r| r.changed);
+    let request_changed = dropped_request || request.as_ref().is_some_and(|r| r.changed);
     if (advance.changed() || adopt || request_changed) && worth_persisting {
         let mut desired =
             store::new_secret(obj, &ctx.namespace, &state).map_err(|e| Error::Serialize {
@@ -474,7 +475,7 @@ fn build_status(
         crate::conditions::find(&old.conditions, CERTIFICATE_REQUEST)
             .map(|(st, reason, message)| (st == "True", reason, message))
     };
-    if let Some(request) = o.request.clone().map(|r| r.or_else(kept_request)).flatten() {
+    if let Some(request) = o.request.clone().and_then(|r| r.or_else(kept_request)) {
         status.conditions.push(condition(
             &old.conditions,
             CERTIFICATE_REQUEST,

@@ -650,7 +650,7 @@ impl AuthorityState {
                     None => Err(None),
                 },
                 SourceKind::Blocked => Err(None),
-                SourceKind::Requested => requested.take().ok_or(None),
+                SourceKind::Requested => requested.take().map(|ca| *ca).ok_or(None),
             }
         };
         let (t, e) = self
@@ -702,7 +702,7 @@ pub enum CaSource<'a> {
     /// Signed elsewhere from Sigil's CSR (cert-manager): the CA whose request was just
     /// signed, or `None` while none is (nothing new is installed, the active CA keeps
     /// signing).
-    Requested(Option<CertificateAuthority>),
+    Requested(Option<Box<CertificateAuthority>>),
 }
 
 #[derive(Clone, Copy)]
@@ -1108,7 +1108,7 @@ mod tests {
         // Signed: it becomes the active CA; the bundle publishes the upstream root.
         let first = requested_ca(&policy, &root, t0);
         let first_serial = first.serial().to_owned();
-        state.advance_with(t0, &policy, CaSource::Requested(Some(first)));
+        state.advance_with(t0, &policy, CaSource::Requested(Some(Box::new(first))));
         assert_eq!(state.signing_ca(t0).unwrap().serial(), first_serial);
         assert_eq!(state.bundle(None).x509_authorities, vec![root_der.clone()]);
         assert!(!state.needs_new_ca(t0 + HOUR, &policy, &fits));
@@ -1137,7 +1137,7 @@ mod tests {
         let later = half + HOUR / 2;
         let second = requested_ca(&policy, &root, later);
         let second_serial = second.serial().to_owned();
-        let adv = state.advance_with(later, &policy, CaSource::Requested(Some(second)));
+        let adv = state.advance_with(later, &policy, CaSource::Requested(Some(Box::new(second))));
         assert!(adv.transitions.contains(&Transition::Prepared {
             kind: KeyKind::X509,
             id: second_serial.clone()
