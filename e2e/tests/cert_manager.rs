@@ -1,7 +1,7 @@
 //! cert-manager as Sigil's upstream authority (`spec.upstreamAuthority.certManager`),
 //! against the real cert-manager controllers (the pinned cert-manager module's approver,
 //! CA issuer and Issuer/ClusterIssuer controllers, run by e2e/clients/cert-manager-controller
-//! on the harness's apiserver) and an operator replica under least-privilege RBAC.
+//! on the harness's apiserver) and an operator replica under the Helm chart's RBAC.
 //!
 //! The enterprise CA's key is in a Secret of a namespace the operator has no grant in;
 //! only a ClusterIssuer (cert-manager) reads it. Sigil sends a CSR and gets its CA back.
@@ -119,45 +119,63 @@ async fn create_dynamic(
     api.create(&PostParams::default(), &obj).await.unwrap();
 }
 
-/// The operator's ServiceAccount in `ns`, bound to the Helm chart's rules (the
-/// CertificateRequest grant included): a client as that ServiceAccount.
-async fn least_privilege_operator(admin: &Client, ns: &str, instance: &str) -> Client {
-    let rbac = |kind: &str| GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", kind);
-    let cluster_role = format!("sigil-operator-{instance}");
-    create_dynamic(admin, None, rbac("ClusterRole"), serde_json::json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-        "metadata": {"name": cluster_role},
-        "rules": [
-            {"apiGroups": ["sigil.dev"], "resources": ["trustdomains"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["sigil.dev"], "resources": ["trustdomains/status"], "verbs": ["get", "patch", "update"]},
-            {"apiGroups": ["sigil.dev"], "resources": ["federatedbundles"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["sigil.dev"], "resources": ["federatedbundles/status"], "verbs": ["get", "patch", "update"]},
-            {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "create", "update", "delete"]},
-            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-        ],
-    })).await;
-    create_dynamic(admin, None, rbac("ClusterRoleBinding"), serde_json::json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
-        "metadata": {"name": cluster_role},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
-        "subjects": [{"kind": "ServiceAccount", "name": "sigil-operator", "namespace": ns}],
-    })).await;
-    create_dynamic(admin, Some(ns), rbac("Role"), serde_json::json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "sigil-operator"},
-        "rules": [
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create", "update"]},
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
-            {"apiGroups": ["cert-manager.io"], "resources": ["certificaterequests"], "verbs": ["create", "get", "list", "watch", "delete"]},
-        ],
-    })).await;
-    create_dynamic(admin, Some(ns), rbac("RoleBinding"), serde_json::json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "sigil-operator"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sigil-operator"},
-        "subjects": [{"kind": "ServiceAccount", "name": "sigil-operator", "namespace": ns}],
-    })).await;
+/// The Helm chart's ServiceAccounts and RBAC, rendered by the pinned helm for a release
+/// in `ns` and applied for real: a client as the chart's sigil-operator ServiceAccount.
+async fn chart_operator(admin: &Client, ns: &str) -> Client {
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/sigil");
+    let release = unique("cm");
+    let out = std::process::Command::new(sigil_e2e::tools::tool("helm").unwrap())
+        .args(["template", &release])
+        .arg(&chart)
+        .args(["--namespace", ns, "-f"])
+        .arg(chart.join("ci/default-values.yaml"))
+        .args([
+            "--set",
+            "trustDomain.create=false",
+            "--set",
+            "clusterSPIFFEID.create=false",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut applied = 0;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc).unwrap();
+        if v.is_null() {
+            continue;
+        }
+        let obj: DynamicObject = serde_yaml::from_value(v).unwrap();
+        let types = obj.types.clone().unwrap();
+        let namespaced = match types.kind.as_str() {
+            "ServiceAccount" | "Role" | "RoleBinding" => true,
+            "ClusterRole" | "ClusterRoleBinding" => false,
+            _ => continue,
+        };
+        let (group, version) = types
+            .api_version
+            .split_once('/')
+            .unwrap_or(("", &types.api_version));
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &types.kind));
+        let api: Api<DynamicObject> = if namespaced {
+            Api::namespaced_with(admin.clone(), obj.namespace().as_deref().unwrap_or(ns), &ar)
+        } else {
+            Api::all_with(admin.clone(), &ar)
+        };
+        api.patch(
+            &obj.name_any(),
+            &PatchParams::apply("sigil-e2e").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap();
+        applied += 1;
+    }
+    assert!(applied >= 5, "the chart rendered no RBAC:\n{text}");
     service_account_client(ns, "sigil-operator").await
 }
 
@@ -260,7 +278,8 @@ async fn cert_manager_signs_sigils_ca_and_explains_pending_and_denied_requests()
     )
     .await;
 
-    let sa_client = least_privilege_operator(&admin, &ns, &instance).await;
+    // The operator runs on exactly the chart's RBAC.
+    let sa_client = chart_operator(&admin, &ns).await;
     // Sigil never sees the enterprise key: its ServiceAccount cannot read that Secret.
     match Api::<Secret>::namespaced(sa_client.clone(), &pki_ns)
         .get("enterprise-ca")
