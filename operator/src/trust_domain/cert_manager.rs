@@ -177,6 +177,8 @@ pub struct RequestReport {
     pub changed: bool,
     /// Look again after this long (a request is pending).
     pub recheck: Option<Duration>,
+    /// A request was sent in this reconcile: the note of its Event.
+    pub sent: Option<String>,
 }
 
 fn issuer_words(cm: &CertManagerUpstream) -> String {
@@ -446,6 +448,11 @@ pub async fn drive(
         Err(e) => return Err(e.into()),
     }
     info!(trust_domain_object = %object, request = %name, issuer = %issuer_words(cm), "sent a CertificateRequest for the next CA");
+    report.sent = Some(format!(
+        "sent {} for the next CA to {}; the key stays in the CA Secret",
+        named(&name),
+        issuer_words(cm)
+    ));
     state.pending_request = Some(PendingRequest {
         name: name.clone(),
         private_key: key.to_pkcs8_pem(),

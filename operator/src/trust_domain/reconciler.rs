@@ -302,6 +302,16 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
         for t in &advance.transitions {
             ctx.announce(obj, &policy, &state, t).await;
         }
+        if let Some(note) = request.as_ref().and_then(|r| r.sent.as_deref()) {
+            ctx.event(
+                obj,
+                EventType::Normal,
+                "CertificateRequestSent",
+                note,
+                "Rotate",
+            )
+            .await;
+        }
     }
 
     let mut problems = Vec::new();
