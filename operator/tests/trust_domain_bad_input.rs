@@ -582,3 +582,64 @@ async fn unreadable_ca_secret_is_left_untouched() {
     );
     replica.stop().await;
 }
+
+/// A ConfigMap of the bundle's name that Sigil did not write is left alone and reported;
+/// the namespaces without one get the bundle.
+#[tokio::test]
+async fn a_foreign_config_map_of_the_bundles_name_is_a_conflict() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    let client = client().await;
+    let ns = namespace("cm-conflict").await;
+    let instance = unique("conflict");
+    let selected = unique("sel");
+    let (foreign_ns, clean_ns) = (unique("ns-foreign"), unique("ns-clean"));
+    for n in [&foreign_ns, &clean_ns] {
+        let namespace: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": n, "labels": {"sigil-bundle": selected}}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .unwrap();
+    }
+    let foreign: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "sigil-trust-bundle"},
+        "data": {"owner": "someone else"},
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(client.clone(), &foreign_ns)
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+    let replica = Replica::start(client.clone(), ReplicaConfig::new(&ns, &instance));
+    let name = unique("td");
+    create_trust_domain(
+        &client,
+        &trust_domain(
+            &name,
+            &instance,
+            serde_json::json!({
+                "trustDomain": "conflict.example.org",
+                "bundle": {"namespaceSelector": {"matchLabels": {"sigil-bundle": selected}}},
+            }),
+        ),
+    )
+    .await;
+    let td = wait_condition(&client, &name, "Ready", "False", "BundleConfigMapConflict").await;
+    let (_, _, message) = condition(&td, "Ready").unwrap();
+    assert!(
+        message.contains(&foreign_ns) && !message.contains(&clean_ns),
+        "{message}"
+    );
+    assert!(
+        bundle_config_map(&client, &clean_ns, "sigil-trust-bundle")
+            .await
+            .is_some_and(|cm| cm.data.unwrap().contains_key("bundle.pem"))
+    );
+    let untouched = bundle_config_map(&client, &foreign_ns, "sigil-trust-bundle")
+        .await
+        .unwrap();
+    assert_eq!(untouched.data.unwrap()["owner"], "someone else");
+    replica.stop().await;
+}
