@@ -541,7 +541,10 @@ async fn cert_manager_signs_sigils_ca_and_explains_pending_and_denied_requests()
         .filter_map(|e| e.reason)
         .collect();
     assert!(
-        reasons.iter().any(|r| r == "CAPrepared") && reasons.iter().any(|r| r == "CAActivated"),
+        reasons.iter().any(|r| r == "CAPrepared")
+            && reasons.iter().any(|r| r == "CAActivated")
+            && reasons.iter().any(|r| r == "CertificateRequestSent")
+            && !reasons.iter().any(|r| r == "BundleConfigMapConflict"),
         "{reasons:?}"
     );
 
