@@ -173,6 +173,26 @@ build_spire_templates() {
   go build -o "$SIGIL_BIN/spire-templates" .
 }
 
+# cert-manager: its real controllers (approver, CA issuer, Issuer/ClusterIssuer readiness)
+# from the pinned github.com/cert-manager/cert-manager module, run by our small main
+# (e2e/clients/cert-manager-controller), because the proxy does not serve the
+# cmd/controller module. Its CRDs come from the same module zip (deploy/crds, plain YAML).
+fetch_cert_manager() {
+  local dir=$SIGIL_CACHE/src/cert-manager-$CERT_MANAGER_VERSION
+  rm -rf "$dir"; mkdir -p "$dir"; cp "$here"/e2e/clients/cert-manager-controller/*.go "$here"/e2e/clients/cert-manager-controller/go.mod "$dir"/
+  cd "$dir"
+  go get "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION" >/dev/null
+  go mod tidy >/dev/null
+}
+build_cert_manager() {
+  fetch_cert_manager
+  go build -o "$SIGIL_BIN/cert-manager-controller" -ldflags "-s -w" .
+  local crds
+  crds=$(go mod download -json "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')/deploy/crds
+  # Sorted, so the file is the same on every machine.
+  for f in $(cd "$crds" && ls cert-manager.io_*.yaml | sort); do cat "$crds/$f"; done >"$SIGIL_BIN/cert-manager-crds.yaml"
+}
+
 # ---- the real node (hack/cluster.sh, docs/real-node.md) ----
 
 fetch_containerd() {
@@ -310,6 +330,8 @@ tool_spec() {
       echo "$PY_SPIFFE_VERSION-$(sha256sum <"$here"/e2e/clients/py-spiffe/client.py | cut -c1-12) py-spiffe-client" ;;
     spire-mint)
       echo "$SPIRE_VERSION-$(sha256sum <"$here"/e2e/clients/spire-mint/main.go | cut -c1-12) spire-mint" ;;
+    cert-manager)
+      echo "$CERT_MANAGER_VERSION-$(cat "$here"/e2e/clients/cert-manager-controller/*.go "$here"/e2e/clients/cert-manager-controller/go.mod | sha256sum | cut -c1-12) cert-manager-controller" ;;
     spire-templates)
       echo "$KUBE_VERSION-$GO_SPIFFE_VERSION-$(cat "$here"/e2e/clients/spire-templates/*.go "$here"/e2e/clients/spire-templates/go.mod | sha256sum | cut -c1-12) spire-templates" ;;
     containerd) echo "$CONTAINERD_VERSION containerd containerd-shim-runc-v2 ctr" ;;

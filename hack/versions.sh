@@ -14,6 +14,11 @@ GO_SPIFFE_VERSION=v2.8.1
 # binary is available from any registry here. v1.40.0 needs go 1.26.
 ENVOY_GO_CONTROL_PLANE_VERSION=v1.40.0
 PY_SPIFFE_VERSION=0.3.2
+# cert-manager's controllers and CRDs for the certManager upstream test (e2e/tests/cert_manager.rs).
+# Its cmd/controller module is not served by the Go module proxy; our small main
+# (e2e/clients/cert-manager-controller) runs the controllers of the main module, which is.
+# v1.21.2 needs go 1.26.0.
+CERT_MANAGER_VERSION=v1.21.2
 # TPM tests: swtpm, and the tss2 libraries the agent links (tss-esapi finds them with
 # pkg-config; its bindings are pre-generated, so no libclang).
 # lua5.4 runs the Argo CD health checks of docs/gitops.md in e2e/tests/gitops.rs.
@@ -43,7 +48,7 @@ TEST_IMAGE_TAG=dev
 # cargo-machete (crates.io) finds unused dependencies in `make lint`; not a test tool.
 CARGO_MACHETE_VERSION=0.9.2
 
-ALL_TOOLS="etcd kube csi-sanity helm spire go-spiffe-client envoy-sds-client py-spiffe swtpm"
+ALL_TOOLS="etcd kube csi-sanity helm spire go-spiffe-client envoy-sds-client py-spiffe swtpm cert-manager"
 
 # spire-templates renders spire-controller-manager's templates for `sigil migrate`'s test.
 ALL_TOOLS="$ALL_TOOLS spire-templates"

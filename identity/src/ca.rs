@@ -498,6 +498,66 @@ impl CertificateAuthority {
         )
     }
 
+    /// The PEM CSR for an intermediate CA of `params` with `key`, for an upstream that
+    /// signs CSRs (a cert-manager issuer): the same subject and trust domain URI SAN a CA
+    /// minted here gets, and basicConstraints cA=true with keyCertSign, cRLSign and
+    /// digitalSignature requested. The upstream decides the validity and may override
+    /// the rest; [`CertificateAuthority::from_signed_chain`] checks what it returned.
+    pub fn csr_pem(
+        params: &CaParams,
+        key: &AuthorityKey,
+        now: SystemTime,
+    ) -> Result<String, CaError> {
+        let mut cert_params = ca_cert_params(params, now, now + params.ttl)?;
+        // The upstream picks the serial and writes its own authority key identifier.
+        cert_params.serial_number = None;
+        cert_params.use_authority_key_identifier_extension = false;
+        let csr = cert_params
+            .serialize_request(key)
+            .map_err(|e| CaError::Build(e.to_string()))?;
+        csr.pem().map_err(|e| CaError::Build(e.to_string()))
+    }
+
+    /// A CA from the certificate an upstream signed for `key`'s CSR: `chain` starts with
+    /// that certificate and may continue with intermediates (a copy of a trust anchor in
+    /// it is dropped); `trust_anchors` are the upstream's root(s). Checks that the
+    /// certificate is a CA for `key`, names the trust domain and chains to an anchor.
+    pub fn from_signed_chain(
+        trust_domain: TrustDomain,
+        key: impl Into<AuthorityKey>,
+        chain: Vec<Vec<u8>>,
+        trust_anchors: Vec<Vec<u8>>,
+    ) -> Result<Self, CaError> {
+        let mut chain = chain.into_iter();
+        let cert = chain.next().ok_or_else(|| {
+            CaError::InvalidCertificate("the upstream returned no certificate".into())
+        })?;
+        let above: Vec<Vec<u8>> = chain.filter(|c| !trust_anchors.contains(c)).collect();
+        if trust_anchors.is_empty() {
+            return Err(UpstreamError::NoRoot.into());
+        }
+        check_chain_connects(&cert, &above, &trust_anchors)?;
+        let parsed = X509Certificate::from_der(&cert)
+            .map_err(|e| CaError::InvalidCertificate(e.to_string()))?
+            .1;
+        let td_uri = trust_domain.id_string();
+        let names_td = parsed
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .is_some_and(|san| {
+                san.value.general_names.iter().any(
+                    |n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == td_uri),
+                )
+            });
+        if !names_td {
+            return Err(CaError::InvalidCertificate(format!(
+                "the signed certificate has no URI SAN {td_uri}"
+            )));
+        }
+        Self::assemble(trust_domain, key.into(), cert, above, trust_anchors)
+    }
+
     /// Re-loads a persisted CA: its certificate, the chain above it (empty for a root),
     /// the trust anchors to publish, and its key. Checks the key matches.
     pub fn load(

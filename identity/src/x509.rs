@@ -634,6 +634,14 @@ pub fn split_der_certs(bytes: &[u8]) -> Result<Vec<Vec<u8>>, PemError> {
     Ok(out)
 }
 
+/// Whether a DER certificate is self-signed (a root): its issuer is its subject and its
+/// own key verifies its signature.
+pub fn is_self_signed_der(der: &[u8]) -> bool {
+    X509Certificate::from_der(der).is_ok_and(|(_, c)| {
+        c.subject().as_raw() == c.issuer().as_raw() && c.verify_signature(None).is_ok()
+    })
+}
+
 /// The hex serial number and validity of any certificate (for status and logs).
 pub fn cert_summary(der: &[u8]) -> Option<(String, SystemTime, SystemTime)> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;

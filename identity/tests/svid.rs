@@ -835,3 +835,81 @@ fn an_extended_key_usage_without_tls_purposes_is_refused() {
         SvidError::InvalidPath(_)
     ));
 }
+
+/// What an upstream that signs CSRs (cert-manager) does with Sigil's: the CSR carries the
+/// trust domain's URI SAN, the upstream signs it as a CA, and the result becomes a CA
+/// whose SVIDs chain to the upstream's root. A result that does not chain to the given
+/// root, or names another trust domain, is refused.
+#[test]
+fn a_csr_signed_by_an_upstream_becomes_a_ca() {
+    let t = now();
+    let root = raw_ca("Enterprise Root");
+    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+    let csr_key: sigil_identity::key_manager::AuthorityKey =
+        PrivateKey::from_pem(&key.to_pkcs8_pem()).unwrap().into();
+    let pem =
+        CertificateAuthority::csr_pem(&params("example.org", KeyType::EcP256, HOUR), &csr_key, t)
+            .unwrap();
+    assert!(pem.contains("BEGIN CERTIFICATE REQUEST"));
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(&pem).unwrap();
+    assert!(
+        csr.params
+            .subject_alt_names
+            .iter()
+            .any(|s| matches!(s, SanType::URI(u) if u.as_str() == "spiffe://example.org")),
+        "{:?}",
+        csr.params.subject_alt_names
+    );
+    // The upstream decides what it signs: a CA for an hour.
+    csr.params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    csr.params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    csr.params.not_before = ::time::OffsetDateTime::now_utc() - ::time::Duration::minutes(1);
+    csr.params.not_after = ::time::OffsetDateTime::now_utc() + ::time::Duration::hours(1);
+    let issuer = Issuer::from_params(&root.params, &root.key);
+    let signed = csr.signed_by(&issuer).unwrap().der().to_vec();
+
+    let ca = CertificateAuthority::from_signed_chain(
+        td("example.org"),
+        PrivateKey::from_pem(&key.to_pkcs8_pem()).unwrap(),
+        vec![signed.clone(), root.cert.clone()],
+        vec![root.cert.clone()],
+    )
+    .unwrap();
+    assert_eq!(ca.trust_anchors(), std::slice::from_ref(&root.cert));
+    assert_eq!(
+        ca.leaf_intermediates(),
+        std::slice::from_ref(&signed),
+        "a copy of the root in the chain is dropped"
+    );
+    let chain = issue(&ca, "spiffe://example.org/w", HOUR / 2, &[], t);
+    x509::validate_x509_svid(&chain, &bundle_of(&ca), t).unwrap();
+
+    let other_root = raw_ca("Another Root");
+    let refused = CertificateAuthority::from_signed_chain(
+        td("example.org"),
+        PrivateKey::from_pem(&key.to_pkcs8_pem()).unwrap(),
+        vec![signed.clone()],
+        vec![other_root.cert],
+    );
+    assert!(
+        matches!(
+            refused,
+            Err(CaError::Upstream(UpstreamError::ChainBroken(_)))
+        ),
+        "{refused:?}"
+    );
+    let refused = CertificateAuthority::from_signed_chain(
+        td("other.org"),
+        PrivateKey::from_pem(&key.to_pkcs8_pem()).unwrap(),
+        vec![signed],
+        vec![root.cert],
+    );
+    assert!(
+        matches!(refused, Err(CaError::InvalidCertificate(ref m)) if m.contains("spiffe://other.org")),
+        "{refused:?}"
+    );
+}

@@ -71,6 +71,25 @@ async fn malformed_trust_domains_and_fields_are_refused_at_admission() {
         "Go duration",
     )
     .await;
+    // An upstream is either a Secret Sigil holds or a cert-manager issuer, never both or
+    // neither.
+    for upstream in [
+        serde_json::json!({}),
+        serde_json::json!({"secretRef": {"name": "ca"}, "certManager": {"issuerRef": {"name": "ca"}}}),
+    ] {
+        refused(
+            &client,
+            serde_json::json!({"trustDomain": "example.org", "upstreamAuthority": upstream}),
+            "needs exactly one of secretRef",
+        )
+        .await;
+    }
+    refused(
+        &client,
+        serde_json::json!({"trustDomain": "example.org", "upstreamAuthority": {"certManager": {"issuerRef": {"name": "ca", "kind": "Vault"}}}}),
+        "ClusterIssuer",
+    )
+    .await;
     refused(
         &client,
         serde_json::json!({"trustDomain": "example.org", "ca": {"ttl": "30s"}}),
@@ -251,6 +270,63 @@ async fn assert_reported(client: &Client, ns: &str, name: &str, reason: &str, ne
         ca_secret(client, ns, name).await.is_none(),
         "a CA was minted despite the bad upstream"
     );
+}
+
+/// This test binary's apiserver has no cert-manager CRDs: a certManager upstream says so,
+/// with no CA minted, and nothing else in the operator stops (no watch on them exists).
+#[tokio::test]
+async fn cert_manager_upstream_without_cert_manager_says_so() {
+    let client = client().await;
+    let ns = namespace("cm-absent").await;
+    let instance = unique("cm-absent");
+    let replica = Replica::start(client.clone(), ReplicaConfig::new(&ns, &instance));
+    let name = unique("td");
+    create_trust_domain(
+        &client,
+        &trust_domain(
+            &name,
+            &instance,
+            serde_json::json!({
+                "trustDomain": "cm-absent.example.org",
+                "upstreamAuthority": {"certManager": {"issuerRef": {"name": "enterprise", "kind": "ClusterIssuer"}}},
+                "bundle": {"namespaceSelector": {"matchLabels": {"none": "none"}}},
+            }),
+        ),
+    )
+    .await;
+    assert_reported(
+        &client,
+        &ns,
+        &name,
+        "CertManagerNotInstalled",
+        "install cert-manager",
+    )
+    .await;
+    let td = wait_condition(
+        &client,
+        &name,
+        "CertificateRequest",
+        "False",
+        "CertManagerNotInstalled",
+    )
+    .await;
+    assert!(td.status.unwrap().active_ca.is_none());
+    // The same replica still issues for a self-signed TrustDomain.
+    let plain = unique("td");
+    create_trust_domain(
+        &client,
+        &trust_domain(
+            &plain,
+            &instance,
+            serde_json::json!({
+                "trustDomain": "cm-absent-plain.example.org",
+                "bundle": {"namespaceSelector": {"matchLabels": {"none": "none"}}},
+            }),
+        ),
+    )
+    .await;
+    wait_condition(&client, &plain, "Ready", "True", "BundlePublished").await;
+    replica.stop().await;
 }
 
 #[tokio::test]
@@ -504,5 +580,66 @@ async fn unreadable_ca_secret_is_left_untouched() {
         after.data.unwrap()["authorities.json"].0,
         b"{\"format\": 1".to_vec()
     );
+    replica.stop().await;
+}
+
+/// A ConfigMap of the bundle's name that Sigil did not write is left alone and reported;
+/// the namespaces without one get the bundle.
+#[tokio::test]
+async fn a_foreign_config_map_of_the_bundles_name_is_a_conflict() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+    let client = client().await;
+    let ns = namespace("cm-conflict").await;
+    let instance = unique("conflict");
+    let selected = unique("sel");
+    let (foreign_ns, clean_ns) = (unique("ns-foreign"), unique("ns-clean"));
+    for n in [&foreign_ns, &clean_ns] {
+        let namespace: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": n, "labels": {"sigil-bundle": selected}}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &namespace)
+            .await
+            .unwrap();
+    }
+    let foreign: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "sigil-trust-bundle"},
+        "data": {"owner": "someone else"},
+    }))
+    .unwrap();
+    Api::<ConfigMap>::namespaced(client.clone(), &foreign_ns)
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+    let replica = Replica::start(client.clone(), ReplicaConfig::new(&ns, &instance));
+    let name = unique("td");
+    create_trust_domain(
+        &client,
+        &trust_domain(
+            &name,
+            &instance,
+            serde_json::json!({
+                "trustDomain": "conflict.example.org",
+                "bundle": {"namespaceSelector": {"matchLabels": {"sigil-bundle": selected}}},
+            }),
+        ),
+    )
+    .await;
+    let td = wait_condition(&client, &name, "Ready", "False", "BundleConfigMapConflict").await;
+    let (_, _, message) = condition(&td, "Ready").unwrap();
+    assert!(
+        message.contains(&foreign_ns) && !message.contains(&clean_ns),
+        "{message}"
+    );
+    assert!(
+        bundle_config_map(&client, &clean_ns, "sigil-trust-bundle")
+            .await
+            .is_some_and(|cm| cm.data.unwrap().contains_key("bundle.pem"))
+    );
+    let untouched = bundle_config_map(&client, &foreign_ns, "sigil-trust-bundle")
+        .await
+        .unwrap();
+    assert_eq!(untouched.data.unwrap()["owner"], "someone else");
     replica.stop().await;
 }

@@ -94,8 +94,9 @@ pub struct TrustDomainSpec {
     pub jwt: JwtSpec,
 
     /// Sign under an existing PKI instead of a self-signed root: Sigil's CA becomes an
-    /// intermediate under the CA in the referenced Secret, and the trust bundle publishes
-    /// that PKI's root. Without it Sigil's CA is a self-signed root.
+    /// intermediate under the upstream CA (one handed over in a Secret, or one that signs
+    /// Sigil's CSR through cert-manager), and the trust bundle publishes that PKI's root.
+    /// Without it Sigil's CA is a self-signed root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_authority: Option<UpstreamAuthoritySpec>,
 
@@ -338,13 +339,76 @@ pub struct JwtSpec {
     pub issuer: Option<String>,
 }
 
-/// An upstream CA that Sigil's CA is issued under.
+/// An upstream CA that Sigil's CA is issued under: exactly one of `secretRef` (Sigil holds
+/// the upstream CA's key) or `certManager` (the upstream signs Sigil's CSR; its key never
+/// reaches Sigil).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.secretRef) != has(self.certManager)").message("spec.upstreamAuthority needs exactly one of secretRef (a Secret holding the upstream CA and its key) or certManager (a cert-manager Issuer or ClusterIssuer that signs Sigil's CSR)")
+)]
 pub struct UpstreamAuthoritySpec {
     /// The Secret holding the upstream CA certificate, its private key and its chain up to
     /// and including the root, e.g. a cert-manager Certificate's Secret with `isCA: true`.
-    pub secret_ref: UpstreamSecretRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<UpstreamSecretRef>,
+
+    /// A cert-manager issuer that signs Sigil's CA: the operator generates the CA key
+    /// itself, sends a CertificateRequest (in the operator's namespace) with its CSR, and
+    /// installs the signed chain. The issuer's key never reaches Sigil.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_manager: Option<CertManagerUpstream>,
+}
+
+/// Signing Sigil's CA through a cert-manager CertificateRequest.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertManagerUpstream {
+    /// The issuer that signs the CertificateRequest. An Issuer must be in the operator's
+    /// namespace (where the request is created); a ClusterIssuer can be used from anywhere.
+    pub issuer_ref: CertManagerIssuerRef,
+}
+
+/// Reference to a cert-manager Issuer or ClusterIssuer (or an external issuer's kind).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertManagerIssuerRef {
+    /// Name of the issuer.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+
+    /// `Issuer` (in the operator's namespace) or `ClusterIssuer`. Default `Issuer`.
+    #[serde(default)]
+    pub kind: CertManagerIssuerKind,
+
+    /// API group of the issuer. Default `cert-manager.io`.
+    #[serde(default = "default_cert_manager_group")]
+    #[schemars(length(min = 1, max = 253))]
+    pub group: String,
+}
+
+/// Kind of a cert-manager issuer.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CertManagerIssuerKind {
+    /// A namespaced Issuer in the operator's namespace.
+    #[default]
+    Issuer,
+    /// A cluster-scoped ClusterIssuer.
+    ClusterIssuer,
+}
+
+impl CertManagerIssuerKind {
+    /// The kind as cert-manager writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Issuer => "Issuer",
+            Self::ClusterIssuer => "ClusterIssuer",
+        }
+    }
+}
+
+fn default_cert_manager_group() -> String {
+    "cert-manager.io".to_owned()
 }
 
 /// Reference to the Secret of an upstream CA and the keys of its entries.

@@ -103,6 +103,93 @@ pub enum Error {
         /// Why.
         source: UpstreamError,
     },
+    /// `spec.upstreamAuthority.certManager` is set but the API server has no
+    /// cert-manager.io/v1 CertificateRequest resource.
+    #[error(
+        "TrustDomain {object}: spec.upstreamAuthority.certManager needs cert-manager, but the API server does not serve certificaterequests.cert-manager.io/v1 (its CRDs are not installed); install cert-manager, or use spec.upstreamAuthority.secretRef instead"
+    )]
+    CertManagerNotInstalled {
+        /// The TrustDomain's name.
+        object: String,
+    },
+    /// The operator may not use CertificateRequests in its namespace.
+    #[error(
+        "TrustDomain {object}: sigil-operator is not allowed to {verb} certificaterequests.cert-manager.io in namespace {namespace}; grant its ServiceAccount create, get, list, watch and delete on them there (the Helm chart's Role does)"
+    )]
+    CertificateRequestForbidden {
+        /// The TrustDomain's name.
+        object: String,
+        /// The operator's namespace.
+        namespace: String,
+        /// The refused verb.
+        verb: &'static str,
+    },
+    /// The CertificateRequest for the next CA is not signed yet.
+    #[error(
+        "TrustDomain {object}: CertificateRequest {namespace}/{name} for the {what} CA is pending: {detail}{}",
+        if *signing { "; the active CA keeps signing meanwhile" } else { "; no CA signs until it is issued" },
+        what = if *signing { "next" } else { "first" }
+    )]
+    CertificateRequestPending {
+        /// The TrustDomain's name.
+        object: String,
+        /// Its namespace (the operator's).
+        namespace: String,
+        /// The CertificateRequest.
+        name: String,
+        /// What it waits for and what to do.
+        detail: String,
+        /// Whether a CA signs meanwhile.
+        signing: bool,
+    },
+    /// An approver denied the CertificateRequest.
+    #[error(
+        "TrustDomain {object}: CertificateRequest {namespace}/{name} for the CA was denied ({reason}: {message}); allow Sigil's request in your approval policy (isCA, usages cert sign/crl sign/digital signature, the trust domain's URI SAN), then delete the CertificateRequest and Sigil sends a new one"
+    )]
+    CertificateRequestDenied {
+        /// The TrustDomain's name.
+        object: String,
+        /// Its namespace.
+        namespace: String,
+        /// The CertificateRequest.
+        name: String,
+        /// The Denied condition's reason.
+        reason: String,
+        /// Its message.
+        message: String,
+    },
+    /// cert-manager failed the CertificateRequest.
+    #[error(
+        "TrustDomain {object}: CertificateRequest {namespace}/{name} for the CA failed at {issuer} ({reason}: {message}); fix the issuer (or spec.upstreamAuthority.certManager), then delete the CertificateRequest and Sigil sends a new one"
+    )]
+    CertificateRequestFailed {
+        /// The TrustDomain's name.
+        object: String,
+        /// Its namespace.
+        namespace: String,
+        /// The CertificateRequest.
+        name: String,
+        /// The issuer, in words.
+        issuer: String,
+        /// Ready's reason.
+        reason: String,
+        /// cert-manager's message.
+        message: String,
+    },
+    /// The signed CertificateRequest holds a certificate Sigil cannot use as its CA.
+    #[error(
+        "TrustDomain {object}: CertificateRequest {namespace}/{name} was signed, but the result cannot be Sigil's CA: {reason}; fix the issuer so it signs CA certificates as requested, then delete the CertificateRequest and Sigil sends a new one"
+    )]
+    CertificateRequestUnusable {
+        /// The TrustDomain's name.
+        object: String,
+        /// Its namespace.
+        namespace: String,
+        /// The CertificateRequest.
+        name: String,
+        /// Why.
+        reason: String,
+    },
     /// The persisted CA Secret cannot be read; it is left untouched.
     #[error(
         "TrustDomain {object}: CA Secret {namespace}/{name} cannot be loaded ({reason}); Sigil leaves it untouched and mints nothing. Restore it from a backup, or delete it to have Sigil mint a new root that every relying party must then learn"
@@ -189,6 +276,12 @@ impl Error {
                 UpstreamError::UnsupportedKey { .. } => "upstream_unsupported_key",
                 _ => "upstream_invalid",
             },
+            Error::CertManagerNotInstalled { .. } => "cert_manager_not_installed",
+            Error::CertificateRequestForbidden { .. } => "certificate_request_forbidden",
+            Error::CertificateRequestPending { .. } => "certificate_request_pending",
+            Error::CertificateRequestDenied { .. } => "certificate_request_denied",
+            Error::CertificateRequestFailed { .. } => "certificate_request_failed",
+            Error::CertificateRequestUnusable { .. } => "certificate_request_unusable",
             Error::CaSecretInvalid { .. } => "ca_secret_invalid",
             Error::KeysUnavailable { .. } => "keys_unavailable",
             Error::BundleConfigMapConflict { .. } => "bundle_configmap_conflict",
@@ -219,6 +312,12 @@ impl Error {
                 UpstreamError::UnsupportedKey { .. } => "UpstreamUnsupportedKey",
                 _ => "UpstreamInvalid",
             },
+            Error::CertManagerNotInstalled { .. } => "CertManagerNotInstalled",
+            Error::CertificateRequestForbidden { .. } => "CertificateRequestForbidden",
+            Error::CertificateRequestPending { .. } => "CertificateRequestPending",
+            Error::CertificateRequestDenied { .. } => "CertificateRequestDenied",
+            Error::CertificateRequestFailed { .. } => "CertificateRequestFailed",
+            Error::CertificateRequestUnusable { .. } => "CertificateRequestUnusable",
             Error::CaSecretInvalid { .. } => "CASecretInvalid",
             Error::KeysUnavailable { .. } => "KeysUnavailable",
             Error::BundleConfigMapConflict { .. } => "BundleConfigMapConflict",

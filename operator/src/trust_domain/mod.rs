@@ -33,6 +33,7 @@
 // rare and never on a per-request path.
 #![allow(clippy::result_large_err)]
 
+pub mod cert_manager;
 pub mod error;
 mod loader;
 pub mod policy;

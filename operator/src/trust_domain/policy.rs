@@ -14,8 +14,8 @@ use sigil_identity::keys::KeyType;
 
 use super::error::Error;
 use crate::crd::trust_domain::{
-    CaKeyType, GoDuration, JwtAlgorithm, JwtKeyType, JwtSpec, TrustDomain as TrustDomainObject,
-    TrustDomainSpec, UpstreamSecretRef,
+    CaKeyType, CertManagerUpstream, GoDuration, JwtAlgorithm, JwtKeyType, JwtSpec,
+    TrustDomain as TrustDomainObject, TrustDomainSpec, UpstreamSecretRef,
 };
 use crate::keys::Keys;
 
@@ -46,6 +46,8 @@ pub struct Policy {
     pub jwt_issuer: Option<String>,
     /// Upstream CA Secret, if any.
     pub upstream: Option<UpstreamSecretRef>,
+    /// cert-manager issuer that signs the CA, if any (never together with `upstream`).
+    pub cert_manager: Option<CertManagerUpstream>,
     /// Name of the bundle ConfigMaps.
     pub config_map_name: String,
     /// Which namespaces get them (`None`: all).
@@ -146,7 +148,11 @@ impl Policy {
             upstream: spec
                 .upstream_authority
                 .as_ref()
-                .map(|u| u.secret_ref.clone()),
+                .and_then(|u| u.secret_ref.clone()),
+            cert_manager: spec
+                .upstream_authority
+                .as_ref()
+                .and_then(|u| u.cert_manager.clone()),
             config_map_name: spec.bundle.config_map_name.clone(),
             namespace_selector,
             refresh_hint: duration("spec.bundle.refreshHint", &spec.bundle.refresh_hint)?,

@@ -153,7 +153,40 @@ pub async fn publish(
                 current.insert(ns.clone());
                 out.writes += 1;
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => out.conflicts.push(ns.clone()),
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                // The list can lag behind this operator's own create of a moment ago (a
+                // reconcile right after the one that published): only a ConfigMap that is
+                // not ours is a conflict.
+                let ours = match api.get_opt(&policy.config_map_name).await {
+                    Ok(Some(cm)) => written_for(&cm, owner, &object).then_some(cm),
+                    _ => None,
+                };
+                match ours {
+                    Some(cm) => {
+                        current.insert(ns.clone());
+                        let up_to_date = cm.data.as_ref() == Some(&data)
+                            && cm.annotations().get(SEQUENCE_ANNOTATION) == Some(&sequence);
+                        if !up_to_date {
+                            let mut d = desired(owner, &object, ns, policy, &data, &sequence);
+                            d.metadata.resource_version = cm.resource_version();
+                            match api
+                                .replace(&policy.config_map_name, &PostParams::default(), &d)
+                                .await
+                            {
+                                Ok(_) => out.writes += 1,
+                                Err(kube::Error::Api(s)) if s.code == 409 => {
+                                    return Err(Error::Conflict(format!(
+                                        "ConfigMap {ns}/{}",
+                                        policy.config_map_name
+                                    )));
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
+                        }
+                    }
+                    None => out.conflicts.push(ns.clone()),
+                }
+            }
             // The namespace is being deleted.
             Err(kube::Error::Api(s)) if s.code == 403 || s.code == 404 => {}
             Err(e) => return Err(e.into()),
@@ -161,6 +194,16 @@ pub async fn publish(
     }
     out.namespaces = current.len();
     Ok(out)
+}
+
+/// Whether `cm` is the bundle ConfigMap Sigil wrote for `owner`.
+fn written_for(cm: &ConfigMap, owner: &TrustDomainObject, object: &str) -> bool {
+    cm.labels().get(OWNER_LABEL) == Some(&label_value(object))
+        && cm.labels().get(COMPONENT_LABEL).map(String::as_str) == Some("bundle")
+        && cm
+            .owner_references()
+            .iter()
+            .any(|o| Some(&o.uid) == owner.metadata.uid.as_ref())
 }
 
 fn desired(

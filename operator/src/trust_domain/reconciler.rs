@@ -31,10 +31,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::cert_manager::{self, CERTIFICATE_REQUEST};
 use super::error::Error;
 use super::policy::{Policy, duplicate_owner};
 use super::publisher::{self, Published};
-use super::rotation::{AuthorityState, Generation, KeyKind, Transition};
+use super::rotation::{AuthorityState, CaSource, Generation, KeyKind, Transition};
 use super::store::{self, ca_secret_name};
 use super::upstream;
 use crate::conditions::{condition, k8s_time, unix};
@@ -108,6 +109,9 @@ struct Outcome<'a> {
     problems: Vec<Error>,
     published: Option<Published>,
     now: SystemTime,
+    /// The `CertificateRequest` condition: `Some(None)` keeps the current one, `None`
+    /// removes it (no cert-manager upstream).
+    request: Option<Option<(bool, String, String)>>,
 }
 
 async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Result<Action, Error> {
@@ -124,6 +128,7 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
                     problems: vec![problem],
                     published: None,
                     now,
+                    request: None,
                 },
             )
             .await?;
@@ -147,6 +152,7 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
                 problems: vec![problem],
                 published: None,
                 now,
+                request: None,
             },
         )
         .await?;
@@ -190,6 +196,7 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
                     problems: vec![problem],
                     published: None,
                     now,
+                    request: None,
                 },
             )
             .await?;
@@ -231,12 +238,41 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
         }
     };
 
+    // The keys the stored state holds: those that leave it are destroyed once the new
+    // state is written, those that join it when it cannot be.
+    let held_before = store::key_references(&state);
+
+    // With a cert-manager upstream, the CA comes from a CertificateRequest: send or read
+    // it first; a signed one is installed by the rotation below.
+    let mut request = match &policy.cert_manager {
+        Some(_) => Some(
+            cert_manager::drive(
+                &ctx.client,
+                &ctx.namespace,
+                obj,
+                &policy,
+                &mut state,
+                now,
+                ctx.retry,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    // No longer signed through cert-manager: a key kept for a request is of no use.
+    let dropped_request = policy.cert_manager.is_none() && state.pending_request.take().is_some();
+    let requested_ca = request.as_mut().map(|r| r.ca.take());
+
     // Minting a CA or JWT key can take seconds (an RSA-4096 prime search): off the async
     // runtime, which serves the Node API and the other reconciles meanwhile.
     let for_keys = policy.clone();
-    let held_before = store::key_references(&state);
     let (state, advance, upstream) = tokio::task::spawn_blocking(move || {
-        let advance = state.advance(now, &for_keys, upstream.as_ref().map(|r| r.as_ref()));
+        let source = match (requested_ca, upstream.as_ref()) {
+            (Some(ca), _) => CaSource::Requested(ca),
+            (None, None) => CaSource::SelfSigned,
+            (None, Some(u)) => CaSource::Upstream(u.as_ref()),
+        };
+        let advance = state.advance_with(now, &for_keys, source);
         (state, advance, upstream)
     })
     .await
@@ -249,14 +285,16 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
     });
     // A new trust domain without an X.509 CA (its upstream is broken) persists nothing:
     // there is nothing to keep yet.
-    let worth_persisting = existing.is_some() || state.x509.active.is_some();
+    let worth_persisting =
+        existing.is_some() || state.x509.active.is_some() || state.pending_request.is_some();
     let held_after = store::key_references(&state);
     if !worth_persisting {
         // Nothing is written, so keys minted now (a JWT key beside a broken upstream)
         // would be orphans in a key manager.
         destroy_keys(&policy, held_after.difference(&held_before).cloned()).await;
     }
-    if (advance.changed() || adopt) && worth_persisting {
+    let request_changed = dropped_request || request.as_ref().is_some_and(|r| r.changed);
+    if (advance.changed() || adopt || request_changed) && worth_persisting {
         let mut desired =
             store::new_secret(obj, &ctx.namespace, &state).map_err(|e| Error::Serialize {
                 what: "CA state",
@@ -296,6 +334,16 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
         for t in &advance.transitions {
             ctx.announce(obj, &policy, &state, t).await;
         }
+        if let Some(note) = request.as_ref().and_then(|r| r.sent.as_deref()) {
+            ctx.event(
+                obj,
+                EventType::Normal,
+                "CertificateRequestSent",
+                note,
+                "Rotate",
+            )
+            .await;
+        }
     }
 
     let mut problems = Vec::new();
@@ -307,6 +355,13 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
         }
         None => None,
     };
+    let mut request_condition = None;
+    let mut request_recheck = None;
+    if let Some(r) = request {
+        problems.extend(r.problem);
+        request_condition = r.condition;
+        request_recheck = r.recheck;
+    }
     problems.extend(advance.x509_error);
     problems.extend(advance.jwt_error);
 
@@ -325,7 +380,11 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
         Some(p)
     };
 
-    let due = state.next_due(&policy, upstream_ok.as_ref());
+    let due = if policy.cert_manager.is_some() {
+        state.next_due_requested(&policy)
+    } else {
+        state.next_due(&policy, upstream_ok.as_ref())
+    };
     let has_problems = !problems.is_empty();
     ctx.finish(
         obj,
@@ -334,6 +393,7 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
             problems,
             published,
             now,
+            request: policy.cert_manager.as_ref().map(|_| request_condition),
         },
     )
     .await?;
@@ -344,8 +404,11 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
     if has_problems {
         after = after.min(ctx.retry);
     }
-    if policy.upstream.is_some() {
+    if policy.upstream.is_some() || policy.cert_manager.is_some() {
         after = after.min(UPSTREAM_RECHECK);
+    }
+    if let Some(r) = request_recheck {
+        after = after.min(r);
     }
     Ok(Action::requeue(
         after.clamp(Duration::from_secs(1), MAX_REQUEUE),
@@ -470,6 +533,19 @@ fn build_status(
         condition(&old.conditions, ISSUING, issuing, generation, &now),
         stalled,
     ];
+    let kept_request = || {
+        crate::conditions::find(&old.conditions, CERTIFICATE_REQUEST)
+            .map(|(st, reason, message)| (st == "True", reason, message))
+    };
+    if let Some(request) = o.request.clone().and_then(|r| r.or_else(kept_request)) {
+        status.conditions.push(condition(
+            &old.conditions,
+            CERTIFICATE_REQUEST,
+            request,
+            generation,
+            &now,
+        ));
+    }
     status
 }
 
@@ -641,6 +717,7 @@ mod tests {
             problems: vec![problem],
             published: None,
             now,
+            request: None,
         };
         let status = build_status(&TrustDomainStatus::default(), Some(3), "ns/sigil-ca-td", &o);
         let ready = status.conditions.iter().find(|c| c.type_ == READY).unwrap();
@@ -679,6 +756,7 @@ mod tests {
                 problems: vec![],
                 published: None,
                 now,
+                request: None,
             },
         );
         let later = now + Duration::from_secs(100);
@@ -691,6 +769,7 @@ mod tests {
                 problems: vec![],
                 published: None,
                 now: later,
+                request: None,
             },
         );
         assert_eq!(
@@ -711,6 +790,7 @@ mod tests {
                 problems: vec![problem],
                 published: None,
                 now: later,
+                request: None,
             },
         );
         assert_ne!(

@@ -423,6 +423,30 @@ pub struct AuthorityState {
     pub x509: Ring<CertificateAuthority>,
     /// JWT keys.
     pub jwt: Ring<JwtGeneration>,
+    /// The CSR key of a CA that an upstream is asked to sign (cert-manager), until it is
+    /// signed and becomes a prepared or active CA.
+    pub pending_request: Option<PendingRequest>,
+}
+
+/// A CertificateRequest sent for the next CA, and the key whose CSR it carries. The key
+/// lives only here and in the CA Secret.
+#[derive(Clone)]
+pub struct PendingRequest {
+    /// Name of the CertificateRequest (in the operator's namespace).
+    pub name: String,
+    /// The key the CSR was made with (software, or in the key manager).
+    pub key: sigil_identity::key_manager::AuthorityKey,
+    /// When it was sent.
+    pub requested_at: SystemTime,
+}
+
+impl std::fmt::Debug for PendingRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingRequest")
+            .field("name", &self.name)
+            .field("requested_at", &self.requested_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The result of [`AuthorityState::advance`].
@@ -460,6 +484,7 @@ impl AuthorityState {
             refresh_hint: None,
             x509: Ring::default(),
             jwt: Ring::default(),
+            pending_request: None,
         }
     }
 
@@ -507,9 +532,26 @@ impl AuthorityState {
             activation_delay: policy.activation_delay,
         };
         let x509_replace = |ca: &CertificateAuthority| ca_must_be_replaced(ca, upstream);
+        self.next_due_with(schedule, &x509_replace)
+    }
+
+    /// When the next transition of either ring is due, for a trust domain whose CAs are
+    /// signed from a CSR ([`CaSource::Requested`]).
+    pub fn next_due_requested(&self, policy: &Policy) -> Option<SystemTime> {
+        let schedule = Schedule {
+            activation_delay: policy.activation_delay,
+        };
+        self.next_due_with(schedule, &requested_ca_must_be_replaced)
+    }
+
+    fn next_due_with(
+        &self,
+        schedule: Schedule,
+        x509_replace: &dyn Fn(&CertificateAuthority) -> bool,
+    ) -> Option<SystemTime> {
         let jwt_replace = |_: &JwtGeneration| false;
         [
-            self.x509.next_due(schedule, &x509_replace),
+            self.x509.next_due(schedule, x509_replace),
             self.jwt.next_due(schedule, &jwt_replace),
         ]
         .into_iter()
@@ -528,21 +570,62 @@ impl AuthorityState {
         policy: &Policy,
         upstream: Option<Result<&UpstreamAuthority, &Error>>,
     ) -> Advance {
+        let source = match upstream {
+            None => CaSource::SelfSigned,
+            Some(u) => CaSource::Upstream(u),
+        };
+        self.advance_with(now, policy, source)
+    }
+
+    /// Whether advancing the X.509 ring to `now` needs a new CA (to activate at once or to
+    /// prepare), for an upstream that signs asynchronously: the request is only sent
+    /// when this says so. `must_replace` as in [`Ring::advance`].
+    pub fn needs_new_ca(
+        &self,
+        now: SystemTime,
+        policy: &Policy,
+        must_replace: &dyn Fn(&CertificateAuthority) -> bool,
+    ) -> bool {
+        let schedule = Schedule {
+            activation_delay: policy.activation_delay,
+        };
+        let mut ring = self.x509.clone();
+        let mut asked = false;
+        let mut mint = || -> Result<CertificateAuthority, ()> {
+            asked = true;
+            Err(())
+        };
+        let _ = ring.advance(KeyKind::X509, now, schedule, must_replace, &mut mint);
+        asked
+    }
+
+    /// [`AuthorityState::advance`] with any [`CaSource`].
+    pub fn advance_with(
+        &mut self,
+        now: SystemTime,
+        policy: &Policy,
+        source: CaSource<'_>,
+    ) -> Advance {
         let before = self.bundle(None);
         let schedule = Schedule {
             activation_delay: policy.activation_delay,
         };
         let mut result = Advance::default();
 
-        let usable_upstream = match upstream {
-            Some(Ok(u)) => Some(u),
-            _ => None,
+        let (usable_upstream, upstream_broken) = match &source {
+            CaSource::Upstream(Ok(u)) => (Some(*u), false),
+            CaSource::Upstream(Err(_)) => (None, true),
+            _ => (None, false),
         };
-        let upstream_broken = matches!(upstream, Some(Err(_)));
+        let signed_by_request = matches!(source, CaSource::Requested(_));
         // Only judge "does this CA fit" against a usable configuration: a broken upstream
         // must not retire a CA that still works.
         let x509_replace = |ca: &CertificateAuthority| {
-            !upstream_broken && ca_must_be_replaced(ca, usable_upstream)
+            if signed_by_request {
+                requested_ca_must_be_replaced(ca)
+            } else {
+                !upstream_broken && ca_must_be_replaced(ca, usable_upstream)
+            }
         };
         let params = CaParams {
             trust_domain: self.trust_domain.clone(),
@@ -550,21 +633,29 @@ impl AuthorityState {
             ttl: policy.ca_ttl,
             subject: policy.ca_subject.clone(),
         };
-        // `Err(None)`: blocked by the broken upstream, which the caller reports.
+        let mut requested = match source {
+            CaSource::Requested(ca) => ca,
+            _ => None,
+        };
+        // `Err(None)`: blocked by the broken upstream or a request that is not signed yet,
+        // which the caller reports.
+        let kind = source_kind(usable_upstream, upstream_broken, signed_by_request);
         let ca_label = format!("sigil-ca:{}", self.trust_domain.name());
         let mut mint_ca = || -> Result<CertificateAuthority, Option<Error>> {
-            if matches!(upstream, Some(Err(_))) {
-                return Err(None);
+            match kind {
+                SourceKind::Blocked => return Err(None),
+                SourceKind::Requested => return requested.take().map(|ca| *ca).ok_or(None),
+                SourceKind::SelfSigned | SourceKind::Upstream => {}
             }
             let key = policy
                 .keys
                 .generate(params.key_type, &ca_label)
                 .map_err(|e| Some(policy.ca_error(e.into())))?;
-            let made = match upstream {
-                Some(Ok(u)) => {
+            let made = match usable_upstream {
+                Some(u) => {
                     CertificateAuthority::new_under_upstream_with(&params, u, key.clone(), now)
                 }
-                _ => CertificateAuthority::new_self_signed_with(&params, key.clone(), now),
+                None => CertificateAuthority::new_self_signed_with(&params, key.clone(), now),
             };
             made.map_err(|e| {
                 // The key will never be used: do not leave it in the key manager.
@@ -620,6 +711,44 @@ impl AuthorityState {
         self.refresh_hint = Some(policy.refresh_hint);
         result
     }
+}
+
+/// Where a new X.509 CA comes from in [`AuthorityState::advance_with`].
+#[derive(Debug)]
+pub enum CaSource<'a> {
+    /// Minted here as a self-signed root.
+    SelfSigned,
+    /// Minted here under an upstream CA whose key Sigil holds; `Err` when that upstream
+    /// is configured but broken (nothing new is minted, the active CA keeps signing).
+    Upstream(Result<&'a UpstreamAuthority, &'a Error>),
+    /// Signed elsewhere from Sigil's CSR (cert-manager): the CA whose request was just
+    /// signed, or `None` while none is (nothing new is installed, the active CA keeps
+    /// signing).
+    Requested(Option<Box<CertificateAuthority>>),
+}
+
+#[derive(Clone, Copy)]
+enum SourceKind {
+    SelfSigned,
+    Upstream,
+    Blocked,
+    Requested,
+}
+
+fn source_kind(usable: Option<&UpstreamAuthority>, broken: bool, requested: bool) -> SourceKind {
+    match (usable, broken, requested) {
+        (_, _, true) => SourceKind::Requested,
+        (_, true, _) => SourceKind::Blocked,
+        (Some(_), _, _) => SourceKind::Upstream,
+        (None, false, false) => SourceKind::SelfSigned,
+    }
+}
+
+/// Whether a CA no longer fits a configuration whose CAs are signed from a CSR: only a
+/// self-signed root does (the trust domain moved to an upstream). The upstream's root is
+/// known only once it signs, so a change of issuer takes effect at the next rotation.
+pub fn requested_ca_must_be_replaced(ca: &CertificateAuthority) -> bool {
+    ca.trust_anchors() == [ca.certificate().to_vec()]
 }
 
 /// Whether a CA no longer fits the configuration: a self-signed root when an upstream is
@@ -941,5 +1070,113 @@ mod tests {
         assert_eq!(state.signing_ca(at).unwrap().serial(), serial);
         // JWT keys do not depend on the upstream and still rotate.
         assert!(state.jwt.prepared.is_some());
+    }
+
+    /// A CA signed by an upstream from Sigil's CSR, as cert-manager would return it.
+    fn requested_ca(
+        policy: &Policy,
+        root: &(Vec<u8>, rcgen::Issuer<'static, rcgen::KeyPair>),
+        now: SystemTime,
+    ) -> CertificateAuthority {
+        let params = CaParams {
+            trust_domain: td(),
+            key_type: KeyType::EcP256,
+            ttl: policy.ca_ttl,
+            subject: Default::default(),
+        };
+        let key: sigil_identity::key_manager::AuthorityKey =
+            PrivateKey::generate(KeyType::EcP256).unwrap().into();
+        let pem = CertificateAuthority::csr_pem(&params, &key, now).unwrap();
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(&pem).unwrap();
+        csr.params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        csr.params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let start = sigil_identity::clock::unix_seconds(now);
+        csr.params.not_before = time::OffsetDateTime::from_unix_timestamp(start).unwrap();
+        csr.params.not_after =
+            time::OffsetDateTime::from_unix_timestamp(start + policy.ca_ttl.as_secs() as i64)
+                .unwrap();
+        let cert = csr.signed_by(&root.1).unwrap().der().to_vec();
+        CertificateAuthority::from_signed_chain(td(), key, vec![cert], vec![root.0.clone()])
+            .unwrap()
+    }
+
+    /// With an upstream that signs asynchronously, a new CA is asked for exactly when the
+    /// rotation needs one, installed only once signed, and a request that is not signed
+    /// yet never stops the active CA from signing.
+    #[test]
+    fn requested_cas_rotate_like_minted_ones_and_never_block_the_active_one() {
+        let policy = policy(serde_json::json!({"ca": {"ttl": "6h"}}));
+        let root_key = rcgen::KeyPair::generate().unwrap();
+        let mut rp = rcgen::CertificateParams::default();
+        rp.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        rp.distinguished_name
+            .push(rcgen::DnType::CommonName, "Root");
+        rp.not_before = time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        rp.not_after = time::OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap();
+        let root_der = rp.self_signed(&root_key).unwrap().der().to_vec();
+        let root = (root_der.clone(), rcgen::Issuer::new(rp, root_key));
+        let fits = requested_ca_must_be_replaced;
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mut state = AuthorityState::new(td());
+
+        // Nothing signed yet: a CA is needed, none is made up.
+        assert!(state.needs_new_ca(t0, &policy, &fits));
+        let adv = state.advance_with(t0, &policy, CaSource::Requested(None));
+        assert!(state.x509.active.is_none() && adv.x509_error.is_none());
+        assert!(
+            state.jwt.active.is_some(),
+            "JWT keys do not wait for the upstream"
+        );
+
+        // Signed: it becomes the active CA; the bundle publishes the upstream root.
+        let first = requested_ca(&policy, &root, t0);
+        let first_serial = first.serial().to_owned();
+        state.advance_with(t0, &policy, CaSource::Requested(Some(Box::new(first))));
+        assert_eq!(state.signing_ca(t0).unwrap().serial(), first_serial);
+        assert_eq!(state.bundle(None).x509_authorities, vec![root_der.clone()]);
+        assert!(!state.needs_new_ca(t0 + HOUR, &policy, &fits));
+        assert_eq!(
+            state.x509.prepare_at(),
+            Some(t0 + 3 * HOUR),
+            "the next request is due at half-life"
+        );
+        let due = state.next_due_requested(&policy).unwrap();
+        assert!(due <= t0 + 3 * HOUR && due > t0 + 2 * HOUR, "{due:?}");
+
+        // Half-life: the next one is needed; while it is not signed the active CA signs.
+        let half = t0 + 3 * HOUR;
+        assert!(state.needs_new_ca(half, &policy, &fits));
+        let adv = state.advance_with(half, &policy, CaSource::Requested(None));
+        assert!(adv.transitions.iter().all(|t| !matches!(
+            t,
+            Transition::Prepared {
+                kind: KeyKind::X509,
+                ..
+            }
+        )));
+        assert_eq!(state.signing_ca(half).unwrap().serial(), first_serial);
+
+        // Signed later: prepared, then active after the activation delay (ttl/3).
+        let later = half + HOUR / 2;
+        let second = requested_ca(&policy, &root, later);
+        let second_serial = second.serial().to_owned();
+        let adv = state.advance_with(later, &policy, CaSource::Requested(Some(Box::new(second))));
+        assert!(adv.transitions.contains(&Transition::Prepared {
+            kind: KeyKind::X509,
+            id: second_serial.clone()
+        }));
+        assert!(!state.needs_new_ca(later, &policy, &fits));
+        assert_eq!(state.signing_ca(later).unwrap().serial(), first_serial);
+        let activation = later + 2 * HOUR;
+        state.advance_with(activation, &policy, CaSource::Requested(None));
+        assert_eq!(
+            state.signing_ca(activation).unwrap().serial(),
+            second_serial
+        );
+
+        // A self-signed CA is replaced when the trust domain moves to a requested one.
+        let mut plain = AuthorityState::new(td());
+        plain.advance(t0, &policy, None);
+        assert!(plain.needs_new_ca(t0, &policy, &fits));
     }
 }

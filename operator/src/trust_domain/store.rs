@@ -28,7 +28,9 @@ use sigil_identity::keys::PrivateKey;
 use sigil_identity::x509::{certs_from_pem, certs_to_pem};
 use zeroize::Zeroizing;
 
-use super::rotation::{AuthorityState, JwtGeneration, Retired, Ring, Slot, X509Public};
+use super::rotation::{
+    AuthorityState, JwtGeneration, PendingRequest, Retired, Ring, Slot, X509Public,
+};
 use crate::crd::trust_domain::{COMPONENT_LABEL, OWNER_LABEL, TrustDomain as TrustDomainObject};
 
 /// The Secret entry holding the state document.
@@ -78,6 +80,24 @@ struct Stored {
     refresh_hint_seconds: Option<u64>,
     x509: StoredRing<StoredCa, StoredRetiredCa>,
     jwt: StoredRing<StoredJwt, StoredRetiredJwt>,
+    /// The key of a CA an upstream is asked to sign (cert-manager), and its request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_request: Option<StoredPendingRequest>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredPendingRequest {
+    /// CertificateRequest name.
+    name: String,
+    /// PKCS#8 PEM of the CSR's software key; empty when a key manager holds it.
+    #[serde(default, with = "zeroizing", skip_serializing_if = "is_empty")]
+    private_key: Zeroizing<String>,
+    /// Where the CSR's key lives when a key manager (an HSM) holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_ref: Option<KeyReference>,
+    /// Unix seconds.
+    requested_at: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -205,7 +225,11 @@ pub fn key_references(state: &AuthorityState) -> std::collections::BTreeSet<KeyR
         .into_iter()
         .flatten()
         .filter_map(|s| s.key.key.key().reference().cloned());
-    x509.chain(jwt).collect()
+    let pending = state
+        .pending_request
+        .iter()
+        .filter_map(|p| p.key.reference().cloned());
+    x509.chain(jwt).chain(pending).collect()
 }
 
 fn secs(t: SystemTime) -> u64 {
@@ -277,6 +301,15 @@ pub fn to_secret_data(
                 })
                 .collect(),
         },
+        pending_request: state
+            .pending_request
+            .as_ref()
+            .map(|p| StoredPendingRequest {
+                name: p.name.clone(),
+                private_key: persisted(&p.key).0,
+                key_ref: persisted(&p.key).1,
+                requested_at: secs(p.requested_at),
+            }),
     };
     let json = Zeroizing::new(serde_json::to_vec(&stored)?);
     Ok(BTreeMap::from([(
@@ -430,6 +463,16 @@ pub fn from_secret(
         refresh_hint: stored.refresh_hint_seconds.map(Duration::from_secs),
         x509,
         jwt: jwt_ring,
+        pending_request: stored
+            .pending_request
+            .map(|p| -> Result<PendingRequest, LoadFailure> {
+                Ok(PendingRequest {
+                    key: restore(&p.private_key, p.key_ref.as_ref(), keys, "pending request")?,
+                    name: p.name,
+                    requested_at: time(p.requested_at),
+                })
+            })
+            .transpose()?,
     })
 }
 
@@ -486,6 +529,39 @@ mod tests {
     use crate::crd::trust_domain::TrustDomainSpec;
     use crate::trust_domain::policy::Policy;
     use sigil_identity::key_manager::SoftwareKeys;
+
+    #[test]
+    fn a_pending_request_and_its_key_survive_a_round_trip() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut state = AuthorityState::new(td.clone());
+        let key = PrivateKey::generate(sigil_identity::keys::KeyType::EcP256).unwrap();
+        state.pending_request = Some(PendingRequest {
+            name: "sigil-ca-td-0123456789".into(),
+            key: PrivateKey::from_pem(&key.to_pkcs8_pem()).unwrap().into(),
+            requested_at: UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        });
+        let secret = Secret {
+            data: Some(to_secret_data(&state).unwrap()),
+            ..Default::default()
+        };
+        let back = from_secret(&secret, &td, &sigil_identity::key_manager::SoftwareKeys).unwrap();
+        let pending = back.pending_request.unwrap();
+        assert_eq!(pending.name, "sigil-ca-td-0123456789");
+        assert_eq!(pending.key.fingerprint(), key.fingerprint());
+        assert_eq!(
+            pending.requested_at,
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+        );
+        assert!(
+            !format!("{pending:?}").contains("PRIVATE"),
+            "Debug never shows the key"
+        );
+        // Without one, the document is what it always was.
+        let plain = AuthorityState::new(td);
+        let data = to_secret_data(&plain).unwrap();
+        let text = String::from_utf8(data[STATE_KEY].0.clone()).unwrap();
+        assert!(!text.contains("pendingRequest"), "{text}");
+    }
 
     #[test]
     fn round_trip_keeps_every_generation_and_the_sequence() {
