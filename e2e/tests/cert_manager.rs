@@ -674,3 +674,152 @@ fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
 }
+
+const HSM_TEST: &str = "with_the_pkcs11_key_manager_the_csr_key_is_made_and_kept_in_the_token";
+
+/// With `--key-manager pkcs11`, the key of Sigil's CA signed through cert-manager is made
+/// in the token like any other CA key: the CSR is signed there, the CA Secret keeps only
+/// a reference (while the request is pending and once the CA is installed), and SVIDs the
+/// token-held CA signs verify up to the issuer's root. SoftHSM2 stands in for the HSM;
+/// as in e2e/tests/hsm.rs, the test runs itself again in a child with `SOFTHSM2_CONF`.
+#[test]
+fn with_the_pkcs11_key_manager_the_csr_key_is_made_and_kept_in_the_token() {
+    use sigil_testkit::hsm::SoftHsm;
+    if let Some(hsm) = SoftHsm::from_env("sigil-cm") {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(hsm_scenario(hsm));
+        return;
+    }
+    let hsm = SoftHsm::init("sigil-cm");
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", HSM_TEST, "--nocapture", "--test-threads=1"])
+        .env("SOFTHSM2_CONF", hsm.conf())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the scenario (in a child process) failed: {status}"
+    );
+}
+
+async fn hsm_scenario(hsm: sigil_testkit::hsm::SoftHsm) {
+    use sigil_operator::keys::Keys;
+    use sigil_operator::keys::pkcs11::Pkcs11Keys;
+    let admin = client().await;
+    install_cert_manager_crds(&admin).await;
+    let ns = namespace("cm-hsm").await;
+    let pki_ns = namespace("cm-hsm-pki").await;
+    let instance = unique("cm-hsm");
+    let pki = sigil_e2e::pki::upstream_pki(::time::Duration::days(90), true).unwrap();
+    let issuer_secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "enterprise-ca"},
+        "type": "kubernetes.io/tls",
+        "stringData": {
+            "tls.crt": format!("{}{}", pki.intermediate_pem, pki.root_pem),
+            "tls.key": pki.intermediate_key_pem,
+        },
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(admin.clone(), &pki_ns)
+        .create(&PostParams::default(), &issuer_secret)
+        .await
+        .unwrap();
+    let root_der = certs_from_pem(&pki.root_pem).unwrap().remove(0);
+    let cluster_issuer = unique("enterprise");
+    create_dynamic(
+        &admin,
+        None,
+        GroupVersionKind::gvk("cert-manager.io", "v1", "ClusterIssuer"),
+        serde_json::json!({
+            "apiVersion": "cert-manager.io/v1", "kind": "ClusterIssuer",
+            "metadata": {"name": cluster_issuer},
+            "spec": {"ca": {"secretName": "enterprise-ca"}},
+        }),
+    )
+    .await;
+    let _cert_manager = start_cert_manager(
+        "issuers,clusterissuers,certificaterequests-approver,certificaterequests-issuer-ca",
+        &pki_ns,
+    )
+    .await;
+    let keys = Keys::new(std::sync::Arc::new(
+        Pkcs11Keys::open(hsm.module(), hsm.label(), hsm.pin().to_owned()).unwrap(),
+    ));
+    let replica = Replica::start(
+        admin.clone(),
+        ReplicaConfig {
+            keys,
+            ..ReplicaConfig::new(&ns, &instance)
+        },
+    );
+    let td_name = "cm-hsm.example.org";
+    let name = unique("td");
+    create_trust_domain(
+        &admin,
+        &trust_domain(
+            &name,
+            &instance,
+            serde_json::json!({
+                "trustDomain": td_name,
+                "upstreamAuthority": {"certManager": {"issuerRef": {"name": cluster_issuer, "kind": "ClusterIssuer"}}},
+                "bundle": {"namespaceSelector": {"matchLabels": {"sigil-bundle": "none"}}},
+            }),
+        ),
+    )
+    .await;
+    let td = wait_condition(&admin, &name, "Ready", "True", "BundlePublished").await;
+    assert!(has(
+        &td,
+        CERTIFICATE_REQUEST,
+        "True",
+        "CertificateRequestIssued"
+    ));
+    let serial = serial_of(&td).unwrap();
+    let secret = ca_secret(&admin, &ns, &name).await.unwrap();
+    let raw = String::from_utf8(secret.data.unwrap()["authorities.json"].0.clone()).unwrap();
+    assert!(
+        !raw.contains("PRIVATE KEY"),
+        "no key in the CA Secret: {raw}"
+    );
+    let doc: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(
+        doc["x509"]["active"]["keyRef"]["manager"], "pkcs11",
+        "{doc}"
+    );
+
+    let tdn = TdName::new(td_name).unwrap();
+    let authority = eventually("the replica loads the CA", SETTLE, || async {
+        replica
+            .authorities
+            .get(&tdn)
+            .filter(|a| a.x509_ca.serial() == serial)
+    })
+    .await;
+    assert!(
+        authority.x509_ca.key().reference().is_some(),
+        "the CA key is in the token"
+    );
+    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+    let now = SystemTime::now();
+    let id = SpiffeId::parse(&format!("spiffe://{td_name}/ns/default/sa/web")).unwrap();
+    let issued = authority
+        .x509_ca
+        .sign_public_key(
+            &key.public_key_der(),
+            &SvidTemplate {
+                spiffe_id: &id,
+                ttl: Duration::from_secs(20),
+                dns_names: &[],
+            },
+            now,
+        )
+        .unwrap();
+    let mut bundle = sigil_identity::TrustBundle::new(tdn.clone());
+    bundle.x509_authorities = vec![root_der];
+    validate_x509_svid(&issued.chain(), &bundle, now).unwrap();
+    replica.stop().await;
+}
