@@ -116,6 +116,9 @@ struct StoredCa {
 struct StoredRetiredCa {
     certificate: String,
     trust_anchors: String,
+    /// A key manager's key, kept (never used) until the generation expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_ref: Option<KeyReference>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -144,6 +147,9 @@ struct StoredRetiredJwt {
     jwk: Jwk,
     not_before: u64,
     not_after: u64,
+    /// A key manager's key, kept (never used) until the generation expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_ref: Option<KeyReference>,
 }
 
 /// Private keys stay in wiped-on-drop buffers through (de)serialisation.
@@ -194,8 +200,9 @@ fn restore(
     }
 }
 
-/// Every key reference `state` holds (its active and prepared keys: retired ones keep no
-/// key). Keys a key manager holds that are no longer in this set may be destroyed.
+/// Every key reference `state` holds: its active and prepared keys, and the keys of its
+/// retired generations until they expire. Keys a key manager holds that are no longer in
+/// this set may be destroyed.
 pub fn key_references(state: &AuthorityState) -> std::collections::BTreeSet<KeyReference> {
     let x509 = [&state.x509.active, &state.x509.prepared]
         .into_iter()
@@ -205,7 +212,11 @@ pub fn key_references(state: &AuthorityState) -> std::collections::BTreeSet<KeyR
         .into_iter()
         .flatten()
         .filter_map(|s| s.key.key.key().reference().cloned());
-    x509.chain(jwt).collect()
+    let retired = (state.x509.retired.iter().map(|r| &r.key_ref))
+        .chain(state.jwt.retired.iter().map(|r| &r.key_ref))
+        .flatten()
+        .cloned();
+    x509.chain(jwt).chain(retired).collect()
 }
 
 fn secs(t: SystemTime) -> u64 {
@@ -259,6 +270,7 @@ pub fn to_secret_data(
                 .map(|r| StoredRetiredCa {
                     certificate: certs_to_pem(&[&r.public.certificate]),
                     trust_anchors: certs_to_pem(&r.public.trust_anchors),
+                    key_ref: r.key_ref.clone(),
                 })
                 .collect(),
         },
@@ -274,6 +286,7 @@ pub fn to_secret_data(
                     jwk: r.public.jwk.clone(),
                     not_before: secs(r.not_before),
                     not_after: secs(r.not_after),
+                    key_ref: r.key_ref.clone(),
                 })
                 .collect(),
         },
@@ -396,6 +409,7 @@ pub fn from_secret(
             },
             not_before,
             not_after,
+            key_ref: r.key_ref.clone(),
         });
     }
     let mut jwt_ring = Ring {
@@ -422,6 +436,7 @@ pub fn from_secret(
             },
             not_before: time(r.not_before),
             not_after: time(r.not_after),
+            key_ref: r.key_ref.clone(),
         });
     }
     Ok(AuthorityState {
