@@ -337,7 +337,7 @@ async fn scenario(hsm: SoftHsm) {
 
     // 5. Rotation (spec.ca.ttl 1m: the next CA and JWT key are prepared at 30 s and
     // activate 20 s later): the surviving process makes the new keys in the token, and
-    // destroys the old ones once no generation uses them.
+    // destroys the old ones when their generation expires (at 60 s) and leaves the state.
     let rotated = eventually(
         "the CA and the JWT key rotated",
         Duration::from_secs(120),

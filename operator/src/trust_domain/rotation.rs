@@ -29,6 +29,7 @@ use sigil_identity::bundle::JwtAuthority;
 use sigil_identity::ca::{BACKDATE, CaParams, CertificateAuthority, UpstreamAuthority};
 use sigil_identity::clock::{from_unix_seconds, unix_seconds};
 use sigil_identity::jwt::{JwtError, JwtKey};
+use sigil_identity::key_manager::KeyReference;
 use sigil_identity::keys::KeyType;
 use sigil_identity::{TrustBundle, TrustDomain};
 
@@ -47,6 +48,8 @@ pub trait Generation {
     fn not_after(&self) -> SystemTime;
     /// The public part.
     fn public(&self) -> Self::Public;
+    /// Where a key manager keeps its key (`None` for a software key).
+    fn key_reference(&self) -> Option<KeyReference>;
 }
 
 /// The public part of an X.509 CA: its certificate and the anchors a bundle needs for it.
@@ -76,6 +79,9 @@ impl Generation for CertificateAuthority {
             trust_anchors: self.trust_anchors().to_vec(),
         }
     }
+    fn key_reference(&self) -> Option<KeyReference> {
+        self.key().reference().cloned()
+    }
 }
 
 /// A JWT signing key with the start of its life (the key itself knows only its end).
@@ -100,6 +106,9 @@ impl Generation for JwtGeneration {
     }
     fn public(&self) -> JwtAuthority {
         self.key.authority()
+    }
+    fn key_reference(&self) -> Option<KeyReference> {
+        self.key.key().reference().cloned()
     }
 }
 
@@ -132,6 +141,10 @@ pub struct Retired<P> {
     pub not_before: SystemTime,
     /// End of validity: it leaves the bundle then.
     pub not_after: SystemTime,
+    /// Where a key manager keeps its key: destroyed only once the generation leaves the
+    /// state at `not_after` (a replica that has not reloaded yet may still sign with it
+    /// until then).
+    pub key_ref: Option<KeyReference>,
 }
 
 /// The generations of one kind of key.
@@ -303,6 +316,7 @@ impl<K: Generation> Ring<K> {
             public: k.public(),
             not_before: k.not_before(),
             not_after: k.not_after(),
+            key_ref: k.key_reference(),
         });
     }
 

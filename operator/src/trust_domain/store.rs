@@ -136,6 +136,9 @@ struct StoredCa {
 struct StoredRetiredCa {
     certificate: String,
     trust_anchors: String,
+    /// A key manager's key, kept (never used) until the generation expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_ref: Option<KeyReference>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -164,6 +167,9 @@ struct StoredRetiredJwt {
     jwk: Jwk,
     not_before: u64,
     not_after: u64,
+    /// A key manager's key, kept (never used) until the generation expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_ref: Option<KeyReference>,
 }
 
 /// Private keys stay in wiped-on-drop buffers through (de)serialisation.
@@ -214,8 +220,9 @@ fn restore(
     }
 }
 
-/// Every key reference `state` holds (its active and prepared keys: retired ones keep no
-/// key). Keys a key manager holds that are no longer in this set may be destroyed.
+/// Every key reference `state` holds: its active and prepared keys, the keys of its
+/// retired generations until they expire, and the key of a pending CertificateRequest.
+/// Keys a key manager holds that are no longer in this set may be destroyed.
 pub fn key_references(state: &AuthorityState) -> std::collections::BTreeSet<KeyReference> {
     let x509 = [&state.x509.active, &state.x509.prepared]
         .into_iter()
@@ -225,11 +232,15 @@ pub fn key_references(state: &AuthorityState) -> std::collections::BTreeSet<KeyR
         .into_iter()
         .flatten()
         .filter_map(|s| s.key.key.key().reference().cloned());
+    let retired = (state.x509.retired.iter().map(|r| &r.key_ref))
+        .chain(state.jwt.retired.iter().map(|r| &r.key_ref))
+        .flatten()
+        .cloned();
     let pending = state
         .pending_request
         .iter()
         .filter_map(|p| p.key.reference().cloned());
-    x509.chain(jwt).chain(pending).collect()
+    x509.chain(jwt).chain(retired).chain(pending).collect()
 }
 
 fn secs(t: SystemTime) -> u64 {
@@ -283,6 +294,7 @@ pub fn to_secret_data(
                 .map(|r| StoredRetiredCa {
                     certificate: certs_to_pem(&[&r.public.certificate]),
                     trust_anchors: certs_to_pem(&r.public.trust_anchors),
+                    key_ref: r.key_ref.clone(),
                 })
                 .collect(),
         },
@@ -298,6 +310,7 @@ pub fn to_secret_data(
                     jwk: r.public.jwk.clone(),
                     not_before: secs(r.not_before),
                     not_after: secs(r.not_after),
+                    key_ref: r.key_ref.clone(),
                 })
                 .collect(),
         },
@@ -429,6 +442,7 @@ pub fn from_secret(
             },
             not_before,
             not_after,
+            key_ref: r.key_ref.clone(),
         });
     }
     let mut jwt_ring = Ring {
@@ -455,6 +469,7 @@ pub fn from_secret(
             },
             not_before: time(r.not_before),
             not_after: time(r.not_after),
+            key_ref: r.key_ref.clone(),
         });
     }
     Ok(AuthorityState {
