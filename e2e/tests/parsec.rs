@@ -55,9 +55,11 @@ mod wire {
 
 /// The running Parsec service.
 struct Parsec {
+    // Field order: the process dies before its directory is removed.
     process: Supervised,
+    config: PathBuf,
     socket: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Parsec {
@@ -105,12 +107,33 @@ owner_hierarchy_auth = ""
             ),
         )
         .unwrap();
+        let process = Self::spawn(&config, &socket, &dir.path().join("parsec.log"));
+        Parsec {
+            process,
+            config,
+            socket,
+            dir,
+        }
+    }
+
+    /// Stops the service (SIGKILL) and starts it again with the same configuration, key
+    /// store and TPM; returns once it answers a ping.
+    fn restart(&mut self) {
+        self.process.stop();
+        self.process = Self::spawn(
+            &self.config,
+            &self.socket,
+            &self.dir.path().join("parsec.log"),
+        );
+    }
+
+    fn spawn(config: &Path, socket: &Path, log: &Path) -> Supervised {
         let program = sigil_e2e::tools::tool("parsec").unwrap();
         let mut process = Supervised::start(
             "parsec",
             &program,
             &["--config".into(), config.display().to_string()],
-            &dir.path().join("parsec.log"),
+            log,
         )
         .unwrap();
         let deadline = Instant::now() + PARSEC_START;
@@ -118,18 +141,18 @@ owner_hierarchy_auth = ""
             if let Some(status) = process.exited() {
                 panic!("parsec exited ({status}):\n{}", process.log_tail(40));
             }
-            if socket.exists()
-                && request_blocking(
-                    &socket,
-                    wire::PROVIDER_CORE,
-                    wire::OPCODE_PING,
-                    b"",
-                    wire::AUTH_NONE,
-                    b"",
-                )
-                .0 == wire::STATUS_SUCCESS
+            // A stale socket of an earlier run refuses connections until Parsec replaces it.
+            if request_blocking(
+                socket,
+                wire::PROVIDER_CORE,
+                wire::OPCODE_PING,
+                b"",
+                wire::AUTH_NONE,
+                b"",
+            )
+            .0 == wire::STATUS_SUCCESS
             {
-                break;
+                return process;
             }
             assert!(
                 Instant::now() < deadline,
@@ -137,11 +160,6 @@ owner_hierarchy_auth = ""
                 process.log_tail(40)
             );
             std::thread::sleep(Duration::from_millis(100));
-        }
-        Parsec {
-            process,
-            socket,
-            _dir: dir,
         }
     }
 
@@ -304,7 +322,7 @@ async fn parsec_gives_each_workload_its_own_tpm_keys_by_jwt_svid() {
     // The Parsec service runs on the node, outside any pod, as a node service does. It
     // needs no entry of its own: the agent answers ValidateJWTSVID for any caller it can
     // attest on its socket.
-    let parsec = tokio::task::block_in_place(|| Parsec::start(&aw.addr, &tpm.tcti()));
+    let mut parsec = tokio::task::block_in_place(|| Parsec::start(&aw.addr, &tpm.tcti()));
     eprintln!("parsec ready after {:?}", started.elapsed());
 
     // Parsec tells clients which authenticator it uses; parsec-tool picks JWT-SVID.
@@ -351,6 +369,7 @@ async fn parsec_gives_each_workload_its_own_tpm_keys_by_jwt_svid() {
     // and the two "shared-name" keys are different keys.
     let msg = "attested by the TPM on behalf of a SPIFFE ID";
     let mut shared_keys = Vec::new();
+    let mut alpha_key_public = String::new();
     for (w, name) in [
         (&alpha, "alpha-key"),
         (&beta, "beta-key"),
@@ -368,6 +387,8 @@ async fn parsec_gives_each_workload_its_own_tpm_keys_by_jwt_svid() {
         verify_p256(&public, msg.as_bytes(), &sig);
         if name == "shared-name" {
             shared_keys.push(public);
+        } else if name == "alpha-key" {
+            alpha_key_public = public;
         }
     }
     assert_ne!(shared_keys[0], shared_keys[1], "one name, two owners' keys");
@@ -415,6 +436,21 @@ async fn parsec_gives_each_workload_its_own_tpm_keys_by_jwt_svid() {
         &parsec_tool(&aw, &parsec, &beta, &["list-keys"]).await,
     );
     assert_eq!(key_names(&list), ["beta-key", "shared-name"], "{list}");
+
+    // The keys outlive the service: Parsec restarted on the same key store and TPM still
+    // lists alpha's key, which still signs, and is the same key (the public key exported
+    // before the restart verifies the new signature).
+    tokio::task::block_in_place(|| parsec.restart());
+    let list = ok(
+        "alpha list-keys after a Parsec restart",
+        &parsec_tool(&aw, &parsec, &alpha, &["list-keys"]).await,
+    );
+    assert_eq!(key_names(&list), ["alpha-key"], "{list}");
+    let sig = ok(
+        "alpha signs after a Parsec restart",
+        &parsec_tool(&aw, &parsec, &alpha, &["sign", "-k", "alpha-key", msg]).await,
+    );
+    verify_p256(&alpha_key_public, msg.as_bytes(), &sig);
 
     // A pod with no identity gets no JWT-SVID, so it cannot even ask.
     let out = parsec_tool(&aw, &parsec, &stranger, &["list-keys"]).await;
