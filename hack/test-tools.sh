@@ -259,6 +259,46 @@ build_cargo_machete() {
   rm -rf "$root"
 }
 
+# Parsec (crates.io): the service and its CLI client, each with the features docs/parsec.md
+# needs. Their own target directory in the cache (not the workspace's), removed after the
+# install: it is large and nothing else reuses it. tss-esapi links Debian's libtss2.
+# Cold: about 23 minutes on 2 cores, most of it gRPC C-core, built once for each program.
+build_parsec() {
+  install_debian_tpm
+  local root=$SIGIL_CACHE/parsec-$PARSEC_SERVICE_VERSION-$PARSEC_TOOL_VERSION
+  local target=$SIGIL_CACHE/parsec-target
+  rm -rf "$root"
+  CARGO_TARGET_DIR=$target cargo install --locked --quiet --root "$root" \
+    parsec-service --version "$PARSEC_SERVICE_VERSION" --features "$PARSEC_SERVICE_FEATURES"
+  local src; src=$(fetch_parsec_tool)
+  # parsec-tool's published Cargo.lock pins time 0.3.23, which today's rustc refuses
+  # (E0282 in time's format_description), and spiffe 0.2.1 on gRPC C-core 1.38; move both
+  # to the versions parsec-service's own lock has (time 0.3.45, spiffe 0.2.2 on gRPC 1.46).
+  (cd "$src" &&
+    cargo update --quiet -p time --precise "$PARSEC_TOOL_TIME_VERSION" &&
+    cargo update --quiet -p spiffe --precise "$PARSEC_TOOL_SPIFFE_VERSION")
+  CARGO_TARGET_DIR=$target cargo install --locked --quiet --root "$root" \
+    --path "$src" --features "$PARSEC_TOOL_FEATURES"
+  install -m 0755 "$root/bin/parsec" "$SIGIL_BIN/parsec"
+  install -m 0755 "$root/bin/parsec-tool" "$SIGIL_BIN/parsec-tool"
+  rm -rf "$target" "$root"
+}
+
+# The published parsec-tool crate (with its Cargo.lock), copied out of cargo's registry
+# cache: a throwaway package that depends on it makes cargo download it and say where.
+fetch_parsec_tool() {
+  local meta=$SIGIL_CACHE/src/parsec-tool-fetch dir=$SIGIL_CACHE/src/parsec-tool-$PARSEC_TOOL_VERSION manifest
+  rm -rf "$meta" "$dir"; mkdir -p "$meta/src"
+  printf '[package]\nname = "fetch"\nversion = "0.0.0"\nedition = "2021"\n\n[dependencies]\nparsec-tool = "=%s"\n' \
+    "$PARSEC_TOOL_VERSION" >"$meta/Cargo.toml"
+  touch "$meta/src/lib.rs"
+  manifest=$(cargo metadata --quiet --format-version 1 --manifest-path "$meta/Cargo.toml" |
+    python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "parsec-tool"))')
+  cp -r "$(dirname "$manifest")" "$dir"
+  rm -rf "$meta"
+  echo "$dir"
+}
+
 build_node_helpers() {
   fetch_node_helpers
   mkdir -p "$SIGIL_BIN/static"
@@ -338,6 +378,8 @@ tool_spec() {
     runc) echo "$RUNC_VERSION runc" ;;
     coredns) echo "$COREDNS_VERSION coredns" ;;
     cargo-machete) echo "$CARGO_MACHETE_VERSION cargo-machete" ;;
+    parsec)
+      echo "$PARSEC_SERVICE_VERSION+$PARSEC_SERVICE_FEATURES-$PARSEC_TOOL_VERSION+$PARSEC_TOOL_FEATURES+time-$PARSEC_TOOL_TIME_VERSION+spiffe-$PARSEC_TOOL_SPIFFE_VERSION parsec parsec-tool" ;;
     node-helpers)
       echo "$GO_SPIFFE_VERSION-$(node_helpers_src | sha256sum | cut -c1-12) netns-forward static/pause static/node-registrar static/go-spiffe-client" ;;
     *) return 1 ;;

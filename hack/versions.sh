@@ -48,10 +48,26 @@ TEST_IMAGE_TAG=dev
 # cargo-machete (crates.io) finds unused dependencies in `make lint`; not a test tool.
 CARGO_MACHETE_VERSION=0.9.2
 
+# Parsec (docs/parsec.md): the service with its JWT-SVID authenticator and TPM provider
+# (on the swtpm above), and its CLI client with JWT-SVID auth.
+PARSEC_SERVICE_VERSION=1.5.0
+PARSEC_SERVICE_FEATURES=jwt-svid-authenticator,tpm-provider
+PARSEC_TOOL_VERSION=0.7.0
+# parsec-tool's own spiffe-auth feature enables only parsec-client's `spiffe` dependency,
+# not parsec-client's `spiffe-auth` feature that holds the JWT-SVID authentication: without
+# the second, parsec-tool skips a JwtSvid service ("not supported by this client library").
+PARSEC_TOOL_FEATURES=spiffe-auth,parsec-client/spiffe-auth
+# parsec-tool's Cargo.lock is updated to these before the build (hack/test-tools.sh).
+PARSEC_TOOL_TIME_VERSION=0.3.45
+PARSEC_TOOL_SPIFFE_VERSION=0.2.2
+
 ALL_TOOLS="etcd kube csi-sanity helm spire go-spiffe-client envoy-sds-client py-spiffe swtpm cert-manager"
 
 # spire-templates renders spire-controller-manager's templates for `sigil migrate`'s test.
 ALL_TOOLS="$ALL_TOOLS spire-templates"
+
+# parsec: the Parsec service and parsec-tool (crates.io), built with cargo install.
+ALL_TOOLS="$ALL_TOOLS parsec"
 
 SIGIL_CACHE=${SIGIL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sigil}
 SIGIL_BIN=$SIGIL_CACHE/bin
