@@ -249,34 +249,7 @@ async fn cert_manager_signs_sigils_ca_and_explains_pending_and_denied_requests()
     // The enterprise CA: an issuing CA under a root. Its key is only in pki_ns, read by
     // cert-manager's ClusterIssuer; tls.crt carries the root too, so cert-manager returns
     // the root as status.ca.
-    let pki = sigil_e2e::pki::upstream_pki(::time::Duration::days(90), true).unwrap();
-    let ca_secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "enterprise-ca"},
-        "type": "kubernetes.io/tls",
-        "stringData": {
-            "tls.crt": format!("{}{}", pki.intermediate_pem, pki.root_pem),
-            "tls.key": pki.intermediate_key_pem,
-        },
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(admin.clone(), &pki_ns)
-        .create(&PostParams::default(), &ca_secret)
-        .await
-        .unwrap();
-    let root_der = certs_from_pem(&pki.root_pem).unwrap().remove(0);
-    let intermediate_der = certs_from_pem(&pki.intermediate_pem).unwrap().remove(0);
-    let cluster_issuer = unique("enterprise");
-    create_dynamic(
-        &admin,
-        None,
-        GroupVersionKind::gvk("cert-manager.io", "v1", "ClusterIssuer"),
-        serde_json::json!({
-            "apiVersion": "cert-manager.io/v1", "kind": "ClusterIssuer",
-            "metadata": {"name": cluster_issuer},
-            "spec": {"ca": {"secretName": "enterprise-ca"}},
-        }),
-    )
-    .await;
+    let (cluster_issuer, root_der, intermediate_der) = enterprise_issuer(&admin, &pki_ns).await;
 
     // The operator runs on exactly the chart's RBAC.
     let sa_client = chart_operator(&admin, &ns).await;
@@ -670,6 +643,42 @@ async fn cert_manager_signs_sigils_ca_and_explains_pending_and_denied_requests()
     replica.stop().await;
 }
 
+/// The enterprise CA: an issuing CA under a root, its key only in `pki_ns` (read by a
+/// cert-manager ClusterIssuer, never by Sigil). tls.crt carries the root too, so
+/// cert-manager returns the root as status.ca. Returns the ClusterIssuer's name, the root
+/// and the issuing CA (DER).
+async fn enterprise_issuer(admin: &kube::Client, pki_ns: &str) -> (String, Vec<u8>, Vec<u8>) {
+    let pki = sigil_e2e::pki::upstream_pki(::time::Duration::days(90), true).unwrap();
+    let ca_secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "enterprise-ca"},
+        "type": "kubernetes.io/tls",
+        "stringData": {
+            "tls.crt": format!("{}{}", pki.intermediate_pem, pki.root_pem),
+            "tls.key": pki.intermediate_key_pem,
+        },
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(admin.clone(), pki_ns)
+        .create(&PostParams::default(), &ca_secret)
+        .await
+        .unwrap();
+    let root_der = certs_from_pem(&pki.root_pem).unwrap().remove(0);
+    let intermediate_der = certs_from_pem(&pki.intermediate_pem).unwrap().remove(0);
+    let cluster_issuer = unique("enterprise");
+    create_dynamic(
+        admin,
+        None,
+        GroupVersionKind::gvk("cert-manager.io", "v1", "ClusterIssuer"),
+        serde_json::json!({
+            "apiVersion": "cert-manager.io/v1", "kind": "ClusterIssuer",
+            "metadata": {"name": cluster_issuer},
+            "spec": {"ca": {"secretName": "enterprise-ca"}},
+        }),
+    )
+    .await;
+    (cluster_issuer, root_der, intermediate_der)
+}
+
 fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
@@ -684,26 +693,7 @@ const HSM_TEST: &str = "with_the_pkcs11_key_manager_the_csr_key_is_made_and_kept
 /// as in e2e/tests/hsm.rs, the test runs itself again in a child with `SOFTHSM2_CONF`.
 #[test]
 fn with_the_pkcs11_key_manager_the_csr_key_is_made_and_kept_in_the_token() {
-    use sigil_testkit::hsm::SoftHsm;
-    if let Some(hsm) = SoftHsm::from_env("sigil-cm") {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(hsm_scenario(hsm));
-        return;
-    }
-    let hsm = SoftHsm::init("sigil-cm");
-    let status = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", HSM_TEST, "--nocapture", "--test-threads=1"])
-        .env("SOFTHSM2_CONF", hsm.conf())
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "the scenario (in a child process) failed: {status}"
-    );
+    sigil_testkit::hsm::run_with_token("sigil-cm", HSM_TEST, hsm_scenario);
 }
 
 async fn hsm_scenario(hsm: sigil_testkit::hsm::SoftHsm) {
@@ -714,33 +704,7 @@ async fn hsm_scenario(hsm: sigil_testkit::hsm::SoftHsm) {
     let ns = namespace("cm-hsm").await;
     let pki_ns = namespace("cm-hsm-pki").await;
     let instance = unique("cm-hsm");
-    let pki = sigil_e2e::pki::upstream_pki(::time::Duration::days(90), true).unwrap();
-    let issuer_secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "enterprise-ca"},
-        "type": "kubernetes.io/tls",
-        "stringData": {
-            "tls.crt": format!("{}{}", pki.intermediate_pem, pki.root_pem),
-            "tls.key": pki.intermediate_key_pem,
-        },
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(admin.clone(), &pki_ns)
-        .create(&PostParams::default(), &issuer_secret)
-        .await
-        .unwrap();
-    let root_der = certs_from_pem(&pki.root_pem).unwrap().remove(0);
-    let cluster_issuer = unique("enterprise");
-    create_dynamic(
-        &admin,
-        None,
-        GroupVersionKind::gvk("cert-manager.io", "v1", "ClusterIssuer"),
-        serde_json::json!({
-            "apiVersion": "cert-manager.io/v1", "kind": "ClusterIssuer",
-            "metadata": {"name": cluster_issuer},
-            "spec": {"ca": {"secretName": "enterprise-ca"}},
-        }),
-    )
-    .await;
+    let (cluster_issuer, root_der, _) = enterprise_issuer(&admin, &pki_ns).await;
     let _cert_manager = start_cert_manager(
         "issuers,clusterissuers,certificaterequests-approver,certificaterequests-issuer-ca",
         &pki_ns,

@@ -44,27 +44,7 @@ const TEST: &str = "ca_and_jwt_keys_live_in_a_pkcs11_token_that_two_operator_pro
 
 #[test]
 fn ca_and_jwt_keys_live_in_a_pkcs11_token_that_two_operator_processes_share() {
-    if let Some(hsm) = SoftHsm::from_env("sigil") {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(scenario(hsm));
-        return;
-    }
-    // SoftHSM reads SOFTHSM2_CONF when its module initialises, in this process too (the
-    // test's own operator replica): run this test again in a child that has it.
-    let hsm = SoftHsm::init("sigil");
-    let status = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
-        .env("SOFTHSM2_CONF", hsm.conf())
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "the scenario (in a child process) failed: {status}"
-    );
+    sigil_testkit::hsm::run_with_token("sigil", TEST, scenario);
 }
 
 /// Runs the operator binary with `flags` and returns its exit status and output, which

@@ -125,3 +125,33 @@ impl SoftHsm {
         ]
     }
 }
+
+/// Runs the test `test` (its full name, for `--exact`) as `scenario` on a token labelled
+/// `label`. SoftHSM reads `SOFTHSM2_CONF` when its module initialises, in the test's own
+/// process too, and a test cannot set it for itself safely: so the first run makes the
+/// token and runs the test again in a child process that has the variable (asserting it
+/// passes), and that child runs `scenario` on a runtime of two worker threads.
+pub fn run_with_token<Fut>(label: &str, test: &str, scenario: impl FnOnce(SoftHsm) -> Fut)
+where
+    Fut: std::future::Future<Output = ()>,
+{
+    if let Some(hsm) = SoftHsm::from_env(label) {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(scenario(hsm));
+        return;
+    }
+    let hsm = SoftHsm::init(label);
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("SOFTHSM2_CONF", hsm.conf())
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "{test} (in a child process with SOFTHSM2_CONF) failed: {status}"
+    );
+}

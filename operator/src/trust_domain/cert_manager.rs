@@ -403,24 +403,17 @@ pub async fn drive(
                 }
             }
         }
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            report.problem = Some(Error::CertManagerNotInstalled { object });
-            report.condition = Some(condition_of(report.problem.as_ref()));
-            return Ok(abandon(report));
-        }
-        Err(kube::Error::Api(s)) if s.code == 403 => {
-            report.problem = Some(Error::CertificateRequestForbidden {
-                object,
-                namespace: namespace.into(),
-                verb: "list",
-            });
-            report.condition = Some(condition_of(report.problem.as_ref()));
-            return Ok(abandon(report));
-        }
-        Err(e) => {
-            forget(&policy.keys, &key);
-            return Err(e.into());
-        }
+        Err(e) => match request_api_problem(e, &object, namespace, "list") {
+            Ok(problem) => {
+                report.condition = Some(condition_of(Some(&problem)));
+                report.problem = Some(problem);
+                return Ok(abandon(report));
+            }
+            Err(e) => {
+                forget(&policy.keys, &key);
+                return Err(e.into());
+            }
+        },
     }
     let mut cr = DynamicObject::new(&name, &certificate_request_resource()).within(namespace);
     cr.metadata.labels = Some(
@@ -450,24 +443,17 @@ pub async fn drive(
     });
     match api.create(&PostParams::default(), &cr).await {
         Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {
-            report.problem = Some(Error::CertManagerNotInstalled { object });
-            report.condition = Some(condition_of(report.problem.as_ref()));
-            return Ok(abandon(report));
-        }
-        Err(kube::Error::Api(s)) if s.code == 403 => {
-            report.problem = Some(Error::CertificateRequestForbidden {
-                object,
-                namespace: namespace.into(),
-                verb: "create",
-            });
-            report.condition = Some(condition_of(report.problem.as_ref()));
-            return Ok(abandon(report));
-        }
-        Err(e) => {
-            forget(&policy.keys, &key);
-            return Err(e.into());
-        }
+        Err(e) => match request_api_problem(e, &object, namespace, "create") {
+            Ok(problem) => {
+                report.condition = Some(condition_of(Some(&problem)));
+                report.problem = Some(problem);
+                return Ok(abandon(report));
+            }
+            Err(e) => {
+                forget(&policy.keys, &key);
+                return Err(e.into());
+            }
+        },
     }
     info!(trust_domain_object = %object, request = %name, issuer = %issuer_words(cm), "sent a CertificateRequest for the next CA");
     report.sent = Some(format!(
@@ -595,6 +581,28 @@ async fn crd_present(api: &Api<DynamicObject>) -> Result<bool, Error> {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// What a refused call on CertificateRequests means for the TrustDomain: cert-manager is
+/// not installed (404: no such resource), or the operator's RBAC lacks `verb` (403). Any
+/// other error is the API server's own, returned as is.
+fn request_api_problem(
+    e: kube::Error,
+    object: &str,
+    namespace: &str,
+    verb: &'static str,
+) -> Result<Error, kube::Error> {
+    match e {
+        kube::Error::Api(s) if s.code == 404 => Ok(Error::CertManagerNotInstalled {
+            object: object.to_owned(),
+        }),
+        kube::Error::Api(s) if s.code == 403 => Ok(Error::CertificateRequestForbidden {
+            object: object.to_owned(),
+            namespace: namespace.to_owned(),
+            verb,
+        }),
+        e => Err(e),
     }
 }
 

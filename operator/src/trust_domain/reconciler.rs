@@ -121,17 +121,7 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
     let mut policy = match Policy::from_spec(&object, &obj.spec) {
         Ok(p) => p.with_keys(ctx.keys.clone()),
         Err(problem) => {
-            ctx.finish(
-                obj,
-                Outcome {
-                    state: None,
-                    problems: vec![problem],
-                    published: None,
-                    now,
-                    request: None,
-                },
-            )
-            .await?;
+            ctx.finish_with(obj, problem, now).await?;
             // Only a spec change can fix it, and that triggers a reconcile.
             return Ok(Action::await_change());
         }
@@ -145,17 +135,7 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
             trust_domain: policy.trust_domain.to_string(),
             owner,
         };
-        ctx.finish(
-            obj,
-            Outcome {
-                state: None,
-                problems: vec![problem],
-                published: None,
-                now,
-                request: None,
-            },
-        )
-        .await?;
+        ctx.finish_with(obj, problem, now).await?;
         // The owner may be deleted; look again.
         return Ok(Action::requeue(ctx.retry));
     }
@@ -189,17 +169,7 @@ async fn reconcile_as_leader(obj: &Arc<TrustDomainObject>, ctx: &Context) -> Res
                     reason: e.0,
                 },
             };
-            ctx.finish(
-                obj,
-                Outcome {
-                    state: None,
-                    problems: vec![problem],
-                    published: None,
-                    now,
-                    request: None,
-                },
-            )
-            .await?;
+            ctx.finish_with(obj, problem, now).await?;
             return Ok(Action::requeue(ctx.retry));
         }
     };
@@ -552,6 +522,23 @@ fn build_status(
 impl Context {
     /// Writes status (when it changed), counts problems and emits a Warning Event for
     /// each newly detected one.
+    /// [`Context::finish`] for a reconcile that stopped at `problem` with no state.
+    async fn finish_with(
+        &self,
+        obj: &TrustDomainObject,
+        problem: Error,
+        now: SystemTime,
+    ) -> Result<(), Error> {
+        let outcome = Outcome {
+            state: None,
+            problems: vec![problem],
+            published: None,
+            now,
+            request: None,
+        };
+        self.finish(obj, outcome).await
+    }
+
     async fn finish(&self, obj: &TrustDomainObject, outcome: Outcome<'_>) -> Result<(), Error> {
         let object = obj.name_any();
         for p in &outcome.problems {
