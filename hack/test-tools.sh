@@ -272,8 +272,12 @@ build_parsec() {
     parsec-service --version "$PARSEC_SERVICE_VERSION" --features "$PARSEC_SERVICE_FEATURES"
   local src; src=$(fetch_parsec_tool)
   # parsec-tool's published Cargo.lock pins time 0.3.23, which today's rustc refuses
-  # (E0282 in time's format_description), and spiffe 0.2.1 on gRPC C-core 1.38; move both
-  # to the versions parsec-service's own lock has (time 0.3.45, spiffe 0.2.2 on gRPC 1.46).
+  # (E0282 in time's format_description), and spiffe 0.2.1 on gRPC C-core 1.38. Start it
+  # from parsec-service's own lock instead (time 0.3.45, spiffe 0.2.2 on gRPC 1.46), which
+  # cargo then completes with parsec-tool's other crates: the crates both programs use,
+  # gRPC C-core and its build dependencies above all, resolve alike and build once in the
+  # shared target directory.
+  cp "$(crate_dir parsec-service "$PARSEC_SERVICE_VERSION")/Cargo.lock" "$src/Cargo.lock"
   (cd "$src" &&
     cargo update --quiet -p time --precise "$PARSEC_TOOL_TIME_VERSION" &&
     cargo update --quiet -p spiffe --precise "$PARSEC_TOOL_SPIFFE_VERSION")
@@ -282,6 +286,15 @@ build_parsec() {
   install -m 0755 "$root/bin/parsec" "$SIGIL_BIN/parsec"
   install -m 0755 "$root/bin/parsec-tool" "$SIGIL_BIN/parsec-tool"
   rm -rf "$target" "$root"
+}
+
+# Where cargo's registry cache holds crate NAME at VERSION (after a build used it).
+crate_dir() {
+  local d
+  for d in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"$1-$2"; do
+    [ -f "$d/Cargo.toml" ] && { echo "$d"; return 0; }
+  done
+  echo "crate $1 $2 is not in cargo's registry cache" >&2; return 1
 }
 
 # The published parsec-tool crate (with its Cargo.lock), copied out of cargo's registry
