@@ -139,6 +139,38 @@ fn private_key_facts(hsm: &SoftHsm, id_hex: &str) -> (bool, bool, bool, bool, bo
     )
 }
 
+/// Each JWS algorithm a TrustDomain can choose, signed by a key made in the token, passes
+/// Sigil's JWT-SVID validation (ES256 and RS256 are also checked by go-spiffe below).
+fn every_jwt_algorithm_signs_in_the_token(keys: &Keys) {
+    use sigil_identity::jwt::{JwtKey, SigningAlg, validate_jwt_svid};
+    use sigil_identity::keys::KeyType;
+    use sigil_identity::{BundleSet, TrustBundle, TrustDomain};
+    let td = TrustDomain::new("hsm.example.org").unwrap();
+    let id = td.id("/workload").unwrap();
+    let now = std::time::SystemTime::now();
+    for (key_type, alg) in [
+        (KeyType::EcP256, SigningAlg::Es256),
+        (KeyType::EcP384, SigningAlg::Es384),
+        (KeyType::Rsa2048, SigningAlg::Rs256),
+        (KeyType::Rsa2048, SigningAlg::Ps256),
+    ] {
+        let key = keys.generate(key_type, "sigil-test").unwrap();
+        let reference = key.reference().unwrap().clone();
+        let jwt = JwtKey::with_new_kid(key, Some(alg), now + Duration::from_secs(600)).unwrap();
+        let token = jwt
+            .mint(&id, &["db".to_owned()], Duration::from_secs(60), now, None)
+            .unwrap();
+        let mut bundle = TrustBundle::new(td.clone());
+        bundle.jwt_authorities.push(jwt.authority());
+        let mut bundles = BundleSet::new();
+        bundles.insert(bundle).unwrap();
+        let valid = validate_jwt_svid(&token, &bundles, "db", now)
+            .unwrap_or_else(|e| panic!("{alg:?} signed in the token: {e}"));
+        assert_eq!(valid.spiffe_id, id, "{alg:?}");
+        keys.destroy(&reference).unwrap();
+    }
+}
+
 /// The CA Secret's state document.
 async fn state_document(w: &World) -> (Value, String) {
     let secret = Api::<Secret>::namespaced(w.client.clone(), &w.ns)
@@ -194,6 +226,7 @@ async fn scenario(hsm: SoftHsm) {
     let keys = Keys::new(Arc::new(
         Pkcs11Keys::open(hsm.module(), hsm.label(), hsm.pin().to_owned()).unwrap(),
     ));
+    every_jwt_algorithm_signs_in_the_token(&keys);
     let w = World::start_with(
         "hsm",
         WorldOptions {
