@@ -16,7 +16,7 @@ use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Client, ResourceExt};
 use serde::Deserialize;
 use sigil_e2e::process::Supervised;
-use sigil_identity::ca::SvidTemplate;
+use sigil_identity::ca::{CertificateAuthority, IssuedSvid, SvidTemplate};
 use sigil_identity::keys::{KeyType, PrivateKey};
 use sigil_identity::x509::{cert_summary, certs_from_pem, validate_x509_svid};
 use sigil_identity::{SpiffeId, TrustDomain as TdName};
@@ -355,21 +355,8 @@ async fn cert_manager_signs_sigils_ca_and_explains_pending_and_denied_requests()
     assert_eq!(parsed.issuer(), issuing.subject());
     parsed.verify_signature(Some(issuing.public_key())).unwrap();
     assert!(parsed.is_ca());
-    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
     let now = SystemTime::now();
-    let id = SpiffeId::parse(&format!("spiffe://{td_name}/ns/default/sa/web")).unwrap();
-    let issued = authority
-        .x509_ca
-        .sign_public_key(
-            &key.public_key_der(),
-            &SvidTemplate {
-                spiffe_id: &id,
-                ttl: Duration::from_secs(20),
-                dns_names: &[],
-            },
-            now,
-        )
-        .unwrap();
+    let issued = web_svid(&authority.x509_ca, td_name, now);
     assert_eq!(issued.intermediates.len(), 2);
     assert_eq!(
         cert_summary(&issued.intermediates[0]).unwrap().0,
@@ -494,18 +481,7 @@ async fn cert_manager_signs_sigils_ca_and_explains_pending_and_denied_requests()
     })
     .await;
     let now = SystemTime::now();
-    let issued = authority
-        .x509_ca
-        .sign_public_key(
-            &key.public_key_der(),
-            &SvidTemplate {
-                spiffe_id: &id,
-                ttl: Duration::from_secs(20),
-                dns_names: &[],
-            },
-            now,
-        )
-        .unwrap();
+    let issued = web_svid(&authority.x509_ca, td_name, now);
     assert_eq!(issued.intermediates[1], intermediate_der);
     validate_x509_svid(&issued.chain(), &pem, now).unwrap();
     let reasons: Vec<String> = events_for(&admin, &good)
@@ -679,6 +655,23 @@ async fn enterprise_issuer(admin: &kube::Client, pki_ns: &str) -> (String, Vec<u
     (cluster_issuer, root_der, intermediate_der)
 }
 
+/// An X509-SVID for `spiffe://<td_name>/ns/default/sa/web` (a fresh P-256 key, 20 s)
+/// signed by `ca` at `now`.
+fn web_svid(ca: &CertificateAuthority, td_name: &str, now: SystemTime) -> IssuedSvid {
+    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+    let id = SpiffeId::parse(&format!("spiffe://{td_name}/ns/default/sa/web")).unwrap();
+    ca.sign_public_key(
+        &key.public_key_der(),
+        &SvidTemplate {
+            spiffe_id: &id,
+            ttl: Duration::from_secs(20),
+            dns_names: &[],
+        },
+        now,
+    )
+    .unwrap()
+}
+
 fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
@@ -767,21 +760,8 @@ async fn hsm_scenario(hsm: sigil_testkit::hsm::SoftHsm) {
         authority.x509_ca.key().reference().is_some(),
         "the CA key is in the token"
     );
-    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
     let now = SystemTime::now();
-    let id = SpiffeId::parse(&format!("spiffe://{td_name}/ns/default/sa/web")).unwrap();
-    let issued = authority
-        .x509_ca
-        .sign_public_key(
-            &key.public_key_der(),
-            &SvidTemplate {
-                spiffe_id: &id,
-                ttl: Duration::from_secs(20),
-                dns_names: &[],
-            },
-            now,
-        )
-        .unwrap();
+    let issued = web_svid(&authority.x509_ca, td_name, now);
     let mut bundle = sigil_identity::TrustBundle::new(tdn.clone());
     bundle.x509_authorities = vec![root_der];
     validate_x509_svid(&issued.chain(), &bundle, now).unwrap();

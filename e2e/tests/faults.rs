@@ -32,12 +32,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_rust-spiffe-client");
 
-/// The test build's sigil-operator, beside the test's client binary.
 fn operator_bin() -> std::path::PathBuf {
-    std::path::Path::new(CLIENT)
-        .parent()
-        .unwrap()
-        .join("sigil-operator")
+    sigil_testkit::operator_process::operator_beside(CLIENT)
 }
 
 /// The longest failure window the pod-burst scenarios accept (see

@@ -34,10 +34,7 @@ use sigil_testkit::trust_domain::{SETTLE, eventually};
 const CLIENT: &str = env!("CARGO_BIN_EXE_rust-spiffe-client");
 
 fn operator_bin() -> std::path::PathBuf {
-    std::path::Path::new(CLIENT)
-        .parent()
-        .unwrap()
-        .join("sigil-operator")
+    sigil_testkit::operator_process::operator_beside(CLIENT)
 }
 
 const TEST: &str = "ca_and_jwt_keys_live_in_a_pkcs11_token_that_two_operator_processes_share";

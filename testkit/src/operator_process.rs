@@ -24,6 +24,12 @@ pub struct OperatorProcess {
     pub health: SocketAddr,
 }
 
+/// The test build's sigil-operator: cargo puts it beside `exe`, another binary of the
+/// same build (a test passes its `env!("CARGO_BIN_EXE_…")`).
+pub fn operator_beside(exe: &str) -> std::path::PathBuf {
+    Path::new(exe).parent().unwrap().join("sigil-operator")
+}
+
 /// A free loopback port.
 pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
