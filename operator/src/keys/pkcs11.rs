@@ -237,16 +237,56 @@ struct Pkcs11Key {
     reference: KeyReference,
     key_type: KeyType,
     spki: Vec<u8>,
+    /// The private half's handle, found once (a lookup per signature halved the signing
+    /// rate): a token object's handle is valid in every session of this process until the
+    /// object is destroyed. Sigil destroys a key only after its generation expired, when
+    /// nothing signs with it any more; a key deleted behind Sigil's back shows as an
+    /// invalid handle, and is looked up again.
+    handle: Mutex<Option<ObjectHandle>>,
 }
 
 impl Pkcs11Key {
     /// The private half's handle, if the token still holds it.
     fn private_handle(&self, session: &Session) -> Result<Option<ObjectHandle>, CkError> {
-        let found = session.find_objects(&[
-            Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::Id(self.id.clone()),
-        ])?;
-        Ok(found.into_iter().next())
+        if let Some(h) = self.handle.lock().ok().and_then(|h| *h) {
+            return Ok(Some(h));
+        }
+        let found = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Id(self.id.clone()),
+            ])?
+            .into_iter()
+            .next();
+        if let Ok(mut h) = self.handle.lock() {
+            *h = found;
+        }
+        Ok(found)
+    }
+
+    /// Signs with the private half; a cached handle the token no longer knows is looked
+    /// up again once.
+    fn sign_in(
+        &self,
+        session: &Session,
+        mechanism: &Mechanism,
+        input: &[u8],
+    ) -> Result<Option<Vec<u8>>, CkError> {
+        let Some(key) = self.private_handle(session)? else {
+            return Ok(None);
+        };
+        match session.sign(mechanism, key, input) {
+            Err(CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)) => {
+                if let Ok(mut h) = self.handle.lock() {
+                    *h = None;
+                }
+                match self.private_handle(session)? {
+                    Some(key) => session.sign(mechanism, key, input).map(Some),
+                    None => Ok(None),
+                }
+            }
+            signed => signed.map(Some),
+        }
     }
 }
 
@@ -284,13 +324,9 @@ impl ExternalKey for Pkcs11Key {
             }
         };
         self.token
-            .with_session(
-                &format!("signing with key {}", self.reference),
-                |s| match self.private_handle(s)? {
-                    Some(key) => s.sign(&mechanism, key, &input).map(Some),
-                    None => Ok(None),
-                },
-            )?
+            .with_session(&format!("signing with key {}", self.reference), |s| {
+                self.sign_in(s, &mechanism, &input)
+            })?
             .ok_or_else(|| {
                 unavailable(format!(
                     "key {} is no longer in PKCS#11 token {:?}",
@@ -315,6 +351,7 @@ impl Pkcs11Keys {
             id,
             key_type,
             spki,
+            handle: Mutex::new(None),
         };
         Ok(AuthorityKey::External(ExternalAuthorityKey::new(
             Arc::new(key),
