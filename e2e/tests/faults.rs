@@ -42,9 +42,16 @@ const BURST_FAILURE_BOUND: Duration = Duration::from_secs(2);
 
 /// One fault test at a time: they stop the control plane every test here shares.
 async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    // RUST_LOG=warn (say) shows what the components log while the faults run.
+    // What the components log while the faults run is printed with a failing test's
+    // output: by default the agent's attestation and renewal steps and every component's
+    // warnings, with their times, so a slow recovery can be placed (RUST_LOG overrides).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "error,sigil_agent=info,sigil_operator=warn,sigil_csi=warn",
+        )
+    });
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_test_writer()
         .try_init();
     static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -409,10 +416,11 @@ async fn api_server_down_for_four_half_lives() {
 /// proves the agent pod again (TokenReview), so it needs the API server; once the agent
 /// SVID has expired the operator signs nothing for that agent, and the workloads' SVIDs
 /// run out one TTL later. Scaled: agent SVID 20 s, workload SVIDs 10 s, outage 40 s. The
-/// test holds what must hold (nothing wrong while the agent SVID is valid, and everything
-/// current again soon after the API server returns) and prints how long workloads kept a
-/// valid identity (docs/reliability.md: the outage a cluster survives is the agent SVID's
-/// remaining lifetime plus the workload SVIDs').
+/// test holds what must hold (nothing wrong while the agent SVID is valid; an expired
+/// SVID never served to a workload, which is told Unavailable and why instead; and
+/// everything current again soon after the API server returns) and prints how long
+/// workloads kept a valid identity (docs/reliability.md: the outage a cluster survives is
+/// the agent SVID's remaining lifetime plus the workload SVIDs').
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_server_outage_past_the_agent_svid_lifetime() {
     let _serial = serial().await;
@@ -462,6 +470,24 @@ async fn api_server_outage_past_the_agent_svid_lifetime() {
         assert!(
             at >= agent_svid_expires,
             "something went wrong while the agent SVID was still valid: {r}"
+        );
+    }
+    // Workloads are never handed an expired SVID: once theirs expired unrenewed, a fetch
+    // fails (Unavailable, saying so) until the agent can have them signed again. A
+    // files-mode volume keeps the files it holds (no file may go missing), so it is the
+    // one place an expired certificate stays, counted above.
+    for (name, t) in r.targets.iter().filter(|(n, _)| !n.ends_with("-files")) {
+        assert_eq!(t.violations, 0, "{name} was served a wrong SVID: {r}");
+        assert!(
+            t.failed > 0,
+            "{name}'s SVID expired in the outage, so some of its fetches fail: {r}"
+        );
+        assert!(
+            t.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("expired")),
+            "{name}'s fetches failed for another reason than its expired SVIDs: {:?}",
+            t.last_error
         );
     }
     assert!(

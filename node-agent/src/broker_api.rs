@@ -583,6 +583,9 @@ impl pb::api_server::Api for BrokerApi {
             .referenced(RPC, &req, req.get_ref().reference.as_ref())
             .await?;
         let view = self.inner.served.ready_view(&selectors).await;
+        if !view.expired.is_empty() && view.svids.is_empty() {
+            return Err(self.deny(RPC, "svids_expired", crate::serving::expired_refusal(&view)));
+        }
         if view.svids.is_empty() {
             return Err(self.deny(
                 RPC,
@@ -615,7 +618,7 @@ impl pb::api_server::Api for BrokerApi {
             bundles: r.bundles,
         };
         let view = self.inner.served.cache.view_for(&selectors);
-        if view.svids.is_empty() && view.pending.is_empty() {
+        if !view.has_identity() {
             return Err(self.deny(
                 RPC,
                 "no_identity",
@@ -696,7 +699,7 @@ impl pb::api_server::Api for BrokerApi {
         let convert =
             |r: wl::JwtBundlesResponse| pb::SubscribeToJwtBundlesResponse { bundles: r.bundles };
         let view = self.inner.served.cache.view_for(&selectors);
-        if view.svids.is_empty() && view.pending.is_empty() {
+        if !view.has_identity() {
             return Err(self.deny(
                 RPC,
                 "no_identity",

@@ -75,14 +75,25 @@ impl Default for Cache {
 /// The identities a workload with some selectors gets, ready to serve.
 #[derive(Debug, Clone, Default)]
 pub struct WorkloadView {
-    /// Matching entries that have an SVID, in a stable order.
+    /// Matching entries that have an SVID valid now, in a stable order.
     pub svids: Vec<Arc<HeldSvid>>,
     /// Matching entries without an SVID yet (being signed).
     pub pending: Vec<Arc<RegistrationEntry>>,
+    /// Matching entries whose SVID has expired and was not renewed (the agent could not
+    /// have it signed again: the operator unreachable, or the agent's own SVID expired).
+    /// Never served: a workload is told why instead (see [`WorkloadView::svids`]).
+    pub expired: Vec<Arc<HeldSvid>>,
     /// Bundles of the SVIDs' trust domains and of the agent's own trust domain.
     pub own_bundles: Vec<TrustBundle>,
     /// Bundles of the trust domains the entries federate with.
     pub federated: Vec<TrustBundle>,
+}
+
+impl WorkloadView {
+    /// Whether the workload has any entry: an SVID served, being signed, or expired.
+    pub fn has_identity(&self) -> bool {
+        !(self.svids.is_empty() && self.pending.is_empty() && self.expired.is_empty())
+    }
 }
 
 /// The selector an entry is filed under. A workload gets an entry only if it has every
@@ -333,9 +344,11 @@ impl Cache {
             .into_iter()
             .filter_map(|id| s.entries.get(id))
             .filter(|e| e.matches(selectors));
+        let now = SystemTime::now();
         for e in matching {
             match s.svids.get(&e.id) {
-                Some(h) => v.svids.push(h.clone()),
+                Some(h) if h.not_after > now => v.svids.push(h.clone()),
+                Some(h) => v.expired.push(h.clone()),
                 None => v.pending.push(e.clone()),
             }
             own.insert(e.spiffe_id.trust_domain().clone());
@@ -446,6 +459,7 @@ mod tests {
     fn ids(v: &WorkloadView) -> Vec<String> {
         let mut out: Vec<String> = v.pending.iter().map(|e| e.id.clone()).collect();
         out.extend(v.svids.iter().map(|h| h.entry.id.clone()));
+        out.extend(v.expired.iter().map(|h| h.entry.id.clone()));
         out.sort();
         out
     }
@@ -572,6 +586,41 @@ mod tests {
         c.apply_changes(vec![], &["b".to_string()], 6);
         assert_eq!(c.entries().len(), 1);
         assert_eq!(c.revision(), 6);
+    }
+
+    /// An SVID past its expiry is never in a view's `svids` (nothing serves it): it is
+    /// `expired`, and the workload still has an identity (its entry), so it is refused
+    /// with Unavailable rather than PermissionDenied. A renewed one is served again.
+    #[test]
+    fn an_expired_svid_is_not_served() {
+        let c = Cache::new();
+        c.replace_entries(vec![entry("a", "spiffe://td/a", &["k8s:pod-uid:1"])], 1);
+        let sel: BTreeSet<Selector> = [Selector::parse("k8s:pod-uid:1").unwrap()].into();
+        let now = SystemTime::now();
+        assert!(c.put_svid(held(c.entry("a").unwrap(), now - Duration::from_secs(3601))));
+        let v = c.view_for(&sel);
+        assert!(v.svids.is_empty(), "an expired SVID is not served");
+        assert!(v.pending.is_empty());
+        assert_eq!(v.expired.len(), 1);
+        assert!(v.has_identity());
+        assert!(
+            crate::serving::x509_update(&v).unwrap().is_none(),
+            "a stream sends nothing"
+        );
+        let refusal = crate::serving::expired_refusal(&v);
+        assert_eq!(refusal.code(), tonic::Code::Unavailable);
+        assert!(
+            refusal.message().contains("expired"),
+            "{}",
+            refusal.message()
+        );
+        assert!(c.put_svid(held(c.entry("a").unwrap(), now)));
+        let v = c.view_for(&sel);
+        assert_eq!(
+            (v.svids.len(), v.expired.len()),
+            (1, 0),
+            "the renewed one is served"
+        );
     }
 
     #[test]

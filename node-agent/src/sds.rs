@@ -325,7 +325,7 @@ fn current(
 ) -> Result<Option<Vec<Any>>, Status> {
     let view = served.cache.view_for(selectors);
     if view.svids.is_empty() {
-        if view.pending.is_empty() {
+        if !view.has_identity() {
             return Err(Status::permission_denied(
                 "no identity issued (the workload's entries were removed)",
             ));
@@ -556,7 +556,7 @@ impl SecretDiscoveryService for WorkloadApi {
         self.inner().metrics.call(RPC);
         let caller = self.attest_peer(RPC, &req).await?;
         let view = self.inner().served.cache.view_for(&caller.selectors);
-        if view.svids.is_empty() && view.pending.is_empty() {
+        if !view.has_identity() {
             return Err(self.no_identity(RPC, &caller));
         }
         let slot = self.stream_slot(RPC, &caller)?;
@@ -579,7 +579,7 @@ impl SecretDiscoveryService for WorkloadApi {
             .map_err(|(reason, status)| self.deny(RPC, reason, status, Some(&caller.peer)))?;
         let view = self.inner().served.ready_view(&caller.selectors).await;
         if view.svids.is_empty() {
-            return Err(self.no_identity(RPC, &caller));
+            return Err(self.no_valid_svid(RPC, &caller, &view));
         }
         let resources = resources(&view, &subscription, &self.sds);
         Ok(Response::new(DiscoveryResponse {
@@ -652,6 +652,7 @@ mod tests {
                 held("spiffe://a.test/web-admin"),
             ],
             pending: vec![],
+            expired: vec![],
             own_bundles: vec![bundle("a.test", 1)],
             federated: vec![bundle("b.test", 2)],
         };

@@ -290,7 +290,7 @@ fn td_id(b: &TrustBundle) -> String {
 pub fn x509_update(view: &WorkloadView) -> Result<Option<&WorkloadView>, Status> {
     if !view.svids.is_empty() {
         Ok(Some(view))
-    } else if view.pending.is_empty() {
+    } else if !view.has_identity() {
         Err(Status::permission_denied(
             "no identity issued (the workload's entries were removed)",
         ))
@@ -339,13 +339,27 @@ pub fn bundles_update<T>(
     view: &WorkloadView,
     make: impl FnOnce(&WorkloadView) -> T,
 ) -> Result<Option<T>, Status> {
-    if view.svids.is_empty() && view.pending.is_empty() {
+    if view.has_identity() {
+        Ok(Some(make(view)))
+    } else {
         Err(Status::permission_denied(
             "no identity issued (the workload's entries were removed)",
         ))
-    } else {
-        Ok(Some(make(view)))
     }
+}
+
+/// The refusal of a caller whose entries' SVIDs have all expired without being renewed
+/// (none being signed, none valid): Unavailable, so clients keep retrying, saying since
+/// when and why. An expired SVID is never served: peers would refuse it, and a workload
+/// handed one would not know its identity is gone.
+pub fn expired_refusal(view: &WorkloadView) -> Status {
+    let since = view.expired.iter().map(|h| h.not_after).min().map_or_else(
+        || "now".to_owned(),
+        |t| sigil_identity::x509::rfc3339(sigil_identity::clock::unix_seconds(t)),
+    );
+    Status::unavailable(format!(
+        "every X509-SVID held for this workload expired (the first at {since}) and could not be renewed yet: the agent cannot reach the operator or prove its node (see the agent's log); retry"
+    ))
 }
 
 fn all_bundles(view: &WorkloadView) -> impl Iterator<Item = &TrustBundle> {

@@ -212,7 +212,7 @@ impl WorkloadApi {
     ) -> Result<Response<ResponseStream<T>>, Status> {
         let caller = self.attest(rpc, req).await?;
         let view = self.inner.served.cache.view_for(&caller.selectors);
-        if view.svids.is_empty() && view.pending.is_empty() {
+        if !view.has_identity() {
             return Err(self.no_identity(rpc, &caller));
         }
         let slot = self.stream_slot(rpc, &caller)?;
@@ -220,6 +220,21 @@ impl WorkloadApi {
             slot,
             stream(&self.inner.served, &view, caller.selectors),
         )))
+    }
+
+    /// The refusal of a caller served no X509-SVID: its SVIDs expired unrenewed
+    /// (Unavailable), or it has no identity (PermissionDenied).
+    pub(crate) fn no_valid_svid(&self, rpc: &str, caller: &Caller, view: &WorkloadView) -> Status {
+        if view.expired.is_empty() {
+            self.no_identity(rpc, caller)
+        } else {
+            self.deny(
+                rpc,
+                "svids_expired",
+                crate::serving::expired_refusal(view),
+                Some(&caller.peer),
+            )
+        }
     }
 
     pub(crate) fn no_identity(&self, rpc: &str, caller: &Caller) -> Status {
@@ -299,7 +314,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         let slot = self.stream_slot(RPC, &caller)?;
         let view = self.inner.served.ready_view(&caller.selectors).await;
         if view.svids.is_empty() {
-            return Err(self.no_identity(RPC, &caller));
+            return Err(self.no_valid_svid(RPC, &caller, &view));
         }
         debug!(
             pid = caller.peer.pid,

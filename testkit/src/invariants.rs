@@ -77,6 +77,8 @@ pub struct Leaf {
 pub struct TargetReport {
     pub checks: u64,
     pub failed: u64,
+    /// Violations of every kind counted on this target.
+    pub violations: u64,
     pub longest_failure: Duration,
     /// Distinct leaves in the order they were first seen.
     pub leaves: Vec<Leaf>,
@@ -88,7 +90,8 @@ pub struct TargetReport {
     pub federated: BTreeMap<String, usize>,
     /// Start of the run of failures in progress, if any.
     failing_since: Option<SystemTime>,
-    last_error: Option<String>,
+    /// The error of the last failed fetch.
+    pub last_error: Option<String>,
 }
 
 impl TargetReport {
@@ -349,6 +352,7 @@ pub async fn wait_current(
 fn record_violation(report: &Mutex<Report>, name: &str, kind: &'static str, what: String) {
     let mut r = report.lock().unwrap();
     *r.violations.entry(kind).or_default() += 1;
+    r.targets.entry(name.to_owned()).or_default().violations += 1;
     r.first_violation_at.get_or_insert_with(SystemTime::now);
     if r.examples.len() < 10 {
         r.examples.push(format!("{name}: {kind}: {what}"));
