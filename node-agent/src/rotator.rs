@@ -29,6 +29,19 @@ pub const BATCH: usize = 500;
 /// backlog's keys.
 pub const RSA_BATCH: usize = 8;
 
+/// Longest wait before an entry refused for the node's signing budget is tried again. The
+/// budget refills every second, so such a refusal clears within seconds; other refusals
+/// back off up to a minute.
+pub const BUDGET_RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// Orders due entries most urgent first, so that when the operator's signing budget for
+/// this node is short, what it signs first is what matters most: entries with no SVID at
+/// all (a new pod waits on them; nothing can be served), then the held SVIDs that expire
+/// soonest.
+pub fn by_urgency(due: &mut [Arc<RegistrationEntry>], cache: &Cache) {
+    due.sort_by_cached_key(|e| cache.svid(&e.id).map(|h| h.not_after));
+}
+
 /// Rotator metrics.
 #[derive(Debug, Clone, Default)]
 pub struct RotatorMetrics {
@@ -69,11 +82,12 @@ pub async fn run(
         changes.borrow_and_update();
         let now = SystemTime::now();
         retry_after.retain(|id, _| cache.entry(id).is_some());
-        let due: Vec<_> = cache
+        let mut due: Vec<_> = cache
             .needing_svids(now)
             .into_iter()
             .filter(|e| retry_after.get(&e.id).is_none_or(|(t, _)| *t <= now))
             .collect();
+        by_urgency(&mut due, &cache);
         let mut failed_batch = false;
         // ECDSA entries first: their keys take microseconds, and must not wait behind RSA
         // keys that take hundreds of milliseconds each.
@@ -94,11 +108,14 @@ pub async fn run(
                     for ((entry, key), r) in keys.into_iter().zip(results) {
                         if r.error_code != 0 || r.svid_chain.is_empty() {
                             metrics.failures.inc();
+                            let most = if r.error_code == tonic::Code::ResourceExhausted as i32 {
+                                BUDGET_RETRY_MAX
+                            } else {
+                                Duration::from_secs(60)
+                            };
                             let backoff = retry_after
                                 .get(&entry.id)
-                                .map_or(Duration::from_secs(1), |(_, b)| {
-                                    (*b * 2).min(Duration::from_secs(60))
-                                });
+                                .map_or(Duration::from_secs(1), |(_, b)| (*b * 2).min(most));
                             warn!(entry = %entry.id, spiffe_id = %entry.spiffe_id, code = r.error_code, reason = %r.error_message, retry_in = ?backoff, "operator refused to sign");
                             retry_after
                                 .insert(entry.id.clone(), (SystemTime::now() + backoff, backoff));
@@ -196,8 +213,44 @@ pub fn rotate_at(not_before: SystemTime, not_after: SystemTime, now: SystemTime)
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use sigil_identity::SpiffeId;
+    use sigil_identity::entry::Selector;
+    use sigil_identity::keys::KeyType;
+
+    /// Under a short signing budget the first CSRs sent are those of entries with no SVID
+    /// (a new pod waits on them), then the held SVIDs that expire soonest.
+    #[test]
+    fn entries_without_an_svid_go_first_then_the_soonest_to_expire() {
+        let cache = Cache::new();
+        let entry = |id: &str| {
+            RegistrationEntry::new(
+                id,
+                SpiffeId::parse(&format!("spiffe://td/{id}")).unwrap(),
+                vec![Selector::parse(&format!("k8s:pod-uid:{id}")).unwrap()],
+            )
+        };
+        cache.replace_entries(["late", "new", "soon", "fresh"].map(entry).to_vec(), 1);
+        let now = SystemTime::now();
+        for (id, left) in [("late", 600), ("soon", 60), ("fresh", 3600)] {
+            assert!(cache.put_svid(HeldSvid {
+                entry: cache.entry(id).unwrap(),
+                chain: vec![],
+                key: PrivateKey::generate(KeyType::EcP256).unwrap(),
+                not_before: now,
+                not_after: now + Duration::from_secs(left),
+                rotate_at: now,
+            }));
+        }
+        let mut due: Vec<_> = ["fresh", "late", "soon", "new"]
+            .map(|id| cache.entry(id).unwrap())
+            .to_vec();
+        by_urgency(&mut due, &cache);
+        let order: Vec<&str> = due.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(order, ["new", "soon", "late", "fresh"]);
+    }
 
     #[test]
     fn a_back_dated_svid_is_not_rotated_on_arrival() {
