@@ -14,6 +14,11 @@
 //! containers) and the agent's RSS is read once it has signed an SVID for each: its memory
 //! per identity.
 //!
+//! Then Pods are declared at a steady pace without waiting for one another
+//! (SIGIL_BENCH_PACED, default 1000, one every SIGIL_BENCH_PACED_MS, default 100), as
+//! versus_spire's paced row does with SPIRE beside it, each split into its phases: Pod
+//! create acknowledged, Running acknowledged, SVID in a new client in the pod.
+//!
 //! Run: `make bench` (or `hack/bench.sh agent`). SIGIL_BENCH_PODS (default 200),
 //! SIGIL_BENCH_STREAMS (default 10000; the process needs that many file descriptors) and
 //! SIGIL_BENCH_ENTRIES (default 10000) set the sizes.
@@ -31,7 +36,7 @@ use node_api_common::World;
 use report::{Report, env};
 use serde_json::json;
 use sigil_e2e::pod::PodContainer;
-use sigil_e2e::process::rss_kib;
+use sigil_e2e::process::{rss_kib, rss_split_kib};
 
 async fn fetch(container: &PodContainer, client: &str, addr: &str) -> bool {
     let mut cmd = container.command(client);
@@ -43,10 +48,127 @@ async fn fetch(container: &PodContainer, client: &str, addr: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// One paced registration, from the moment its Pod was to be declared.
+struct Paced {
+    /// How late the declaration started (the bench's own scheduling).
+    late: Duration,
+    /// Pod create acknowledged.
+    written: Duration,
+    /// The pod's cgroup made and its status Running acknowledged (the kubelet's part).
+    running: Duration,
+    /// The client's answer: attempts it made, and whether it got an SVID.
+    got: Option<u32>,
+    /// The client process ended.
+    total: Duration,
+}
+
+/// `rust-spiffe-client wait-x509` in the pod (one fixed 20 ms retry): the attempts it made,
+/// or `None` without an SVID within a minute.
+async fn wait_x509(container: &PodContainer, client: &str, addr: &str) -> Option<u32> {
+    let mut cmd = container.command(client);
+    cmd.args(["--addr", addr, "wait-x509", "--timeout-ms", "60000"]);
+    let out = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .ok()?;
+    let line: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii()).ok()?;
+    out.status
+        .success()
+        .then(|| line["attempts"].as_u64().unwrap_or(0) as u32)
+}
+
+/// The paced rows: the whole registration and each phase, and what the slowest 1% spent
+/// where.
+fn paced_report(report: &mut Report, runs: &[Paced], every: Duration) {
+    let n = runs.len();
+    let ok: Vec<&Paced> = runs.iter().filter(|r| r.got.is_some()).collect();
+    let at = |f: &dyn Fn(&Paced) -> Duration| ok.iter().map(|r| f(r)).collect::<Vec<_>>();
+    report.latencies(
+        &format!("registration → SVID, {n} Pods declared one every {every:?}"),
+        at(&|r| r.total),
+    );
+    report.latencies("  Pod create acknowledged (apiserver)", at(&|r| r.written));
+    report.latencies(
+        "  create → Running acknowledged (the kubelet's part, here)",
+        at(&|r| r.running - r.written),
+    );
+    report.latencies(
+        "  Running → SVID in a new client in the pod (agent)",
+        at(&|r| r.total - r.running),
+    );
+    report.latencies(
+        "  declaration started late by (bench scheduling)",
+        at(&|r| r.late),
+    );
+    let retried = ok.iter().filter(|r| r.got.unwrap_or(0) > 1).count();
+    report.row(
+        "  clients that needed more than one attempt (20 ms apart)",
+        format!("{retried} of {}", ok.len()),
+    );
+    report.row("  failed registrations", format!("{}", n - ok.len()));
+    // Where the slowest 1% spent their time.
+    let mut slow: Vec<&&Paced> = ok.iter().collect();
+    slow.sort_by_key(|r| std::cmp::Reverse(r.total));
+    let k = (n / 100).max(1).min(slow.len());
+    let sum = |f: &dyn Fn(&Paced) -> Duration| {
+        slow[..k]
+            .iter()
+            .map(|r| f(r))
+            .sum::<Duration>()
+            .as_secs_f64()
+            * 1e3
+            / k.max(1) as f64
+    };
+    report.row(
+        &format!("  slowest {k}: mean ms in create / Running / agent, attempts"),
+        format!(
+            "{:.0} / {:.0} / {:.0}, {:?}",
+            sum(&|r| r.written),
+            sum(&|r| r.running - r.written),
+            sum(&|r| r.total - r.running),
+            slow[..k]
+                .iter()
+                .map(|r| r.got.unwrap_or(0))
+                .collect::<Vec<_>>()
+        ),
+    );
+}
+
+/// The kinds of streams held, in the order of SIGIL_BENCH_STREAM_KINDS (a comma list of
+/// `wl`: Workload API streams each on its own connection, `shared`: Workload API streams
+/// `per_connection` to a connection, `sds`: Envoy SDS streams, `conns`: connections with
+/// no call on them; default `wl,sds,shared`).
+/// The allocator keeps what the first kind freed, so the later kinds' growth reads lower:
+/// compare each kind measured first.
+fn stream_kinds(per_connection: usize) -> Vec<String> {
+    // SIGIL_BENCH_SDS_FIRST=1, the older switch, puts SDS first.
+    let default = if env("SIGIL_BENCH_SDS_FIRST", 0) == 1 {
+        "sds,wl,shared"
+    } else {
+        "wl,sds,shared"
+    };
+    let list = std::env::var("SIGIL_BENCH_STREAM_KINDS").unwrap_or_else(|_| default.into());
+    list.split(',')
+        .map(|k| match k.trim() {
+            "wl" => "Workload API".to_owned(),
+            "sds" => "SDS".to_owned(),
+            "shared" => format!("Workload API, {per_connection} a connection,"),
+            "conns" => "connections".to_owned(),
+            other => {
+                panic!("SIGIL_BENCH_STREAM_KINDS: unknown kind {other:?} (wl, sds, shared, conns)")
+            }
+        })
+        .collect()
+}
+
 fn main() {
     let pods_n = env("SIGIL_BENCH_PODS", 200);
     let streams_n = env("SIGIL_BENCH_STREAMS", 10_000);
     let entries_n = env("SIGIL_BENCH_ENTRIES", 10_000);
+    let per_connection = env("SIGIL_BENCH_STREAMS_PER_CONNECTION", 8);
+    let paced_n = env("SIGIL_BENCH_PACED", 1000);
+    let paced_every = Duration::from_millis(env("SIGIL_BENCH_PACED_MS", 100) as u64);
     let agent_bin = std::env::var("SIGIL_AGENT_BIN")
         .expect("set SIGIL_AGENT_BIN to a built sigil-agent (make bench does)");
     let client = env!("CARGO_BIN_EXE_rust-spiffe-client");
@@ -61,6 +183,13 @@ fn main() {
         let (pid, addr) = (agent.pid, agent.addr.clone());
         tokio::time::sleep(Duration::from_secs(3)).await;
         report.row("agent RSS, idle (attested, no entries)", format!("{:>8.1} MiB", rss_kib(pid) as f64 / 1024.0));
+        let (anon, file, shmem) = rss_split_kib(pid);
+        report.row("  of which anonymous / file-backed / shared", format!("{:.1} / {:.1} / {:.1} MiB", anon as f64 / 1024.0, file as f64 / 1024.0, shmem as f64 / 1024.0));
+        let files = sigil_e2e::process::file_rss_by_file_kib(pid);
+        report.row(
+            "  file-backed, by file (MiB)",
+            files.iter().take(5).map(|(f, kib)| format!("{f} {:.1}", *kib as f64 / 1024.0)).collect::<Vec<_>>().join(", "),
+        );
 
         w.cluster_spiffe_id(&format!("{}-bench", w.tag), "bench").await;
         let mut from_create = Vec::new();
@@ -87,6 +216,34 @@ fn main() {
         report.latencies("  of which: a client process fetching an already-held SVID", warm);
         report.row("  failed fetches", format!("{failed}"));
         report.row(&format!("agent RSS with {pods_n} entries and SVIDs"), format!("{:>8.1} MiB", rss_kib(pid) as f64 / 1024.0));
+
+        // Paced registrations (versus_spire's paced row, Sigil alone): one Pod declared
+        // every `paced_every`, each on its own, without waiting for earlier ones, split into
+        // phases so that a tail can be placed.
+        if paced_n > 0 {
+            w.cluster_spiffe_id(&format!("{}-paced", w.tag), "paced").await;
+            let start = tokio::time::Instant::now();
+            let runs = futures::future::join_all((0..paced_n).map(|i| {
+                let (w, addr) = (&w, addr.clone());
+                async move {
+                    tokio::time::sleep_until(start + paced_every * i as u32).await;
+                    let late = start.elapsed().saturating_sub(paced_every * i as u32);
+                    let t0 = Instant::now();
+                    let name = format!("paced-{i}");
+                    let pod = w.pod(&name, &w.node_a, "web", json!({"app": "paced"})).await;
+                    let written = t0.elapsed();
+                    let container = PodContainer::create(&pod.uid().expect("uid")).expect("cgroup");
+                    container.mark_running(&w.client, &w.ns, &name, "main", "registry.invalid/none").await.expect("status");
+                    let running = t0.elapsed();
+                    let got = wait_x509(&container, client, &addr).await;
+                    (Paced { late, written, running, got, total: t0.elapsed() }, container)
+                }
+            }))
+            .await;
+            let (runs, containers): (Vec<Paced>, Vec<PodContainer>) = runs.into_iter().unzip();
+            paced_report(&mut report, &runs, paced_every);
+            keep.extend(containers);
+        }
 
         // Memory per identity: the node topped up to `entries_n` Pods, each with an entry
         // (from a second ClusterSPIFFEID, so the entry change below touches only the first
@@ -121,17 +278,27 @@ fn main() {
             report.row("  growth per added identity", format!("{:>8.1} KiB", (after - before) * 1024.0 / (entries_n - pods_n) as f64));
         }
 
-        // Open streams from one pod, each on its own connection, then change the pod's
-        // entry (one more DNS name): the operator re-renders it and pushes it to the node,
-        // the agent signs a new SVID and every open stream must receive it. First
-        // FetchX509SVID streams (rust-spiffe-client), then Envoy SDS StreamSecrets streams
-        // (envoy-sds-client, `default` + `ROOTCA`, ACKing each response);
-        // SIGIL_BENCH_SDS_FIRST=1 swaps the order (the allocator keeps what the first kind
-        // freed, so the second kind's growth reads lower: run both orders to compare).
+        // Open streams from one pod, then change the pod's entry (one more DNS name): the
+        // operator re-renders it and pushes it to the node, the agent signs a new SVID and
+        // every open stream must receive it. Each kind in turn (`stream_kinds`):
+        // FetchX509SVID streams (rust-spiffe-client) each on its own connection, Envoy SDS
+        // StreamSecrets streams (envoy-sds-client, `default` + `ROOTCA`, ACKing each
+        // response), and FetchX509SVID streams sharing connections (what a connection
+        // costs, against what a stream on it costs).
         let sds_client = sigil_e2e::tools::tool("envoy-sds-client").expect("envoy-sds-client (make test-tools)");
-        let kinds = if env("SIGIL_BENCH_SDS_FIRST", 0) == 1 { ["SDS", "Workload API"] } else { ["Workload API", "SDS"] };
+        let kinds = stream_kinds(per_connection);
         let mib = |kib: u64| format!("{:>8.1} MiB", kib as f64 / 1024.0);
-        for (change, kind) in kinds.into_iter().enumerate() {
+        for (change, kind) in kinds.iter().enumerate() {
+            let kind = kind.as_str();
+            if kind == "connections" {
+                let mut cmd = keep[0].command(client);
+                cmd.args(["--addr", &addr, "connections", "--count", &streams_n.to_string()]);
+                match held_streams::connections_kib(cmd, streams_n, pid).await {
+                    Ok(kib) => report.row(&format!("  growth per open connection, no call on it ({streams_n})"), format!("{kib:>8.1} KiB")),
+                    Err(e) => report.row(&format!("{streams_n} connections"), e),
+                }
+                continue;
+            }
             let cmd = if kind == "SDS" {
                 let mut cmd = keep[0].command(&sds_client);
                 cmd.args(["-socket", &agent.socket.display().to_string(), "streams", "-count", &streams_n.to_string()]);
@@ -139,6 +306,9 @@ fn main() {
             } else {
                 let mut cmd = keep[0].command(client);
                 cmd.args(["--addr", &addr, "streams", "--count", &streams_n.to_string()]);
+                if kind != "Workload API" {
+                    cmd.args(["--per-connection", &per_connection.to_string()]);
+                }
                 cmd
             };
             let held = held_streams::hold_with(cmd, streams_n, pid, async {

@@ -200,12 +200,23 @@ async fn start_operator(
     dir: &Path,
     cpu: Option<usize>,
 ) -> (Supervised, u16, u16) {
+    start_replica(bin, kubeconfig, dir, cpu, "sigil-operator-0").await
+}
+
+/// As [`start_operator`], as the replica `pod_name` (its identity in the Lease).
+async fn start_replica(
+    bin: &str,
+    kubeconfig: &Path,
+    dir: &Path,
+    cpu: Option<usize>,
+    pod_name: &str,
+) -> (Supervised, u16, u16) {
     let (health, node_api) = (free_port(), free_port());
     let args: Vec<String> = [
         "--namespace",
         NS,
         "--pod-name",
-        "sigil-operator-0",
+        pod_name,
         "--agent-trust-domain",
         TD,
         "--cluster-name",
@@ -213,6 +224,12 @@ async fn start_operator(
         "--node-rate",
         "1000000",
         "--node-burst",
+        "1000000",
+        // Every CSR counts against a node's signing budget (50 a second by default): the
+        // bench measures the server, so one node may sign as fast as it can.
+        "--node-sign-rate",
+        "1000000",
+        "--node-sign-burst",
         "1000000",
         "--log-format",
         "json",
@@ -232,8 +249,13 @@ async fn start_operator(
         Some(cpu) => on_cpu(cpu, Path::new(bin), &args),
         None => (bin.into(), args),
     };
-    let mut op = Supervised::start("sigil-operator", &program, &args, &dir.join("operator.log"))
-        .expect("start sigil-operator");
+    let mut op = Supervised::start(
+        "sigil-operator",
+        &program,
+        &args,
+        &dir.join(format!("{pod_name}.log")),
+    )
+    .expect("start sigil-operator");
     let started = Instant::now();
     while get_ok(("127.0.0.1", health), "/ready").await.is_none() {
         if let Some(s) = op.exited() {
@@ -249,26 +271,30 @@ async fn start_operator(
     (op, health, node_api)
 }
 
-/// Sigil: attests as the agent of LOAD_NODE and signs its entries' CSRs (100 per call)
-/// from 2 callers for `window`: (SVIDs/s, SVIDs per CPU-second of the operator).
-async fn sigil_sign(
-    client: &Client,
-    node_api: u16,
-    operator_pid: u32,
-    window: Duration,
-) -> (f64, f64) {
+/// The agent of LOAD_NODE (its pod created on first use), attested by PSAT at the first
+/// of the Node APIs on `node_apis`, failing over to the next as the real agent does.
+async fn load_agent(client: &Client, node_apis: &[u16]) -> sigil_agent::node_client::NodeClient {
     use sigil_agent::node_client::{NodeClient, NodeClientConfig};
     let pods = Api::<Pod>::namespaced(client.clone(), NS);
-    let pod = create(
-        &pods,
-        pod_json(
-            "sigil-agent-load",
-            LOAD_NODE,
-            "sigil-agent",
-            json!({"app": "sigil-agent"}),
-        ),
-    )
-    .await;
+    let pod = match pods
+        .get_opt("sigil-agent-load")
+        .await
+        .expect("get the agent pod")
+    {
+        Some(pod) => pod,
+        None => {
+            create(
+                &pods,
+                pod_json(
+                    "sigil-agent-load",
+                    LOAD_NODE,
+                    "sigil-agent",
+                    json!({"app": "sigil-agent"}),
+                ),
+            )
+            .await
+        }
+    };
     let token = sigil_e2e::pod::bound_token(client, &pod, "sigil-agent", 600)
         .await
         .expect("agent token");
@@ -285,7 +311,7 @@ async fn sigil_sign(
         sigil_identity::TrustBundle::from_jwks_json(td.clone(), jwks.as_bytes()).expect("bundle");
     let agent = NodeClient::new(
         NodeClientConfig {
-            addresses: vec![format!("127.0.0.1:{node_api}")],
+            addresses: node_apis.iter().map(|p| format!("127.0.0.1:{p}")).collect(),
             trust_domain: td,
             cluster: CLUSTER.into(),
         },
@@ -293,6 +319,71 @@ async fn sigil_sign(
     )
     .expect("node client");
     agent.attest_psat(&token).await.expect("PSAT attestation");
+    agent
+}
+
+/// Failover to a warm standby: an agent attested at the leader (`leader`, serving on
+/// `node_apis[0]`) holds its entry stream; the leader is SIGKILLed and the agent moves to
+/// the standby on `node_apis[1]` as the real agent's sync loop does (the stream ends, next
+/// endpoint, open the stream again). Returns, from the kill: the stream seen broken, the
+/// node's entries received from the standby, the first batch of `LOAD_PODS` CSRs signed
+/// by it.
+async fn sigil_failover(
+    client: &Client,
+    node_apis: [u16; 2],
+    leader: Supervised,
+) -> Result<[Duration; 3], String> {
+    let agent = load_agent(client, &node_apis).await;
+    let mut stream = agent.sync_entries(0).await.map_err(|e| e.to_string())?;
+    let first = stream
+        .next()
+        .await
+        .ok_or("no first message")?
+        .map_err(|e| e.to_string())?;
+    let requests = sign_load::svid_requests(&first.upserts);
+    if requests.len() != LOAD_PODS {
+        return Err(format!(
+            "{} entries on the leader's stream, not {LOAD_PODS}",
+            requests.len()
+        ));
+    }
+    let killed = Instant::now();
+    drop(leader); // SIGKILL, reaped
+    while let Some(Ok(_)) = stream.next().await {}
+    let broken = killed.elapsed();
+    agent.fail_over();
+    let limit = Duration::from_secs(60);
+    let entries = loop {
+        if killed.elapsed() > limit {
+            return Err(format!("no entries from the standby within {limit:?}"));
+        }
+        if let Ok(mut s) = agent.sync_entries(0).await
+            && let Some(Ok(m)) = s.next().await
+            && m.upserts.len() == LOAD_PODS
+        {
+            break killed.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let results = agent
+        .sign(requests)
+        .await
+        .map_err(|e| format!("signing at the standby: {e}"))?;
+    if results.iter().any(|r| r.error_code != 0) {
+        return Err(format!("the standby refused a CSR: {results:?}"));
+    }
+    Ok([broken, entries, killed.elapsed()])
+}
+
+/// Sigil: attests as the agent of LOAD_NODE and signs its entries' CSRs (100 per call)
+/// from 2 callers for `window`: (SVIDs/s, SVIDs per CPU-second of the operator).
+async fn sigil_sign(
+    client: &Client,
+    node_api: u16,
+    operator_pid: u32,
+    window: Duration,
+) -> (f64, f64) {
+    let agent = load_agent(client, &[node_api]).await;
     let requests = sign_load::svid_requests(&sign_load::node_entries(&agent).await);
     assert_eq!(
         requests.len(),
@@ -547,7 +638,7 @@ fn main() {
         let spire_paused = Paused::new(spire_pid);
         drop(operator);
         let started = Instant::now();
-        let (operator, health, _) = start_operator(&operator_bin, cp.kubeconfig_path(), dir.path(), server_cpu).await;
+        let (operator, health, node_api) = start_operator(&operator_bin, cp.kubeconfig_path(), dir.path(), server_cpu).await;
         sigil_e2e::eventually("the restarted operator to render every entry", Duration::from_secs(300), || async {
             let text = get_ok(("127.0.0.1", health), "/metrics").await?;
             (metric(&text, "sigil_index_entries")? >= (bulk + LOAD_PODS) as f64).then_some(())
@@ -567,6 +658,38 @@ fn main() {
         } else {
             report.row("server killed and restarted → serving its identities", format!("Sigil {sigil_restart:.1} s ({bulk}) | SPIRE {spire_restart:.1} s ({spire_held})"));
             report.row("server RSS just after the restart", format!("Sigil {sigil_rss:.1} MiB ({bulk}) | SPIRE {spire_rss:.1} MiB ({spire_held})"));
+        }
+        // Failover (Sigil; SPIRE's server has no standby that serves): a second replica
+        // holds every identity warm; the leader is SIGKILLed under an agent attested at it.
+        if env("SIGIL_BENCH_SERVERS_FAILOVER", 1) == 1 {
+            let _spire = Paused::new(spire.server.as_ref().expect("server").pid());
+            let started = Instant::now();
+            let (standby, standby_health, standby_api) =
+                start_replica(&operator_bin, cp.kubeconfig_path(), dir.path(), server_cpu, "sigil-operator-1").await;
+            sigil_e2e::eventually("the standby to render every entry", Duration::from_secs(300), || async {
+                let text = get_ok(("127.0.0.1", standby_health), "/metrics").await?;
+                (metric(&text, "sigil_index_entries")? >= (bulk + LOAD_PODS) as f64).then_some(())
+            })
+            .await;
+            report.row(
+                &format!("a standby replica started beside the leader → holding the {bulk} identities"),
+                format!("{:.2} s, RSS {:.1} MiB (both replicas on the server's core)", started.elapsed().as_secs_f64(), rss_kib(standby.pid()) as f64 / 1024.0),
+            );
+            match sigil_failover(&client, [node_api, standby_api], operator).await {
+                Ok([broken, entries, signed]) => report.row(
+                    &format!("leader SIGKILLed, warm standby with {bulk} identities → serving the agent"),
+                    format!(
+                        "entries from the standby {:.0} ms, {LOAD_PODS} SVIDs signed by it {:.0} ms after the kill (the agent saw its stream end at {:.1} ms)",
+                        entries.as_secs_f64() * 1e3,
+                        signed.as_secs_f64() * 1e3,
+                        broken.as_secs_f64() * 1e3
+                    ),
+                ),
+                Err(e) => report.row("leader SIGKILLed → standby serving", e),
+            }
+            drop(standby);
+        } else {
+            drop(operator);
         }
         // What bounds Sigil's restart: the apiserver serving every Pod, listed and decoded
         // as the operator's informer does (protobuf, its page sizes) and, for comparison,
@@ -588,7 +711,6 @@ fn main() {
                 "full reload every 5 s (the default)".into()
             },
         );
-        drop(operator);
         drop(spire);
         report.finish();
     });

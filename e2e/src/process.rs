@@ -148,11 +148,58 @@ pub fn is_alive(pid: u32) -> bool {
 
 /// Resident set size of `pid` in KiB (0 when gone).
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// `pid`'s resident memory in KiB split as the kernel counts it: anonymous (heap, stacks),
+/// file-backed (the binary's and libraries' pages) and shared memory.
+pub fn rss_split_kib(pid: u32) -> (u64, u64, u64) {
+    (
+        status_kib(pid, "RssAnon:"),
+        status_kib(pid, "RssFile:"),
+        status_kib(pid, "RssShmem:"),
+    )
+}
+
+/// `pid`'s file-backed resident memory by file, largest first (KiB, from
+/// `/proc/<pid>/smaps`): which binary or library the pages are of.
+pub fn file_rss_by_file_kib(pid: u32) -> Vec<(String, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by_file = std::collections::BTreeMap::<String, u64>::new();
+    let mut current: Option<String> = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: `start-end perms offset dev inode [path]`.
+            current = line
+                .split_whitespace()
+                .nth(5)
+                .filter(|p| p.starts_with('/'))
+                .map(|p| {
+                    std::path::Path::new(p)
+                        .file_name()
+                        .map_or_else(|| p.to_owned(), |n| n.to_string_lossy().into_owned())
+                });
+        } else if first == "Rss:"
+            && let Some(file) = &current
+        {
+            *by_file.entry(file.clone()).or_default() +=
+                words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    let mut v: Vec<(String, u64)> = by_file.into_iter().filter(|(_, kib)| *kib > 0).collect();
+    v.sort_by_key(|(_, kib)| std::cmp::Reverse(*kib));
+    v
+}
+
+/// A `kB` line of `/proc/<pid>/status` (0 when gone).
+fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)

@@ -91,3 +91,34 @@ pub async fn hold_with(
         rss_after,
     })
 }
+
+/// The RSS growth of the agent `pid` while `cmd` (`rust-spiffe-client connections`)
+/// holds `n` connections without a call on them (KiB per connection).
+pub async fn connections_kib(
+    mut cmd: std::process::Command,
+    n: usize,
+    pid: u32,
+) -> Result<f64, String> {
+    let before = rss_kib(pid);
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("connections client: {e}"))?;
+    let mut out = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    match tokio::time::timeout(Duration::from_secs(300), out.next_line()).await {
+        Ok(Ok(Some(_))) => {}
+        other => {
+            return Err(format!(
+                "{n} connections did not open within 300 s: {other:?}"
+            ));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = rss_kib(pid);
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"\n").await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    Ok((held as f64 - before as f64) / n as f64)
+}

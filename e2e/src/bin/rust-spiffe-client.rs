@@ -8,6 +8,8 @@
 //!   rust-spiffe-client --addr ... streams --count N [--per-connection K]
 //!       (hold N FetchX509SVID streams, K on each connection (default 1); prints "ready",
 //!       then "updated" once all N received a second SVID)
+//!   rust-spiffe-client --addr ... connections --count N
+//!       (hold N connections, HTTP/2 handshake done, no call; prints "ready")
 //!   rust-spiffe-client --addr ... wait-x509 --timeout-ms T
 //!       (FetchX509SVID every 20 ms until an SVID arrives: for registration latency)
 //!   rust-spiffe-client --addr ... load --concurrency C --requests N
@@ -74,17 +76,37 @@ async fn run(args: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
                     | "validate"
                     | "watch"
                     | "streams"
+                    | "connections"
                     | "wait-x509"
                     | "load"
                     | "jwt-flood"
                     | "poll"
             )
         })
-        .ok_or("command: x509|jwt|validate|watch|streams|wait-x509|load|jwt-flood|poll")?;
+        .ok_or(
+            "command: x509|jwt|validate|watch|streams|connections|wait-x509|load|jwt-flood|poll",
+        )?;
     match cmd.as_str() {
         "x509" => {
             let source = X509Source::builder().endpoint(&addr).build().await?;
             println!("{}", leaf_line(&source)?);
+        }
+        "connections" => {
+            // Holds `count` connections, HTTP/2 handshake done and no call made: what a
+            // connection alone costs the server. Says "ready", exits when stdin closes.
+            let count: usize = arg(&args, "--count")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100);
+            let mut held = Vec::with_capacity(count);
+            for _ in 0..count {
+                held.push(WorkloadApiClient::connect_to(&addr).await?);
+            }
+            println!(
+                "{}",
+                serde_json::json!({"ready": held.len(), "at_ms": now_ms()})
+            );
+            let mut sink = String::new();
+            let _ = std::io::stdin().read_line(&mut sink);
         }
         "poll" => {
             let every = std::time::Duration::from_millis(
