@@ -17,7 +17,9 @@
 //! Then Pods are declared at a steady pace without waiting for one another
 //! (SIGIL_BENCH_PACED, default 1000, one every SIGIL_BENCH_PACED_MS, default 100), as
 //! versus_spire's paced row does with SPIRE beside it, each split into its phases: Pod
-//! create acknowledged, Running acknowledged, SVID in a new client in the pod.
+//! create acknowledged, Running acknowledged, SVID in a new client in the pod. Then all at
+//! once (SIGIL_BENCH_BURST, default 1000), with Sigil's own share of the burst: the last
+//! Running acknowledged → the last SVID in a pod.
 //!
 //! Run: `make bench` (or `hack/bench.sh agent`). SIGIL_BENCH_PODS (default 200),
 //! SIGIL_BENCH_STREAMS (default 10000; the process needs that many file descriptors) and
@@ -135,6 +137,39 @@ fn paced_report(report: &mut Report, runs: &[Paced], every: Duration) {
     );
 }
 
+/// The burst rows, every time from the burst's start: SVIDs in the pods, the apiserver's
+/// part (the last create and the last Running acknowledged), and Sigil's own share, from
+/// the last Running acknowledged to the last SVID received (a client process ends a few
+/// milliseconds after it has its SVID).
+fn burst_report(report: &mut Report, runs: &[Paced]) {
+    let n = runs.len();
+    let ok: Vec<&Paced> = runs.iter().filter(|r| r.got.is_some()).collect();
+    let last = |f: &dyn Fn(&Paced) -> Duration| runs.iter().map(f).max().unwrap_or_default();
+    report.latencies(
+        &format!("burst of {n} Pods: declared → SVID in a new client in the pod"),
+        ok.iter().map(|r| r.total).collect(),
+    );
+    report.latencies(
+        "  each pod's Running acknowledged → its SVID",
+        ok.iter().map(|r| r.total - r.running).collect(),
+    );
+    let (written, running, served) = (
+        last(&|r| r.written),
+        last(&|r| r.running),
+        last(&|r| r.total),
+    );
+    report.row(
+        "  last Pod create acknowledged / last Running acknowledged",
+        format!("{written:>8.2?} / {running:.2?} (the apiserver's part)"),
+    );
+    report.row("  last SVID in a pod", format!("{served:>8.2?}"));
+    report.row(
+        "  Sigil's share: last Running acknowledged → last SVID",
+        format!("{:>8.2?}", served.saturating_sub(running)),
+    );
+    report.row("  failed registrations", format!("{}", n - ok.len()));
+}
+
 /// The kinds of streams held, in the order of SIGIL_BENCH_STREAM_KINDS (a comma list of
 /// `wl`: Workload API streams each on its own connection, `shared`: Workload API streams
 /// `per_connection` to a connection, `sds`: Envoy SDS streams, `conns`: connections with
@@ -168,6 +203,7 @@ fn main() {
     let entries_n = env("SIGIL_BENCH_ENTRIES", 10_000);
     let per_connection = env("SIGIL_BENCH_STREAMS_PER_CONNECTION", 8);
     let paced_n = env("SIGIL_BENCH_PACED", 1000);
+    let burst_n = env("SIGIL_BENCH_BURST", 1000);
     let paced_every = Duration::from_millis(env("SIGIL_BENCH_PACED_MS", 100) as u64);
     let agent_bin = std::env::var("SIGIL_AGENT_BIN")
         .expect("set SIGIL_AGENT_BIN to a built sigil-agent (make bench does)");
@@ -242,6 +278,31 @@ fn main() {
             .await;
             let (runs, containers): (Vec<Paced>, Vec<PodContainer>) = runs.into_iter().unzip();
             paced_report(&mut report, &runs, paced_every);
+            keep.extend(containers);
+        }
+
+        // A burst: every Pod declared at once, each made Running as soon as its create
+        // returns (the kubelet's part), its client started then. Sigil's own share is the
+        // time from the last Running acknowledged to the last SVID in a pod.
+        if burst_n > 0 {
+            w.cluster_spiffe_id(&format!("{}-burst", w.tag), "burst").await;
+            let t0 = Instant::now();
+            let runs = futures::future::join_all((0..burst_n).map(|i| {
+                let (w, addr) = (&w, addr.clone());
+                async move {
+                    let name = format!("burst-{i}");
+                    let pod = w.pod(&name, &w.node_a, "web", json!({"app": "burst"})).await;
+                    let written = t0.elapsed();
+                    let container = PodContainer::create(&pod.uid().expect("uid")).expect("cgroup");
+                    container.mark_running(&w.client, &w.ns, &name, "main", "registry.invalid/none").await.expect("status");
+                    let running = t0.elapsed();
+                    let got = wait_x509(&container, client, &addr).await;
+                    (Paced { late: Duration::ZERO, written, running, got, total: t0.elapsed() }, container)
+                }
+            }))
+            .await;
+            let (runs, containers): (Vec<Paced>, Vec<PodContainer>) = runs.into_iter().unzip();
+            burst_report(&mut report, &runs);
             keep.extend(containers);
         }
 

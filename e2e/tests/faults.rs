@@ -334,8 +334,15 @@ fn secs(d: Duration) -> String {
 async fn api_server_down_for_four_half_lives() {
     let _serial = serial().await;
     let cp = sigil_e2e::shared().await;
-    let ttl = Duration::from_secs(10);
-    let outage = ttl * 2;
+    // SIGIL_FAULT_OUTAGE_SECS lengthens the outage (1800 for the 30 minutes, in
+    // real time); the SVID TTL stays half of it, so the same four half-lives fall inside.
+    let outage = Duration::from_secs(
+        std::env::var("SIGIL_FAULT_OUTAGE_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20),
+    );
+    let ttl = outage / 2;
     // The TrustDomain controller's clock, to make a CA prepare step due in the outage.
     let clock = ManualClock::new(SystemTime::now());
     let aw = AgentWorld::start_with(
@@ -348,6 +355,10 @@ async fn api_server_down_for_four_half_lives() {
     .await;
     let mut s = Scene::start_in(aw, ttl, 3, 1).await;
     assert_eq!(s.authorities_everywhere(), Some(1));
+    // The kubelet's part for an outage longer than the harness's 10-minute projected
+    // tokens: the agent's token file is refreshed once the API server can mint one again.
+    let _tokens = (outage > Duration::from_secs(300))
+        .then(|| s.aw.refresh_agent_token(Duration::from_secs(30)));
 
     let down = SystemTime::now();
     cp.stop_apiserver();
@@ -833,7 +844,10 @@ async fn leader_process_sigkilled_in_the_middle_of_a_pod_burst() {
     // scaled with the test above the default size; at the default 40 pods it is the
     // product's.
     let budget: Vec<String> = if burst > 40 {
-        vec!["--node-sign-rate=2000".into(), "--node-sign-burst=10000".into()]
+        vec![
+            "--node-sign-rate=2000".into(),
+            "--node-sign-burst=10000".into(),
+        ]
     } else {
         vec![]
     };
