@@ -64,6 +64,39 @@ struct Paced {
     total: Duration,
 }
 
+/// One registration timed from `t0`: Pod `name` (label `app`) created on node A, its
+/// cgroup made and its status Running (the kubelet's part), then a client in it waiting for
+/// its SVID; `late` is how late its declaration started.
+async fn register(
+    w: &World,
+    name: &str,
+    app: &str,
+    t0: Instant,
+    late: Duration,
+    client: &str,
+    addr: &str,
+) -> (Paced, PodContainer) {
+    let pod = w.pod(name, &w.node_a, "web", json!({"app": app})).await;
+    let written = t0.elapsed();
+    let container = PodContainer::create(&pod.uid().expect("uid")).expect("cgroup");
+    container
+        .mark_running(&w.client, &w.ns, name, "main", "registry.invalid/none")
+        .await
+        .expect("status");
+    let running = t0.elapsed();
+    let got = wait_x509(&container, client, addr).await;
+    (
+        Paced {
+            late,
+            written,
+            running,
+            got,
+            total: t0.elapsed(),
+        },
+        container,
+    )
+}
+
 /// `rust-spiffe-client wait-x509` in the pod (one fixed 20 ms retry): the attempts it made,
 /// or `None` without an SVID within a minute.
 async fn wait_x509(container: &PodContainer, client: &str, addr: &str) -> Option<u32> {
@@ -263,15 +296,7 @@ fn main() {
                 async move {
                     tokio::time::sleep_until(start + paced_every * i as u32).await;
                     let late = start.elapsed().saturating_sub(paced_every * i as u32);
-                    let t0 = Instant::now();
-                    let name = format!("paced-{i}");
-                    let pod = w.pod(&name, &w.node_a, "web", json!({"app": "paced"})).await;
-                    let written = t0.elapsed();
-                    let container = PodContainer::create(&pod.uid().expect("uid")).expect("cgroup");
-                    container.mark_running(&w.client, &w.ns, &name, "main", "registry.invalid/none").await.expect("status");
-                    let running = t0.elapsed();
-                    let got = wait_x509(&container, client, &addr).await;
-                    (Paced { late, written, running, got, total: t0.elapsed() }, container)
+                    register(w, &format!("paced-{i}"), "paced", Instant::now(), late, client, &addr).await
                 }
             }))
             .await;
@@ -289,14 +314,7 @@ fn main() {
             let runs = futures::future::join_all((0..burst_n).map(|i| {
                 let (w, addr) = (&w, addr.clone());
                 async move {
-                    let name = format!("burst-{i}");
-                    let pod = w.pod(&name, &w.node_a, "web", json!({"app": "burst"})).await;
-                    let written = t0.elapsed();
-                    let container = PodContainer::create(&pod.uid().expect("uid")).expect("cgroup");
-                    container.mark_running(&w.client, &w.ns, &name, "main", "registry.invalid/none").await.expect("status");
-                    let running = t0.elapsed();
-                    let got = wait_x509(&container, client, &addr).await;
-                    (Paced { late: Duration::ZERO, written, running, got, total: t0.elapsed() }, container)
+                    register(w, &format!("burst-{i}"), "burst", t0, Duration::ZERO, client, &addr).await
                 }
             }))
             .await;

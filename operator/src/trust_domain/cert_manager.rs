@@ -379,10 +379,18 @@ pub async fn drive(
     };
     let name = request_name(&object, &key.public_key_der());
     // Until the request and its key are in `state`, a failure must not leave the key
-    // behind in a key manager.
-    let abandon = |report: RequestReport| {
+    // behind in a key manager. A failed call to the request API gives the key up either
+    // way: a problem people can fix is reported, anything else is retried.
+    let give_up = |e: kube::Error, verb: &'static str, mut report: RequestReport| {
         forget(&policy.keys, &key);
-        report
+        match request_api_problem(e, &object, namespace, verb) {
+            Ok(problem) => {
+                report.condition = Some(condition_of(Some(&problem)));
+                report.problem = Some(problem);
+                Ok(report)
+            }
+            Err(e) => Err(Error::from(e)),
+        }
     };
     // Earlier requests of this TrustDomain (consumed, denied, failed or orphaned) go first:
     // only the newest one is kept for people to look at.
@@ -403,17 +411,7 @@ pub async fn drive(
                 }
             }
         }
-        Err(e) => match request_api_problem(e, &object, namespace, "list") {
-            Ok(problem) => {
-                report.condition = Some(condition_of(Some(&problem)));
-                report.problem = Some(problem);
-                return Ok(abandon(report));
-            }
-            Err(e) => {
-                forget(&policy.keys, &key);
-                return Err(e.into());
-            }
-        },
+        Err(e) => return give_up(e, "list", report),
     }
     let mut cr = DynamicObject::new(&name, &certificate_request_resource()).within(namespace);
     cr.metadata.labels = Some(
@@ -443,17 +441,7 @@ pub async fn drive(
     });
     match api.create(&PostParams::default(), &cr).await {
         Ok(_) => {}
-        Err(e) => match request_api_problem(e, &object, namespace, "create") {
-            Ok(problem) => {
-                report.condition = Some(condition_of(Some(&problem)));
-                report.problem = Some(problem);
-                return Ok(abandon(report));
-            }
-            Err(e) => {
-                forget(&policy.keys, &key);
-                return Err(e.into());
-            }
-        },
+        Err(e) => return give_up(e, "create", report),
     }
     info!(trust_domain_object = %object, request = %name, issuer = %issuer_words(cm), "sent a CertificateRequest for the next CA");
     report.sent = Some(format!(
