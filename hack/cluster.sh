@@ -562,6 +562,10 @@ up() {
     fi
     down
   fi
+  # The chart's hostPath directories belong to this node: anything in them now was left
+  # by something else (a killed process run by hand or by a bench), and would be taken
+  # for what this node's pods left.
+  remove_chart_hostpaths "before the node starts"
   local t0; t0=$(date +%s)
   mkdir -p "$STATE" "$RUN/pids"
   [ -z "$me" ] || echo "$me" >"$RUN/owner"
@@ -697,11 +701,16 @@ down() {
 # should be none: a test of that checks before `down`.
 CHART_HOSTPATHS="/run/sigil/agent /var/lib/sigil-csi /run/sigil"
 remove_chart_hostpaths() {
-  local d files
+  local d files when=${1:-}
   for d in $CHART_HOSTPATHS; do
     [ -d "$d" ] || continue
+    # Never through a mount (down unmounts the node's first; any other is not ours).
+    if awk -v d="$d" '$5 == d || index($5, d "/") == 1 { found = 1 } END { exit !found }' /proc/self/mountinfo; then
+      log "not removing $d: something is mounted under it"
+      continue
+    fi
     files=$(find "$d" ! -type d 2>/dev/null | head -5 | tr '\n' ' ')
-    [ -z "$files" ] || log "removing what Sigil's pods left in $d: $files"
+    [ -z "$files" ] || log "removing what was left in $d${when:+ $when}: $files"
     rm -rf "$d"
   done
   true

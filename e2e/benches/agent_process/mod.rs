@@ -77,6 +77,9 @@ pub async fn start(w: &World, agent_bin: &str) -> AgentProcess {
             &path("bundle.spiffe"),
         ])
         .args(["--socket-path", &socket.display().to_string()])
+        // Its own Broker API socket too: the default is the chart's in-pod path, which
+        // on this host would replace (and, killed, leave behind) a real node's.
+        .args(["--broker-socket-path", &path("broker.sock")])
         .args(["--health-addr", &health.to_string()])
         // The benches hold 10k streams from one workload, each on its own connection:
         // far past the per-workload cap a real node wants.
