@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::cache::{Cache, HeldSvid, rotation_time};
 use crate::node_client::NodeClient;
+use crate::sync::Backoff;
 
 /// Most CSRs in one signing call (the operator accepts 1000).
 pub const BATCH: usize = 500;
@@ -33,6 +34,12 @@ pub const RSA_BATCH: usize = 8;
 /// budget refills every second, so such a refusal clears within seconds; other refusals
 /// back off up to a minute.
 pub const BUDGET_RETRY_MAX: Duration = Duration::from_secs(4);
+
+/// Longest wait before a failed signing call (the operator unreachable, a connection that
+/// stalled) is tried again: once the network is back, every SVID due waits on that retry.
+/// A thousand agents retrying an operator that is down make a few hundred calls a second,
+/// each refused or timed out without work on the operator's side.
+pub const SIGN_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Orders due entries most urgent first, so that when the operator's signing budget for
 /// this node is short, what it signs first is what matters most: entries with no SVID at
@@ -76,7 +83,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let mut retry_after: HashMap<String, (SystemTime, Duration)> = HashMap::new();
-    let mut batch_backoff = Duration::from_millis(200);
+    let mut batch_backoff = Backoff::new(Duration::from_millis(200), SIGN_RETRY_MAX);
     let mut changes = cache.subscribe();
     loop {
         changes.borrow_and_update();
@@ -88,7 +95,7 @@ pub async fn run(
             .filter(|e| retry_after.get(&e.id).is_none_or(|(t, _)| *t <= now))
             .collect();
         by_urgency(&mut due, &cache);
-        let mut failed_batch = false;
+        let mut failed_batch: Option<Duration> = None;
         // ECDSA entries first: their keys take microseconds, and must not wait behind RSA
         // keys that take hundreds of milliseconds each.
         let (rsa, ec): (Vec<_>, Vec<_>) = due.into_iter().partition(|e| e.key_type.is_rsa());
@@ -143,12 +150,13 @@ pub async fn run(
                     let installed = cache.put_svids(signed);
                     metrics.signed.inc_by(installed as u64);
                     debug!(installed, "X509-SVIDs installed");
-                    batch_backoff = Duration::from_millis(200);
+                    batch_backoff.reset();
                 }
                 Err(e) => {
                     metrics.failures.inc();
-                    warn!(error = %e, retry_in = ?batch_backoff, csrs = chunk.len(), "signing batch failed; still serving the SVIDs held");
-                    failed_batch = true;
+                    let wait = batch_backoff.step();
+                    warn!(error = %e, retry_in = ?wait, csrs = chunk.len(), "signing batch failed; still serving the SVIDs held");
+                    failed_batch = Some(wait);
                     break;
                 }
             }
@@ -162,17 +170,11 @@ pub async fn run(
             .min()
             .map(|t| t.duration_since(now).unwrap_or_default())
             .unwrap_or(Duration::from_secs(3600));
-        let wait = if failed_batch {
-            let w = batch_backoff;
-            batch_backoff = (batch_backoff * 2).min(Duration::from_secs(30));
-            w
-        } else {
-            next
-        };
+        let wait = failed_batch.unwrap_or(next);
         tokio::select! {
             () = cancel.cancelled() => { info!("SVID rotator stopped"); return }
             () = tokio::time::sleep(wait) => {}
-            r = changes.changed(), if !failed_batch => if r.is_err() { return },
+            r = changes.changed(), if failed_batch.is_none() => if r.is_err() { return },
         }
     }
 }

@@ -54,29 +54,29 @@ impl TokenFile {
 /// again). With the jitter, a thousand agents make a few hundred attempts a second at most.
 const AGENT_SVID_RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Exponential backoff between `min` and `max`.
+/// Exponential backoff between `min` and `max`, with ±20% jitter.
 #[derive(Debug, Clone, Copy)]
-struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
     min: Duration,
     max: Duration,
 }
 
 impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         Self {
             next: min,
             min,
             max,
         }
     }
-    fn step(&mut self) -> Duration {
+    pub(crate) fn step(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(self.max);
         // ±20% jitter so a fleet of agents does not reconnect in lockstep.
         d.mul_f64(0.8 + rand::random::<f64>() * 0.4)
     }
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.min;
     }
 }
