@@ -7,6 +7,10 @@
 #                             safe after a crash or kill -9)
 #   hack/cluster.sh status    what runs
 #   hack/cluster.sh restart C restart one component (kubelet, containerd, ...)
+#   hack/cluster.sh stop C    stop an unsupervised one (kube-apiserver, etcd, ...), and
+#   hack/cluster.sh start C   start it again and wait until it serves
+#   hack/cluster.sh partition on|off NS/SVC  drop (or stop dropping) pods' TCP to a Service
+#   hack/cluster.sh kill ID   SIGKILL a container (the kubelet restarts it)
 #   hack/cluster.sh env       print `export KUBECONFIG=...`
 #   hack/cluster.sh leftovers exit 1 and name anything a cluster left behind
 #   hack/cluster.sh guard TAG (the real-node tests) wait for the cluster lock, print
@@ -755,6 +759,56 @@ restart() {
   log "$c restarted (pid $old -> $(cat "$(pidfile "$c")"))"
 }
 
+# stop C / start C: take an unsupervised component (kube-apiserver, etcd, ...) down and
+# bring it back, for the fault tests' outages; `start` waits until it serves again.
+stop_component() {
+  take_lock
+  local c=$1
+  case " $COMPONENTS " in *" $c "*) ;; *) die "unknown component $c (known: $COMPONENTS)" ;; esac
+  case " $SUPERVISED " in *" $c "*) die "$c is supervised (it would start again): use restart" ;; esac
+  alive "$c" || die "$c is not running"
+  stop_pid "$c"
+  log "$c stopped"
+}
+start_component() {
+  take_lock
+  local c=$1
+  case " $COMPONENTS " in *" $c "*) ;; *) die "unknown component $c (known: $COMPONENTS)" ;; esac
+  case " $SUPERVISED " in *" $c "*) die "$c is supervised: use restart" ;; esac
+  alive "$c" && die "$c is already running"
+  "start_${c//-/_}"
+  case $c in
+    kube-apiserver) wait_for kube-apiserver 120 apiserver_ready || exit 1 ;;
+    etcd) wait_for etcd 60 in_ns curl -sf http://127.0.0.1:2379/health || exit 1 ;;
+  esac
+  log "$c started (pid $(cat "$(pidfile "$c")"))"
+}
+
+# partition on|off NAMESPACE/SERVICE: drop every TCP packet sent to the Service's cluster
+# IP inside the node's namespace (the raw table, before kube-proxy's NAT and conntrack: an
+# open connection stalls too), or stop dropping. The fault tests' agent <-> operator
+# partition; nothing outside the namespace is touched.
+partition() {
+  take_lock
+  local what=$1 svc=$2 ip
+  ip=$(kubectl_ -n "${svc%%/*}" get service "${svc#*/}" -o jsonpath='{.spec.clusterIP}') ||
+    die "no Service $svc"
+  case $what in
+    on) in_ns iptables -w -t raw -I PREROUTING -d "$ip" -p tcp -j DROP ;;
+    off) in_ns iptables -w -t raw -D PREROUTING -d "$ip" -p tcp -j DROP ;;
+    *) die "partition on|off NAMESPACE/SERVICE" ;;
+  esac
+  log "partition $what: TCP to $svc ($ip)"
+}
+
+# kill CONTAINER_ID: SIGKILL a container's task (the id of a pod's containerStatuses,
+# without containerd://), as a crash or the OOM killer would; the kubelet restarts it.
+kill_container() {
+  take_lock
+  ctr_ tasks kill -s SIGKILL "${1:?container id}"
+  log "container ${1:0:12} killed"
+}
+
 # guard TAG: for a test process, which starts it with stdin a pipe it never writes. Waits
 # for the lock (SIGIL_CLUSTER_LOCK_WAIT seconds, default 1800: another test run may hold
 # it), prints "locked", and holds it while the test process lives. When the pipe closes
@@ -782,6 +836,10 @@ case ${1:-} in
   down) down ;;
   status) status ;;
   restart) restart "${2:?component}" ;;
+  stop) stop_component "${2:?component}" ;;
+  start) start_component "${2:?component}" ;;
+  partition) partition "${2:?on|off}" "${3:?NAMESPACE/SERVICE}" ;;
+  kill) kill_container "${2:?container id}" ;;
   env) print_env 2>/dev/null ;;
   leftovers) leftovers ;;
   guard) guard "${2:-}" ;;

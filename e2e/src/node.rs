@@ -414,6 +414,49 @@ impl RealNode {
         .await
     }
 
+    /// `hack/cluster.sh stop COMPONENT`: an unsupervised one (kube-apiserver, etcd) stays
+    /// down until [`RealNode::start_component`].
+    pub async fn stop_component(&self, component: &str) -> Result<(), Error> {
+        self.script(
+            &format!("stop-{component}"),
+            &["hack/cluster.sh", "stop", component],
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
+    /// `hack/cluster.sh start COMPONENT`, which returns once it serves again.
+    pub async fn start_component(&self, component: &str) -> Result<(), Error> {
+        self.script(
+            &format!("start-{component}"),
+            &["hack/cluster.sh", "start", component],
+            Duration::from_secs(180),
+        )
+        .await
+    }
+
+    /// `hack/cluster.sh partition on|off NAMESPACE/SERVICE`: pods' TCP to the Service's
+    /// cluster IP is dropped inside the node's namespace (`on`) or flows again (`off`).
+    pub async fn partition(&self, on: bool, service: &str) -> Result<(), Error> {
+        let what = if on { "on" } else { "off" };
+        self.script(
+            &format!("partition-{what}"),
+            &["hack/cluster.sh", "partition", what, service],
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
+    /// `hack/cluster.sh kill ID`: SIGKILL to a container (its id without `containerd://`).
+    pub async fn kill_container(&self, id: &str) -> Result<(), Error> {
+        self.script(
+            "kill-container",
+            &["hack/cluster.sh", "kill", id],
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
     /// Takes the node down (`hack/cluster.sh down`) and checks that nothing of it is
     /// left: mounts, processes, the network namespace, cgroups, directories, the chart's
     /// hostPath state.

@@ -101,7 +101,7 @@ func main() {
 	opt := workloadapi.WithAddr(*addr)
 	sub := flag.NewFlagSet(flag.Arg(0), flag.ExitOnError)
 	audience := sub.String("audience", "", "JWT audience")
-	id := sub.String("spiffe-id", "", "JWT subject to ask for")
+	id := sub.String("spiffe-id", "", "JWT subject to ask for; check, files-check: the SVID's expected ID")
 	token := sub.String("token", "", "JWT-SVID to validate")
 	listen := sub.String("listen", "127.0.0.1:0", "serve: address to listen on")
 	allowTD := sub.String("allow-td", "", "serve: trust domains (comma-separated) whose members may connect")
@@ -111,7 +111,7 @@ func main() {
 	rawURL := sub.String("url", "", "https-get, fetch-bundle: the URL")
 	client := sub.String("client", "svid", "https-get: svid, none or self-signed:ID")
 	dir := sub.String("dir", "", "files-check, files-first: the volume's directory")
-	interval := sub.Duration("interval", 100*time.Millisecond, "files-check: time between reads")
+	interval := sub.Duration("interval", 100*time.Millisecond, "files-check, check: time between reads")
 	trustDomain := sub.String("trust-domain", "", "fetch-bundle: the endpoint's trust domain")
 	endpointID := sub.String("endpoint-id", "", "fetch-bundle: the endpoint's SPIFFE ID")
 	bundleFile := sub.String("bundle-file", "", "fetch-bundle: bootstrap bundle (SPIFFE bundle or PEM); pod-cert: the ClusterTrustBundle projection")
@@ -124,7 +124,10 @@ func main() {
 		watch(opt)
 		return
 	case "files-check":
-		filesCheck(*dir, *interval)
+		filesCheck(*dir, *interval, *id)
+		return
+	case "check":
+		check(opt, *timeout, *interval, *id)
 		return
 	}
 
@@ -671,12 +674,17 @@ func readGeneration(dir string) (*x509.Certificate, error) {
 	return leaf, err
 }
 
-func filesCheck(dir string, interval time.Duration) {
+func filesCheck(dir string, interval time.Duration, want string) {
 	var last string
 	checks, errs := 0, 0
 	tick := time.Now()
 	for {
 		leaf, err := readGeneration(dir)
+		if err == nil && want != "" {
+			if id, _ := x509svid.IDFromCert(leaf); id.String() != want {
+				err = fmt.Errorf("svid.pem is %s, not %s", id, want)
+			}
+		}
 		checks++
 		if err != nil {
 			errs++
@@ -690,6 +698,51 @@ func filesCheck(dir string, interval time.Duration) {
 			tick = time.Now()
 			line(map[string]any{"checks": checks, "errors": errs})
 		}
+		time.Sleep(interval)
+	}
+}
+
+// check is the fault tests' invariant checker inside a pod: every interval, a new
+// connection fetches the X509-SVIDs (within timeout) and the one of the wanted ID (else
+// the default) is judged. Each check prints one line: "failed" when the fetch failed or
+// held no SVID of that ID, "violation" when an SVID was served that must never be
+// (outside its validity, or not chaining to the bundle served with it).
+func check(opt workloadapi.ClientOption, timeout, interval time.Duration, want string) {
+	for n := 1; ; n++ {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		c, err := workloadapi.FetchX509Context(ctx, opt)
+		cancel()
+		out := map[string]any{"check": n}
+		var s *x509svid.SVID
+		if err == nil {
+			s = c.DefaultSVID()
+			if want != "" {
+				s = nil
+				var ids []string
+				for _, one := range c.SVIDs {
+					ids = append(ids, one.ID.String())
+					if one.ID.String() == want {
+						s = one
+					}
+				}
+				if s == nil {
+					err = fmt.Errorf("no X509-SVID of %s among %v", want, ids)
+				}
+			}
+		}
+		if err != nil {
+			out["failed"] = err.Error()
+		} else {
+			leaf, now := s.Certificates[0], time.Now()
+			out["serial"] = leaf.SerialNumber.Text(16)
+			out["not_after"] = leaf.NotAfter.UTC().Format(time.RFC3339)
+			if now.After(leaf.NotAfter) || now.Before(leaf.NotBefore) {
+				out["violation"] = fmt.Sprintf("served an SVID valid %s to %s at %s", leaf.NotBefore.UTC().Format(time.RFC3339), leaf.NotAfter.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+			} else if _, _, err := x509svid.Verify(s.Certificates, c.Bundles); err != nil {
+				out["violation"] = fmt.Sprintf("the SVID does not chain to the bundle served with it: %v", err)
+			}
+		}
+		line(out)
 		time.Sleep(interval)
 	}
 }
