@@ -5,7 +5,8 @@
 //! The steps share one node and one Helm release, so they run in order in this one binary
 //! (`harness = false`): install, workloads under the API-server pod source, PSAT and the
 //! CSI tokens, `helm upgrade` to the kubelet pod source, the workloads again, nginx mTLS,
-//! restarts under held streams and files, `helm uninstall`, and the node's teardown.
+//! restarts under held streams and files, #27's faults (`real_node/faults.rs`), `helm
+//! uninstall`, and the node's teardown.
 //! A step that fails is reported and the next runs; nothing runs once the install failed.
 //! Arguments: substrings of step names select steps (the install and the teardown always
 //! run); `--list` lists them; other libtest flags are accepted and ignored.
@@ -28,6 +29,10 @@ use k8s_openapi::api::storage::v1::{CSIDriver, CSINode};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::Value;
 use sigil_e2e::node::{NODE_NAME, RealNode};
+
+#[path = "real_node/faults.rs"]
+mod faults;
+use faults::faults_on_the_real_node_keep_every_pod_served;
 
 const RELEASE: &str = "sigil";
 const RELEASE_NS: &str = "sigil";
@@ -87,6 +92,7 @@ fn main() -> std::process::ExitCode {
         nginx_serves_mtls_with_its_files_and_refuses_unselected_pods,
         a_pod_certificate_volume_holds_an_svid_go_spiffe_verifies_and_it_rotates,
         restarts_keep_streams_served_and_files_whole,
+        faults_on_the_real_node_keep_every_pod_served,
         helm_uninstall_leaves_no_mounts_sockets_or_hostpath_state,
     ];
     if args.iter().any(|a| a == "--list") {
@@ -1720,6 +1726,7 @@ async fn helm_uninstall_leaves_no_mounts_sockets_or_hostpath_state(ctx: Arc<Ctx>
             "delete",
             "clusterspiffeid",
             "real-node-rotating",
+            "real-node-faults",
             "--ignore-not-found",
         ])
         .await?;
