@@ -583,15 +583,9 @@ impl pb::api_server::Api for BrokerApi {
             .referenced(RPC, &req, req.get_ref().reference.as_ref())
             .await?;
         let view = self.inner.served.ready_view(&selectors).await;
-        if !view.expired.is_empty() && view.svids.is_empty() {
-            return Err(self.deny(RPC, "svids_expired", crate::serving::expired_refusal(&view)));
-        }
         if view.svids.is_empty() {
-            return Err(self.deny(
-                RPC,
-                "no_identity",
-                Status::permission_denied("no identity issued"),
-            ));
+            let (reason, status) = crate::serving::no_valid_svid(&view);
+            return Err(self.deny(RPC, reason, status));
         }
         info!(svids = view.svids.len(), "serving X509-SVIDs to the broker");
         Ok(Response::new(until_exit(

@@ -348,6 +348,21 @@ pub fn bundles_update<T>(
     }
 }
 
+/// The refusal of a caller with no X509-SVID to serve, and its reason label (logged and
+/// counted): its SVIDs all expired unrenewed (`svids_expired`, Unavailable: see
+/// [`expired_refusal`]), or it has no identity (`no_identity`, PermissionDenied). The
+/// Workload API, SDS and the Broker API decide it here, the one place.
+pub fn no_valid_svid(view: &WorkloadView) -> (&'static str, Status) {
+    if view.expired.is_empty() {
+        (
+            "no_identity",
+            Status::permission_denied("no identity issued"),
+        )
+    } else {
+        ("svids_expired", expired_refusal(view))
+    }
+}
+
 /// The refusal of a caller whose entries' SVIDs have all expired without being renewed
 /// (none being signed, none valid): Unavailable, so clients keep retrying, saying since
 /// when and why. An expired SVID is never served: peers would refuse it, and a workload

@@ -225,16 +225,8 @@ impl WorkloadApi {
     /// The refusal of a caller served no X509-SVID: its SVIDs expired unrenewed
     /// (Unavailable), or it has no identity (PermissionDenied).
     pub(crate) fn no_valid_svid(&self, rpc: &str, caller: &Caller, view: &WorkloadView) -> Status {
-        if view.expired.is_empty() {
-            self.no_identity(rpc, caller)
-        } else {
-            self.deny(
-                rpc,
-                "svids_expired",
-                crate::serving::expired_refusal(view),
-                Some(&caller.peer),
-            )
-        }
+        let (reason, status) = crate::serving::no_valid_svid(view);
+        self.deny(rpc, reason, status, Some(&caller.peer))
     }
 
     pub(crate) fn no_identity(&self, rpc: &str, caller: &Caller) -> Status {
