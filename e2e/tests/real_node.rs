@@ -552,22 +552,41 @@ async fn service_account(ctx: &Ctx, ns: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The ClusterSPIFFEID of the rotating identity (pods labelled `sigil.dev/rotate: fast`).
-async fn rotating_clusterspiffeid(ctx: &Ctx) -> Result<()> {
+/// A ClusterSPIFFEID `name` of the default TrustDomain giving the pods `selector` picks
+/// `spiffe://<td>/<prefix>/ns/<namespace>/sa/<service account>`, with `ttl`.
+async fn short_lived_clusterspiffeid(
+    ctx: &Ctx,
+    name: &str,
+    prefix: &str,
+    selector: &str,
+    ttl: &str,
+) -> Result<()> {
     ctx.node
         .apply(&format!(
             r#"apiVersion: sigil.dev/v1alpha1
 kind: ClusterSPIFFEID
-metadata: {{name: real-node-rotating}}
+metadata: {{name: {name}}}
 spec:
   trustDomain: default
-  spiffeIDTemplate: "spiffe://{{{{trustDomain}}}}/rotating/ns/{{{{pod.namespace}}}}/sa/{{{{pod.serviceAccountName}}}}"
-  podSelector: {{matchLabels: {{sigil.dev/rotate: fast}}}}
-  ttl: {ROTATING_TTL}
+  spiffeIDTemplate: "spiffe://{{{{trustDomain}}}}/{prefix}/ns/{{{{pod.namespace}}}}/sa/{{{{pod.serviceAccountName}}}}"
+  podSelector: {selector}
+  ttl: {ttl}
 "#
         ))
         .await?;
     Ok(())
+}
+
+/// The ClusterSPIFFEID of the rotating identity (pods labelled `sigil.dev/rotate: fast`).
+async fn rotating_clusterspiffeid(ctx: &Ctx) -> Result<()> {
+    short_lived_clusterspiffeid(
+        ctx,
+        "real-node-rotating",
+        "rotating",
+        "{matchLabels: {sigil.dev/rotate: fast}}",
+        ROTATING_TTL,
+    )
+    .await
 }
 
 /// The agent's DaemonSet pod (agent, sigil-csi and the registrar).

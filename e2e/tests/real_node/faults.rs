@@ -12,7 +12,7 @@
 //! Their identity has a 30 s TTL, so rotations fall inside every fault. The faults, one
 //! after another: the API server stopped (`SIGIL_NODE_FAULT_OUTAGE_SECS`, 40 s: more
 //! than a TTL), etcd restarted, the agent cut off from the operator's Service (iptables in
-//! the node's namespace, `SIGIL_NODE_FAULT_PARTITION_SECS`, 18 s: more than a half-life,
+//! the node's namespace, `SIGIL_NODE_FAULT_PARTITION_SECS`, 16 s: more than a half-life,
 //! starting right after the checkers rotated),
 //! and the operator's leader SIGKILLed while a burst of pods (`SIGIL_NODE_FAULT_BURST`,
 //! 20) starts. After each, a new pod must get its SVID; the figures are printed.
@@ -324,23 +324,18 @@ pub(super) async fn faults_on_the_real_node_keep_every_pod_served(ctx: Arc<Ctx>)
 async fn faults(ctx: &Arc<Ctx>) -> Result<()> {
     let ctx = ctx.clone();
     let outage = Duration::from_secs(knob("SIGIL_NODE_FAULT_OUTAGE_SECS", 40));
-    let partition = Duration::from_secs(knob("SIGIL_NODE_FAULT_PARTITION_SECS", TTL_SECS / 2 + 3));
+    let partition = Duration::from_secs(knob("SIGIL_NODE_FAULT_PARTITION_SECS", TTL_SECS / 2 + 1));
     let burst = knob("SIGIL_NODE_FAULT_BURST", 20) as usize;
     let id = faults_id();
     namespace(&ctx, NS, "").await?;
-    ctx.node
-        .apply(&format!(
-            r#"apiVersion: sigil.dev/v1alpha1
-kind: ClusterSPIFFEID
-metadata: {{name: real-node-faults}}
-spec:
-  trustDomain: default
-  spiffeIDTemplate: "spiffe://{{{{trustDomain}}}}/faults/ns/{{{{pod.namespace}}}}/sa/{{{{pod.serviceAccountName}}}}"
-  podSelector: {{matchExpressions: [{{key: sigil.dev/faults, operator: Exists}}]}}
-  ttl: {TTL_SECS}s
-"#
-        ))
-        .await?;
+    short_lived_clusterspiffeid(
+        &ctx,
+        "real-node-faults",
+        "faults",
+        "{matchExpressions: [{key: sigil.dev/faults, operator: Exists}]}",
+        &format!("{TTL_SECS}s"),
+    )
+    .await?;
     for (name, files) in checker_names() {
         let yaml = if files {
             files_pod(
@@ -411,13 +406,16 @@ spec:
     // after every checker rotated, so that what they hold outlives the partition (the
     // point is what workloads see past half-life, not an SVID that must expire).
     let service = format!("{RELEASE_NS}/sigil-operator");
-    let least = partition + Duration::from_secs(5);
+    // Each checker pod has its own SVID, rotated on its own schedule (at 34-44% of the
+    // TTL after issue, with the CA's back-dating and the jitter), so they are not fresh
+    // at once: wait for a moment when every one outlives the partition by 4 s.
+    let least = partition + Duration::from_secs(4);
     let expires = until(
         &format!(
             "every checker holding an SVID valid {}s more",
             least.as_secs()
         ),
-        Duration::from_secs(4 * TTL_SECS),
+        Duration::from_secs(6 * TTL_SECS),
         || async {
             let all = seen_all(&ctx).await?;
             let now = SystemTime::now();
@@ -593,7 +591,7 @@ spec:
             outage.as_secs()
         ));
     }
-    // What they held when the partition began outlived it by at least 5 s: the agent must
+    // What they held when the partition began outlived it by at least 4 s: the agent must
     // be signing again before that runs out.
     let margin = expires.duration_since(healed).unwrap_or_default();
     if current_after >= margin {
