@@ -382,21 +382,28 @@ async fn wait_ready(ctx: &Ctx, ns: &str, name: &str) -> Result<Pod> {
     })
     .await;
     if r.is_err() {
-        let events = ctx
-            .node
-            .kubectl(&[
-                "get",
-                "events",
-                "-n",
-                ns,
-                "--field-selector",
-                &format!("involvedObject.name={name}"),
-            ])
-            .await
-            .unwrap_or_default();
+        let events = pod_events(ctx, ns, name).await;
         return r.with_context(|| format!("events of {ns}/{name}:\n{events}"));
     }
     r
+}
+
+/// The pod's events, oldest first, with when each was first and last seen (or why they
+/// could not be listed): what a failure or a slow start prints.
+async fn pod_events(ctx: &Ctx, ns: &str, name: &str) -> String {
+    ctx.node
+        .kubectl(&[
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            &format!("involvedObject.name={name}"),
+            "-o",
+            "custom-columns=FIRST:.firstTimestamp,LAST:.lastTimestamp,COUNT:.count,REASON:.reason,MESSAGE:.message",
+        ])
+        .await
+        .unwrap_or_else(|e| e.to_string())
 }
 
 /// Waits for the pod to end (`restartPolicy: Never`) and returns its log.

@@ -18,6 +18,7 @@
 //! 20) starts. After each, a new pod must get its SVID; the figures are printed.
 
 use k8s_openapi::jiff::Timestamp;
+use sigil_testkit::report::env;
 
 use super::*;
 
@@ -27,13 +28,6 @@ const SOCKET_CHECKERS: usize = 3;
 const FILES_CHECKERS: usize = 2;
 /// No checker's fetches may fail for longer than this, at any moment of any fault.
 const FAILURE_BOUND: Duration = Duration::from_secs(5);
-
-fn knob(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn faults_id() -> String {
     format!("spiffe://{TD}/faults/ns/{NS}/sa/default")
@@ -251,20 +245,7 @@ async fn new_pod_served(ctx: &Ctx, name: &str, since: SystemTime) -> Result<Serv
     // A slow start is the kubelet's: its events say where it waited (a volume mount
     // would be sigil-csi's).
     if served.started.saturating_sub(served.scheduled) > Duration::from_secs(10) {
-        let events = ctx
-            .node
-            .kubectl(&[
-                "get",
-                "events",
-                "-n",
-                NS,
-                "--field-selector",
-                &format!("involvedObject.name={name}"),
-                "-o",
-                "custom-columns=FIRST:.firstTimestamp,LAST:.lastTimestamp,COUNT:.count,REASON:.reason,MESSAGE:.message",
-            ])
-            .await
-            .unwrap_or_else(|e| e.to_string());
+        let events = pod_events(ctx, NS, name).await;
         println!("    {name}'s events:\n{events}");
     }
     Ok(served)
@@ -323,9 +304,12 @@ pub(super) async fn faults_on_the_real_node_keep_every_pod_served(ctx: Arc<Ctx>)
 
 async fn faults(ctx: &Arc<Ctx>) -> Result<()> {
     let ctx = ctx.clone();
-    let outage = Duration::from_secs(knob("SIGIL_NODE_FAULT_OUTAGE_SECS", 40));
-    let partition = Duration::from_secs(knob("SIGIL_NODE_FAULT_PARTITION_SECS", TTL_SECS / 2 + 1));
-    let burst = knob("SIGIL_NODE_FAULT_BURST", 20) as usize;
+    let outage = Duration::from_secs(env("SIGIL_NODE_FAULT_OUTAGE_SECS", 40) as u64);
+    let partition = Duration::from_secs(env(
+        "SIGIL_NODE_FAULT_PARTITION_SECS",
+        TTL_SECS as usize / 2 + 1,
+    ) as u64);
+    let burst = env("SIGIL_NODE_FAULT_BURST", 20);
     let id = faults_id();
     namespace(&ctx, NS, "").await?;
     short_lived_clusterspiffeid(
