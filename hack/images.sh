@@ -41,8 +41,10 @@ die() { log "$*"; exit 1; }
 
 # images.conf, one image at a time: `conf_images [release|test]` lists names;
 # `conf_lines NAME` prints that image's instructions.
+# With no kind: the release and test images (what the real-node tests import); bench
+# images (SPIRE's) only when named.
 conf_images() {
-  awk -v want="${1:-}" '$1 == "image" && (want == "" || $3 == want) {print $2}' "$CONF"
+  awk -v want="${1:-}" '$1 == "image" && (want == "" ? $3 != "bench" : $3 == want) {print $2}' "$CONF"
 }
 conf_lines() {
   awk -v name="$1" '
@@ -261,6 +263,9 @@ build() {
     [ ! -x "$SIGIL_CACHE/debian/nginx/usr/sbin/nginx" ]; then
     bash "$here/hack/test-tools.sh" node-helpers debian-node
   fi
+  for n in "${names[@]}"; do
+    if [ "$(conf_kind "$n")" = bench ]; then bash "$here/hack/test-tools.sh" spire-node; break; fi
+  done
   for n in "${names[@]}"; do build_one "$n"; done
   rm -rf "$OUT/work"
 }

@@ -114,6 +114,27 @@ build_spire() {
   go build -o "$SIGIL_BIN/spire-agent" -ldflags "-s -w" github.com/spiffe/spire/cmd/spire-agent
 }
 
+# SPIRE on the real node (bench only): spire-server and spire-agent above, and
+# spire-controller-manager, copied or built into static/ for hack/images.sh (the two
+# SPIRE binaries link glibc: their images have the cc base), and the controller
+# manager's CRDs as its release has them.
+fetch_spire_node() {
+  local dir=$SIGIL_CACHE/src/spire-controller-manager-$SPIRE_CONTROLLER_MANAGER_VERSION
+  mkdir -p "$dir"; cd "$dir"
+  [ -f go.mod ] || go mod init sigil.dev/tools/spire-controller-manager >/dev/null 2>&1
+  go get "github.com/spiffe/spire-controller-manager/cmd@$SPIRE_CONTROLLER_MANAGER_VERSION"
+}
+build_spire_node() {
+  [ -x "$SIGIL_BIN/spire-server" ] && [ -x "$SIGIL_BIN/spire-agent" ] || build_spire
+  fetch_spire_node
+  CGO_ENABLED=0 go build -o "$SIGIL_BIN/static/spire-controller-manager" -ldflags "-s -w" \
+    github.com/spiffe/spire-controller-manager/cmd
+  install -m 755 "$SIGIL_BIN/spire-server" "$SIGIL_BIN/spire-agent" "$SIGIL_BIN/static/"
+  local src; src=$(go list -m -f '{{.Dir}}' github.com/spiffe/spire-controller-manager)
+  rm -rf "$SIGIL_BIN/spire-crds"; mkdir -p "$SIGIL_BIN/spire-crds"
+  cp "$src"/config/crd/bases/*.yaml "$SIGIL_BIN/spire-crds/"
+}
+
 # spire-mint: our load generator for SPIRE server's signing path (e2e/clients/spire-mint),
 # built in the SPIRE module above so its API and gRPC versions are SPIRE's own. Only
 # `make bench` needs it.
@@ -377,6 +398,8 @@ tool_spec() {
     csi-sanity) echo "$CSI_SANITY_VERSION csi-sanity" ;;
     helm) echo "$HELM_VERSION helm" ;;
     spire) echo "$SPIRE_VERSION spire-server spire-agent" ;;
+    spire-node)
+      echo "$SPIRE_VERSION-$SPIRE_CONTROLLER_MANAGER_VERSION static/spire-server static/spire-agent static/spire-controller-manager" ;;
     go-spiffe-client)
       echo "$GO_SPIFFE_VERSION-$(cat "$here"/e2e/clients/go-spiffe/*.go "$here"/e2e/clients/go-spiffe/go.mod | sha256sum | cut -c1-12) go-spiffe-client" ;;
     envoy-sds-client)
