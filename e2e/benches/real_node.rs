@@ -19,9 +19,17 @@
 //!   through the API server's node proxy: working set), idle after the install and after
 //!   the pods.
 //!
+//! - then SPIRE on the same node beside Sigil, the same pods measured on both (spire.rs).
+//!
 //! Run: `make bench` (or `hack/bench.sh real_node`). SIGIL_BENCH_NODE_PODS (default 50)
-//! pods per mode. Needs root, and no other cluster on the machine (docs/real-node.md).
+//! pods per mode; SIGIL_BENCH_NODE_VS_PODS (default 50) pods per system one at a time and
+//! SIGIL_BENCH_NODE_BURST (default 200) per system at once beside SPIRE, which
+//! SIGIL_BENCH_NODE_SPIRE=0 leaves out. Needs root, and no other cluster on the machine
+//! (docs/real-node.md).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "real_node/spire.rs"]
+mod spire;
 
 use sigil_testkit::report;
 
@@ -61,7 +69,7 @@ fn main() {
         sigil_ready(&client).await;
         report.row("helm install → every Sigil pod Ready", format!("{:.1?}", t.elapsed()));
         tokio::time::sleep(Duration::from_secs(20)).await; // the kubelet's stats settle
-        memory(node, &mut report, "idle after the install").await;
+        memory(node, &mut report, NS, "idle after the install").await;
 
         for mode in ["socket", "files", "podcert"] {
             let ns = format!("bench-{mode}");
@@ -111,10 +119,19 @@ fn main() {
             report.latencies(&format!("{what}: container running → first SVID"), to_svid);
             report.latencies(&format!("{what}: pod created → first SVID in the container"), total);
         }
-        memory(node, &mut report, &format!("after {n} socket-mode, {n} files-mode and {n} pod-certificate pods")).await;
+        memory(node, &mut report, NS, &format!("after {n} socket-mode, {n} files-mode and {n} pod-certificate pods")).await;
+        if report::env("SIGIL_BENCH_NODE_SPIRE", 1) == 1 {
+            spire::install(node, &client, &mut report).await;
+            tokio::time::sleep(Duration::from_secs(20)).await; // the kubelet's stats settle
+            memory(node, &mut report, spire::SPIRE_NS, "SPIRE idle after its install").await;
+            let one = report::env("SIGIL_BENCH_NODE_VS_PODS", 50);
+            let burst = report::env("SIGIL_BENCH_NODE_BURST", 200);
+            spire::side_by_side(node, &client, &mut report, one, burst).await;
+        }
         report.finish();
         let t = Instant::now();
         node.down().await.expect("cluster down");
+        spire::remove_host_paths();
         println!("(node down in {:.1?})", t.elapsed());
     });
 }
@@ -303,7 +320,7 @@ async fn sigil_ready(client: &kube::Client) {
 /// Working set of each Sigil pod and container, from the kubelet's resource metrics
 /// (`/metrics/resource`: the CRI's memory stats; `/stats/summary` fails on this machine,
 /// where cAdvisor finds no filesystem info for the root device).
-async fn memory(node: &RealNode, report: &mut Report, when: &str) {
+async fn memory(node: &RealNode, report: &mut Report, ns: &str, when: &str) {
     let raw = node
         .kubectl(&[
             "get",
@@ -330,7 +347,7 @@ async fn memory(node: &RealNode, report: &mut Report, when: &str) {
                     .collect();
                 Some((labels, value.split(' ').next()?.parse().ok()?))
             })
-            .filter(|(labels, _)| labels.get("namespace").map(String::as_str) == Some(NS))
+            .filter(|(labels, _)| labels.get("namespace").map(String::as_str) == Some(ns))
             .collect()
     };
     let mib = |b: f64| b / 1048576.0;
@@ -363,7 +380,7 @@ async fn memory(node: &RealNode, report: &mut Report, when: &str) {
                 "get",
                 "pod",
                 "-n",
-                NS,
+                ns,
                 &pod,
                 "-o",
                 "jsonpath={.metadata.uid}",
