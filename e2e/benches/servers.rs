@@ -629,6 +629,20 @@ fn main() {
         report.higher_better("X509-SVIDs per CPU-second of the server", sigil_cpu, spire_cpu, "/s");
         // Near 100%: the server, not the load generator, is the bound.
         report.row("server CPU busy during the signing load", format!("Sigil {:.0}% | SPIRE {:.0}%", 100.0 * sigil_rate / sigil_cpu, 100.0 * spire_rate / spire_cpu));
+        // The physical limit on one core, measured here with both servers idle (SPIRE
+        // paused): #28's row is the operator's own CPU against it.
+        let limit = {
+            let _spire = Paused::new(spire_pid);
+            sign_load::SignVerifyLimit::measure(Duration::from_secs(2))
+        };
+        report.row(
+            "raw ECDSA P-256 (ring, one thread): signatures/s, verifications/s",
+            format!("{:.0} / {:.0}", limit.sign, limit.verify),
+        );
+        report.row(
+            "Sigil node-facing API per CPU-second of the operator / (sign + CSR verify) limit",
+            format!("{:.0}% of {:.0}/s", 100.0 * sigil_cpu / limit.bound(), limit.bound()),
+        );
         report.row("server RSS after signing", format!("Sigil {:.1} MiB | SPIRE {:.1} MiB", rss_kib(op_pid) as f64 / 1024.0, rss_kib(spire_pid) as f64 / 1024.0));
 
         // Restart: each server killed (SIGKILL) and started again on its CPU, until it

@@ -89,7 +89,6 @@ async fn sigil_sign_rate(w: &World, window: Duration) -> (f64, f64) {
 /// (Sigil's CA signing SVIDs, the same signer with an RSA-3072 CA, ring's raw ECDSA P-256
 /// signatures, ring's P-256 verifications), each on one thread, per second, 2 s each.
 fn signer_and_raw_rates(w: &World) -> (f64, f64, f64, f64) {
-    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
     let window = Duration::from_secs(2);
     let authority = w.replica.authorities.get(&w.td).expect("authority");
     let key = sigil_identity::keys::PrivateKey::generate(sigil_identity::keys::KeyType::EcP256)
@@ -131,37 +130,8 @@ fn signer_and_raw_rates(w: &World) -> (f64, f64, f64, f64) {
         n += 1;
     }
     let rsa_signer = n as f64 / started.elapsed().as_secs_f64();
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).expect("pkcs8");
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
-        .expect("pair");
-    // About the size of an X509-SVID's TBSCertificate.
-    let message = [0x5au8; 400];
-    let started = Instant::now();
-    let mut n = 0u64;
-    while started.elapsed() < window {
-        pair.sign(&rng, &message).expect("sign");
-        n += 1;
-    }
-    let raw_sign = n as f64 / started.elapsed().as_secs_f64();
-    // Every CSR's signature is verified before signing (proof of possession).
-    let signature = pair.sign(&rng, &message).expect("sign");
-    let public = ring::signature::UnparsedPublicKey::new(
-        &ring::signature::ECDSA_P256_SHA256_ASN1,
-        pair.public_key().as_ref().to_vec(),
-    );
-    let started = Instant::now();
-    let mut n = 0u64;
-    while started.elapsed() < window {
-        public.verify(&message, signature.as_ref()).expect("verify");
-        n += 1;
-    }
-    (
-        signer,
-        rsa_signer,
-        raw_sign,
-        n as f64 / started.elapsed().as_secs_f64(),
-    )
+    let limit = sign_load::SignVerifyLimit::measure(window);
+    (signer, rsa_signer, limit.sign, limit.verify)
 }
 
 fn p(v: &mut [Duration], q: f64) -> f64 {

@@ -57,3 +57,51 @@ pub async fn sign_for(
     .sum();
     (signed, started.elapsed().as_secs_f64())
 }
+
+/// The physical limit of one core for a node-facing SVID: ring's raw ECDSA P-256
+/// signatures per second, and its P-256 verifications per second (every CSR's signature is
+/// verified before signing: proof of possession), each on this thread for `window`.
+/// An API SVID costs at least one of each: the bound is `1 / (1/sign + 1/verify)`.
+pub struct SignVerifyLimit {
+    pub sign: f64,
+    pub verify: f64,
+}
+
+impl SignVerifyLimit {
+    pub fn measure(window: Duration) -> Self {
+        use ring::signature::{
+            ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _,
+            UnparsedPublicKey,
+        };
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).expect("pkcs8");
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+            .expect("pair");
+        // About the size of an X509-SVID's TBSCertificate.
+        let message = [0x5au8; 400];
+        let per_second = |mut op: Box<dyn FnMut() + '_>| {
+            let started = Instant::now();
+            let mut n = 0u64;
+            while started.elapsed() < window {
+                op();
+                n += 1;
+            }
+            n as f64 / started.elapsed().as_secs_f64()
+        };
+        let sign = per_second(Box::new(|| {
+            pair.sign(&rng, &message).expect("sign");
+        }));
+        let signature = pair.sign(&rng, &message).expect("sign");
+        let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, pair.public_key().as_ref());
+        let verify = per_second(Box::new(|| {
+            public.verify(&message, signature.as_ref()).expect("verify");
+        }));
+        Self { sign, verify }
+    }
+
+    /// API SVIDs per CPU-second at the limit: one signature and one verification each.
+    pub fn bound(&self) -> f64 {
+        1.0 / (1.0 / self.sign + 1.0 / self.verify)
+    }
+}
