@@ -39,7 +39,7 @@ APPLETS="sh ash cat ls sleep echo test [ grep sed awk head tail wc mkdir rm cp m
 log() { printf '[images] %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
-# images.conf, one image at a time: `conf_images [release|test]` lists names;
+# images.conf, one image at a time: `conf_images [release|test|bench]` lists names;
 # `conf_lines NAME` prints that image's instructions.
 # With no kind: the release and test images (what the real-node tests import); bench
 # images (SPIRE's) only when named.

@@ -66,7 +66,7 @@ fn main() {
         let mut args: Vec<String> = ["install", "sigil", "charts/sigil", "-n", NS, "--create-namespace"].map(String::from).to_vec();
         args.extend(node.helm_image_args().await.expect("helm args"));
         node.helm(&args.iter().map(String::as_str).collect::<Vec<_>>()).await.expect("helm install");
-        sigil_ready(&client).await;
+        workloads_ready(&client, NS, ("sigil-operator", 2), "sigil-agent").await;
         report.row("helm install → every Sigil pod Ready", format!("{:.1?}", t.elapsed()));
         tokio::time::sleep(Duration::from_secs(20)).await; // the kubelet's stats settle
         memory(node, &mut report, NS, "idle after the install").await;
@@ -83,17 +83,7 @@ fn main() {
                 let name = format!("p-{i}");
                 let pod = pod_spec(&ns, &name, mode);
                 let created = SystemTime::now();
-                let pod: Pod = serde_json::from_value(pod).expect("pod");
-                let mut tries = 0;
-                loop {
-                    match pods.create(&PostParams::default(), &pod).await {
-                        Ok(_) => break,
-                        // The first try went through but its answer was lost.
-                        Err(kube::Error::Api(e)) if e.code == 409 && tries > 0 => break,
-                        Err(e) if tries < 5 && !matches!(e, kube::Error::Api(_)) => tries += 1,
-                        Err(e) => panic!("create pod {name}: {e}"),
-                    }
-                }
+                create(&pods, &serde_json::from_value(pod).expect("pod")).await;
                 let out = finished(&pods, &name).await;
                 let started = at(out["started_unix_nano"].as_i64().expect("started"));
                 let svid = at(out["svid_unix_nano"].as_i64().expect("svid"));
@@ -298,21 +288,44 @@ async fn wait_default_sa(node: &RealNode, ns: &str) {
     }
 }
 
-async fn sigil_ready(client: &kube::Client) {
-    let deploys: Api<Deployment> = Api::namespaced(client.clone(), NS);
-    let dss: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+/// Creates a pod, retrying what the transport lost.
+async fn create(pods: &Api<Pod>, pod: &Pod) {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let mut tries = 0;
+    loop {
+        match pods.create(&PostParams::default(), pod).await {
+            Ok(_) => return,
+            // The first try went through but its answer was lost.
+            Err(kube::Error::Api(e)) if e.code == 409 && tries > 0 => return,
+            Err(e) if tries < 5 && !matches!(e, kube::Error::Api(_)) => tries += 1,
+            Err(e) => panic!("create pod {name}: {e}"),
+        }
+    }
+}
+
+/// Waits until the Deployment `deployment.0` of `ns` has `deployment.1` Ready replicas and
+/// the DaemonSet `daemonset` its one pod Ready (one node).
+async fn workloads_ready(
+    client: &kube::Client,
+    ns: &str,
+    (deployment, replicas): (&str, i32),
+    daemonset: &str,
+) {
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let dss: Api<DaemonSet> = Api::namespaced(client.clone(), ns);
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let d = deploys
-            .get("sigil-operator")
-            .await
-            .ok()
-            .and_then(|d| d.status);
-        let a = dss.get("sigil-agent").await.ok().and_then(|d| d.status);
-        if d.and_then(|s| s.ready_replicas) == Some(2) && a.is_some_and(|s| s.number_ready == 1) {
+        let d = deploys.get(deployment).await.ok().and_then(|d| d.status);
+        let a = dss.get(daemonset).await.ok().and_then(|d| d.status);
+        if d.and_then(|s| s.ready_replicas) == Some(replicas)
+            && a.is_some_and(|s| s.number_ready == 1)
+        {
             return;
         }
-        assert!(Instant::now() < deadline, "Sigil not Ready after 300 s");
+        assert!(
+            Instant::now() < deadline,
+            "{ns}/{deployment} and {ns}/{daemonset} not Ready after 300 s: kubectl -n {ns} get pods"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

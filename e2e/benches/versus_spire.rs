@@ -100,16 +100,12 @@ fn signer_and_raw_rates(w: &World) -> (f64, f64, f64, f64) {
         ttl: Duration::from_secs(3600),
         dns_names: &[],
     };
-    let started = Instant::now();
-    let mut n = 0u64;
-    while started.elapsed() < window {
+    let signer = report::rate(window, || {
         authority
             .x509_ca
             .sign_public_key(&spki, &template, std::time::SystemTime::now())
             .expect("sign");
-        n += 1;
-    }
-    let signer = n as f64 / started.elapsed().as_secs_f64();
+    });
     // The same SVIDs from an RSA-3072 CA (`spec.ca.keyType: RSA-3072`).
     let rsa_ca = sigil_identity::ca::CertificateAuthority::new_self_signed(
         &sigil_identity::ca::CaParams {
@@ -121,15 +117,11 @@ fn signer_and_raw_rates(w: &World) -> (f64, f64, f64, f64) {
         std::time::SystemTime::now(),
     )
     .expect("RSA-3072 CA");
-    let started = Instant::now();
-    let mut n = 0u64;
-    while started.elapsed() < window {
+    let rsa_signer = report::rate(window, || {
         rsa_ca
             .sign_public_key(&spki, &template, std::time::SystemTime::now())
             .expect("sign");
-        n += 1;
-    }
-    let rsa_signer = n as f64 / started.elapsed().as_secs_f64();
+    });
     let limit = sign_load::SignVerifyLimit::measure(window);
     (signer, rsa_signer, limit.sign, limit.verify)
 }

@@ -19,17 +19,7 @@ use sigil_identity::keys::{KeyType, PrivateKey};
 use sigil_operator::keys::pkcs11::Pkcs11Keys;
 use sigil_testkit::hsm::SoftHsm;
 use sigil_testkit::report;
-
-/// Calls `f` for `window` and returns calls per second.
-fn rate(window: Duration, mut f: impl FnMut()) -> f64 {
-    let started = Instant::now();
-    let mut n = 0u64;
-    while started.elapsed() < window {
-        f();
-        n += 1;
-    }
-    n as f64 / started.elapsed().as_secs_f64()
-}
+use sigil_testkit::report::rate;
 
 /// Generates `n` keys of `key_type`: (median, slowest).
 fn keygen(key_type: KeyType, n: usize) -> (Duration, Duration) {

@@ -140,6 +140,17 @@ pub fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Calls `f` for `window` and returns calls per second.
+pub fn rate(window: Duration, mut f: impl FnMut()) -> f64 {
+    let started = std::time::Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < window {
+        f();
+        n += 1;
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;

@@ -13,15 +13,14 @@
 //! - the agent pod deleted: how long until its replacement is Ready, and until a pod
 //!   created at the deletion has its first SVID.
 
-use super::{at, finished, memory, wait_default_sa};
+use super::{at, create, finished, memory, wait_default_sa, workloads_ready};
 
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Event, Pod};
-use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, LogParams};
 use serde_json::{Value, json};
 use sigil_e2e::node::RealNode;
 use sigil_testkit::report::{Report, percentile};
@@ -141,7 +140,7 @@ pub(crate) async fn install(node: &RealNode, client: &kube::Client, report: &mut
         .replace("@IMAGE_PREFIX@", "docker.io/sigil-local")
         .replace("@IMAGE_TAG@", "dev");
     node.apply(&yaml).await.expect("apply SPIRE");
-    spire_ready(client).await;
+    workloads_ready(client, SPIRE_NS, ("spire-server", 1), "spire-agent").await;
     report.row(
         "SPIRE applied → server, controller manager and agent Ready",
         format!("{:.1?}", t.elapsed()),
@@ -171,28 +170,6 @@ spec:
     }
 }
 
-async fn spire_ready(client: &kube::Client) {
-    let deploys: Api<Deployment> = Api::namespaced(client.clone(), SPIRE_NS);
-    let dss: Api<DaemonSet> = Api::namespaced(client.clone(), SPIRE_NS);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let d = deploys
-            .get("spire-server")
-            .await
-            .ok()
-            .and_then(|d| d.status);
-        let a = dss.get("spire-agent").await.ok().and_then(|d| d.status);
-        if d.and_then(|s| s.ready_replicas) == Some(1) && a.is_some_and(|s| s.number_ready == 1) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "SPIRE not Ready after 300 s: kubectl -n {SPIRE_NS} get pods; kubectl -n {SPIRE_NS} logs deploy/spire-server"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// One pod's times: created → container running, running → first SVID, created → SVID.
 #[derive(Default)]
 struct Times {
@@ -211,20 +188,6 @@ impl Times {
             .push(svid.duration_since(started).unwrap_or_default());
         self.total
             .push(svid.duration_since(created).unwrap_or_default());
-    }
-}
-
-async fn create(pods: &Api<Pod>, pod: &Pod) {
-    let name = pod.metadata.name.clone().unwrap_or_default();
-    let mut tries = 0;
-    loop {
-        match pods.create(&PostParams::default(), pod).await {
-            Ok(_) => return,
-            // The first try went through but its answer was lost.
-            Err(kube::Error::Api(e)) if e.code == 409 && tries > 0 => return,
-            Err(e) if tries < 5 && !matches!(e, kube::Error::Api(_)) => tries += 1,
-            Err(e) => panic!("create pod {name}: {e}"),
-        }
     }
 }
 
@@ -252,6 +215,25 @@ fn compare(report: &mut Report, what: &str, [sigil, spire]: [Vec<Duration>; 2]) 
     report.latencies(&format!("{what} (SPIRE)"), spire);
 }
 
+/// The three rows of `compare` for each leg of the pods' times.
+fn compare_times(report: &mut Report, what: &str, [sigil, spire]: [Times; 2]) {
+    compare(
+        report,
+        &format!("{what}: pod created → container running"),
+        [sigil.to_running, spire.to_running],
+    );
+    compare(
+        report,
+        &format!("{what}: container running → first SVID"),
+        [sigil.to_svid, spire.to_svid],
+    );
+    compare(
+        report,
+        &format!("{what}: pod created → first SVID in the container"),
+        [sigil.total, spire.total],
+    );
+}
+
 /// Everything of the side-by-side: `n` pods one at a time, alternating; a burst of
 /// `burst` pods per system; the memory of both systems' pods; the agent pod deleted.
 pub(crate) async fn side_by_side(
@@ -272,22 +254,10 @@ pub(crate) async fn side_by_side(
             times[k].push(created, &finished(&pods, &name).await);
         }
     }
-    let [sigil, spire] = times;
-    let what = format!("{n} pods one at a time, alternating");
-    compare(
+    compare_times(
         report,
-        &format!("{what}: pod created → container running"),
-        [sigil.to_running, spire.to_running],
-    );
-    compare(
-        report,
-        &format!("{what}: container running → first SVID"),
-        [sigil.to_svid, spire.to_svid],
-    );
-    compare(
-        report,
-        &format!("{what}: pod created → first SVID in the container"),
-        [sigil.total, spire.total],
+        &format!("{n} pods one at a time, alternating"),
+        times,
     );
 
     // A burst per system.
@@ -298,23 +268,7 @@ pub(crate) async fn side_by_side(
         times[k] = t;
         walls[k] = wall.as_secs_f64();
     }
-    let [sigil, spire] = times;
-    let what = format!("burst of {burst}");
-    compare(
-        report,
-        &format!("{what}: pod created → container running"),
-        [sigil.to_running, spire.to_running],
-    );
-    compare(
-        report,
-        &format!("{what}: container running → first SVID"),
-        [sigil.to_svid, spire.to_svid],
-    );
-    compare(
-        report,
-        &format!("{what}: pod created → first SVID in the container"),
-        [sigil.total, spire.total],
-    );
+    compare_times(report, &format!("burst of {burst}"), times);
     report.lower_better(
         &format!("burst of {burst}: first create → last pod's first SVID"),
         walls[0],

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use sigil_agent::node_client::NodeClient;
 use sigil_identity::keys::{KeyType, PrivateKey};
 use sigil_identity::proto::node as pb;
+use sigil_testkit::report::rate;
 
 /// The entries of an attested agent's node: the first message of its entry stream.
 pub async fn node_entries(agent: &NodeClient) -> Vec<pb::Entry> {
@@ -80,23 +81,14 @@ impl SignVerifyLimit {
             .expect("pair");
         // About the size of an X509-SVID's TBSCertificate.
         let message = [0x5au8; 400];
-        let per_second = |mut op: Box<dyn FnMut() + '_>| {
-            let started = Instant::now();
-            let mut n = 0u64;
-            while started.elapsed() < window {
-                op();
-                n += 1;
-            }
-            n as f64 / started.elapsed().as_secs_f64()
-        };
-        let sign = per_second(Box::new(|| {
+        let sign = rate(window, || {
             pair.sign(&rng, &message).expect("sign");
-        }));
+        });
         let signature = pair.sign(&rng, &message).expect("sign");
         let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, pair.public_key().as_ref());
-        let verify = per_second(Box::new(|| {
+        let verify = rate(window, || {
             public.verify(&message, signature.as_ref()).expect("verify");
-        }));
+        });
         Self { sign, verify }
     }
 
