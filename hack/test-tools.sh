@@ -265,6 +265,8 @@ node_helpers_src() { cat "$here"/e2e/node/*/*.go "$here"/e2e/node/*/go.mod "$her
 fetch_node_helpers() {
   local d name
   for d in "$here"/e2e/node/*/ "$here"/e2e/clients/go-spiffe/; do
+    # Only Go programs: a directory without a go.mod is not a helper.
+    [ -f "$d/go.mod" ] || continue
     name=$(basename "$d")
     rm -rf "$SIGIL_CACHE/src/node-helpers/$name"; mkdir -p "$SIGIL_CACHE/src/node-helpers/$name"
     cp "$d"/*.go "$d"/go.mod "$SIGIL_CACHE/src/node-helpers/$name/"

@@ -9,11 +9,11 @@ CSI_SANITY_VERSION=v5.6.0
 HELM_VERSION=v4.3.1
 # v1.15.3 needs go >= 1.26.6; v1.14.x is refused by the proxy here.
 SPIRE_VERSION=v1.15.3
-# SPIRE on the real node (`hack/bench.sh real_node`, e2e/node/spire): spire-server and
-# spire-agent of SPIRE_VERSION, and spire-controller-manager, as local images. v0.7.0
-# needs go 1.26.5. spiffe-csi-driver is not served by the Go module proxy here (no
-# version of it, v0.1.0 to v0.2.8), so SPIRE's pods take the agent's socket through
-# a hostPath volume, SPIRE's other documented way.
+# SPIRE on the real node (`hack/bench.sh real_node`, e2e/benches/real_node/spire.yaml):
+# spire-server and spire-agent of SPIRE_VERSION, and spire-controller-manager, as local
+# images. v0.7.0 needs go 1.26.5. spiffe-csi-driver is not served by the Go module proxy
+# here (no version of it, v0.1.0 to v0.2.8), so SPIRE's pods take the agent's socket
+# through a hostPath volume, SPIRE's other documented way.
 SPIRE_CONTROLLER_MANAGER_VERSION=v0.7.0
 GO_SPIFFE_VERSION=v2.8.1
 # Envoy's generated Go API, for the SDS test client (e2e/clients/envoy-sds): no Envoy

@@ -1,6 +1,6 @@
 //! SPIRE beside Sigil on the same real node (issue 28): spire-server with
 //! spire-controller-manager and spire-agent as their Kubernetes users run them
-//! (e2e/node/spire/spire.yaml: k8s_psat, the k8s workload attestor, a ClusterSPIFFEID),
+//! (e2e/benches/real_node/spire.yaml: k8s_psat, the k8s workload attestor, a ClusterSPIFFEID),
 //! from images of SPIRE's releases (test-tools `spire-node`, images.conf's bench images).
 //!
 //! Both systems serve the same pods, measured in one run:
@@ -135,8 +135,7 @@ pub(crate) async fn install(node: &RealNode, client: &kube::Client, report: &mut
     ])
     .await
     .expect("ClusterSPIFFEID CRD established");
-    let yaml = std::fs::read_to_string(node.repo().join("e2e/node/spire/spire.yaml"))
-        .expect("e2e/node/spire/spire.yaml")
+    let yaml = include_str!("spire.yaml")
         .replace("@IMAGE_PREFIX@", "docker.io/sigil-local")
         .replace("@IMAGE_TAG@", "dev");
     node.apply(&yaml).await.expect("apply SPIRE");
