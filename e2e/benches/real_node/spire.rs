@@ -8,7 +8,8 @@
 //!   running → first X509-SVID in the container (the same go-spiffe client, retrying every
 //!   20 ms, on each system's Workload API socket);
 //! - a burst: all pods of one system created at once (20 creates in flight), Sigil's then
-//!   SPIRE's: each pod's created → first SVID, and the first create → the last SVID;
+//!   SPIRE's: each pod's created → running → first SVID, and the first create → the last
+//!   SVID;
 //! - the working set of every pod of each system, as the kubelet reports it;
 //! - the agent pod deleted: how long until its replacement is Ready, and until a pod
 //!   created at the deletion has its first SVID.
