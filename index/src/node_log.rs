@@ -104,19 +104,26 @@ impl Borrow<str> for ById {
     }
 }
 
+/// The hasher of a node log's maps. Their keys are entry IDs, which the index derives
+/// with SHA-256 from a ClusterSPIFFEID's name and a Pod's UID (`render::entry_id`), and
+/// hashes of SPIFFE IDs under this same per-log random seed: nobody outside picks keys
+/// that collide, so SipHash's cost buys nothing here. Hashing was a sixth of a
+/// ClusterSPIFFEID fan-out's time at 1M Pods (bench/README.md).
+type Fast = foldhash::fast::RandomState;
+
 /// One node's entries, indexed by ID, SPIFFE ID and revision, with tombstones.
 #[derive(Debug)]
 pub(crate) struct NodeLog {
     revision: u64,
     floor: u64,
-    entries: HashSet<ById>,
+    entries: HashSet<ById, Fast>,
     /// Live entries by the revision they were last written at.
-    by_revision: BTreeMap<u64, HashSet<ById>>,
+    by_revision: BTreeMap<u64, HashSet<ById, Fast>>,
     /// Entries by a hash of their SPIFFE ID (lookups compare the ID itself).
-    by_spiffe_id: HashMap<u64, Vec<Arc<RegistrationEntry>>>,
+    by_spiffe_id: HashMap<u64, Vec<Arc<RegistrationEntry>>, Fast>,
     tombstones: BTreeMap<u64, Vec<String>>,
     tombstone_count: usize,
-    tombstone_of: HashMap<String, u64>,
+    tombstone_of: HashMap<String, u64, Fast>,
 }
 
 impl NodeLog {
@@ -125,12 +132,12 @@ impl NodeLog {
         Self {
             revision,
             floor: revision,
-            entries: HashSet::new(),
+            entries: HashSet::default(),
             by_revision: BTreeMap::new(),
-            by_spiffe_id: HashMap::new(),
+            by_spiffe_id: HashMap::default(),
             tombstones: BTreeMap::new(),
             tombstone_count: 0,
-            tombstone_of: HashMap::new(),
+            tombstone_of: HashMap::default(),
         }
     }
 
@@ -176,20 +183,46 @@ impl NodeLog {
             // Batches hand over entries no one else holds, so this clones nothing.
             let mut stamped = Arc::unwrap_or_clone(entry);
             stamped.revision = revision;
-            self.unlink(&stamped.id);
-            if let Some(rev) = self.tombstone_of.remove(&stamped.id) {
-                self.drop_tombstone(rev, &stamped.id);
-            }
             let stamped = Arc::new(stamped);
+            match self.entries.replace(ById(stamped.clone())) {
+                // A change of a live entry (what a ClusterSPIFFEID edit makes of every
+                // entry it renders): moved to the new revision, and replaced in place
+                // under its SPIFFE ID when that stayed the same.
+                Some(ById(old)) => {
+                    self.drop_revision(&old);
+                    let h = self.id_hash(&stamped.spiffe_id);
+                    if old.spiffe_id == stamped.spiffe_id
+                        && let Some(x) = self
+                            .by_spiffe_id
+                            .get_mut(&h)
+                            .and_then(|same| same.iter_mut().find(|x| Arc::ptr_eq(x, &old)))
+                    {
+                        *x = stamped.clone();
+                    } else {
+                        self.drop_spiffe_id(&old);
+                        self.by_spiffe_id
+                            .entry(h)
+                            .or_default()
+                            .push(stamped.clone());
+                    }
+                }
+                None => {
+                    if !self.tombstone_of.is_empty()
+                        && let Some(rev) = self.tombstone_of.remove(&stamped.id)
+                    {
+                        self.drop_tombstone(rev, &stamped.id);
+                    }
+                    let h = self.id_hash(&stamped.spiffe_id);
+                    self.by_spiffe_id
+                        .entry(h)
+                        .or_default()
+                        .push(stamped.clone());
+                }
+            }
             self.by_revision
                 .entry(revision)
                 .or_default()
-                .insert(ById(stamped.clone()));
-            self.by_spiffe_id
-                .entry(id_hash(&stamped.spiffe_id))
-                .or_default()
-                .push(stamped.clone());
-            self.entries.insert(ById(stamped));
+                .insert(ById(stamped));
             changed = true;
         }
         if changed {
@@ -202,20 +235,36 @@ impl NodeLog {
     /// Removes a live entry from every index; returns it.
     fn unlink(&mut self, id: &str) -> Option<Arc<RegistrationEntry>> {
         let old = self.entries.take(id)?.0;
+        self.drop_revision(&old);
+        self.drop_spiffe_id(&old);
+        Some(old)
+    }
+
+    /// Takes `old` out of the entries of its revision.
+    fn drop_revision(&mut self, old: &Arc<RegistrationEntry>) {
         if let Some(same) = self.by_revision.get_mut(&old.revision) {
             same.remove(old.id.as_str());
             if same.is_empty() {
                 self.by_revision.remove(&old.revision);
             }
         }
-        let h = id_hash(&old.spiffe_id);
+    }
+
+    /// Takes `old` out of the entries under its SPIFFE ID.
+    fn drop_spiffe_id(&mut self, old: &Arc<RegistrationEntry>) {
+        let h = self.id_hash(&old.spiffe_id);
         if let Some(same) = self.by_spiffe_id.get_mut(&h) {
-            same.retain(|x| !Arc::ptr_eq(x, &old));
+            same.retain(|x| !Arc::ptr_eq(x, old));
             if same.is_empty() {
                 self.by_spiffe_id.remove(&h);
             }
         }
-        Some(old)
+    }
+
+    /// The key of `id` in `by_spiffe_id`: this log's seeded hash of the ID's text.
+    fn id_hash(&self, id: &SpiffeId) -> u64 {
+        use std::hash::BuildHasher;
+        self.by_spiffe_id.hasher().hash_one(id.as_str())
     }
 
     fn drop_tombstone(&mut self, rev: u64, id: &str) {
@@ -291,7 +340,7 @@ impl NodeLog {
 
     pub(crate) fn with_spiffe_id(&self, id: &SpiffeId) -> Vec<Arc<RegistrationEntry>> {
         self.by_spiffe_id
-            .get(&id_hash(id))
+            .get(&self.id_hash(id))
             .map(|same| {
                 same.iter()
                     .filter(|e| &e.spiffe_id == id)
@@ -300,11 +349,6 @@ impl NodeLog {
             })
             .unwrap_or_default()
     }
-}
-
-fn id_hash(id: &SpiffeId) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault};
-    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id.as_str())
 }
 
 #[cfg(test)]
@@ -394,6 +438,34 @@ mod tests {
         let d = log.changes_since(recent);
         assert!(!d.full);
         assert_eq!(d.removed.len(), 1);
+    }
+
+    #[test]
+    fn a_change_under_the_same_spiffe_id_replaces_the_entry_everywhere() {
+        let mut revs = Revisions::with_epoch(3);
+        let mut log = NodeLog::new(revs.current());
+        let r1 = revs.next();
+        // Two entries with one SPIFFE ID (two ClusterSPIFFEIDs rendering the same ID).
+        log.apply(r1, &[], [entry("a", "/same"), entry("b", "/same")]);
+        let r2 = revs.next();
+        let mut changed =
+            RegistrationEntry::new("a", SpiffeId::parse("spiffe://td/same").unwrap(), vec![]);
+        changed.hint = "edited".into();
+        log.apply(r2, &[], [Arc::new(changed)]);
+
+        let same = log.with_spiffe_id(&SpiffeId::parse("spiffe://td/same").unwrap());
+        let mut got: Vec<(&str, &str, u64)> = same
+            .iter()
+            .map(|e| (e.id.as_str(), e.hint.as_str(), e.revision))
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, [("a", "edited", r2), ("b", "", r1)]);
+        assert_eq!(log.entry("a").unwrap().hint, "edited");
+        assert_eq!(log.len(), 2);
+        let d = log.changes_since(r1);
+        assert_eq!(ids(&d), ["a"], "only the changed entry, once");
+        assert_eq!(d.upserts[0].hint, "edited");
+        assert_eq!(ids(&log.changes_since(0)), ["a", "b"]);
     }
 
     #[test]
