@@ -59,9 +59,14 @@ pub use self::objects::{Labels, PodFacts};
 pub use self::objects::{PodFields, TrustDomainInfo, WatchedPod, WatchedPodSpec, WatchedPodStatus};
 pub use self::render::entry_id;
 pub use self::state::Kind;
-use self::state::{Batch, State};
+use self::state::{Batch, NodeChanges, State};
 pub use self::status_view::{Readiness, StatusView, now};
 use sigil_api::crd::cluster_spiffe_id::{ClusterSPIFFEID, ClusterSpiffeIdStatus};
+
+/// Changes (upserts and removals, over every node) from which one publish applies the
+/// node logs on two threads instead of one: a ClusterSPIFFEID edited across the cluster,
+/// the first sync. An ordinary event changes a few entries and stays on its thread.
+const PARALLEL_PUBLISH: usize = 20_000;
 
 /// What the index needs to know about the cluster it runs in.
 #[derive(Debug, Clone)]
@@ -339,9 +344,47 @@ impl EntryIndex {
     }
 
     fn publish(&self, rev: u64, batch: Batch) {
-        let mut woken = Vec::with_capacity(batch.nodes.len());
+        let changes: usize = batch
+            .nodes
+            .values()
+            .map(|c| c.upserts.len() + c.removed.len())
+            .sum();
+        let mut nodes: Vec<(String, NodeChanges)> = batch.nodes.into_iter().collect();
+        // A change that rewrites a large part of the cluster (a ClusterSPIFFEID edited,
+        // the first sync) applies the node logs on two threads: each node's log has its
+        // own lock, and no stream sees the revision before every log holds it.
+        let (delta, woken) = if changes >= PARALLEL_PUBLISH && nodes.len() > 1 {
+            let second = nodes.split_off(nodes.len() / 2);
+            std::thread::scope(|s| {
+                let other = s.spawn(|| self.apply_logs(rev, second));
+                let (d1, mut w1) = self.apply_logs(rev, nodes);
+                let (d2, w2) = match other.join() {
+                    Ok(r) => r,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                };
+                w1.extend(w2);
+                (d1 + d2, w1)
+            })
+        } else {
+            self.apply_logs(rev, nodes)
+        };
+        self.inner.last_revision.store(rev, Ordering::Release);
+        self.inner.metrics.entries.inc_by(delta);
+        for shard in woken {
+            shard.tx.send_replace(rev);
+        }
+    }
+
+    /// Applies each node's changes to its log at `rev`; returns the change in the number
+    /// of entries and the shards to wake.
+    fn apply_logs(
+        &self,
+        rev: u64,
+        nodes: Vec<(String, NodeChanges)>,
+    ) -> (i64, Vec<Arc<NodeShard>>) {
+        let mut woken = Vec::with_capacity(nodes.len());
         let mut delta: i64 = 0;
-        for (node, changes) in batch.nodes {
+        for (node, changes) in nodes {
             let shard = self
                 .inner
                 .shards
@@ -363,11 +406,7 @@ impl EntryIndex {
                 woken.push(shard.clone());
             }
         }
-        self.inner.last_revision.store(rev, Ordering::Release);
-        self.inner.metrics.entries.inc_by(delta);
-        for shard in woken {
-            shard.tx.send_replace(rev);
-        }
+        (delta, woken)
     }
 
     // ---- feeding: informer events (and tests) ----

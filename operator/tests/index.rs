@@ -1073,3 +1073,57 @@ fn admission_names_who_would_select_a_new_pod_or_the_nearest_miss_and_why() {
         Admission::Unknown(_)
     ));
 }
+
+/// A ClusterSPIFFEID edit that rewrites more entries than one thread publishes (the
+/// index then applies the node logs on two threads): every node gets every change at the
+/// same revision, and a stream that knew the revision before gets exactly its own.
+#[test]
+fn a_cluster_wide_edit_reaches_every_node_at_one_revision() {
+    let ix = index();
+    for n in 3..=8 {
+        ix.apply_node(&node(&format!("n{n}"), &format!("node-uid-{n}"), &[]));
+    }
+    ix.apply_cluster_spiffe_id(&csid("default", 0, json!({})));
+    let pods = 24_000;
+    for i in 0..pods {
+        let node = format!("n{}", i % 8 + 1);
+        ix.apply_pod(&pod(
+            "prod",
+            &format!("p{i}"),
+            &format!("u{i}"),
+            Some(&node),
+            &[],
+        ));
+    }
+    let before: Vec<u64> = (1..=8)
+        .map(|n| ix.node(&format!("n{n}")).revision())
+        .collect();
+
+    let mut edited = csid("default", 0, json!({"hint": "edited"}));
+    edited.metadata.generation = Some(2);
+    ix.apply_cluster_spiffe_id(&edited);
+
+    let mut revisions = std::collections::BTreeSet::new();
+    for (n, since) in (1..=8).zip(before) {
+        let view = ix.node(&format!("n{n}"));
+        let d = view.changes_since(since);
+        assert!(!d.full);
+        assert!(d.removed.is_empty());
+        assert_eq!(d.upserts.len(), pods / 8, "node n{n}");
+        assert!(d.upserts.iter().all(|e| e.hint == "edited"), "node n{n}");
+        for e in &d.upserts {
+            // The default template: spiffe://example.org/ns/prod/sa/sa-p<i>.
+            let i: usize = e
+                .spiffe_id
+                .path()
+                .rsplit("sa-p")
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(i % 8 + 1, n, "{} published on node n{n}", e.spiffe_id);
+        }
+        revisions.insert(d.revision);
+    }
+    assert_eq!(revisions.len(), 1, "one revision for the whole edit");
+}
