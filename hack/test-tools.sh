@@ -478,7 +478,7 @@ for t in "${want[@]}"; do
   case $t in
     swtpm) install_debian_tpm; log "swtpm/tss2: present" ;;
     debian-node) install_debian_node; log "CNI plugins, iptables, busybox, nginx (unpacked): present" ;;
-    *) log "unknown tool $t (known: $ALL_TOOLS $NODE_TOOLS cargo-machete)"; exit 2 ;;
+    *) log "unknown tool $t (known: $ALL_TOOLS $NODE_TOOLS cargo-machete; for benches: spire-mint spire-node)"; exit 2 ;;
   esac
 done
 # Nothing is left downloading in the background.
