@@ -352,7 +352,8 @@ impl EntryIndex {
         let mut nodes: Vec<(String, NodeChanges)> = batch.nodes.into_iter().collect();
         // A change that rewrites a large part of the cluster (a ClusterSPIFFEID edited,
         // the first sync) applies the node logs on two threads: each node's log has its
-        // own lock, and no stream sees the revision before every log holds it.
+        // own lock, and no stream is woken before every log holds the revision (as
+        // before, one that reads on its own may see its node's log change first).
         let (delta, woken) = if changes >= PARALLEL_PUBLISH && nodes.len() > 1 {
             let second = nodes.split_off(nodes.len() / 2);
             std::thread::scope(|s| {
