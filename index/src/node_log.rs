@@ -105,10 +105,11 @@ impl Borrow<str> for ById {
 }
 
 /// The hasher of a node log's maps. Their keys are entry IDs, which the index derives
-/// with SHA-256 from a ClusterSPIFFEID's name and a Pod's UID (`render::entry_id`), and
-/// hashes of SPIFFE IDs under this same per-log random seed: nobody outside picks keys
-/// that collide, so SipHash's cost buys nothing here. Hashing was a sixth of a
-/// ClusterSPIFFEID fan-out's time at 1M Pods (bench/README.md).
+/// with SHA-256 from a ClusterSPIFFEID's name and a Pod's UID (`render::entry_id`), so
+/// nobody outside picks them, and hashes of SPIFFE IDs under this per-log random seed,
+/// where a collision only lengthens one bucket whose lookups compare the full ID.
+/// SipHash's cost buys nothing here; hashing was a sixth of a ClusterSPIFFEID fan-out's
+/// time at 1M Pods (bench/README.md, docs/security.md).
 type Fast = foldhash::fast::RandomState;
 
 /// One node's entries, indexed by ID, SPIFFE ID and revision, with tombstones.
