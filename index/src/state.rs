@@ -378,7 +378,7 @@ impl State {
                 id
             }
         };
-        self.rerender([id], batch);
+        self.rerender_one(id, batch);
     }
 
     pub(crate) fn delete_pod(&mut self, namespace: &str, name: &str, batch: &mut Batch) {
@@ -804,13 +804,18 @@ impl State {
         pods.sort_unstable();
         pods.dedup();
         for id in pods {
-            let Some(mut rec) = self.pods.get_mut(id as usize).and_then(Option::take) else {
-                continue;
-            };
-            let (outcomes, entries) = self.evaluate(&rec.facts);
-            self.settle(id, &mut rec, outcomes, entries, batch);
-            self.pods[id as usize] = Some(rec);
+            self.rerender_one(id, batch);
         }
+    }
+
+    /// Re-renders one pod (an event of that pod: no list to sort).
+    fn rerender_one(&mut self, id: PodId, batch: &mut Batch) {
+        let Some(mut rec) = self.pods.get_mut(id as usize).and_then(Option::take) else {
+            return;
+        };
+        let (outcomes, entries) = self.evaluate(&rec.facts);
+        self.settle(id, &mut rec, outcomes, entries, batch);
+        self.pods[id as usize] = Some(rec);
     }
 
     /// Records a pod's new outcomes in the statistics and its new entries in `batch`.
