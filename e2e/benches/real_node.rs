@@ -330,9 +330,10 @@ async fn workloads_ready(
     }
 }
 
-/// Working set of each pod and container of namespace `ns` (Sigil's or SPIRE's), from the kubelet's resource metrics
-/// (`/metrics/resource`: the CRI's memory stats; `/stats/summary` fails on this machine,
-/// where cAdvisor finds no filesystem info for the root device).
+/// Working set of each pod and container of namespace `ns` (Sigil's or SPIRE's), from the
+/// kubelet's resource metrics (`/metrics/resource`: the CRI's memory stats;
+/// `/stats/summary` fails on this machine, where cAdvisor finds no filesystem info for the
+/// root device).
 async fn memory(node: &RealNode, report: &mut Report, ns: &str, when: &str) {
     let raw = node
         .kubectl(&[
