@@ -10,13 +10,13 @@
 //! when older ones are dropped the log's floor rises and a client older than the floor
 //! gets a full snapshot.
 
-use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use sigil_identity::SpiffeId;
 use sigil_identity::entry::RegistrationEntry;
+
+use crate::render::EntryKey;
 
 /// Bits of a revision that count changes; the bits above hold the epoch.
 const COUNTER_BITS: u32 = 40;
@@ -83,27 +83,6 @@ impl NodeDelta {
     }
 }
 
-/// An entry keyed by its ID (without a second copy of the ID).
-#[derive(Debug, Clone)]
-struct ById(Arc<RegistrationEntry>);
-
-impl PartialEq for ById {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.id == other.0.id
-    }
-}
-impl Eq for ById {}
-impl Hash for ById {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.id.as_str().hash(state);
-    }
-}
-impl Borrow<str> for ById {
-    fn borrow(&self) -> &str {
-        &self.0.id
-    }
-}
-
 /// The hasher of a node log's maps. Their keys are entry IDs, which the index derives
 /// with SHA-256 from a ClusterSPIFFEID's name and a Pod's UID (`render::entry_id`), so
 /// nobody outside picks them, and hashes of SPIFFE IDs under this per-log random seed,
@@ -117,9 +96,9 @@ type Fast = foldhash::fast::RandomState;
 pub(crate) struct NodeLog {
     revision: u64,
     floor: u64,
-    entries: HashSet<ById, Fast>,
+    entries: HashMap<EntryKey, Arc<RegistrationEntry>, Fast>,
     /// Live entries by the revision they were last written at.
-    by_revision: BTreeMap<u64, HashSet<ById, Fast>>,
+    by_revision: BTreeMap<u64, HashMap<EntryKey, Arc<RegistrationEntry>, Fast>>,
     /// Entries by a hash of their SPIFFE ID (lookups compare the ID itself).
     by_spiffe_id: HashMap<u64, Vec<Arc<RegistrationEntry>>, Fast>,
     tombstones: BTreeMap<u64, Vec<String>>,
@@ -133,7 +112,7 @@ impl NodeLog {
         Self {
             revision,
             floor: revision,
-            entries: HashSet::default(),
+            entries: HashMap::default(),
             by_revision: BTreeMap::new(),
             by_spiffe_id: HashMap::default(),
             tombstones: BTreeMap::new(),
@@ -169,7 +148,7 @@ impl NodeLog {
         debug_assert!(revision > self.revision);
         let mut changed = false;
         for id in removed {
-            if let Some(old) = self.unlink(id) {
+            if let Some(old) = self.unlink(&EntryKey::of(id)) {
                 drop(old);
                 self.tombstones
                     .entry(revision)
@@ -185,12 +164,13 @@ impl NodeLog {
             let mut stamped = Arc::unwrap_or_clone(entry);
             stamped.revision = revision;
             let stamped = Arc::new(stamped);
-            match self.entries.replace(ById(stamped.clone())) {
+            let key = EntryKey::of(&stamped.id);
+            match self.entries.insert(key.clone(), stamped.clone()) {
                 // A change of a live entry (what a ClusterSPIFFEID edit makes of every
                 // entry it renders): moved to the new revision, and replaced in place
                 // under its SPIFFE ID when that stayed the same.
-                Some(ById(old)) => {
-                    self.drop_revision(&old);
+                Some(old) => {
+                    self.drop_revision(&key, &old);
                     let h = self.id_hash(&stamped.spiffe_id);
                     if old.spiffe_id == stamped.spiffe_id
                         && let Some(x) = self
@@ -223,7 +203,7 @@ impl NodeLog {
             self.by_revision
                 .entry(revision)
                 .or_default()
-                .insert(ById(stamped));
+                .insert(key, stamped);
             changed = true;
         }
         if changed {
@@ -234,17 +214,17 @@ impl NodeLog {
     }
 
     /// Removes a live entry from every index; returns it.
-    fn unlink(&mut self, id: &str) -> Option<Arc<RegistrationEntry>> {
-        let old = self.entries.take(id)?.0;
-        self.drop_revision(&old);
+    fn unlink(&mut self, key: &EntryKey) -> Option<Arc<RegistrationEntry>> {
+        let old = self.entries.remove(key)?;
+        self.drop_revision(key, &old);
         self.drop_spiffe_id(&old);
         Some(old)
     }
 
-    /// Takes `old` out of the entries of its revision.
-    fn drop_revision(&mut self, old: &Arc<RegistrationEntry>) {
+    /// Takes `old` (under `key`) out of the entries of its revision.
+    fn drop_revision(&mut self, key: &EntryKey, old: &RegistrationEntry) {
         if let Some(same) = self.by_revision.get_mut(&old.revision) {
-            same.remove(old.id.as_str());
+            same.remove(key);
             if same.is_empty() {
                 self.by_revision.remove(&old.revision);
             }
@@ -308,7 +288,7 @@ impl NodeLog {
         let upserts = self
             .by_revision
             .range(since + 1..)
-            .flat_map(|(_, same)| same.iter().map(|e| e.0.clone()))
+            .flat_map(|(_, same)| same.values().cloned())
             .collect();
         let removed = self
             .tombstones
@@ -325,7 +305,7 @@ impl NodeLog {
 
     /// Every entry, as a full delta.
     pub(crate) fn snapshot(&self) -> NodeDelta {
-        let mut upserts: Vec<_> = self.entries.iter().map(|e| e.0.clone()).collect();
+        let mut upserts: Vec<_> = self.entries.values().cloned().collect();
         upserts.sort_by(|a, b| a.id.cmp(&b.id));
         NodeDelta {
             full: true,
@@ -336,7 +316,7 @@ impl NodeLog {
     }
 
     pub(crate) fn entry(&self, id: &str) -> Option<Arc<RegistrationEntry>> {
-        self.entries.get(id).map(|e| e.0.clone())
+        self.entries.get(&EntryKey::of(id)).cloned()
     }
 
     pub(crate) fn with_spiffe_id(&self, id: &SpiffeId) -> Vec<Arc<RegistrationEntry>> {

@@ -145,3 +145,65 @@ pub fn entry_id(csid: &str, pod_uid: &str) -> String {
     h.update(pod_uid.as_bytes());
     hex::encode(&h.finalize()[..16])
 }
+
+/// An entry ID as the index's maps hold it: the 128 bits of an ID [`entry_id`] wrote
+/// (32 lowercase hex digits) inline, or any other ID's text.
+///
+/// Inline keys are compared and hashed without following a pointer to the ID's text. At
+/// 1M Pods that text is rarely in cache, and fetching it was a fifth of a ClusterSPIFFEID
+/// fan-out's time (bench/README.md). Entries rendered here always have inline keys; the
+/// text form keeps the node log total for IDs written elsewhere (tests).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum EntryKey {
+    Digest(u64, u64),
+    Text(Box<str>),
+}
+
+impl EntryKey {
+    pub(crate) fn of(id: &str) -> Self {
+        let b = id.as_bytes();
+        if b.len() == 32 && b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+            let half = |s: &str| u64::from_str_radix(s, 16).ok();
+            if let (Some(hi), Some(lo)) = (half(&id[..16]), half(&id[16..])) {
+                return Self::Digest(hi, lo);
+            }
+        }
+        Self::Text(id.into())
+    }
+
+    /// The ID this key was made [`of`](Self::of), as text again.
+    pub(crate) fn to_id(&self) -> String {
+        match self {
+            Self::Digest(hi, lo) => format!("{hi:016x}{lo:016x}"),
+            Self::Text(s) => s.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_keys_give_back_the_id_they_were_made_of() {
+        let rendered = entry_id("default", "0c4e1a52-8f5e-4c1b-9f7a-2d3b8e6f1a90");
+        let key = EntryKey::of(&rendered);
+        assert!(matches!(key, EntryKey::Digest(..)), "{key:?}");
+        assert_eq!(key.to_id(), rendered);
+        // Anything but exactly 32 lowercase hex digits keeps its text: the text is what
+        // agents see, so two spellings of one number must stay two IDs.
+        let upper = rendered.to_uppercase();
+        for other in [
+            "a",
+            "",
+            &upper,
+            &format!("+{}", &rendered[1..]),
+            &format!("{rendered}0"),
+        ] {
+            let key = EntryKey::of(other);
+            assert!(matches!(key, EntryKey::Text(_)), "{other:?} → {key:?}");
+            assert_eq!(key.to_id(), other);
+            assert_ne!(key, EntryKey::of(&rendered));
+        }
+    }
+}

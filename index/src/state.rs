@@ -31,7 +31,7 @@ use sigil_identity::entry::RegistrationEntry;
 
 use crate::IndexConfig;
 use crate::objects::{CompiledCsid, CsidMeta, NodeFacts, PodFacts, SliceFacts, TrustDomainInfo};
-use crate::render::{self, PodWorld};
+use crate::render::{self, EntryKey, PodWorld};
 use crate::status_view::{self, StatusView};
 use sigil_api::crd::cluster_spiffe_id::{ClusterSpiffeIdSpec, ClusterSpiffeIdStatus};
 
@@ -103,7 +103,7 @@ struct PodRecord {
     facts: PodFacts,
     outcomes: Vec<(CsidId, Outcome)>,
     /// IDs and content hashes of the entries published for this pod, on `published_on`.
-    published: Vec<(String, u64)>,
+    published: Vec<(EntryKey, u64)>,
     published_on: Option<String>,
 }
 
@@ -254,7 +254,7 @@ impl State {
                 .and_then(|n| self.nodes.get(n))
                 .map(|n| n.uid.clone()),
             published_on: rec.published_on.clone(),
-            entry_ids: rec.published.iter().map(|(id, _)| id.clone()).collect(),
+            entry_ids: rec.published.iter().map(|(id, _)| id.to_id()).collect(),
         })
     }
 
@@ -877,20 +877,20 @@ impl State {
         } else {
             rec.facts.node.clone()
         };
-        let new: Vec<(String, u64, RegistrationEntry)> = entries
+        let new: Vec<(EntryKey, u64, RegistrationEntry)> = entries
             .into_iter()
-            .map(|e| (e.id.clone(), content_hash(&e), e))
+            .map(|e| (EntryKey::of(&e.id), content_hash(&e), e))
             .collect();
         if rec.published_on != node {
             if let Some(old) = &rec.published_on {
                 for (id, _) in rec.published.drain(..) {
-                    batch.remove(old, id);
+                    batch.remove(old, id.to_id());
                 }
             }
         } else if let Some(n) = &node {
             for (id, _) in &rec.published {
                 if !new.iter().any(|(i, _, _)| i == id) {
-                    batch.remove(n, id.clone());
+                    batch.remove(n, id.to_id());
                 }
             }
         }
