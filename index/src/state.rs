@@ -39,6 +39,8 @@ pub(crate) type PodId = u32;
 type CsidId = u32;
 type PodKey = (String, String);
 type Labels = BTreeMap<String, String>;
+/// Services listing one Pod: (name, number of EndpointSlices listing the Pod), by name.
+type PodServices = Vec<(Box<str>, u32)>;
 
 /// Per-node changes produced by one event.
 #[derive(Debug, Default)]
@@ -175,10 +177,12 @@ pub(crate) struct State {
     namespaces: HashMap<String, Labels>,
     nodes: HashMap<String, NodeFacts>,
     slices: HashMap<PodKey, SliceFacts>,
-    /// Services whose EndpointSlices list a pod (name, number of slices listing it).
-    pod_services: HashMap<PodKey, Vec<(Box<str>, u32)>>,
-    /// The Services that exist (namespace, name).
-    services: HashSet<PodKey>,
+    /// By namespace, then Pod name: the Services whose EndpointSlices list the Pod (name,
+    /// number of slices listing it). Nested so that rendering looks a Pod up by its
+    /// borrowed names instead of cloning them into a key.
+    pod_services: HashMap<String, HashMap<String, PodServices>>,
+    /// The Services that exist, by namespace.
+    services: HashMap<String, HashSet<String>>,
     trust_domains: BTreeMap<String, TrustDomainInfo>,
     csids: Vec<Option<CsidRecord>>,
     free_csids: Vec<CsidId>,
@@ -205,7 +209,7 @@ impl State {
             nodes: HashMap::new(),
             slices: HashMap::new(),
             pod_services: HashMap::new(),
-            services: HashSet::new(),
+            services: HashMap::new(),
             trust_domains: BTreeMap::new(),
             csids: Vec::new(),
             free_csids: Vec::new(),
@@ -318,7 +322,7 @@ impl State {
             Kind::Service => self
                 .services
                 .iter()
-                .map(|(ns, n)| format!("{ns}/{n}"))
+                .flat_map(|(ns, names)| names.iter().map(move |n| format!("{ns}/{n}")))
                 .collect(),
             Kind::ClusterSpiffeId => self.csid_by_name.keys().cloned().collect(),
             Kind::TrustDomain => self.trust_domains.keys().cloned().collect(),
@@ -502,10 +506,10 @@ impl State {
             pods,
             ..
         }) = &old
+            && let Some(in_namespace) = self.pod_services.get_mut(namespace)
         {
             for pod in pods {
-                let k = (namespace.to_owned(), pod.clone());
-                let Some(services) = self.pod_services.get_mut(&k) else {
+                let Some(services) = in_namespace.get_mut(pod.as_str()) else {
                     continue;
                 };
                 if let Some(i) = services
@@ -519,8 +523,11 @@ impl State {
                     }
                 }
                 if services.is_empty() {
-                    self.pod_services.remove(&k);
+                    in_namespace.remove(pod.as_str());
                 }
+            }
+            if in_namespace.is_empty() {
+                self.pod_services.remove(namespace);
             }
         }
         if let Some(SliceFacts {
@@ -528,12 +535,11 @@ impl State {
             pods,
             ..
         }) = &facts
+            && !pods.is_empty()
         {
+            let in_namespace = self.pod_services.entry(namespace.to_owned()).or_default();
             for pod in pods {
-                let services = self
-                    .pod_services
-                    .entry((namespace.to_owned(), pod.clone()))
-                    .or_default();
+                let services = in_namespace.entry(pod.clone()).or_default();
                 match services.binary_search_by(|(s, _)| s.as_ref().cmp(svc.as_str())) {
                     Ok(i) => services[i].1 += 1,
                     Err(i) => {
@@ -567,11 +573,18 @@ impl State {
         exists: bool,
         batch: &mut Batch,
     ) {
-        let key = (namespace.to_owned(), name.to_owned());
         let changed = if exists {
-            self.services.insert(key)
+            self.services
+                .entry(namespace.to_owned())
+                .or_default()
+                .insert(name.to_owned())
         } else {
-            self.services.remove(&key)
+            let in_namespace = self.services.get_mut(namespace);
+            let removed = in_namespace.is_some_and(|names| names.remove(name));
+            if self.services.get(namespace).is_some_and(HashSet::is_empty) {
+                self.services.remove(namespace);
+            }
+            removed
         };
         if !changed
             || !self.live_csids().any(|(_, r)| {
@@ -581,6 +594,7 @@ impl State {
         {
             return;
         }
+        let listed = self.pod_services.get(namespace);
         let pods: Vec<PodId> = self
             .namespace_pods
             .get(namespace)
@@ -589,8 +603,8 @@ impl State {
             .copied()
             .filter(|&p| {
                 self.pod(p).is_some_and(|r| {
-                    self.pod_services
-                        .get(&(r.facts.namespace.clone(), r.facts.name.clone()))
+                    listed
+                        .and_then(|pods| pods.get(&r.facts.name))
                         .is_some_and(|svcs| svcs.iter().any(|(s, _)| s.as_ref() == name))
                 })
             })
@@ -981,14 +995,13 @@ impl State {
         // Only Services that exist in the pod's namespace: the label naming them is
         // written by whoever writes the EndpointSlice.
         let services: Vec<&str> = if c.spec.auto_populate_dns_names {
+            let existing = self.services.get(&pod.namespace);
             self.pod_services
-                .get(&(pod.namespace.clone(), pod.name.clone()))
+                .get(&pod.namespace)
+                .and_then(|pods| pods.get(&pod.name))
                 .into_iter()
                 .flatten()
-                .filter(|(svc, _)| {
-                    self.services
-                        .contains(&(pod.namespace.clone(), svc.to_string()))
-                })
+                .filter(|(svc, _)| existing.is_some_and(|names| names.contains(&**svc)))
                 .map(|(svc, _)| &**svc)
                 .collect()
         } else {

@@ -607,6 +607,14 @@ fn dns_names_from_endpoint_slices() {
         n2.entry(&entry_id("auto", "u2")).unwrap().dns_names,
         ["static.example"]
     );
+    // Names are per namespace: a Service "ghost" in another namespace, and a slice there
+    // listing a Pod of the same name, give prod's Pod nothing.
+    ix.apply_service("dev", "ghost");
+    ix.apply_endpoint_slice(&slice("dev", "ghost-1", "ghost", &["web-1"]));
+    assert_eq!(
+        n2.entry(&entry_id("auto", "u2")).unwrap().dns_names,
+        ["static.example"]
+    );
 }
 
 #[test]
