@@ -161,14 +161,22 @@ pub(crate) enum EntryKey {
 
 impl EntryKey {
     pub(crate) fn of(id: &str) -> Self {
-        let b = id.as_bytes();
-        if b.len() == 32 && b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
-            let half = |s: &str| u64::from_str_radix(s, 16).ok();
-            if let (Some(hi), Some(lo)) = (half(&id[..16]), half(&id[16..])) {
-                return Self::Digest(hi, lo);
+        // One pass that checks and decodes (this runs for every entry a change renders).
+        let mut halves = [0u64; 2];
+        if id.len() != 32 {
+            return Self::Text(id.into());
+        }
+        for (half, digits) in halves.iter_mut().zip(id.as_bytes().chunks_exact(16)) {
+            for &c in digits {
+                let nibble = match c {
+                    b'0'..=b'9' => c - b'0',
+                    b'a'..=b'f' => c - b'a' + 10,
+                    _ => return Self::Text(id.into()),
+                };
+                *half = *half << 4 | u64::from(nibble);
             }
         }
-        Self::Text(id.into())
+        Self::Digest(halves[0], halves[1])
     }
 
     /// The ID this key was made [`of`](Self::of), as text again.
