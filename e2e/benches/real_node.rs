@@ -24,8 +24,9 @@
 //! Run: `make bench` (or `hack/bench.sh real_node`). SIGIL_BENCH_NODE_PODS (default 50)
 //! pods per mode; SIGIL_BENCH_NODE_VS_PODS (default 50) pods per system one at a time and
 //! SIGIL_BENCH_NODE_BURST (default 200) per system at once beside SPIRE, which
-//! SIGIL_BENCH_NODE_SPIRE=0 leaves out. Needs root, and no other cluster on the machine
-//! (docs/real-node.md).
+//! SIGIL_BENCH_NODE_SPIRE=0 leaves out. SIGIL_BENCH_NODE_HELM_SET takes chart values
+//! (`key=value`, space-separated) that the install sets over the defaults. Needs root, and
+//! no other cluster on the machine (docs/real-node.md).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "real_node/spire.rs"]
@@ -65,6 +66,11 @@ fn main() {
         let t = Instant::now();
         let mut args: Vec<String> = ["install", "sigil", "charts/sigil", "-n", NS, "--create-namespace"].map(String::from).to_vec();
         args.extend(node.helm_image_args().await.expect("helm args"));
+        // Chart values to compare against the defaults, e.g. `agent.podSource=kubelet`.
+        for set in std::env::var("SIGIL_BENCH_NODE_HELM_SET").unwrap_or_default().split_whitespace() {
+            args.extend(["--set".to_owned(), set.to_owned()]);
+            report.row("chart value set for this run", set.to_owned());
+        }
         node.helm(&args.iter().map(String::as_str).collect::<Vec<_>>()).await.expect("helm install");
         workloads_ready(&client, NS, ("sigil-operator", 2), "sigil-agent").await;
         report.row("helm install → every Sigil pod Ready", format!("{:.1?}", t.elapsed()));

@@ -16,7 +16,9 @@
 
 use super::{at, create, finished, memory, wait_default_sa, workloads_ready};
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt as _;
@@ -176,6 +178,11 @@ struct Times {
     to_running: Vec<Duration>,
     to_svid: Vec<Duration>,
     total: Vec<Duration>,
+    /// Bursts only, in ms, signed: container running → its container ID first seen in
+    /// the API server (the kubelet's status write, which Sigil's agent waits for with
+    /// `podSource: api`), and that moment → the first SVID.
+    to_status: Vec<f64>,
+    status_to_svid: Vec<f64>,
 }
 
 impl Times {
@@ -189,6 +196,24 @@ impl Times {
         self.total
             .push(svid.duration_since(created).unwrap_or_default());
     }
+}
+
+/// p50 / p99 / max of signed milliseconds (an SVID may come before the API server shows
+/// the container: SPIRE asks the kubelet).
+fn signed(ms: &[f64]) -> String {
+    if ms.is_empty() {
+        return "no samples".into();
+    }
+    let mut v = ms.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms  (n={})",
+        at(0.5),
+        at(0.99),
+        at(1.0),
+        v.len()
+    )
 }
 
 fn ms(d: Duration) -> f64 {
@@ -216,21 +241,21 @@ fn compare(report: &mut Report, what: &str, [sigil, spire]: [Vec<Duration>; 2]) 
 }
 
 /// The three rows of `compare` for each leg of the pods' times.
-fn compare_times(report: &mut Report, what: &str, [sigil, spire]: [Times; 2]) {
+fn compare_times(report: &mut Report, what: &str, [sigil, spire]: [&Times; 2]) {
     compare(
         report,
         &format!("{what}: pod created → container running"),
-        [sigil.to_running, spire.to_running],
+        [sigil.to_running.clone(), spire.to_running.clone()],
     );
     compare(
         report,
         &format!("{what}: container running → first SVID"),
-        [sigil.to_svid, spire.to_svid],
+        [sigil.to_svid.clone(), spire.to_svid.clone()],
     );
     compare(
         report,
         &format!("{what}: pod created → first SVID in the container"),
-        [sigil.total, spire.total],
+        [sigil.total.clone(), spire.total.clone()],
     );
 }
 
@@ -257,7 +282,7 @@ pub(crate) async fn side_by_side(
     compare_times(
         report,
         &format!("{n} pods one at a time, alternating"),
-        times,
+        times.each_ref(),
     );
 
     // A burst per system.
@@ -268,7 +293,23 @@ pub(crate) async fn side_by_side(
         times[k] = t;
         walls[k] = wall.as_secs_f64();
     }
-    compare_times(report, &format!("burst of {burst}"), times);
+    compare_times(report, &format!("burst of {burst}"), times.each_ref());
+    for (t, s) in times.iter().zip(BOTH) {
+        report.row(
+            &format!(
+                "burst of {burst}, {}: container running → its container ID in the API server (the kubelet's status write)",
+                s.name()
+            ),
+            signed(&t.to_status),
+        );
+        report.row(
+            &format!(
+                "burst of {burst}, {}: container ID in the API server → first SVID",
+                s.name()
+            ),
+            signed(&t.status_to_svid),
+        );
+    }
     report.lower_better(
         &format!("burst of {burst}: first create → last pod's first SVID"),
         walls[0],
@@ -321,6 +362,7 @@ pub(crate) async fn side_by_side(
 /// the first create → the last SVID.
 async fn burst_of(client: &kube::Client, s: System, size: usize) -> (Times, Duration) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), s.bench_ns());
+    let statuses = ContainerIdSeen::watch(&pods);
     let first = SystemTime::now();
     let created: Vec<(String, SystemTime)> = futures::stream::iter(0..size)
         .map(|i| {
@@ -374,12 +416,75 @@ async fn burst_of(client: &kube::Client, s: System, size: usize) -> (Times, Dura
     }
     let mut times = Times::default();
     let mut last = first;
+    let signed_ms = |from: SystemTime, to: SystemTime| match to.duration_since(from) {
+        Ok(d) => ms(d),
+        Err(e) => -ms(e.duration()),
+    };
     for (name, at_create) in created {
         let out = finished(&pods, &name).await;
-        last = last.max(at(out["svid_unix_nano"].as_i64().expect("svid")));
+        let svid = at(out["svid_unix_nano"].as_i64().expect("svid"));
+        let started = at(out["started_unix_nano"].as_i64().expect("started"));
+        last = last.max(svid);
         times.push(at_create, &out);
+        let seen = statuses.of(&name).unwrap_or_else(|| {
+            panic!(
+                "{} burst pod {name} succeeded, yet the watch never saw its container ID",
+                s.name()
+            )
+        });
+        times.to_status.push(signed_ms(started, seen));
+        times.status_to_svid.push(signed_ms(seen, svid));
     }
+    statuses.stop();
     (times, last.duration_since(first).unwrap_or_default())
+}
+
+/// From a watch on a namespace's Pods in this process: when each pod's first container ID
+/// appeared in its status, which is when the kubelet's status write reached the API server.
+struct ContainerIdSeen {
+    seen: Arc<Mutex<HashMap<String, SystemTime>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ContainerIdSeen {
+    fn watch(pods: &Api<Pod>) -> Self {
+        use kube::runtime::{WatchStreamExt as _, watcher};
+        let seen: Arc<Mutex<HashMap<String, SystemTime>>> = Arc::default();
+        let map = Arc::clone(&seen);
+        let stream = watcher(pods.clone(), watcher::Config::default())
+            .default_backoff()
+            .applied_objects();
+        let task = tokio::spawn(async move {
+            futures::pin_mut!(stream);
+            while let Some(Ok(pod)) = stream.next().await {
+                let now = SystemTime::now();
+                let has_id = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.container_id.is_some()));
+                if let (true, Some(name)) = (has_id, pod.metadata.name) {
+                    map.lock()
+                        .expect("container ID times")
+                        .entry(name)
+                        .or_insert(now);
+                }
+            }
+        });
+        Self { seen, task }
+    }
+
+    fn of(&self, pod: &str) -> Option<SystemTime> {
+        self.seen
+            .lock()
+            .expect("container ID times")
+            .get(pod)
+            .copied()
+    }
+
+    fn stop(self) {
+        self.task.abort();
+    }
 }
 
 /// The system's agent pod deleted (its default grace period), and at the same moment a
