@@ -106,7 +106,29 @@ struct PodRecord {
     outcomes: Vec<(CsidId, Outcome)>,
     /// IDs and content hashes of the entries published for this pod, on `published_on`.
     published: Vec<(EntryKey, u64)>,
-    published_on: Option<String>,
+    published_on: PublishedOn,
+}
+
+/// Which node a pod's entries are published on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PublishedOn {
+    /// None: no entry of the pod is out.
+    Nowhere,
+    /// The node its facts name (`facts.node`): nearly always, so a re-render neither
+    /// copies nor compares the node's name (a cold read per Pod at 1M Pods).
+    FactsNode,
+    /// A node its facts no longer name (they changed after the entries went out).
+    Other(String),
+}
+
+impl PodRecord {
+    fn published_node(&self) -> Option<&str> {
+        match &self.published_on {
+            PublishedOn::Nowhere => None,
+            PublishedOn::FactsNode => self.facts.node.as_deref(),
+            PublishedOn::Other(node) => Some(node),
+        }
+    }
 }
 
 /// How a ClusterSPIFFEID's trust domain resolved.
@@ -257,7 +279,7 @@ impl State {
                 .as_deref()
                 .and_then(|n| self.nodes.get(n))
                 .map(|n| n.uid.clone()),
-            published_on: rec.published_on.clone(),
+            published_on: rec.published_node().map(str::to_owned),
             entry_ids: rec.published.iter().map(|(id, _)| id.to_id()).collect(),
         })
     }
@@ -342,6 +364,14 @@ impl State {
                     return;
                 }
                 if rec.facts.node != facts.node {
+                    // Entries published on the old node stay named by it until settled.
+                    if rec.published_on == PublishedOn::FactsNode {
+                        rec.published_on = rec
+                            .facts
+                            .node
+                            .clone()
+                            .map_or(PublishedOn::Nowhere, PublishedOn::Other);
+                    }
                     if let Some(old) = &rec.facts.node
                         && let Some(set) = self.node_pods.get_mut(old)
                     {
@@ -359,7 +389,7 @@ impl State {
                     facts,
                     outcomes: Vec::new(),
                     published: Vec::new(),
-                    published_on: None,
+                    published_on: PublishedOn::Nowhere,
                 };
                 let id = match self.free_pods.pop() {
                     Some(id) => {
@@ -889,19 +919,29 @@ impl State {
         let node = if entries.is_empty() {
             None
         } else {
-            rec.facts.node.clone()
+            rec.facts.node.as_deref()
         };
         let new: Vec<(EntryKey, u64, RegistrationEntry)> = entries
             .into_iter()
             .map(|e| (EntryKey::of(&e.id), content_hash(&e), e))
             .collect();
-        if rec.published_on != node {
-            if let Some(old) = &rec.published_on {
+        let old = match &rec.published_on {
+            PublishedOn::Nowhere => None,
+            PublishedOn::FactsNode => rec.facts.node.as_deref(),
+            PublishedOn::Other(n) => Some(n.as_str()),
+        };
+        let same_node = match (&rec.published_on, node) {
+            (PublishedOn::FactsNode, Some(_)) => true, // `node` is facts.node
+            (PublishedOn::Nowhere, None) => true,
+            _ => old == node,
+        };
+        if !same_node {
+            if let Some(old) = old {
                 for (id, _) in rec.published.drain(..) {
                     batch.remove(old, id.to_id());
                 }
             }
-        } else if let Some(n) = &node {
+        } else if let Some(n) = node {
             for (id, _) in &rec.published {
                 if !new.iter().any(|(i, _, _)| i == id) {
                     batch.remove(n, id.to_id());
@@ -910,7 +950,7 @@ impl State {
         }
         let mut published = Vec::with_capacity(new.len());
         for (id, hash, e) in new {
-            if let Some(n) = &node
+            if let Some(n) = node
                 && !rec.published.iter().any(|(i, h)| *h == hash && *i == id)
             {
                 batch.upsert(n, Arc::new(e));
@@ -918,7 +958,11 @@ impl State {
             published.push((id, hash));
         }
         rec.published = published;
-        rec.published_on = node;
+        rec.published_on = if node.is_some() {
+            PublishedOn::FactsNode
+        } else {
+            PublishedOn::Nowhere
+        };
     }
 
     /// Which ClusterSPIFFEIDs select the pod, what each produced, and the entries.

@@ -246,6 +246,44 @@ fn unscheduled_pod_appears_when_scheduled() {
     );
 }
 
+/// Kubernetes never moves a Pod, but an informer that missed a delete can hand the index
+/// a Pod of the same name on another node: its entry leaves the first node's log.
+#[test]
+fn a_pod_seen_on_another_node_takes_its_entry_along() {
+    let ix = index();
+    ix.apply_cluster_spiffe_id(&csid("default", 0, json!({})));
+    ix.apply_pod(&pod("prod", "web-0", "u1", Some("n1"), &[]));
+    let (n1, n2) = (ix.node("n1"), ix.node("n2"));
+    let r1 = n1.revision();
+    let id = entry_id("default", "u1");
+    assert!(n1.entry(&id).is_some());
+
+    ix.apply_pod(&pod("prod", "web-0", "u1", Some("n2"), &[]));
+    assert_eq!(n1.changes_since(r1).removed, vec![id.clone()]);
+    assert!(n1.is_empty());
+    assert!(n2.entry(&id).is_some());
+    let found = ix.pod_identities("prod", "web-0").unwrap();
+    assert_eq!(
+        found
+            .entries
+            .iter()
+            .map(|e| e.id.as_str())
+            .collect::<Vec<_>>(),
+        [id.as_str()],
+        "looked up on the node it is published on now"
+    );
+
+    // Unscheduled again (no node): no log keeps it.
+    ix.apply_pod(&pod("prod", "web-0", "u1", None, &[]));
+    assert!(n2.is_empty() && n1.is_empty());
+    assert!(
+        ix.pod_identities("prod", "web-0")
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+}
+
 #[test]
 fn deleting_a_pod_removes_its_entry() {
     let ix = index();
