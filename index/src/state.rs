@@ -38,6 +38,14 @@ use sigil_api::crd::cluster_spiffe_id::{ClusterSpiffeIdSpec, ClusterSpiffeIdStat
 pub(crate) type PodId = u32;
 type CsidId = u32;
 type PodKey = (String, String);
+/// What a ClusterSPIFFEID did for a pod, and the pod's entries ([`State::evaluate`]).
+type Evaluated = (Vec<(CsidId, Outcome)>, Vec<RegistrationEntry>);
+
+/// Re-renders of at least this many pods (a ClusterSPIFFEID or TrustDomain change, a
+/// namespace relabelled) evaluate on two threads; below it a thread costs more than it saves.
+const PARALLEL_RENDER: usize = 4096;
+/// Pods evaluated at once before they are settled: bounds what is held in between.
+const RENDER_CHUNK: usize = 8192;
 type Labels = BTreeMap<String, String>;
 /// Services listing one Pod: (name, number of EndpointSlices listing the Pod), by name.
 type PodServices = Vec<(Box<str>, u32)>;
@@ -847,9 +855,49 @@ impl State {
         let mut pods: Vec<PodId> = pods.into_iter().collect();
         pods.sort_unstable();
         pods.dedup();
-        for id in pods {
-            self.rerender_one(id, batch);
+        if pods.len() < PARALLEL_RENDER {
+            for id in pods {
+                self.rerender_one(id, batch);
+            }
+            return;
         }
+        // Many pods: evaluate a chunk on two threads, then settle it in ID order on this
+        // one. Evaluating reads only what settling never writes (the ClusterSPIFFEIDs'
+        // specs, the namespaces, nodes and Services, the pod's own facts), so the outcome
+        // is the same as one pod at a time.
+        for chunk in pods.chunks(RENDER_CHUNK) {
+            let evaluated = self.evaluate_on_two_threads(chunk);
+            for (&id, evaluated) in chunk.iter().zip(evaluated) {
+                let (Some((outcomes, entries)), Some(mut rec)) = (
+                    evaluated,
+                    self.pods.get_mut(id as usize).and_then(Option::take),
+                ) else {
+                    continue;
+                };
+                self.settle(id, &mut rec, outcomes, entries, batch);
+                self.pods[id as usize] = Some(rec);
+            }
+        }
+    }
+
+    /// [`State::evaluate`] for each of `ids` (`None` for a pod that is gone), half on a
+    /// second thread.
+    fn evaluate_on_two_threads(&self, ids: &[PodId]) -> Vec<Option<Evaluated>> {
+        let evaluate = |ids: &[PodId]| -> Vec<Option<Evaluated>> {
+            ids.iter()
+                .map(|&id| self.pod(id).map(|rec| self.evaluate(&rec.facts)))
+                .collect()
+        };
+        let (first, second) = ids.split_at(ids.len() / 2);
+        std::thread::scope(|s| {
+            let other = s.spawn(|| evaluate(second));
+            let mut out = evaluate(first);
+            match other.join() {
+                Ok(rest) => out.extend(rest),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+            out
+        })
     }
 
     /// Re-renders one pod (an event of that pod: no list to sort).
@@ -966,7 +1014,7 @@ impl State {
     }
 
     /// Which ClusterSPIFFEIDs select the pod, what each produced, and the entries.
-    fn evaluate(&self, pod: &PodFacts) -> (Vec<(CsidId, Outcome)>, Vec<RegistrationEntry>) {
+    fn evaluate(&self, pod: &PodFacts) -> Evaluated {
         let none = (Vec::new(), Vec::new());
         if pod.terminal || self.config.ignores(&pod.namespace) {
             return none;

@@ -1173,3 +1173,95 @@ fn a_cluster_wide_edit_reaches_every_node_at_one_revision() {
     }
     assert_eq!(revisions.len(), 1, "one revision for the whole edit");
 }
+
+/// A re-render of thousands of pods evaluates on two threads (state.rs, PARALLEL_RENDER):
+/// masking, failures, statistics and entries come out as one pod at a time gives them.
+#[test]
+fn a_large_rerender_masks_and_fails_as_one_pod_at_a_time_does() {
+    let one_by_one = index();
+    let batched = index();
+    let pods = 10_000;
+    for ix in [&one_by_one, &batched] {
+        ix.apply_cluster_spiffe_id(&csid("older", 10, json!({"dnsNameTemplates": ["older"]})));
+    }
+    // Every third pod has no `app` label, so "by-app" fails for it.
+    let pod_of = |i: usize| {
+        let labels: &[(&str, &str)] = if i.is_multiple_of(3) {
+            &[]
+        } else {
+            &[("app", "web")]
+        };
+        pod(
+            "prod",
+            &format!("p{i}"),
+            &format!("u{i}"),
+            Some(&format!("n{}", i % 4 + 1)),
+            labels,
+        )
+    };
+    // "newer" gives every pod the same SPIFFE ID as "older": masked everywhere. "by-app"
+    // renders from a label.
+    let newer = csid("newer", 30, json!({"dnsNameTemplates": ["newer"]}));
+    let by_app = csid(
+        "by-app",
+        40,
+        json!({"spiffeIDTemplate": "spiffe://{{trustDomain}}/app/{{pod.labels['app']}}"}),
+    );
+    // Pods first, then the ClusterSPIFFEIDs: one re-render of all 10k pods each.
+    for i in 0..pods {
+        batched.apply_pod(&pod_of(i));
+    }
+    batched.apply_cluster_spiffe_id(&newer);
+    batched.apply_cluster_spiffe_id(&by_app);
+    // The ClusterSPIFFEIDs first, then the pods: one pod at a time.
+    one_by_one.apply_cluster_spiffe_id(&newer);
+    one_by_one.apply_cluster_spiffe_id(&by_app);
+    for i in 0..pods {
+        one_by_one.apply_pod(&pod_of(i));
+    }
+
+    let failing = (0..pods).filter(|i| i.is_multiple_of(3)).count() as i64;
+    for name in ["older", "newer", "by-app"] {
+        let (a, b) = (
+            one_by_one.status(name).unwrap().stats,
+            batched.status(name).unwrap().stats,
+        );
+        assert_eq!(
+            (
+                a.pods_selected,
+                a.entries_masked,
+                a.pod_entry_render_failures
+            ),
+            (
+                b.pods_selected,
+                b.entries_masked,
+                b.pod_entry_render_failures
+            ),
+            "{name}"
+        );
+    }
+    let newer = batched.status("newer").unwrap().stats;
+    assert_eq!(newer.entries_masked, pods as i64);
+    let by_app = batched.status("by-app").unwrap().stats;
+    assert_eq!(by_app.pod_entry_render_failures, failing);
+    for n in 1..=4 {
+        let node = format!("n{n}");
+        let entries = |ix: &EntryIndex| {
+            let mut v: Vec<(String, String, Vec<String>)> = all(ix, &node)
+                .iter()
+                .map(|e| (e.id.clone(), e.spiffe_id.to_string(), e.dns_names.clone()))
+                .collect();
+            v.sort();
+            v
+        };
+        let (a, b) = (entries(&one_by_one), entries(&batched));
+        let on_node = (0..pods).filter(|i| i % 4 + 1 == n);
+        let labelled = on_node.clone().filter(|i| !i.is_multiple_of(3)).count();
+        assert_eq!(
+            a.len(),
+            on_node.count() + labelled,
+            "node {node}: older's entry for every pod, by-app's for the labelled ones"
+        );
+        assert_eq!(a, b, "node {node}");
+    }
+}
