@@ -38,6 +38,9 @@ use sigil_api::crd::cluster_spiffe_id::{ClusterSpiffeIdSpec, ClusterSpiffeIdStat
 pub(crate) type PodId = u32;
 type CsidId = u32;
 type PodKey = (String, String);
+type Labels = BTreeMap<String, String>;
+/// Services listing one Pod: (name, number of EndpointSlices listing the Pod), by name.
+type PodServices = Vec<(Box<str>, u32)>;
 /// What a ClusterSPIFFEID did for a pod, and the pod's entries ([`State::evaluate`]).
 type Evaluated = (Vec<(CsidId, Outcome)>, Vec<RegistrationEntry>);
 
@@ -46,9 +49,6 @@ type Evaluated = (Vec<(CsidId, Outcome)>, Vec<RegistrationEntry>);
 const PARALLEL_RENDER: usize = 4096;
 /// Pods evaluated at once before they are settled: bounds what is held in between.
 const RENDER_CHUNK: usize = 8192;
-type Labels = BTreeMap<String, String>;
-/// Services listing one Pod: (name, number of EndpointSlices listing the Pod), by name.
-type PodServices = Vec<(Box<str>, u32)>;
 
 /// Per-node changes produced by one event.
 #[derive(Debug, Default)]
