@@ -336,6 +336,7 @@ fn main() {
             .await
             .expect("the agent's sigil_agent_svids_signed_total");
             let want = signed_before + (entries_n - pods_n) as f64;
+            let cpu_before = sigil_e2e::process::cpu_time(pid);
             let t = Instant::now();
             futures::stream::iter((pods_n..entries_n).map(|i| {
                 let w = &w;
@@ -350,6 +351,10 @@ fn main() {
             })
             .await;
             report.row(&format!("{} more Pods created → all their SVIDs held", entries_n - pods_n), format!("{:>8.2?}", t.elapsed()));
+            // The agent's own CPU for each identity: watch event, key, CSR, the Node API
+            // call, the chain checked and held (what a build profile changes).
+            let cpu = sigil_e2e::process::cpu_time(pid).saturating_sub(cpu_before);
+            report.row("  agent CPU per added identity", format!("{:>8.1} µs", cpu.as_secs_f64() * 1e6 / (entries_n - pods_n) as f64));
             tokio::time::sleep(Duration::from_secs(1)).await;
             let after = rss_kib(pid) as f64 / 1024.0;
             report.row(&format!("agent RSS with {entries_n} entries, SVIDs and keys"), format!("{after:>8.1} MiB"));
