@@ -18,6 +18,10 @@ bash hack/test-tools.sh etcd kube-apiserver spire spire-mint swtpm
 # The agent, versus_spire and servers benches run the real sigil-agent and sigil-operator
 # binaries, built here in release mode.
 cargo build --locked -q --release -p sigil-agent -p sigil-operator
+# The agent's memory rows depend on its code layout (node-agent/build.rs): say when the
+# layout file no longer matches this build.
+bash hack/link-order.sh check ||
+  echo "bench: node-agent/link-order.txt is stale for this build; the agent's RSS rows are higher for it (hack/link-order.sh generate)" >&2
 # Absolute: cargo runs each bench from its package's directory.
 target=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 export SIGIL_AGENT_BIN=$target/release/sigil-agent
