@@ -16,8 +16,10 @@ benches=("$@")
 # signing bench's PKCS#11 rows).
 bash hack/test-tools.sh etcd kube-apiserver spire spire-mint swtpm
 # The agent, versus_spire and servers benches run the real sigil-agent and sigil-operator
-# binaries, built here in release mode.
-cargo build --locked -q --release -p sigil-agent -p sigil-operator
+# binaries, built here in release mode. `--bins`, as the images are built: the features of
+# shared dependencies, and so the agent's code layout (node-agent/build.rs), depend on
+# which packages a build selects.
+cargo build --locked -q --release --bins
 # The agent's memory rows depend on its code layout (node-agent/build.rs): say when the
 # layout file no longer matches this build.
 bash hack/link-order.sh check ||

@@ -14,6 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 file=node-agent/link-order.txt
+# Always `--bins`, as the images and the Dockerfile build: building sigil-agent alone unifies
+# its dependencies' features differently, and most symbol names then differ.
 target=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 agent=$target/release/sigil-agent
 
@@ -25,7 +27,7 @@ names() { # the order file's names, sorted
 }
 
 check() {
-  cargo build --locked -q --release -p sigil-agent
+  cargo build --locked -q --release --bins
   local want have
   want=$(names | wc -l)
   have=$(comm -12 <(names) <(text_symbols "$agent") | wc -l)
@@ -46,7 +48,7 @@ generate() {
     $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq valgrind >/dev/null
   }
   bash hack/test-tools.sh etcd kube-apiserver
-  cargo build --locked -q --release -p sigil-agent
+  cargo build --locked -q --release --bins
   cargo bench --locked -q --no-run -p sigil-e2e --bench agent
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT

@@ -8,9 +8,10 @@
 //! agent's idle RSS and the build profile"). `hack/link-order.sh` writes the file again and
 //! checks how much of it a build still matches.
 //!
-//! The names are specific to the toolchain, the locked dependencies and the target, so only
-//! x86_64 Linux (GNU) gets the file. A name the build does not have is skipped: a stale file
-//! costs memory, never correctness. rust-lld is rustc's default linker there; with a linker
+//! The names are specific to the toolchain, the locked dependencies, the target and the set
+//! of packages built (their features unify). So the file is written from `cargo build
+//! --release --bins`, as the images are built, and only x86_64 Linux (GNU) gets it. A name
+//! the build does not have is skipped: a stale file costs memory, never correctness. rust-lld is rustc's default linker there; with a linker
 //! that has no `--symbol-ordering-file` (GNU ld), set `SIGIL_LINK_ORDER=0`.
 
 fn main() {
