@@ -11,8 +11,9 @@
 //! The names are specific to the toolchain, the locked dependencies, the target and the set
 //! of packages built (their features unify). So the file is written from `cargo build
 //! --release --bins`, as the images are built, and only x86_64 Linux (GNU) gets it. A name
-//! the build does not have is skipped: a stale file costs memory, never correctness. rust-lld is rustc's default linker there; with a linker
-//! that has no `--symbol-ordering-file` (GNU ld), set `SIGIL_LINK_ORDER=0`.
+//! the build does not have is skipped: a stale file costs memory, never correctness.
+//! rust-lld is rustc's default linker there; with a linker that has no
+//! `--symbol-ordering-file` (GNU ld), set `SIGIL_LINK_ORDER=0`.
 
 fn main() {
     println!("cargo::rerun-if-changed=link-order.txt");
