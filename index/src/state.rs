@@ -129,12 +129,14 @@ enum PublishedOn {
     Other(String),
 }
 
-impl PodRecord {
-    fn published_node(&self) -> Option<&str> {
-        match &self.published_on {
-            PublishedOn::Nowhere => None,
-            PublishedOn::FactsNode => self.facts.node.as_deref(),
-            PublishedOn::Other(node) => Some(node),
+impl PublishedOn {
+    /// The node's name, for a pod whose facts are `facts`. Takes the facts rather than the
+    /// record so that callers may still change the record's other fields meanwhile.
+    fn node<'a>(&'a self, facts: &'a PodFacts) -> Option<&'a str> {
+        match self {
+            Self::Nowhere => None,
+            Self::FactsNode => facts.node.as_deref(),
+            Self::Other(node) => Some(node),
         }
     }
 }
@@ -287,7 +289,7 @@ impl State {
                 .as_deref()
                 .and_then(|n| self.nodes.get(n))
                 .map(|n| n.uid.clone()),
-            published_on: rec.published_node().map(str::to_owned),
+            published_on: rec.published_on.node(&rec.facts).map(str::to_owned),
             entry_ids: rec.published.iter().map(|(id, _)| id.to_id()).collect(),
         })
     }
@@ -617,12 +619,16 @@ impl State {
                 .or_default()
                 .insert(name.to_owned())
         } else {
-            let in_namespace = self.services.get_mut(namespace);
-            let removed = in_namespace.is_some_and(|names| names.remove(name));
-            if self.services.get(namespace).is_some_and(HashSet::is_empty) {
-                self.services.remove(namespace);
+            match self.services.get_mut(namespace) {
+                Some(names) => {
+                    let removed = names.remove(name);
+                    if names.is_empty() {
+                        self.services.remove(namespace);
+                    }
+                    removed
+                }
+                None => false,
             }
-            removed
         };
         if !changed
             || !self.live_csids().any(|(_, r)| {
@@ -973,16 +979,10 @@ impl State {
             .into_iter()
             .map(|e| (EntryKey::of(&e.id), content_hash(&e), e))
             .collect();
-        let old = match &rec.published_on {
-            PublishedOn::Nowhere => None,
-            PublishedOn::FactsNode => rec.facts.node.as_deref(),
-            PublishedOn::Other(n) => Some(n.as_str()),
-        };
-        let same_node = match (&rec.published_on, node) {
-            (PublishedOn::FactsNode, Some(_)) => true, // `node` is facts.node
-            (PublishedOn::Nowhere, None) => true,
-            _ => old == node,
-        };
+        let old = rec.published_on.node(&rec.facts);
+        // `node` is facts.node when set: no need to compare the names.
+        let same_node =
+            matches!((&rec.published_on, node), (PublishedOn::FactsNode, Some(_))) || old == node;
         if !same_node {
             if let Some(old) = old {
                 for (id, _) in rec.published.drain(..) {
