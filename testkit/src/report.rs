@@ -151,9 +151,10 @@ pub fn rate(window: Duration, mut f: impl FnMut()) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+/// The value at fraction `p` of `sorted` (nearest rank); the default (zero) when empty.
+pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
-        return Duration::ZERO;
+        return T::default();
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]

@@ -206,12 +206,11 @@ fn signed(ms: &[f64]) -> String {
     }
     let mut v = ms.to_vec();
     v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
     format!(
         "p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms  (n={})",
-        at(0.5),
-        at(0.99),
-        at(1.0),
+        percentile(&v, 0.5),
+        percentile(&v, 0.99),
+        percentile(&v, 1.0),
         v.len()
     )
 }
