@@ -38,12 +38,12 @@ images: ## Build Sigil's images and the test images without Docker; import them 
 
 .PHONY: build
 build: ## Build the three binaries and the CLI (release)
-	@bash hack/test-tools.sh swtpm # Debian's libtss2 + pkg-config, which the agent links
+	@bash hack/test-tools.sh swtpm # Debian's libtss2 + pkg-config, which the agent's TPM helper links
 	$(CARGO) build --release --locked --bins
 
 .PHONY: lint
 lint: ## clippy with warnings as errors, rustfmt check, and no unused dependency
-	@bash hack/test-tools.sh swtpm cargo-machete # Debian's libtss2 + pkg-config, which the agent links
+	@bash hack/test-tools.sh swtpm cargo-machete # Debian's libtss2 + pkg-config, which the agent's TPM helper links
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) fmt --all --check
 	.tools/bin/cargo-machete

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . hack/versions.sh
 echo "[demo] building the test tools if needed (cached in $SIGIL_CACHE)…"
-bash hack/test-tools.sh etcd kube-apiserver swtpm  # swtpm: also the libtss2 the agent links
+bash hack/test-tools.sh etcd kube-apiserver swtpm  # swtpm: also the libtss2 the agent's TPM helper links
 echo "[demo] building sigil-operator, sigil-agent, sigil-csi, sigil and the demo runner…"
 cargo build --locked --bins -p sigil-operator -p sigil-agent -p sigil-csi -p sigil-cli -p sigil-e2e
 target=${CARGO_TARGET_DIR:-target}

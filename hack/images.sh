@@ -71,7 +71,7 @@ dockerfile() {
 #   docker build --target sigil-csi      -t sigil-csi .
 
 FROM docker.io/library/rust:1.95-bookworm AS build
-# The agent links the tss2 libraries (TPM node attestation, tss-esapi).
+# The agent's TPM helper links the tss2 libraries (TPM node attestation, tss-esapi).
 RUN apt-get update && apt-get install -y --no-install-recommends libtss2-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -188,7 +188,7 @@ release_bins() {
   done
   if [ "${SIGIL_IMAGES_NO_CARGO:-}" = 1 ] && [ $need = 0 ]; then return 0; fi
   log "cargo build --release --locked --bins (target dir $TARGET_DIR)"
-  bash "$here/hack/test-tools.sh" swtpm # Debian's libtss2 + pkg-config, which the agent links
+  bash "$here/hack/test-tools.sh" swtpm # Debian's libtss2 + pkg-config, which the agent's TPM helper links
   (cd "$here" && CARGO_TARGET_DIR=$TARGET_DIR $CARGO build --release --locked --bins)
 }
 

@@ -10,8 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo=${CARGO:-cargo}
 
-# The agent links Debian's libtss2 (found with pkg-config): install the Debian packages
-# first (seconds), then compile while the Go tools build.
+# The agent's TPM helper links Debian's libtss2 (found with pkg-config): install the Debian
+# packages first (seconds), then compile while the Go tools build.
 bash hack/test-tools.sh swtpm
 # The Dockerfile is generated from images/images.conf, which the real-node tests build
 # their images from: the two must not have drifted apart.

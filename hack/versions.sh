@@ -25,8 +25,8 @@ PY_SPIFFE_VERSION=0.3.2
 # (e2e/clients/cert-manager-controller) runs the controllers of the main module, which is.
 # v1.21.2 needs go 1.26.0.
 CERT_MANAGER_VERSION=v1.21.2
-# TPM tests: swtpm, and the tss2 libraries the agent links (tss-esapi finds them with
-# pkg-config; its bindings are pre-generated, so no libclang).
+# TPM tests: swtpm, and the tss2 libraries the agent's TPM helper links (tss-esapi finds
+# them with pkg-config; its bindings are pre-generated, so no libclang).
 # lua5.4 runs the Argo CD health checks of docs/gitops.md in e2e/tests/gitops.rs.
 # softhsm2 is the PKCS#11 HSM of the key manager's test and bench (e2e/tests/hsm.rs,
 # operator/benches/signing.rs): its module, /usr/lib/softhsm/libsofthsm2.so, and

@@ -11,6 +11,7 @@
 //! - [`entry`]: registration entries and selector matching.
 //! - [`tls`]: rustls verifiers that authenticate peers by SPIFFE ID.
 //! - [`clock`]: injectable time.
+//! - [`tpm_helper`]: the lines the agent and its TPM helper process exchange.
 //!
 //! This crate must not depend on Kubernetes crates: the operator, agent and CSI driver
 //! build on it, and so can anything else that speaks SPIFFE.
@@ -25,6 +26,7 @@ pub mod key_manager;
 pub mod keys;
 pub mod proto;
 pub mod tls;
+pub mod tpm_helper;
 pub mod x509;
 
 pub use bundle::{BundleSet, TrustBundle};

@@ -89,6 +89,11 @@ pub struct Args {
     #[arg(long, env = "SIGIL_TPM_EK_CERTIFICATE_FILE", requires = "tpm_tcti")]
     pub tpm_ek_certificate_file: Option<PathBuf>,
 
+    /// The TPM helper the agent runs to use the TPM (it links libtss2; the agent does
+    /// not). Default: `sigil-agent-tpm` beside the agent's own executable.
+    #[arg(long, env = "SIGIL_TPM_HELPER", requires = "tpm_tcti")]
+    pub tpm_helper: Option<PathBuf>,
+
     /// The trust bundle to verify the operator with at first (the TrustDomain's bundle
     /// ConfigMap, `bundle.spiffe` or `bundle.pem`).
     #[arg(
@@ -322,6 +327,7 @@ impl Agent {
             token_file,
             tpm_tcti,
             tpm_ek_certificate_file,
+            tpm_helper,
             bundle_file,
             socket_path,
             proc_root,
@@ -491,13 +497,21 @@ impl Agent {
         let tpm = match tpm_tcti {
             None => None,
             Some(tcti) => {
+                let helper = match tpm_helper {
+                    Some(path) => path,
+                    None => crate::tpm::helper_beside(
+                        &std::env::current_exe()
+                            .context("find the agent's executable, beside which the TPM helper is (--tpm-helper)")?,
+                    ),
+                };
                 let device = crate::tpm::TpmDevice::open(crate::tpm::TpmOptions {
                     tcti: tcti.clone(),
                     ek_certificate_file: tpm_ek_certificate_file,
+                    helper: helper.clone(),
                 })
                 .await
                 .with_context(|| format!("open the TPM (--tpm-tcti {tcti})"))?;
-                info!(tcti = %tcti, "node attestation with the TPM");
+                info!(tcti = %tcti, helper = %helper.display(), "node attestation with the TPM");
                 Some(Arc::new(device))
             }
         };

@@ -279,7 +279,10 @@ impl NodeClient {
         device: &crate::tpm::TpmDevice,
         psat_token: Option<&str>,
     ) -> Result<AgentSvid, NodeClientError> {
-        let identity = device.identity().clone();
+        let identity = device
+            .identity()
+            .await
+            .map_err(|e| NodeClientError::Local(e.to_string()))?;
         self.attest_tpm_with(identity, psat_token, |challenge| async move {
             device
                 .activate_credential(challenge.credential_blob, challenge.encrypted_secret)

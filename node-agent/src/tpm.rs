@@ -1,31 +1,34 @@
-//! The node's TPM, for TPM node attestation (docs/tpm.md): the endorsement key (EK) and
-//! its certificate, an attestation key (AK) made under the EK, and TPM2_ActivateCredential
-//! to answer the operator's challenge.
+//! The node's TPM as the agent uses it, for TPM node attestation (docs/tpm.md): through
+//! its helper process, `sigil-agent-tpm` (`sigil_tpm::helper`). The helper links libtss2
+//! and the libcrypto it needs; the agent links neither, so on the nodes that do not attest
+//! with a TPM (most) those libraries are never mapped, and the TPM's parsers run in a
+//! process of their own.
 //!
-//! A tss-esapi `Context` can't move between threads, so [`TpmDevice`] owns it on one
-//! dedicated thread and hands work to it; the async agent only holds a channel.
-//! No key material leaves the TPM: the EK and AK are made inside it and only their public
-//! areas are sent.
+//! The helper owns the TPM connection, the EK and a fresh AK. The agent reads their public
+//! areas from it and asks it for TPM2_ActivateCredential, a JSON line each way
+//! (`sigil_identity::tpm_helper`). A helper that exits, answers out of turn or is silent
+//! for [`HELPER_DEADLINE`] is stopped, and a new one is started for the next attestation
+//! (with a new AK, which that attestation sends). Closing its stdin ends it; it flushes its
+//! keys first. That also happens when the agent dies.
 
-use std::path::PathBuf;
-use std::str::FromStr;
-use std::sync::mpsc;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
 
-use tss_esapi::Context;
-use tss_esapi::abstraction::{AsymmetricAlgorithmSelection, ak, ek};
-use tss_esapi::attributes::SessionAttributesBuilder;
-use tss_esapi::constants::SessionType;
-use tss_esapi::handles::{AuthHandle, KeyHandle, SessionHandle};
-use tss_esapi::interface_types::algorithm::{
-    AsymmetricAlgorithm, HashingAlgorithm, SignatureSchemeAlgorithm,
-};
-use tss_esapi::interface_types::key_bits::RsaKeyBits;
-use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
-use tss_esapi::structures::{EncryptedSecret, IdObject, Public, SymmetricDefinition};
-use tss_esapi::tcti_ldr::TctiNameConf;
-use tss_esapi::traits::Marshall;
+use sigil_identity::tpm_helper::{MAX_LINE, Reply, Request, decode_line, encode_line};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout};
 
-/// Where the TPM is and where its EK certificate comes from.
+pub use sigil_identity::tpm_helper::TpmIdentity;
+
+/// The helper's file name, beside the agent's own executable in the image.
+pub const HELPER_NAME: &str = "sigil-agent-tpm";
+
+/// How long the helper may take over one answer. Creating the EK on a slow TPM takes
+/// seconds; a helper stuck for this long is stopped.
+pub const HELPER_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Where the TPM is, where its EK certificate comes from, and the helper that opens it.
 #[derive(Debug, Clone)]
 pub struct TpmOptions {
     /// TCTI configuration, e.g. `device:/dev/tpmrm0` or `swtpm:host=127.0.0.1,port=2321`.
@@ -33,149 +36,64 @@ pub struct TpmOptions {
     /// Read the EK certificate (DER or PEM) from this file instead of the TPM's NV index
     /// 0x01c00002 (some TPMs ship their certificate outside the TPM).
     pub ek_certificate_file: Option<PathBuf>,
+    /// The `sigil-agent-tpm` executable ([`helper_beside`]).
+    pub helper: PathBuf,
+}
+
+/// `sigil-agent-tpm` in the directory of `agent` (the agent's own executable).
+pub fn helper_beside(agent: &Path) -> PathBuf {
+    agent.with_file_name(HELPER_NAME)
 }
 
 /// Why the TPM could not be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TpmError {
-    /// A TPM command failed.
-    #[error("TPM {op}: {error}")]
-    Tpm {
-        /// What we asked of the TPM.
-        op: &'static str,
-        /// What it said.
-        error: tss_esapi::Error,
+    /// The helper could not be started.
+    #[error("start the TPM helper {path}: {error}")]
+    Start {
+        /// The helper's executable.
+        path: PathBuf,
+        /// Why it did not start.
+        error: std::io::Error,
     },
-    /// The EK certificate file can't be read.
-    #[error("EK certificate file {path}: {reason}")]
-    EkCertificateFile {
-        /// The configured file.
+    /// The helper failed as a process: it exited, broke the protocol or did not answer.
+    #[error("the TPM helper {path}: {reason}")]
+    Helper {
+        /// The helper's executable.
         path: PathBuf,
         /// What went wrong.
         reason: String,
     },
-    /// The TPM thread is gone.
-    #[error("the TPM worker thread stopped")]
-    Gone,
-    /// The TPM thread could not start.
-    #[error("starting the TPM worker thread: {0}")]
-    Thread(String),
+    /// The TPM refused or failed, as the helper reported it (for example
+    /// `TPM ActivateCredential: ...`).
+    #[error("{0}")]
+    Tpm(String),
 }
 
-fn tpm(op: &'static str) -> impl FnOnce(tss_esapi::Error) -> TpmError {
-    move |error| TpmError::Tpm { op, error }
-}
-
-/// What the agent sends the operator about its TPM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TpmIdentity {
-    /// EK certificate (DER).
-    pub ek_certificate: Vec<u8>,
-    /// TPM2B_PUBLIC of the EK.
-    pub ek_public: Vec<u8>,
-    /// TPM2B_PUBLIC of the AK.
-    pub ak_public: Vec<u8>,
-}
-
-/// The EK and AK, loaded in the TPM.
-#[derive(Debug, Clone, Copy)]
-pub struct Keys {
-    /// The endorsement key (RSA-2048, TCG default template).
-    pub ek: KeyHandle,
-    /// The attestation key (RSA-2048 RSASSA-SHA256, restricted signing, under the EK).
-    pub ak: KeyHandle,
-}
-
-type Job = Box<dyn FnOnce(&mut Context, &Keys) + Send>;
-
-/// The node's TPM, owned by a worker thread. Dropping it flushes the keys and closes the
-/// TPM connection.
+/// The node's TPM, behind its helper process.
 #[derive(Debug)]
 pub struct TpmDevice {
-    jobs: Option<mpsc::Sender<Job>>,
-    worker: Option<std::thread::JoinHandle<()>>,
-    identity: TpmIdentity,
-}
-
-impl Drop for TpmDevice {
-    fn drop(&mut self) {
-        // Closing the channel ends the worker, which flushes the keys; wait for it so the
-        // TPM connection is closed cleanly before whoever owns the TPM goes on.
-        self.jobs = None;
-        if let Some(worker) = self.worker.take() {
-            let _ = worker.join();
-        }
-    }
-}
-
-/// A TPM2B: a 16-bit big-endian size, then the bytes.
-pub fn tpm2b(body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(body.len() + 2);
-    v.extend_from_slice(&(body.len() as u16).to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
-/// Marshals a public area as TPM2B_PUBLIC.
-pub fn public_tpm2b(public: &Public) -> Result<Vec<u8>, TpmError> {
-    Ok(tpm2b(
-        &public.marshall().map_err(tpm("marshal public area"))?,
-    ))
+    options: TpmOptions,
+    helper: tokio::sync::Mutex<Option<Helper>>,
 }
 
 impl TpmDevice {
-    /// Connects to the TPM, creates the EK (from the TCG default template, so it is the key
-    /// the EK certificate certifies) and a fresh AK under it, and reads the EK certificate.
+    /// Starts the helper and waits for the TPM's identity, so that a TPM the agent can't
+    /// use stops it at start-up with the helper's reason.
     pub async fn open(options: TpmOptions) -> Result<Self, TpmError> {
-        let (jobs, rx) = mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let worker = std::thread::Builder::new()
-            .name("sigil-tpm".into())
-            .spawn(move || {
-                let (mut ctx, keys, identity) = match setup(&options) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(identity));
-                while let Ok(job) = rx.recv() {
-                    job(&mut ctx, &keys);
-                }
-                let _ = ctx.flush_context(keys.ak.into());
-                let _ = ctx.flush_context(keys.ek.into());
-            })
-            .map_err(|e| TpmError::Thread(e.to_string()))?;
-        let identity = ready_rx.await.map_err(|_| TpmError::Gone)??;
+        let helper = Helper::start(&options).await?;
         Ok(Self {
-            jobs: Some(jobs),
-            worker: Some(worker),
-            identity,
+            options,
+            helper: tokio::sync::Mutex::new(Some(helper)),
         })
     }
 
-    /// EK certificate and the EK and AK public areas.
-    pub fn identity(&self) -> &TpmIdentity {
-        &self.identity
-    }
-
-    /// Runs `f` on the TPM thread with the context and the loaded keys.
-    pub async fn run<R, F>(&self, f: F) -> Result<R, TpmError>
-    where
-        R: Send + 'static,
-        F: FnOnce(&mut Context, &Keys) -> R + Send + 'static,
-    {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.jobs
-            .as_ref()
-            .ok_or(TpmError::Gone)?
-            .send(Box::new(move |ctx, keys| {
-                let _ = tx.send(f(ctx, keys));
-            }))
-            .map_err(|_| TpmError::Gone)?;
-        rx.await.map_err(|_| TpmError::Gone)
+    /// The EK certificate and the EK and AK public areas of the running helper (started
+    /// again if it stopped).
+    pub async fn identity(&self) -> Result<TpmIdentity, TpmError> {
+        let mut slot = self.helper.lock().await;
+        Ok(self.running(&mut slot).await?.identity.clone())
     }
 
     /// TPM2_ActivateCredential with the AK and the EK: recovers the secret the operator
@@ -185,111 +103,141 @@ impl TpmDevice {
         credential_blob: Vec<u8>,
         encrypted_secret: Vec<u8>,
     ) -> Result<Vec<u8>, TpmError> {
-        self.run(move |ctx, keys| {
-            activate_credential(ctx, keys.ak, keys.ek, credential_blob, encrypted_secret)
-        })
-        .await?
+        let mut slot = self.helper.lock().await;
+        let helper = self.running(&mut slot).await?;
+        let request = Request::Activate {
+            credential_blob,
+            encrypted_secret,
+        };
+        let reason = match helper.ask(&request).await {
+            Ok(Reply::Secret(secret)) => return Ok(secret),
+            Ok(Reply::Error(error)) => return Err(TpmError::Tpm(error)),
+            Ok(Reply::Identity(_)) => "answered an activation with an identity".to_owned(),
+            Err(reason) => reason,
+        };
+        // Out of step, gone or stuck: stop it; the next call starts a new one.
+        if let Some(mut stopped) = slot.take() {
+            stopped.kill();
+        }
+        Err(self.helper_error(reason))
+    }
+
+    async fn running<'a>(&self, slot: &'a mut Option<Helper>) -> Result<&'a mut Helper, TpmError> {
+        if slot.is_none() {
+            *slot = Some(Helper::start(&self.options).await?);
+        }
+        slot.as_mut()
+            .ok_or_else(|| self.helper_error("not running".into()))
+    }
+
+    fn helper_error(&self, reason: String) -> TpmError {
+        TpmError::Helper {
+            path: self.options.helper.clone(),
+            reason,
+        }
     }
 }
 
-/// TPM2_ActivateCredential of `(credential_blob, encrypted_secret)` for the object `ak`
-/// with the endorsement key `ek` (authorised by PolicySecret(endorsement hierarchy), as
-/// the default EK template requires).
-pub fn activate_credential(
-    ctx: &mut Context,
-    ak: KeyHandle,
-    ek: KeyHandle,
-    credential_blob: Vec<u8>,
-    encrypted_secret: Vec<u8>,
-) -> Result<Vec<u8>, TpmError> {
-    let blob = IdObject::try_from(credential_blob).map_err(tpm("credential blob"))?;
-    let secret = EncryptedSecret::try_from(encrypted_secret).map_err(tpm("encrypted secret"))?;
-    let session = ctx
-        .start_auth_session(
-            None,
-            None,
-            None,
-            SessionType::Policy,
-            SymmetricDefinition::AES_128_CFB,
-            HashingAlgorithm::Sha256,
-        )
-        .map_err(tpm("start EK policy session"))?
-        .ok_or(TpmError::Tpm {
-            op: "start EK policy session",
-            error: tss_esapi::Error::WrapperError(tss_esapi::WrapperErrorKind::WrongValueFromTpm),
+/// A running helper. Dropping it closes its stdin, which ends it (it is not killed: it
+/// flushes its keys from the TPM on the way out).
+#[derive(Debug)]
+struct Helper {
+    // Field order is drop order: stdin closes first.
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    child: Child,
+    identity: TpmIdentity,
+}
+
+impl Helper {
+    async fn start(options: &TpmOptions) -> Result<Helper, TpmError> {
+        let path = options.helper.clone();
+        let mut command = tokio::process::Command::new(&path);
+        command.arg("--tcti").arg(&options.tcti);
+        if let Some(file) = &options.ek_certificate_file {
+            command.arg("--ek-certificate-file").arg(file);
+        }
+        // It needs nothing from the agent's environment; its stderr is the agent's, so what
+        // it says lands in the agent container's log.
+        command
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().map_err(|error| TpmError::Start {
+            path: path.clone(),
+            error,
         })?;
-    let result = (|| {
-        let (attrs, mask) = SessionAttributesBuilder::new()
-            .with_continue_session(true)
-            .build();
-        ctx.tr_sess_set_attributes(session, attrs, mask)
-            .map_err(tpm("EK policy session attributes"))?;
-        let policy = PolicySession::try_from(session).map_err(tpm("EK policy session"))?;
-        ctx.execute_with_nullauth_session(|ctx| {
-            ctx.policy_secret(
-                policy,
-                AuthHandle::Endorsement,
-                Default::default(),
-                Default::default(),
-                Default::default(),
-                None,
-            )
-        })
-        .map_err(tpm("PolicySecret(endorsement)"))?;
-        ctx.execute_with_sessions((Some(AuthSession::Password), Some(session), None), |ctx| {
-            ctx.activate_credential(ak, ek, blob, secret)
-        })
-        .map_err(tpm("ActivateCredential"))
-    })();
-    let _ = ctx.flush_context(SessionHandle::from(session).into());
-    Ok(result?.value().to_vec())
-}
-
-fn setup(options: &TpmOptions) -> Result<(Context, Keys, TpmIdentity), TpmError> {
-    let tcti = TctiNameConf::from_str(&options.tcti).map_err(tpm("TCTI configuration"))?;
-    let mut ctx = Context::new(tcti).map_err(tpm("connect"))?;
-    let ek =
-        ek::create_ek_object(&mut ctx, AsymmetricAlgorithm::Rsa, None).map_err(tpm("create EK"))?;
-    let ek_public = ctx.read_public(ek).map_err(tpm("read EK public"))?.0;
-    let ek_certificate = match &options.ek_certificate_file {
-        Some(path) => read_cert_file(path)?,
-        None => ek::retrieve_ek_pubcert(
-            &mut ctx,
-            AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
-        )
-        .map_err(tpm("read EK certificate from NV index 0x01c00002"))?,
-    };
-    let created = ak::create_ak(
-        &mut ctx,
-        ek,
-        HashingAlgorithm::Sha256,
-        SignatureSchemeAlgorithm::RsaSsa,
-        None,
-        None,
-    )
-    .map_err(tpm("create AK"))?;
-    let ak_public = created.out_public.clone();
-    let ak = ak::load_ak(&mut ctx, ek, None, created.out_private, created.out_public)
-        .map_err(tpm("load AK"))?;
-    let identity = TpmIdentity {
-        ek_certificate,
-        ek_public: public_tpm2b(&ek_public)?,
-        ak_public: public_tpm2b(&ak_public)?,
-    };
-    Ok((ctx, Keys { ek, ak }, identity))
-}
-
-fn read_cert_file(path: &PathBuf) -> Result<Vec<u8>, TpmError> {
-    let err = |reason: String| TpmError::EkCertificateFile {
-        path: path.clone(),
-        reason,
-    };
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    if bytes.starts_with(b"-----BEGIN") {
-        let text = String::from_utf8(bytes).map_err(|e| err(e.to_string()))?;
-        let mut certs =
-            sigil_identity::x509::certs_from_pem(&text).map_err(|e| err(e.to_string()))?;
-        return Ok(certs.swap_remove(0));
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.start_kill();
+            return Err(TpmError::Helper {
+                path,
+                reason: "no stdin or stdout pipe".into(),
+            });
+        };
+        let mut helper = Helper {
+            stdin,
+            stdout: BufReader::new(stdout),
+            child,
+            identity: TpmIdentity {
+                ek_certificate: vec![],
+                ek_public: vec![],
+                ak_public: vec![],
+            },
+        };
+        let first = tokio::time::timeout(HELPER_DEADLINE, helper.read_reply()).await;
+        let reason = match first {
+            Ok(Ok(Reply::Identity(identity))) => {
+                helper.identity = identity;
+                return Ok(helper);
+            }
+            // The TPM could not be opened: the helper says why and exits.
+            Ok(Ok(Reply::Error(error))) => return Err(TpmError::Tpm(error)),
+            Ok(Ok(Reply::Secret(_))) => "its first line was not the TPM's identity".to_owned(),
+            Ok(Err(reason)) => reason,
+            Err(_) => format!("no identity within {HELPER_DEADLINE:?}"),
+        };
+        helper.kill();
+        Err(TpmError::Helper { path, reason })
     }
-    Ok(bytes)
+
+    /// Sends `request` and reads the reply, within [`HELPER_DEADLINE`].
+    async fn ask(&mut self, request: &Request) -> Result<Reply, String> {
+        let line = encode_line(request);
+        let exchange = async {
+            self.stdin
+                .write_all(&line)
+                .await
+                .map_err(|e| format!("writing to it: {e}"))?;
+            self.stdin
+                .flush()
+                .await
+                .map_err(|e| format!("writing to it: {e}"))?;
+            self.read_reply().await
+        };
+        tokio::time::timeout(HELPER_DEADLINE, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {HELPER_DEADLINE:?}")))
+    }
+
+    async fn read_reply(&mut self) -> Result<Reply, String> {
+        let mut line = Vec::new();
+        let read = (&mut self.stdout)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await
+            .map_err(|e| format!("reading from it: {e}"))?;
+        if read == 0 {
+            let status = match self.child.try_wait() {
+                Ok(Some(status)) => format!(" ({status})"),
+                _ => String::new(),
+            };
+            return Err(format!("it closed its stdout{status}"));
+        }
+        decode_line(&line).map_err(|e| format!("it wrote {e}"))
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.start_kill();
+    }
 }

@@ -2,6 +2,8 @@
 //! TPM (swtpm, provisioned with an EK certificate from a test manufacturer CA), attests
 //! its node against the operator's Node API on the real apiserver, and signs its node's
 //! SVIDs. When the TPM is not enrolled, or the TCTI answers nothing, the binary says so.
+//! The TPM is used through the helper process `sigil-agent-tpm`: the agent itself maps no
+//! TPM library, and a helper that dies is started again.
 #![allow(clippy::unwrap_used)]
 
 use sigil_testkit::node_api as node_api_common;
@@ -16,7 +18,8 @@ use serde_json::{Value, json};
 use sigil_e2e::swtpm::Swtpm;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
-use tpm_common::{ManufacturerCa, manufacture, swtpm, tpm_world};
+use sigil_agent::tpm::{TpmDevice, TpmError, TpmOptions};
+use tpm_common::{ManufacturerCa, flush_transient_objects, manufacture, swtpm, tpm_world};
 use trust_domain_common::{SETTLE, eventually};
 
 /// Held while this process talks to a TPM or forks: libtss2's sockets are not
@@ -169,6 +172,134 @@ async fn the_binary_attests_with_its_tpm_and_signs_its_nodes_svids() {
     })
     .await;
     assert!(agent.child.try_wait().unwrap().is_none(), "still running");
+
+    // The TPM is the helper's: it maps libtss2; the agent maps neither it nor libcrypto.
+    let pid = agent.child.id().unwrap();
+    let helpers = children_named(pid, "sigil-agent-tpm");
+    assert_eq!(helpers.len(), 1, "one TPM helper under the agent");
+    assert!(mapped_files(helpers[0]).iter().any(|f| f.contains("libtss2-esys")));
+    let agent_maps = mapped_files(pid);
+    assert!(
+        !agent_maps
+            .iter()
+            .any(|f| f.contains("libtss2") || f.contains("libcrypto")),
+        "the agent maps no TPM library: {agent_maps:?}"
+    );
+    // The agent gone (SIGKILL), its helper's stdin closes and it exits.
+    agent.child.kill().await.unwrap();
+    eventually("the helper to exit with its agent", SETTLE, || async {
+        (!std::path::Path::new(&format!("/proc/{}", helpers[0])).exists()).then_some(())
+    })
+    .await;
+}
+
+/// The agent's TPM handle, on its own: the helper answers, reports the TPM's refusals, and
+/// when it dies the next call starts a new one, with a new AK.
+#[tokio::test]
+async fn a_dead_tpm_helper_is_started_again() {
+    // The other tests start the shared control plane (etcd, kube-apiserver). Started during
+    // this test's TPM connections, they would inherit them (libtss2's sockets are not
+    // close-on-exec) and swtpm would serve nobody after: start it first.
+    sigil_e2e::shared().await;
+    let ca = ManufacturerCa::new("Acme");
+    let swtpm = swtpm();
+    let _ = {
+        let _guard = TPM_AND_FORK.lock().await;
+        manufacture(&ca, &swtpm).await
+    };
+    let _guard = TPM_AND_FORK.lock().await;
+    let options = TpmOptions {
+        tcti: swtpm.tcti(),
+        ek_certificate_file: None,
+        helper: env!("CARGO_BIN_EXE_sigil-agent-tpm").into(),
+    };
+    let device = TpmDevice::open(options.clone()).await.unwrap();
+    let first = device.identity().await.unwrap();
+    assert!(!first.ek_certificate.is_empty() && !first.ak_public.is_empty());
+
+    // A challenge that is not one: the TPM's refusal, as the helper reports it; the helper
+    // stays.
+    let refused = device
+        .activate_credential(vec![0, 4, 1, 2, 3, 4], vec![0, 2, 9, 9])
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, TpmError::Tpm(_)), "{refused}");
+    let me = std::process::id();
+    let helpers = children_named(me, "sigil-agent-tpm");
+    assert_eq!(helpers.len(), 1, "{helpers:?}");
+    assert_eq!(device.identity().await.unwrap(), first, "the same helper");
+
+    // The helper killed: the next call says so, naming the helper; the one after starts a
+    // new helper, whose AK is new.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(helpers[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let gone = device
+        .activate_credential(vec![0, 4, 1, 2, 3, 4], vec![0, 2, 9, 9])
+        .await
+        .unwrap_err();
+    let text = gone.to_string();
+    assert!(
+        matches!(gone, TpmError::Helper { .. }) && text.contains("sigil-agent-tpm"),
+        "{text}"
+    );
+    // swtpm has no resource manager: what the killed helper loaded stays in the TPM, as
+    // after a crash on a TPM without one (tpmrm0 flushes it).
+    flush_transient_objects(&swtpm.tcti());
+    let second = device.identity().await.unwrap();
+    assert_eq!(second.ek_public, first.ek_public, "the same TPM");
+    assert_ne!(second.ak_public, first.ak_public, "a new AK");
+    let helpers_now = children_named(me, "sigil-agent-tpm");
+    assert_eq!(helpers_now.len(), 1, "{helpers_now:?}");
+    assert_ne!(helpers_now[0], helpers[0]);
+
+    // A helper that is not there: the error names it.
+    let missing = TpmDevice::open(TpmOptions {
+        helper: "/nonexistent/sigil-agent-tpm".into(),
+        ..options
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        missing
+            .to_string()
+            .starts_with("start the TPM helper /nonexistent/sigil-agent-tpm: "),
+        "{missing}"
+    );
+    drop(device);
+}
+
+/// PIDs of `parent`'s children whose command is `comm`.
+fn children_named(parent: u32, comm: &str) -> Vec<i32> {
+    let mut found = vec![];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 1..].split_whitespace().nth(1);
+        if &stat[open + 1..close] == comm && ppid == Some(&parent.to_string()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// The files `pid` maps.
+fn mapped_files(pid: impl std::fmt::Display) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5).map(str::to_owned))
+        .collect()
 }
 
 #[tokio::test]

@@ -48,7 +48,7 @@ async fn unenrolling_a_tpm_ends_its_agents_stream_at_once() {
     let tpm = TestTpm::provision(&ca, swtpm).await;
     w.enroll_tpm(&w.node_a, &tpm.ek_hash).await;
     let agent = w.agent_client().await;
-    agent.attest_tpm(&tpm.device, None).await.unwrap();
+    tpm.attest(&agent, None).await.unwrap();
     let mut stream = agent.sync_entries(0).await.unwrap();
     stream.message().await.unwrap().expect("the first snapshot");
 
@@ -100,7 +100,7 @@ async fn a_stolen_tpm_agent_key_does_not_renew_without_the_tpm() {
     let tpm = TestTpm::provision(&ca, swtpm).await;
     w.enroll_tpm(&w.node_a, &tpm.ek_hash).await;
     let agent = w.agent_client().await;
-    let first = agent.attest_tpm(&tpm.device, None).await.unwrap();
+    let first = tpm.attest(&agent, None).await.unwrap();
 
     // The thief holds the SVID and key, and even a token; no TPM.
     let renewed = agent.renew("any token").await;
@@ -113,7 +113,7 @@ async fn a_stolen_tpm_agent_key_does_not_renew_without_the_tpm() {
         "renew by attesting again with AttestNodeTpm",
     );
     // The agent with its TPM renews by attesting again: a fresh credential activation.
-    let again = agent.attest_tpm(&tpm.device, None).await.unwrap();
+    let again = tpm.attest(&agent, None).await.unwrap();
     assert_eq!(again.spiffe_id, first.spiffe_id);
     assert!(
         w.metrics_text()
@@ -207,11 +207,7 @@ async fn an_ek_ca_bundle_with_a_leaf_certificate_is_refused() {
             .await;
             let forged = TestTpm::provision(&leaf, swtpm).await;
             w.enroll_tpm(&w.node_a, &forged.ek_hash).await;
-            let attested = w
-                .agent_client()
-                .await
-                .attest_tpm(&forged.device, None)
-                .await;
+            let attested = forged.attest(&w.agent_client().await, None).await;
             panic!(
                 "the bundle with a non-CA certificate loaded; a TPM whose EK certificate it signed attested: {:?}",
                 attested.map(|s| s.spiffe_id)
@@ -244,8 +240,8 @@ async fn an_ek_certificate_from_an_expired_ca_is_refused() {
     let tpm = TestTpm::provision(&retired, swtpm).await;
     w.enroll_tpm(&w.node_a, &tpm.ek_hash).await;
     let agent = w.agent_client().await;
-    let e = agent
-        .attest_tpm(&tpm.device, None)
+    let e = tpm
+        .attest(&agent, None)
         .await
         .expect_err("attestation must be refused");
     assert_refused(

@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::json;
 use sigil_agent::node_client::NodeClientError;
-use sigil_agent::tpm::{TpmIdentity, public_tpm2b};
+use sigil_tpm::{TpmIdentity, public_tpm2b};
 use tonic::Code;
 use tpm_common::{ManufacturerCa, TestTpm, swtpm, tpm_world};
 use trust_domain_common::*;
@@ -111,7 +111,7 @@ async fn a_tpm_attests_its_node_and_the_agent_serves_that_node() {
     );
     // A TPM agent renews by attesting again (a fresh credential activation), not with
     // RenewAgent (operator/tests/attacks_tpm.rs plays the stolen key).
-    let renewed = agent.attest_tpm(&tpm.device, None).await.unwrap();
+    let renewed = tpm.attest(&agent, None).await.unwrap();
     assert_eq!(renewed.spiffe_id, svid.spiffe_id);
 
     // Replaying the accepted answer on a new exchange: each challenge has a fresh secret.
@@ -138,7 +138,7 @@ async fn a_tpm_attests_its_node_and_the_agent_serves_that_node() {
     let token_b = w.token(&pod_b, &w.audience).await;
     let wrong_node = w.agent_client().await;
     assert_refused(
-        wrong_node.attest_tpm(&tpm.device, Some(&token_b)).await,
+        tpm.attest(&wrong_node, Some(&token_b)).await,
         Code::PermissionDenied,
         &format!(
             "enrolled for Node {} but the agent pod runs on Node {}",
@@ -156,7 +156,7 @@ async fn a_tpm_attests_its_node_and_the_agent_serves_that_node() {
         .await;
     let token_a = w.token(&pod_a, &w.audience).await;
     let both = w.agent_client().await;
-    let svid = both.attest_tpm(&tpm.device, Some(&token_a)).await.unwrap();
+    let svid = tpm.attest(&both, Some(&token_a)).await.unwrap();
     assert!(
         svid.selectors
             .contains(&format!("k8s_psat:agent_node_name:{}", w.node_a))
@@ -198,7 +198,7 @@ async fn every_refusal_is_precise_and_issues_nothing() {
     // An EK certificate from a CA the operator does not trust.
     let agent = fresh().await;
     assert_refused(
-        agent.attest_tpm(&forged.device, None).await,
+        forged.attest(&agent, None).await,
         Code::PermissionDenied,
         "\"CN=Rogue EK Root CA\" does not chain to a configured manufacturer CA",
     );
@@ -291,7 +291,7 @@ async fn every_refusal_is_precise_and_issues_nothing() {
     // A genuine TPM no Node is enrolled for.
     let agent = fresh().await;
     assert_refused(
-        agent.attest_tpm(&b.device, None).await,
+        b.attest(&agent, None).await,
         Code::PermissionDenied,
         &format!("no Node is enrolled for the TPM with EK hash {}", b.ek_hash),
     );
@@ -300,7 +300,7 @@ async fn every_refusal_is_precise_and_issues_nothing() {
     // The same TPM, answering in time, is accepted: the refusals above were about what
     // they tested, not the setup.
     let agent = fresh().await;
-    agent.attest_tpm(&a.device, None).await.unwrap();
+    a.attest(&agent, None).await.unwrap();
 
     let metrics = w.metrics_text();
     for reason in [

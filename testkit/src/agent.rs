@@ -124,6 +124,7 @@ impl AgentWorld {
             token_file,
             tpm_tcti: None,
             tpm_ek_certificate_file: None,
+            tpm_helper: None,
             bundle_file,
             socket_path: Some(socket.clone()),
             proc_root: "/proc".into(),

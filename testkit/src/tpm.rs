@@ -9,9 +9,10 @@ use std::time::Duration;
 use rsa::pkcs8::EncodePublicKey;
 use rsa::{BigUint, RsaPublicKey};
 use sha2::{Digest, Sha256};
-use sigil_agent::tpm::{TpmDevice, TpmOptions};
+use sigil_agent::node_client::{AgentSvid, NodeClient, NodeClientError};
 use sigil_e2e::swtpm::Swtpm;
 use sigil_operator::node_api::tpm::{ManufacturerCas, TpmConfig};
+use sigil_tpm::{TpmDevice, TpmOptions};
 use tss_esapi::abstraction::ek;
 use tss_esapi::attributes::NvIndexAttributesBuilder;
 use tss_esapi::handles::NvIndexTpmHandle;
@@ -86,7 +87,8 @@ impl ManufacturerCa {
 /// A software TPM provisioned like a real one: its EK certificate, signed by `ca`, sits
 /// in NV index 0x01c00002 where the agent reads it.
 pub struct TestTpm {
-    /// The agent's handle on it (holds a connection: swtpm then serves no other client).
+    /// The TPM code the agent's helper runs (`sigil_tpm`), in this process (it holds a
+    /// connection: swtpm then serves no other client).
     pub device: TpmDevice,
     /// Hex SHA-256 of the EK SubjectPublicKeyInfo (the agent ID's last segment).
     pub ek_hash: String,
@@ -153,6 +155,27 @@ pub async fn manufacture(ca: &ManufacturerCa, swtpm: &Swtpm) -> (String, Vec<u8>
 }
 
 impl TestTpm {
+    /// `agent` attests with this TPM as the agent does through its helper: its identity,
+    /// then ActivateCredential of the operator's challenge.
+    pub async fn attest(
+        &self,
+        agent: &NodeClient,
+        psat_token: Option<&str>,
+    ) -> Result<AgentSvid, NodeClientError> {
+        agent
+            .attest_tpm_with(
+                self.device.identity().clone(),
+                psat_token,
+                |challenge| async {
+                    self.device
+                        .activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+                        .await
+                        .map_err(|e| NodeClientError::Local(e.to_string()))
+                },
+            )
+            .await
+    }
+
     /// [`manufacture`]s `swtpm`, then opens it as the agent does.
     pub async fn provision(ca: &ManufacturerCa, swtpm: Swtpm) -> TestTpm {
         let (ek_hash, cert) = manufacture(ca, &swtpm).await;
@@ -172,6 +195,26 @@ impl TestTpm {
             ek_hash,
             _swtpm: swtpm,
         }
+    }
+}
+
+/// Flushes every transient object loaded in the TPM at `tcti`: what a resource manager
+/// (`/dev/tpmrm0`) does when a connection closes, which swtpm without one does not. A test
+/// that kills a TPM client calls it before the next client loads its keys.
+pub fn flush_transient_objects(tcti: &str) {
+    use tss_esapi::constants::CapabilityType;
+    use tss_esapi::constants::tss::TPM2_TRANSIENT_FIRST;
+    use tss_esapi::structures::CapabilityData;
+    let mut ctx = tss_esapi::Context::new(tcti.parse().unwrap()).unwrap();
+    let (data, _) = ctx
+        .get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 16)
+        .unwrap();
+    let CapabilityData::Handles(handles) = data else {
+        panic!("asked for handles, got {data:?}");
+    };
+    for handle in handles.into_inner() {
+        let object = ctx.tr_from_tpm_public(handle).unwrap();
+        ctx.flush_context(object).unwrap();
     }
 }
 
