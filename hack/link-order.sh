@@ -4,6 +4,7 @@
 #
 #   hack/link-order.sh check      how many of the file's names the release agent still has
 #   hack/link-order.sh generate   write the file again from a run of the `agent` bench
+#   hack/link-order.sh pod        then add what the agent runs in its pod on the real node
 #
 # generate runs the release agent under valgrind's callgrind (Debian's valgrind, installed
 # when missing) through the `agent` bench at small sizes: start-up, attestation, Pods and
@@ -11,6 +12,14 @@
 # the bench ends the agent with SIGKILL. Every function that ran and is in the binary's
 # symbol table is written, in the order callgrind first names it. Not part of `make test`;
 # run it after a toolchain or dependency update, when `check` finds less than 90%.
+#
+# pod adds the functions the bench does not run but an agent in its pod does (the in-cluster
+# configuration, the kubelet's probes, the chart's flags, start-up as a DaemonSet): on the
+# real node (docs/real-node.md; root), it installs the chart with the release images, runs
+# the agent container under callgrind (valgrind from the host, mounted read-only), gives it
+# the README's example pod (X.509 and JWT SVIDs, the bundle), a minute idle, then deletes the
+# agent pod, which writes the profile as it exits. The names not in the file yet are added
+# at its end. It leaves the node up, with the chart uninstalled (make cluster-down).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 file=node-agent/link-order.txt
@@ -80,8 +89,80 @@ EOF
   echo "link-order: $(grep -vc '^#' "$file") functions written to $file"
 }
 
+pod() {
+  # shellcheck source=hack/versions.sh
+  . hack/versions.sh
+  export KUBECONFIG=/var/lib/sigil-cluster/kubeconfig PATH=$SIGIL_BIN:$PATH
+  command -v valgrind >/dev/null || { echo "link-order: run generate first (it installs valgrind)" >&2; exit 1; }
+  [ -s "$file" ] || { echo "link-order: no $file; run generate first" >&2; exit 1; }
+  cargo build --locked -q --release --bins
+  bash hack/cluster.sh up >/dev/null
+  bash hack/images.sh import sigil-operator sigil-agent sigil-csi node-registrar pause workload >/dev/null
+  # A fresh install: the DaemonSet as the chart writes it, patched below.
+  helm uninstall sigil -n sigil --wait >/dev/null 2>&1 || true
+  # shellcheck disable=SC2046
+  helm install sigil charts/sigil -n sigil --create-namespace $(bash hack/images.sh helm-args) >/dev/null
+  kubectl -n sigil rollout status deployment/sigil-operator --timeout=300s >/dev/null
+  local out=/var/lib/sigil-link-order
+  rm -rf "$out" && mkdir -p "$out"
+  # The agent container under callgrind: no liveness probe (it is 50 times slower) and no
+  # memory limit (valgrind's own memory). Debian's valgrind is a shell script around
+  # valgrind.bin (dynamic, glibc: the image has it); the image has no shell. Its temporary
+  # files go to the profile's directory (the root filesystem is read-only).
+  local valgrind
+  valgrind=$(command -v valgrind).bin
+  [ -x "$valgrind" ] || valgrind=$(command -v valgrind)
+  kubectl -n sigil patch daemonset sigil-agent --type json -p "$(cat <<JSON
+[
+ {"op": "add", "path": "/spec/template/spec/containers/0/command", "value":
+   ["/valgrind", "--tool=callgrind", "--vgdb=no", "--demangle=no", "--dump-instr=no",
+    "--callgrind-out-file=/callgrind/cg.%p.out", "/sigil-agent"]},
+ {"op": "remove", "path": "/spec/template/spec/containers/0/livenessProbe"},
+ {"op": "add", "path": "/spec/template/spec/containers/0/env/-", "value": {"name": "TMPDIR", "value": "/callgrind"}},
+ {"op": "remove", "path": "/spec/template/spec/containers/0/resources/limits"},
+ {"op": "add", "path": "/spec/template/spec/terminationGracePeriodSeconds", "value": 120},
+ {"op": "add", "path": "/spec/template/spec/volumes/-", "value": {"name": "valgrind", "hostPath": {"path": "$valgrind", "type": "File"}}},
+ {"op": "add", "path": "/spec/template/spec/volumes/-", "value": {"name": "valgrind-lib", "hostPath": {"path": "/usr/libexec/valgrind", "type": "Directory"}}},
+ {"op": "add", "path": "/spec/template/spec/volumes/-", "value": {"name": "callgrind", "hostPath": {"path": "$out", "type": "Directory"}}},
+ {"op": "add", "path": "/spec/template/spec/containers/0/volumeMounts/-", "value": {"name": "valgrind", "mountPath": "/valgrind", "readOnly": true}},
+ {"op": "add", "path": "/spec/template/spec/containers/0/volumeMounts/-", "value": {"name": "valgrind-lib", "mountPath": "/usr/libexec/valgrind", "readOnly": true}},
+ {"op": "add", "path": "/spec/template/spec/containers/0/volumeMounts/-", "value": {"name": "callgrind", "mountPath": "/callgrind"}}
+]
+JSON
+)" >/dev/null
+  kubectl -n sigil rollout status daemonset/sigil-agent --timeout=300s >/dev/null || {
+    kubectl -n sigil logs daemonset/sigil-agent -c agent --tail=20 >&2 || true
+    exit 1
+  }
+  kubectl delete pod web --ignore-not-found --wait >/dev/null
+  kubectl apply -f examples/workload.yaml >/dev/null
+  kubectl wait --for=condition=Ready pod/web --timeout=300s >/dev/null
+  kubectl exec web -- sigil x509 fetch >/dev/null
+  kubectl exec web -- sigil jwt fetch --audience link-order >/dev/null
+  kubectl exec web -- sigil bundle show >/dev/null
+  sleep 60
+  # SIGTERM: the agent drains and exits, and callgrind writes its profile.
+  kubectl -n sigil delete pod -l app.kubernetes.io/component=agent --wait --timeout=180s >/dev/null
+  kubectl delete pod web --ignore-not-found --wait=false >/dev/null
+  helm uninstall sigil -n sigil --wait >/dev/null
+  ls "$out"/cg.*.out >/dev/null 2>&1 || { echo "link-order: no profile in $out" >&2; exit 1; }
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  cat "$out"/cg.*.out | grep -oE "^c?fn=\([0-9]+\) .*" | sed -E "s/^c?fn=\([0-9]+\) //; s/'[0-9]+\$//" \
+    | awk '!seen[$0]++' > "$work/ran"
+  text_symbols "$agent" > "$work/syms"
+  local before
+  before=$(grep -vc '^#' "$file")
+  awk 'NR == FNR {have[$0] = 1; next} FILENAME == ARGV[2] {listed[$0] = 1; next} have[$0] && !listed[$0]' \
+    "$work/syms" "$file" "$work/ran" > "$work/new"
+  cat "$work/new" >> "$file"
+  echo "link-order: the agent in its pod ran $(wc -l < "$work/ran") functions; $(wc -l < "$work/new") were not in $file ($before), now added"
+  rm -rf "$out"
+}
+
 case ${1:-} in
   check) check ;;
   generate) generate ;;
-  *) echo "usage: hack/link-order.sh check|generate" >&2; exit 2 ;;
+  pod) pod ;;
+  *) echo "usage: hack/link-order.sh check|generate|pod" >&2; exit 2 ;;
 esac

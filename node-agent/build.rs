@@ -1,11 +1,12 @@
 //! Lays out sigil-agent's code by how it runs (release builds for x86_64 Linux only).
 //!
-//! `link-order.txt` lists, in order, the functions the agent ran in the `agent` bench:
-//! start-up, attestation, serving SVIDs, rotation. lld places them first and together
-//! (`--symbol-ordering-file`), so the code the agent runs fills fewer pages. The kernel
-//! maps up to 64 KiB around every page fault in the binary, so with the default layout an
-//! idle agent had 80% of its code resident, and with this one 33% (bench/README.md, "the
-//! agent's idle RSS and the build profile"). `hack/link-order.sh` writes the file again and
+//! `link-order.txt` lists, in order, the functions the agent ran in the `agent` bench
+//! (start-up, attestation, serving SVIDs, rotation), then those it ran only in its pod on
+//! the real node (the in-cluster configuration, the kubelet's probes, the chart's flags).
+//! lld places them first and together (`--symbol-ordering-file`), so the code the agent
+//! runs fills fewer pages. The kernel maps up to 64 KiB around every page fault in the
+//! binary, so with the default layout an idle agent had 80% of its code resident, and with
+//! this one 33% (bench/README.md, "the agent's idle RSS and the build profile"). `hack/link-order.sh` writes the file again and
 //! checks how much of it a build still matches.
 //!
 //! The names are specific to the toolchain, the locked dependencies, the target and the set
