@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use node_api_common::{CLUSTER, World};
 use serde_json::{Value, json};
+use sigil_agent::tpm::{TpmDevice, TpmError, TpmOptions};
 use sigil_e2e::swtpm::Swtpm;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
-use sigil_agent::tpm::{TpmDevice, TpmError, TpmOptions};
 use tpm_common::{ManufacturerCa, flush_transient_objects, manufacture, swtpm, tpm_world};
 use trust_domain_common::{SETTLE, eventually};
 
@@ -177,7 +177,11 @@ async fn the_binary_attests_with_its_tpm_and_signs_its_nodes_svids() {
     let pid = agent.child.id().unwrap();
     let helpers = children_named(pid, "sigil-agent-tpm");
     assert_eq!(helpers.len(), 1, "one TPM helper under the agent");
-    assert!(mapped_files(helpers[0]).iter().any(|f| f.contains("libtss2-esys")));
+    assert!(
+        mapped_files(helpers[0])
+            .iter()
+            .any(|f| f.contains("libtss2-esys"))
+    );
     let agent_maps = mapped_files(pid);
     assert!(
         !agent_maps

@@ -7,8 +7,9 @@
 //! process on nodes that attest with a TPM, so the agent on every other node never maps
 //! those libraries (`sigil_identity::tpm_helper` has the protocol).
 //!
-//! A tss-esapi `Context` can't move between threads, so [`TpmDevice`] owns it on one
-//! dedicated thread and hands work to it; the async caller only holds a channel.
+//! [`helper::serve`] is the helper's whole life. [`TpmDevice`] is the same TPM code for an
+//! async caller in process (the tests): a tss-esapi `Context` can't move between threads,
+//! so it owns one on a dedicated thread and hands work to it over a channel.
 //! No key material leaves the TPM: the EK and AK are made inside it and only their public
 //! areas are sent.
 
