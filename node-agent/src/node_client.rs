@@ -273,23 +273,29 @@ impl NodeClient {
     /// Attests the node with its TPM ([`crate::tpm::TpmDevice`]): sends the EK
     /// certificate and the EK and AK public areas (and, when given, the agent pod's
     /// projected token), answers the operator's credential-activation challenge with the
-    /// TPM, and installs the agent SVID it yields.
+    /// TPM, and installs the agent SVID it yields. The TPM helper exits after.
     pub async fn attest_tpm(
         &self,
         device: &crate::tpm::TpmDevice,
         psat_token: Option<&str>,
     ) -> Result<AgentSvid, NodeClientError> {
-        let identity = device
-            .identity()
-            .await
-            .map_err(|e| NodeClientError::Local(e.to_string()))?;
-        self.attest_tpm_with(identity, psat_token, |challenge| async move {
-            device
-                .activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+        let attested = async {
+            let identity = device
+                .identity()
                 .await
-                .map_err(|e| NodeClientError::Local(e.to_string()))
-        })
-        .await
+                .map_err(|e| NodeClientError::Local(e.to_string()))?;
+            self.attest_tpm_with(identity, psat_token, |challenge| async move {
+                device
+                    .activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+                    .await
+                    .map_err(|e| NodeClientError::Local(e.to_string()))
+            })
+            .await
+        }
+        .await;
+        // The helper runs only while the node attests; the next attestation starts another.
+        device.release().await;
+        attested
     }
 
     /// The AttestNodeTpm exchange with `answer` computing the activated secret from the

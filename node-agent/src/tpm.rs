@@ -6,10 +6,11 @@
 //!
 //! The helper owns the TPM connection, the EK and a fresh AK. The agent reads their public
 //! areas from it and asks it for TPM2_ActivateCredential, a JSON line each way
-//! (`sigil_identity::tpm_helper`). A helper that exits, answers out of turn or is silent
-//! for [`HELPER_DEADLINE`] is stopped, and a new one is started for the next attestation
-//! (with a new AK, which that attestation sends). Closing its stdin ends it; it flushes its
-//! keys first. That also happens when the agent dies.
+//! (`sigil_identity::tpm_helper`). It runs only while the node attests: at the agent's
+//! start (which checks the TPM), then once per attestation, each time with a new AK, which
+//! that attestation sends; between attestations no TPM code is in memory at all. A helper
+//! that exits, answers out of turn or is silent for [`HELPER_DEADLINE`] is stopped. Closing
+//! its stdin ends it; it flushes its keys first. That also happens when the agent dies.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -80,7 +81,8 @@ pub struct TpmDevice {
 
 impl TpmDevice {
     /// Starts the helper and waits for the TPM's identity, so that a TPM the agent can't
-    /// use stops it at start-up with the helper's reason.
+    /// use stops it at start-up with the helper's reason. That helper serves the first
+    /// attestation.
     pub async fn open(options: TpmOptions) -> Result<Self, TpmError> {
         let helper = Helper::start(&options).await?;
         Ok(Self {
@@ -120,6 +122,12 @@ impl TpmDevice {
             stopped.kill();
         }
         Err(self.helper_error(reason))
+    }
+
+    /// Ends the running helper, if any (it flushes its keys and exits); the next call
+    /// starts a new one.
+    pub async fn release(&self) {
+        drop(self.helper.lock().await.take());
     }
 
     async fn running<'a>(&self, slot: &'a mut Option<Helper>) -> Result<&'a mut Helper, TpmError> {

@@ -173,15 +173,9 @@ async fn the_binary_attests_with_its_tpm_and_signs_its_nodes_svids() {
     .await;
     assert!(agent.child.try_wait().unwrap().is_none(), "still running");
 
-    // The TPM is the helper's: it maps libtss2; the agent maps neither it nor libcrypto.
+    // The TPM is the helper's: the agent maps neither libtss2 nor libcrypto, and the
+    // helper ran for the attestation only.
     let pid = agent.child.id().unwrap();
-    let helpers = children_named(pid, "sigil-agent-tpm");
-    assert_eq!(helpers.len(), 1, "one TPM helper under the agent");
-    assert!(
-        mapped_files(helpers[0])
-            .iter()
-            .any(|f| f.contains("libtss2-esys"))
-    );
     let agent_maps = mapped_files(pid);
     assert!(
         !agent_maps
@@ -189,16 +183,21 @@ async fn the_binary_attests_with_its_tpm_and_signs_its_nodes_svids() {
             .any(|f| f.contains("libtss2") || f.contains("libcrypto")),
         "the agent maps no TPM library: {agent_maps:?}"
     );
-    // The agent gone (SIGKILL), its helper's stdin closes and it exits.
-    agent.child.kill().await.unwrap();
-    eventually("the helper to exit with its agent", SETTLE, || async {
-        (!std::path::Path::new(&format!("/proc/{}", helpers[0])).exists()).then_some(())
-    })
+    eventually(
+        "the TPM helper to exit once the node is attested",
+        SETTLE,
+        || async {
+            children_named(pid, "sigil-agent-tpm")
+                .is_empty()
+                .then_some(())
+        },
+    )
     .await;
 }
 
-/// The agent's TPM handle, on its own: the helper answers, reports the TPM's refusals, and
-/// when it dies the next call starts a new one, with a new AK.
+/// The agent's TPM handle, on its own: the helper (which maps libtss2) answers, reports the
+/// TPM's refusals, and when it dies, or is released, the next call starts a new one, with a
+/// new AK. Dropped, the handle's helper exits.
 #[tokio::test]
 async fn a_dead_tpm_helper_is_started_again() {
     // The other tests start the shared control plane (etcd, kube-apiserver). Started during
@@ -231,6 +230,11 @@ async fn a_dead_tpm_helper_is_started_again() {
     let me = std::process::id();
     let helpers = children_named(me, "sigil-agent-tpm");
     assert_eq!(helpers.len(), 1, "{helpers:?}");
+    assert!(
+        mapped_files(helpers[0])
+            .iter()
+            .any(|f| f.contains("libtss2-esys"))
+    );
     assert_eq!(device.identity().await.unwrap(), first, "the same helper");
 
     // The helper killed: the next call says so, naming the helper; the one after starts a
@@ -259,6 +263,13 @@ async fn a_dead_tpm_helper_is_started_again() {
     assert_eq!(helpers_now.len(), 1, "{helpers_now:?}");
     assert_ne!(helpers_now[0], helpers[0]);
 
+    // Released (as after each attestation), it exits on its own, its keys flushed: the
+    // next helper needs no cleanup to load its own.
+    device.release().await;
+    exited(helpers_now[0]).await;
+    let third = device.identity().await.unwrap();
+    assert_ne!(third.ak_public, second.ak_public, "a new AK again");
+
     // A helper that is not there: the error names it.
     let missing = TpmDevice::open(TpmOptions {
         helper: "/nonexistent/sigil-agent-tpm".into(),
@@ -272,10 +283,26 @@ async fn a_dead_tpm_helper_is_started_again() {
             .starts_with("start the TPM helper /nonexistent/sigil-agent-tpm: "),
         "{missing}"
     );
+    let last = children_named(me, "sigil-agent-tpm");
+    assert_eq!(last.len(), 1, "{last:?}");
     drop(device);
+    exited(last[0]).await;
 }
 
-/// PIDs of `parent`'s children whose command is `comm`.
+/// Waits for process `pid` to exit (gone, or a zombie not reaped yet).
+async fn exited(pid: i32) {
+    eventually(&format!("process {pid} to exit"), SETTLE, || async {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rfind(')')
+            .and_then(|close| stat[close + 1..].split_whitespace().next());
+        matches!(state, None | Some("Z")).then_some(())
+    })
+    .await;
+}
+
+/// PIDs of `parent`'s live children whose command is `comm` (an exited one its parent has
+/// not reaped yet, a zombie, is not counted).
 fn children_named(parent: u32, comm: &str) -> Vec<i32> {
     let mut found = vec![];
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -289,8 +316,10 @@ fn children_named(parent: u32, comm: &str) -> Vec<i32> {
         let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
             continue;
         };
-        let ppid = stat[close + 1..].split_whitespace().nth(1);
-        if &stat[open + 1..close] == comm && ppid == Some(&parent.to_string()) {
+        let mut rest = stat[close + 1..].split_whitespace();
+        let (state, ppid) = (rest.next(), rest.next());
+        if &stat[open + 1..close] == comm && ppid == Some(&parent.to_string()) && state != Some("Z")
+        {
             found.push(pid);
         }
     }
