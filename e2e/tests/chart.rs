@@ -692,8 +692,21 @@ fn every_chart_option_lands_where_it_belongs() {
     let env = names(&operator["env"]);
     assert_eq!(
         env,
-        ["POD_NAME", "POD_NAMESPACE", "HTTPS_PROXY", "NO_PROXY"]
+        [
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "MIMALLOC_ALLOW_THP",
+            "HTTPS_PROXY",
+            "NO_PROXY"
+        ]
     );
+    let thp = operator["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "MIMALLOC_ALLOW_THP")
+        .unwrap();
+    assert_eq!(thp["value"], "0", "{thp}");
     assert_eq!(names(&op["volumes"]), ["corporate-ca"]);
     assert_eq!(names(&operator["volumeMounts"]), ["corporate-ca"]);
     assert!(names(&container(node, "agent")["env"]).contains(&"RUST_BACKTRACE"));
