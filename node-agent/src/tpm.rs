@@ -183,21 +183,16 @@ impl Helper {
                 reason: "no stdin or stdout pipe".into(),
             });
         };
-        let mut helper = Helper {
-            stdin,
-            stdout: BufReader::new(stdout),
-            child,
-            identity: TpmIdentity {
-                ek_certificate: vec![],
-                ek_public: vec![],
-                ak_public: vec![],
-            },
-        };
-        let first = tokio::time::timeout(HELPER_DEADLINE, helper.read_reply()).await;
-        let reason = match first {
+        let mut stdout = BufReader::new(stdout);
+        let first = tokio::time::timeout(HELPER_DEADLINE, read_reply(&mut stdout, &mut child));
+        let reason = match first.await {
             Ok(Ok(Reply::Identity(identity))) => {
-                helper.identity = identity;
-                return Ok(helper);
+                return Ok(Helper {
+                    stdin,
+                    stdout,
+                    child,
+                    identity,
+                });
             }
             // The TPM could not be opened: the helper says why and exits.
             Ok(Ok(Reply::Error(error))) => return Err(TpmError::Tpm(error)),
@@ -205,7 +200,7 @@ impl Helper {
             Ok(Err(reason)) => reason,
             Err(_) => format!("no identity within {HELPER_DEADLINE:?}"),
         };
-        helper.kill();
+        let _ = child.start_kill();
         Err(TpmError::Helper { path, reason })
     }
 
@@ -221,31 +216,36 @@ impl Helper {
                 .flush()
                 .await
                 .map_err(|e| format!("writing to it: {e}"))?;
-            self.read_reply().await
+            read_reply(&mut self.stdout, &mut self.child).await
         };
         tokio::time::timeout(HELPER_DEADLINE, exchange)
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {HELPER_DEADLINE:?}")))
     }
 
-    async fn read_reply(&mut self) -> Result<Reply, String> {
-        let mut line = Vec::new();
-        let read = (&mut self.stdout)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .await
-            .map_err(|e| format!("reading from it: {e}"))?;
-        if read == 0 {
-            let status = match self.child.try_wait() {
-                Ok(Some(status)) => format!(" ({status})"),
-                _ => String::new(),
-            };
-            return Err(format!("it closed its stdout{status}"));
-        }
-        decode_line(&line).map_err(|e| format!("it wrote {e}"))
-    }
-
     fn kill(&mut self) {
         let _ = self.child.start_kill();
     }
+}
+
+/// The helper's next line, decoded; if it closed its stdout instead, its exit status when
+/// it has one.
+async fn read_reply(
+    stdout: &mut BufReader<ChildStdout>,
+    child: &mut Child,
+) -> Result<Reply, String> {
+    let mut line = Vec::new();
+    let read = stdout
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| format!("reading from it: {e}"))?;
+    if read == 0 {
+        let status = match child.try_wait() {
+            Ok(Some(status)) => format!(" ({status})"),
+            _ => String::new(),
+        };
+        return Err(format!("it closed its stdout{status}"));
+    }
+    decode_line(&line).map_err(|e| format!("it wrote {e}"))
 }
