@@ -31,6 +31,12 @@ agent=$target/release/sigil-agent
 text_symbols() { # binary: the names of its functions, one per line, sorted
   nm --defined-only "$1" | awk '$2 == "t" || $2 == "T" {print $3}' | sort -u
 }
+ran() { # callgrind output files...: the functions they name, in the order first named
+  # fn=(id) name and cfn=(id) name introduce each function once; a name's 'N suffix is a
+  # recursion depth.
+  cat "$@" | grep -oE "^c?fn=\([0-9]+\) .*" | sed -E "s/^c?fn=\([0-9]+\) //; s/'[0-9]+\$//" \
+    | awk '!seen[$0]++'
+}
 names() { # the order file's names, sorted
   grep -v '^#' "$file" | grep -v '^$' | sort -u
 }
@@ -76,10 +82,7 @@ EOF
     SIGIL_BENCH_PACED=0 SIGIL_BENCH_BURST=0 SIGIL_BENCH_STREAMS=100 SIGIL_BENCH_STREAM_KINDS=wl \
     cargo bench --locked -q -p sigil-e2e --bench agent > "$work/bench.log" 2>&1 || { tail -20 "$work/bench.log" >&2; exit 1; }
   wait "$dumper" || true
-  # fn=(id) name and cfn=(id) name introduce each function once; a name's 'N suffix is a
-  # recursion depth.
-  cat "$work"/cg.*.out.* | grep -oE "^c?fn=\([0-9]+\) .*" | sed -E "s/^c?fn=\([0-9]+\) //; s/'[0-9]+\$//" \
-    | awk '!seen[$0]++' > "$work/ran"
+  ran "$work"/cg.*.out.* > "$work/ran"
   text_symbols "$agent" > "$work/syms"
   {
     echo "# sigil-agent's functions in the order the linker places them (node-agent/build.rs)."
@@ -148,8 +151,7 @@ JSON
   ls "$out"/cg.*.out >/dev/null 2>&1 || { echo "link-order: no profile in $out" >&2; exit 1; }
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  cat "$out"/cg.*.out | grep -oE "^c?fn=\([0-9]+\) .*" | sed -E "s/^c?fn=\([0-9]+\) //; s/'[0-9]+\$//" \
-    | awk '!seen[$0]++' > "$work/ran"
+  ran "$out"/cg.*.out > "$work/ran"
   text_symbols "$agent" > "$work/syms"
   local before
   before=$(grep -vc '^#' "$file")
