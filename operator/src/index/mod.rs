@@ -5,10 +5,12 @@
 
 pub use sigil_index::*;
 
+mod pod_list;
 mod pod_watch;
 mod status;
 mod watch;
 
-pub use self::pod_watch::{ListTotals, PodPage, decode_pod_list, list_every_pod};
+pub use self::pod_list::{ListEnd, MAX_MESSAGE, PodListReader, PodPage, decode_pod_list};
+pub use self::pod_watch::{ListTotals, list_every_pod};
 pub use self::status::StatusOptions;
 pub use self::watch::{RunOptions, run};

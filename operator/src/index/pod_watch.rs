@@ -1,17 +1,17 @@
-//! The Pod informer: kube-runtime's list-then-watch, except that LIST pages are asked for
-//! in protobuf (`application/vnd.kubernetes.protobuf`, JSON still accepted).
+//! The Pod informer: kube-runtime's list-then-watch, except that the LIST is one
+//! protobuf response (`application/vnd.kubernetes.protobuf`, JSON still accepted), read as
+//! it arrives.
 //!
 //! Listing every Pod is what an operator restart costs, since Kubernetes is the only
-//! datastore. The apiserver serves protobuf pages faster and in fewer bytes than JSON, and
-//! prost skips the fields the index does not read (containers, volumes, conditions,
-//! managedFields) without building them; the figures are in bench/README.md ("Reading the
-//! `servers` rows"). Watch events stay JSON: they come one object at a time, and kube's
-//! watch decoder handles them.
-//!
-//! The messages below are the subset of the published `generated.proto` files that the
-//! index reads, with the upstream field numbers (`k8s.io/api/core/v1`,
-//! `k8s.io/apimachinery/pkg/apis/meta/v1`, `k8s.io/apimachinery/pkg/runtime`). Fields not
-//! declared here are skipped by the decoder.
+//! datastore. The apiserver serves protobuf faster and in fewer bytes than JSON, and prost
+//! skips the fields the index does not read (containers, volumes, conditions,
+//! managedFields) without building them. The list is not paged: the apiserver serves an
+//! unpaged list from its watch cache as one stream (as it does client-go's informers, whose
+//! first list asks for resourceVersion 0 and so is never paged), while each continued page
+//! costs it more the more Pods it holds. [`PodListReader`] hands out each Pod as its bytes
+//! arrive, so the index renders while the apiserver is still sending. The figures are in
+//! bench/README.md ("Reading the `servers` rows"). Watch events stay JSON: they come one
+//! object at a time, and kube's watch decoder handles them.
 //!
 //! The stream's states and events follow kube-runtime's `watcher` (ListWatch strategy):
 //! `Init`, one `InitApply` per listed Pod, `InitDone`, then `Apply`/`Delete` from a watch
@@ -19,45 +19,30 @@
 //! token or resourceVersion) starts a fresh list; any other error is returned and the
 //! same step is tried again, after the caller's backoff.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use http::header::{ACCEPT, CONTENT_TYPE};
 use http_body_util::BodyExt;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::client::Body;
-use kube::core::{ObjectList, Request, Status};
+use kube::core::Request;
 use kube::runtime::watcher::{Error, Event};
 use kube::{Client, Resource};
-use prost::Message;
-use tokio_util::task::AbortOnDropHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use sigil_index::{WatchedPod, WatchedPodSpec, WatchedPodStatus};
+use super::pod_list::{ListEnd, PROTOBUF, PodListReader, decode_pod_list, error_status};
+use sigil_index::WatchedPod;
 
-/// Pods in the first LIST page: kube-runtime's and client-go's page size.
-const FIRST_PAGE: u32 = 500;
-/// The most Pods asked for in one page (about 5 MiB of protobuf).
-const MAX_PAGE: u32 = 5000;
-/// The rest of a LIST is asked for in about this many pages.
-const PAGES: u64 = 20;
+/// Pods in each page of a JSON list (the benches' comparison): kube-runtime's and
+/// client-go's page size.
+const JSON_PAGE: u32 = 500;
 
-/// The size of the pages after the first, from the first page's `remainingItemCount`.
-///
-/// The apiserver's cost for each continued page grows with the number of Pods it holds,
-/// so paging a large list 500 at a time is quadratic. So the number of pages is bounded,
-/// not their size, up to [`MAX_PAGE`] Pods a page (bench/README.md has the figures).
-fn page_size(remaining: Option<i64>) -> u32 {
-    let remaining = remaining.and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
-    let wanted = remaining.div_ceil(PAGES);
-    u32::try_from(wanted)
-        .unwrap_or(MAX_PAGE)
-        .clamp(FIRST_PAGE, MAX_PAGE)
-}
+/// Pods a page once an unpaged list has failed midway. The apiserver ends a request after
+/// its `--request-timeout` (60 s by default), and a list too large to send within it
+/// would fail the same way at every try; pages each end well within it.
+const FALLBACK_PAGE: u32 = 5000;
 
 /// Watch requests ask the apiserver to end the watch after this long (kube-runtime's
 /// default), and a watch silent for this long plus a margin is assumed dead. Bookmarks
@@ -65,28 +50,24 @@ fn page_size(remaining: Option<i64>) -> u32 {
 const WATCH_TIMEOUT_SECS: u32 = 290;
 const WATCH_IDLE_MARGIN: Duration = Duration::from_secs(5);
 
-/// What the apiserver prefixes every protobuf body with (apimachinery's protobuf
-/// serializer).
-const PROTOBUF_MAGIC: &[u8] = b"k8s\0";
-const PROTOBUF: &str = "application/vnd.kubernetes.protobuf";
-
 /// The Pod informer's events, as `kube::runtime::watcher` gives them.
 pub(crate) fn pod_watcher(
     client: Client,
 ) -> impl Stream<Item = Result<Event<WatchedPod>, Error>> + Send {
-    watcher_from(client, FIRST_PAGE)
+    watcher_from(client, None)
 }
 
-/// [`pod_watcher`], with `first` Pods in each list's first page (tests use small pages).
+/// [`pod_watcher`], listing `limit` Pods a page if given (tests page, so that continue
+/// tokens are followed).
 fn watcher_from(
     client: Client,
-    first: u32,
+    limit: Option<u32>,
 ) -> impl Stream<Item = Result<Event<WatchedPod>, Error>> + Send {
     futures::stream::unfold(
-        (client, State::Relist),
+        (client, State::Relist { limit }),
         move |(client, mut state)| async move {
             loop {
-                let (item, next) = step(&client, first, state).await;
+                let (item, next) = step(&client, limit, state).await;
                 state = next;
                 if let Some(item) = item {
                     return Some((item, (client, state)));
@@ -97,14 +78,17 @@ fn watcher_from(
 }
 
 enum State {
-    /// The next step starts a LIST from the first page.
-    Relist,
-    /// Paging through a LIST: the Pods of the page handed out, and the next page, already
-    /// asked for (`None` before the first page and after the last).
+    /// The next step starts a LIST, of `limit` Pods a page if given.
+    Relist { limit: Option<u32> },
+    /// The next step asks for the list, or for its next page after `continue_token`.
+    Request {
+        limit: Option<u32>,
+        continue_token: Option<String>,
+    },
+    /// Handing out the Pods of a list response as they arrive.
     Listing {
-        items: std::vec::IntoIter<WatchedPod>,
-        next: Option<NextPage>,
-        resource_version: Option<String>,
+        listing: Box<Listing>,
+        limit: Option<u32>,
     },
     /// Listed; the next step opens a watch from `resource_version`.
     Listed { resource_version: String },
@@ -114,96 +98,196 @@ enum State {
     },
 }
 
-/// The next LIST page, asked for as soon as its continue token arrived: the apiserver
-/// serves it while the index renders the Pods of the page before (at 100k Pods, about
-/// 40 ms of the operator's CPU for each 5000-Pod page). A list abandoned midway (the stream
-/// dropped) aborts it.
-struct NextPage {
-    page: AbortOnDropHandle<kube::Result<PodPage>>,
-    size: u32,
+/// A LIST response being read.
+pub(crate) enum Listing {
+    /// Protobuf, decoded as its bytes arrive.
+    Streaming { reader: PodListReader, body: Body },
+    /// JSON (something in front of the apiserver that only speaks it), decoded whole: an
+    /// unpaged JSON list is held whole in memory while it is decoded.
+    Decoded {
+        items: std::vec::IntoIter<WatchedPod>,
+        end: ListEnd,
+        bytes: usize,
+    },
 }
 
-impl NextPage {
-    fn fetch(client: &Client, size: u32, token: String) -> Self {
-        let client = client.clone();
-        let task = tokio::spawn(async move { list_page(&client, size, Some(token), true).await });
-        Self {
-            page: AbortOnDropHandle::new(task),
-            size,
+/// What a [`Listing`] gives next. (Nearly every one is a Pod: boxing it would cost an
+/// allocation each.)
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Listed {
+    Pod(WatchedPod),
+    /// The response has ended: its resourceVersion and continue token.
+    End(ListEnd),
+}
+
+impl Listing {
+    /// Asks for every Pod (or `limit` a page) across all namespaces, from `continue_token`
+    /// if given, in protobuf unless `protobuf` is false. An error status, in either
+    /// encoding, becomes `kube::Error::Api` with the apiserver's code, reason and message.
+    pub(crate) async fn start(
+        client: &Client,
+        limit: Option<u32>,
+        continue_token: Option<String>,
+        protobuf: bool,
+    ) -> kube::Result<Self> {
+        let params = ListParams {
+            limit,
+            continue_token,
+            ..ListParams::default()
+        };
+        let mut request = Request::new(WatchedPod::url_path(&(), None))
+            .list(&params)
+            .map_err(kube::Error::BuildRequest)?;
+        let accept = if protobuf {
+            "application/vnd.kubernetes.protobuf, application/json"
+        } else {
+            "application/json"
+        };
+        request
+            .headers_mut()
+            .insert(ACCEPT, http::HeaderValue::from_static(accept));
+        let response = client.send(request.map(Body::from)).await?;
+        let status = response.status();
+        let protobuf = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(PROTOBUF));
+        let body = response.into_body();
+        if status.is_success() && protobuf {
+            return Ok(Self::Streaming {
+                reader: PodListReader::new(),
+                body,
+            });
+        }
+        let body = body.collect().await?.to_bytes();
+        if !status.is_success() {
+            return Err(kube::Error::Api(Box::new(error_status(
+                status, protobuf, &body,
+            ))));
+        }
+        let page = decode_pod_list(body, false)?;
+        Ok(Self::Decoded {
+            items: page.items.into_iter(),
+            end: ListEnd {
+                resource_version: page.resource_version,
+                continue_token: page.continue_token,
+                remaining: page.remaining,
+            },
+            bytes: page.bytes,
+        })
+    }
+
+    /// The next Pod, waiting for its bytes, or the end of the response.
+    ///
+    /// # Errors
+    /// The connection failed, or the body is not a Pod list.
+    pub(crate) async fn next(&mut self) -> kube::Result<Listed> {
+        match self {
+            Self::Decoded { items, end, .. } => Ok(items
+                .next()
+                .map_or_else(|| Listed::End(end.clone()), Listed::Pod)),
+            Self::Streaming { reader, body } => loop {
+                if let Some(pod) = reader.next_pod()? {
+                    return Ok(Listed::Pod(pod));
+                }
+                match body.frame().await {
+                    Some(frame) => {
+                        if let Ok(data) = frame?.into_data() {
+                            reader.push(&data);
+                        }
+                    }
+                    None => return reader.finish().map(Listed::End),
+                }
+            },
+        }
+    }
+
+    /// The body bytes read so far.
+    pub(crate) fn bytes(&self) -> usize {
+        match self {
+            Self::Decoded { bytes, .. } => *bytes,
+            Self::Streaming { reader, .. } => reader.bytes_read(),
         }
     }
 }
 
-/// One step: an event (or error) to hand out, if any, and the state after it.
+/// One step: an event (or error) to hand out, if any, and the state after it. Lists are
+/// of `default_limit` Pods a page if given (else unpaged), until one fails midway.
 async fn step(
     client: &Client,
-    first_page: u32,
+    default_limit: Option<u32>,
     state: State,
 ) -> (Option<Result<Event<WatchedPod>, Error>>, State) {
+    let relist = || State::Relist {
+        limit: default_limit,
+    };
     match state {
-        State::Relist => (
+        State::Relist { limit } => (
             Some(Ok(Event::Init)),
-            State::Listing {
-                items: Vec::new().into_iter(),
-                next: None,
-                resource_version: None,
+            State::Request {
+                limit,
+                continue_token: None,
             },
         ),
-        State::Listing {
-            mut items,
-            next,
-            resource_version,
-        } => {
-            if let Some(pod) = items.next() {
-                return (
-                    Some(Ok(Event::InitApply(pod))),
-                    State::Listing {
-                        items,
-                        next,
-                        resource_version,
-                    },
-                );
-            }
-            let (page, size) = match (next, resource_version) {
-                // A fetch that panicked or was aborted fails the list like any error.
-                (Some(next), _) => (
-                    next.page
-                        .await
-                        .unwrap_or_else(|e| Err(kube::Error::Service(e.into()))),
-                    Some(next.size),
-                ),
-                (None, Some(resource_version)) => {
-                    return (
-                        Some(Ok(Event::InitDone)),
-                        State::Listed { resource_version },
+        State::Request {
+            limit,
+            continue_token,
+        } => match Listing::start(client, limit, continue_token, true).await {
+            Ok(listing) => (
+                None,
+                State::Listing {
+                    listing: Box::new(listing),
+                    limit,
+                },
+            ),
+            Err(e) => (
+                Some(Err(Error::InitialListFailed(e))),
+                State::Relist { limit },
+            ),
+        },
+        State::Listing { mut listing, limit } => match listing.next().await {
+            Ok(Listed::Pod(pod)) => (
+                Some(Ok(Event::InitApply(pod))),
+                State::Listing { listing, limit },
+            ),
+            Ok(Listed::End(ListEnd {
+                continue_token: Some(token),
+                ..
+            })) => (
+                None,
+                State::Request {
+                    limit,
+                    continue_token: Some(token),
+                },
+            ),
+            Ok(Listed::End(ListEnd {
+                resource_version: Some(resource_version),
+                ..
+            })) => (
+                Some(Ok(Event::InitDone)),
+                State::Listed { resource_version },
+            ),
+            Ok(Listed::End(_)) => (Some(Err(Error::NoResourceVersion)), relist()),
+            // A list that failed midway starts again from the start, as kube-runtime does:
+            // a continue token is only good for a few minutes (410 Gone after that), and a
+            // broken stream cannot be resumed. An unpaged one is paged from then on, should
+            // the apiserver's request timeout have cut it.
+            Err(e) => {
+                if limit.is_none() {
+                    warn!(
+                        error = %e,
+                        "the list of every Pod failed midway; listing again in pages of {FALLBACK_PAGE}"
                     );
                 }
-                (None, None) => (list_page(client, first_page, None, true).await, None),
-            };
-            match page {
-                Ok(page) if page.resource_version.is_none() && page.continue_token.is_none() => {
-                    (Some(Err(Error::NoResourceVersion)), State::Relist)
-                }
-                Ok(page) => {
-                    // The first page sets the size of the others.
-                    let size = size.unwrap_or_else(|| page_size(page.remaining));
-                    let next = page
-                        .continue_token
-                        .map(|token| NextPage::fetch(client, size, token));
-                    (
-                        None,
-                        State::Listing {
-                            items: page.items.into_iter(),
-                            next,
-                            resource_version: page.resource_version,
-                        },
-                    )
-                }
-                // Every failed page lists again from the start, as kube-runtime does: a
-                // continue token is only good for a few minutes (410 Gone after that).
-                Err(e) => (Some(Err(Error::InitialListFailed(e))), State::Relist),
+                (
+                    Some(Err(Error::InitialListFailed(e))),
+                    State::Relist {
+                        limit: limit.or(Some(FALLBACK_PAGE)),
+                    },
+                )
             }
-        }
+        },
         State::Listed { resource_version } => {
             // Bookmarks are on by default.
             let params = WatchParams::default().timeout(WATCH_TIMEOUT_SECS);
@@ -218,7 +302,7 @@ async fn step(
                         stream: stream.boxed(),
                     },
                 ),
-                Err(e) if is_gone(&e) => (Some(Err(Error::WatchStartFailed(e))), State::Relist),
+                Err(e) if is_gone(&e) => (Some(Err(Error::WatchStartFailed(e))), relist()),
                 Err(e) => (
                     Some(Err(Error::WatchStartFailed(e))),
                     State::Listed { resource_version },
@@ -240,15 +324,15 @@ async fn step(
             };
             match event {
                 Some(Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod))) => {
-                    changed(Event::Apply, pod, stream)
+                    changed(Event::Apply, pod, stream, relist())
                 }
-                Some(Ok(WatchEvent::Deleted(pod))) => changed(Event::Delete, pod, stream),
+                Some(Ok(WatchEvent::Deleted(pod))) => changed(Event::Delete, pod, stream, relist()),
                 Some(Ok(WatchEvent::Bookmark(mark))) => {
                     (None, watching(mark.metadata.resource_version, stream))
                 }
                 // 410 Gone: the watch fell out of the apiserver's window; list again.
                 Some(Ok(WatchEvent::Error(e))) if e.code == 410 => {
-                    (Some(Err(Error::WatchError(e))), State::Relist)
+                    (Some(Err(Error::WatchError(e))), relist())
                 }
                 Some(Ok(WatchEvent::Error(e))) => (
                     Some(Err(Error::WatchError(e))),
@@ -269,11 +353,12 @@ async fn step(
 }
 
 /// A watched change, handed out; the watch goes on from its resourceVersion (a change
-/// without one cannot be resumed from, so the Pods are listed again).
+/// without one cannot be resumed from, so the Pods are listed again: `relist`).
 fn changed(
     event: fn(WatchedPod) -> Event<WatchedPod>,
     pod: WatchedPod,
     stream: BoxStream<'static, kube::Result<WatchEvent<WatchedPod>>>,
+    relist: State,
 ) -> (Option<Result<Event<WatchedPod>, Error>>, State) {
     match pod
         .meta()
@@ -288,7 +373,7 @@ fn changed(
                 stream,
             },
         ),
-        None => (Some(Err(Error::NoResourceVersion)), State::Relist),
+        None => (Some(Err(Error::NoResourceVersion)), relist),
     }
 }
 
@@ -296,98 +381,31 @@ fn is_gone(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(status) if status.code == 410)
 }
 
-/// One LIST page of Pods.
-#[derive(Debug)]
-pub struct PodPage {
-    /// The Pods, as the index reads them.
-    pub items: Vec<WatchedPod>,
-    /// The list's resourceVersion (the watch resumes from it).
-    pub resource_version: Option<String>,
-    /// The token for the next page; none on the last.
-    pub continue_token: Option<String>,
-    /// How many Pods the pages after this one hold (`remainingItemCount`), if told.
-    pub remaining: Option<i64>,
-    /// Whether the page was protobuf.
-    pub protobuf: bool,
-    /// The size of the response body.
-    pub bytes: usize,
-}
-
-/// Lists one page of Pods across all namespaces, asking for protobuf if `protobuf` (JSON is
-/// accepted too, should something in front of the apiserver only speak JSON), else JSON.
-/// An error status, in either encoding, becomes `kube::Error::Api` with the apiserver's
-/// code, reason and message.
+/// Lists one page of Pods across all namespaces, `limit` at most, decoded whole.
+#[cfg(test)]
 pub(crate) async fn list_page(
     client: &Client,
     limit: u32,
     continue_token: Option<String>,
     protobuf: bool,
-) -> kube::Result<PodPage> {
-    let mut params = ListParams::default().limit(limit);
-    params.continue_token = continue_token;
-    let mut request = Request::new(WatchedPod::url_path(&(), None))
-        .list(&params)
-        .map_err(kube::Error::BuildRequest)?;
-    let accept = if protobuf {
-        "application/vnd.kubernetes.protobuf, application/json"
-    } else {
-        "application/json"
-    };
-    request
-        .headers_mut()
-        .insert(ACCEPT, http::HeaderValue::from_static(accept));
-    let response = client.send(request.map(Body::from)).await?;
-    let status = response.status();
-    let protobuf = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with(PROTOBUF));
-    let body = response.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        return Err(kube::Error::Api(Box::new(error_status(
-            status, protobuf, &body,
-        ))));
+) -> kube::Result<super::PodPage> {
+    let mut listing = Listing::start(client, Some(limit), continue_token, protobuf).await?;
+    let mut items = Vec::new();
+    loop {
+        match listing.next().await? {
+            Listed::Pod(pod) => items.push(pod),
+            Listed::End(end) => {
+                return Ok(super::PodPage {
+                    items,
+                    resource_version: end.resource_version,
+                    continue_token: end.continue_token,
+                    remaining: end.remaining,
+                    protobuf: matches!(listing, Listing::Streaming { .. }),
+                    bytes: listing.bytes(),
+                });
+            }
+        }
     }
-    decode_pod_list(body, protobuf)
-}
-
-/// One LIST response body of Pods, in protobuf (`protobuf`) or JSON, as a page. This is
-/// the parser the informer feeds with the apiserver's bytes (and the fuzz target
-/// `pod_list` with arbitrary ones).
-///
-/// # Errors
-/// A body that is not a Pod list in the encoding given.
-pub fn decode_pod_list(body: Bytes, protobuf: bool) -> kube::Result<PodPage> {
-    let (items, resource_version, continue_token, remaining) = if protobuf {
-        let list = proto::PodList::decode(unwrap_protobuf(&body)?).map_err(decode_error)?;
-        let meta = list.metadata.unwrap_or_default();
-        let items = list.items.into_iter().map(WatchedPod::from).collect();
-        (
-            items,
-            meta.resource_version,
-            meta.continue_token,
-            meta.remaining_item_count,
-        )
-    } else {
-        let list: ObjectList<WatchedPod> =
-            serde_json::from_slice(&body).map_err(kube::Error::SerdeError)?;
-        let meta = list.metadata;
-        (
-            list.items,
-            meta.resource_version,
-            meta.continue_,
-            meta.remaining_item_count,
-        )
-    };
-    Ok(PodPage {
-        items,
-        resource_version: resource_version.filter(|v| !v.is_empty()),
-        continue_token: continue_token.filter(|v| !v.is_empty()),
-        remaining,
-        protobuf,
-        bytes: body.len(),
-    })
 }
 
 /// What [`list_every_pod`] read.
@@ -395,199 +413,41 @@ pub fn decode_pod_list(body: Bytes, protobuf: bool) -> kube::Result<PodPage> {
 pub struct ListTotals {
     /// Pods decoded.
     pub pods: usize,
-    /// Pages asked for.
+    /// Requests made.
     pub pages: usize,
     /// Response body bytes.
     pub bytes: usize,
 }
 
-/// Lists and decodes every Pod, without an index: in protobuf with the informer's page
-/// sizes if `protobuf`, else in JSON 500 Pods a page, as kube-runtime's watcher (and this
-/// operator before it listed in protobuf) asks. The servers bench times both beside a
-/// restart: they are its floor.
+/// Lists and decodes every Pod, without an index: as the informer does (one protobuf
+/// response, read as it arrives) if `protobuf`, else in JSON 500 Pods a page, as
+/// kube-runtime's watcher (and this operator before it listed in protobuf) asks. The
+/// servers bench times both beside a restart: they are its floor.
 ///
 /// # Errors
-/// The first failed page's.
+/// The first failed request's.
 pub async fn list_every_pod(client: &Client, protobuf: bool) -> kube::Result<ListTotals> {
     let mut totals = ListTotals {
         pods: 0,
         pages: 0,
         bytes: 0,
     };
-    let (mut size, mut token) = (FIRST_PAGE, None);
+    let limit = (!protobuf).then_some(JSON_PAGE);
+    let mut token = None;
     loop {
-        let page = list_page(client, size, token, protobuf).await?;
-        if protobuf && totals.pages == 0 {
-            size = page_size(page.remaining);
-        }
-        totals.pods += page.items.len();
+        let mut listing = Listing::start(client, limit, token, protobuf).await?;
         totals.pages += 1;
-        totals.bytes += page.bytes;
-        token = page.continue_token;
+        let end = loop {
+            match listing.next().await? {
+                Listed::Pod(_) => totals.pods += 1,
+                Listed::End(end) => break end,
+            }
+        };
+        totals.bytes += listing.bytes();
+        token = end.continue_token;
         if token.is_none() {
             return Ok(totals);
         }
-    }
-}
-
-/// The object inside a protobuf body: the magic prefix, then a `runtime.Unknown` whose
-/// `raw` holds the encoded object.
-fn unwrap_protobuf(body: &Bytes) -> kube::Result<Bytes> {
-    if !body.starts_with(PROTOBUF_MAGIC) {
-        return Err(decode_error(
-            "the body does not start with the k8s protobuf prefix",
-        ));
-    }
-    let unknown =
-        proto::Unknown::decode(body.slice(PROTOBUF_MAGIC.len()..)).map_err(decode_error)?;
-    Ok(unknown.raw)
-}
-
-fn decode_error(e: impl std::fmt::Display) -> kube::Error {
-    kube::Error::Service(format!("the apiserver's protobuf Pod list could not be read: {e}").into())
-}
-
-/// The apiserver's error status, from a protobuf or JSON `Status`, or from the HTTP status
-/// and body text when the body is neither (a proxy's error page).
-fn error_status(status: http::StatusCode, protobuf: bool, body: &Bytes) -> Status {
-    let decoded = if protobuf {
-        unwrap_protobuf(body)
-            .ok()
-            .and_then(|raw| proto::Status::decode(raw).ok())
-            .map(|s| {
-                Status::failure(
-                    s.message.as_deref().unwrap_or_default(),
-                    s.reason.as_deref().unwrap_or_default(),
-                )
-                .with_code(
-                    s.code
-                        .and_then(|c| u16::try_from(c).ok())
-                        .unwrap_or(status.as_u16()),
-                )
-            })
-    } else {
-        serde_json::from_slice::<Status>(body).ok()
-    };
-    decoded.unwrap_or_else(|| {
-        let text = String::from_utf8_lossy(body);
-        Status::failure(text.trim(), status.canonical_reason().unwrap_or("Unknown"))
-            .with_code(status.as_u16())
-    })
-}
-
-impl From<proto::Pod> for WatchedPod {
-    fn from(pod: proto::Pod) -> Self {
-        let meta = pod.metadata.unwrap_or_default();
-        let spec = pod.spec.unwrap_or_default();
-        let some_map = |m: BTreeMap<String, String>| (!m.is_empty()).then_some(m);
-        Self {
-            metadata: ObjectMeta {
-                name: meta.name,
-                namespace: meta.namespace,
-                uid: meta.uid,
-                resource_version: meta.resource_version,
-                labels: some_map(meta.labels),
-                annotations: some_map(meta.annotations),
-                ..ObjectMeta::default()
-            },
-            spec: Some(WatchedPodSpec {
-                service_account_name: spec.service_account_name,
-                node_name: spec.node_name,
-                hostname: spec.hostname,
-            }),
-            status: pod.status.map(|s| WatchedPodStatus { phase: s.phase }),
-        }
-    }
-}
-
-/// The fields of the upstream messages that the index reads (proto2, so every scalar is
-/// optional), with their upstream names and numbers.
-mod proto {
-    use std::collections::BTreeMap;
-
-    /// `k8s.io.apimachinery.pkg.runtime.Unknown`: the envelope of every protobuf body.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct Unknown {
-        #[prost(bytes = "bytes", tag = "2")]
-        pub(super) raw: bytes::Bytes,
-    }
-
-    /// `k8s.io.api.core.v1.PodList`.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct PodList {
-        #[prost(message, optional, tag = "1")]
-        pub(super) metadata: Option<ListMeta>,
-        #[prost(message, repeated, tag = "2")]
-        pub(super) items: Vec<Pod>,
-    }
-
-    /// `k8s.io.apimachinery.pkg.apis.meta.v1.ListMeta`.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct ListMeta {
-        #[prost(string, optional, tag = "2")]
-        pub(super) resource_version: Option<String>,
-        /// `continue`.
-        #[prost(string, optional, tag = "3")]
-        pub(super) continue_token: Option<String>,
-        #[prost(int64, optional, tag = "4")]
-        pub(super) remaining_item_count: Option<i64>,
-    }
-
-    /// `k8s.io.api.core.v1.Pod`.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct Pod {
-        #[prost(message, optional, tag = "1")]
-        pub(super) metadata: Option<ObjectMeta>,
-        #[prost(message, optional, tag = "2")]
-        pub(super) spec: Option<PodSpec>,
-        #[prost(message, optional, tag = "3")]
-        pub(super) status: Option<PodStatus>,
-    }
-
-    /// `k8s.io.apimachinery.pkg.apis.meta.v1.ObjectMeta`.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct ObjectMeta {
-        #[prost(string, optional, tag = "1")]
-        pub(super) name: Option<String>,
-        #[prost(string, optional, tag = "3")]
-        pub(super) namespace: Option<String>,
-        #[prost(string, optional, tag = "5")]
-        pub(super) uid: Option<String>,
-        #[prost(string, optional, tag = "6")]
-        pub(super) resource_version: Option<String>,
-        #[prost(btree_map = "string, string", tag = "11")]
-        pub(super) labels: BTreeMap<String, String>,
-        #[prost(btree_map = "string, string", tag = "12")]
-        pub(super) annotations: BTreeMap<String, String>,
-    }
-
-    /// `k8s.io.api.core.v1.PodSpec`.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct PodSpec {
-        #[prost(string, optional, tag = "8")]
-        pub(super) service_account_name: Option<String>,
-        #[prost(string, optional, tag = "10")]
-        pub(super) node_name: Option<String>,
-        #[prost(string, optional, tag = "16")]
-        pub(super) hostname: Option<String>,
-    }
-
-    /// `k8s.io.api.core.v1.PodStatus`.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct PodStatus {
-        #[prost(string, optional, tag = "1")]
-        pub(super) phase: Option<String>,
-    }
-
-    /// `k8s.io.apimachinery.pkg.apis.meta.v1.Status`: an error response.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct Status {
-        #[prost(string, optional, tag = "3")]
-        pub(super) message: Option<String>,
-        #[prost(string, optional, tag = "4")]
-        pub(super) reason: Option<String>,
-        #[prost(int32, optional, tag = "6")]
-        pub(super) code: Option<i32>,
     }
 }
 
@@ -605,7 +465,7 @@ mod tests {
     use kube::{Client, Resource};
     use serde_json::{Value, json};
 
-    use super::{FIRST_PAGE, MAX_PAGE, list_page, page_size, watcher_from};
+    use super::{Error, FALLBACK_PAGE, State, list_page, step, watcher_from};
     use sigil_index::{PodFacts, WatchedPod};
 
     async fn client() -> Client {
@@ -641,16 +501,6 @@ mod tests {
         )
     }
 
-    #[test]
-    fn later_pages_bound_the_number_of_pages() {
-        assert_eq!(page_size(None), FIRST_PAGE);
-        assert_eq!(page_size(Some(0)), FIRST_PAGE);
-        assert_eq!(page_size(Some(19_500)), 975);
-        assert_eq!(page_size(Some(99_500)), 4975);
-        assert_eq!(page_size(Some(10_000_000)), MAX_PAGE);
-        assert_eq!(page_size(Some(i64::MAX)), MAX_PAGE);
-    }
-
     /// The fuzz target's seeds (fuzz/seeds/pod_list) are one page from a real apiserver in
     /// each encoding, behind the byte that picks it: both decode, to the same Pods.
     #[test]
@@ -663,7 +513,7 @@ mod tests {
             } else {
                 bytes[1..].to_vec()
             };
-            let page = super::decode_pod_list(body.into(), protobuf).unwrap();
+            let page = crate::index::decode_pod_list(body.into(), protobuf).unwrap();
             assert_eq!(page.protobuf, protobuf);
             page
         };
@@ -790,7 +640,9 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         };
         assert!(p.pods >= 3 && p.pods == j.pods, "{p:?} vs {j:?}");
-        assert!(p.bytes < j.bytes, "{p:?} vs {j:?}");
+        // The informer's list is one response; JSON comes 500 a page.
+        assert_eq!(p.pages, 1, "{p:?}");
+        assert!(p.bytes > 0 && p.bytes < j.bytes, "{p:?} vs {j:?}");
     }
 
     #[tokio::test]
@@ -810,6 +662,112 @@ mod tests {
         );
     }
 
+    /// A TCP relay to the apiserver (`host:port`) that cuts its first connection once
+    /// `cut` bytes have come back through it; later connections are relayed whole. TLS
+    /// passes through it untouched.
+    async fn cutting_relay(upstream: String, cut: u64) -> String {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((down, _)) = listener.accept().await {
+                let up = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let cut = std::mem::replace(&mut first, false).then_some(cut);
+                tokio::spawn(async move {
+                    let (mut up_read, mut up_write) = up.into_split();
+                    let (mut down_read, mut down_write) = down.into_split();
+                    let to_server = tokio::io::copy(&mut down_read, &mut up_write);
+                    let to_client = async {
+                        let mut from_server = (&mut up_read).take(cut.unwrap_or(u64::MAX));
+                        tokio::io::copy(&mut from_server, &mut down_write).await
+                    };
+                    // Either direction ending drops both connections.
+                    tokio::select! {
+                        _ = to_server => {}
+                        _ = to_client => {}
+                    }
+                });
+            }
+        });
+        format!("https://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_list_cut_midway_is_listed_again_in_pages() {
+        let cp = sigil_e2e::shared().await;
+        let client = cp.admin().await.unwrap();
+        let ns = namespace(&client).await;
+        // Far more Pods than fit in the bytes relayed before the cut.
+        futures::stream::iter(0..300)
+            .for_each_concurrent(16, |i| {
+                let (client, ns) = (&client, &ns);
+                async move {
+                    let pod =
+                        json!({"metadata": {"name": format!("p-{i}")}, "spec": {"nodeName": "n"}});
+                    create_pod(client, ns, pod).await;
+                }
+            })
+            .await;
+        let relay = cutting_relay(
+            cp.server().trim_start_matches("https://").to_owned(),
+            32 << 10,
+        )
+        .await;
+        let yaml = std::fs::read_to_string(cp.kubeconfig_path())
+            .unwrap()
+            .replace(cp.server(), &relay);
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::from_yaml(&yaml).unwrap(),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        let relayed = Client::try_from(config).unwrap();
+
+        // The unpaged list: some Pods, then the cut.
+        let mut state = State::Relist { limit: None };
+        let mut before_cut = 0;
+        let failed = loop {
+            let (event, next) = step(&relayed, None, state).await;
+            state = next;
+            match event {
+                Some(Ok(Event::InitApply(_))) => before_cut += 1,
+                Some(Ok(Event::Init)) | None => {}
+                Some(Err(e)) => break e,
+                Some(Ok(other)) => panic!("{other:?} before the cut"),
+            }
+        };
+        assert!(matches!(failed, Error::InitialListFailed(_)), "{failed:?}");
+        assert!(before_cut > 0, "the cut came before any Pod, not midway");
+        assert!(
+            matches!(
+                state,
+                State::Relist {
+                    limit: Some(FALLBACK_PAGE)
+                }
+            ),
+            "the next list is not paged"
+        );
+
+        // The paged list, on a new connection, reads every Pod.
+        let mut listed = 0;
+        loop {
+            let (event, next) = step(&relayed, None, state).await;
+            state = next;
+            match event {
+                Some(Ok(Event::InitApply(p))) => {
+                    listed += usize::from(p.meta().namespace.as_deref() == Some(ns.as_str()));
+                }
+                Some(Ok(Event::InitDone)) => break,
+                Some(Ok(Event::Init)) | None => {}
+                other => panic!("{other:?} in the paged list"),
+            }
+        }
+        assert_eq!(listed, 300);
+        assert!(matches!(state, State::Listed { .. }));
+    }
+
     #[tokio::test]
     async fn the_stream_lists_then_watches() {
         let client = client().await;
@@ -823,7 +781,7 @@ mod tests {
                 .then(|| p.meta().name.clone().unwrap())
         };
         // One Pod in the first page, so the list takes at least two.
-        let stream = watcher_from(client.clone(), 1);
+        let stream = watcher_from(client.clone(), Some(1));
         futures::pin_mut!(stream);
         let mut next = async || {
             tokio::time::timeout(Duration::from_secs(20), stream.next())
@@ -843,6 +801,26 @@ mod tests {
         }
         listed.sort();
         assert_eq!(listed, ["also-before", "before"]);
+
+        // Unpaged, as the operator lists: the same Pods, from one response.
+        let unpaged = watcher_from(client.clone(), None);
+        futures::pin_mut!(unpaged);
+        let mut whole = Vec::new();
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(20), unpaged.next())
+                .await
+                .expect("no event within 20 s")
+                .expect("the stream ended")
+                .expect("a list error");
+            match event {
+                Event::Init => {}
+                Event::InitApply(p) => whole.extend(ours(&p)),
+                Event::InitDone => break,
+                other => panic!("{other:?} during the initial list"),
+            }
+        }
+        whole.sort();
+        assert_eq!(whole, listed);
 
         create_pod(
             &client,
