@@ -64,13 +64,13 @@ fn watcher_from(
     limit: Option<u32>,
 ) -> impl Stream<Item = Result<Event<WatchedPod>, Error>> + Send {
     futures::stream::unfold(
-        (client, State::Relist { limit }),
-        move |(client, mut state)| async move {
+        (client, limit, State::Relist),
+        |(client, mut limit, mut state)| async move {
             loop {
-                let (item, next) = step(&client, limit, state).await;
+                let (item, next) = step(&client, &mut limit, state).await;
                 state = next;
                 if let Some(item) = item {
-                    return Some((item, (client, state)));
+                    return Some((item, (client, limit, state)));
                 }
             }
         },
@@ -78,18 +78,12 @@ fn watcher_from(
 }
 
 enum State {
-    /// The next step starts a LIST, of `limit` Pods a page if given.
-    Relist { limit: Option<u32> },
+    /// The next step starts a LIST.
+    Relist,
     /// The next step asks for the list, or for its next page after `continue_token`.
-    Request {
-        limit: Option<u32>,
-        continue_token: Option<String>,
-    },
+    Request { continue_token: Option<String> },
     /// Handing out the Pods of a list response as they arrive.
-    Listing {
-        listing: Box<Listing>,
-        limit: Option<u32>,
-    },
+    Listing(Box<Listing>),
     /// Listed; the next step opens a watch from `resource_version`.
     Listed { resource_version: String },
     Watching {
@@ -212,52 +206,34 @@ impl Listing {
     }
 }
 
-/// One step: an event (or error) to hand out, if any, and the state after it. Lists are
-/// of `default_limit` Pods a page if given (else unpaged), until one fails midway.
+/// One step: an event (or error) to hand out, if any, and the state after it. Lists are of
+/// `limit` Pods a page if given, else unpaged; a list that fails midway sets it.
 async fn step(
     client: &Client,
-    default_limit: Option<u32>,
+    limit: &mut Option<u32>,
     state: State,
 ) -> (Option<Result<Event<WatchedPod>, Error>>, State) {
-    let relist = || State::Relist {
-        limit: default_limit,
-    };
     match state {
-        State::Relist { limit } => (
+        State::Relist => (
             Some(Ok(Event::Init)),
             State::Request {
-                limit,
                 continue_token: None,
             },
         ),
-        State::Request {
-            limit,
-            continue_token,
-        } => match Listing::start(client, limit, continue_token, true).await {
-            Ok(listing) => (
-                None,
-                State::Listing {
-                    listing: Box::new(listing),
-                    limit,
-                },
-            ),
-            Err(e) => (
-                Some(Err(Error::InitialListFailed(e))),
-                State::Relist { limit },
-            ),
-        },
-        State::Listing { mut listing, limit } => match listing.next().await {
-            Ok(Listed::Pod(pod)) => (
-                Some(Ok(Event::InitApply(pod))),
-                State::Listing { listing, limit },
-            ),
+        State::Request { continue_token } => {
+            match Listing::start(client, *limit, continue_token, true).await {
+                Ok(listing) => (None, State::Listing(Box::new(listing))),
+                Err(e) => (Some(Err(Error::InitialListFailed(e))), State::Relist),
+            }
+        }
+        State::Listing(mut listing) => match listing.next().await {
+            Ok(Listed::Pod(pod)) => (Some(Ok(Event::InitApply(pod))), State::Listing(listing)),
             Ok(Listed::End(ListEnd {
                 continue_token: Some(token),
                 ..
             })) => (
                 None,
                 State::Request {
-                    limit,
                     continue_token: Some(token),
                 },
             ),
@@ -268,24 +244,20 @@ async fn step(
                 Some(Ok(Event::InitDone)),
                 State::Listed { resource_version },
             ),
-            Ok(Listed::End(_)) => (Some(Err(Error::NoResourceVersion)), relist()),
+            Ok(Listed::End(_)) => (Some(Err(Error::NoResourceVersion)), State::Relist),
             // A list that failed midway starts again from the start, as kube-runtime does:
             // a continue token is only good for a few minutes (410 Gone after that), and a
-            // broken stream cannot be resumed. An unpaged one is paged from then on, should
-            // the apiserver's request timeout have cut it.
+            // broken stream cannot be resumed. Should the apiserver's request timeout have
+            // cut an unpaged list, every list after it is paged.
             Err(e) => {
                 if limit.is_none() {
                     warn!(
                         error = %e,
-                        "the list of every Pod failed midway; listing again in pages of {FALLBACK_PAGE}"
+                        "the list of every Pod failed midway; from now on Pods are listed in pages of {FALLBACK_PAGE}"
                     );
+                    *limit = Some(FALLBACK_PAGE);
                 }
-                (
-                    Some(Err(Error::InitialListFailed(e))),
-                    State::Relist {
-                        limit: limit.or(Some(FALLBACK_PAGE)),
-                    },
-                )
+                (Some(Err(Error::InitialListFailed(e))), State::Relist)
             }
         },
         State::Listed { resource_version } => {
@@ -302,7 +274,7 @@ async fn step(
                         stream: stream.boxed(),
                     },
                 ),
-                Err(e) if is_gone(&e) => (Some(Err(Error::WatchStartFailed(e))), relist()),
+                Err(e) if is_gone(&e) => (Some(Err(Error::WatchStartFailed(e))), State::Relist),
                 Err(e) => (
                     Some(Err(Error::WatchStartFailed(e))),
                     State::Listed { resource_version },
@@ -324,15 +296,15 @@ async fn step(
             };
             match event {
                 Some(Ok(WatchEvent::Added(pod) | WatchEvent::Modified(pod))) => {
-                    changed(Event::Apply, pod, stream, relist())
+                    changed(Event::Apply, pod, stream)
                 }
-                Some(Ok(WatchEvent::Deleted(pod))) => changed(Event::Delete, pod, stream, relist()),
+                Some(Ok(WatchEvent::Deleted(pod))) => changed(Event::Delete, pod, stream),
                 Some(Ok(WatchEvent::Bookmark(mark))) => {
                     (None, watching(mark.metadata.resource_version, stream))
                 }
                 // 410 Gone: the watch fell out of the apiserver's window; list again.
                 Some(Ok(WatchEvent::Error(e))) if e.code == 410 => {
-                    (Some(Err(Error::WatchError(e))), relist())
+                    (Some(Err(Error::WatchError(e))), State::Relist)
                 }
                 Some(Ok(WatchEvent::Error(e))) => (
                     Some(Err(Error::WatchError(e))),
@@ -353,12 +325,11 @@ async fn step(
 }
 
 /// A watched change, handed out; the watch goes on from its resourceVersion (a change
-/// without one cannot be resumed from, so the Pods are listed again: `relist`).
+/// without one cannot be resumed from, so the Pods are listed again).
 fn changed(
     event: fn(WatchedPod) -> Event<WatchedPod>,
     pod: WatchedPod,
     stream: BoxStream<'static, kube::Result<WatchEvent<WatchedPod>>>,
-    relist: State,
 ) -> (Option<Result<Event<WatchedPod>, Error>>, State) {
     match pod
         .meta()
@@ -373,7 +344,7 @@ fn changed(
                 stream,
             },
         ),
-        None => (Some(Err(Error::NoResourceVersion)), relist),
+        None => (Some(Err(Error::NoResourceVersion)), State::Relist),
     }
 }
 
@@ -726,10 +697,10 @@ mod tests {
         let relayed = Client::try_from(config).unwrap();
 
         // The unpaged list: some Pods, then the cut.
-        let mut state = State::Relist { limit: None };
+        let (mut state, mut limit) = (State::Relist, None);
         let mut before_cut = 0;
         let failed = loop {
-            let (event, next) = step(&relayed, None, state).await;
+            let (event, next) = step(&relayed, &mut limit, state).await;
             state = next;
             match event {
                 Some(Ok(Event::InitApply(_))) => before_cut += 1,
@@ -741,19 +712,15 @@ mod tests {
         assert!(matches!(failed, Error::InitialListFailed(_)), "{failed:?}");
         assert!(before_cut > 0, "the cut came before any Pod, not midway");
         assert!(
-            matches!(
-                state,
-                State::Relist {
-                    limit: Some(FALLBACK_PAGE)
-                }
-            ),
-            "the next list is not paged"
+            matches!(state, State::Relist),
+            "the list is not started again"
         );
+        assert_eq!(limit, Some(FALLBACK_PAGE), "the next list is not paged");
 
         // The paged list, on a new connection, reads every Pod.
         let mut listed = 0;
         loop {
-            let (event, next) = step(&relayed, None, state).await;
+            let (event, next) = step(&relayed, &mut limit, state).await;
             state = next;
             match event {
                 Some(Ok(Event::InitApply(p))) => {
@@ -766,6 +733,8 @@ mod tests {
         }
         assert_eq!(listed, 300);
         assert!(matches!(state, State::Listed { .. }));
+        // And it stays paged.
+        assert_eq!(limit, Some(FALLBACK_PAGE));
     }
 
     #[tokio::test]
