@@ -153,9 +153,8 @@ impl PodListReader {
                 "Pod {name} was not taken from the reader"
             )));
         }
-        let whole = self.listed
-            && matches!(self.place, Place::Envelope | Place::List { left: 0 })
-            && self.pending.is_empty();
+        // `next_pod` has moved out of a list with nothing left in it.
+        let whole = self.listed && self.place == Place::Envelope && self.pending.is_empty();
         if !whole {
             return Err(decode_error(format!(
                 "the body ended after {} bytes, before the whole list",
@@ -352,12 +351,9 @@ fn key(buf: &[u8]) -> kube::Result<Have<(usize, u64, WireType)>> {
 pub struct PodPage {
     /// The Pods, as the index reads them.
     pub items: Vec<WatchedPod>,
-    /// The list's resourceVersion (the watch resumes from it).
-    pub resource_version: Option<String>,
-    /// The token for the next page; none on the last.
-    pub continue_token: Option<String>,
-    /// How many Pods the pages after this one hold (`remainingItemCount`), if told.
-    pub remaining: Option<i64>,
+    /// Its resourceVersion (the watch resumes from it), continue token (none on the last
+    /// page) and `remainingItemCount`.
+    pub end: ListEnd,
     /// Whether the page was protobuf.
     pub protobuf: bool,
     /// The size of the response body.
@@ -382,17 +378,15 @@ pub fn decode_pod_list(body: Bytes, protobuf: bool) -> kube::Result<PodPage> {
         let list: ObjectList<WatchedPod> =
             serde_json::from_slice(&body).map_err(kube::Error::SerdeError)?;
         let end = ListEnd {
-            resource_version: list.metadata.resource_version,
-            continue_token: list.metadata.continue_,
+            resource_version: list.metadata.resource_version.filter(|v| !v.is_empty()),
+            continue_token: list.metadata.continue_.filter(|v| !v.is_empty()),
             remaining: list.metadata.remaining_item_count,
         };
         (list.items, end)
     };
     Ok(PodPage {
         items,
-        resource_version: end.resource_version.filter(|v| !v.is_empty()),
-        continue_token: end.continue_token.filter(|v| !v.is_empty()),
-        remaining: end.remaining,
+        end,
         protobuf,
         bytes: body.len(),
     })

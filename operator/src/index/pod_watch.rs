@@ -163,11 +163,7 @@ impl Listing {
         let page = decode_pod_list(body, false)?;
         Ok(Self::Decoded {
             items: page.items.into_iter(),
-            end: ListEnd {
-                resource_version: page.resource_version,
-                continue_token: page.continue_token,
-                remaining: page.remaining,
-            },
+            end: page.end,
             bytes: page.bytes,
         })
     }
@@ -368,9 +364,7 @@ pub(crate) async fn list_page(
             Listed::End(end) => {
                 return Ok(super::PodPage {
                     items,
-                    resource_version: end.resource_version,
-                    continue_token: end.continue_token,
-                    remaining: end.remaining,
+                    end,
                     protobuf: matches!(listing, Listing::Streaming { .. }),
                     bytes: listing.bytes(),
                 });
@@ -494,11 +488,8 @@ mod tests {
             p.items.iter().map(facts).collect::<Vec<_>>(),
             j.items.iter().map(facts).collect::<Vec<_>>()
         );
-        assert_eq!(
-            (&p.resource_version, &p.continue_token, p.remaining),
-            (&j.resource_version, &j.continue_token, j.remaining)
-        );
-        assert!(p.continue_token.is_some() && p.remaining.is_some_and(|n| n > 0));
+        assert_eq!(&p.end, &j.end);
+        assert!(p.end.continue_token.is_some() && p.end.remaining.is_some_and(|n| n > 0));
     }
 
     #[tokio::test]
@@ -549,10 +540,10 @@ mod tests {
             {
                 by_protobuf.insert(pod.meta().name.clone().unwrap(), facts(pod));
             }
-            token = page.continue_token;
+            token = page.end.continue_token;
             if token.is_none() {
                 assert!(
-                    page.resource_version.is_some(),
+                    page.end.resource_version.is_some(),
                     "the last page has no resourceVersion"
                 );
                 break;
