@@ -35,8 +35,8 @@ use tracing::{debug, warn};
 use super::pod_list::{ListEnd, PROTOBUF, PodListReader, decode_pod_list, error_status};
 use sigil_index::WatchedPod;
 
-/// Pods in each page of a JSON list (the benches' comparison): kube-runtime's and
-/// client-go's page size.
+/// Pods in each page of a JSON list (the benches' comparison, and the informer's lists once
+/// the apiserver has answered in JSON): kube-runtime's and client-go's page size.
 const JSON_PAGE: u32 = 500;
 
 /// Pods a page once an unpaged list has failed midway. The apiserver ends a request after
@@ -96,8 +96,8 @@ enum State {
 pub(crate) enum Listing {
     /// Protobuf, decoded as its bytes arrive.
     Streaming { reader: PodListReader, body: Body },
-    /// JSON (something in front of the apiserver that only speaks it), decoded whole: an
-    /// unpaged JSON list is held whole in memory while it is decoded.
+    /// JSON (something in front of the apiserver that only speaks it), decoded whole. Only
+    /// pages are read this way ([`Listing::start`]), so one page is held at a time.
     Decoded {
         items: std::vec::IntoIter<WatchedPod>,
         end: ListEnd,
@@ -118,35 +118,31 @@ impl Listing {
     /// Asks for every Pod (or `limit` a page) across all namespaces, from `continue_token`
     /// if given, in protobuf unless `protobuf` is false. An error status, in either
     /// encoding, becomes `kube::Error::Api` with the apiserver's code, reason and message.
+    ///
+    /// An unpaged list answered in JSON (something in front of the apiserver that only
+    /// speaks it, or `protobuf` false) is not read: JSON is decoded whole, and every Pod
+    /// at once would be held in memory. The request is sent again in pages of
+    /// [`JSON_PAGE`], and `limit` stays set so that the list's later pages, and the lists
+    /// after it, are paged too.
     pub(crate) async fn start(
         client: &Client,
-        limit: Option<u32>,
+        limit: &mut Option<u32>,
         continue_token: Option<String>,
         protobuf: bool,
     ) -> kube::Result<Self> {
-        let params = ListParams {
-            limit,
-            continue_token,
-            ..ListParams::default()
-        };
-        let mut request = Request::new(WatchedPod::url_path(&(), None))
-            .list(&params)
-            .map_err(kube::Error::BuildRequest)?;
-        let accept = if protobuf {
-            "application/vnd.kubernetes.protobuf, application/json"
-        } else {
-            "application/json"
-        };
-        request
-            .headers_mut()
-            .insert(ACCEPT, http::HeaderValue::from_static(accept));
-        let response = client.send(request.map(Body::from)).await?;
+        let mut response = send_list(client, *limit, continue_token.clone(), protobuf).await?;
+        if response.status().is_success() && !is_protobuf(&response) && limit.is_none() {
+            if protobuf {
+                warn!(
+                    "the Pod list came back in JSON, not protobuf (a proxy in front of the apiserver?); Pods are listed in JSON pages of {JSON_PAGE} from now on"
+                );
+            }
+            *limit = Some(JSON_PAGE);
+            drop(response);
+            response = send_list(client, *limit, continue_token, protobuf).await?;
+        }
         let status = response.status();
-        let protobuf = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with(PROTOBUF));
+        let protobuf = is_protobuf(&response);
         let body = response.into_body();
         if status.is_success() && protobuf {
             return Ok(Self::Streaming {
@@ -202,8 +198,44 @@ impl Listing {
     }
 }
 
+/// Sends a LIST of every Pod (`limit` a page if given), accepting protobuf first if
+/// `protobuf`, else only JSON.
+async fn send_list(
+    client: &Client,
+    limit: Option<u32>,
+    continue_token: Option<String>,
+    protobuf: bool,
+) -> kube::Result<http::Response<Body>> {
+    let params = ListParams {
+        limit,
+        continue_token,
+        ..ListParams::default()
+    };
+    let mut request = Request::new(WatchedPod::url_path(&(), None))
+        .list(&params)
+        .map_err(kube::Error::BuildRequest)?;
+    let accept = if protobuf {
+        "application/vnd.kubernetes.protobuf, application/json"
+    } else {
+        "application/json"
+    };
+    request
+        .headers_mut()
+        .insert(ACCEPT, http::HeaderValue::from_static(accept));
+    client.send(request.map(Body::from)).await
+}
+
+fn is_protobuf(response: &http::Response<Body>) -> bool {
+    response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(PROTOBUF))
+}
+
 /// One step: an event (or error) to hand out, if any, and the state after it. Lists are of
-/// `limit` Pods a page if given, else unpaged; a list that fails midway sets it.
+/// `limit` Pods a page if given, else unpaged; a list that fails midway, or comes back in
+/// JSON, sets it.
 async fn step(
     client: &Client,
     limit: &mut Option<u32>,
@@ -217,7 +249,7 @@ async fn step(
             },
         ),
         State::Request { continue_token } => {
-            match Listing::start(client, *limit, continue_token, true).await {
+            match Listing::start(client, limit, continue_token, true).await {
                 Ok(listing) => (None, State::Listing(Box::new(listing))),
                 Err(e) => (Some(Err(Error::InitialListFailed(e))), State::Relist),
             }
@@ -356,7 +388,7 @@ pub(crate) async fn list_page(
     continue_token: Option<String>,
     protobuf: bool,
 ) -> kube::Result<super::PodPage> {
-    let mut listing = Listing::start(client, Some(limit), continue_token, protobuf).await?;
+    let mut listing = Listing::start(client, &mut Some(limit), continue_token, protobuf).await?;
     let mut items = Vec::new();
     loop {
         match listing.next().await? {
@@ -397,10 +429,10 @@ pub async fn list_every_pod(client: &Client, protobuf: bool) -> kube::Result<Lis
         pages: 0,
         bytes: 0,
     };
-    let limit = (!protobuf).then_some(JSON_PAGE);
+    let mut limit = (!protobuf).then_some(JSON_PAGE);
     let mut token = None;
     loop {
-        let mut listing = Listing::start(client, limit, token, protobuf).await?;
+        let mut listing = Listing::start(client, &mut limit, token, protobuf).await?;
         totals.pages += 1;
         let end = loop {
             match listing.next().await? {
@@ -430,7 +462,7 @@ mod tests {
     use kube::{Client, Resource};
     use serde_json::{Value, json};
 
-    use super::{Error, FALLBACK_PAGE, State, list_page, step, watcher_from};
+    use super::{Error, FALLBACK_PAGE, JSON_PAGE, State, list_page, step, watcher_from};
     use sigil_index::{PodFacts, WatchedPod};
 
     async fn client() -> Client {
@@ -726,6 +758,84 @@ mod tests {
         assert!(matches!(state, State::Listed { .. }));
         // And it stays paged.
         assert_eq!(limit, Some(FALLBACK_PAGE));
+    }
+
+    /// A proxy in front of the apiserver that only speaks JSON (played by a client layer
+    /// that asks for JSON whatever the informer accepts): the unpaged list is dropped
+    /// unread and every list is asked for in JSON pages, so no list is ever held whole.
+    #[tokio::test]
+    async fn a_list_answered_in_json_is_asked_again_in_pages() {
+        let cp = sigil_e2e::shared().await;
+        let client = cp.admin().await.unwrap();
+        let ns = namespace(&client).await;
+        // More Pods than one JSON page holds.
+        let pods = JSON_PAGE as usize + 1;
+        futures::stream::iter(0..pods)
+            .for_each_concurrent(16, |i| {
+                let (client, ns) = (&client, &ns);
+                async move {
+                    let pod =
+                        json!({"metadata": {"name": format!("p-{i}")}, "spec": {"nodeName": "n"}});
+                    create_pod(client, ns, pod).await;
+                }
+            })
+            .await;
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(cp.kubeconfig_path()).unwrap(),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        let lists = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let json_only = tower::util::MapRequestLayer::new({
+            let lists = lists.clone();
+            move |mut request: http::Request<kube::client::Body>| {
+                if request.uri().path() == "/api/v1/pods" {
+                    lists
+                        .lock()
+                        .unwrap()
+                        .push(request.uri().query().unwrap_or_default().to_owned());
+                }
+                request.headers_mut().insert(
+                    http::header::ACCEPT,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                request
+            }
+        });
+        let json_client = kube::client::ClientBuilder::try_from(config)
+            .unwrap()
+            .with_layer(&json_only)
+            .build();
+
+        let (mut state, mut limit) = (State::Relist, None);
+        let mut listed = 0;
+        for round in 0..2 {
+            loop {
+                let (event, next) = step(&json_client, &mut limit, state).await;
+                state = next;
+                match event {
+                    Some(Ok(Event::InitApply(p))) => {
+                        listed += usize::from(p.meta().namespace.as_deref() == Some(ns.as_str()));
+                    }
+                    Some(Ok(Event::InitDone)) => break,
+                    Some(Ok(Event::Init)) | None => {}
+                    other => panic!("{other:?} in the list"),
+                }
+            }
+            assert_eq!(listed, pods * (round + 1));
+            assert_eq!(limit, Some(JSON_PAGE), "the lists after a JSON answer are not paged");
+            // List again, as after a 410 from the watch.
+            state = State::Relist;
+        }
+        let lists = lists.lock().unwrap().clone();
+        let paged = |q: &String| q.contains(&format!("limit={JSON_PAGE}"));
+        // The first request is the unpaged one, dropped; every one after it is a page.
+        assert!(!paged(&lists[0]), "{lists:?}");
+        assert!(lists[1..].iter().all(paged), "{lists:?}");
+        // At least two pages in each of the two lists.
+        assert!(lists.len() >= 5, "{lists:?}");
+        assert!(lists[1..].iter().any(|q| q.contains("continue=")), "{lists:?}");
     }
 
     #[tokio::test]
