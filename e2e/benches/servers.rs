@@ -36,7 +36,10 @@
 //!   health check, which passes once its entry cache is built from sqlite), and its RSS
 //!   then; beside it, the time to list and decode every Pod as the operator's informer
 //!   does (protobuf), which is the floor of Sigil's restart, and as kube-runtime's
-//!   watcher does (JSON, 500 a page).
+//!   watcher does (JSON, 500 a page), and the operator's CPU from its start to serving
+//!   every identity. With `SIGIL_BENCH_SERVERS_OPERATOR_B` set to another sigil-operator
+//!   build, that build is restarted before each of `SIGIL_OPERATOR_BIN`'s, and its times
+//!   and CPU are printed beside them: two builds compared in one run, on the same load.
 //!
 //! Run: `hack/bench.sh servers` (part of `make bench`).
 
@@ -492,6 +495,9 @@ fn main() {
     let restarts = env("SIGIL_BENCH_SERVERS_RESTARTS", 1).max(1);
     let operator_bin = std::env::var("SIGIL_OPERATOR_BIN")
         .expect("set SIGIL_OPERATOR_BIN to a built sigil-operator (make bench does)");
+    // A second operator build whose restarts alternate with SIGIL_OPERATOR_BIN's, so that
+    // two builds are compared in one run, on the same machine load.
+    let operator_b = std::env::var("SIGIL_BENCH_SERVERS_OPERATOR_B").ok();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Before any thread exists, so every thread and child of this process inherits it.
     let pinned = cpus >= 2;
@@ -669,19 +675,30 @@ fn main() {
         // the row is each one's median.
         let (mut operator, mut node_api) = (operator, node_api);
         let (mut sigil_restarts, mut spire_restarts) = (Vec::new(), Vec::new());
+        let (mut sigil_cpu, mut b_restarts, mut b_cpu) = (Vec::new(), Vec::new(), Vec::new());
         let (mut sigil_rss, mut spire_rss) = (0.0, 0.0);
         for _ in 0..restarts {
             let spire_paused = Paused::new(spire.server.as_ref().expect("server").pid());
-            drop(operator);
-            let started = Instant::now();
-            let health;
-            (operator, health, node_api) = start_operator(&operator_bin, cp.kubeconfig_path(), dir.path(), server_cpu).await;
-            sigil_e2e::eventually("the restarted operator to render every entry", Duration::from_secs(300), || async {
-                let text = get_ok(("127.0.0.1", health), "/metrics").await?;
-                (metric(&text, "sigil_index_entries")? >= (bulk + LOAD_PODS) as f64).then_some(())
-            })
-            .await;
-            sigil_restarts.push(started.elapsed().as_secs_f64());
+            // Operator B first, so that A (the operator the later rows use) is left running.
+            for bin in operator_b.iter().chain([&operator_bin]) {
+                drop(operator);
+                let started = Instant::now();
+                let health;
+                (operator, health, node_api) = start_operator(bin, cp.kubeconfig_path(), dir.path(), server_cpu).await;
+                sigil_e2e::eventually("the restarted operator to render every entry", Duration::from_secs(300), || async {
+                    let text = get_ok(("127.0.0.1", health), "/metrics").await?;
+                    (metric(&text, "sigil_index_entries")? >= (bulk + LOAD_PODS) as f64).then_some(())
+                })
+                .await;
+                let (took, cpu) = (started.elapsed().as_secs_f64(), cpu_time(operator.pid()).as_secs_f64());
+                if *bin == operator_bin {
+                    sigil_restarts.push(took);
+                    sigil_cpu.push(cpu);
+                } else {
+                    b_restarts.push(took);
+                    b_cpu.push(cpu);
+                }
+            }
             sigil_rss = rss_kib(operator.pid()) as f64 / 1024.0;
             drop(spire_paused);
             drop(spire.server.take());
@@ -695,6 +712,23 @@ fn main() {
             report.row(
                 "  each restart, in turn",
                 format!("Sigil {} s | SPIRE {} s", seconds(&sigil_restarts), seconds(&spire_restarts)),
+            );
+        }
+        report.row(
+            "  operator CPU from its start to serving every identity",
+            format!("{} s (median {:.2} s)", seconds(&sigil_cpu), median(&sigil_cpu)),
+        );
+        if let Some(b) = &operator_b {
+            report.row(
+                &format!("  operator B ({b}), restarted before each of A's"),
+                format!(
+                    "{} s (median {:.2} s, A's {sigil_restart:.2} s); CPU {} s (median {:.2} s, A's {:.2} s)",
+                    seconds(&b_restarts),
+                    median(&b_restarts),
+                    seconds(&b_cpu),
+                    median(&b_cpu),
+                    median(&sigil_cpu)
+                ),
             );
         }
         if spire_held == bulk {
