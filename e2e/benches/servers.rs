@@ -284,7 +284,9 @@ async fn start_replica(
             "sigil-operator not ready: {}",
             op.log_tail(30)
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // As often as SPIRE's health check is polled (testkit's `start_server`): the restart
+        // row compares the two, each read to within 20 ms.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     (op, health, node_api)
 }
