@@ -824,7 +824,11 @@ mod tests {
                 }
             }
             assert_eq!(listed, pods * (round + 1));
-            assert_eq!(limit, Some(JSON_PAGE), "the lists after a JSON answer are not paged");
+            assert_eq!(
+                limit,
+                Some(JSON_PAGE),
+                "the lists after a JSON answer are not paged"
+            );
             // List again, as after a 410 from the watch.
             state = State::Relist;
         }
@@ -835,7 +839,10 @@ mod tests {
         assert!(lists[1..].iter().all(paged), "{lists:?}");
         // At least two pages in each of the two lists.
         assert!(lists.len() >= 5, "{lists:?}");
-        assert!(lists[1..].iter().any(|q| q.contains("continue=")), "{lists:?}");
+        assert!(
+            lists[1..].iter().any(|q| q.contains("continue=")),
+            "{lists:?}"
+        );
     }
 
     #[tokio::test]
