@@ -490,6 +490,40 @@ mod tests {
             .unwrap()
     }
 
+    /// `n` Pods named `p-0`, `p-1`… in `ns`, created 16 at a time.
+    async fn create_pods(client: &Client, ns: &str, n: usize) {
+        futures::stream::iter(0..n)
+            .for_each_concurrent(16, |i| async move {
+                let pod =
+                    json!({"metadata": {"name": format!("p-{i}")}, "spec": {"nodeName": "n"}});
+                create_pod(client, ns, pod).await;
+            })
+            .await;
+    }
+
+    /// Steps the informer from `state` through one whole list; returns how many of the
+    /// listed Pods are in namespace `ns`, and the state after the list.
+    async fn list_in(
+        client: &Client,
+        limit: &mut Option<u32>,
+        mut state: State,
+        ns: &str,
+    ) -> (usize, State) {
+        let mut listed = 0;
+        loop {
+            let (event, next) = step(client, limit, state).await;
+            state = next;
+            match event {
+                Some(Ok(Event::InitApply(p))) => {
+                    listed += usize::from(p.meta().namespace.as_deref() == Some(ns));
+                }
+                Some(Ok(Event::InitDone)) => return (listed, state),
+                Some(Ok(Event::Init)) | None => {}
+                other => panic!("{other:?} in the list"),
+            }
+        }
+    }
+
     /// What the index would take from a Pod, and the resourceVersion the watcher resumes from.
     fn facts(pod: &WatchedPod) -> (PodFacts, Option<String>) {
         (
@@ -693,16 +727,7 @@ mod tests {
         let client = cp.admin().await.unwrap();
         let ns = namespace(&client).await;
         // Far more Pods than fit in the bytes relayed before the cut.
-        futures::stream::iter(0..300)
-            .for_each_concurrent(16, |i| {
-                let (client, ns) = (&client, &ns);
-                async move {
-                    let pod =
-                        json!({"metadata": {"name": format!("p-{i}")}, "spec": {"nodeName": "n"}});
-                    create_pod(client, ns, pod).await;
-                }
-            })
-            .await;
+        create_pods(&client, &ns, 300).await;
         let relay = cutting_relay(
             cp.server().trim_start_matches("https://").to_owned(),
             32 << 10,
@@ -741,19 +766,8 @@ mod tests {
         assert_eq!(limit, Some(FALLBACK_PAGE), "the next list is not paged");
 
         // The paged list, on a new connection, reads every Pod.
-        let mut listed = 0;
-        loop {
-            let (event, next) = step(&relayed, &mut limit, state).await;
-            state = next;
-            match event {
-                Some(Ok(Event::InitApply(p))) => {
-                    listed += usize::from(p.meta().namespace.as_deref() == Some(ns.as_str()));
-                }
-                Some(Ok(Event::InitDone)) => break,
-                Some(Ok(Event::Init)) | None => {}
-                other => panic!("{other:?} in the paged list"),
-            }
-        }
+        let listed;
+        (listed, state) = list_in(&relayed, &mut limit, state, &ns).await;
         assert_eq!(listed, 300);
         assert!(matches!(state, State::Listed { .. }));
         // And it stays paged.
@@ -770,16 +784,7 @@ mod tests {
         let ns = namespace(&client).await;
         // More Pods than one JSON page holds.
         let pods = JSON_PAGE as usize + 1;
-        futures::stream::iter(0..pods)
-            .for_each_concurrent(16, |i| {
-                let (client, ns) = (&client, &ns);
-                async move {
-                    let pod =
-                        json!({"metadata": {"name": format!("p-{i}")}, "spec": {"nodeName": "n"}});
-                    create_pod(client, ns, pod).await;
-                }
-            })
-            .await;
+        create_pods(&client, &ns, pods).await;
         let config = kube::Config::from_custom_kubeconfig(
             kube::config::Kubeconfig::read_from(cp.kubeconfig_path()).unwrap(),
             &kube::config::KubeConfigOptions::default(),
@@ -808,29 +813,17 @@ mod tests {
             .with_layer(&json_only)
             .build();
 
-        let (mut state, mut limit) = (State::Relist, None);
-        let mut listed = 0;
-        for round in 0..2 {
-            loop {
-                let (event, next) = step(&json_client, &mut limit, state).await;
-                state = next;
-                match event {
-                    Some(Ok(Event::InitApply(p))) => {
-                        listed += usize::from(p.meta().namespace.as_deref() == Some(ns.as_str()));
-                    }
-                    Some(Ok(Event::InitDone)) => break,
-                    Some(Ok(Event::Init)) | None => {}
-                    other => panic!("{other:?} in the list"),
-                }
-            }
-            assert_eq!(listed, pods * (round + 1));
+        let mut limit = None;
+        // The second list starts from the start, as after a 410 from the watch.
+        for _ in 0..2 {
+            let (listed, state) = list_in(&json_client, &mut limit, State::Relist, &ns).await;
+            assert_eq!(listed, pods);
+            assert!(matches!(state, State::Listed { .. }));
             assert_eq!(
                 limit,
                 Some(JSON_PAGE),
                 "the lists after a JSON answer are not paged"
             );
-            // List again, as after a 410 from the watch.
-            state = State::Relist;
         }
         let lists = lists.lock().unwrap().clone();
         let paged = |q: &String| q.contains(&format!("limit={JSON_PAGE}"));
