@@ -682,7 +682,9 @@ fn main() {
         for _ in 0..restarts {
             let spire_paused = Paused::new(spire.server.as_ref().expect("server").pid());
             // Operator B first, so that A (the operator the later rows use) is left running.
-            for bin in operator_b.iter().chain([&operator_bin]) {
+            let turns = [(operator_b.as_ref(), &mut b_restarts, &mut b_cpu), (Some(&operator_bin), &mut sigil_restarts, &mut sigil_cpu)];
+            for (bin, times, cpus) in turns {
+                let Some(bin) = bin else { continue };
                 drop(operator);
                 let started = Instant::now();
                 let health;
@@ -692,14 +694,8 @@ fn main() {
                     (metric(&text, "sigil_index_entries")? >= (bulk + LOAD_PODS) as f64).then_some(())
                 })
                 .await;
-                let (took, cpu) = (started.elapsed().as_secs_f64(), cpu_time(operator.pid()).as_secs_f64());
-                if *bin == operator_bin {
-                    sigil_restarts.push(took);
-                    sigil_cpu.push(cpu);
-                } else {
-                    b_restarts.push(took);
-                    b_cpu.push(cpu);
-                }
+                times.push(started.elapsed().as_secs_f64());
+                cpus.push(cpu_time(operator.pid()).as_secs_f64());
             }
             sigil_rss = rss_kib(operator.pid()) as f64 / 1024.0;
             drop(spire_paused);
