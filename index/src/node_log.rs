@@ -88,8 +88,9 @@ impl NodeDelta {
 /// nobody outside picks them, and hashes of SPIFFE IDs under this per-log random seed,
 /// where a collision only lengthens one bucket whose lookups compare the full ID.
 /// SipHash's cost buys nothing here; hashing was a sixth of a ClusterSPIFFEID fan-out's
-/// time at 1M Pods (bench/README.md, docs/security.md).
-type Fast = foldhash::fast::RandomState;
+/// time at 1M Pods (bench/README.md, docs/security.md). The index's state uses it for the
+/// same keys (the entries held before sync) and for sets of the pod numbers it assigns.
+pub(crate) type Fast = foldhash::fast::RandomState;
 
 /// One node's entries, indexed by ID, SPIFFE ID and revision, with tombstones.
 #[derive(Debug)]

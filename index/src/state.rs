@@ -30,6 +30,7 @@ use sigil_identity::TrustDomain as TrustDomainName;
 use sigil_identity::entry::RegistrationEntry;
 
 use crate::IndexConfig;
+use crate::node_log::Fast;
 use crate::objects::{CompiledCsid, CsidMeta, NodeFacts, PodFacts, SliceFacts, TrustDomainInfo};
 use crate::render::{self, EntryKey, PodWorld};
 use crate::status_view::{self, StatusView};
@@ -49,6 +50,24 @@ type Evaluated = (Vec<(CsidId, Outcome)>, Vec<RegistrationEntry>);
 const PARALLEL_RENDER: usize = 4096;
 /// Pods evaluated at once before they are settled: bounds what is held in between.
 const RENDER_CHUNK: usize = 8192;
+
+/// Adds pod `id` to `key`'s set in `map`, copying `key` only for a set not there yet.
+fn add_pod(map: &mut HashMap<String, HashSet<PodId, Fast>>, key: &str, id: PodId) {
+    match map.get_mut(key) {
+        Some(set) => set.insert(id),
+        None => map.entry(key.to_owned()).or_default().insert(id),
+    };
+}
+
+/// Notes that ClusterSPIFFEID `name`'s status may have changed because a pod's outcome
+/// did. Before sync there is nothing to note: the status writer waits for sync, and sync
+/// marks every ClusterSPIFFEID ([`State::mark_synced`]). Runs for every pod an event
+/// settles, so the name is copied only when it is not noted yet.
+fn mark_dirty(dirty: &mut BTreeSet<String>, synced: bool, name: &str) {
+    if synced && !dirty.contains(name) {
+        dirty.insert(name.to_owned());
+    }
+}
 
 /// Per-node changes produced by one event.
 #[derive(Debug, Default)]
@@ -157,7 +176,7 @@ pub(super) struct CsidRecord {
     pub(super) compiled: Result<CompiledCsid, String>,
     pub(super) resolved: TdResolution,
     pub(super) observed_status: Option<ClusterSpiffeIdStatus>,
-    pub(super) selected: HashSet<PodId>,
+    pub(super) selected: HashSet<PodId, Fast>,
     pub(super) failures: BTreeMap<PodKey, String>,
     /// Pods whose entry lost its hint to an older ClusterSPIFFEID, with that one's name.
     pub(super) hint_conflicts: BTreeMap<PodKey, String>,
@@ -203,9 +222,12 @@ pub(crate) struct State {
     synced: bool,
     pods: Vec<Option<PodRecord>>,
     free_pods: Vec<PodId>,
-    pod_by_key: HashMap<PodKey, PodId>,
-    namespace_pods: HashMap<String, HashSet<PodId>>,
-    node_pods: HashMap<String, HashSet<PodId>>,
+    /// By namespace, then name. Nested so that an event looks its Pod up by the names it
+    /// carries, without copying them into a key, and so that a namespace's Pods are its
+    /// map's values.
+    pods_by_name: HashMap<String, HashMap<String, PodId>>,
+    pod_count: usize,
+    node_pods: HashMap<String, HashSet<PodId, Fast>>,
     namespaces: HashMap<String, Labels>,
     nodes: HashMap<String, NodeFacts>,
     slices: HashMap<PodKey, SliceFacts>,
@@ -223,8 +245,11 @@ pub(crate) struct State {
     order: Vec<CsidId>,
     /// ClusterSPIFFEIDs whose status may have changed since the status writer last looked.
     pub(crate) dirty: BTreeSet<String>,
-    /// Before sync: the entries rendered so far, by node and entry ID (see [`State::hold`]).
-    held: HashMap<(String, String), Arc<RegistrationEntry>>,
+    /// Before sync: the entries rendered so far, by node, then entry ID (see
+    /// [`State::hold`]). Nested, so that holding an entry neither copies its node's name
+    /// nor hashes it again with the ID; the inner maps' keys are entry IDs, which nobody
+    /// outside chooses (node_log.rs, [`Fast`]).
+    held: HashMap<String, HashMap<EntryKey, Arc<RegistrationEntry>, Fast>>,
 }
 
 impl State {
@@ -234,8 +259,8 @@ impl State {
             synced: false,
             pods: Vec::new(),
             free_pods: Vec::new(),
-            pod_by_key: HashMap::new(),
-            namespace_pods: HashMap::new(),
+            pods_by_name: HashMap::new(),
+            pod_count: 0,
             node_pods: HashMap::new(),
             namespaces: HashMap::new(),
             nodes: HashMap::new(),
@@ -261,25 +286,28 @@ impl State {
     /// publishing every batch would have left.
     pub(crate) fn hold(&mut self, batch: Batch) {
         for (node, changes) in batch.nodes {
+            let held = self.held.entry(node).or_default();
             for id in changes.removed {
-                self.held.remove(&(node.clone(), id));
+                held.remove(&EntryKey::of(&id));
             }
             for e in changes.upserts {
-                self.held.insert((node.clone(), e.id.clone()), e);
+                held.insert(EntryKey::of(&e.id), e);
             }
         }
     }
 
     pub(crate) fn pod_count(&self) -> usize {
-        self.pod_by_key.len()
+        self.pod_count
+    }
+
+    fn pod_id(&self, namespace: &str, name: &str) -> Option<PodId> {
+        self.pods_by_name.get(namespace)?.get(name).copied()
     }
 
     /// Pod `namespace/name` as the index holds it: its facts, the UID of its node (when the
     /// Node is known), and the node and IDs of the entries published for it.
     pub(crate) fn pod_lookup(&self, namespace: &str, name: &str) -> Option<PodLookup> {
-        let id = *self
-            .pod_by_key
-            .get(&(namespace.to_owned(), name.to_owned()))?;
+        let id = self.pod_id(namespace, name)?;
         let rec = self.pod(id)?;
         Some(PodLookup {
             facts: rec.facts.clone(),
@@ -329,10 +357,12 @@ impl State {
             return;
         }
         self.synced = true;
-        for ((node, _), e) in self.held.drain() {
-            batch.upsert(&node, e);
+        for (node, held) in std::mem::take(&mut self.held) {
+            if !held.is_empty() {
+                let changes = batch.nodes.entry(node).or_default();
+                changes.upserts.extend(held.into_values());
+            }
         }
-        self.held.shrink_to_fit();
         self.dirty.extend(self.csid_by_name.keys().cloned());
     }
 
@@ -340,9 +370,9 @@ impl State {
     pub(crate) fn keys(&self, kind: Kind) -> Vec<String> {
         match kind {
             Kind::Pod => self
-                .pod_by_key
-                .keys()
-                .map(|(ns, n)| format!("{ns}/{n}"))
+                .pods_by_name
+                .iter()
+                .flat_map(|(ns, names)| names.keys().map(move |n| format!("{ns}/{n}")))
                 .collect(),
             Kind::Namespace => self.namespaces.keys().cloned().collect(),
             Kind::Node => self.nodes.keys().cloned().collect(),
@@ -364,9 +394,8 @@ impl State {
     // ---- pods ----
 
     pub(crate) fn apply_pod(&mut self, facts: PodFacts, batch: &mut Batch) {
-        let key = (facts.namespace.clone(), facts.name.clone());
-        let id = match self.pod_by_key.get(&key) {
-            Some(&id) => {
+        let id = match self.pod_id(&facts.namespace, &facts.name) {
+            Some(id) => {
                 let Some(rec) = self.pods[id as usize].as_mut() else {
                     return;
                 };
@@ -388,7 +417,7 @@ impl State {
                         set.remove(&id);
                     }
                     if let Some(new) = &facts.node {
-                        self.node_pods.entry(new.clone()).or_default().insert(id);
+                        add_pod(&mut self.node_pods, new, id);
                     }
                 }
                 rec.facts = facts;
@@ -411,13 +440,21 @@ impl State {
                         (self.pods.len() - 1) as PodId
                     }
                 };
-                self.pod_by_key.insert(key.clone(), id);
-                self.namespace_pods.entry(key.0).or_default().insert(id);
-                if let Some(node) = self.pods[id as usize]
-                    .as_ref()
-                    .and_then(|r| r.facts.node.clone())
-                {
-                    self.node_pods.entry(node).or_default().insert(id);
+                let facts = self.pods[id as usize].as_ref().map(|r| &r.facts);
+                if let Some(facts) = facts {
+                    let name = facts.name.clone();
+                    match self.pods_by_name.get_mut(&facts.namespace) {
+                        Some(names) => names.insert(name, id),
+                        None => self
+                            .pods_by_name
+                            .entry(facts.namespace.clone())
+                            .or_default()
+                            .insert(name, id),
+                    };
+                    self.pod_count += 1;
+                    if let Some(node) = &facts.node {
+                        add_pod(&mut self.node_pods, node, id);
+                    }
                 }
                 id
             }
@@ -426,20 +463,20 @@ impl State {
     }
 
     pub(crate) fn delete_pod(&mut self, namespace: &str, name: &str, batch: &mut Batch) {
-        let key = (namespace.to_owned(), name.to_owned());
-        let Some(id) = self.pod_by_key.remove(&key) else {
+        let Some(names) = self.pods_by_name.get_mut(namespace) else {
             return;
         };
+        let Some(id) = names.remove(name) else {
+            return;
+        };
+        if names.is_empty() {
+            self.pods_by_name.remove(namespace);
+        }
+        self.pod_count -= 1;
         let Some(mut rec) = self.pods[id as usize].take() else {
             return;
         };
         self.settle(id, &mut rec, Vec::new(), Vec::new(), batch);
-        if let Some(set) = self.namespace_pods.get_mut(namespace) {
-            set.remove(&id);
-            if set.is_empty() {
-                self.namespace_pods.remove(namespace);
-            }
-        }
         if let Some(node) = &rec.facts.node
             && let Some(set) = self.node_pods.get_mut(node)
         {
@@ -496,9 +533,9 @@ impl State {
         self.dirty.extend(dirty);
         if affected {
             let pods: Vec<PodId> = self
-                .namespace_pods
+                .pods_by_name
                 .get(name)
-                .map(|s| s.iter().copied().collect())
+                .map(|names| names.values().copied().collect())
                 .unwrap_or_default();
             self.rerender(pods, batch);
         }
@@ -599,7 +636,7 @@ impl State {
         }
         let pods: Vec<PodId> = changed_pods
             .into_iter()
-            .filter_map(|p| self.pod_by_key.get(&(namespace.to_owned(), p)).copied())
+            .filter_map(|p| self.pod_id(namespace, &p))
             .collect();
         self.rerender(pods, batch);
     }
@@ -640,10 +677,10 @@ impl State {
         }
         let listed = self.pod_services.get(namespace);
         let pods: Vec<PodId> = self
-            .namespace_pods
+            .pods_by_name
             .get(namespace)
             .into_iter()
-            .flatten()
+            .flat_map(HashMap::values)
             .copied()
             .filter(|&p| {
                 self.pod(p).is_some_and(|r| {
@@ -672,7 +709,7 @@ impl State {
             return;
         }
         let ids: Vec<CsidId> = self.order.clone();
-        let mut affected: HashSet<PodId> = HashSet::new();
+        let mut affected: HashSet<PodId, Fast> = HashSet::default();
         for c in ids {
             let Some(rec) = self.csids[c as usize].as_mut() else {
                 continue;
@@ -744,7 +781,7 @@ impl State {
                     compiled,
                     resolved,
                     observed_status: observed,
-                    selected: HashSet::new(),
+                    selected: HashSet::default(),
                     failures: BTreeMap::new(),
                     hint_conflicts: BTreeMap::new(),
                     masked: 0,
@@ -836,10 +873,10 @@ impl State {
             if self.config.ignores(ns) || !compiled.namespace_selector.matches(labels) {
                 continue;
             }
-            let Some(pods) = self.namespace_pods.get(ns) else {
+            let Some(pods) = self.pods_by_name.get(ns) else {
                 continue;
             };
-            for &p in pods {
+            for &p in pods.values() {
                 if self
                     .pod(p)
                     .is_some_and(|r| compiled.pod_selector.matches(&r.facts.labels))
@@ -944,7 +981,7 @@ impl State {
                         Outcome::Masked => r.masked = r.masked.saturating_sub(1),
                         _ => {}
                     }
-                    self.dirty.insert(r.meta.name.clone());
+                    mark_dirty(&mut self.dirty, self.synced, &r.meta.name);
                 }
             }
             for (c, o) in &outcomes {
@@ -963,7 +1000,7 @@ impl State {
                         Outcome::Masked => r.masked += 1,
                         _ => {}
                     }
-                    self.dirty.insert(r.meta.name.clone());
+                    mark_dirty(&mut self.dirty, self.synced, &r.meta.name);
                 }
             }
             rec.outcomes = outcomes;
