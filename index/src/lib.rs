@@ -421,6 +421,15 @@ impl EntryIndex {
         }
     }
 
+    /// [`EntryIndex::apply_pod`] of a Pod the informer decoded and hands over: its fields
+    /// are moved into the index instead of copied.
+    pub fn apply_watched_pod(&self, pod: WatchedPod) {
+        match PodFacts::from_watched(pod) {
+            Ok(facts) => self.write(|s, b| s.apply_pod(facts, b)),
+            Err(e) => self.skip("Pod", &e),
+        }
+    }
+
     /// A pod was deleted: its entries are removed.
     pub fn delete_pod(&self, namespace: &str, name: &str) {
         self.write(|s, b| s.delete_pod(namespace, name, b));

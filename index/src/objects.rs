@@ -37,6 +37,16 @@ impl Labels {
                 .collect(),
         )
     }
+
+    /// [`Labels::new`] of a map handed over: its strings are moved, not copied.
+    pub(crate) fn from_map(map: Option<BTreeMap<String, String>>) -> Self {
+        Self(
+            map.into_iter()
+                .flatten()
+                .map(|(k, v)| (k.into_boxed_str(), v.into_boxed_str()))
+                .collect(),
+        )
+    }
 }
 
 impl KeyValues for Labels {
@@ -156,17 +166,48 @@ impl PodFacts {
     /// The facts of `pod`, or why it cannot be read.
     pub fn new(pod: &impl PodFields) -> Result<Self, String> {
         let (meta, [service_account, node, hostname, phase]) = pod.fields();
-        let name = meta.name.clone().ok_or("pod without metadata.name")?;
-        let namespace = meta
-            .namespace
-            .clone()
-            .ok_or_else(|| format!("pod {name} without metadata.namespace"))?;
-        let uid = meta
-            .uid
-            .clone()
+        let copy = |s: Option<&str>| s.map(str::to_owned);
+        Self::of(
+            [meta.name.clone(), meta.namespace.clone(), meta.uid.clone()],
+            [copy(service_account), copy(node), copy(hostname)],
+            phase,
+            [
+                Labels::new(meta.labels.as_ref()),
+                Labels::new(meta.annotations.as_ref()),
+            ],
+        )
+    }
+
+    /// [`PodFacts::new`] of a Pod handed over by the informer: its strings are moved into
+    /// the facts instead of copied (this runs for every Pod a list reads).
+    pub fn from_watched(pod: WatchedPod) -> Result<Self, String> {
+        let meta = pod.metadata;
+        let spec = pod.spec.unwrap_or_default();
+        let phase = pod.status.and_then(|s| s.phase);
+        Self::of(
+            [meta.name, meta.namespace, meta.uid],
+            [spec.service_account_name, spec.node_name, spec.hostname],
+            phase.as_deref(),
+            [
+                Labels::from_map(meta.labels),
+                Labels::from_map(meta.annotations),
+            ],
+        )
+    }
+
+    fn of(
+        [name, namespace, uid]: [Option<String>; 3],
+        [service_account, node, hostname]: [Option<String>; 3],
+        phase: Option<&str>,
+        [labels, annotations]: [Labels; 2],
+    ) -> Result<Self, String> {
+        let name = name.ok_or("pod without metadata.name")?;
+        let namespace =
+            namespace.ok_or_else(|| format!("pod {name} without metadata.namespace"))?;
+        let uid = uid
             .filter(|u| !u.is_empty())
             .ok_or_else(|| format!("pod {namespace}/{name} without metadata.uid"))?;
-        let present = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_owned);
+        let present = |s: Option<String>| s.filter(|s| !s.is_empty());
         Ok(Self {
             namespace,
             name,
@@ -174,8 +215,8 @@ impl PodFacts {
             service_account: present(service_account).unwrap_or_else(|| "default".to_owned()),
             node: present(node),
             hostname: present(hostname),
-            labels: Labels::new(meta.labels.as_ref()),
-            annotations: Labels::new(meta.annotations.as_ref()),
+            labels,
+            annotations,
             terminal: matches!(phase, Some("Succeeded" | "Failed")),
         })
     }
@@ -608,6 +649,10 @@ mod tests {
             let full: Pod = serde_json::from_str(&text).unwrap();
             let slim: WatchedPod = serde_json::from_str(&text).unwrap();
             assert_eq!(PodFacts::new(&slim).unwrap(), PodFacts::new(&full).unwrap());
+            assert_eq!(
+                PodFacts::from_watched(slim.clone()).unwrap(),
+                PodFacts::new(&full).unwrap()
+            );
             // What the watcher itself reads: the resource version and the key.
             assert_eq!(slim.resource_version().as_deref(), Some("42"));
             assert_eq!(
@@ -635,12 +680,22 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(PodFacts::new(&bare).unwrap().node, None);
+        assert_eq!(PodFacts::from_watched(bare).unwrap().node, None);
         let nameless: WatchedPod =
             serde_json::from_value(serde_json::json!({"metadata": {}})).unwrap();
         assert!(
             PodFacts::new(&nameless)
                 .unwrap_err()
                 .contains("metadata.name")
+        );
+        let uidless: WatchedPod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "n", "uid": ""}
+        }))
+        .unwrap();
+        assert!(
+            PodFacts::from_watched(uidless)
+                .unwrap_err()
+                .contains("pod n/p without metadata.uid")
         );
     }
 

@@ -71,7 +71,7 @@ pub async fn run(
                 "Pod",
                 &index,
                 &gate,
-                |ix, p: &WatchedPod| ix.apply_pod(p),
+                |ix, p: WatchedPod| ix.apply_watched_pod(p),
                 |ix, key| with_namespace(key, |ns, n| ix.delete_pod(ns, n)),
             ),
             feed(
@@ -80,7 +80,7 @@ pub async fn run(
                 "Namespace",
                 &index,
                 &gate,
-                |ix, ns: &Namespace| ix.apply_namespace(ns),
+                |ix, ns: Namespace| ix.apply_namespace(&ns),
                 |ix, key| ix.delete_namespace(key),
             ),
             feed(
@@ -89,7 +89,7 @@ pub async fn run(
                 "Node",
                 &index,
                 &gate,
-                |ix, n: &Node| ix.apply_node(n),
+                |ix, n: Node| ix.apply_node(&n),
                 |ix, key| ix.delete_node(key),
             ),
             feed(
@@ -98,7 +98,7 @@ pub async fn run(
                 "EndpointSlice",
                 &index,
                 &gate,
-                |ix, s: &EndpointSlice| ix.apply_endpoint_slice(s),
+                |ix, s: EndpointSlice| ix.apply_endpoint_slice(&s),
                 |ix, key| with_namespace(key, |ns, n| ix.delete_endpoint_slice(ns, n)),
             ),
             feed(
@@ -110,7 +110,7 @@ pub async fn run(
                 "Service",
                 &index,
                 &gate,
-                |ix, s: &PartialObjectMeta<Service>| with_namespace(&key_of(s), |ns, n| {
+                |ix, s: PartialObjectMeta<Service>| with_namespace(&key_of(&s), |ns, n| {
                     ix.apply_service(ns, n)
                 }),
                 |ix, key| with_namespace(key, |ns, n| ix.delete_service(ns, n)),
@@ -124,7 +124,7 @@ pub async fn run(
                 "ClusterSPIFFEID",
                 &index,
                 &gate,
-                |ix, o: &DynamicObject| ix.apply_cluster_spiffe_id_dynamic(o),
+                |ix, o: DynamicObject| ix.apply_cluster_spiffe_id_dynamic(&o),
                 |ix, key| ix.delete_cluster_spiffe_id(key),
             ),
             feed(
@@ -136,7 +136,7 @@ pub async fn run(
                 "TrustDomain",
                 &index,
                 &gate,
-                |ix, o: &DynamicObject| ix.apply_trust_domain_dynamic(o),
+                |ix, o: DynamicObject| ix.apply_trust_domain_dynamic(&o),
                 |ix, key| ix.delete_trust_domain(key),
             ),
         )
@@ -190,7 +190,7 @@ async fn feed<K, S>(
     label: &'static str,
     index: &EntryIndex,
     gate: &SyncGate,
-    apply: impl Fn(&EntryIndex, &K),
+    apply: impl Fn(&EntryIndex, K),
     delete: impl Fn(&EntryIndex, &str),
 ) where
     K: Resource + Clone + Send + 'static,
@@ -223,10 +223,10 @@ async fn feed<K, S>(
         match event {
             Ok(Event::Init) => unseen = index.keys(kind).into_iter().collect(),
             Ok(Event::InitApply(obj)) => {
-                apply(index, &obj);
                 if !unseen.is_empty() {
                     unseen.remove(&key_of(&obj));
                 }
+                apply(index, obj);
                 applied.inc();
             }
             Ok(Event::InitDone) => {
@@ -241,7 +241,7 @@ async fn feed<K, S>(
                 }
             }
             Ok(Event::Apply(obj)) => {
-                apply(index, &obj);
+                apply(index, obj);
                 applied.inc();
             }
             Ok(Event::Delete(obj)) => {
@@ -304,7 +304,7 @@ mod tests {
             "Node",
             &index,
             &gate,
-            |ix, n: &Node| ix.apply_node(n),
+            |ix, n: Node| ix.apply_node(&n),
             |ix, key| ix.delete_node(key),
         )
         .await;
