@@ -1265,3 +1265,41 @@ fn a_large_rerender_masks_and_fails_as_one_pod_at_a_time_does() {
         assert_eq!(a, b, "node {node}");
     }
 }
+
+/// A list applies thousands of objects before sync; none of them may wake the status
+/// watchers (the status writer, the ClusterTrustBundle publisher), which act only after
+/// sync. Sync itself must wake them, and so must a change after it.
+#[test]
+fn status_watchers_are_woken_by_sync_not_by_each_object_before_it() {
+    let ix = EntryIndex::new(IndexConfig::new("c1"));
+    let mut changes = ix.status_changes();
+    changes.borrow_and_update();
+    ix.apply_trust_domain(trust_domain("main", "example.org"));
+    ix.apply_namespace(&namespace("prod", &[("env", "prod")]));
+    ix.apply_node(&node("n1", "node-uid-1", &[]));
+    // A ClusterSPIFFEID listed before the Pods leaves its status to write.
+    ix.apply_cluster_spiffe_id(&csid("all", 0, json!({})));
+    for i in 0..50 {
+        ix.apply_pod(&pod(
+            "prod",
+            &format!("p{i}"),
+            &format!("u{i}"),
+            Some("n1"),
+            &[],
+        ));
+    }
+    assert!(
+        !changes.has_changed().unwrap(),
+        "an object applied before sync woke the status watchers"
+    );
+    ix.mark_synced();
+    assert!(changes.has_changed().unwrap(), "sync did not wake them");
+    assert_eq!(ix.take_dirty(), vec!["all".to_owned()]);
+    changes.borrow_and_update();
+    ix.apply_pod(&pod("prod", "late", "u-late", Some("n1"), &[]));
+    assert!(
+        changes.has_changed().unwrap(),
+        "a Pod selected after sync did not wake them"
+    );
+    assert_eq!(ix.take_dirty(), vec!["all".to_owned()]);
+}
