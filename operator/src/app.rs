@@ -502,7 +502,19 @@ pub async fn run(
         election.run(cancel.clone()),
         trust_domain::run(client.clone(), td_options, td_shared, cancel.clone()),
         federation::run(client.clone(), fed_options, fed_shared, cancel.clone()),
-        index::run(client, entry_index, leader, index_options, cancel.clone()),
+        // On a worker, beside the connections its informers read: the body runs in
+        // `block_on` on its own thread, and a Pod list read there crossed threads for
+        // every piece of the response the worker took off the socket (about 45k thread
+        // switches each way in a restart at 100k Pods, bench/README.md).
+        async {
+            let informers = index::run(client, entry_index, leader, index_options, cancel.clone());
+            // A panic goes on up as it did; a cancelled task (runtime shutdown) just ends.
+            if let Err(e) = tokio::spawn(informers).await
+                && e.is_panic()
+            {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        },
         node_api,
         endpoints,
         pod_certs,
