@@ -86,6 +86,19 @@ fn index() -> EntryIndex {
     ix
 }
 
+/// Pods `prod/p0` … on node n1, with UIDs `u0` …, and no labels.
+fn apply_pods_on_n1(ix: &EntryIndex, n: usize) {
+    for i in 0..n {
+        ix.apply_pod(&pod(
+            "prod",
+            &format!("p{i}"),
+            &format!("u{i}"),
+            Some("n1"),
+            &[],
+        ));
+    }
+}
+
 fn ids(d: &NodeDelta) -> Vec<String> {
     let mut v: Vec<String> = d.upserts.iter().map(|e| e.spiffe_id.to_string()).collect();
     v.sort();
@@ -659,15 +672,7 @@ fn dns_names_from_endpoint_slices() {
 fn reconnect_with_a_known_revision_gets_only_the_changes() {
     let ix = index();
     ix.apply_cluster_spiffe_id(&csid("default", 0, json!({})));
-    for i in 0..10 {
-        ix.apply_pod(&pod(
-            "prod",
-            &format!("p{i}"),
-            &format!("u{i}"),
-            Some("n1"),
-            &[],
-        ));
-    }
+    apply_pods_on_n1(&ix, 10);
     let n1 = ix.node("n1");
     let snapshot = n1.changes_since(0);
     assert!(snapshot.full);
@@ -1279,15 +1284,7 @@ fn status_watchers_are_woken_by_sync_not_by_each_object_before_it() {
     ix.apply_node(&node("n1", "node-uid-1", &[]));
     // A ClusterSPIFFEID listed before the Pods leaves its status to write.
     ix.apply_cluster_spiffe_id(&csid("all", 0, json!({})));
-    for i in 0..50 {
-        ix.apply_pod(&pod(
-            "prod",
-            &format!("p{i}"),
-            &format!("u{i}"),
-            Some("n1"),
-            &[],
-        ));
-    }
+    apply_pods_on_n1(&ix, 50);
     assert!(
         !changes.has_changed().unwrap(),
         "an object applied before sync woke the status watchers"
