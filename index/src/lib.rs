@@ -419,16 +419,17 @@ impl EntryIndex {
     /// A pod was added or changed. Only that pod is re-rendered, and only if a fact
     /// templates or selectors read changed.
     pub fn apply_pod(&self, pod: &impl PodFields) {
-        match PodFacts::new(pod) {
-            Ok(facts) => self.write(|s, b| s.apply_pod(facts, b)),
-            Err(e) => self.skip("Pod", &e),
-        }
+        self.apply_pod_facts(PodFacts::new(pod));
     }
 
     /// [`EntryIndex::apply_pod`] of a Pod the informer decoded and hands over: its fields
     /// are moved into the index instead of copied.
     pub fn apply_watched_pod(&self, pod: WatchedPod) {
-        match PodFacts::from_watched(pod) {
+        self.apply_pod_facts(PodFacts::from_watched(pod));
+    }
+
+    fn apply_pod_facts(&self, facts: Result<PodFacts, String>) {
+        match facts {
             Ok(facts) => self.write(|s, b| s.apply_pod(facts, b)),
             Err(e) => self.skip("Pod", &e),
         }
