@@ -151,8 +151,16 @@ struct Inner {
     synced: channel::Sender<bool>,
     /// Bumped whenever some ClusterSPIFFEID's status may have changed.
     status_dirty: channel::Sender<u64>,
+    /// [`EntryIndex::federations`], replaced only when a ClusterSPIFFEID or TrustDomain
+    /// write changes it.
+    federations: channel::Sender<Arc<Federations>>,
     metrics: IndexMetrics,
 }
+
+/// For each TrustDomain object (by `metadata.name`), the foreign trust domains that its
+/// ClusterSPIFFEIDs list in `federatesWith`. A TrustDomain none of whose ClusterSPIFFEIDs
+/// federates has no key.
+pub type Federations = BTreeMap<String, BTreeSet<TrustDomain>>;
 
 /// A pod and its identities, as [`EntryIndex::pod_identities`] finds them.
 #[derive(Debug, Clone)]
@@ -252,6 +260,7 @@ impl EntryIndex {
                 last_revision: AtomicU64::new(current),
                 synced: channel::Sender::new(false),
                 status_dirty: channel::Sender::new(0),
+                federations: channel::Sender::new(Arc::default()),
                 metrics,
             }),
         }
@@ -345,6 +354,23 @@ impl EntryIndex {
             .apply_seconds
             .observe(started.elapsed().as_secs_f64());
         r
+    }
+
+    /// A write of a ClusterSPIFFEID or TrustDomain, the only objects
+    /// [`EntryIndex::federations`] depends on: it is recomputed under the same lock, so
+    /// two such writes cannot publish their results out of order.
+    fn write_federating(&self, f: impl FnOnce(&mut State, &mut Batch)) {
+        self.write(|s, b| {
+            f(s, b);
+            let now = s.federations();
+            self.inner.federations.send_if_modified(|current| {
+                let changed = **current != now;
+                if changed {
+                    *current = Arc::new(now);
+                }
+                changed
+            });
+        });
     }
 
     fn publish(&self, rev: u64, batch: Batch) {
@@ -505,7 +531,9 @@ impl EntryIndex {
     pub fn apply_cluster_spiffe_id(&self, obj: &ClusterSPIFFEID) {
         match CsidMeta::of(obj) {
             Ok(meta) => {
-                self.write(|s, b| s.apply_csid(meta, Ok(obj.spec.clone()), obj.status.clone(), b))
+                self.write_federating(|s, b| {
+                    s.apply_csid(meta, Ok(obj.spec.clone()), obj.status.clone(), b);
+                });
             }
             Err(e) => self.skip("ClusterSPIFFEID", &e),
         }
@@ -520,7 +548,7 @@ impl EntryIndex {
                 if let Err(e) = &spec {
                     self.skip("ClusterSPIFFEID", &format!("{}: {e}", meta.name));
                 }
-                self.write(|s, b| s.apply_csid(meta, spec, status, b));
+                self.write_federating(|s, b| s.apply_csid(meta, spec, status, b));
             }
             Err(e) => self.skip("ClusterSPIFFEID", &e),
         }
@@ -529,13 +557,13 @@ impl EntryIndex {
     /// A ClusterSPIFFEID was deleted: its entries are removed (fallbacks it overrode and
     /// entries it masked come back).
     pub fn delete_cluster_spiffe_id(&self, name: &str) {
-        self.write(|s, b| s.delete_csid(name, b));
+        self.write_federating(|s, b| s.delete_csid(name, b));
     }
 
     /// A TrustDomain was added or changed.
     pub fn apply_trust_domain(&self, info: TrustDomainInfo) {
         let name = info.object_name.clone();
-        self.write(|s, b| s.set_trust_domain(&name, Some(info), b));
+        self.write_federating(|s, b| s.set_trust_domain(&name, Some(info), b));
     }
 
     /// A TrustDomain object of any shape; one that does not parse is skipped (its last
@@ -549,7 +577,7 @@ impl EntryIndex {
 
     /// A TrustDomain was deleted.
     pub fn delete_trust_domain(&self, name: &str) {
-        self.write(|s, b| s.set_trust_domain(name, None, b));
+        self.write_federating(|s, b| s.set_trust_domain(name, None, b));
     }
 
     /// Every informer has listed: publish what was rendered. Before this the index renders
@@ -643,8 +671,14 @@ impl EntryIndex {
 
     /// For each TrustDomain object (by `metadata.name`), the foreign trust domains that
     /// its ClusterSPIFFEIDs list in `federatesWith`.
-    pub fn federations(&self) -> BTreeMap<String, BTreeSet<TrustDomain>> {
-        self.lock().state.federations()
+    pub fn federations(&self) -> Arc<Federations> {
+        self.inner.federations.borrow().clone()
+    }
+
+    /// Wakes when [`EntryIndex::federations`] has changed, and only then: Pods, Nodes and
+    /// the rest never change it, so a watcher is not woken once per Pod event.
+    pub fn federation_changes(&self) -> channel::Receiver<Arc<Federations>> {
+        self.inner.federations.subscribe()
     }
 
     /// Which ClusterSPIFFEIDs would select a pod labelled `labels` in `namespace`, asked

@@ -327,7 +327,9 @@ impl State {
     pub(crate) fn federations(&self) -> BTreeMap<String, BTreeSet<TrustDomainName>> {
         let mut out: BTreeMap<String, BTreeSet<TrustDomainName>> = BTreeMap::new();
         for (_, rec) in self.live_csids() {
-            if let Some((compiled, td)) = rec.active() {
+            if let Some((compiled, td)) = rec.active()
+                && !compiled.federates_with.is_empty()
+            {
                 out.entry(td.object_name.clone())
                     .or_default()
                     .extend(compiled.federates_with.iter().cloned());

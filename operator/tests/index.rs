@@ -1300,3 +1300,59 @@ fn status_watchers_are_woken_by_sync_not_by_each_object_before_it() {
     );
     assert_eq!(ix.take_dirty(), vec!["all".to_owned()]);
 }
+
+/// The ClusterTrustBundle publisher waits on `federation_changes`: Pods, Namespaces and
+/// Nodes never change which trust domains are federated with, so they must not wake it
+/// (a standby, whose statuses are never written, used to wake it once per Pod event).
+#[test]
+fn federation_watchers_are_woken_only_when_federations_change() {
+    let ix = index();
+    let mut changes = ix.federation_changes();
+    changes.borrow_and_update();
+    let partner = || {
+        BTreeMap::from([(
+            "main".to_owned(),
+            [TrustDomain::new("partner.org").unwrap()].into(),
+        )])
+    };
+
+    ix.apply_cluster_spiffe_id(&csid("plain", 0, json!({})));
+    apply_pods_on_n1(&ix, 20);
+    ix.apply_namespace(&namespace("prod", &[("env", "prod"), ("tier", "web")]));
+    ix.apply_node(&node("n3", "node-uid-3", &[]));
+    ix.delete_pod("prod", "p0");
+    assert!(
+        !changes.has_changed().unwrap(),
+        "a write that federates with nothing new woke the federation watchers"
+    );
+    assert!(ix.federations().is_empty());
+
+    ix.apply_cluster_spiffe_id(&csid("fed", 1, json!({"federatesWith": ["partner.org"]})));
+    assert!(
+        changes.has_changed().unwrap(),
+        "a new federatesWith did not wake them"
+    );
+    assert_eq!(*changes.borrow_and_update().clone(), partner());
+    assert_eq!(*ix.federations(), partner());
+
+    // The same federation again, from another ClusterSPIFFEID, changes nothing.
+    ix.apply_cluster_spiffe_id(&csid("fed2", 2, json!({"federatesWith": ["partner.org"]})));
+    ix.delete_cluster_spiffe_id("fed");
+    apply_pods_on_n1(&ix, 20);
+    assert!(
+        !changes.has_changed().unwrap(),
+        "a write that left the federations as they were woke the watchers"
+    );
+
+    // Without its TrustDomain the ClusterSPIFFEID renders nothing, and federates with
+    // nothing.
+    ix.delete_trust_domain("main");
+    assert!(
+        changes.has_changed().unwrap(),
+        "losing the TrustDomain did not wake them"
+    );
+    assert!(changes.borrow_and_update().is_empty());
+    ix.apply_trust_domain(trust_domain("main", "example.org"));
+    assert!(changes.has_changed().unwrap());
+    assert_eq!(*ix.federations(), partner());
+}

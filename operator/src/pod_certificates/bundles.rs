@@ -34,10 +34,11 @@ const RESYNC: Duration = Duration::from_secs(30);
 pub async fn run(client: Client, mut shared: Shared, cancel: CancellationToken) {
     let mut authorities = shared.authorities.subscribe();
     let mut federated = shared.federated.subscribe();
-    let mut index_status = shared.index.status_changes();
+    let mut federations = shared.index.federation_changes();
     let mut last_sync = None::<tokio::time::Instant>;
-    let mut federations = shared.index.federations();
     loop {
+        // Seen before the sync reads it, so a change made during the sync wakes the wait.
+        federations.borrow_and_update();
         if *shared.leader.borrow() && shared.index.is_synced() {
             match sync(&client, &shared).await {
                 Ok(()) => last_sync = Some(tokio::time::Instant::now()),
@@ -48,28 +49,20 @@ pub async fn run(client: Client, mut shared: Shared, cancel: CancellationToken) 
             }
         }
         // Wait for a change that can matter: leadership, a CA or bundle, a federated
-        // bundle, or which trust domains ClusterSPIFFEIDs federate with. Pods coming and
-        // going change the index all the time but not the last, so the index is compared,
-        // not trusted to have changed; and a failed sync is retried after a second.
-        loop {
-            let retry = match last_sync {
-                Some(at) => at + RESYNC,
-                None => tokio::time::Instant::now() + Duration::from_secs(1),
-            };
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                _ = shared.leader.changed() => break,
-                _ = authorities.changed() => break,
-                _ = federated.changed() => break,
-                () = tokio::time::sleep_until(retry) => break,
-                _ = index_status.changed() => {
-                    let now = shared.index.federations();
-                    if now != federations {
-                        federations = now;
-                        break;
-                    }
-                }
-            }
+        // bundle, or which trust domains ClusterSPIFFEIDs federate with (the index wakes
+        // this only when that changes, not for each Pod). A failed sync, or one before the
+        // index's first sync, is retried after a second.
+        let retry = match last_sync {
+            Some(at) => at + RESYNC,
+            None => tokio::time::Instant::now() + Duration::from_secs(1),
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = shared.leader.changed() => {}
+            _ = authorities.changed() => {}
+            _ = federated.changed() => {}
+            _ = federations.changed() => {}
+            () = tokio::time::sleep_until(retry) => {}
         }
     }
 }
