@@ -39,7 +39,12 @@
 //!   watcher does (JSON, 500 a page), and the operator's CPU from its start to serving
 //!   every identity. With `SIGIL_BENCH_SERVERS_OPERATOR_B` set to another sigil-operator
 //!   build, that build is restarted before each of `SIGIL_OPERATOR_BIN`'s, and its times
-//!   and CPU are printed beside them: two builds compared in one run, on the same load.
+//!   and CPU are printed beside them: two builds compared in one run, on the same load;
+//! - unless `SIGIL_BENCH_SERVERS_FAILOVER=0`: a second replica started beside the leader
+//!   until it holds every identity; then `SIGIL_BENCH_SERVERS_STANDBY_PODS` (10k) more
+//!   Pods created, and each replica's CPU per Pod event (a standby renders every Pod as
+//!   the leader does, and writes nothing); then the leader SIGKILLed under an attested
+//!   agent, until the standby serves it.
 //!
 //! Run: `hack/bench.sh servers` (part of `make bench`).
 
@@ -675,7 +680,7 @@ fn main() {
         // listens, so its health check passing is the same point.
         // With `SIGIL_BENCH_SERVERS_RESTARTS` above 1, the two take turns that many times and
         // the row is each one's median.
-        let (mut operator, mut node_api) = (operator, node_api);
+        let (mut operator, mut health, mut node_api) = (operator, health, node_api);
         let (mut sigil_restarts, mut spire_restarts) = (Vec::new(), Vec::new());
         let (mut sigil_cpu, mut b_restarts, mut b_cpu) = (Vec::new(), Vec::new(), Vec::new());
         let (mut sigil_rss, mut spire_rss) = (0.0, 0.0);
@@ -687,7 +692,6 @@ fn main() {
                 let Some(bin) = bin else { continue };
                 drop(operator);
                 let started = Instant::now();
-                let health;
                 (operator, health, node_api) = start_operator(bin, cp.kubeconfig_path(), dir.path(), server_cpu).await;
                 sigil_e2e::eventually("the restarted operator to render every entry", Duration::from_secs(300), || async {
                     let text = get_ok(("127.0.0.1", health), "/metrics").await?;
@@ -751,6 +755,38 @@ fn main() {
             report.row(
                 &format!("a standby replica started beside the leader → holding the {bulk} identities"),
                 format!("{:.2} s, RSS {:.1} MiB (both replicas on the server's core)", started.elapsed().as_secs_f64(), rss_kib(standby.pid()) as f64 / 1024.0),
+            );
+            // Pod events with both replicas running: what each spends on one. The
+            // standby renders every Pod as the leader does but writes nothing.
+            let (leader_cpu, standby_cpu) = (cpu_time(operator.pid()), cpu_time(standby.pid()));
+            // Enough events that the CPU clock's 10 ms tick is a small part of each figure.
+            let extra = env("SIGIL_BENCH_SERVERS_STANDBY_PODS", 10_000);
+            futures::stream::iter((0..extra).map(|i| {
+                let pods = pods.clone();
+                let node = bulk_node(i % nodes);
+                async move { create(&pods, pod_json(&format!("s-{i}"), &node, "web", json!({"app": "bench"}))).await }
+            }))
+            .buffer_unordered(16)
+            .collect::<Vec<_>>()
+            .await;
+            for health in [health, standby_health] {
+                sigil_e2e::eventually("both replicas to render the new Pods", Duration::from_secs(300), || async {
+                    let text = get_ok(("127.0.0.1", health), "/metrics").await?;
+                    (metric(&text, "sigil_index_entries")? >= (bulk + LOAD_PODS + extra) as f64).then_some(())
+                })
+                .await;
+            }
+            // The leader's status writes trail the entries.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let per_event = |before: Duration, pid: u32| (cpu_time(pid).saturating_sub(before)).as_secs_f64() * 1e6 / extra as f64;
+            report.row(
+                &format!("{extra} Pods created with a warm standby: each replica's CPU per Pod event"),
+                format!(
+                    "leader {:.0} µs | standby {:.0} µs (the CPU clock ticks every {TICK_MS} ms: ±{:.0} µs)",
+                    per_event(leader_cpu, operator.pid()),
+                    per_event(standby_cpu, standby.pid()),
+                    TICK_MS * 1e3 / extra as f64
+                ),
             );
             match sigil_failover(&client, [node_api, standby_api], operator).await {
                 Ok([broken, entries, signed]) => report.row(
