@@ -410,7 +410,8 @@ pub(crate) async fn list_page(
 pub struct ListTotals {
     /// Pods decoded.
     pub pods: usize,
-    /// Requests made.
+    /// Pages read. A JSON answer to the unpaged list, dropped unread and asked for again
+    /// in pages (see `Listing::start`), is a request but not a page.
     pub pages: usize,
     /// Response body bytes.
     pub bytes: usize,
