@@ -1272,8 +1272,7 @@ fn a_large_rerender_masks_and_fails_as_one_pod_at_a_time_does() {
 }
 
 /// A list applies thousands of objects before sync; none of them may wake the status
-/// watchers (the status writer, the ClusterTrustBundle publisher), which act only after
-/// sync. Sync itself must wake them, and so must a change after it.
+/// watchers (the status writer), which act only after sync. Sync itself must wake them, and so must a change after it.
 #[test]
 fn status_watchers_are_woken_by_sync_not_by_each_object_before_it() {
     let ix = EntryIndex::new(IndexConfig::new("c1"));
@@ -1332,7 +1331,7 @@ fn federation_watchers_are_woken_only_when_federations_change() {
         changes.has_changed().unwrap(),
         "a new federatesWith did not wake them"
     );
-    assert_eq!(*changes.borrow_and_update().clone(), partner());
+    assert_eq!(**changes.borrow_and_update(), partner());
     assert_eq!(*ix.federations(), partner());
 
     // The same federation again, from another ClusterSPIFFEID, changes nothing.
