@@ -63,7 +63,8 @@ fn main() {
             socket_publish_wait: std::time::Duration::from_secs(10),
         };
         let server = tokio::spawn(run(args, Arc::new(LinuxMounter), Readiness::new(), cancel.clone()));
-        while !socket.exists() {
+        // Accepting, not merely present (the file appears at bind(), before listen()).
+        while tokio::net::UnixStream::connect(&socket).await.is_err() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let path = socket.clone();

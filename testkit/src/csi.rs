@@ -41,8 +41,13 @@ impl Csi {
             Readiness::new(),
             cancel.clone(),
         ));
+        // Accepting, not merely present: the socket file appears at bind(), just before
+        // listen(), and a connection in between is refused.
         eventually("the CSI socket", SETTLE, || async {
-            socket.exists().then_some(())
+            tokio::net::UnixStream::connect(&socket)
+                .await
+                .ok()
+                .map(drop)
         })
         .await;
         Csi { args, cancel, task }
